@@ -1,0 +1,43 @@
+//! What every pagescope error has in common: an [`ErrorKind`] the caller can
+//! act on (and the CLI turns into an exit code).
+//!
+//! Each layer has its own error enum carrying the PID, path or address range
+//! it concerns ([`ProcError`](crate::ProcError),
+//! [`ScanError`](crate::ScanError), ...). Messages never repeat their
+//! `#[source]`; print the chain (`{:#}` with anyhow) to see it.
+
+/// The broad class of an error: what a caller can do about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// No such process (or it exited before it could be pinned).
+    NoSuchProcess,
+    /// The caller lacks a privilege (ptrace access, CAP_SYS_ADMIN, ...).
+    PermissionDenied,
+    /// The process has no user address space (kernel thread, zombie).
+    NoAddressSpace,
+    /// The process exited while pagescope was working on it.
+    TargetExited,
+    /// An address range that is malformed or not mapped in the target.
+    BadRange,
+    /// The running kernel lacks an interface the operation needs.
+    Unsupported,
+    /// Anything else (I/O errors, unexpected kernel answers).
+    Other,
+}
+
+impl ErrorKind {
+    /// The process exit code the `pagescope` CLI uses for this kind (see
+    /// `docs/json.md`, "Exit codes").
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Self::Other => 1,
+            Self::NoSuchProcess => 3,
+            Self::PermissionDenied => 4,
+            Self::NoAddressSpace => 5,
+            Self::Unsupported => 6,
+            Self::BadRange => 7,
+            Self::TargetExited => 9,
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! # pagescope
+//!
+//! The truth about every page of a Linux process: which pages are present,
+//! zero, huge, swapped, in the swap cache, resident but unmapped, holes,
+//! fallocated, guard regions or write-protected, for anonymous, shared and
+//! file memory, without disturbing the process.
+//!
+//! `/proc/PID/pagemap` alone misleads: PTE markers read as swap entries,
+//! the huge zero page carries the file bit, shmem that is swapped out reads
+//! like a hole. pagescope combines pagemap, the `PAGEMAP_SCAN` ioctl, smaps
+//! and the backing objects (`SEEK_DATA`, `mincore`, `cachestat`) into one
+//! state per page.
+//!
+//! # Overview
+//!
+//! * [`Target`] pins a process (pidfd + `/proc/PID` directory fd).
+//! * [`KernelCaps::probe`] finds out what this kernel and caller can use.
+//! * [`scan_process`] produces a [`ProcessReport`]: every VMA with runs of
+//!   pages of equal [`PageState`] and [`PageFlags`].
+//!
+//! # Example
+//!
+//! ```no_run
+//! use pagescope::{KernelCaps, ScanOptions, Target, scan_process};
+//!
+//! let caps = KernelCaps::probe();
+//! let target = Target::open(1234)?;
+//! let report = scan_process(&target, &caps, &ScanOptions::default())?;
+//! for (vma, run) in report.runs() {
+//!     println!("{} {} pages {}", vma.vma.path.display(), run.pages, run.state);
+//! }
+//! # Ok::<(), pagescope::ScanError>(())
+//! ```
+//!
+//! # Kernel support
+//!
+//! See `KERNEL.md` in the repository: per feature the minimum kernel,
+//! config and privileges, and what pagescope falls back to.
+
+#![deny(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod addr;
+pub mod error;
+pub mod kernel;
+pub mod object;
+pub mod page;
+pub mod pagemap;
+pub mod proc;
+pub mod report;
+pub mod scan;
+pub mod sys;
+pub mod vma;
+
+pub use addr::{PageSize, VirtAddr, VirtRange};
+pub use error::ErrorKind;
+pub use kernel::KernelCaps;
+pub use page::{PageFlags, PageInfo, PageRun, PageState, SwapSlot, UnknownReason};
+pub use pagemap::{PagemapEntry, PagemapFlags, ScanCategories};
+pub use proc::{ProcError, Target};
+pub use report::{Counts, ProcessReport, Skipped, VmaReport};
+pub use scan::{BackendChoice, PageScanner, ScanError, ScanOptions, scan_process};
+pub use sys::mm::{Advice, OwnedMapping};
+pub use vma::{Backing, Vma, VmaKind};

@@ -1,0 +1,20 @@
+//! `/proc` access: a pinned [`Target`] handle and pure byte parsers for the
+//! files pagescope reads (`maps`, `smaps`, `stat`, `mountinfo`, `swaps`).
+//!
+//! Parsers never do I/O and are tested on captured text; the [`Target`]
+//! opens files relative to the pinned `/proc/PID` directory and hands the
+//! bytes to them.
+
+pub mod maps;
+pub mod mountinfo;
+pub mod smaps;
+pub mod stat;
+pub mod swaps;
+mod target;
+
+pub use target::{ProcError, Target};
+
+/// Reads `/proc/swaps` (global, not per process).
+pub fn read_swaps() -> std::io::Result<swaps::SwapTable> {
+    Ok(swaps::parse_swaps(&std::fs::read("/proc/swaps")?))
+}

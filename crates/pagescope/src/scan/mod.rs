@@ -1,0 +1,186 @@
+//! Page-state scanning: one [`PageScanner`] trait, two backends.
+//!
+//! * [`PagemapScanBackend`]: the `PAGEMAP_SCAN` ioctl (Linux 6.7+) finds
+//!   populated pages and tells zero pages and PMD-mapped THPs; pagemap reads
+//!   add what the ioctl does not report (exclusivity, the file bit, swap
+//!   type/offset), only for the pages that need them.
+//! * [`PagemapReadBackend`]: plain `/proc/PID/pagemap` reads in 64K-entry
+//!   batches, with PFN comparisons and `/proc/kpageflags` (root) for zero
+//!   pages and THPs. Works on any kernel.
+//!
+//! Both must produce identical runs on every fixture scenario; the test
+//! suite checks that, as the kernel's selftests check pagemap against
+//! PAGEMAP_SCAN. [`scan_process`] drives a backend over a whole process.
+
+mod classify;
+mod kpage;
+mod pagemap_read;
+mod pagemap_scan;
+mod process;
+mod reader;
+mod unprivileged;
+
+use std::os::fd::BorrowedFd;
+
+pub use kpage::KpageFlags;
+pub use pagemap_read::PagemapReadBackend;
+pub use pagemap_scan::PagemapScanBackend;
+pub use process::{read_layout, scan_process};
+
+use crate::addr::{PageSize, VirtRange};
+use crate::error::ErrorKind;
+use crate::kernel::KernelCaps;
+use crate::page::RunBuilder;
+use crate::proc::ProcError;
+use crate::vma::Vma;
+
+/// Errors while scanning a process.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScanError {
+    /// Reading a `/proc` file failed.
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    /// `PAGEMAP_SCAN` failed.
+    #[error("PAGEMAP_SCAN of {range} in process {pid} failed")]
+    Ioctl {
+        /// The target.
+        pid: u32,
+        /// The range being scanned.
+        range: VirtRange,
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading pagemap failed.
+    #[error("reading pagemap of {range} in process {pid} failed")]
+    Pagemap {
+        /// The target.
+        pid: u32,
+        /// The range being read.
+        range: VirtRange,
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The requested range is malformed or overlaps no mapping.
+    #[error("range {range} is {what} in process {pid}")]
+    BadRange {
+        /// The target.
+        pid: u32,
+        /// The range asked for.
+        range: VirtRange,
+        /// `"not page aligned"` or `"not mapped"`.
+        what: &'static str,
+    },
+    /// The requested backend is not available on this kernel.
+    #[error("scan backend {backend} is unavailable: {why}")]
+    Unsupported {
+        /// Backend name.
+        backend: &'static str,
+        /// What is missing.
+        why: &'static str,
+    },
+    /// The target exited while it was being scanned.
+    #[error("process {pid} exited during the scan")]
+    TargetExited {
+        /// The target.
+        pid: u32,
+    },
+}
+
+impl ScanError {
+    /// The broad class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Proc(e) => e.kind(),
+            Self::BadRange { .. } => ErrorKind::BadRange,
+            Self::Unsupported { .. } => ErrorKind::Unsupported,
+            Self::TargetExited { .. } => ErrorKind::TargetExited,
+            Self::Ioctl { source, .. } | Self::Pagemap { source, .. } => {
+                if source.kind() == std::io::ErrorKind::PermissionDenied {
+                    ErrorKind::PermissionDenied
+                } else {
+                    ErrorKind::Other
+                }
+            }
+        }
+    }
+}
+
+/// Everything a backend needs about the target and the kernel.
+#[derive(Debug)]
+pub struct ScanContext<'a> {
+    /// The target's PID (for error messages).
+    pub pid: u32,
+    /// The target's pagemap.
+    pub pagemap: BorrowedFd<'a>,
+    /// Base page size.
+    pub page: PageSize,
+    /// Whether the pagemap fd shows PFNs and swap entries.
+    pub privileged: bool,
+    /// Kernel capabilities (zero PFN, scan categories, swap devices).
+    pub caps: &'a KernelCaps,
+    /// `/proc/kpageflags`, when readable (root).
+    pub kpageflags: Option<&'a KpageFlags>,
+}
+
+/// A way to find the state of every page of a VMA.
+pub trait PageScanner {
+    /// Short backend name for reports (`"pagemap_scan"`, `"pagemap"`).
+    fn name(&self) -> &'static str;
+
+    /// Appends runs covering every page of `range` (a part of `vma`) to
+    /// `out`, in address order.
+    fn scan_vma(
+        &mut self,
+        ctx: &ScanContext<'_>,
+        vma: &Vma,
+        range: VirtRange,
+        out: &mut RunBuilder,
+    ) -> Result<(), ScanError>;
+}
+
+/// Which backend to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// `PAGEMAP_SCAN` when the kernel has it, else pagemap reads.
+    #[default]
+    Auto,
+    /// Force `PAGEMAP_SCAN` (fails before Linux 6.7).
+    PagemapScan,
+    /// Force plain pagemap reads.
+    Pagemap,
+}
+
+/// Options for [`scan_process`].
+#[derive(Clone, Debug, Default)]
+pub struct ScanOptions {
+    /// Backend selection.
+    pub backend: BackendChoice,
+    /// Only scan this part of the address space (page aligned).
+    pub range: Option<VirtRange>,
+    /// Keep swap type/offset per run (splitting runs on non-consecutive
+    /// offsets).
+    pub swap_detail: bool,
+    /// Read smaps even when not needed (VmFlags and Swap: in the report).
+    pub smaps: bool,
+    /// Classify the backing objects of shared and file mappings (pages the
+    /// process does not map: resident, swapped, swap cache, hole, ...).
+    pub objects: bool,
+}
+
+/// Builds the backend `choice` asks for.
+pub fn make_backend(choice: BackendChoice, caps: &KernelCaps) -> Result<Box<dyn PageScanner>, ScanError> {
+    match choice {
+        BackendChoice::Pagemap => Ok(Box::new(PagemapReadBackend::new())),
+        BackendChoice::Auto if !caps.has_pagemap_scan() => Ok(Box::new(PagemapReadBackend::new())),
+        BackendChoice::Auto | BackendChoice::PagemapScan => match PagemapScanBackend::new(caps) {
+            Some(b) => Ok(Box::new(b)),
+            None => Err(ScanError::Unsupported {
+                backend: "pagemap_scan",
+                why: "the kernel has no PAGEMAP_SCAN ioctl (Linux 6.7+)",
+            }),
+        },
+    }
+}

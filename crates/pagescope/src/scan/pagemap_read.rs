@@ -1,0 +1,147 @@
+//! The plain pagemap backend: `/proc/PID/pagemap` in 64K-entry batches.
+//!
+//! Works on every kernel since 4.2. Zero pages are recognised by PFN (root)
+//! or by the huge zero page's `PM_FILE` quirk; PMD-mapped THPs by a run of
+//! 512 consecutive, aligned PFNs whose head `/proc/kpageflags` marks as a
+//! THP head (root; private anonymous VMAs only). A fully PTE-mapped but
+//! unsplit anon THP is indistinguishable this way and is reported `huge`,
+//! and PMD-mapped file or shmem THPs are not flagged; PAGEMAP_SCAN has
+//! neither limitation.
+
+use super::classify;
+use super::reader::PagemapReader;
+use super::{PageScanner, ScanContext, ScanError};
+use crate::addr::{VirtAddr, VirtRange};
+use crate::page::{PageInfo, RunBuilder, UnknownReason};
+use crate::pagemap::{PagemapEntry, PagemapFlags};
+use crate::vma::{Backing, Vma};
+
+/// Pages in a PMD-mapped THP (2 MiB / 4 KiB).
+const PMD_PAGES: usize = 512;
+
+/// Plain pagemap reads.
+#[derive(Debug, Default)]
+pub struct PagemapReadBackend {
+    buf: Vec<u64>,
+}
+
+impl PagemapReadBackend {
+    /// A new backend.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl PageScanner for PagemapReadBackend {
+    fn name(&self) -> &'static str {
+        "pagemap"
+    }
+
+    fn scan_vma(
+        &mut self,
+        ctx: &ScanContext<'_>,
+        vma: &Vma,
+        range: VirtRange,
+        out: &mut RunBuilder,
+    ) -> Result<(), ScanError> {
+        if vma.outside_pagemap() {
+            let info = PageInfo::unknown(UnknownReason::OutsidePagemap, Default::default());
+            out.push(range.start(), range.pages(ctx.page), info);
+            return Ok(());
+        }
+        let rules = PresentRules::new(ctx, vma);
+        let mut reader = PagemapReader::new(ctx.pagemap, ctx.pid, ctx.page, &mut self.buf);
+        reader.for_each_batch(range, |addr, raw| {
+            classify_batch(ctx, &rules, addr, raw, out);
+            Ok(())
+        })
+    }
+}
+
+/// How present entries of one VMA are read.
+pub(super) struct PresentRules {
+    anon_private: bool,
+    hugetlb: bool,
+    privileged: bool,
+    zero_pfn: Option<u64>,
+}
+
+impl PresentRules {
+    pub(super) fn new(ctx: &ScanContext<'_>, vma: &Vma) -> Self {
+        Self {
+            anon_private: vma.backing == Backing::Anon && !vma.is_shared(),
+            hugetlb: vma.backing == Backing::Hugetlb,
+            privileged: ctx.privileged,
+            zero_pfn: ctx.caps.zero_pfn,
+        }
+    }
+
+    /// A present entry; `in_thp` when it lies in a detected THP block.
+    fn present(&self, e: PagemapEntry, in_thp: bool) -> PageInfo {
+        let f = e.flags();
+        if self.hugetlb {
+            return classify::present(e, false, true);
+        }
+        // Only the huge zero page carries PM_FILE in a private anon VMA.
+        if self.anon_private && f.contains(PagemapFlags::FILE) {
+            return classify::present(e, true, true);
+        }
+        if self.zero_pfn.is_some() && e.pfn() == self.zero_pfn {
+            return classify::present(e, true, false);
+        }
+        if !self.privileged && self.anon_private && !f.intersects(PagemapFlags::EXCLUSIVE | PagemapFlags::FILE) {
+            let flags = classify::present(e, true, false).flags;
+            return PageInfo::unknown(UnknownReason::ZeroOrShared, flags);
+        }
+        classify::present(e, false, in_thp)
+    }
+}
+
+/// Classifies one batch of raw entries starting at `addr`.
+pub(super) fn classify_batch(
+    ctx: &ScanContext<'_>,
+    rules: &PresentRules,
+    addr: VirtAddr,
+    raw: &[u64],
+    out: &mut RunBuilder,
+) {
+    let page = ctx.page.get();
+    let at = |i: usize| addr.saturating_add(i as u64 * page);
+    let mut i = 0;
+    while i < raw.len() {
+        let e = PagemapEntry(raw[i]);
+        if e.is_none() {
+            let n = raw[i..].iter().take_while(|&&r| PagemapEntry(r).is_none()).count();
+            out.push(at(i), n as u64, PageInfo::HOLE);
+            i += n;
+            continue;
+        }
+        if rules.anon_private && e.is_present() && at(i).is_aligned(page * PMD_PAGES as u64) {
+            if let Some(block) = raw.get(i..i + PMD_PAGES).filter(|b| is_thp_block(ctx, b)) {
+                for (j, &r) in block.iter().enumerate() {
+                    out.push(at(i + j), 1, rules.present(PagemapEntry(r), true));
+                }
+                i += PMD_PAGES;
+                continue;
+            }
+        }
+        let info = if e.is_present() {
+            rules.present(e, false)
+        } else {
+            classify::swap(e, ctx.privileged, &ctx.caps.swaps)
+        };
+        out.push(at(i), 1, info);
+        i += 1;
+    }
+}
+
+/// 512 present entries mapping one aligned, physically contiguous THP.
+fn is_thp_block(ctx: &ScanContext<'_>, block: &[u64]) -> bool {
+    let Some(kpf) = ctx.kpageflags else { return false };
+    let Some(head) = PagemapEntry(block[0]).pfn() else { return false };
+    if head % PMD_PAGES as u64 != 0 || Some(head) == ctx.caps.zero_pfn {
+        return false;
+    }
+    let contiguous = block.iter().enumerate().all(|(j, &r)| PagemapEntry(r).pfn() == Some(head + j as u64));
+    contiguous && kpf.is_thp_head(head)
+}

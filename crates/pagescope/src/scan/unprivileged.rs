@@ -1,0 +1,71 @@
+//! Settling swap-type entries without CAP_SYS_ADMIN.
+//!
+//! Unprivileged pagemap readers see bit 62 but a zeroed swap type, so a
+//! uffd-wp PTE marker on an empty slot reads exactly like a write-protected
+//! page that was swapped out, and a poison marker or migration entry like a
+//! plain swap entry. Per VMA, smaps settles most of it:
+//!
+//! * a shared mapping has no anonymous pages, so its swap-type PTEs are
+//!   markers (bit 57 set: uffd-wp) or transient migration entries;
+//! * in a private anonymous or private file mapping, smaps' `Swap:` counts
+//!   exactly the real swap entries. If it equals the unmarked entries, the
+//!   write-protected ones are markers; if it equals all of them, they are
+//!   all real swap. Anything else stays `unknown`: never a guess.
+
+use crate::addr::PageSize;
+use crate::page::{PageFlags, PageInfo, PageRun, PageState, RunBuilder, UnknownReason};
+use crate::vma::{Backing, Vma};
+
+/// Rewrites provisional unknown swap runs of `vma` where smaps settles them.
+pub fn resolve(vma: &Vma, runs: Vec<PageRun>, page: PageSize, swap_detail: bool) -> Vec<PageRun> {
+    let count = |reason| {
+        runs.iter().filter(|r| r.reason == Some(reason)).map(|r| r.pages).sum::<u64>()
+    };
+    let unmarked = count(UnknownReason::UnconfirmedSwap);
+    let marked = count(UnknownReason::MarkerOrSwap);
+    if unmarked + marked == 0 {
+        return runs;
+    }
+    let Some(verdict) = verdict(vma, unmarked, marked, page) else { return runs };
+    let mut out = RunBuilder::new(page, swap_detail);
+    for r in &runs {
+        let info = match r.reason {
+            Some(UnknownReason::UnconfirmedSwap) => verdict.unmarked,
+            Some(UnknownReason::MarkerOrSwap) => verdict.marked,
+            _ => None,
+        };
+        let info = info.map_or(
+            PageInfo { state: r.state, flags: r.flags, swap: r.swap, reason: r.reason },
+            |state| settled(state, r.flags),
+        );
+        out.push(r.start, r.pages, info);
+    }
+    out.finish()
+}
+
+/// What the unmarked and the uffd-wp-marked swap-type entries are.
+struct Verdict {
+    unmarked: Option<PageState>,
+    marked: Option<PageState>,
+}
+
+fn verdict(vma: &Vma, unmarked: u64, marked: u64, page: PageSize) -> Option<Verdict> {
+    if vma.is_shared() {
+        return Some(Verdict { unmarked: None, marked: Some(PageState::Hole) });
+    }
+    if !matches!(vma.backing, Backing::Anon | Backing::File) {
+        return None;
+    }
+    let swapped = vma.smaps_swap_kb? * 1024 / page.get();
+    if swapped == unmarked {
+        Some(Verdict { unmarked: Some(PageState::Swapped), marked: Some(PageState::Hole) })
+    } else if swapped == unmarked + marked {
+        Some(Verdict { unmarked: Some(PageState::Swapped), marked: Some(PageState::Swapped) })
+    } else {
+        None
+    }
+}
+
+fn settled(state: PageState, flags: PageFlags) -> PageInfo {
+    PageInfo::with(state, flags)
+}

@@ -1,0 +1,133 @@
+//! userfaultfd: creation and the `UFFDIO_API`, `UFFDIO_REGISTER` and
+//! `UFFDIO_UNREGISTER` ioctls used for write-protect dirty tracking.
+//!
+//! Async write-protect (`UFFD_FEATURE_WP_ASYNC`, Linux 6.7) lets the kernel
+//! resolve write faults itself, so no fault-reading thread is needed; dirty
+//! pages are then read and re-protected with `PAGEMAP_SCAN`.
+//!
+//! # References
+//! - `userfaultfd(2)`, `ioctl_userfaultfd(2)`
+//! - <https://docs.kernel.org/admin-guide/mm/userfaultfd.html>
+
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+
+use rustix::io::Errno;
+use rustix::ioctl::{Opcode, Updater, opcode};
+use rustix::mm::UserfaultfdFlags;
+
+/// `UFFD_API`: the only API version.
+pub const UFFD_API: u64 = 0xAA;
+/// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` (5.19).
+pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+/// `UFFD_FEATURE_WP_UNPOPULATED` (6.4).
+pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// `UFFD_FEATURE_WP_ASYNC` (6.7).
+pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// `UFFD_USER_MODE_ONLY` (5.11): only user-mode faults are handled.
+pub const UFFD_USER_MODE_ONLY: u32 = 1;
+/// `UFFDIO_REGISTER_MODE_WP`.
+pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct uffdio_api {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct uffdio_range {
+    start: u64,
+    len: u64,
+}
+
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct uffdio_register {
+    range: uffdio_range,
+    mode: u64,
+    ioctls: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<uffdio_api>() == 24);
+const _: () = assert!(std::mem::size_of::<uffdio_register>() == 32);
+
+const UFFDIO_API: Opcode = opcode::read_write::<uffdio_api>(0xAA, 0x3F);
+const UFFDIO_REGISTER: Opcode = opcode::read_write::<uffdio_register>(0xAA, 0x00);
+const UFFDIO_UNREGISTER: Opcode = opcode::read::<uffdio_range>(0xAA, 0x01);
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00; // _IO(0xAA, 0x00)
+
+/// Creates a userfaultfd for the calling process: `userfaultfd(2)`, and if
+/// that is refused, `/dev/userfaultfd` + `USERFAULTFD_IOC_NEW` (6.1+).
+///
+/// `user_mode_only` adds `UFFD_USER_MODE_ONLY` (5.11+), which unprivileged
+/// callers need when `vm.unprivileged_userfaultfd = 0`; write-protect
+/// tracking works the same with it.
+pub fn userfaultfd(user_mode_only: bool) -> Result<OwnedFd, Errno> {
+    let mut flags = UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK;
+    if user_mode_only {
+        flags |= UserfaultfdFlags::from_bits_retain(UFFD_USER_MODE_ONLY);
+    }
+    // SAFETY: creating a userfaultfd is harmless by itself; the fd only gains
+    // power once ranges are registered, which callers do explicitly.
+    match unsafe { rustix::mm::userfaultfd(flags) } {
+        Ok(fd) => Ok(fd),
+        Err(first) => dev_userfaultfd(flags).map_err(|_| first),
+    }
+}
+
+fn dev_userfaultfd(flags: UserfaultfdFlags) -> Result<OwnedFd, Errno> {
+    let dev = rustix::fs::open(
+        "/dev/userfaultfd",
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    // SAFETY: USERFAULTFD_IOC_NEW takes the userfaultfd flags by value and
+    // returns a new fd, which we take ownership of exactly once.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&dev),
+            USERFAULTFD_IOC_NEW,
+            flags.bits(),
+        )
+    };
+    if rc < 0 {
+        return Err(super::last_errno());
+    }
+    // SAFETY: a non-negative return value is a new fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc) })
+}
+
+/// `ioctl(uffd, UFFDIO_API, {UFFD_API, features})`: the handshake, once per
+/// fd. Returns the features the kernel enabled (for `features == 0`, every
+/// feature it supports). `EINVAL` if a requested feature is unknown.
+pub fn uffdio_api(uffd: BorrowedFd<'_>, features: u64) -> Result<u64, Errno> {
+    let mut api = uffdio_api { api: UFFD_API, features, ioctls: 0 };
+    // SAFETY: UFFDIO_API reads and writes one `uffdio_api`.
+    unsafe { rustix::ioctl::ioctl(uffd, Updater::<UFFDIO_API, uffdio_api>::new(&mut api)) }?;
+    Ok(api.features)
+}
+
+/// `ioctl(uffd, UFFDIO_REGISTER, {start, len, mode})`.
+pub fn uffdio_register(uffd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> Result<(), Errno> {
+    let mut reg = uffdio_register { range: uffdio_range { start, len }, mode, ioctls: 0 };
+    // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register`; it
+    // affects the mm the uffd was created for, never our memory directly.
+    unsafe {
+        rustix::ioctl::ioctl(uffd, Updater::<UFFDIO_REGISTER, uffdio_register>::new(&mut reg))
+    }
+}
+
+/// `ioctl(uffd, UFFDIO_UNREGISTER, {start, len})`.
+pub fn uffdio_unregister(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<(), Errno> {
+    let mut range = uffdio_range { start, len };
+    // SAFETY: UFFDIO_UNREGISTER reads one `uffdio_range`.
+    unsafe {
+        rustix::ioctl::ioctl(uffd, Updater::<UFFDIO_UNREGISTER, uffdio_range>::new(&mut range))
+    }
+}

@@ -1,0 +1,302 @@
+//! VMAs and what backs them.
+//!
+//! [`Vma::classify`] decides the [`Backing`] from the maps line (path, dev,
+//! inode, perms), the mount table (tmpfs and hugetlbfs devices) and, when
+//! pagescope read smaps, the `VmFlags` (`ht`, `io`, `pf`). An opened backing
+//! object refines it further ([`Vma::refine_with_fstype`]): a hugetlb memfd
+//! looks like any memfd in maps.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::addr::VirtRange;
+use crate::proc::maps::{DevId, MapsEntry, MapsPath, Perms};
+use crate::proc::mountinfo::Mount;
+use crate::proc::smaps::VmFlags;
+
+/// What kind of memory backs a VMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backing {
+    /// Private anonymous memory (heap, stack, `MAP_PRIVATE|MAP_ANONYMOUS`).
+    Anon,
+    /// Shared memory: memfd, tmpfs and `/dev/shm` files,
+    /// `MAP_SHARED|MAP_ANONYMOUS`, SysV shm.
+    Shmem,
+    /// A regular file (private or shared mapping).
+    File,
+    /// hugetlbfs pages.
+    Hugetlb,
+    /// Kernel-provided or device mappings (`[vdso]`, `[vvar]`, MMIO).
+    Special,
+}
+
+impl Backing {
+    /// The JSON / CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Anon => "anon",
+            Self::Shmem => "shmem",
+            Self::File => "file",
+            Self::Hugetlb => "hugetlb",
+            Self::Special => "special",
+        }
+    }
+}
+
+impl fmt::Display for Backing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A finer description of the VMA, for reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmaKind {
+    /// `[heap]`.
+    Heap,
+    /// `[stack]`.
+    Stack,
+    /// Other private anonymous memory (including `[anon:name]`).
+    Anon,
+    /// `memfd_create` object.
+    Memfd,
+    /// A file on a tmpfs mount (`/dev/shm`, ...).
+    Tmpfs,
+    /// `MAP_SHARED|MAP_ANONYMOUS` (`/dev/zero (deleted)`, `[anon_shmem:name]`).
+    SharedAnon,
+    /// SysV shared memory segment (`/SYSV<key>`).
+    Sysv,
+    /// A regular file.
+    File,
+    /// hugetlbfs.
+    Hugetlb,
+    /// `[vdso]`.
+    Vdso,
+    /// `[vvar]`, `[vvar_vclock]`.
+    Vvar,
+    /// `[vsyscall]`.
+    Vsyscall,
+    /// Other kernel or device mappings.
+    Special,
+}
+
+/// Device numbers of the mounts that matter for classification.
+#[derive(Clone, Debug, Default)]
+pub struct MountTable {
+    tmpfs: Vec<DevId>,
+    hugetlbfs: Vec<DevId>,
+    devtmpfs: Vec<DevId>,
+}
+
+impl MountTable {
+    /// From the target's parsed mountinfo.
+    pub fn new(mounts: &[Mount]) -> Self {
+        let devs = |fs: &str| mounts.iter().filter(|m| m.fstype == fs).map(|m| m.dev).collect();
+        Self { tmpfs: devs("tmpfs"), hugetlbfs: devs("hugetlbfs"), devtmpfs: devs("devtmpfs") }
+    }
+}
+
+/// A VMA of the target with its classification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vma {
+    /// Address range.
+    pub range: VirtRange,
+    /// Permissions and sharing.
+    pub perms: Perms,
+    /// Offset into the backing object, in bytes.
+    pub offset: u64,
+    /// Device of the backing object.
+    pub dev: DevId,
+    /// Inode of the backing object.
+    pub inode: u64,
+    /// Path column.
+    pub path: MapsPath,
+    /// Backing class.
+    pub backing: Backing,
+    /// Finer kind.
+    pub kind: VmaKind,
+    /// `VmFlags` from smaps, when pagescope read smaps.
+    pub vm_flags: Option<VmFlags>,
+    /// smaps `Swap:` in kB, when pagescope read smaps.
+    pub smaps_swap_kb: Option<u64>,
+}
+
+/// `statfs` magic numbers of the filesystems that change the backing.
+pub const TMPFS_MAGIC: u64 = 0x0102_1994;
+/// `HUGETLBFS_MAGIC`.
+pub const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
+
+impl Vma {
+    /// Classifies one maps line.
+    pub fn classify(e: &MapsEntry, mounts: &MountTable, vm_flags: Option<VmFlags>) -> Self {
+        let (backing, kind) = classify_entry(e, mounts, vm_flags.unwrap_or_default());
+        Self {
+            range: e.range,
+            perms: e.perms,
+            offset: e.offset,
+            dev: e.dev,
+            inode: e.inode,
+            path: e.path.clone(),
+            backing,
+            kind,
+            vm_flags,
+            smaps_swap_kb: None,
+        }
+    }
+
+    /// Refines the backing once the object is open: `f_type` from
+    /// `fstatfs` tells hugetlbfs and tmpfs apart from what maps suggests.
+    pub fn refine_with_fstype(&mut self, f_type: u64) {
+        match f_type {
+            HUGETLBFS_MAGIC => {
+                self.backing = Backing::Hugetlb;
+                self.kind = VmaKind::Hugetlb;
+            }
+            TMPFS_MAGIC if self.backing == Backing::File => {
+                self.backing = Backing::Shmem;
+                self.kind = VmaKind::Tmpfs;
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the VMA is a `MAP_SHARED` mapping.
+    pub fn is_shared(&self) -> bool {
+        self.perms.shared
+    }
+
+    /// Whether pages of the VMA may be anonymous (private anon, or
+    /// copied-on-write pages of a private file/shmem mapping).
+    pub fn may_hold_anon(&self) -> bool {
+        !self.perms.shared && matches!(self.backing, Backing::Anon | Backing::File | Backing::Shmem)
+    }
+
+    /// Whether the VMA is above the user address space (`[vsyscall]`),
+    /// where pagemap reports nothing.
+    pub fn outside_pagemap(&self) -> bool {
+        self.kind == VmaKind::Vsyscall
+    }
+
+    /// Whether the VMA has an object behind it that can be examined
+    /// (shmem or regular file).
+    pub fn has_object(&self) -> bool {
+        matches!(self.backing, Backing::Shmem | Backing::File) && self.inode != 0
+    }
+}
+
+fn classify_entry(e: &MapsEntry, mounts: &MountTable, vmf: VmFlags) -> (Backing, VmaKind) {
+    let p = e.path.as_bytes();
+    if vmf.contains(VmFlags::HUGETLB) || mounts.hugetlbfs.contains(&e.dev) || p == b"/anon_hugepage" {
+        return (Backing::Hugetlb, VmaKind::Hugetlb);
+    }
+    if e.path.is_pseudo() {
+        return classify_pseudo(p);
+    }
+    if vmf.intersects(VmFlags::IO | VmFlags::PFNMAP) || mounts.devtmpfs.contains(&e.dev) {
+        return (Backing::Special, VmaKind::Special);
+    }
+    if p.is_empty() {
+        return (Backing::Anon, VmaKind::Anon);
+    }
+    if e.path.is_deleted() && p.starts_with(b"/memfd:") {
+        return (Backing::Shmem, VmaKind::Memfd);
+    }
+    if p.starts_with(b"/SYSV") && e.inode != 0 && e.dev.major == 0 && e.perms.shared {
+        return (Backing::Shmem, VmaKind::Sysv);
+    }
+    if p == b"/dev/zero" {
+        return if e.path.is_deleted() && e.perms.shared {
+            (Backing::Shmem, VmaKind::SharedAnon)
+        } else {
+            (Backing::Anon, VmaKind::Anon)
+        };
+    }
+    if mounts.tmpfs.contains(&e.dev) {
+        return (Backing::Shmem, VmaKind::Tmpfs);
+    }
+    if e.inode != 0 {
+        return (Backing::File, VmaKind::File);
+    }
+    (Backing::Special, VmaKind::Special)
+}
+
+fn classify_pseudo(p: &[u8]) -> (Backing, VmaKind) {
+    match p {
+        b"[heap]" => (Backing::Anon, VmaKind::Heap),
+        b"[stack]" => (Backing::Anon, VmaKind::Stack),
+        b"[vdso]" => (Backing::Special, VmaKind::Vdso),
+        b"[vsyscall]" => (Backing::Special, VmaKind::Vsyscall),
+        _ if p.starts_with(b"[vvar") => (Backing::Special, VmaKind::Vvar),
+        _ if p.starts_with(b"[anon_shmem:") => (Backing::Shmem, VmaKind::SharedAnon),
+        _ if p.starts_with(b"[anon:") || p.starts_with(b"[stack:") => (Backing::Anon, VmaKind::Anon),
+        _ => (Backing::Special, VmaKind::Special),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proc::maps::parse_line;
+
+    fn class(line: &[u8], mounts: &MountTable) -> (Backing, VmaKind) {
+        let v = Vma::classify(&parse_line(line).unwrap(), mounts, None);
+        (v.backing, v.kind)
+    }
+
+    #[test]
+    fn classifies_every_backing() {
+        let shm = DevId { major: 0, minor: 22 };
+        let mounts = MountTable { tmpfs: vec![shm], hugetlbfs: vec![], devtmpfs: vec![] };
+        let m = &mounts;
+        assert_eq!(class(b"1000-2000 rw-p 00000000 00:00 0 [heap]", m), (Backing::Anon, VmaKind::Heap));
+        assert_eq!(class(b"1000-2000 rw-p 00000000 00:00 0", m), (Backing::Anon, VmaKind::Anon));
+        assert_eq!(
+            class(b"1000-2000 rw-s 00000000 00:01 7 /memfd:guest (deleted)", m),
+            (Backing::Shmem, VmaKind::Memfd)
+        );
+        assert_eq!(
+            class(b"1000-2000 r--p 00000000 00:01 7 /memfd:guest (deleted)", m),
+            (Backing::Shmem, VmaKind::Memfd)
+        );
+        assert_eq!(
+            class(b"1000-2000 rw-s 00000000 00:01 5 /dev/zero (deleted)", m),
+            (Backing::Shmem, VmaKind::SharedAnon)
+        );
+        assert_eq!(class(b"1000-2000 rw-p 00000000 00:05 5 /dev/zero", m), (Backing::Anon, VmaKind::Anon));
+        assert_eq!(
+            class(b"1000-2000 rw-s 00000000 00:01 32769 /SYSV00000000 (deleted)", m),
+            (Backing::Shmem, VmaKind::Sysv)
+        );
+        assert_eq!(class(b"1000-2000 rw-s 00000000 00:16 9 /dev/shm/x", m), (Backing::Shmem, VmaKind::Tmpfs));
+        assert_eq!(class(b"1000-2000 r--p 00000000 fd:00 9 /usr/lib/libc.so.6", m), (Backing::File, VmaKind::File));
+        assert_eq!(class(b"1000-2000 r-xp 00000000 00:00 0 [vdso]", m), (Backing::Special, VmaKind::Vdso));
+        assert_eq!(class(b"1000-2000 r--p 00000000 00:00 0 [vvar_vclock]", m), (Backing::Special, VmaKind::Vvar));
+        assert_eq!(
+            class(b"1000-2000 rw-s 00000000 00:0f 9 /anon_hugepage (deleted)", m),
+            (Backing::Hugetlb, VmaKind::Hugetlb)
+        );
+        assert_eq!(
+            class(b"1000-2000 rw-s 00000000 00:01 9 [anon_shmem:guest]", m),
+            (Backing::Shmem, VmaKind::SharedAnon)
+        );
+    }
+
+    #[test]
+    fn vm_flags_and_fstype_refine() {
+        let m = MountTable::default();
+        let e = parse_line(b"1000-2000 rw-s 00000000 00:01 7 /memfd:h (deleted)").unwrap();
+        let v = Vma::classify(&e, &m, Some(VmFlags::HUGETLB));
+        assert_eq!(v.backing, Backing::Hugetlb);
+        let mut v = Vma::classify(&e, &m, None);
+        v.refine_with_fstype(HUGETLBFS_MAGIC);
+        assert_eq!(v.backing, Backing::Hugetlb);
+        let f = parse_line(b"1000-2000 rw-s 00000000 00:30 7 /run/x").unwrap();
+        let mut v = Vma::classify(&f, &m, None);
+        assert_eq!(v.backing, Backing::File);
+        v.refine_with_fstype(TMPFS_MAGIC);
+        assert_eq!(v.backing, Backing::Shmem);
+    }
+}
