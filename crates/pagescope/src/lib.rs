@@ -50,6 +50,7 @@ pub mod proc;
 pub mod report;
 pub mod scan;
 pub mod sys;
+pub mod uffd;
 pub mod vma;
 
 pub use addr::{PageSize, VirtAddr, VirtRange};

@@ -24,6 +24,8 @@ pub enum Advice {
     Remove,
     /// `MADV_WILLNEED` (3): read ahead / swap in asynchronously.
     WillNeed,
+    /// `MADV_DONTFORK` (10): a forked child does not inherit the range.
+    DontFork,
     /// `MADV_HUGEPAGE` (14).
     HugePage,
     /// `MADV_NOHUGEPAGE` (15).
@@ -49,6 +51,7 @@ impl Advice {
             Self::DontNeed => 4,
             Self::Remove => 9,
             Self::WillNeed => 3,
+            Self::DontFork => 10,
             Self::HugePage => 14,
             Self::NoHugePage => 15,
             Self::Cold => 20,

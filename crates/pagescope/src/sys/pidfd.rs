@@ -8,7 +8,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use rustix::io::Errno;
 
 /// `pidfd_send_signal(pidfd, 0, NULL, 0)`: `Ok` while the process exists
-/// (including as a zombie), `ESRCH` once it has been reaped.
+/// (including as a zombie), `ESRCH` once it has been reaped. `EPERM` (we
+/// may not signal it) still proves it exists, so it counts as `Ok`.
 pub fn pidfd_is_alive(pidfd: BorrowedFd<'_>) -> Result<(), Errno> {
     // SAFETY: signal 0 performs only the existence and permission checks;
     // the null siginfo pointer is explicitly allowed.
@@ -21,5 +22,11 @@ pub fn pidfd_is_alive(pidfd: BorrowedFd<'_>) -> Result<(), Errno> {
             0u32,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(super::last_errno()) }
+    match rc {
+        0 => Ok(()),
+        _ => match super::last_errno() {
+            Errno::PERM => Ok(()),
+            e => Err(e),
+        },
+    }
 }

@@ -1,0 +1,165 @@
+//! One function per subcommand: build library options, call, render.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use pagescope::{KernelCaps, ProcessReport, ScanOptions, Target, VirtRange, scan_process};
+use pagescope_fixture::FixtureProcess;
+
+use crate::cli::{Cli, Command, ScanArgs};
+
+/// Exit code for a complete result.
+const OK: u8 = 0;
+/// Exit code for a result with skipped ranges (`"complete": false`).
+const INCOMPLETE: u8 = 8;
+
+pub fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Command::Map { pid, scan } => {
+            let report = scan_pid(pid, &scan, options(&scan, None, false))?;
+            render(&report, scan.json, Render::Map)
+        }
+        Command::Pages { pid, range, swap_detail, scan } => {
+            let range = range.map(|r| parse_range(pid, &r)).transpose()?;
+            let report = scan_pid(pid, &scan, options(&scan, range, swap_detail))?;
+            render(&report, scan.json, Render::Pages)
+        }
+        Command::Kernel { json } => kernel(json),
+        Command::Demo { json, backend } => demo(json, backend.into()),
+        Command::Fixture { .. } => unreachable!("handled in main"),
+    }
+}
+
+fn parse_range(pid: u32, s: &str) -> Result<VirtRange> {
+    s.parse::<VirtRange>().map_err(|e| {
+        anyhow::Error::new(pagescope::ScanError::BadRange { pid, range: VirtRange::default(), what: "malformed" })
+            .context(e.to_string())
+    })
+}
+
+fn options(scan: &ScanArgs, range: Option<VirtRange>, swap_detail: bool) -> ScanOptions {
+    ScanOptions {
+        backend: scan.backend.into(),
+        range,
+        swap_detail,
+        smaps: scan.smaps,
+        objects: !scan.no_objects,
+    }
+}
+
+fn scan_pid(pid: u32, _scan: &ScanArgs, opts: ScanOptions) -> Result<ProcessReport> {
+    let caps = KernelCaps::probe();
+    let target = Target::open(pid)?;
+    Ok(scan_process(&target, &caps, &opts)?)
+}
+
+#[derive(Clone, Copy)]
+enum Render {
+    Map,
+    Pages,
+}
+
+fn render(report: &ProcessReport, json: bool, how: Render) -> Result<u8> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match (json, how) {
+        (true, Render::Map) => serde_json::to_writer(&mut out, &report.map_json())?,
+        (true, Render::Pages) => serde_json::to_writer(&mut out, &report.pages_json())?,
+        (false, Render::Map) => report.write_map(&mut out)?,
+        (false, Render::Pages) => report.write_pages(&mut out)?,
+    }
+    if json {
+        writeln!(out)?;
+    }
+    out.flush()?;
+    if !report.complete() {
+        eprintln!(
+            "pagescope: process {}: result incomplete, {} range(s) skipped (listed in the output)",
+            report.pid,
+            report.skipped.len()
+        );
+        return Ok(INCOMPLETE);
+    }
+    Ok(OK)
+}
+
+fn kernel(json: bool) -> Result<u8> {
+    let caps = KernelCaps::probe();
+    let mut out = std::io::stdout().lock();
+    if json {
+        let doc = serde_json::json!({ "caps": &caps, "features": caps.features(), "swaps": swaps_json(&caps) });
+        serde_json::to_writer_pretty(&mut out, &doc)?;
+        writeln!(out)?;
+        return Ok(OK);
+    }
+    writeln!(out, "kernel {} (page size {} B)", caps.release, caps.page_size)?;
+    for f in caps.features() {
+        let mark = if f.available { "yes" } else { "NO " };
+        writeln!(out, "  [{mark}] {:<40} requires: {}", f.name, f.requires)?;
+        if !f.available {
+            writeln!(out, "        without it: {}", f.without)?;
+        }
+    }
+    if let Some(cats) = caps.pagemap_scan {
+        let names: Vec<_> = cats.iter_names().map(|(n, _)| n.to_ascii_lowercase()).collect();
+        writeln!(out, "  PAGEMAP_SCAN categories: {}", names.join(" "))?;
+    }
+    if let Some(u) = caps.uffd {
+        writeln!(out, "  userfaultfd features: {:#x}{}", u.features, if u.user_mode_only { " (user-mode only)" } else { "" })?;
+    }
+    writeln!(out, "  THP: {}", caps.thp_mode.as_deref().unwrap_or("unavailable"))?;
+    if caps.swaps.is_empty() {
+        writeln!(out, "  swap: none active")?;
+    }
+    for (ty, d) in caps.swaps.devices().iter().enumerate() {
+        writeln!(out, "  swap type {ty}: {} ({}, {} kB, priority {})", d.display_path(), d.kind, d.size_kb, d.priority)?;
+    }
+    Ok(OK)
+}
+
+fn swaps_json(caps: &KernelCaps) -> serde_json::Value {
+    caps.swaps
+        .devices()
+        .iter()
+        .map(|d| serde_json::json!({"path": d.display_path(), "kind": d.kind, "size_kb": d.size_kb, "priority": d.priority}))
+        .collect()
+}
+
+fn demo(json: bool, backend: pagescope::BackendChoice) -> Result<u8> {
+    let exe = std::env::current_exe().context("cannot find the pagescope binary to start the fixture")?;
+    let fixture = FixtureProcess::spawn(&exe, &["demo"]).context("cannot start the demo fixture")?;
+    let caps = KernelCaps::probe();
+    let target = Target::open(fixture.pid())?;
+    let opts = ScanOptions { backend, objects: true, ..ScanOptions::default() };
+    let report = scan_process(&target, &caps, &opts)?;
+    if json {
+        return render(&report, true, Render::Pages);
+    }
+    let truth = fixture.truth();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "pagescope demo: fixture process {} (backend {})\n", fixture.pid(), report.backend)?;
+    report.write_map(&mut out)?;
+    writeln!(out, "\nfixture regions, checked page by page against the fixture's ground truth:")?;
+    for region in &truth.regions {
+        let range = VirtRange::from_start_len(
+            pagescope::VirtAddr::new(region.start),
+            region.pages * truth.page_size,
+        )
+        .unwrap_or_default();
+        let verdict = match &region.skip {
+            Some(why) => format!("not checked: {why}"),
+            None => match pagescope_fixture::check::check_region(truth, region, &report).as_slice() {
+                [] => "matches".to_owned(),
+                [first, ..] => format!("MISMATCH: {first}"),
+            },
+        };
+        writeln!(out, "  {:<16} {range} {:>7} pages  {}", region.name, region.pages, verdict)?;
+        for (_, run) in report.runs().filter(|(_, r)| range.contains(r.start)) {
+            let flags: Vec<_> = run.flags.names().collect();
+            writeln!(out, "      {} {:>6} {:<12} {}", run.range(report.page_size), run.pages, run.state, flags.join(","))?;
+        }
+    }
+    for s in &truth.skipped {
+        writeln!(out, "  scenario {} not built: {}", s.scenario, s.reason)?;
+    }
+    Ok(if report.complete() { OK } else { INCOMPLETE })
+}

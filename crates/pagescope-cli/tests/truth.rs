@@ -1,0 +1,134 @@
+//! Every fixture scenario, scanned by every backend, page by page against
+//! the fixture's ground truth; and the backends against each other.
+
+mod common;
+
+use common::{assert_matches_truth, caps, fixture, scan, skip};
+use pagescope::{BackendChoice, ProcessReport};
+
+fn backends() -> Vec<BackendChoice> {
+    let mut v = vec![BackendChoice::Pagemap];
+    if caps().has_pagemap_scan() {
+        v.push(BackendChoice::PagemapScan);
+    } else {
+        skip("kernel has no PAGEMAP_SCAN (Linux 6.7+)");
+    }
+    v
+}
+
+fn check_scenario(scenario: &str) {
+    if !common::is_root() {
+        skip("ground-truth checks of zero pages, THPs and swap slots need root (PFNs, kpageflags)");
+        return;
+    }
+    let fx = fixture(&[scenario]);
+    for b in backends() {
+        let report = scan(fx.pid(), b);
+        assert!(report.complete(), "scan incomplete: {:?}", report.skipped);
+        assert_matches_truth(fx.truth(), &report, Some(scenario));
+    }
+}
+
+#[test]
+fn anon_present_zero_untouched_swapdev() {
+    check_scenario("anon");
+}
+
+#[test]
+fn thp_and_huge_zero_page() {
+    check_scenario("thp");
+}
+
+#[test]
+fn fork_shared_pages_are_not_exclusive() {
+    check_scenario("fork_shared");
+}
+
+#[test]
+fn guard_region_is_guard_not_swapped() {
+    check_scenario("guard");
+}
+
+#[test]
+fn uffd_wp_markers_are_holes_not_swapped() {
+    check_scenario("uffd_wp");
+}
+
+#[test]
+fn private_and_shared_file_mappings() {
+    check_scenario("file");
+}
+
+/// Compares two reports VMA by VMA, run by run.
+fn assert_same(a: &ProcessReport, b: &ProcessReport) {
+    assert_eq!(a.vmas.len(), b.vmas.len(), "different VMA counts");
+    for (va, vb) in a.vmas.iter().zip(&b.vmas) {
+        assert_eq!(va.vma.range, vb.vma.range);
+        if va.runs != vb.runs {
+            let first = va.runs.iter().zip(&vb.runs).find(|(x, y)| x != y);
+            panic!(
+                "backends disagree on {} ({}): {} vs {} runs, first difference {:?}",
+                va.vma.range,
+                va.vma.path.display(),
+                a.backend,
+                b.backend,
+                first
+            );
+        }
+    }
+}
+
+/// The kernel selftests check pagemap reads against PAGEMAP_SCAN; we check
+/// both backends against each other over the whole fixture process (its
+/// libraries, heap and stack included), with swap detail.
+#[test]
+fn backends_agree_on_every_page_swapdev() {
+    if !common::is_root() {
+        skip("backend agreement is defined with privileges (both see PFNs)");
+        return;
+    }
+    if !caps().has_pagemap_scan() {
+        skip("kernel has no PAGEMAP_SCAN (Linux 6.7+)");
+        return;
+    }
+    let fx = fixture(&["all"]);
+    let opts = |backend| pagescope::ScanOptions { backend, swap_detail: true, objects: true, ..Default::default() };
+    let a = common::scan_with(fx.pid(), &opts(BackendChoice::Pagemap));
+    let b = common::scan_with(fx.pid(), &opts(BackendChoice::PagemapScan));
+    assert!(a.complete() && b.complete());
+    assert_same(&a, &b);
+    // And both agree with the ground truth (so agreement is not vacuous).
+    assert_matches_truth(fx.truth(), &a, None);
+}
+
+/// Swapped anonymous pages carry their swap slot and device when asked.
+#[test]
+fn swap_detail_names_device_and_consecutive_offsets_swapdev() {
+    if !common::is_root() {
+        skip("swap type and offset are visible to root only");
+        return;
+    }
+    let fx = fixture(&["anon"]);
+    let truth = fx.truth();
+    let region = truth.region("anon_swapped").expect("anon_swapped region");
+    if let Some(why) = &region.skip {
+        skip(why);
+        return;
+    }
+    let opts = pagescope::ScanOptions { swap_detail: true, ..Default::default() };
+    let report = common::scan_with(fx.pid(), &opts);
+    let addr = pagescope::VirtAddr::new(region.start);
+    let run = report.run_at(addr).expect("run");
+    let slot = run.swap.expect("swap slot with --swap-detail");
+    let dev = report.swaps.device(slot.ty, slot.offset, 4096).expect("device for the slot");
+    assert!(report.swaps.devices().iter().any(|d| d.path == dev.path));
+    // The 16 pages were paged out together: their slots are consecutive or
+    // split into a few runs, but every page is covered by a swapped run.
+    let covered: u64 = report
+        .runs()
+        .filter(|(_, r)| r.state == pagescope::PageState::Swapped)
+        .filter(|(_, r)| r.start >= addr && r.start < addr.saturating_add(16 * 4096))
+        .map(|(_, r)| r.pages)
+        .sum();
+    assert_eq!(covered, 16);
+}

@@ -1,0 +1,427 @@
+//! The layouts the fixture can build, and what each page must then be.
+//!
+//! Every scenario verifies that the kernel did what was asked (a pageout
+//! really swapped, a THP really got allocated) using the fixture's *own*
+//! view of itself, and marks the region `skip` with a reason if not, so a
+//! test can never pass against a layout that did not happen.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pagescope::uffd::{Userfaultfd, wp_arm};
+use pagescope::{Advice, OwnedMapping, PagemapEntry, PagemapFlags, VirtAddr, VirtRange};
+
+use crate::sys;
+use crate::truth::{Expect, Region, SkippedScenario, Truth};
+
+/// Scenario names and what they build.
+pub const SCENARIOS: &[(&str, &str)] = &[
+    ("fork_shared", "anonymous pages COW-shared with a live forked child (not exclusive)"),
+    ("anon", "private anonymous: present, zero page, untouched, swapped out (MADV_PAGEOUT)"),
+    ("thp", "2 MiB-aligned MADV_HUGEPAGE memory: a written THP and the huge zero page"),
+    ("guard", "a guard region (MADV_GUARD_INSTALL) between present and untouched pages"),
+    ("uffd_wp", "uffd-wp async armed region: protected pages, markers, written pages"),
+    ("file", "private and shared mappings of a sparse regular file"),
+    ("bench", "benchmark layout: a sparse reservation (1% touched) and dense anonymous memory"),
+];
+
+/// Scenarios `all` and `demo` expand to (everything but `bench`).
+const DEFAULT_SET: &[&str] = &["fork_shared", "anon", "thp", "guard", "uffd_wp", "file"];
+
+/// A mapping the fixture keeps, with the regions carved from it.
+struct Live {
+    map: Arc<OwnedMapping>,
+}
+
+/// The fixture's state.
+pub struct Fixture {
+    page: u64,
+    truth: Truth,
+    live: Vec<Live>,
+    keep_fds: Vec<OwnedFd>,
+    keep_uffd: Vec<Userfaultfd>,
+    dir: PathBuf,
+    files: Vec<PathBuf>,
+    pagemap: Option<File>,
+    sparse_gib: u64,
+    dense_gib: u64,
+}
+
+fn arg_value(args: &[String], key: &str) -> Option<String> {
+    args.iter().position(|a| a == key).and_then(|i| args.get(i + 1)).cloned()
+}
+
+impl Fixture {
+    /// A fixture with options from `args` (`--dir`, `--sparse-gib`,
+    /// `--dense-gib`).
+    pub fn new(args: &[String]) -> Self {
+        let page = rustix::param::page_size() as u64;
+        let dir = arg_value(args, "--dir")
+            .or_else(|| std::env::var("PAGESCOPE_FIXTURE_DIR").ok())
+            .unwrap_or_else(|| "/var/tmp".to_owned());
+        let truth = Truth {
+            pid: std::process::id(),
+            page_size: page,
+            swap: swap_kind(),
+            ..Truth::default()
+        };
+        Self {
+            page,
+            truth,
+            live: Vec::new(),
+            keep_fds: Vec::new(),
+            keep_uffd: Vec::new(),
+            dir: PathBuf::from(dir),
+            files: Vec::new(),
+            pagemap: File::open("/proc/self/pagemap").ok(),
+            sparse_gib: arg_value(args, "--sparse-gib").and_then(|v| v.parse().ok()).unwrap_or(64),
+            dense_gib: arg_value(args, "--dense-gib").and_then(|v| v.parse().ok()).unwrap_or(4),
+        }
+    }
+
+    /// The scenarios named in `args`, in build order (`fork_shared` first:
+    /// the forked child must share nothing else).
+    pub fn scenario_names(&self, args: &[String]) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        let mut skip_value = false;
+        for a in args {
+            if std::mem::take(&mut skip_value) {
+                continue;
+            }
+            match a.as_str() {
+                "--dir" | "--sparse-gib" | "--dense-gib" => skip_value = true,
+                "all" | "demo" => names.extend(DEFAULT_SET.iter().map(|s| (*s).to_owned())),
+                s if s.starts_with("--") => {}
+                s => names.push(s.to_owned()),
+            }
+        }
+        names.sort_by_key(|n| n != "fork_shared");
+        names.dedup();
+        names
+    }
+
+    /// The ground truth so far.
+    pub fn truth(&self) -> &Truth {
+        &self.truth
+    }
+
+    /// Builds scenario `name`, recording it as skipped if it cannot be.
+    pub fn build(&mut self, name: &str) {
+        let result = match name {
+            "fork_shared" => self.fork_shared(),
+            "anon" => self.anon(),
+            "thp" => self.thp(),
+            "guard" => self.guard(),
+            "uffd_wp" => self.uffd_wp(),
+            "file" => self.file(),
+            "bench" => self.bench(),
+            other => Err(format!("unknown scenario {other:?}")),
+        };
+        if let Err(reason) = result {
+            self.truth.skipped.push(SkippedScenario { scenario: name.to_owned(), reason });
+        }
+    }
+
+    /// Handles a command line from the test (beyond exit/truth/ping).
+    pub fn command(&mut self, cmd: &str) -> Result<String, String> {
+        Err(format!("unknown command {cmd:?}"))
+    }
+
+    /// Removes the files the fixture created.
+    pub fn cleanup(&mut self) {
+        for f in self.files.drain(..) {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+
+    fn bytes(&self, pages: u64) -> usize {
+        (pages * self.page) as usize
+    }
+
+    fn anon_map(&self, pages: u64, align: usize) -> Result<OwnedMapping, String> {
+        let m = OwnedMapping::anonymous(self.bytes(pages), align).map_err(|e| format!("mmap: {e}"))?;
+        m.madvise(0, m.len(), Advice::NoHugePage).map_err(|e| format!("MADV_NOHUGEPAGE: {e}"))?;
+        Ok(m)
+    }
+
+    fn write_pages(&self, m: &OwnedMapping, first: u64, count: u64, byte: u8) -> Result<(), String> {
+        (first..first + count)
+            .try_for_each(|i| m.write_byte(self.bytes(i), byte))
+            .map_err(|e| format!("write: {e}"))
+    }
+
+    fn read_pages(&self, m: &OwnedMapping, first: u64, count: u64) -> Result<(), String> {
+        (first..first + count)
+            .try_for_each(|i| m.read_byte(self.bytes(i)).map(drop))
+            .map_err(|e| format!("read: {e}"))
+    }
+
+    /// The fixture's own pagemap entries for `count` pages at `addr`.
+    fn own_entries(&self, addr: u64, count: u64) -> Vec<PagemapEntry> {
+        let Some(pm) = &self.pagemap else { return Vec::new() };
+        let mut buf = vec![0u8; (count * 8) as usize];
+        if pm.read_exact_at(&mut buf, addr / self.page * 8).is_err() {
+            return Vec::new();
+        }
+        buf.chunks_exact(8)
+            .map(|c| PagemapEntry(u64::from_ne_bytes(c.try_into().unwrap_or_default())))
+            .collect()
+    }
+
+    /// MADV_PAGEOUT of anonymous pages, verified: every page must end up
+    /// as a swap entry.
+    fn pageout_anon(&self, m: &OwnedMapping, first: u64, count: u64) -> Result<(), String> {
+        if self.truth.swap == "none" {
+            return Err("no active swap device".into());
+        }
+        for _ in 0..5 {
+            m.madvise(self.bytes(first), self.bytes(count), Advice::PageOut)
+                .map_err(|e| format!("MADV_PAGEOUT: {e}"))?;
+            let e = self.own_entries(m.addr() + self.bytes(first) as u64, count);
+            if e.len() as u64 == count && e.iter().all(|e| e.is_swap()) {
+                return Ok(());
+            }
+        }
+        Err("MADV_PAGEOUT did not swap every page out".into())
+    }
+
+    fn keep(&mut self, map: OwnedMapping) -> Arc<OwnedMapping> {
+        let map = Arc::new(map);
+        self.live.push(Live { map: Arc::clone(&map) });
+        map
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn region(
+        &mut self,
+        name: &str,
+        scenario: &str,
+        start: u64,
+        pages: u64,
+        backing: &str,
+        expect: Vec<Expect>,
+        skip: Option<String>,
+    ) {
+        self.truth.regions.push(Region {
+            name: name.to_owned(),
+            scenario: scenario.to_owned(),
+            start,
+            pages,
+            backing: backing.to_owned(),
+            expect,
+            skip,
+            object: None,
+        });
+    }
+
+    /// Marks every kept mapping MADV_DONTFORK so a helper child shares
+    /// nothing it should not (a shared page is never exclusive, and
+    /// MADV_PAGEOUT skips it).
+    fn dont_fork_anything(&self) -> Result<(), String> {
+        for l in &self.live {
+            l.map.madvise(0, l.map.len(), Advice::DontFork).map_err(|e| format!("MADV_DONTFORK: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn fork_shared(&mut self) -> Result<(), String> {
+        self.dont_fork_anything()?;
+        let m = self.anon_map(16, 0)?;
+        self.write_pages(&m, 0, 16, 0xF5)?;
+        let child = sys::fork_helper(|| {}).map_err(|e| format!("fork: {e}"))?;
+        self.truth.children.push(child);
+        let m = self.keep(m);
+        self.region("fork_shared", "fork_shared", m.addr(), 16, "anon", vec![Expect::new(0, 16, "present", &[])], None);
+        Ok(())
+    }
+
+    fn anon(&mut self) -> Result<(), String> {
+        let m = self.anon_map(64, 0)?;
+        self.write_pages(&m, 0, 16, 0xA1)?;
+        self.read_pages(&m, 16, 16)?;
+        self.write_pages(&m, 48, 16, 0xA2)?;
+        let swapped = self.pageout_anon(&m, 48, 16).err();
+        let m = self.keep(m);
+        let (base, page) = (m.addr(), self.page);
+        let at = |i: u64| base + i * page;
+        self.region("anon_present", "anon", at(0), 16, "anon", vec![Expect::new(0, 16, "present", &["exclusive"])], None);
+        self.region("anon_zero", "anon", at(16), 16, "anon", vec![Expect::new(0, 16, "zero", &[])], None);
+        self.region("anon_untouched", "anon", at(32), 16, "anon", vec![Expect::new(0, 16, "hole", &[])], None);
+        self.region("anon_swapped", "anon", at(48), 16, "anon", vec![Expect::new(0, 16, "swapped", &[])], swapped);
+        Ok(())
+    }
+
+    fn thp(&mut self) -> Result<(), String> {
+        const HUGE: usize = 2 << 20;
+        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+        if mode.is_empty() || mode.contains("[never]") {
+            return Err("transparent huge pages are disabled".into());
+        }
+        let pages = 2 * HUGE as u64 / self.page;
+        let m = OwnedMapping::anonymous(2 * HUGE, HUGE).map_err(|e| format!("mmap: {e}"))?;
+        m.madvise(0, m.len(), Advice::HugePage).map_err(|e| format!("MADV_HUGEPAGE: {e}"))?;
+        self.write_pages(&m, 0, pages, 0x7B)?;
+        let thp_kb = own_smaps_field(m.addr(), "AnonHugePages").unwrap_or(0);
+        let skip = (thp_kb < (2 * HUGE / 1024) as u64).then(|| format!("only {thp_kb} kB became THP"));
+        let m = self.keep(m);
+        let expect = vec![Expect::new(0, pages, "present", &["exclusive", "huge"])];
+        self.region("thp_present", "thp", m.addr(), pages, "anon", expect, skip);
+
+        let z = OwnedMapping::anonymous(HUGE, HUGE).map_err(|e| format!("mmap: {e}"))?;
+        z.madvise(0, HUGE, Advice::HugePage).map_err(|e| format!("MADV_HUGEPAGE: {e}"))?;
+        z.read_byte(0).map_err(|e| format!("read: {e}"))?;
+        let zpages = HUGE as u64 / self.page;
+        let huge_zero = self.own_entries(z.addr(), zpages).iter().all(|e| e.is_present() && e.flags().contains(PagemapFlags::FILE));
+        let skip = (!huge_zero).then(|| "no huge zero page (use_zero_page is off)".to_owned());
+        let z = self.keep(z);
+        self.region("thp_zero", "thp", z.addr(), zpages, "anon", vec![Expect::new(0, zpages, "zero", &["huge"])], skip);
+        Ok(())
+    }
+
+    fn guard(&mut self) -> Result<(), String> {
+        let m = self.anon_map(16, 0)?;
+        self.write_pages(&m, 0, 4, 0x6A)?;
+        m.madvise(self.bytes(4), self.bytes(8), Advice::GuardInstall)
+            .map_err(|e| format!("MADV_GUARD_INSTALL unsupported ({e}); needs Linux 6.13"))?;
+        let m = self.keep(m);
+        let expect = vec![
+            Expect::new(0, 4, "present", &["exclusive"]),
+            Expect::new(4, 8, "guard", &[]),
+            Expect::new(12, 4, "hole", &[]),
+        ];
+        self.region("guard_region", "guard", m.addr(), 16, "anon", expect, None);
+        Ok(())
+    }
+
+    fn uffd_wp(&mut self) -> Result<(), String> {
+        let m = self.anon_map(32, 0)?;
+        self.write_pages(&m, 0, 8, 0xC1)?;
+        let uffd = Userfaultfd::new_wp_async().map_err(|e| format!("{e}"))?;
+        let range = VirtRange::from_start_len(VirtAddr::new(m.addr()), m.len() as u64).ok_or("range")?;
+        uffd.register_wp(range).map_err(|e| e.to_string())?;
+        let pm = self.pagemap.as_ref().ok_or("no own pagemap")?;
+        wp_arm(pm.as_fd(), range).map_err(|e| e.to_string())?;
+        self.write_pages(&m, 4, 4, 0xC2)?;
+        self.read_pages(&m, 8, 4)?;
+        self.keep_uffd.push(uffd);
+        let m = self.keep(m);
+        let expect = vec![
+            Expect::new(0, 4, "present", &["exclusive", "uffd_wp"]),
+            Expect::new(4, 4, "present", &["exclusive"]),
+            Expect::new(8, 4, "zero", &["uffd_wp"]),
+            Expect::new(12, 20, "hole", &["uffd_wp"]),
+        ];
+        self.region("uffd_wp", "uffd_wp", m.addr(), 32, "anon", expect, None);
+        Ok(())
+    }
+
+    /// A 128-page file with data in pages 0..32 and 64..96, mapped twice.
+    fn file(&mut self) -> Result<(), String> {
+        let path = self.dir.join(format!("pagescope-fixture-{}-sparse", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| format!("create {}: {e}", path.display()))?;
+        self.files.push(path);
+        f.set_len(128 * self.page).map_err(|e| format!("truncate: {e}"))?;
+        let data = vec![0x5Fu8; self.bytes(32)];
+        f.write_all_at(&data, 0).map_err(|e| format!("pwrite: {e}"))?;
+        f.write_all_at(&data, 64 * self.page).map_err(|e| format!("pwrite: {e}"))?;
+        let len = self.bytes(128);
+        let private = OwnedMapping::file(f.as_fd(), 0, len, true, false).map_err(|e| format!("mmap: {e}"))?;
+        self.read_pages(&private, 0, 16)?;
+        self.write_pages(&private, 16, 16, 0x11)?;
+        let shared = OwnedMapping::file(f.as_fd(), 0, len, true, true).map_err(|e| format!("mmap: {e}"))?;
+        self.read_pages(&shared, 64, 16)?;
+        self.write_pages(&shared, 80, 16, 0x22)?;
+        self.keep_fds.push(f.into());
+        let private = self.keep(private);
+        let shared = self.keep(shared);
+        let expect = vec![
+            Expect::new(0, 16, "present", &["file", "exclusive"]),
+            Expect::new(16, 16, "present", &["exclusive"]),
+            Expect::new(32, 96, "hole", &[]),
+        ];
+        self.region("file_private", "file", private.addr(), 128, "file", expect, None);
+        let expect = vec![
+            Expect::new(0, 64, "hole", &[]),
+            Expect::new(64, 32, "present", &["file", "exclusive"]),
+            Expect::new(96, 32, "hole", &[]),
+        ];
+        self.region("file_shared", "file", shared.addr(), 128, "file", expect, None);
+        Ok(())
+    }
+
+    /// The benchmark layout: a `sparse_gib` reservation with 1% of its
+    /// pages touched at scattered places, plus `dense_gib` of fully
+    /// written anonymous memory.
+    fn bench(&mut self) -> Result<(), String> {
+        let sparse_pages = self.sparse_gib << 30 >> self.page.trailing_zeros();
+        let s = self.anon_map(sparse_pages, 0)?;
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..sparse_pages / 100 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            s.write_byte(self.bytes(x % sparse_pages), 1).map_err(|e| e.to_string())?;
+        }
+        let dense_pages = self.dense_gib << 30 >> self.page.trailing_zeros();
+        let d = self.anon_map(dense_pages, 0)?;
+        self.write_pages(&d, 0, dense_pages, 1)?;
+        let s = self.keep(s);
+        let d = self.keep(d);
+        let skip = Some("benchmark layout (no per-page expectation)".to_owned());
+        self.region("bench_sparse", "bench", s.addr(), sparse_pages, "anon", Vec::new(), skip.clone());
+        self.region("bench_dense", "bench", d.addr(), dense_pages, "anon", Vec::new(), skip);
+        Ok(())
+    }
+}
+
+/// Which kind of swap device receives paged-out pages (highest priority).
+fn swap_kind() -> String {
+    let Ok(table) = pagescope::proc::read_swaps() else { return "none".into() };
+    let best = table.devices().iter().max_by_key(|d| d.priority);
+    match best {
+        None => "none".into(),
+        Some(d) if d.display_path().contains("/zram") => "zram".into(),
+        Some(d) if d.kind == "file" => "file".into(),
+        Some(_) => "other".into(),
+    }
+}
+
+/// A kB field of the fixture's own smaps entry containing `addr`.
+fn own_smaps_field(addr: u64, field: &str) -> Option<u64> {
+    let me = pagescope::Target::current().ok()?;
+    let smaps = me.smaps().ok()?;
+    smaps.iter().find(|s| s.vma.range.contains(VirtAddr::new(addr)))?.field_kb(field)
+}
+
+/// Starts a thread that maps, touches, splits and unmaps memory forever,
+/// so scans race real layout changes.
+pub fn start_churn() {
+    std::thread::spawn(|| {
+        let page = rustix::param::page_size();
+        let mut x: u64 = 12345;
+        loop {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let pages = 1 + (x % 64) as usize;
+            if let Ok(m) = OwnedMapping::anonymous(pages * page, 0) {
+                for i in 0..pages {
+                    let _ = m.write_byte(i * page, 1);
+                }
+                if pages > 2 {
+                    let _ = m.mprotect(page, page, false);
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200 + x % 800));
+            }
+        }
+    });
+}

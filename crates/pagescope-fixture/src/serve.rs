@@ -1,0 +1,40 @@
+//! The fixture process itself: build, report, serve commands.
+
+use std::io::{BufRead, Write};
+
+use crate::scenarios::{self, Fixture};
+
+/// Runs the fixture with command-line `args` (scenario names, `--churn`,
+/// `--dir PATH`, `--size-mib N`); never returns.
+pub fn serve(args: &[String]) -> ! {
+    let mut fx = Fixture::new(args);
+    let names = fx.scenario_names(args);
+    for name in &names {
+        fx.build(name);
+    }
+    if args.iter().any(|a| a == "--churn") {
+        scenarios::start_churn();
+    }
+    emit(&fx);
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let reply = match line.trim() {
+            "exit" | "" => break,
+            "truth" => serde_json::to_string(fx.truth()).unwrap_or_default(),
+            "ping" => "pong".to_owned(),
+            cmd => fx.command(cmd).unwrap_or_else(|e| format!("error: {e}")),
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{reply}");
+        let _ = out.flush();
+    }
+    fx.cleanup();
+    std::process::exit(0)
+}
+
+fn emit(fx: &Fixture) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", serde_json::to_string(fx.truth()).unwrap_or_default());
+    let _ = out.flush();
+}

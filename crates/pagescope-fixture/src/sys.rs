@@ -1,0 +1,59 @@
+//! The fixture's own raw calls that pagescope's library has no business
+//! offering: `fork`, `prctl(PR_SET_PDEATHSIG)`, SysV `shmget`/`shmat`.
+//!
+//! The fixture is a test program; each block still carries its contract.
+
+#![allow(unsafe_code)]
+
+use std::ptr::NonNull;
+
+use pagescope::OwnedMapping;
+
+/// Forks a helper that runs `child` and then sleeps until it is killed; it
+/// gets SIGKILL when the fixture dies. Returns the helper's PID.
+///
+/// Must be called while the fixture is single-threaded.
+pub fn fork_helper(child: impl FnOnce()) -> std::io::Result<u32> {
+    let parent = std::process::id();
+    // SAFETY: the fixture is single-threaded when it forks (documented
+    // contract of this function), so the child may run arbitrary code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid > 0 {
+        return Ok(pid as u32);
+    }
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number by value.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    if std::os::unix::process::parent_id() != parent {
+        std::process::exit(0);
+    }
+    child();
+    loop {
+        // SAFETY: pause has no arguments and only returns on a signal.
+        unsafe { libc::pause() };
+    }
+}
+
+/// A SysV shared memory segment, created `IPC_PRIVATE`, attached, and
+/// marked for removal at once so it disappears with its last user.
+pub fn sysv_segment(len: usize) -> std::io::Result<OwnedMapping> {
+    // SAFETY: plain syscall with value arguments.
+    let id = unsafe { libc::shmget(libc::IPC_PRIVATE, len, libc::IPC_CREAT | 0o600) };
+    if id < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: attaching a segment we just created at a kernel-chosen
+    // address; the result is checked below.
+    let p = unsafe { libc::shmat(id, std::ptr::null(), 0) };
+    // SAFETY: IPC_RMID with a null buffer only marks the segment.
+    unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+    if p as isize == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
+    // SAFETY: `ptr..ptr+len` is the attachment just made, owned by nobody
+    // else; munmap releases a SysV attachment just like shmdt.
+    Ok(unsafe { OwnedMapping::from_raw(ptr, len) })
+}

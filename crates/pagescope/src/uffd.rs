@@ -1,0 +1,229 @@
+//! userfaultfd write-protect in async mode, and `PAGEMAP_SCAN` arming and
+//! get-and-reset on top of it.
+//!
+//! With `UFFD_FEATURE_WP_ASYNC` (Linux 6.7) the kernel resolves write
+//! faults on protected pages by itself (no fault reader is needed) and
+//! clears the page's uffd-wp bit; `PAGEMAP_SCAN` with `WP_MATCHING` then
+//! reports those pages as `PAGE_IS_WRITTEN` and re-protects them in the
+//! same page-table walk. `WP_UNPOPULATED` (6.4, implied by WP_ASYNC on
+//! 6.18) makes empty slots protected too, via PTE markers.
+//!
+//! A userfaultfd only tracks the mm of the process that created it; to
+//! track another process, the fd must be created inside it (see
+//! [`crate::dirty`]).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::io::Errno;
+
+use crate::addr::{VirtAddr, VirtRange};
+use crate::sys::pagemap_scan::{
+    PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, ScanRequest, page_region, pagemap_scan,
+};
+use crate::sys::uffd as raw;
+use crate::{ErrorKind, ScanCategories};
+
+/// Errors from userfaultfd operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UffdError {
+    /// The fd could not be created.
+    #[error("cannot create a userfaultfd (needs root, CAP_SYS_PTRACE, or UFFD_USER_MODE_ONLY)")]
+    Create {
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `UFFDIO_API` refused the features.
+    #[error("userfaultfd API handshake refused features {features:#x}")]
+    Api {
+        /// Requested features.
+        features: u64,
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel lacks write-protect async mode.
+    #[error("the kernel lacks userfaultfd WP_ASYNC (Linux 6.7+)")]
+    NoWpAsync,
+    /// `UFFDIO_REGISTER` failed.
+    #[error("cannot register {range} for uffd write-protect")]
+    Register {
+        /// The range.
+        range: VirtRange,
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `UFFDIO_UNREGISTER` failed.
+    #[error("cannot unregister {range} from userfaultfd")]
+    Unregister {
+        /// The range.
+        range: VirtRange,
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `PAGEMAP_SCAN` (arming or get-and-reset) failed.
+    #[error("PAGEMAP_SCAN write-protect of {range} failed")]
+    Scan {
+        /// The range.
+        range: VirtRange,
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl UffdError {
+    /// The broad class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        let errno = match self {
+            Self::NoWpAsync => return ErrorKind::Unsupported,
+            Self::Create { source }
+            | Self::Api { source, .. }
+            | Self::Register { source, .. }
+            | Self::Unregister { source, .. }
+            | Self::Scan { source, .. } => Errno::from_io_error(source),
+        };
+        match errno {
+            Some(Errno::PERM | Errno::ACCESS) => ErrorKind::PermissionDenied,
+            Some(Errno::NOSYS | Errno::NOTTY) => ErrorKind::Unsupported,
+            Some(Errno::SRCH) => ErrorKind::TargetExited,
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+/// A userfaultfd set up for write-protect async tracking.
+#[derive(Debug)]
+pub struct Userfaultfd {
+    fd: OwnedFd,
+    features: u64,
+}
+
+/// The features pagescope asks for.
+fn wanted_features(available: u64) -> u64 {
+    raw::UFFD_FEATURE_WP_ASYNC
+        | raw::UFFD_FEATURE_WP_UNPOPULATED
+        | (available & raw::UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+}
+
+impl Userfaultfd {
+    /// Creates a userfaultfd for the calling process in WP-async mode
+    /// (`userfaultfd(2)`, falling back to `UFFD_USER_MODE_ONLY` and
+    /// `/dev/userfaultfd`).
+    pub fn new_wp_async() -> Result<Self, UffdError> {
+        let available = probe_features()?;
+        let fd = raw::userfaultfd(false)
+            .or_else(|_| raw::userfaultfd(true))
+            .map_err(|e| UffdError::Create { source: e.into() })?;
+        Self::handshake(fd, available)
+    }
+
+    /// Takes a userfaultfd created elsewhere (e.g. inside another process)
+    /// and performs the API handshake in WP-async mode.
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, UffdError> {
+        let available = probe_features()?;
+        Self::handshake(fd, available)
+    }
+
+    fn handshake(fd: OwnedFd, available: u64) -> Result<Self, UffdError> {
+        if available & raw::UFFD_FEATURE_WP_ASYNC == 0 {
+            return Err(UffdError::NoWpAsync);
+        }
+        let want = wanted_features(available);
+        let features = raw::uffdio_api(fd.as_fd(), want)
+            .map_err(|e| UffdError::Api { features: want, source: e.into() })?;
+        Ok(Self { fd, features })
+    }
+
+    /// The features enabled on this fd.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Whether shmem and hugetlbfs VMAs can be write-protected.
+    pub fn supports_shmem(&self) -> bool {
+        self.features & raw::UFFD_FEATURE_WP_HUGETLBFS_SHMEM != 0
+    }
+
+    /// `UFFDIO_REGISTER` with `MODE_WP` on `range`.
+    pub fn register_wp(&self, range: VirtRange) -> Result<(), UffdError> {
+        raw::uffdio_register(self.fd.as_fd(), range.start().get(), range.len(), raw::UFFDIO_REGISTER_MODE_WP)
+            .map_err(|e| UffdError::Register { range, source: e.into() })
+    }
+
+    /// `UFFDIO_UNREGISTER` of `range`.
+    pub fn unregister(&self, range: VirtRange) -> Result<(), UffdError> {
+        raw::uffdio_unregister(self.fd.as_fd(), range.start().get(), range.len())
+            .map_err(|e| UffdError::Unregister { range, source: e.into() })
+    }
+
+    /// The raw fd.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Features the kernel supports (a throwaway fd's `UFFDIO_API` with 0).
+fn probe_features() -> Result<u64, UffdError> {
+    let fd = raw::userfaultfd(false)
+        .or_else(|_| raw::userfaultfd(true))
+        .map_err(|e| UffdError::Create { source: e.into() })?;
+    raw::uffdio_api(fd.as_fd(), 0).map_err(|e| UffdError::Api { features: 0, source: e.into() })
+}
+
+/// Write-protects every page of `range` (arming): `PAGEMAP_SCAN` with
+/// `WP_MATCHING|CHECK_WPASYNC` and no output buffer. `pagemap` is the
+/// pagemap of the process whose uffd registered the range.
+///
+/// With `CHECK_WPASYNC`, a range touching an unregistered VMA fails with
+/// `EPERM`; earlier VMAs may already be protected (the call is not atomic).
+pub fn wp_arm(pagemap: BorrowedFd<'_>, range: VirtRange) -> Result<(), UffdError> {
+    let req = ScanRequest {
+        flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+        start: range.start().get(),
+        end: range.end().get(),
+        ..ScanRequest::default()
+    };
+    pagemap_scan(pagemap, &req, &mut []).map_err(|e| UffdError::Scan { range, source: e.into() })?;
+    Ok(())
+}
+
+/// Reports the pages of `range` written since they were last protected,
+/// and protects them again, atomically per page (`PAGEMAP_SCAN` with
+/// `WP_MATCHING|CHECK_WPASYNC`, `category_mask = return_mask = WRITTEN`).
+/// `vec` is scratch space; larger means fewer calls.
+pub fn wp_get_and_reset(
+    pagemap: BorrowedFd<'_>,
+    range: VirtRange,
+    vec: &mut Vec<page_region>,
+    mut sink: impl FnMut(VirtRange),
+) -> Result<(), UffdError> {
+    if vec.is_empty() {
+        vec.resize(4096, page_region::default());
+    }
+    let mut start = range.start().get();
+    while start < range.end().get() {
+        let req = ScanRequest {
+            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            start,
+            end: range.end().get(),
+            category_mask: ScanCategories::WRITTEN.bits(),
+            return_mask: ScanCategories::WRITTEN.bits(),
+            ..ScanRequest::default()
+        };
+        let reply = pagemap_scan(pagemap, &req, vec).map_err(|e| UffdError::Scan { range, source: e.into() })?;
+        for r in &vec[..reply.filled] {
+            if let Some(written) = VirtRange::new(VirtAddr::new(r.start), VirtAddr::new(r.end)) {
+                sink(written);
+            }
+        }
+        if reply.walk_end <= start {
+            break;
+        }
+        start = reply.walk_end;
+    }
+    Ok(())
+}
