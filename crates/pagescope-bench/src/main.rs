@@ -1,1 +1,34 @@
-fn main(){}
+//! pagescope benchmarks: every result is a ratio against a baseline run in
+//! the same process, on the same target, in the same minute.
+//!
+//! `cargo run --release -p pagescope-bench -- scan` reproduces the table in
+//! BENCHMARKS.md ("Whole-process scan"). The target is the fixture's
+//! `bench` layout, started by this binary itself (`pagescope-bench fixture
+//! ...` runs the fixture).
+
+mod baseline;
+mod scan;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("fixture") => pagescope_fixture::serve(&args[1..]),
+        Some("scan") => report(scan::run(&args[1..])),
+        _ => {
+            eprintln!("usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pagescope-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -70,6 +70,13 @@ pub struct ScanArgs {
     /// Do not examine backing objects of shared and file mappings.
     #[arg(long)]
     pub no_objects: bool,
+    /// Do not read pagemap just for the exclusive flag (faster on large,
+    /// dense address spaces; reports say "exclusive_known": false).
+    #[arg(long)]
+    pub no_exclusive: bool,
+    /// Worker threads for large address spaces (0: one per CPU, up to 8).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -44,6 +44,8 @@ fn options(scan: &ScanArgs, range: Option<VirtRange>, swap_detail: bool) -> Scan
         swap_detail,
         smaps: scan.smaps,
         objects: !scan.no_objects,
+        threads: scan.threads,
+        skip_exclusive: scan.no_exclusive,
     }
 }
 

@@ -132,3 +132,33 @@ fn swap_detail_names_device_and_consecutive_offsets_swapdev() {
         .sum();
     assert_eq!(covered, 16);
 }
+
+/// `skip_exclusive` drops only the exclusive flag, never changes a state.
+#[test]
+fn skip_exclusive_changes_only_the_exclusive_flag() {
+    if !caps().has_pagemap_scan() {
+        skip("kernel has no PAGEMAP_SCAN (Linux 6.7+)");
+        return;
+    }
+    let fx = fixture(&["anon", "thp", "file", "uffd_wp"]);
+    let full = common::scan_with(fx.pid(), &pagescope::ScanOptions::default());
+    let fast = common::scan_with(fx.pid(), &pagescope::ScanOptions { skip_exclusive: true, ..Default::default() });
+    assert!(full.exclusive_known && !fast.exclusive_known);
+    for (a, b) in full.vmas.iter().zip(&fast.vmas) {
+        let strip = |runs: &[pagescope::PageRun]| {
+            let mut out = pagescope::page::RunBuilder::new(full.page_size, false);
+            for r in runs {
+                let mut r = *r;
+                if a.vma.backing == pagescope::Backing::Anon || a.vma.is_shared() {
+                    r.flags.remove(pagescope::PageFlags::EXCLUSIVE);
+                }
+                out.push_run(&r);
+            }
+            out.finish()
+        };
+        assert_eq!(strip(&a.runs), strip(&b.runs), "{}", a.vma.path.display());
+        if a.vma.backing == pagescope::Backing::Anon {
+            assert!(b.runs.iter().all(|r| !r.flags.contains(pagescope::PageFlags::EXCLUSIVE)));
+        }
+    }
+}

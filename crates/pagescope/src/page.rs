@@ -303,6 +303,13 @@ impl RunBuilder {
         });
     }
 
+    /// Appends a run built elsewhere (merging it with the last one if they
+    /// are equal and adjacent).
+    pub fn push_run(&mut self, run: &PageRun) {
+        let info = PageInfo { state: run.state, flags: run.flags, swap: run.swap, reason: run.reason };
+        self.push(run.start, run.pages, info);
+    }
+
     /// The runs built so far.
     pub fn runs(&self) -> &[PageRun] {
         &self.runs

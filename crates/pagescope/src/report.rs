@@ -25,6 +25,9 @@ pub struct ProcessReport {
     pub privileged: bool,
     /// Scan backend used.
     pub backend: &'static str,
+    /// Whether present pages carry `exclusive` wherever it applies (false
+    /// after a scan with `skip_exclusive`).
+    pub exclusive_known: bool,
     /// Kernel release.
     pub kernel: String,
     /// The scanned VMAs, in address order.
@@ -178,12 +181,13 @@ struct Doc<'a> {
 impl Serialize for Doc<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let r = self.report;
-        let mut st = s.serialize_struct("report", 11)?;
+        let mut st = s.serialize_struct("report", 12)?;
         st.serialize_field("pid", &r.pid)?;
         st.serialize_field("page_size", &r.page_size.get())?;
         st.serialize_field("privileged", &r.privileged)?;
         st.serialize_field("complete", &r.complete())?;
         st.serialize_field("backend", r.backend)?;
+        st.serialize_field("exclusive_known", &r.exclusive_known)?;
         st.serialize_field("kernel", &r.kernel)?;
         let vmas: Vec<_> = r.vmas.iter().map(|v| VmaDoc { v, r, mode: self.mode }).collect();
         st.serialize_field("vmas", &vmas)?;

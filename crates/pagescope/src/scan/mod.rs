@@ -16,6 +16,7 @@ mod classify;
 mod kpage;
 mod pagemap_read;
 mod pagemap_scan;
+mod parallel;
 mod process;
 mod reader;
 mod unprivileged;
@@ -130,6 +131,12 @@ pub trait PageScanner {
     /// Short backend name for reports (`"pagemap_scan"`, `"pagemap"`).
     fn name(&self) -> &'static str;
 
+    /// Whether reported present pages carry the `exclusive` flag wherever
+    /// it applies.
+    fn reports_exclusive(&self) -> bool {
+        true
+    }
+
     /// Appends runs covering every page of `range` (a part of `vma`) to
     /// `out`, in address order.
     fn scan_vma(
@@ -168,14 +175,28 @@ pub struct ScanOptions {
     /// Classify the backing objects of shared and file mappings (pages the
     /// process does not map: resident, swapped, swap cache, hole, ...).
     pub objects: bool,
+    /// Skip the per-page `exclusive` bit where only pagemap reads could
+    /// give it (PAGEMAP_SCAN has no such category): present pages of
+    /// private anonymous and shared mappings are then reported from the
+    /// ioctl alone, without `exclusive`. Reports say so
+    /// ([`ProcessReport::exclusive_known`](crate::ProcessReport)).
+    pub skip_exclusive: bool,
+    /// Worker threads (0: one per CPU, at most 8). Large address spaces are
+    /// cut into chunks scanned in parallel; pagemap reads and PAGEMAP_SCAN
+    /// only take the target's mmap lock for reading.
+    pub threads: usize,
 }
 
 /// Builds the backend `choice` asks for.
-pub fn make_backend(choice: BackendChoice, caps: &KernelCaps) -> Result<Box<dyn PageScanner>, ScanError> {
+pub fn make_backend(
+    choice: BackendChoice,
+    caps: &KernelCaps,
+    skip_exclusive: bool,
+) -> Result<Box<dyn PageScanner + Send>, ScanError> {
     match choice {
         BackendChoice::Pagemap => Ok(Box::new(PagemapReadBackend::new())),
         BackendChoice::Auto if !caps.has_pagemap_scan() => Ok(Box::new(PagemapReadBackend::new())),
-        BackendChoice::Auto | BackendChoice::PagemapScan => match PagemapScanBackend::new(caps) {
+        BackendChoice::Auto | BackendChoice::PagemapScan => match PagemapScanBackend::new(caps, skip_exclusive) {
             Some(b) => Ok(Box::new(b)),
             None => Err(ScanError::Unsupported {
                 backend: "pagemap_scan",

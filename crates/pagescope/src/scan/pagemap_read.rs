@@ -125,14 +125,37 @@ pub(super) fn classify_batch(
                 continue;
             }
         }
-        let info = if e.is_present() {
-            rules.present(e, false)
+        if e.is_present() {
+            let n = present_run(rules, ctx, &raw[i..], at(i));
+            out.push(at(i), n as u64, rules.present(e, false));
+            i += n;
         } else {
-            classify::swap(e, ctx.privileged, &ctx.caps.swaps)
-        };
-        out.push(at(i), 1, info);
-        i += 1;
+            out.push(at(i), 1, classify::swap(e, ctx.privileged, &ctx.caps.swaps));
+            i += 1;
+        }
     }
+}
+
+/// How many entries from the start of `raw` (at `addr`) classify exactly
+/// like the first: equal flag bits, equally (not) the zero page, and not
+/// crossing a 2 MiB boundary where a THP block check must happen.
+fn present_run(rules: &PresentRules, ctx: &ScanContext<'_>, raw: &[u64], addr: VirtAddr) -> usize {
+    let key = raw[0] & super::pagemap_scan::FLAG_BITS;
+    let is_zero = |r: u64| rules.zero_pfn.is_some() && PagemapEntry(r).pfn() == rules.zero_pfn;
+    let zero = is_zero(raw[0]);
+    let page = ctx.page.get();
+    let first_page = addr.get() / page;
+    let thp_checks = rules.anon_private && ctx.kpageflags.is_some();
+    let mut n = 1;
+    while n < raw.len() {
+        let r = raw[n];
+        let aligned = (first_page + n as u64) % PMD_PAGES as u64 == 0;
+        if r & super::pagemap_scan::FLAG_BITS != key || is_zero(r) != zero || (thp_checks && aligned) {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 /// 512 present entries mapping one aligned, physically contiguous THP.

@@ -37,12 +37,14 @@ pub struct PagemapScanBackend {
     vec: Vec<page_region>,
     buf: Vec<u64>,
     fallback: PagemapReadBackend,
+    skip_exclusive: bool,
 }
 
 impl PagemapScanBackend {
     /// A backend using the categories this kernel supports; `None` without
-    /// PAGEMAP_SCAN.
-    pub fn new(caps: &KernelCaps) -> Option<Self> {
+    /// PAGEMAP_SCAN. With `skip_exclusive`, present pages of private
+    /// anonymous and shared VMAs are not read from pagemap.
+    pub fn new(caps: &KernelCaps, skip_exclusive: bool) -> Option<Self> {
         let cats = caps.pagemap_scan?;
         let mut anyof = C::PRESENT | C::SWAPPED;
         anyof |= cats & C::GUARD;
@@ -56,6 +58,7 @@ impl PagemapScanBackend {
             vec: vec![page_region::default(); VEC_LEN],
             buf: Vec::new(),
             fallback: PagemapReadBackend::new(),
+            skip_exclusive,
         })
     }
 }
@@ -81,6 +84,10 @@ impl PageScanner for PagemapScanBackend {
         "pagemap_scan"
     }
 
+    fn reports_exclusive(&self) -> bool {
+        !self.skip_exclusive
+    }
+
     fn scan_vma(
         &mut self,
         ctx: &ScanContext<'_>,
@@ -94,10 +101,20 @@ impl PageScanner for PagemapScanBackend {
             return self.fallback.scan_vma(ctx, vma, range, out);
         }
         let rules = PresentRules::new(ctx, vma);
+        // Without exclusivity, present pages of these VMAs need nothing
+        // from pagemap: anon-private pages are never file pages, shared
+        // ones always are.
+        let implied_file = match vma.backing {
+            _ if !self.skip_exclusive => None,
+            Backing::Anon if !vma.is_shared() => Some(false),
+            _ if vma.is_shared() => Some(true),
+            _ => None,
+        };
         let mut cursor = range.start();
         let mut start = range.start();
         while start < range.end() {
-            let (segments, walk_end) = self.walk(ctx, VirtRange::new(start, range.end()).unwrap_or(range))?;
+            let (segments, walk_end) =
+                self.walk(ctx, VirtRange::new(start, range.end()).unwrap_or(range), implied_file)?;
             let mut reader = PagemapReader::new(ctx.pagemap, ctx.pid, ctx.page, &mut self.buf);
             emit(ctx, &rules, &segments, &mut cursor, &mut reader, out)?;
             if walk_end <= start {
@@ -113,7 +130,12 @@ impl PageScanner for PagemapScanBackend {
 impl PagemapScanBackend {
     /// One ioctl call from `range.start()`; returns the segments and
     /// `walk_end`.
-    fn walk(&mut self, ctx: &ScanContext<'_>, range: VirtRange) -> Result<(Vec<Segment>, VirtAddr), ScanError> {
+    fn walk(
+        &mut self,
+        ctx: &ScanContext<'_>,
+        range: VirtRange,
+        implied_file: Option<bool>,
+    ) -> Result<(Vec<Segment>, VirtAddr), ScanError> {
         let req = ScanRequest {
             start: range.start().get(),
             end: range.end().get(),
@@ -125,23 +147,27 @@ impl PagemapScanBackend {
             Errno::SRCH => ScanError::TargetExited { pid: ctx.pid },
             e => ScanError::Ioctl { pid: ctx.pid, range, source: e.into() },
         })?;
-        let segments = self.vec[..reply.filled].iter().map(segment).collect();
+        let segments = self.vec[..reply.filled].iter().map(|r| segment(r, implied_file)).collect();
         Ok((segments, VirtAddr::new(reply.walk_end)))
     }
 }
 
-fn segment(r: &page_region) -> Segment {
+fn segment(r: &page_region, implied_file: Option<bool>) -> Segment {
     let range = VirtRange::new(VirtAddr::new(r.start), VirtAddr::new(r.end)).unwrap_or_default();
     let cats = C::from_bits_retain(r.categories);
     if cats.contains(C::GUARD) {
         return Segment::Known(range, PageInfo::of(PageState::Guard));
     }
+    let mut flags = PageFlags::empty();
+    flags.set(PageFlags::HUGE, cats.contains(C::HUGE));
+    flags.set(PageFlags::UFFD_WP, !cats.contains(C::WRITTEN));
+    flags.set(PageFlags::SOFT_DIRTY, cats.contains(C::SOFT_DIRTY));
     if cats.contains(C::PRESENT | C::PFNZERO) {
-        let mut flags = PageFlags::empty();
-        flags.set(PageFlags::HUGE, cats.contains(C::HUGE));
-        flags.set(PageFlags::UFFD_WP, !cats.contains(C::WRITTEN));
-        flags.set(PageFlags::SOFT_DIRTY, cats.contains(C::SOFT_DIRTY));
         return Segment::Known(range, PageInfo::with(PageState::Zero, flags));
+    }
+    if let (true, Some(file)) = (cats.contains(C::PRESENT), implied_file) {
+        flags.set(PageFlags::FILE, file);
+        return Segment::Known(range, PageInfo::with(PageState::Present, flags));
     }
     Segment::Entries(range, cats)
 }
@@ -250,11 +276,23 @@ fn push_entries(
     let huge = cats.contains(C::HUGE);
     let all_present = raw.iter().all(|&r| PagemapEntry(r).is_present());
     if cats.contains(C::PRESENT) && all_present {
-        for (i, &r) in raw.iter().enumerate() {
-            let info = classify::present(PagemapEntry(r), false, huge);
-            out.push(addr.saturating_add(i as u64 * ctx.page.get()), 1, info);
+        let mut i = 0;
+        while i < raw.len() {
+            let n = same_flags_run(&raw[i..]);
+            let info = classify::present(PagemapEntry(raw[i]), false, huge);
+            out.push(addr.saturating_add(i as u64 * ctx.page.get()), n as u64, info);
+            i += n;
         }
     } else {
         classify_batch(ctx, rules, addr, raw, out);
     }
+}
+
+/// Bits 55..=63 of a pagemap entry: everything but the PFN/swap field.
+pub(super) const FLAG_BITS: u64 = !((1 << 55) - 1);
+
+/// Length of the leading run of entries whose flag bits equal the first's.
+pub(super) fn same_flags_run(raw: &[u64]) -> usize {
+    let key = raw[0] & FLAG_BITS;
+    1 + raw[1..].iter().take_while(|&&r| r & FLAG_BITS == key).count()
 }

@@ -9,7 +9,7 @@
 
 use std::os::fd::AsFd;
 
-use super::{KpageFlags, ScanContext, ScanError, ScanOptions, make_backend, unprivileged};
+use super::{KpageFlags, ScanContext, ScanError, ScanOptions, make_backend, parallel, unprivileged};
 use crate::addr::{PageSize, VirtRange};
 use crate::kernel::KernelCaps;
 use crate::page::RunBuilder;
@@ -53,28 +53,40 @@ pub fn scan_process(target: &Target, caps: &KernelCaps, opts: &ScanOptions) -> R
         caps,
         kpageflags: kpageflags.as_ref(),
     };
-    let mut backend = make_backend(opts.backend, caps)?;
+    let probe = make_backend(opts.backend, caps, opts.skip_exclusive)?;
     let mut report = ProcessReport {
         pid: target.pid(),
         page_size: page,
         privileged,
-        backend: backend.name(),
+        backend: probe.name(),
+        exclusive_known: probe.reports_exclusive(),
         kernel: caps.release.clone(),
         vmas: Vec::with_capacity(selected.len()),
         skipped: Vec::new(),
         notes: notes(caps, privileged),
         swaps: caps.swaps.clone(),
     };
+    let chunks = chunks(&selected, page);
+    let results = parallel::scan_chunks(&ctx, opts, &selected, &chunks)?;
+    let mut exited = false;
     for (i, (vma, range)) in selected.iter().enumerate() {
         let mut out = RunBuilder::new(page, opts.swap_detail);
-        match backend.scan_vma(&ctx, vma, *range, &mut out) {
-            Ok(()) => report.vmas.push(vma_report(vma, *range, out, page, opts, privileged)),
-            Err(ScanError::TargetExited { .. }) => {
-                skip_rest(&mut report, &selected[i..], "the process exited during the scan");
-                return Ok(report);
+        let mut ok = !exited;
+        for (_, result) in chunks.iter().zip(&results).filter(|(c, _)| c.vma == i) {
+            match result {
+                Some(runs) if ok => runs.iter().for_each(|r| out.push_run(r)),
+                _ => ok = false,
             }
-            Err(e) => return Err(e),
         }
+        if ok {
+            report.vmas.push(vma_report(vma, *range, out, page, opts, privileged));
+        } else {
+            exited = true;
+            report.skipped.push(Skipped { range: *range, reason: "the process exited during the scan".into() });
+        }
+    }
+    if exited {
+        return Ok(report);
     }
     if opts.objects {
         crate::object::apply_objects(target, caps, &mut report);
@@ -117,10 +129,34 @@ fn select(pid: u32, vmas: &[Vma], range: Option<VirtRange>, page: PageSize) -> R
     Ok(out)
 }
 
-fn skip_rest(report: &mut ProcessReport, rest: &[(Vma, VirtRange)], reason: &str) {
-    for (_, r) in rest {
-        report.skipped.push(Skipped { range: *r, reason: reason.to_owned() });
+/// A piece of one selected VMA, scanned as a unit.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Chunk {
+    /// Index into the selected VMAs.
+    pub vma: usize,
+    /// The addresses.
+    pub range: VirtRange,
+}
+
+/// Bytes per chunk: large enough that per-chunk overhead vanishes, small
+/// enough that a big VMA spreads over all workers.
+const CHUNK_BYTES: u64 = 1 << 30;
+
+/// Cuts the selected VMAs into chunks of at most [`CHUNK_BYTES`], aligned
+/// to 2 MiB so no huge page is split between two chunks.
+fn chunks(selected: &[(Vma, VirtRange)], page: PageSize) -> Vec<Chunk> {
+    let align = 512 * page.get();
+    let mut out = Vec::new();
+    for (i, (_, range)) in selected.iter().enumerate() {
+        let mut start = range.start();
+        while start < range.end() {
+            let next = start.saturating_add(CHUNK_BYTES).align_down(align).min(range.end());
+            let end = if next <= start { range.end() } else { next };
+            out.push(Chunk { vma: i, range: VirtRange::new(start, end).unwrap_or(*range) });
+            start = end;
+        }
     }
+    out
 }
 
 /// Drops VMAs that changed while they were scanned and lists VMAs that
