@@ -15,7 +15,7 @@ use pagescope::uffd::{Userfaultfd, wp_arm};
 use pagescope::{Advice, OwnedMapping, PagemapEntry, PagemapFlags, VirtAddr, VirtRange};
 
 use crate::sys;
-use crate::truth::{Expect, Region, SkippedScenario, Truth};
+use crate::truth::{Expect, ObjectTruth, Region, SkippedScenario, Truth};
 
 /// Scenario names and what they build.
 pub const SCENARIOS: &[(&str, &str)] = &[
@@ -24,12 +24,35 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("thp", "2 MiB-aligned MADV_HUGEPAGE memory: a written THP and the huge zero page"),
     ("guard", "a guard region (MADV_GUARD_INSTALL) between present and untouched pages"),
     ("uffd_wp", "uffd-wp async armed region: protected pages, markers, written pages"),
-    ("file", "private and shared mappings of a sparse regular file"),
+    ("file", "private and shared mappings of a sparse regular file, and a file with cached, evicted and hole pages"),
+    ("memfd", "memfd: mapped, paged out, resident unmapped (DONTNEED and pwrite), fallocated, hole, mapped by a helper only"),
+    ("tmpfs", "a /dev/shm file, same layout as memfd"),
+    ("shared_anon", "MAP_SHARED|MAP_ANONYMOUS, same layout (no fallocate: no fd)"),
+    ("sysv", "a SysV shared memory segment, same layout (no fallocate: no fd)"),
+    ("memfd_private", "a MAP_PRIVATE view of a memfd: copied-on-write pages, one swapped, shared pages, resident, hole"),
     ("bench", "benchmark layout: a sparse reservation (1% touched) and dense anonymous memory"),
 ];
 
 /// Scenarios `all` and `demo` expand to (everything but `bench`).
-const DEFAULT_SET: &[&str] = &["fork_shared", "anon", "thp", "guard", "uffd_wp", "file"];
+const DEFAULT_SET: &[&str] = &[
+    "fork_shared",
+    "anon",
+    "thp",
+    "guard",
+    "uffd_wp",
+    "file",
+    "memfd",
+    "tmpfs",
+    "shared_anon",
+    "sysv",
+    "memfd_private",
+];
+
+/// Alignment of file and shmem mappings: fault-around maps the cached
+/// neighbours of a read page within a window aligned on the *virtual*
+/// address (`fault_around_bytes`, 64 KiB by default), so the layouts are
+/// reproducible only at aligned addresses.
+const ALIGN: usize = 2 << 20;
 
 /// A mapping the fixture keeps, with the regions carved from it.
 struct Live {
@@ -48,6 +71,8 @@ pub struct Fixture {
     pagemap: Option<File>,
     sparse_gib: u64,
     dense_gib: u64,
+    /// Parts of shared mappings a helper process must map and write.
+    helper_parts: Vec<(Arc<OwnedMapping>, usize, usize)>,
 }
 
 fn arg_value(args: &[String], key: &str) -> Option<String> {
@@ -79,6 +104,7 @@ impl Fixture {
             pagemap: File::open("/proc/self/pagemap").ok(),
             sparse_gib: arg_value(args, "--sparse-gib").and_then(|v| v.parse().ok()).unwrap_or(64),
             dense_gib: arg_value(args, "--dense-gib").and_then(|v| v.parse().ok()).unwrap_or(4),
+            helper_parts: Vec::new(),
         }
     }
 
@@ -118,6 +144,8 @@ impl Fixture {
             "uffd_wp" => self.uffd_wp(),
             "file" => self.file(),
             "bench" => self.bench(),
+            "memfd" | "tmpfs" | "shared_anon" | "sysv" => self.shmem(name),
+            "memfd_private" => self.memfd_private(),
             other => Err(format!("unknown scenario {other:?}")),
         };
         if let Err(reason) = result {
@@ -156,6 +184,37 @@ impl Fixture {
             out.push(';');
         }
         out
+    }
+
+    /// Forks the helper that maps and writes the parts of shared objects
+    /// only it maps (after every scenario is built).
+    pub fn finish(&mut self) {
+        if self.helper_parts.is_empty() {
+            return;
+        }
+        let result = self.dont_fork_anything().and_then(|()| {
+            for (m, off, len) in &self.helper_parts {
+                m.madvise(*off, *len, Advice::DoFork).map_err(|e| format!("MADV_DOFORK: {e}"))?;
+            }
+            let parts: Vec<(u64, usize)> = self.helper_parts.iter().map(|(m, off, len)| (m.addr() + *off as u64, *len)).collect();
+            let page = self.page as usize;
+            sys::fork_helper(move || {
+                for &(addr, len) in &parts {
+                    for p in (0..len).step_by(page) {
+                        sys::poke(addr + p as u64, 0x4E);
+                    }
+                }
+            })
+            .map_err(|e| format!("fork: {e}"))
+        });
+        match result {
+            Ok(pid) => self.truth.children.push(pid),
+            Err(e) => {
+                for r in self.truth.regions.iter_mut().filter(|r| r.expect.iter().any(|x| x.state == "resident")) {
+                    r.skip.get_or_insert_with(|| format!("helper process: {e}"));
+                }
+            }
+        }
     }
 
     /// Removes the files the fixture created.
@@ -346,9 +405,90 @@ impl Fixture {
         Ok(())
     }
 
-    /// A 128-page file with data in pages 0..32 and 64..96, mapped twice.
+    /// A 128-page file with data in pages 0..32 and 64..96, mapped twice;
+    /// and a 64-page file with cached-mapped, cached, evicted and hole
+    /// pages.
     fn file(&mut self) -> Result<(), String> {
-        let path = self.dir.join(format!("pagescope-fixture-{}-sparse", std::process::id()));
+        let f = self.create_file("sparse")?;
+        f.set_len(128 * self.page).map_err(|e| format!("truncate: {e}"))?;
+        self.write_file(&f, 0, 32, 0x5F)?;
+        self.write_file(&f, 64, 32, 0x5F)?;
+        let len = self.bytes(128);
+        let private = OwnedMapping::file_aligned(f.as_fd(), 0, len, true, false, ALIGN).map_err(|e| format!("mmap: {e}"))?;
+        self.read_pages(&private, 0, 16)?;
+        self.write_pages(&private, 16, 16, 0x11)?;
+        let shared = OwnedMapping::file_aligned(f.as_fd(), 0, len, true, true, ALIGN).map_err(|e| format!("mmap: {e}"))?;
+        self.read_pages(&shared, 64, 16)?;
+        self.write_pages(&shared, 80, 16, 0x22)?;
+        let object = self.object_of(private.addr(), 0);
+        self.keep_fds.push(f.into());
+        let private = self.keep(private);
+        let shared = self.keep(shared);
+        let expect = vec![
+            Expect::new(0, 16, "present", &["file", "exclusive"]),
+            Expect::new(16, 16, "present", &["exclusive"]),
+            Expect::new(32, 32, "hole", &[]),
+            Expect::new(64, 32, "resident", &[]),
+            Expect::new(96, 32, "hole", &[]),
+        ];
+        self.region("file_private", "file", private.addr(), 128, "file", expect, None);
+        self.set_object(object.clone());
+        let expect = vec![
+            Expect::new(0, 32, "resident", &[]),
+            Expect::new(32, 32, "hole", &[]),
+            Expect::new(64, 32, "present", &["file", "exclusive"]),
+            Expect::new(96, 32, "hole", &[]),
+        ];
+        self.region("file_shared", "file", shared.addr(), 128, "file", expect, None);
+        self.set_object(object);
+        self.file_cache()
+    }
+
+    /// 64 pages: 0..16 cached and mapped, 16..32 cached, 32..48 evicted
+    /// (written back, then `POSIX_FADV_DONTNEED`), 48..64 a hole.
+    fn file_cache(&mut self) -> Result<(), String> {
+        let f = self.create_file("cache")?;
+        f.set_len(64 * self.page).map_err(|e| format!("truncate: {e}"))?;
+        self.write_file(&f, 0, 48, 0x3C)?;
+        f.sync_all().map_err(|e| format!("fsync: {e}"))?;
+        let m = OwnedMapping::file_aligned(f.as_fd(), 0, self.bytes(64), false, true, ALIGN).map_err(|e| format!("mmap: {e}"))?;
+        self.read_pages(&m, 0, 16)?;
+        let evict = std::num::NonZeroU64::new(16 * self.page);
+        rustix::fs::fadvise(&f, 32 * self.page, evict, rustix::fs::Advice::DontNeed)
+            .map_err(|e| format!("fadvise: {e}"))?;
+        let mut incore = vec![0u8; 64];
+        m.mincore(0, self.bytes(64), &mut incore).map_err(|e| format!("mincore: {e}"))?;
+        let ok = incore[16..32].iter().all(|b| b & 1 == 1) && incore[32..48].iter().all(|b| b & 1 == 0);
+        let skip = (!ok).then(|| "the page cache did not keep/evict the pages as asked".to_owned());
+        let object = self.object_of(m.addr(), 0);
+        self.keep_fds.push(f.into());
+        let m = self.keep(m);
+        let expect = vec![
+            Expect::new(0, 16, "present", &["file", "exclusive"]),
+            Expect::new(16, 16, "resident", &[]),
+            Expect::new(32, 16, "not_resident", &[]),
+            Expect::new(48, 16, "hole", &[]),
+        ];
+        self.region("file_cache", "file", m.addr(), 64, "file", expect, skip);
+        self.set_object(object);
+        Ok(())
+    }
+
+    /// `pwrite`s pages `first..first+count` in 16-page (64 KiB) pieces.
+    /// The page cache sizes large folios after the writes, and a read fault
+    /// maps a whole folio: pieces keep folios from straddling the layout's
+    /// 16-page parts.
+    fn write_file(&self, f: &File, first: u64, count: u64, byte: u8) -> Result<(), String> {
+        let piece = vec![byte; self.bytes(16)];
+        for p in (first..first + count).step_by(16) {
+            let n = (first + count - p).min(16);
+            f.write_all_at(&piece[..self.bytes(n)], p * self.page).map_err(|e| format!("pwrite: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn create_file(&mut self, what: &str) -> Result<File, String> {
+        let path = self.dir.join(format!("pagescope-fixture-{}-{what}", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -357,32 +497,149 @@ impl Fixture {
             .open(&path)
             .map_err(|e| format!("create {}: {e}", path.display()))?;
         self.files.push(path);
-        f.set_len(128 * self.page).map_err(|e| format!("truncate: {e}"))?;
-        let data = vec![0x5Fu8; self.bytes(32)];
-        f.write_all_at(&data, 0).map_err(|e| format!("pwrite: {e}"))?;
-        f.write_all_at(&data, 64 * self.page).map_err(|e| format!("pwrite: {e}"))?;
-        let len = self.bytes(128);
-        let private = OwnedMapping::file(f.as_fd(), 0, len, true, false).map_err(|e| format!("mmap: {e}"))?;
-        self.read_pages(&private, 0, 16)?;
-        self.write_pages(&private, 16, 16, 0x11)?;
-        let shared = OwnedMapping::file(f.as_fd(), 0, len, true, true).map_err(|e| format!("mmap: {e}"))?;
-        self.read_pages(&shared, 64, 16)?;
-        self.write_pages(&shared, 80, 16, 0x22)?;
-        self.keep_fds.push(f.into());
-        let private = self.keep(private);
-        let shared = self.keep(shared);
+        Ok(f)
+    }
+
+    /// Device and inode of the mapping at `addr` (from our own maps), and
+    /// the object page of `addr`.
+    fn object_of(&self, addr: u64, first_page: u64) -> Option<ObjectTruth> {
+        let me = pagescope::Target::current().ok()?;
+        let e = me.maps().ok()?.into_iter().find(|e| e.range.contains(VirtAddr::new(addr)))?;
+        Some(ObjectTruth { dev: e.dev.to_string(), inode: e.inode, first_page })
+    }
+
+    fn set_object(&mut self, object: Option<ObjectTruth>) {
+        if let Some(r) = self.truth.regions.last_mut() {
+            r.object = object;
+        }
+    }
+
+    /// MADV_PAGEOUT of shmem pages mapped only by us, verified: each page
+    /// must be unmapped afterwards; our own mincore then tells whether it
+    /// is still in the swap cache (`swapcache`) or gone (`swapped`).
+    fn pageout_shmem(&self, m: &OwnedMapping, first: u64, count: u64) -> Result<Vec<&'static str>, String> {
+        if self.truth.swap == "none" {
+            return Err("no active swap device".into());
+        }
+        let (off, len) = (self.bytes(first), self.bytes(count));
+        for _ in 0..5 {
+            m.madvise(off, len, Advice::PageOut).map_err(|e| format!("MADV_PAGEOUT: {e}"))?;
+            let e = self.own_entries(m.addr() + off as u64, count);
+            if e.len() as u64 == count && e.iter().all(|e| e.is_none()) {
+                let mut incore = vec![0u8; count as usize];
+                m.mincore(off, len, &mut incore).map_err(|e| format!("mincore: {e}"))?;
+                return Ok(incore.iter().map(|b| if b & 1 == 1 { "swapcache" } else { "swapped" }).collect());
+            }
+        }
+        Err("MADV_PAGEOUT did not page every shmem page out".into())
+    }
+
+    /// One shmem object of 64 pages, the same layout for every kind:
+    /// 0..8 mapped, 8..16 paged out, 16..24 resident but unmapped,
+    /// 24..32 fallocated (memfd, tmpfs) or hole, 32..48 hole, 48..56 mapped
+    /// by the helper process only, 56..64 hole.
+    fn shmem(&mut self, kind: &str) -> Result<(), String> {
+        let len = self.bytes(64);
+        let (m, fd) = self.shmem_object(kind, len)?;
+        self.write_pages(&m, 0, 8, 0x51)?;
+        self.write_pages(&m, 8, 8, 0x52)?;
+        let paged = self.pageout_shmem(&m, 8, 8);
+        match &fd {
+            Some(fd) => {
+                self.write_pages(&m, 16, 4, 0x53)?;
+                let data = vec![0x54u8; self.bytes(4)];
+                rustix::io::pwrite(fd, &data, 20 * self.page).map_err(|e| format!("pwrite: {e}"))?;
+                rustix::fs::fallocate(fd, rustix::fs::FallocateFlags::empty(), 24 * self.page, 8 * self.page)
+                    .map_err(|e| format!("fallocate: {e}"))?;
+            }
+            None => self.write_pages(&m, 16, 8, 0x53)?,
+        }
+        m.madvise(self.bytes(16), self.bytes(4), Advice::DontNeed).map_err(|e| format!("MADV_DONTNEED: {e}"))?;
+        if fd.is_none() {
+            m.madvise(self.bytes(20), self.bytes(4), Advice::DontNeed).map_err(|e| format!("MADV_DONTNEED: {e}"))?;
+        }
+        let object = self.object_of(m.addr(), 0);
+        let mut expect = vec![Expect::new(0, 8, "present", &["file", "exclusive"])];
+        let skip = match &paged {
+            Ok(states) => {
+                for (i, st) in states.iter().enumerate() {
+                    expect.push(Expect::new(8 + i as u64, 1, st, &[]));
+                }
+                None
+            }
+            Err(e) => {
+                expect.push(Expect::new(8, 8, "swapped", &[]));
+                Some(e.clone())
+            }
+        };
+        expect.push(Expect::new(16, 8, "resident", &[]));
+        expect.push(Expect::new(24, 8, if fd.is_some() { "fallocated" } else { "hole" }, &[]));
+        expect.push(Expect::new(32, 16, "hole", &[]));
+        expect.push(Expect::new(48, 8, "resident", &[]));
+        expect.push(Expect::new(56, 8, "hole", &[]));
+        if let Some(fd) = fd {
+            self.keep_fds.push(fd);
+        }
+        let m = self.keep(m);
+        self.helper_parts.push((Arc::clone(&m), self.bytes(48), self.bytes(8)));
+        self.region(kind, kind, m.addr(), 64, "shmem", expect, skip);
+        self.set_object(object);
+        Ok(())
+    }
+
+    fn shmem_object(&mut self, kind: &str, len: usize) -> Result<(OwnedMapping, Option<OwnedFd>), String> {
+        let fd = match kind {
+            "memfd" => rustix::fs::memfd_create("pagescope-fixture", rustix::fs::MemfdFlags::CLOEXEC)
+                .map_err(|e| format!("memfd_create: {e}"))?,
+            "tmpfs" => {
+                let path = PathBuf::from(format!("/dev/shm/pagescope-fixture-{}-tmpfs", std::process::id()));
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .map_err(|e| format!("create {}: {e}", path.display()))?;
+                self.files.push(path);
+                f.into()
+            }
+            "shared_anon" => {
+                let m = OwnedMapping::shared_anonymous(len, ALIGN).map_err(|e| format!("mmap: {e}"))?;
+                return Ok((m, None));
+            }
+            _ => return Ok((sys::sysv_segment(len).map_err(|e| format!("shmget: {e}"))?, None)),
+        };
+        rustix::fs::ftruncate(&fd, len as u64).map_err(|e| format!("ftruncate: {e}"))?;
+        let m = OwnedMapping::file_aligned(fd.as_fd(), 0, len, true, true, ALIGN).map_err(|e| format!("mmap: {e}"))?;
+        Ok((m, Some(fd)))
+    }
+
+    /// A MAP_PRIVATE view of a 32-page memfd whose pages 0..24 hold data:
+    /// 0..2 copied-on-write, 2..4 copied-on-write then swapped (anonymous
+    /// swap), 4..16 read (shared with the object), 16..24 resident, 24..32
+    /// hole.
+    fn memfd_private(&mut self) -> Result<(), String> {
+        let fd = rustix::fs::memfd_create("pagescope-private", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| format!("memfd_create: {e}"))?;
+        rustix::fs::ftruncate(&fd, 32 * self.page).map_err(|e| format!("ftruncate: {e}"))?;
+        let data = vec![0x61u8; self.bytes(24)];
+        rustix::io::pwrite(&fd, &data, 0).map_err(|e| format!("pwrite: {e}"))?;
+        let m = OwnedMapping::file_aligned(fd.as_fd(), 0, self.bytes(32), true, false, ALIGN).map_err(|e| format!("mmap: {e}"))?;
+        self.write_pages(&m, 0, 4, 0x62)?;
+        let swapped = self.pageout_anon(&m, 2, 2).err();
+        self.read_pages(&m, 4, 12)?;
+        let object = self.object_of(m.addr(), 0);
+        self.keep_fds.push(fd);
+        let m = self.keep(m);
         let expect = vec![
-            Expect::new(0, 16, "present", &["file", "exclusive"]),
-            Expect::new(16, 16, "present", &["exclusive"]),
-            Expect::new(32, 96, "hole", &[]),
+            Expect::new(0, 2, "present", &["exclusive"]),
+            Expect::new(2, 2, "swapped", &[]),
+            Expect::new(4, 12, "present", &["file", "exclusive"]),
+            Expect::new(16, 8, "resident", &[]),
+            Expect::new(24, 8, "hole", &[]),
         ];
-        self.region("file_private", "file", private.addr(), 128, "file", expect, None);
-        let expect = vec![
-            Expect::new(0, 64, "hole", &[]),
-            Expect::new(64, 32, "present", &["file", "exclusive"]),
-            Expect::new(96, 32, "hole", &[]),
-        ];
-        self.region("file_shared", "file", shared.addr(), 128, "file", expect, None);
+        self.region("memfd_private", "memfd_private", m.addr(), 32, "shmem", expect, swapped);
+        self.set_object(object);
         Ok(())
     }
 

@@ -12,6 +12,7 @@ pub fn serve(args: &[String]) -> ! {
     for name in &names {
         fx.build(name);
     }
+    fx.finish();
     if args.iter().any(|a| a == "--churn") {
         scenarios::start_churn();
     }

@@ -10,11 +10,14 @@ use std::ptr::NonNull;
 use pagescope::OwnedMapping;
 
 /// Forks a helper that runs `child` and then sleeps until it is killed; it
-/// gets SIGKILL when the fixture dies. Returns the helper's PID.
+/// gets SIGKILL when the fixture dies. Returns the helper's PID once `child`
+/// has finished.
 ///
 /// Must be called while the fixture is single-threaded.
 pub fn fork_helper(child: impl FnOnce()) -> std::io::Result<u32> {
+    use std::io::{Read, Write};
     let parent = std::process::id();
+    let (mut ready_rx, mut ready_tx) = std::os::unix::net::UnixStream::pair()?;
     // SAFETY: the fixture is single-threaded when it forks (documented
     // contract of this function), so the child may run arbitrary code.
     let pid = unsafe { libc::fork() };
@@ -22,14 +25,19 @@ pub fn fork_helper(child: impl FnOnce()) -> std::io::Result<u32> {
         return Err(std::io::Error::last_os_error());
     }
     if pid > 0 {
+        drop(ready_tx);
+        let mut byte = [0u8];
+        ready_rx.read_exact(&mut byte)?;
         return Ok(pid as u32);
     }
+    drop(ready_rx);
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number by value.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     if std::os::unix::process::parent_id() != parent {
         std::process::exit(0);
     }
     child();
+    let _ = ready_tx.write_all(b"r");
     loop {
         // SAFETY: pause has no arguments and only returns on a signal.
         unsafe { libc::pause() };
@@ -56,4 +64,13 @@ pub fn sysv_segment(len: usize) -> std::io::Result<OwnedMapping> {
     // SAFETY: `ptr..ptr+len` is the attachment just made, owned by nobody
     // else; munmap releases a SysV attachment just like shmdt.
     Ok(unsafe { OwnedMapping::from_raw(ptr, len) })
+}
+
+/// Writes `value` at `addr` in the helper process after fork, where the
+/// fixture's `OwnedMapping` handles (in the parent) are not ours to use.
+pub fn poke(addr: u64, value: u8) {
+    // SAFETY: called only in the forked helper on addresses of mappings it
+    // inherited (MADV_DOFORK parts of shared mappings), which are mapped
+    // read-write in it.
+    unsafe { (addr as *mut u8).write_volatile(value) };
 }

@@ -208,6 +208,23 @@ impl Target {
         self.open_file(&format!("fd/{fd}"))
     }
 
+    /// `stat` of `/proc/PID/<file>`, following the final link (so
+    /// `fd/N` gives the open file's identity).
+    pub fn stat_file(&self, file: &str) -> Result<rustix::fs::Stat, ProcError> {
+        rustix::fs::statat(&self.dir, file, rustix::fs::AtFlags::empty()).map_err(|e| self.errno_error(file, e))
+    }
+
+    /// Opens `PATH` as the target sees it, through `/proc/PID/root` (its
+    /// root directory and mount namespace), read-only.
+    pub fn open_in_root(&self, path: &[u8]) -> Result<OwnedFd, ProcError> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut rel = b"root".to_vec();
+        rel.extend_from_slice(path);
+        let name = std::ffi::OsStr::from_bytes(&rel);
+        rustix::fs::openat(&self.dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| self.errno_error(&String::from_utf8_lossy(&rel), e))
+    }
+
     /// The numbers of the target's open file descriptors.
     pub fn fds(&self) -> Result<Vec<u32>, ProcError> {
         let dir = self.open_dir("fd")?;

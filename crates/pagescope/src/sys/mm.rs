@@ -26,6 +26,8 @@ pub enum Advice {
     WillNeed,
     /// `MADV_DONTFORK` (10): a forked child does not inherit the range.
     DontFork,
+    /// `MADV_DOFORK` (11): undo `MADV_DONTFORK`.
+    DoFork,
     /// `MADV_HUGEPAGE` (14).
     HugePage,
     /// `MADV_NOHUGEPAGE` (15).
@@ -52,6 +54,7 @@ impl Advice {
             Self::Remove => 9,
             Self::WillNeed => 3,
             Self::DontFork => 10,
+            Self::DoFork => 11,
             Self::HugePage => 14,
             Self::NoHugePage => 15,
             Self::Cold => 20,
@@ -130,12 +133,38 @@ impl OwnedMapping {
         writable: bool,
         shared: bool,
     ) -> Result<Self, Errno> {
+        Self::file_aligned(fd, offset, len, writable, shared, 0)
+    }
+
+    /// Like [`Self::file`], at an address aligned to `align` bytes (a power
+    /// of two; 0 for any). Fault-around and huge-page decisions depend on
+    /// the virtual address, so layouts that must be reproducible need it.
+    pub fn file_aligned(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        writable: bool,
+        shared: bool,
+        align: usize,
+    ) -> Result<Self, Errno> {
         let prot = if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ };
-        let flags = if shared { MapFlags::SHARED } else { MapFlags::PRIVATE };
-        // SAFETY: a fresh kernel-chosen mapping aliases nothing; it is owned
-        // by `Self`, which only accesses it with volatile operations, so a
+        let mut flags = if shared { MapFlags::SHARED } else { MapFlags::PRIVATE };
+        let hint = if align > rustix::param::page_size() {
+            // Reserve an aligned window, then map the file over it.
+            let window = Self::anonymous(len, align)?;
+            let at = window.ptr.as_ptr();
+            std::mem::forget(window);
+            flags |= MapFlags::FIXED;
+            at.cast()
+        } else {
+            std::ptr::null_mut()
+        };
+        // SAFETY: either a null hint (a fresh kernel-chosen mapping that
+        // aliases nothing) or MAP_FIXED over the reservation made just above,
+        // which we own and which nothing refers to. The mapping is owned by
+        // `Self`, which only accesses it with volatile operations, so a
         // concurrent change of the file cannot invalidate a Rust reference.
-        let p = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, flags, fd, offset) }?;
+        let p = unsafe { rustix::mm::mmap(hint, len, prot, flags, fd, offset) }?;
         let ptr = NonNull::new(p.cast::<u8>()).ok_or(Errno::NOMEM)?;
         Ok(Self { ptr, len })
     }
