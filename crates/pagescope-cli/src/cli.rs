@@ -32,6 +32,24 @@ pub enum Command {
         #[command(flatten)]
         scan: ScanArgs,
     },
+    /// Each shared object (memfd, tmpfs, SysV, shared anonymous, shared
+    /// files) once: its page states and which processes map which parts.
+    Objects {
+        /// Processes whose objects to list.
+        pids: Vec<u32>,
+        /// Every process on the machine.
+        #[arg(long, conflicts_with = "pids")]
+        all: bool,
+        /// Also list regular files mapped only privately (libraries).
+        #[arg(long)]
+        files: bool,
+        /// Include every object's page runs (JSON).
+        #[arg(long)]
+        ranges: bool,
+        /// Machine-readable output (see docs/json.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Which kernel interfaces and privileges are available here.
     Kernel {
         /// Machine-readable output.

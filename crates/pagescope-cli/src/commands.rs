@@ -24,6 +24,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             let report = scan_pid(pid, &scan, options(&scan, range, swap_detail))?;
             render(&report, scan.json, Render::Pages)
         }
+        Command::Objects { pids, all, files, ranges, json } => objects(pids, all, files, ranges, json),
         Command::Kernel { json } => kernel(json),
         Command::Demo { json, backend } => demo(json, backend.into()),
         Command::Fixture { .. } => unreachable!("handled in main"),
@@ -82,6 +83,37 @@ fn render(report: &ProcessReport, json: bool, how: Render) -> Result<u8> {
         return Ok(INCOMPLETE);
     }
     Ok(OK)
+}
+
+fn objects(pids: Vec<u32>, all: bool, files: bool, ranges: bool, json: bool) -> Result<u8> {
+    use pagescope::object::view::{ObjectsOptions, all_pids, objects_view};
+    if pids.is_empty() && !all {
+        anyhow::bail!("objects: name at least one PID, or --all");
+    }
+    let caps = KernelCaps::probe();
+    let pids = if all { all_pids() } else { pids };
+    if !all {
+        // Fail early, with the usual exit codes, on a PID that cannot be
+        // examined at all.
+        for &pid in &pids {
+            let t = Target::open(pid)?;
+            t.require_address_space()?;
+        }
+    }
+    let mut report = objects_view(&pids, &caps, &ObjectsOptions { private_files: files });
+    if all {
+        // Processes that exited or are kernel threads have no objects.
+        report.skipped.retain(|s| !s.reason.contains("no process") && !s.reason.contains("no user address space") && !s.reason.contains("exited"));
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if json {
+        serde_json::to_writer(&mut out, &report.json(ranges))?;
+        writeln!(out)?;
+    } else {
+        report.write_text(&mut out)?;
+    }
+    out.flush()?;
+    Ok(if report.complete() { OK } else { INCOMPLETE })
 }
 
 fn kernel(json: bool) -> Result<u8> {

@@ -48,11 +48,27 @@ fn pagemap_snapshot(pid: u32) -> (String, Vec<Vec<u8>>) {
     (maps, out)
 }
 
+/// cachestat of every object the fixture maps (root: through map_files).
+fn object_cachestats(pid: u32) -> Vec<(String, pagescope::sys::cachestat::cachestat)> {
+    use std::os::fd::AsFd;
+    let t = pagescope::Target::open(pid).unwrap();
+    let mut out = Vec::new();
+    for e in t.maps().unwrap().iter().filter(|e| e.inode != 0) {
+        if let Ok(fd) = t.map_file(e.range) {
+            if let Ok(cs) = pagescope::sys::cachestat::cachestat(fd.as_fd(), 0, 0) {
+                out.push((e.path.display(), cs));
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn scanning_changes_nothing_in_the_target_swapdev() {
     let mut fx = fixture(&["all"]);
     let pid = fx.pid();
     let view_before = fx.command("selfview").unwrap();
+    let cache_before = object_cachestats(pid);
     let (maps_before, pm_before) = pagemap_snapshot(pid);
     let faults_before = faults(pid);
     let vm_before = vmstat();
@@ -73,6 +89,13 @@ fn scanning_changes_nothing_in_the_target_swapdev() {
     let faults_after = faults(pid);
     let (maps_after, pm_after) = pagemap_snapshot(pid);
     let view_after = fx.command("selfview").unwrap();
+    let cache_after = object_cachestats(pid);
+    if common::is_root() {
+        assert!(cache_before.len() >= 8, "objects opened: {}", cache_before.len());
+    } else {
+        common::skip("cachestat of every object needs map_files (CAP_SYS_ADMIN)");
+    }
+    assert_eq!(cache_before, cache_after, "an object's page cache or swap changed");
     assert_eq!(vm_before, vm_after, "swap counters moved during the scans");
     assert_eq!(faults_before, faults_after, "the target took page faults during the scans");
     assert_eq!(maps_before, maps_after, "the target's mappings changed");

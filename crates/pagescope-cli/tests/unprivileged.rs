@@ -117,3 +117,44 @@ fn unprivileged_pagemap_backend_reports_unknown_not_guesses() {
     assert!(reason.unwrap().contains("CAP_SYS_ADMIN"));
     check(&doc, truth, "anon_present", &[]);
 }
+
+/// Unprivileged, objects are reachable through `/proc/PID/fd` (memfd, tmpfs
+/// files the target keeps open) or their path (files): those are exact.
+/// SysV and shared anonymous memory have neither: their unmapped pages are
+/// unknown, and the VMA says why.
+#[test]
+fn unprivileged_objects_exact_where_reachable_unknown_elsewhere_swapdev() {
+    let fx = unprivileged_fixture(&["memfd", "tmpfs", "shared_anon", "sysv", "file", "memfd_private"]);
+    let pid = fx.pid().to_string();
+    let doc = unprivileged_json(&["pages", &pid, "--json"]);
+    let truth = fx.truth();
+    for s in &truth.skipped {
+        skip(&format!("scenario {}: {}", s.scenario, s.reason));
+    }
+    for name in ["memfd", "tmpfs", "file_private", "file_shared", "file_cache", "memfd_private"] {
+        check(&doc, truth, name, &[]);
+    }
+    for name in ["shared_anon", "sysv"] {
+        let r = truth.region(name).unwrap();
+        for i in 0..r.pages {
+            let (state, _, reason) = at(&doc, r.page_addr(i, truth.page_size));
+            if i < 8 {
+                assert_eq!(state, "present", "{name} page {i}");
+            } else {
+                assert_eq!(state, "unknown", "{name} page {i}");
+                assert!(reason.unwrap().contains("backing object"));
+            }
+        }
+        let vma = doc["vmas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| {
+                let s = u64::from_str_radix(v["start"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+                s == r.start
+            })
+            .expect("vma");
+        let why = vma["object_error"].as_str().expect("object_error");
+        assert!(why.contains("map_files") && why.contains("no fd"), "{why}");
+    }
+}

@@ -158,8 +158,32 @@ impl Fixture {
         let words: Vec<&str> = cmd.split_whitespace().collect();
         match words.as_slice() {
             ["selfview"] => Ok(self.selfview()),
+            ["pageout", region, first, count] => self.pageout_command(region, first, count),
             _ => Err(format!("unknown command {cmd:?}")),
         }
+    }
+
+    /// `pageout REGION FIRST COUNT`: MADV_PAGEOUT of those pages; replies
+    /// with the resulting state of each page (as the fixture sees it).
+    fn pageout_command(&self, region: &str, first: &str, count: &str) -> Result<String, String> {
+        let r = self.truth.region(region).ok_or_else(|| format!("no region {region}"))?;
+        let first: u64 = first.parse().map_err(|_| "bad FIRST")?;
+        let count: u64 = count.parse().map_err(|_| "bad COUNT")?;
+        let (m, base) = self.mapping_of(r.start).ok_or("region has no live mapping")?;
+        let at = base + first;
+        let states = if r.backing == "shmem" {
+            self.pageout_shmem(&m, at, count)?
+        } else {
+            self.pageout_anon(&m, at, count)?;
+            vec!["swapped"; count as usize]
+        };
+        serde_json::to_string(&states).map_err(|e| e.to_string())
+    }
+
+    /// The live mapping holding `addr`, and the page index of `addr` in it.
+    fn mapping_of(&self, addr: u64) -> Option<(Arc<OwnedMapping>, u64)> {
+        let l = self.live.iter().find(|l| l.map.addr() <= addr && addr < l.map.addr() + l.map.len() as u64)?;
+        Some((Arc::clone(&l.map), (addr - l.map.addr()) / self.page))
     }
 
     /// The fixture's own view of its regions: per page, `mincore` residency

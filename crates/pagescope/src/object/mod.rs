@@ -14,6 +14,7 @@
 
 pub mod classify;
 pub mod open;
+mod render;
 pub mod view;
 
 use std::collections::HashMap;

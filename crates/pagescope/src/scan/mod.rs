@@ -187,6 +187,61 @@ pub struct ScanOptions {
     pub threads: usize,
 }
 
+/// The present parts of `range` in the process behind `pagemap`
+/// (PAGEMAP_SCAN with `anyof = PRESENT` when available, else pagemap
+/// reads).
+pub fn present_ranges(
+    pagemap: BorrowedFd<'_>,
+    pid: u32,
+    range: VirtRange,
+    caps: &KernelCaps,
+) -> Result<Vec<VirtRange>, ScanError> {
+    let page = PageSize::new(caps.page_size).unwrap_or_else(PageSize::current);
+    let mut out: Vec<VirtRange> = Vec::new();
+    let mut add = |r: VirtRange| match out.last_mut() {
+        Some(last) if last.end() == r.start() => *last = VirtRange::new(last.start(), r.end()).unwrap_or(*last),
+        _ => out.push(r),
+    };
+    if caps.has_pagemap_scan() {
+        use crate::sys::pagemap_scan::{ScanRequest, page_region, pagemap_scan};
+        let mut vec = vec![page_region::default(); 4096];
+        let mut start = range.start().get();
+        while start < range.end().get() {
+            let req = ScanRequest {
+                start,
+                end: range.end().get(),
+                category_anyof_mask: crate::ScanCategories::PRESENT.bits(),
+                return_mask: crate::ScanCategories::PRESENT.bits(),
+                ..ScanRequest::default()
+            };
+            let reply = pagemap_scan(pagemap, &req, &mut vec).map_err(|e| match e {
+                rustix::io::Errno::SRCH => ScanError::TargetExited { pid },
+                e => ScanError::Ioctl { pid, range, source: e.into() },
+            })?;
+            for r in &vec[..reply.filled] {
+                add(VirtRange::new(crate::VirtAddr::new(r.start), crate::VirtAddr::new(r.end)).unwrap_or_default());
+            }
+            if reply.walk_end <= start {
+                break;
+            }
+            start = reply.walk_end;
+        }
+        return Ok(out);
+    }
+    let mut buf = Vec::new();
+    let mut reader = reader::PagemapReader::new(pagemap, pid, page, &mut buf);
+    reader.for_each_batch(range, |addr, raw| {
+        for (i, &e) in raw.iter().enumerate() {
+            if crate::PagemapEntry(e).is_present() {
+                let a = addr.saturating_add(i as u64 * page.get());
+                add(VirtRange::from_start_len(a, page.get()).unwrap_or_default());
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// Builds the backend `choice` asks for.
 pub fn make_backend(
     choice: BackendChoice,

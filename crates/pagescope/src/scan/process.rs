@@ -79,7 +79,7 @@ pub fn scan_process(target: &Target, caps: &KernelCaps, opts: &ScanOptions) -> R
             }
         }
         if ok {
-            report.vmas.push(vma_report(vma, *range, out, page, opts, privileged));
+            report.vmas.push(vma_report(vma, *range, out));
         } else {
             exited = true;
             report.skipped.push(Skipped { range: *range, reason: "the process exited during the scan".into() });
@@ -91,23 +91,24 @@ pub fn scan_process(target: &Target, caps: &KernelCaps, opts: &ScanOptions) -> R
     if opts.objects {
         crate::object::apply_objects(target, caps, &mut report);
     }
+    if !privileged {
+        settle_unprivileged(&mut report, opts);
+    }
     verify_layout(target, &vmas, opts.range, &mut report);
     Ok(report)
 }
 
-fn vma_report(
-    vma: &Vma,
-    range: VirtRange,
-    out: RunBuilder,
-    page: PageSize,
-    opts: &ScanOptions,
-    privileged: bool,
-) -> VmaReport {
-    let mut runs = out.finish();
-    if !privileged {
-        runs = unprivileged::resolve(vma, runs, page, opts.swap_detail);
+fn vma_report(vma: &Vma, range: VirtRange, out: RunBuilder) -> VmaReport {
+    VmaReport { vma: vma.clone(), scanned: range, runs: out.finish(), object: None, object_error: None }
+}
+
+/// Settles swap-type entries whose type was hidden from us (after the
+/// object pass, which the settling of private shmem views needs).
+fn settle_unprivileged(report: &mut ProcessReport, opts: &ScanOptions) {
+    for v in &mut report.vmas {
+        let runs = std::mem::take(&mut v.runs);
+        v.runs = unprivileged::resolve(&v.vma, runs, report.page_size, opts.swap_detail, v.object.is_some());
     }
-    VmaReport { vma: vma.clone(), scanned: range, runs, object: None, object_error: None }
 }
 
 /// The VMAs overlapping `range` (all without one), each with the part of

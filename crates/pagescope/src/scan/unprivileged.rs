@@ -11,13 +11,16 @@
 //!   exactly the real swap entries. If it equals the unmarked entries, the
 //!   write-protected ones are markers; if it equals all of them, they are
 //!   all real swap. Anything else stays `unknown`: never a guess.
+//! * in a private view of shmem, `Swap:` also counts the object's swap
+//!   under empty PTEs; once the object was classified (those pages are the
+//!   only `swapped`/`swapcache` runs so far) it is subtracted first.
 
 use crate::addr::PageSize;
 use crate::page::{PageFlags, PageInfo, PageRun, PageState, RunBuilder, UnknownReason};
 use crate::vma::{Backing, Vma};
 
 /// Rewrites provisional unknown swap runs of `vma` where smaps settles them.
-pub fn resolve(vma: &Vma, runs: Vec<PageRun>, page: PageSize, swap_detail: bool) -> Vec<PageRun> {
+pub fn resolve(vma: &Vma, runs: Vec<PageRun>, page: PageSize, swap_detail: bool, object_known: bool) -> Vec<PageRun> {
     let count = |reason| {
         runs.iter().filter(|r| r.reason == Some(reason)).map(|r| r.pages).sum::<u64>()
     };
@@ -26,7 +29,14 @@ pub fn resolve(vma: &Vma, runs: Vec<PageRun>, page: PageSize, swap_detail: bool)
     if unmarked + marked == 0 {
         return runs;
     }
-    let Some(verdict) = verdict(vma, unmarked, marked, page) else { return runs };
+    let object_swap = runs
+        .iter()
+        .filter(|r| matches!(r.state, PageState::Swapped | PageState::SwapCache))
+        .map(|r| r.pages)
+        .sum::<u64>();
+    let Some(verdict) = verdict(vma, unmarked, marked, page, object_known.then_some(object_swap)) else {
+        return runs;
+    };
     let mut out = RunBuilder::new(page, swap_detail);
     for r in &runs {
         let info = match r.reason {
@@ -49,14 +59,16 @@ struct Verdict {
     marked: Option<PageState>,
 }
 
-fn verdict(vma: &Vma, unmarked: u64, marked: u64, page: PageSize) -> Option<Verdict> {
+fn verdict(vma: &Vma, unmarked: u64, marked: u64, page: PageSize, object_swap: Option<u64>) -> Option<Verdict> {
     if vma.is_shared() {
         return Some(Verdict { unmarked: None, marked: Some(PageState::Hole) });
     }
-    if !matches!(vma.backing, Backing::Anon | Backing::File) {
-        return None;
-    }
-    let swapped = vma.smaps_swap_kb? * 1024 / page.get();
+    let smaps = vma.smaps_swap_kb? * 1024 / page.get();
+    let swapped = match vma.backing {
+        Backing::Anon | Backing::File => smaps,
+        Backing::Shmem => smaps.checked_sub(object_swap?)?,
+        _ => return None,
+    };
     if swapped == unmarked {
         Some(Verdict { unmarked: Some(PageState::Swapped), marked: Some(PageState::Hole) })
     } else if swapped == unmarked + marked {

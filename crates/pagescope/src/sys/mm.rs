@@ -90,9 +90,20 @@ impl OwnedMapping {
     }
 
     /// Like [`Self::anonymous`] but `MAP_SHARED|MAP_ANONYMOUS` (shmem
-    /// behind the scenes, shown as `/dev/zero (deleted)`).
+    /// behind the scenes, shown as `/dev/zero (deleted)`). The shmem object
+    /// is exactly `len` bytes.
     pub fn shared_anonymous(len: usize, align: usize) -> Result<Self, Errno> {
-        Self::anonymous_with(len, align, MapFlags::SHARED | MapFlags::NORESERVE)
+        // The object's size is the length of the first mmap, so reserve an
+        // aligned private window and map exactly `len` shared bytes over it.
+        let window = Self::anonymous(len, align)?;
+        let at = window.ptr.as_ptr();
+        std::mem::forget(window);
+        let flags = MapFlags::SHARED | MapFlags::NORESERVE | MapFlags::FIXED;
+        // SAFETY: MAP_FIXED over the reservation made just above, which we
+        // own and which nothing refers to.
+        let p = unsafe { rustix::mm::mmap_anonymous(at.cast(), len, ProtFlags::READ | ProtFlags::WRITE, flags) }?;
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or(Errno::NOMEM)?;
+        Ok(Self { ptr, len })
     }
 
     fn anonymous_with(len: usize, align: usize, flags: MapFlags) -> Result<Self, Errno> {
