@@ -68,3 +68,68 @@ pub fn procfs_loop(pid: u32, ranges: &[VirtRange]) -> anyhow::Result<u64> {
     }
     Ok(present)
 }
+
+/// Object classes of the bare algorithm.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Bare {
+    Hole,
+    Resident,
+    SwapCache,
+    Swapped,
+}
+
+/// The measured baseline algorithm for shmem objects (kernel-interfaces.md
+/// §12, as in probe p05), with no library around it: SEEK_DATA/SEEK_HOLE,
+/// one mincore over the whole object, cachestat bisection per 512 pages,
+/// then a fallocated-count pass. Returns counts per class.
+pub fn bare_shmem_classify(fd: BorrowedFd<'_>, pages: u64) -> anyhow::Result<[u64; 5]> {
+    use pagescope::sys::cachestat::cachestat;
+    use rustix::fs::SeekFrom;
+    let page = 4096u64;
+    let mut cls = vec![Bare::Hole; pages as usize];
+    let mut pos = 0;
+    while pos < pages * page {
+        let Ok(d) = rustix::fs::seek(fd, SeekFrom::Data(pos)) else { break };
+        let h = rustix::fs::seek(fd, SeekFrom::Hole(d)).unwrap_or(pages * page);
+        for p in d / page..h.div_ceil(page).min(pages) {
+            cls[p as usize] = Bare::Resident;
+        }
+        pos = h;
+    }
+    let mut vec = vec![0u8; pages as usize];
+    pagescope::sys::mincore::mincore_file(fd, 0, page, &mut vec)?;
+    for (c, v) in cls.iter_mut().zip(&vec) {
+        if *c == Bare::Resident && v & 1 == 0 {
+            *c = Bare::Swapped;
+        }
+    }
+    fn bisect(fd: BorrowedFd<'_>, cls: &mut [Bare], lo: usize, hi: usize) -> anyhow::Result<()> {
+        let known = cls[lo..hi].iter().filter(|c| **c == Bare::Swapped).count() as u64;
+        let ev = pagescope::sys::cachestat::cachestat(fd, lo as u64 * 4096, (hi - lo) as u64 * 4096)?.nr_evicted;
+        if ev == known {
+            return Ok(());
+        }
+        if hi - lo == 1 {
+            cls[lo] = Bare::SwapCache;
+            return Ok(());
+        }
+        let mid = lo + (hi - lo) / 2;
+        bisect(fd, cls, lo, mid)?;
+        bisect(fd, cls, mid, hi)
+    }
+    for c in (0..pages as usize).step_by(512) {
+        let e = (c + 512).min(pages as usize);
+        if cls[c..e].iter().any(|x| *x == Bare::Resident) {
+            bisect(fd, &mut cls, c, e)?;
+        }
+    }
+    let mut fallocated = 0;
+    for c in (0..pages).step_by(512) {
+        let e = (c + 512).min(pages);
+        let cs = cachestat(fd, c * page, (e - c) * page)?;
+        let resident = cls[c as usize..e as usize].iter().filter(|x| **x == Bare::Resident).count() as u64;
+        fallocated += cs.nr_cache.saturating_sub(resident);
+    }
+    let count = |b| cls.iter().filter(|c| **c == b).count() as u64;
+    Ok([count(Bare::Hole) - fallocated, count(Bare::Resident), count(Bare::SwapCache), count(Bare::Swapped), fallocated])
+}

@@ -7,6 +7,7 @@
 //! ...` runs the fixture).
 
 mod baseline;
+mod objects;
 mod scan;
 
 use std::process::ExitCode;
@@ -16,8 +17,9 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("fixture") => pagescope_fixture::serve(&args[1..]),
         Some("scan") => report(scan::run(&args[1..])),
+        Some("objects") => report(objects::run(&args[1..])),
         _ => {
-            eprintln!("usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]");
+            eprintln!("usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]");
             ExitCode::from(2)
         }
     }

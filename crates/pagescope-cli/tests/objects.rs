@@ -212,3 +212,31 @@ fn target_pageout_still_works_after_scans_swapdev() {
         assert!(states.iter().all(|s| s == "swapped" || s == "swapcache"), "{kind}: {states:?}");
     }
 }
+
+/// zram frees paged-out shmem at once (`swapped`); the asynchronous
+/// swapfile leaves it in the swap cache (`swapcache`). Each phase of
+/// `scripts/test` must see its device's state, not just agree with itself.
+#[test]
+fn paged_out_shmem_state_follows_the_swap_device_swapdev() {
+    if !common::is_root() {
+        skip("needs map_files (CAP_SYS_ADMIN)");
+        return;
+    }
+    let fx = fixture(&["memfd"]);
+    let truth = fx.truth();
+    let region = truth.region("memfd").unwrap();
+    if let Some(why) = &region.skip {
+        skip(why);
+        return;
+    }
+    let report = common::scan(fx.pid(), BackendChoice::Auto);
+    let states: Vec<PageState> = (8..16)
+        .map(|i| report.run_at(pagescope::VirtAddr::new(region.page_addr(i, truth.page_size))).unwrap().state)
+        .collect();
+    match truth.swap.as_str() {
+        "zram" => assert!(states.iter().all(|s| *s == PageState::Swapped), "{states:?}"),
+        "file" => assert!(states.iter().any(|s| *s == PageState::SwapCache), "{states:?}"),
+        other => skip(&format!("swap device kind {other}")),
+    }
+    common::assert_matches_truth(truth, &report, Some("memfd"));
+}

@@ -31,6 +31,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("sysv", "a SysV shared memory segment, same layout (no fallocate: no fd)"),
     ("memfd_private", "a MAP_PRIVATE view of a memfd: copied-on-write pages, one swapped, shared pages, resident, hole"),
     ("bench", "benchmark layout: a sparse reservation (1% touched) and dense anonymous memory"),
+    ("bench_shmem", "benchmark layout: a memfd, half paged out, a quarter resident unmapped, a quarter mapped, holes scattered"),
 ];
 
 /// Scenarios `all` and `demo` expand to (everything but `bench`).
@@ -71,6 +72,8 @@ pub struct Fixture {
     pagemap: Option<File>,
     sparse_gib: u64,
     dense_gib: u64,
+    shmem_gib: u64,
+    sharers: u64,
     /// Parts of shared mappings a helper process must map and write.
     helper_parts: Vec<(Arc<OwnedMapping>, usize, usize)>,
 }
@@ -105,6 +108,8 @@ impl Fixture {
             sparse_gib: arg_value(args, "--sparse-gib").and_then(|v| v.parse().ok()).unwrap_or(64),
             dense_gib: arg_value(args, "--dense-gib").and_then(|v| v.parse().ok()).unwrap_or(4),
             helper_parts: Vec::new(),
+            shmem_gib: arg_value(args, "--shmem-gib").and_then(|v| v.parse().ok()).unwrap_or(4),
+            sharers: arg_value(args, "--sharers").and_then(|v| v.parse().ok()).unwrap_or(0),
         }
     }
 
@@ -118,7 +123,7 @@ impl Fixture {
                 continue;
             }
             match a.as_str() {
-                "--dir" | "--sparse-gib" | "--dense-gib" => skip_value = true,
+                "--dir" | "--sparse-gib" | "--dense-gib" | "--shmem-gib" | "--sharers" => skip_value = true,
                 "all" | "demo" => names.extend(DEFAULT_SET.iter().map(|s| (*s).to_owned())),
                 s if s.starts_with("--") => {}
                 s => names.push(s.to_owned()),
@@ -144,6 +149,7 @@ impl Fixture {
             "uffd_wp" => self.uffd_wp(),
             "file" => self.file(),
             "bench" => self.bench(),
+            "bench_shmem" => self.bench_shmem(),
             "memfd" | "tmpfs" | "shared_anon" | "sysv" => self.shmem(name),
             "memfd_private" => self.memfd_private(),
             other => Err(format!("unknown scenario {other:?}")),
@@ -220,6 +226,10 @@ impl Fixture {
             for (m, off, len) in &self.helper_parts {
                 m.madvise(*off, *len, Advice::DoFork).map_err(|e| format!("MADV_DOFORK: {e}"))?;
             }
+            if self.sharers > 0 {
+                // Benchmark sharers map everything and touch nothing.
+                return (0..self.sharers).map(|_| sys::fork_helper(|| {}).map_err(|e| format!("fork: {e}"))).collect();
+            }
             let parts: Vec<(u64, usize)> = self.helper_parts.iter().map(|(m, off, len)| (m.addr() + *off as u64, *len)).collect();
             let page = self.page as usize;
             sys::fork_helper(move || {
@@ -229,10 +239,11 @@ impl Fixture {
                     }
                 }
             })
+            .map(|pid| vec![pid])
             .map_err(|e| format!("fork: {e}"))
         });
         match result {
-            Ok(pid) => self.truth.children.push(pid),
+            Ok(pids) => self.truth.children.extend(pids),
             Err(e) => {
                 for r in self.truth.regions.iter_mut().filter(|r| r.expect.iter().any(|x| x.state == "resident")) {
                     r.skip.get_or_insert_with(|| format!("helper process: {e}"));
@@ -690,6 +701,56 @@ impl Fixture {
             let d = self.keep(d);
             self.region("bench_dense", "bench", d.addr(), dense_pages, "anon", Vec::new(), skip);
         }
+        Ok(())
+    }
+}
+
+impl Fixture {
+    /// The object benchmark: a `shmem_gib` memfd in 2 MiB blocks, half of
+    /// them paged out, a quarter written then dropped from the mapping
+    /// (resident, unmapped), a quarter mapped; a quarter of the blocks have
+    /// a 16-page hole at a random place. `sharers` helper processes map the
+    /// whole memfd too (without touching it).
+    fn bench_shmem(&mut self) -> Result<(), String> {
+        const BLOCK: u64 = 512;
+        let pages = self.shmem_gib << 30 >> self.page.trailing_zeros();
+        let (m, fd) = self.shmem_object("memfd", self.bytes(pages))?;
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut out_blocks = Vec::new();
+        let mut drop_blocks = Vec::new();
+        for b in 0..pages / BLOCK {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let first = b * BLOCK;
+            let hole = (x >> 8) % 4 == 0;
+            let hole_at = first + (x >> 16) % (BLOCK / 16) * 16;
+            for p in first..first + BLOCK {
+                if !(hole && (hole_at..hole_at + 16).contains(&p)) {
+                    m.write_byte(self.bytes(p), 0x77).map_err(|e| e.to_string())?;
+                }
+            }
+            match x % 4 {
+                0 | 1 => out_blocks.push(first),
+                2 => drop_blocks.push(first),
+                _ => {}
+            }
+        }
+        for &b in &drop_blocks {
+            m.madvise(self.bytes(b), self.bytes(BLOCK), Advice::DontNeed).map_err(|e| e.to_string())?;
+        }
+        for &b in &out_blocks {
+            m.madvise(self.bytes(b), self.bytes(BLOCK), Advice::PageOut).map_err(|e| e.to_string())?;
+        }
+        if let Some(fd) = fd {
+            self.keep_fds.push(fd);
+        }
+        let m = self.keep(m);
+        for _ in 0..self.sharers {
+            self.helper_parts.push((Arc::clone(&m), 0, m.len()));
+        }
+        let skip = Some("benchmark layout (no per-page expectation)".to_owned());
+        self.region("bench_shmem", "bench_shmem", m.addr(), pages, "shmem", Vec::new(), skip);
         Ok(())
     }
 }

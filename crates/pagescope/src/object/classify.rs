@@ -82,15 +82,40 @@ pub fn classify(
     count: u64,
     page: u64,
 ) -> Result<(Vec<ObjectRun>, bool), Errno> {
+    let end = first + count;
+    let chunks: Vec<(u64, u64)> =
+        (first..end).step_by(CHUNK_PAGES as usize).map(|lo| (lo, (lo + CHUNK_PAGES).min(end))).collect();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8).min(chunks.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    type ChunkResult = Result<(Vec<ObjectState>, bool), Errno>;
+    let results: std::sync::Mutex<Vec<Option<ChunkResult>>> = std::sync::Mutex::new(vec![None; chunks.len()]);
+    let work = || {
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(&(lo, hi)) = chunks.get(i) else { return };
+            let mut precise = true;
+            let r = classify_chunk(fd, class, size_pages, lo, hi, page, &mut precise).map(|s| (s, precise));
+            if let Ok(mut v) = results.lock() {
+                v[i] = Some(r);
+            }
+        }
+    };
+    if workers > 1 {
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(work);
+            }
+        });
+    } else {
+        work();
+    }
     let mut out = Vec::new();
     let mut precise = true;
-    let end = first + count;
-    let mut lo = first;
-    while lo < end {
-        let hi = (lo + CHUNK_PAGES).min(end);
-        let states = classify_chunk(fd, class, size_pages, lo, hi, page, &mut precise)?;
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    for (&(lo, _), r) in chunks.iter().zip(results) {
+        let (states, p) = r.unwrap_or(Err(Errno::INTR))?;
+        precise &= p;
         push_states(&mut out, lo, &states);
-        lo = hi;
     }
     Ok((out, precise))
 }
@@ -139,7 +164,7 @@ fn classify_chunk(
     }
     if class == ObjectClass::Shmem {
         let mut split = Splitter { fd, page, data: &data, incore: &incore, states: &mut states[..m], base: lo };
-        if split.refine(0, m).is_err() {
+        if split.refine_runs(m).is_err() {
             *precise = false;
         }
     }
@@ -184,6 +209,31 @@ struct Splitter<'a, 'b> {
 }
 
 impl Splitter<'_, '_> {
+    /// Refines each maximal run of in-core data pages (resident or swap
+    /// cache?) and of hole pages (hole or fallocated?). Runs of swapped-out
+    /// pages are skipped: they are settled already, and `cachestat` over
+    /// swap entries is the expensive part (a shadow lookup per entry).
+    fn refine_runs(&mut self, m: usize) -> Result<(), Errno> {
+        let kind = |i: usize| match (self.data[i], self.incore[i] & 1 != 0) {
+            (true, false) => 0u8,
+            (false, false) => 1,
+            (_, true) => 2,
+        };
+        let mut i = 0;
+        while i < m {
+            let k = kind(i);
+            let mut j = i + 1;
+            while j < m && kind(j) == k {
+                j += 1;
+            }
+            if k != 0 {
+                self.refine(i, j)?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
     fn refine(&mut self, lo: usize, hi: usize) -> Result<(), Errno> {
         let (a, s, h) = self.counts(lo, hi);
         if a == 0 && h == 0 {
