@@ -59,10 +59,17 @@ fn private_and_shared_file_mappings() {
     check_scenario("file");
 }
 
+/// Whether two scans taken one after the other must agree on `v`: not for
+/// the executable and libraries, which other processes (concurrent tests)
+/// map and unmap meanwhile, changing mapcounts and so `exclusive`.
+fn stable(v: &pagescope::VmaReport) -> bool {
+    v.vma.backing != pagescope::Backing::File || v.vma.path.as_bytes().windows(17).any(|w| w == b"pagescope-fixture")
+}
+
 /// Compares two reports VMA by VMA, run by run.
 fn assert_same(a: &ProcessReport, b: &ProcessReport) {
     assert_eq!(a.vmas.len(), b.vmas.len(), "different VMA counts");
-    for (va, vb) in a.vmas.iter().zip(&b.vmas) {
+    for (va, vb) in a.vmas.iter().zip(&b.vmas).filter(|(va, _)| stable(va)) {
         assert_eq!(va.vma.range, vb.vma.range);
         if va.runs != vb.runs {
             let first = va.runs.iter().zip(&vb.runs).find(|(x, y)| x != y);
@@ -144,7 +151,7 @@ fn skip_exclusive_changes_only_the_exclusive_flag() {
     let full = common::scan_with(fx.pid(), &pagescope::ScanOptions::default());
     let fast = common::scan_with(fx.pid(), &pagescope::ScanOptions { skip_exclusive: true, ..Default::default() });
     assert!(full.exclusive_known && !fast.exclusive_known);
-    for (a, b) in full.vmas.iter().zip(&fast.vmas) {
+    for (a, b) in full.vmas.iter().zip(&fast.vmas).filter(|(a, _)| stable(a)) {
         let strip = |runs: &[pagescope::PageRun]| {
             let mut out = pagescope::page::RunBuilder::new(full.page_size, false);
             for r in runs {
