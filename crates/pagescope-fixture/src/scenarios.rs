@@ -5,6 +5,7 @@
 //! view of itself, and marks the region `skip` with a reason if not, so a
 //! test can never pass against a layout that did not happen.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
@@ -58,6 +59,8 @@ const ALIGN: usize = 2 << 20;
 /// A mapping the fixture keeps, with the regions carved from it.
 struct Live {
     map: Arc<OwnedMapping>,
+    /// Name of the command-made region using it (mmap/mremap/munmap).
+    name: Option<String>,
 }
 
 /// The fixture's state.
@@ -76,6 +79,10 @@ pub struct Fixture {
     sharers: u64,
     /// Parts of shared mappings a helper process must map and write.
     helper_parts: Vec<(Arc<OwnedMapping>, usize, usize)>,
+    /// Object fds of regions (for `pwrite`).
+    region_fds: HashMap<String, usize>,
+    /// Bumped on every write command, so every write changes content.
+    generation: u8,
 }
 
 fn arg_value(args: &[String], key: &str) -> Option<String> {
@@ -108,6 +115,8 @@ impl Fixture {
             sparse_gib: arg_value(args, "--sparse-gib").and_then(|v| v.parse().ok()).unwrap_or(64),
             dense_gib: arg_value(args, "--dense-gib").and_then(|v| v.parse().ok()).unwrap_or(4),
             helper_parts: Vec::new(),
+            region_fds: HashMap::new(),
+            generation: 0,
             shmem_gib: arg_value(args, "--shmem-gib").and_then(|v| v.parse().ok()).unwrap_or(4),
             sharers: arg_value(args, "--sharers").and_then(|v| v.parse().ok()).unwrap_or(0),
         }
@@ -165,6 +174,20 @@ impl Fixture {
         match words.as_slice() {
             ["selfview"] => Ok(self.selfview()),
             ["pageout", region, first, count] => self.pageout_command(region, first, count),
+            [op @ ("write" | "read" | "dontneed" | "pwrite" | "ro" | "rw"), region, first, count] => {
+                self.page_command(op, region, first, count)
+            }
+            ["mmap", name, pages] => self.mmap_command(name, pages),
+            ["mremap", name, pages] => self.mremap_command(name, pages),
+            ["munmap", name] => self.munmap_command(name),
+            ["fork"] => sys::fork_helper(|| {}).map(|p| {
+                self.truth.children.push(p);
+                p.to_string()
+            }).map_err(|e| e.to_string()),
+            ["writers", region, threads, millis] => self.writers_command(region, threads, millis),
+            ["helper_write", region, first, count, mode @ ("stay" | "exit")] => {
+                self.helper_write(region, first, count, *mode == "stay")
+            }
             _ => Err(format!("unknown command {cmd:?}")),
         }
     }
@@ -184,6 +207,146 @@ impl Fixture {
             vec!["swapped"; count as usize]
         };
         serde_json::to_string(&states).map_err(|e| e.to_string())
+    }
+
+    /// `write|read|dontneed|pwrite|ro|rw REGION FIRST COUNT`.
+    fn page_command(&mut self, op: &str, region: &str, first: &str, count: &str) -> Result<String, String> {
+        let r = self.truth.region(region).ok_or_else(|| format!("no region {region}"))?.clone();
+        let first: u64 = first.parse().map_err(|_| "bad FIRST")?;
+        let count: u64 = count.parse().map_err(|_| "bad COUNT")?;
+        if first + count > r.pages {
+            return Err(format!("pages {first}..{} outside region {region}", first + count));
+        }
+        let (m, base) = self.mapping_of(r.start).ok_or("region has no live mapping")?;
+        let at = base + first;
+        self.generation = self.generation.wrapping_add(1).max(1);
+        let (off, len) = (self.bytes(at), self.bytes(count));
+        match op {
+            "write" => self.write_pages(&m, at, count, self.generation)?,
+            "read" => self.read_pages(&m, at, count)?,
+            "dontneed" => m.madvise(off, len, Advice::DontNeed).map_err(|e| e.to_string())?,
+            "ro" | "rw" => m.mprotect(off, len, op == "rw").map_err(|e| e.to_string())?,
+            _ => {
+                let i = *self.region_fds.get(region).ok_or("region has no fd for pwrite")?;
+                let obj_off = r.object.as_ref().map_or(0, |o| o.first_page) + first;
+                let data = vec![self.generation; len];
+                rustix::io::pwrite(&self.keep_fds[i], &data, obj_off * self.page).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok("ok".into())
+    }
+
+    /// `helper_write REGION FIRST COUNT stay|exit`: another process, which
+    /// inherits only those pages of the (shared) region, writes them and
+    /// then stays alive or exits. Replies with its PID.
+    fn helper_write(&mut self, region: &str, first: &str, count: &str, stay: bool) -> Result<String, String> {
+        let r = self.truth.region(region).ok_or_else(|| format!("no region {region}"))?.clone();
+        let first: u64 = first.parse().map_err(|_| "bad FIRST")?;
+        let count: u64 = count.parse().map_err(|_| "bad COUNT")?;
+        let (m, base) = self.mapping_of(r.start).ok_or("region has no live mapping")?;
+        let (off, len) = (self.bytes(base + first), self.bytes(count));
+        self.dont_fork_anything()?;
+        m.madvise(off, len, Advice::DoFork).map_err(|e| e.to_string())?;
+        let (addr, page) = (m.addr() + off as u64, self.page as usize);
+        let value = self.generation.wrapping_add(0x40);
+        // A region with an object fd: the helper maps the object shared
+        // itself (a private view would only give it copies).
+        let object_fd = self.region_fds.get(region).map(|&i| self.keep_fds[i].as_fd());
+        let obj_off = (r.object.as_ref().map_or(0, |o| o.first_page) + first) * self.page;
+        let pid = sys::fork_child(
+            move || match object_fd {
+                Some(fd) => {
+                    if let Ok(own) = OwnedMapping::file(fd, obj_off, len, true, true) {
+                        let _ = own.write(0, &vec![value; len]);
+                    }
+                }
+                None => {
+                    for p in (0..len).step_by(page) {
+                        sys::poke(addr + p as u64, value);
+                    }
+                }
+            },
+            stay,
+        )
+        .map_err(|e| format!("fork: {e}"))?;
+        for l in &self.live {
+            let _ = l.map.madvise(0, l.map.len(), Advice::DoFork);
+        }
+        if stay {
+            self.truth.children.push(pid);
+        } else {
+            let _ = rustix::process::waitpid(rustix::process::Pid::from_raw(pid as i32), rustix::process::WaitOptions::empty());
+        }
+        Ok(pid.to_string())
+    }
+
+    /// `mmap NAME PAGES`: a new anonymous region, every page written.
+    fn mmap_command(&mut self, name: &str, pages: &str) -> Result<String, String> {
+        let pages: u64 = pages.parse().map_err(|_| "bad PAGES")?;
+        let m = self.anon_map(pages, 0)?;
+        self.write_pages(&m, 0, pages, 0x99)?;
+        let addr = m.addr();
+        self.live.push(Live { map: Arc::new(m), name: Some(name.to_owned()) });
+        self.truth.regions.retain(|r| r.name != name);
+        self.region(name, "command", addr, pages, "anon", vec![Expect::new(0, pages, "present", &["exclusive"])], None);
+        Ok(format!("{addr:#x}"))
+    }
+
+    /// `mremap NAME PAGES`: moves (and resizes) a command-made region.
+    fn mremap_command(&mut self, name: &str, pages: &str) -> Result<String, String> {
+        let pages: u64 = pages.parse().map_err(|_| "bad PAGES")?;
+        let i = self.live.iter().position(|l| l.name.as_deref() == Some(name)).ok_or("no such mmap region")?;
+        let live = self.live.remove(i);
+        let m = Arc::try_unwrap(live.map).map_err(|_| "mapping still shared")?;
+        let m = m.mremap_move(self.bytes(pages)).map_err(|e| format!("mremap: {e}"))?;
+        let addr = m.addr();
+        self.live.push(Live { map: Arc::new(m), name: Some(name.to_owned()) });
+        if let Some(r) = self.truth.regions.iter_mut().find(|r| r.name == name) {
+            r.start = addr;
+            r.pages = pages;
+            r.expect = vec![Expect::new(0, pages, "present", &["exclusive"])];
+        }
+        Ok(format!("{addr:#x}"))
+    }
+
+    /// `munmap NAME`.
+    fn munmap_command(&mut self, name: &str) -> Result<String, String> {
+        let i = self.live.iter().position(|l| l.name.as_deref() == Some(name)).ok_or("no such mmap region")?;
+        self.live.remove(i);
+        self.truth.regions.retain(|r| r.name != name);
+        Ok("ok".into())
+    }
+
+    /// `writers REGION THREADS MILLIS`: threads write random pages of the
+    /// region for MILLIS ms (each write a new value); replies with the
+    /// number of writes.
+    fn writers_command(&mut self, region: &str, threads: &str, millis: &str) -> Result<String, String> {
+        let r = self.truth.region(region).ok_or_else(|| format!("no region {region}"))?.clone();
+        let threads: u64 = threads.parse().map_err(|_| "bad THREADS")?;
+        let millis: u64 = millis.parse().map_err(|_| "bad MILLIS")?;
+        let (m, base) = self.mapping_of(r.start).ok_or("region has no live mapping")?;
+        let page = self.page as usize;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(millis);
+        let total = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (m, total) = (&m, &total);
+                s.spawn(move || {
+                    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t + 1);
+                    let mut n = 0u64;
+                    while std::time::Instant::now() < deadline {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let p = base as usize + (x % r.pages) as usize;
+                        let _ = m.write(p * page + 8 * t as usize, &n.to_ne_bytes());
+                        n += 1;
+                    }
+                    total.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                });
+            }
+        });
+        Ok(total.into_inner().to_string())
     }
 
     /// The live mapping holding `addr`, and the page index of `addr` in it.
@@ -312,7 +475,7 @@ impl Fixture {
 
     fn keep(&mut self, map: OwnedMapping) -> Arc<OwnedMapping> {
         let map = Arc::new(map);
-        self.live.push(Live { map: Arc::clone(&map) });
+        self.live.push(Live { map: Arc::clone(&map), name: None });
         map
     }
 
@@ -613,6 +776,7 @@ impl Fixture {
         expect.push(Expect::new(48, 8, "resident", &[]));
         expect.push(Expect::new(56, 8, "hole", &[]));
         if let Some(fd) = fd {
+            self.region_fds.insert(kind.to_owned(), self.keep_fds.len());
             self.keep_fds.push(fd);
         }
         let m = self.keep(m);
@@ -664,6 +828,7 @@ impl Fixture {
         let swapped = self.pageout_anon(&m, 2, 2).err();
         self.read_pages(&m, 4, 12)?;
         let object = self.object_of(m.addr(), 0);
+        self.region_fds.insert("memfd_private".to_owned(), self.keep_fds.len());
         self.keep_fds.push(fd);
         let m = self.keep(m);
         let expect = vec![

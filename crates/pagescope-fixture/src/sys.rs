@@ -15,6 +15,12 @@ use pagescope::OwnedMapping;
 ///
 /// Must be called while the fixture is single-threaded.
 pub fn fork_helper(child: impl FnOnce()) -> std::io::Result<u32> {
+    fork_child(child, true)
+}
+
+/// Like [`fork_helper`]; with `stay == false` the child exits right after
+/// `child` (the parent still waits until `child` has run).
+pub fn fork_child(child: impl FnOnce(), stay: bool) -> std::io::Result<u32> {
     use std::io::{Read, Write};
     let parent = std::process::id();
     let (mut ready_rx, mut ready_tx) = std::os::unix::net::UnixStream::pair()?;
@@ -38,6 +44,11 @@ pub fn fork_helper(child: impl FnOnce()) -> std::io::Result<u32> {
     }
     child();
     let _ = ready_tx.write_all(b"r");
+    if !stay {
+        // SAFETY: _exit ends the forked child without running the parent's
+        // atexit handlers or flushing its copied stdio buffers.
+        unsafe { libc::_exit(0) };
+    }
     loop {
         // SAFETY: pause has no arguments and only returns on a signal.
         unsafe { libc::pause() };

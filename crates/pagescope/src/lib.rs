@@ -41,12 +41,14 @@
 #![deny(missing_docs)]
 
 pub mod addr;
+pub mod dirty;
 pub mod error;
 pub mod kernel;
 pub mod object;
 pub mod page;
 pub mod pagemap;
 pub mod proc;
+pub mod rangeset;
 pub mod report;
 pub mod scan;
 pub mod sys;
@@ -59,6 +61,7 @@ pub use kernel::KernelCaps;
 pub use page::{PageFlags, PageInfo, PageRun, PageState, SwapSlot, UnknownReason};
 pub use pagemap::{PagemapEntry, PagemapFlags, ScanCategories};
 pub use proc::{ProcError, Target};
+pub use rangeset::RangeSet;
 pub use report::{Counts, ProcessReport, Skipped, VmaReport};
 pub use scan::{BackendChoice, PageScanner, ScanError, ScanOptions, scan_process};
 pub use sys::mm::{Advice, OwnedMapping};

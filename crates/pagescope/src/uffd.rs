@@ -227,3 +227,41 @@ pub fn wp_get_and_reset(
     }
     Ok(())
 }
+
+/// Empty slots of `range` in uffd-wp async VMAs that carry no protection
+/// (no marker) and are not reported written: what kernels before the 2026
+/// PMD-hole fix leave after `MADV_DONTNEED` of a write-protected THP.
+/// Calls `sink` for each such range (read only; nothing is re-armed).
+pub fn unprotected_holes(
+    pagemap: BorrowedFd<'_>,
+    range: VirtRange,
+    vec: &mut Vec<page_region>,
+    mut sink: impl FnMut(VirtRange),
+) -> Result<(), UffdError> {
+    if vec.is_empty() {
+        vec.resize(4096, page_region::default());
+    }
+    let c = ScanCategories::PRESENT | ScanCategories::SWAPPED | ScanCategories::WRITTEN;
+    let mut start = range.start().get();
+    while start < range.end().get() {
+        let req = ScanRequest {
+            start,
+            end: range.end().get(),
+            category_inverted: c.bits(),
+            category_mask: (c | ScanCategories::WPALLOWED).bits(),
+            return_mask: ScanCategories::WPALLOWED.bits(),
+            ..ScanRequest::default()
+        };
+        let reply = pagemap_scan(pagemap, &req, vec).map_err(|e| UffdError::Scan { range, source: e.into() })?;
+        for r in &vec[..reply.filled] {
+            if let Some(hole) = VirtRange::new(VirtAddr::new(r.start), VirtAddr::new(r.end)) {
+                sink(hole);
+            }
+        }
+        if reply.walk_end <= start {
+            break;
+        }
+        start = reply.walk_end;
+    }
+    Ok(())
+}

@@ -152,6 +152,14 @@ impl Target {
         Ok(buf)
     }
 
+    /// Writes `data` to `/proc/PID/<file>` (e.g. `clear_refs`).
+    pub fn write_file(&self, file: &str, data: &[u8]) -> Result<(), ProcError> {
+        let fd = rustix::fs::openat(&self.dir, file, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| self.errno_error(file, e))?;
+        rustix::io::write(&fd, data).map_err(|e| self.errno_error(file, e))?;
+        Ok(())
+    }
+
     /// `/proc/PID/stat`.
     pub fn stat(&self) -> Result<Stat, ProcError> {
         let buf = self.read_file("stat")?;

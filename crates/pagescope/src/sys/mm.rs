@@ -268,6 +268,23 @@ impl OwnedMapping {
         unsafe { rustix::mm::mprotect(self.ptr.as_ptr().add(off).cast(), len, mprotect_flags(prot)) }
     }
 
+    /// `mremap(addr, len, new_len, MREMAP_MAYMOVE|MREMAP_FIXED, new)`: moves
+    /// the mapping (resized to `new_len`) to a fresh address.
+    pub fn mremap_move(self, new_len: usize) -> Result<Self, Errno> {
+        let window = Self::anonymous(new_len, 0)?;
+        let dst = window.ptr.as_ptr();
+        std::mem::forget(window);
+        // SAFETY: moves our own mapping onto the reservation made just
+        // above (MREMAP_FIXED replaces it); `self` is consumed, so nothing
+        // refers to the old range afterwards.
+        let p = unsafe {
+            rustix::mm::mremap_fixed(self.ptr.as_ptr().cast(), self.len, new_len, rustix::mm::MremapFlags::MAYMOVE, dst.cast())
+        }?;
+        std::mem::forget(self);
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or(Errno::NOMEM)?;
+        Ok(Self { ptr, len: new_len })
+    }
+
     /// `mincore` of part of this mapping: one byte per page.
     pub fn mincore(&self, off: usize, len: usize, out: &mut [u8]) -> Result<(), Errno> {
         self.check(off, len)?;

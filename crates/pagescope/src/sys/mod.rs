@@ -17,6 +17,7 @@ pub mod mm;
 pub mod pagemap;
 pub mod pagemap_scan;
 pub mod pidfd;
+pub mod ptrace;
 pub mod uffd;
 
 use rustix::io::Errno;
