@@ -50,6 +50,31 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Live view of the pages a process writes per interval: dirty rate,
+    /// hottest mappings, and whether pre-copy migration would converge.
+    Watch {
+        /// Target process.
+        pid: u32,
+        /// Sampling interval (e.g. 1s, 500ms, 2.5s).
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        interval: std::time::Duration,
+        /// Stop after this many intervals (default: until Ctrl-C or the
+        /// process exits).
+        #[arg(long)]
+        count: Option<u64>,
+        /// One JSON object per interval (NDJSON; see docs/json.md).
+        #[arg(long)]
+        json: bool,
+        /// Link bandwidth for the pre-copy convergence estimate, MiB/s.
+        #[arg(long, default_value_t = 1250.0)]
+        bandwidth: f64,
+        /// Tracking mechanism (default: the best available).
+        #[arg(long, value_enum)]
+        tracker: Option<Tracker>,
+        /// Report every shared object as written on every interval.
+        #[arg(long)]
+        strict_shared: bool,
+    },
     /// Which kernel interfaces and privileges are available here.
     Kernel {
         /// Machine-readable output.
@@ -115,4 +140,40 @@ impl From<Backend> for pagescope::BackendChoice {
             Backend::Pagemap => Self::Pagemap,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Tracker {
+    /// userfaultfd write-protect (async) + PAGEMAP_SCAN (Linux 6.7+).
+    Uffd,
+    /// Soft-dirty bits (CONFIG_MEM_SOFT_DIRTY).
+    SoftDirty,
+    /// Report everything as written.
+    All,
+}
+
+impl From<Tracker> for pagescope::dirty::TrackerBackend {
+    fn from(t: Tracker) -> Self {
+        match t {
+            Tracker::Uffd => Self::UffdWpAsync,
+            Tracker::SoftDirty => Self::SoftDirty,
+            Tracker::All => Self::AllDirty,
+        }
+    }
+}
+
+/// Parses `1s`, `500ms`, `2.5s` or plain seconds.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let (num, scale) = if let Some(ms) = s.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else if let Some(sec) = s.strip_suffix('s') {
+        (sec, 1.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("not an interval: {s:?} (try 1s or 500ms)"))?;
+    if !(v > 0.0) || v * scale > 86_400.0 {
+        return Err(format!("interval out of range: {s:?}"));
+    }
+    Ok(std::time::Duration::from_secs_f64(v * scale))
 }

@@ -25,6 +25,9 @@ pub fn run(cli: Cli) -> Result<u8> {
             render(&report, scan.json, Render::Pages)
         }
         Command::Objects { pids, all, files, ranges, json } => objects(pids, all, files, ranges, json),
+        Command::Watch { pid, interval, count, json, bandwidth, tracker, strict_shared } => {
+            crate::watch::run(pid, interval, count, json, bandwidth, tracker.map(Into::into), strict_shared)
+        }
         Command::Kernel { json } => kernel(json),
         Command::Demo { json, backend } => demo(json, backend.into()),
         Command::Fixture { .. } => unreachable!("handled in main"),

@@ -6,6 +6,7 @@
 
 mod cli;
 mod commands;
+mod watch;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -40,6 +41,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             .map(|e| e.kind())
             .or_else(|| c.downcast_ref::<pagescope::ProcError>().map(|e| e.kind()))
             .or_else(|| c.downcast_ref::<pagescope::uffd::UffdError>().map(|e| e.kind()))
+            .or_else(|| c.downcast_ref::<pagescope::dirty::TrackError>().map(|e| e.kind()))
     });
     kind.map_or(1, |k| u8::try_from(k.exit_code()).unwrap_or(1))
 }

@@ -19,6 +19,7 @@
 //! reported whole. Over-reporting is allowed; missing a write is not.
 
 pub mod inject;
+pub mod stats;
 mod track;
 mod watch;
 
