@@ -7,6 +7,7 @@
 //! ...` runs the fixture).
 
 mod baseline;
+mod dirty;
 mod objects;
 mod scan;
 
@@ -18,8 +19,9 @@ fn main() -> ExitCode {
         Some("fixture") => pagescope_fixture::serve(&args[1..]),
         Some("scan") => report(scan::run(&args[1..])),
         Some("objects") => report(objects::run(&args[1..])),
+        Some("dirty") => report(dirty::run(&args[1..])),
         _ => {
-            eprintln!("usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]");
+            eprintln!("usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]");
             ExitCode::from(2)
         }
     }

@@ -9,7 +9,6 @@ use crate::addr::{PageSize, VirtRange};
 use crate::kernel::KernelCaps;
 use crate::proc::Target;
 use crate::rangeset::RangeSet;
-use crate::scan::read_layout;
 use crate::sys::pagemap_scan::page_region;
 use crate::uffd::{Userfaultfd, unprotected_holes, wp_arm, wp_get_and_reset};
 use crate::vma::{Backing, Vma};
@@ -40,11 +39,19 @@ struct Layout {
 }
 
 impl Scope {
+    /// Reads maps only (no mountinfo, no smaps: a collect must stay cheap;
+    /// a tmpfs file classified as a plain file is watched all the same).
     fn layout(&self, target: &Target) -> Result<Layout, TrackError> {
-        let all = read_layout(target, false).map_err(|e| match e {
-            crate::ProcError::Exited { pid } => TrackError::TargetExited { pid },
-            e => TrackError::Proc(e),
-        })?;
+        let mounts = crate::vma::MountTable::default();
+        let all: Vec<Vma> = target
+            .maps()
+            .map_err(|e| match e {
+                crate::ProcError::Exited { pid } => TrackError::TargetExited { pid },
+                e => TrackError::Proc(e),
+            })?
+            .iter()
+            .map(|e| Vma::classify(e, &mounts, None))
+            .collect();
         let vmas = match self {
             Scope::Process => all.into_iter().filter(trackable).collect(),
             Scope::Ranges(set) => all
@@ -146,7 +153,7 @@ impl UffdTracker {
             tracked: RangeSet::new(),
             watch: ObjectWatch::default(),
             map_files: caps.map_files,
-            vec: Vec::new(),
+            vec: vec![page_region::default(); 16 * 1024],
             untracked_note: Vec::new(),
             strict_shared,
         };
@@ -158,22 +165,25 @@ impl UffdTracker {
 
     /// Get-and-reset over `r`; an error means the VMA changed under us.
     fn written(&mut self, r: VirtRange, out: &mut Vec<Written>) -> Result<bool, TrackError> {
-        let mut found = Vec::new();
+        let tracked = |range| Written { range, source: WriteSource::Tracked };
         if pmd_hole_bug() {
             // Zapped PMDs carry neither protection nor WRITTEN here: report
             // and re-protect them before the get-and-reset.
-            let _ = unprotected_holes(self.pagemap.as_fd(), r, &mut self.vec, |h| found.push(h));
-            for h in &found {
-                let _ = wp_arm(self.pagemap.as_fd(), *h);
+            let mut holes = Vec::new();
+            let _ = unprotected_holes(self.pagemap.as_fd(), r, &mut self.vec, |h| holes.push(h));
+            for h in holes {
+                let _ = wp_arm(self.pagemap.as_fd(), h);
+                out.push(tracked(h));
             }
         }
-        match wp_get_and_reset(self.pagemap.as_fd(), r, &mut self.vec, |w| found.push(w)) {
-            Ok(()) => {
-                out.extend(found.into_iter().map(|range| Written { range, source: WriteSource::Tracked }));
-                Ok(true)
-            }
+        let mark = out.len();
+        match wp_get_and_reset(self.pagemap.as_fd(), r, &mut self.vec, |w| out.push(tracked(w))) {
+            Ok(()) => Ok(true),
             Err(e) if e.kind() == crate::ErrorKind::TargetExited => Err(TrackError::TargetExited { pid: self.target.pid() }),
-            Err(_) => Ok(false),
+            Err(_) => {
+                out.truncate(mark);
+                Ok(false)
+            }
         }
     }
 

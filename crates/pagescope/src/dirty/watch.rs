@@ -158,6 +158,10 @@ fn foreign_writable(pid: u32, wanted: impl Fn(&Key) -> bool) -> Vec<Key> {
 /// pages. Returns those aliased ranges.
 pub fn alias_writes(vmas: &[Vma], tracked: &[Written], page: PageSize) -> Vec<Written> {
     let mut out = Vec::new();
+    let aliased = |v: &Vma| vmas.iter().any(|o| (o.dev, o.inode) == (v.dev, v.inode) && o.range != v.range);
+    if !vmas.iter().any(|v| v.is_shared() && watched(v) && aliased(v)) {
+        return out;
+    }
     let p = page.get();
     for w in tracked.iter().filter(|w| w.source == WriteSource::Tracked) {
         let Some(src) = vmas.iter().find(|v| v.range.contains(w.range.start())) else { continue };
