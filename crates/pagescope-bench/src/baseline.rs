@@ -6,9 +6,9 @@
 use std::os::fd::BorrowedFd;
 
 use pagescope::ScanCategories as C;
+use pagescope::VirtRange;
 use pagescope::sys::pagemap::pread_u64s;
 use pagescope::sys::pagemap_scan::{ScanRequest, page_region, pagemap_scan};
-use pagescope::VirtRange;
 
 /// PAGEMAP_SCAN over `ranges` with the categories pagescope asks for;
 /// returns the number of regions.
@@ -26,7 +26,9 @@ pub fn pagemap_scan_loop(fd: BorrowedFd<'_>, ranges: &[VirtRange], vec: &mut [pa
                 return_mask: ret.bits(),
                 ..ScanRequest::default()
             };
-            let Ok(reply) = pagemap_scan(fd, &req, vec) else { break };
+            let Ok(reply) = pagemap_scan(fd, &req, vec) else {
+                break;
+            };
             regions += reply.filled as u64;
             if reply.walk_end <= start {
                 break;
@@ -46,7 +48,9 @@ pub fn pread_loop(fd: BorrowedFd<'_>, ranges: &[VirtRange], buf: &mut [u64]) -> 
         let end = r.end().get() / 4096;
         while page < end {
             let n = ((end - page) as usize).min(buf.len());
-            let Ok(got) = pread_u64s(fd, &mut buf[..n], page) else { break };
+            let Ok(got) = pread_u64s(fd, &mut buf[..n], page) else {
+                break;
+            };
             present += buf[..got].iter().filter(|&&e| e >> 63 != 0).count() as u64;
             page += n as u64;
         }
@@ -60,7 +64,8 @@ pub fn procfs_loop(pid: u32, ranges: &[VirtRange]) -> anyhow::Result<u64> {
     let mut pm = p.pagemap()?;
     let mut present = 0;
     for r in ranges {
-        let info = pm.get_range_info((r.start().get() / 4096) as usize..(r.end().get() / 4096) as usize)?;
+        let info =
+            pm.get_range_info((r.start().get() / 4096) as usize..(r.end().get() / 4096) as usize)?;
         present += info
             .iter()
             .filter(|i| matches!(i, procfs::process::PageInfo::MemoryPage(f) if f.contains(procfs::process::MemoryPageFlags::PRESENT)))
@@ -89,7 +94,9 @@ pub fn bare_shmem_classify(fd: BorrowedFd<'_>, pages: u64) -> anyhow::Result<[u6
     let mut cls = vec![Bare::Hole; pages as usize];
     let mut pos = 0;
     while pos < pages * page {
-        let Ok(d) = rustix::fs::seek(fd, SeekFrom::Data(pos)) else { break };
+        let Ok(d) = rustix::fs::seek(fd, SeekFrom::Data(pos)) else {
+            break;
+        };
         let h = rustix::fs::seek(fd, SeekFrom::Hole(d)).unwrap_or(pages * page);
         for p in d / page..h.div_ceil(page).min(pages) {
             cls[p as usize] = Bare::Resident;
@@ -105,7 +112,9 @@ pub fn bare_shmem_classify(fd: BorrowedFd<'_>, pages: u64) -> anyhow::Result<[u6
     }
     fn bisect(fd: BorrowedFd<'_>, cls: &mut [Bare], lo: usize, hi: usize) -> anyhow::Result<()> {
         let known = cls[lo..hi].iter().filter(|c| **c == Bare::Swapped).count() as u64;
-        let ev = pagescope::sys::cachestat::cachestat(fd, lo as u64 * 4096, (hi - lo) as u64 * 4096)?.nr_evicted;
+        let ev =
+            pagescope::sys::cachestat::cachestat(fd, lo as u64 * 4096, (hi - lo) as u64 * 4096)?
+                .nr_evicted;
         if ev == known {
             return Ok(());
         }
@@ -119,7 +128,7 @@ pub fn bare_shmem_classify(fd: BorrowedFd<'_>, pages: u64) -> anyhow::Result<[u6
     }
     for c in (0..pages as usize).step_by(512) {
         let e = (c + 512).min(pages as usize);
-        if cls[c..e].iter().any(|x| *x == Bare::Resident) {
+        if cls[c..e].contains(&Bare::Resident) {
             bisect(fd, &mut cls, c, e)?;
         }
     }
@@ -127,9 +136,18 @@ pub fn bare_shmem_classify(fd: BorrowedFd<'_>, pages: u64) -> anyhow::Result<[u6
     for c in (0..pages).step_by(512) {
         let e = (c + 512).min(pages);
         let cs = cachestat(fd, c * page, (e - c) * page)?;
-        let resident = cls[c as usize..e as usize].iter().filter(|x| **x == Bare::Resident).count() as u64;
+        let resident = cls[c as usize..e as usize]
+            .iter()
+            .filter(|x| **x == Bare::Resident)
+            .count() as u64;
         fallocated += cs.nr_cache.saturating_sub(resident);
     }
     let count = |b| cls.iter().filter(|c| **c == b).count() as u64;
-    Ok([count(Bare::Hole) - fallocated, count(Bare::Resident), count(Bare::SwapCache), count(Bare::Swapped), fallocated])
+    Ok([
+        count(Bare::Hole) - fallocated,
+        count(Bare::Resident),
+        count(Bare::SwapCache),
+        count(Bare::Swapped),
+        fallocated,
+    ])
 }

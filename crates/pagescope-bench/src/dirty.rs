@@ -12,7 +12,11 @@ use pagescope::uffd::wp_get_and_reset;
 use pagescope::{Advice, KernelCaps, OwnedMapping, VirtAddr, VirtRange};
 
 fn arg(args: &[String], key: &str, default: u64) -> u64 {
-    args.iter().position(|a| a == key).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+    args.iter()
+        .position(|a| a == key)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -41,7 +45,8 @@ fn pick(pages: u64, n: u64, seed: u64) -> Vec<u64> {
 fn hash_page(m: &OwnedMapping, page: usize, buf: &mut [u8]) -> u64 {
     m.read(page * buf.len(), buf).expect("read");
     buf.chunks_exact(8).fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
-        (h ^ u64::from_ne_bytes(w.try_into().unwrap_or_default())).wrapping_mul(0x0000_0100_0000_01b3)
+        (h ^ u64::from_ne_bytes(w.try_into().unwrap_or_default()))
+            .wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
 
@@ -49,7 +54,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let gib = arg(args, "--gib", 4);
     let reps = arg(args, "--reps", 5);
     let caps = KernelCaps::probe();
-    anyhow::ensure!(caps.has_uffd_wp_async(), "needs userfaultfd WP_ASYNC and PAGEMAP_SCAN (Linux 6.7+)");
+    anyhow::ensure!(
+        caps.has_uffd_wp_async(),
+        "needs userfaultfd WP_ASYNC and PAGEMAP_SCAN (Linux 6.7+)"
+    );
     first_write_cost(&caps, reps)?;
     reset_cost(&caps, gib, reps)
 }
@@ -80,10 +88,20 @@ fn first_write_cost(caps: &KernelCaps, reps: u64) -> anyhow::Result<()> {
     }
     let protected = median(protected);
     let per = |d: Duration| d.as_secs_f64() * 1e9 / pages as f64;
-    println!("| first write to a page ({} pages, median of {reps}) | ns/page | ratio |", pages);
+    println!(
+        "| first write to a page ({} pages, median of {reps}) | ns/page | ratio |",
+        pages
+    );
     println!("|---|---:|---:|");
-    println!("| unprotected (present, writable) | {:.0} | 1.00x |", per(plain));
-    println!("| write-protected by uffd-wp async | {:.0} | {:.2}x |", per(protected), per(protected) / per(plain));
+    println!(
+        "| unprotected (present, writable) | {:.0} | 1.00x |",
+        per(plain)
+    );
+    println!(
+        "| write-protected by uffd-wp async | {:.0} | {:.2}x |",
+        per(protected),
+        per(protected) / per(plain)
+    );
     println!();
     Ok(())
 }
@@ -102,29 +120,42 @@ fn reset_cost(caps: &KernelCaps, gib: u64, reps: u64) -> anyhow::Result<()> {
     let pagemap = std::fs::File::open("/proc/self/pagemap")?;
     let mut vec = vec![page_region::default(); 16 * 1024];
     let mut buf = vec![0u8; 4096];
-    let mut hashes: Vec<u64> = (0..pages as usize).map(|p| hash_page(&m, p, &mut buf)).collect();
-    println!("| read+reset of a {gib} GiB region (median of {reps}) | written | pagescope ms | bare ioctl ms | pagescope / bare | hashing ms | hashing / pagescope |");
+    let mut hashes: Vec<u64> = (0..pages as usize)
+        .map(|p| hash_page(&m, p, &mut buf))
+        .collect();
+    println!(
+        "| read+reset of a {gib} GiB region (median of {reps}) | written | pagescope ms | bare ioctl ms | pagescope / bare | hashing ms | hashing / pagescope |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (label, frac) in [("0.01%", 0.0001), ("1%", 0.01), ("10%", 0.1)] {
-        let n = ((pages as f64) * frac) as u64;
+    for (label, per_10k) in [("0.01%", 1u64), ("1%", 100), ("10%", 1000)] {
+        let n = pages * per_10k / 10_000;
         let (mut lib, mut bare, mut hash) = (Vec::new(), Vec::new(), Vec::new());
         for rep in 0..reps {
             let dirty = pick(pages, n, 0x1234 + rep);
             // Every touch writes a value never written before, so hashing
             // sees every written page change.
             let touch = |v: u64| {
-                dirty.iter().for_each(|&p| m.write(p as usize * 4096 + 128, &v.to_ne_bytes()).expect("write"))
+                dirty.iter().for_each(|&p| {
+                    m.write(p as usize * 4096 + 128, &v.to_ne_bytes())
+                        .expect("write")
+                })
             };
-            let stamp = (frac.to_bits() ^ rep) << 8;
+            let stamp = (per_10k << 32 ^ rep) << 8;
             touch(stamp | 1);
             let t = Instant::now();
             let r = tracker.collect()?;
             lib.push(t.elapsed());
-            anyhow::ensure!(r.pages() == n, "pagescope reported {} of {n} written pages", r.pages());
+            anyhow::ensure!(
+                r.pages() == n,
+                "pagescope reported {} of {n} written pages",
+                r.pages()
+            );
             touch(stamp | 2);
             let t = Instant::now();
             let mut found = 0;
-            wp_get_and_reset(pagemap.as_fd(), range, &mut vec, |w| found += w.len() / 4096)?;
+            wp_get_and_reset(pagemap.as_fd(), range, &mut vec, |w| {
+                found += w.len() / 4096
+            })?;
             bare.push(t.elapsed());
             anyhow::ensure!(found == n, "bare loop found {found} of {n}");
             touch(stamp | 3);
@@ -142,7 +173,14 @@ fn reset_cost(caps: &KernelCaps, gib: u64, reps: u64) -> anyhow::Result<()> {
             tracker.collect()?; // drop the writes the other two methods made
         }
         let (l, b, h) = (median(lib), median(bare), median(hash));
-        println!("| {label} | {n} | {:.2} | {:.2} | {:.2}x | {:.0} | {:.0}x |", ms(l), ms(b), ms(l) / ms(b), ms(h), ms(h) / ms(l));
+        println!(
+            "| {label} | {n} | {:.2} | {:.2} | {:.2}x | {:.0} | {:.0}x |",
+            ms(l),
+            ms(b),
+            ms(l) / ms(b),
+            ms(h),
+            ms(h) / ms(l)
+        );
     }
     Ok(())
 }

@@ -21,7 +21,9 @@ fn main() -> ExitCode {
         Some("objects") => report(objects::run(&args[1..])),
         Some("dirty") => report(dirty::run(&args[1..])),
         _ => {
-            eprintln!("usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]");
+            eprintln!(
+                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]"
+            );
             ExitCode::from(2)
         }
     }

@@ -40,10 +40,16 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let (s, d) = (sparse.to_string(), dense.to_string());
     eprintln!("starting the fixture: {sparse} GiB sparse (1% touched), {dense} GiB dense ...");
-    let fx = FixtureProcess::spawn(&exe, &["bench", "--sparse-gib", &s, "--dense-gib", &d]).context("fixture")?;
+    let fx = FixtureProcess::spawn(&exe, &["bench", "--sparse-gib", &s, "--dense-gib", &d])
+        .context("fixture")?;
     let caps = KernelCaps::probe();
     let target = Target::open(fx.pid())?;
-    let ranges: Vec<VirtRange> = target.maps()?.iter().map(|e| e.range).filter(|r| r.end().get() < 1 << 47).collect();
+    let ranges: Vec<VirtRange> = target
+        .maps()?
+        .iter()
+        .map(|e| e.range)
+        .filter(|r| r.end().get() < 1 << 47)
+        .collect();
     let pagemap = target.pagemap()?;
     let fd = pagemap.as_fd();
     let mut vec = vec![page_region::default(); 16 * 1024];
@@ -51,14 +57,22 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 
     let (target, caps) = (&target, &caps);
     let scan = |threads, objects| {
-        let opts = ScanOptions { threads, objects, ..ScanOptions::default() };
+        let opts = ScanOptions {
+            threads,
+            objects,
+            ..ScanOptions::default()
+        };
         move || {
             let r = scan_process(target, caps, &opts).expect("scan");
             assert!(r.complete());
         }
     };
     let fast = |threads| {
-        let opts = ScanOptions { threads, skip_exclusive: true, ..ScanOptions::default() };
+        let opts = ScanOptions {
+            threads,
+            skip_exclusive: true,
+            ..ScanOptions::default()
+        };
         move || {
             let r = scan_process(target, caps, &opts).expect("scan");
             assert!(r.complete());
@@ -76,7 +90,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let fast1 = median(reps, fast(1));
     let fastn = median(reps, fast(0));
     let json = median(reps, || {
-        let r = scan_process(target, caps, &ScanOptions { objects: true, ..ScanOptions::default() }).expect("scan");
+        let r = scan_process(
+            target,
+            caps,
+            &ScanOptions {
+                objects: true,
+                ..ScanOptions::default()
+            },
+        )
+        .expect("scan");
         serde_json::to_writer(std::io::sink(), &r.pages_json()).expect("json");
     });
     eprintln!("procfs crate (one run; it reads 8 bytes per call) ...");
@@ -84,22 +106,44 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let procfs_present = baseline::procfs_loop(fx.pid(), &ranges)?;
     let procfs = t.elapsed();
     let present = baseline::pread_loop(fd, &ranges, &mut buf);
-    anyhow::ensure!(procfs_present == present, "procfs saw {procfs_present} present pages, pread {present}");
+    anyhow::ensure!(
+        procfs_present == present,
+        "procfs saw {procfs_present} present pages, pread {present}"
+    );
 
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let ratio = |d: Duration| ms(d) / ms(ioctl);
     println!("| measurement | ms (median of {reps}) | / bare PAGEMAP_SCAN | / bare pread |");
     println!("|---|---:|---:|---:|");
-    let row = |name: &str, d: Duration| println!("| {name} | {:.1} | {:.2}x | {:.2}x |", ms(d), ratio(d), ms(d) / ms(pread));
+    let row = |name: &str, d: Duration| {
+        println!(
+            "| {name} | {:.1} | {:.2}x | {:.2}x |",
+            ms(d),
+            ratio(d),
+            ms(d) / ms(pread)
+        )
+    };
     row("bare PAGEMAP_SCAN loop (baseline a)", ioctl);
     row("bare 64K-entry pagemap pread loop (baseline b)", pread);
     row("pagescope library scan, 1 thread", lib1);
     row(&format!("pagescope library scan, {cpus} threads"), libn);
-    row(&format!("pagescope library scan + objects, {cpus} threads"), lib_objects);
-    row("pagescope library scan without exclusive bit, 1 thread", fast1);
-    row(&format!("pagescope library scan without exclusive bit, {cpus} threads"), fastn);
-    row(&format!("pagescope scan + objects + pages JSON, {cpus} threads"), json);
+    row(
+        &format!("pagescope library scan + objects, {cpus} threads"),
+        lib_objects,
+    );
+    row(
+        "pagescope library scan without exclusive bit, 1 thread",
+        fast1,
+    );
+    row(
+        &format!("pagescope library scan without exclusive bit, {cpus} threads"),
+        fastn,
+    );
+    row(
+        &format!("pagescope scan + objects + pages JSON, {cpus} threads"),
+        json,
+    );
     row("procfs crate pagemap API (baseline c, 1 run)", procfs);
     println!();
     println!(

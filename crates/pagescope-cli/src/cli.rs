@@ -171,8 +171,11 @@ fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
     } else {
         (s, 1.0)
     };
-    let v: f64 = num.trim().parse().map_err(|_| format!("not an interval: {s:?} (try 1s or 500ms)"))?;
-    if !(v > 0.0) || v * scale > 86_400.0 {
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not an interval: {s:?} (try 1s or 500ms)"))?;
+    if v.is_nan() || v <= 0.0 || v * scale > 86_400.0 {
         return Err(format!("interval out of range: {s:?}"));
     }
     Ok(std::time::Duration::from_secs_f64(v * scale))

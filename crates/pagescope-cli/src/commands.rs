@@ -19,15 +19,40 @@ pub fn run(cli: Cli) -> Result<u8> {
             let report = scan_pid(pid, &scan, options(&scan, None, false))?;
             render(&report, scan.json, Render::Map)
         }
-        Command::Pages { pid, range, swap_detail, scan } => {
+        Command::Pages {
+            pid,
+            range,
+            swap_detail,
+            scan,
+        } => {
             let range = range.map(|r| parse_range(pid, &r)).transpose()?;
             let report = scan_pid(pid, &scan, options(&scan, range, swap_detail))?;
             render(&report, scan.json, Render::Pages)
         }
-        Command::Objects { pids, all, files, ranges, json } => objects(pids, all, files, ranges, json),
-        Command::Watch { pid, interval, count, json, bandwidth, tracker, strict_shared } => {
-            crate::watch::run(pid, interval, count, json, bandwidth, tracker.map(Into::into), strict_shared)
-        }
+        Command::Objects {
+            pids,
+            all,
+            files,
+            ranges,
+            json,
+        } => objects(pids, all, files, ranges, json),
+        Command::Watch {
+            pid,
+            interval,
+            count,
+            json,
+            bandwidth,
+            tracker,
+            strict_shared,
+        } => crate::watch::run(
+            pid,
+            interval,
+            count,
+            json,
+            bandwidth,
+            tracker.map(Into::into),
+            strict_shared,
+        ),
         Command::Kernel { json } => kernel(json),
         Command::Demo { json, backend } => demo(json, backend.into()),
         Command::Fixture { .. } => unreachable!("handled in main"),
@@ -36,8 +61,12 @@ pub fn run(cli: Cli) -> Result<u8> {
 
 fn parse_range(pid: u32, s: &str) -> Result<VirtRange> {
     s.parse::<VirtRange>().map_err(|e| {
-        anyhow::Error::new(pagescope::ScanError::BadRange { pid, range: VirtRange::default(), what: "malformed" })
-            .context(e.to_string())
+        anyhow::Error::new(pagescope::ScanError::BadRange {
+            pid,
+            range: VirtRange::default(),
+            what: "malformed",
+        })
+        .context(e.to_string())
     })
 }
 
@@ -103,10 +132,20 @@ fn objects(pids: Vec<u32>, all: bool, files: bool, ranges: bool, json: bool) -> 
             t.require_address_space()?;
         }
     }
-    let mut report = objects_view(&pids, &caps, &ObjectsOptions { private_files: files });
+    let mut report = objects_view(
+        &pids,
+        &caps,
+        &ObjectsOptions {
+            private_files: files,
+        },
+    );
     if all {
         // Processes that exited or are kernel threads have no objects.
-        report.skipped.retain(|s| !s.reason.contains("no process") && !s.reason.contains("no user address space") && !s.reason.contains("exited"));
+        report.skipped.retain(|s| {
+            !s.reason.contains("no process")
+                && !s.reason.contains("no user address space")
+                && !s.reason.contains("exited")
+        });
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if json {
@@ -128,7 +167,11 @@ fn kernel(json: bool) -> Result<u8> {
         writeln!(out)?;
         return Ok(OK);
     }
-    writeln!(out, "kernel {} (page size {} B)", caps.release, caps.page_size)?;
+    writeln!(
+        out,
+        "kernel {} (page size {} B)",
+        caps.release, caps.page_size
+    )?;
     for f in caps.features() {
         let mark = if f.available { "yes" } else { "NO " };
         writeln!(out, "  [{mark}] {:<40} requires: {}", f.name, f.requires)?;
@@ -137,18 +180,41 @@ fn kernel(json: bool) -> Result<u8> {
         }
     }
     if let Some(cats) = caps.pagemap_scan {
-        let names: Vec<_> = cats.iter_names().map(|(n, _)| n.to_ascii_lowercase()).collect();
+        let names: Vec<_> = cats
+            .iter_names()
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .collect();
         writeln!(out, "  PAGEMAP_SCAN categories: {}", names.join(" "))?;
     }
     if let Some(u) = caps.uffd {
-        writeln!(out, "  userfaultfd features: {:#x}{}", u.features, if u.user_mode_only { " (user-mode only)" } else { "" })?;
+        writeln!(
+            out,
+            "  userfaultfd features: {:#x}{}",
+            u.features,
+            if u.user_mode_only {
+                " (user-mode only)"
+            } else {
+                ""
+            }
+        )?;
     }
-    writeln!(out, "  THP: {}", caps.thp_mode.as_deref().unwrap_or("unavailable"))?;
+    writeln!(
+        out,
+        "  THP: {}",
+        caps.thp_mode.as_deref().unwrap_or("unavailable")
+    )?;
     if caps.swaps.is_empty() {
         writeln!(out, "  swap: none active")?;
     }
     for (ty, d) in caps.swaps.devices().iter().enumerate() {
-        writeln!(out, "  swap type {ty}: {} ({}, {} kB, priority {})", d.display_path(), d.kind, d.size_kb, d.priority)?;
+        writeln!(
+            out,
+            "  swap type {ty}: {} ({}, {} kB, priority {})",
+            d.display_path(),
+            d.kind,
+            d.size_kb,
+            d.priority
+        )?;
     }
     Ok(OK)
 }
@@ -162,20 +228,34 @@ fn swaps_json(caps: &KernelCaps) -> serde_json::Value {
 }
 
 fn demo(json: bool, backend: pagescope::BackendChoice) -> Result<u8> {
-    let exe = std::env::current_exe().context("cannot find the pagescope binary to start the fixture")?;
-    let fixture = FixtureProcess::spawn(&exe, &["demo"]).context("cannot start the demo fixture")?;
+    let exe =
+        std::env::current_exe().context("cannot find the pagescope binary to start the fixture")?;
+    let fixture =
+        FixtureProcess::spawn(&exe, &["demo"]).context("cannot start the demo fixture")?;
     let caps = KernelCaps::probe();
     let target = Target::open(fixture.pid())?;
-    let opts = ScanOptions { backend, objects: true, ..ScanOptions::default() };
+    let opts = ScanOptions {
+        backend,
+        objects: true,
+        ..ScanOptions::default()
+    };
     let report = scan_process(&target, &caps, &opts)?;
     if json {
         return render(&report, true, Render::Pages);
     }
     let truth = fixture.truth();
     let mut out = std::io::stdout().lock();
-    writeln!(out, "pagescope demo: fixture process {} (backend {})\n", fixture.pid(), report.backend)?;
+    writeln!(
+        out,
+        "pagescope demo: fixture process {} (backend {})\n",
+        fixture.pid(),
+        report.backend
+    )?;
     report.write_map(&mut out)?;
-    writeln!(out, "\nfixture regions, checked page by page against the fixture's ground truth:")?;
+    writeln!(
+        out,
+        "\nfixture regions, checked page by page against the fixture's ground truth:"
+    )?;
     for region in &truth.regions {
         let range = VirtRange::from_start_len(
             pagescope::VirtAddr::new(region.start),
@@ -184,15 +264,27 @@ fn demo(json: bool, backend: pagescope::BackendChoice) -> Result<u8> {
         .unwrap_or_default();
         let verdict = match &region.skip {
             Some(why) => format!("not checked: {why}"),
-            None => match pagescope_fixture::check::check_region(truth, region, &report).as_slice() {
+            None => match pagescope_fixture::check::check_region(truth, region, &report).as_slice()
+            {
                 [] => "matches".to_owned(),
                 [first, ..] => format!("MISMATCH: {first}"),
             },
         };
-        writeln!(out, "  {:<16} {range} {:>7} pages  {}", region.name, region.pages, verdict)?;
+        writeln!(
+            out,
+            "  {:<16} {range} {:>7} pages  {}",
+            region.name, region.pages, verdict
+        )?;
         for (_, run) in report.runs().filter(|(_, r)| range.contains(r.start)) {
             let flags: Vec<_> = run.flags.names().collect();
-            writeln!(out, "      {} {:>6} {:<12} {}", run.range(report.page_size), run.pages, run.state, flags.join(","))?;
+            writeln!(
+                out,
+                "      {} {:>6} {:<12} {}",
+                run.range(report.page_size),
+                run.pages,
+                run.state,
+                flags.join(",")
+            )?;
         }
     }
     for s in &truth.skipped {

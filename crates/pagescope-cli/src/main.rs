@@ -40,8 +40,14 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         c.downcast_ref::<pagescope::ScanError>()
             .map(|e| e.kind())
             .or_else(|| c.downcast_ref::<pagescope::ProcError>().map(|e| e.kind()))
-            .or_else(|| c.downcast_ref::<pagescope::uffd::UffdError>().map(|e| e.kind()))
-            .or_else(|| c.downcast_ref::<pagescope::dirty::TrackError>().map(|e| e.kind()))
+            .or_else(|| {
+                c.downcast_ref::<pagescope::uffd::UffdError>()
+                    .map(|e| e.kind())
+            })
+            .or_else(|| {
+                c.downcast_ref::<pagescope::dirty::TrackError>()
+                    .map(|e| e.kind())
+            })
     });
     kind.map_or(1, |k| u8::try_from(k.exit_code()).unwrap_or(1))
 }

@@ -22,13 +22,21 @@ fn validate(schema_name: &str, doc: &Value) {
         .with_resource("https://pagescope.invalid/pages.schema.json", resource)
         .build(&schema(schema_name))
         .expect("valid schema");
-    let errors: Vec<String> = validator.iter_errors(doc).map(|e| format!("{} at {}", e, e.instance_path)).take(5).collect();
+    let errors: Vec<String> = validator
+        .iter_errors(doc)
+        .map(|e| format!("{} at {}", e, e.instance_path))
+        .take(5)
+        .collect();
     assert!(errors.is_empty(), "{schema_name}: {errors:?}");
 }
 
 fn json_of(args: &[&str]) -> Value {
     let out = cli(args);
-    assert!(out.status.success(), "pagescope {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pagescope {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("stdout is JSON")
 }
 
@@ -41,7 +49,9 @@ fn hex(v: &Value) -> u64 {
 fn assert_ranges_cover_vmas(doc: &Value) {
     let page = doc["page_size"].as_u64().unwrap();
     for vma in doc["vmas"].as_array().unwrap() {
-        let start = vma.get("scanned_start").map_or_else(|| hex(&vma["start"]), hex);
+        let start = vma
+            .get("scanned_start")
+            .map_or_else(|| hex(&vma["start"]), hex);
         let end = vma.get("scanned_end").map_or_else(|| hex(&vma["end"]), hex);
         let mut at = start;
         let mut prev: Option<&Value> = None;
@@ -49,8 +59,14 @@ fn assert_ranges_cover_vmas(doc: &Value) {
             assert_eq!(hex(&r["start"]), at, "gap or overlap in {}", vma["path"]);
             assert_eq!(hex(&r["end"]) - at, r["pages"].as_u64().unwrap() * page);
             if let Some(p) = prev {
-                let same = p["state"] == r["state"] && p["flags"] == r["flags"] && p.get("reason") == r.get("reason");
-                assert!(!same || r.get("swap").is_some(), "unmerged equal neighbours in {}", vma["path"]);
+                let same = p["state"] == r["state"]
+                    && p["flags"] == r["flags"]
+                    && p.get("reason") == r.get("reason");
+                assert!(
+                    !same || r.get("swap").is_some(),
+                    "unmerged equal neighbours in {}",
+                    vma["path"]
+                );
             }
             at = hex(&r["end"]);
             prev = Some(r);
@@ -68,15 +84,27 @@ fn pages_json_matches_schema_and_covers_every_page() {
     assert_ranges_cover_vmas(&doc);
     assert_eq!(doc["pid"].as_u64(), Some(u64::from(fx.pid())));
     assert_eq!(doc["complete"], Value::Bool(true));
-    let paths: BTreeSet<_> = doc["vmas"].as_array().unwrap().iter().map(|v| v["backing"].as_str().unwrap().to_owned()).collect();
-    assert!(paths.contains("anon") && paths.contains("file") && paths.contains("special"), "{paths:?}");
+    let paths: BTreeSet<_> = doc["vmas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["backing"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        paths.contains("anon") && paths.contains("file") && paths.contains("special"),
+        "{paths:?}"
+    );
 }
 
 #[test]
 fn pages_json_with_swap_detail_and_range_swapdev() {
     let fx = fixture(&["anon"]);
     let region = fx.truth().region("anon_swapped").unwrap().clone();
-    let range = format!("{:x}-{:x}", region.start, region.start + region.pages * 4096);
+    let range = format!(
+        "{:x}-{:x}",
+        region.start,
+        region.start + region.pages * 4096
+    );
     let pid = fx.pid().to_string();
     let doc = json_of(&["pages", &pid, "--json", "--swap-detail", "--range", &range]);
     validate("pages.schema.json", &doc);
@@ -105,11 +133,26 @@ fn map_json_matches_schema_and_counts_add_up() {
     let page = doc["page_size"].as_u64().unwrap();
     let mut total = 0;
     for v in doc["vmas"].as_array().unwrap() {
-        let counted: u64 = v["counts"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
-        assert_eq!(counted * page, hex(&v["end"]) - hex(&v["start"]), "counts of {} do not add up", v["path"]);
+        let counted: u64 = v["counts"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            counted * page,
+            hex(&v["end"]) - hex(&v["start"]),
+            "counts of {} do not add up",
+            v["path"]
+        );
         total += counted;
     }
-    let totals: u64 = doc["totals"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
+    let totals: u64 = doc["totals"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
     assert_eq!(totals, total);
     assert!(doc["totals"]["guard"].as_u64().unwrap() >= 8 || !common::caps().guard_regions);
 }
@@ -121,10 +164,16 @@ fn text_outputs_name_states() {
     let map = cli(&["map", &pid]);
     assert!(map.status.success());
     let text = String::from_utf8(map.stdout).unwrap();
-    assert!(text.contains("[heap]") && text.contains("total kB"), "{text}");
+    assert!(
+        text.contains("[heap]") && text.contains("total kB"),
+        "{text}"
+    );
     let pages = cli(&["pages", &pid]);
     let text = String::from_utf8(pages.stdout).unwrap();
-    assert!(text.contains(" zero") && text.contains(" present"), "{text}");
+    assert!(
+        text.contains(" zero") && text.contains(" present"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -132,7 +181,10 @@ fn kernel_reports_features() {
     let out = cli(&["kernel"]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("PAGEMAP_SCAN ioctl") && text.contains("soft-dirty"), "{text}");
+    assert!(
+        text.contains("PAGEMAP_SCAN ioctl") && text.contains("soft-dirty"),
+        "{text}"
+    );
     let doc = json_of(&["kernel", "--json"]);
     assert_eq!(doc["caps"]["page_size"].as_u64(), Some(4096));
     assert!(doc["features"].as_array().unwrap().len() >= 8);
@@ -142,7 +194,11 @@ fn kernel_reports_features() {
 fn demo_runs_and_matches_its_own_truth() {
     let out = cli(&["demo"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("fixture regions"), "{text}");
     assert!(!text.contains("MISMATCH"), "{text}");
 }
@@ -174,7 +230,11 @@ fn bad_range_exits_7() {
     let fx = fixture(&[]);
     let pid = fx.pid().to_string();
     assert_fails(&["pages", &pid, "--range", "zzz"], 7, "zzz");
-    assert_fails(&["pages", &pid, "--range", "1000-1800"], 7, "not page aligned");
+    assert_fails(
+        &["pages", &pid, "--range", "1000-1800"],
+        7,
+        "not page aligned",
+    );
     assert_fails(&["pages", &pid, "--range", "1000-2000"], 7, "not mapped");
 }
 
@@ -185,10 +245,15 @@ fn permission_denied_exits_4() {
         assert_fails(&["pages", "1"], 4, "/proc/1/");
         return;
     }
-    let out = common::as_nobody(&["pages", "1"]).output().expect("setpriv");
+    let out = common::as_nobody(&["pages", "1"])
+        .output()
+        .expect("setpriv");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{err}");
-    assert!(err.contains("permission denied") && err.contains("/proc/1/"), "{err}");
+    assert!(
+        err.contains("permission denied") && err.contains("/proc/1/"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1);
 }
 

@@ -7,32 +7,53 @@ mod common;
 use std::os::unix::fs::FileExt;
 
 use common::{caps, fixture, skip};
-use pagescope::dirty::{DirtyReport, DirtyTracker, TrackOptions, TrackerBackend, WriteSource, attach};
+use pagescope::dirty::{
+    DirtyReport, DirtyTracker, TrackOptions, TrackerBackend, WriteSource, attach,
+};
 use pagescope::{Target, VirtAddr};
 use pagescope_fixture::{FixtureProcess, Truth};
 
 fn tracker(fx: &FixtureProcess) -> Option<Box<dyn DirtyTracker>> {
     if !common::is_root() {
-        skip("tracking another process needs ptrace rights and userfaultfd (root or CAP_SYS_PTRACE)");
+        skip(
+            "tracking another process needs ptrace rights and userfaultfd (root or CAP_SYS_PTRACE)",
+        );
         return None;
     }
     if !caps().has_uffd_wp_async() {
         skip("kernel lacks userfaultfd WP_ASYNC or PAGEMAP_SCAN (Linux 6.7+)");
         return None;
     }
-    let t = attach(Target::open(fx.pid()).unwrap(), caps(), &TrackOptions::default()).expect("attach");
-    assert_eq!(t.backend(), TrackerBackend::UffdWpAsync, "notes: {:?}", t.notes());
+    let t = attach(
+        Target::open(fx.pid()).unwrap(),
+        caps(),
+        &TrackOptions::default(),
+    )
+    .expect("attach");
+    assert_eq!(
+        t.backend(),
+        TrackerBackend::UffdWpAsync,
+        "notes: {:?}",
+        t.notes()
+    );
     Some(t)
 }
 
 fn addr(truth: &Truth, region: &str, page: u64) -> VirtAddr {
-    VirtAddr::new(truth.region(region).unwrap_or_else(|| panic!("no region {region}")).page_addr(page, truth.page_size))
+    VirtAddr::new(
+        truth
+            .region(region)
+            .unwrap_or_else(|| panic!("no region {region}"))
+            .page_addr(page, truth.page_size),
+    )
 }
 
 /// The pages of `region` the report names, as indices.
 fn reported(truth: &Truth, region: &str, r: &DirtyReport) -> Vec<u64> {
     let reg = truth.region(region).unwrap();
-    (0..reg.pages).filter(|&i| r.contains(VirtAddr::new(reg.page_addr(i, truth.page_size)))).collect()
+    (0..reg.pages)
+        .filter(|&i| r.contains(VirtAddr::new(reg.page_addr(i, truth.page_size))))
+        .collect()
 }
 
 fn cmd(fx: &mut FixtureProcess, c: &str) -> String {
@@ -44,13 +65,24 @@ fn reports_exactly_the_written_anon_pages() {
     let mut fx = fixture(&["anon"]);
     let Some(mut t) = tracker(&fx) else { return };
     let quiet = t.collect().unwrap();
-    assert!(reported(fx.truth(), "anon_present", &quiet).is_empty(), "nothing written yet");
+    assert!(
+        reported(fx.truth(), "anon_present", &quiet).is_empty(),
+        "nothing written yet"
+    );
     cmd(&mut fx, "write anon_present 2 3");
     let r = t.collect().unwrap();
     assert_eq!(reported(fx.truth(), "anon_present", &r), vec![2, 3, 4]);
-    assert!(r.written.iter().filter(|w| w.range.contains(addr(fx.truth(), "anon_present", 2))).all(|w| w.source == WriteSource::Tracked));
+    assert!(
+        r.written
+            .iter()
+            .filter(|w| w.range.contains(addr(fx.truth(), "anon_present", 2)))
+            .all(|w| w.source == WriteSource::Tracked)
+    );
     let again = t.collect().unwrap();
-    assert!(reported(fx.truth(), "anon_present", &again).is_empty(), "reset after reporting");
+    assert!(
+        reported(fx.truth(), "anon_present", &again).is_empty(),
+        "reset after reporting"
+    );
     // Writes into untouched pages (markers) and onto the zero page count too.
     cmd(&mut fx, "write anon_untouched 0 2");
     cmd(&mut fx, "write anon_zero 5 1");
@@ -87,7 +119,10 @@ fn dontneed_of_protected_thp_is_reported() {
     t.collect().unwrap();
     cmd(&mut fx, "dontneed thp_present 0 512");
     let r = t.collect().unwrap();
-    assert_eq!(reported(fx.truth(), "thp_present", &r), (0..512).collect::<Vec<_>>());
+    assert_eq!(
+        reported(fx.truth(), "thp_present", &r),
+        (0..512).collect::<Vec<_>>()
+    );
 }
 
 /// Written pages that were swapped out (and maybe back in) must be
@@ -144,22 +179,43 @@ fn new_moved_unmapped_and_reprotected_mappings() {
     cmd(&mut fx, "mmap fresh 16");
     fx.refresh_truth().unwrap();
     let r = t.collect().unwrap();
-    assert_eq!(reported(fx.truth(), "fresh", &r).len(), 16, "a new mapping is reported whole");
-    assert!(t.collect().map(|r| reported(fx.truth(), "fresh", &r).is_empty()).unwrap());
+    assert_eq!(
+        reported(fx.truth(), "fresh", &r).len(),
+        16,
+        "a new mapping is reported whole"
+    );
+    assert!(
+        t.collect()
+            .map(|r| reported(fx.truth(), "fresh", &r).is_empty())
+            .unwrap()
+    );
     cmd(&mut fx, "write fresh 3 1");
-    assert_eq!(reported(fx.truth(), "fresh", &t.collect().unwrap()), vec![3]);
+    assert_eq!(
+        reported(fx.truth(), "fresh", &t.collect().unwrap()),
+        vec![3]
+    );
 
     cmd(&mut fx, "mremap fresh 24");
     fx.refresh_truth().unwrap();
-    assert_eq!(reported(fx.truth(), "fresh", &t.collect().unwrap()).len(), 24, "a moved mapping is reported whole");
+    assert_eq!(
+        reported(fx.truth(), "fresh", &t.collect().unwrap()).len(),
+        24,
+        "a moved mapping is reported whole"
+    );
     cmd(&mut fx, "write fresh 20 1");
-    assert_eq!(reported(fx.truth(), "fresh", &t.collect().unwrap()), vec![20]);
+    assert_eq!(
+        reported(fx.truth(), "fresh", &t.collect().unwrap()),
+        vec![20]
+    );
 
     cmd(&mut fx, "ro anon_present 0 8");
     t.collect().unwrap();
     cmd(&mut fx, "rw anon_present 0 8");
     cmd(&mut fx, "write anon_present 1 1");
-    assert_eq!(reported(fx.truth(), "anon_present", &t.collect().unwrap()), vec![1]);
+    assert_eq!(
+        reported(fx.truth(), "anon_present", &t.collect().unwrap()),
+        vec![1]
+    );
 
     cmd(&mut fx, "munmap fresh");
     let r = t.collect().expect("collect after munmap");
@@ -190,15 +246,26 @@ fn writes_uffd_cannot_see_are_reported() {
     // The fixture's helper maps memfd pages 48..56 writable: a foreign
     // writer, so the memfd is reported on every collect.
     let r = t.collect().unwrap();
-    assert!(r.written.iter().any(|w| w.source == WriteSource::ObjectForeignWriter));
+    assert!(
+        r.written
+            .iter()
+            .any(|w| w.source == WriteSource::ObjectForeignWriter)
+    );
     assert!(reported(&truth, "memfd", &r).contains(&50));
     // pwrite into the private view's memfd (no foreign writer): its stamp.
     cmd(&mut fx, "pwrite memfd_private 20 1");
     let r = t.collect().unwrap();
     let got = reported(&truth, "memfd_private", &r);
     assert!(got.contains(&20), "{got:?}");
-    assert!(r.written.iter().any(|w| w.source == WriteSource::ObjectSyscall));
-    assert!(reported(&truth, "memfd_private", &t.collect().unwrap()).is_empty(), "nothing new");
+    assert!(
+        r.written
+            .iter()
+            .any(|w| w.source == WriteSource::ObjectSyscall)
+    );
+    assert!(
+        reported(&truth, "memfd_private", &t.collect().unwrap()).is_empty(),
+        "nothing new"
+    );
     // A process that writes a hole of the object and exits at once.
     cmd(&mut fx, "helper_write memfd_private 28 1 exit");
     let got = reported(&truth, "memfd_private", &t.collect().unwrap());
@@ -220,7 +287,8 @@ fn racing_writers_lose_no_write() {
     let page = truth.page_size as usize;
     let read_page = |i: u64| {
         let mut b = vec![0u8; page];
-        mem.read_exact_at(&mut b, region.page_addr(i, truth.page_size)).unwrap();
+        mem.read_exact_at(&mut b, region.page_addr(i, truth.page_size))
+            .unwrap();
         b
     };
     t.collect().unwrap();
@@ -243,8 +311,14 @@ fn racing_writers_lose_no_write() {
     for i in reported(&truth, "race", &r) {
         copy[i as usize] = read_page(i);
     }
-    let stale: Vec<u64> = (0..region.pages).filter(|&i| copy[i as usize] != read_page(i)).collect();
-    assert!(stale.is_empty(), "pid {pid}: {} stale pages after {collects} collects: {stale:?}", stale.len());
+    let stale: Vec<u64> = (0..region.pages)
+        .filter(|&i| copy[i as usize] != read_page(i))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "pid {pid}: {} stale pages after {collects} collects: {stale:?}",
+        stale.len()
+    );
     assert!(collects > 10, "only {collects} collects raced the writers");
 }
 
@@ -253,28 +327,50 @@ fn detaching_removes_the_protection() {
     let fx = fixture(&["anon"]);
     let Some(t) = tracker(&fx) else { return };
     let smaps = Target::open(fx.pid()).unwrap().smaps().unwrap();
-    assert!(smaps.iter().any(|s| s.vm_flags.contains(pagescope::proc::smaps::VmFlags::UFFD_WP)));
+    assert!(smaps.iter().any(|s| {
+        s.vm_flags
+            .contains(pagescope::proc::smaps::VmFlags::UFFD_WP)
+    }));
     drop(t);
     let smaps = Target::open(fx.pid()).unwrap().smaps().unwrap();
-    assert!(!smaps.iter().any(|s| s.vm_flags.contains(pagescope::proc::smaps::VmFlags::UFFD_WP)), "uw left behind");
+    assert!(
+        !smaps.iter().any(|s| s
+            .vm_flags
+            .contains(pagescope::proc::smaps::VmFlags::UFFD_WP)),
+        "uw left behind"
+    );
     // No fd left behind in the target either.
     let fds = Target::open(fx.pid()).unwrap().fds().unwrap();
     for n in fds {
         let link = std::fs::read_link(format!("/proc/{}/fd/{n}", fx.pid())).unwrap_or_default();
-        assert!(!link.to_string_lossy().contains("userfaultfd"), "fd {n} -> {link:?}");
+        assert!(
+            !link.to_string_lossy().contains("userfaultfd"),
+            "fd {n} -> {link:?}"
+        );
     }
 }
 
 #[test]
 fn soft_dirty_backend_is_refused_without_kernel_support() {
     let fx = fixture(&[]);
-    let opts = TrackOptions { backend: Some(TrackerBackend::SoftDirty), ..Default::default() };
+    let opts = TrackOptions {
+        backend: Some(TrackerBackend::SoftDirty),
+        ..Default::default()
+    };
     let r = attach(Target::open(fx.pid()).unwrap(), caps(), &opts);
     match (caps().soft_dirty, r) {
         (false, Err(e)) => assert!(e.to_string().contains("soft-dirty"), "{e}"),
         (false, Ok(_)) => panic!("soft-dirty tracker on a kernel without soft-dirty"),
         (true, r) => assert_eq!(r.unwrap().backend(), TrackerBackend::SoftDirty),
     }
-    let all = attach(Target::open(fx.pid()).unwrap(), caps(), &TrackOptions { backend: Some(TrackerBackend::AllDirty), ..Default::default() }).unwrap();
+    let all = attach(
+        Target::open(fx.pid()).unwrap(),
+        caps(),
+        &TrackOptions {
+            backend: Some(TrackerBackend::AllDirty),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(all.backend(), TrackerBackend::AllDirty);
 }

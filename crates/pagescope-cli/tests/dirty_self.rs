@@ -25,7 +25,11 @@ fn tracks_own_ranges_including_swap_and_threads_swapdev() {
     }
     let r = t.collect().unwrap();
     assert_eq!(r.pages(), 3);
-    assert!(r.written.iter().all(|w| w.source == WriteSource::Tracked && range.contains(w.range.start())));
+    assert!(
+        r.written
+            .iter()
+            .all(|w| w.source == WriteSource::Tracked && range.contains(w.range.start()))
+    );
     // Threads write disjoint pages while we collect: all of them show up.
     let mut seen = pagescope::RangeSet::new();
     std::thread::scope(|s| {

@@ -37,7 +37,10 @@ fn pagemap_snapshot(pid: u32) -> (String, Vec<Vec<u8>>) {
     for line in maps.lines() {
         let range = line.split(' ').next().unwrap();
         let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (u64::from_str_radix(a, 16).unwrap(), u64::from_str_radix(b, 16).unwrap());
+        let (a, b) = (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
         if a >= 0xffff_8000_0000_0000 {
             continue; // [vsyscall]: outside pagemap
         }
@@ -77,7 +80,16 @@ fn scanning_changes_nothing_in_the_target_swapdev() {
         if backend == BackendChoice::PagemapScan && !caps().has_pagemap_scan() {
             continue;
         }
-        let r = common::scan_with(pid, &pagescope::ScanOptions { backend, objects: true, smaps: true, swap_detail: true, ..Default::default() });
+        let r = common::scan_with(
+            pid,
+            &pagescope::ScanOptions {
+                backend,
+                objects: true,
+                smaps: true,
+                swap_detail: true,
+                ..Default::default()
+            },
+        );
         assert!(r.complete());
     }
     let pid_s = pid.to_string();
@@ -91,14 +103,27 @@ fn scanning_changes_nothing_in_the_target_swapdev() {
     let view_after = fx.command("selfview").unwrap();
     let cache_after = object_cachestats(pid);
     if common::is_root() {
-        assert!(cache_before.len() >= 8, "objects opened: {}", cache_before.len());
+        assert!(
+            cache_before.len() >= 8,
+            "objects opened: {}",
+            cache_before.len()
+        );
     } else {
         common::skip("cachestat of every object needs map_files (CAP_SYS_ADMIN)");
     }
-    assert_eq!(cache_before, cache_after, "an object's page cache or swap changed");
+    assert_eq!(
+        cache_before, cache_after,
+        "an object's page cache or swap changed"
+    );
     assert_eq!(vm_before, vm_after, "swap counters moved during the scans");
-    assert_eq!(faults_before, faults_after, "the target took page faults during the scans");
+    assert_eq!(
+        faults_before, faults_after,
+        "the target took page faults during the scans"
+    );
     assert_eq!(maps_before, maps_after, "the target's mappings changed");
     assert!(pm_before == pm_after, "the target's pagemap changed");
-    assert_eq!(view_before, view_after, "the target's own mincore/pagemap view changed");
+    assert_eq!(
+        view_before, view_after,
+        "the target's own mincore/pagemap view changed"
+    );
 }

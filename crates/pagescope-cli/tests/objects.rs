@@ -16,7 +16,9 @@ const SHMEM: [&str; 4] = ["memfd", "tmpfs", "shared_anon", "sysv"];
 
 fn check_scenario(scenario: &str) {
     if !common::is_root() {
-        skip("map_files (every shmem kind) needs CAP_SYS_ADMIN; tests/unprivileged.rs covers the rest");
+        skip(
+            "map_files (every shmem kind) needs CAP_SYS_ADMIN; tests/unprivileged.rs covers the rest",
+        );
         return;
     }
     let fx = fixture(&[scenario]);
@@ -55,7 +57,11 @@ fn memfd_private_view_swapdev() {
 /// Pages per state among the report's VMAs of one object.
 fn object_counts(report: &ProcessReport, dev: &str, inode: u64) -> BTreeMap<PageState, u64> {
     let mut c = BTreeMap::new();
-    for v in report.vmas.iter().filter(|v| v.vma.inode == inode && v.vma.dev.to_string() == dev) {
+    for v in report
+        .vmas
+        .iter()
+        .filter(|v| v.vma.inode == inode && v.vma.dev.to_string() == dev)
+    {
         for r in &v.runs {
             *c.entry(r.state).or_default() += r.pages;
         }
@@ -75,8 +81,15 @@ fn smaps_swap_equals_swapped_plus_swapcache_swapdev() {
     let report = common::scan(fx.pid(), BackendChoice::Auto);
     let smaps = Target::open(fx.pid()).unwrap().smaps().unwrap();
     let mut checked = 0;
-    for v in report.vmas.iter().filter(|v| v.vma.backing == pagescope::Backing::Shmem && v.vma.is_shared()) {
-        let s = smaps.iter().find(|s| s.vma.range == v.vma.range).expect("smaps entry");
+    for v in report
+        .vmas
+        .iter()
+        .filter(|v| v.vma.backing == pagescope::Backing::Shmem && v.vma.is_shared())
+    {
+        let s = smaps
+            .iter()
+            .find(|s| s.vma.range == v.vma.range)
+            .expect("smaps entry");
         let swap_pages = s.field_kb("Swap").unwrap() / 4;
         let ours: u64 = v
             .runs
@@ -88,9 +101,16 @@ fn smaps_swap_equals_swapped_plus_swapcache_swapdev() {
         checked += u64::from(swap_pages > 0);
     }
     for r in common::checkable(fx.truth(), None) {
-        assert!(r.expect.iter().any(|e| e.state.starts_with("swap")), "{} has no paged-out pages", r.name);
+        assert!(
+            r.expect.iter().any(|e| e.state.starts_with("swap")),
+            "{} has no paged-out pages",
+            r.name
+        );
     }
-    assert!(checked >= 4, "only {checked} shmem mappings had swap to compare");
+    assert!(
+        checked >= 4,
+        "only {checked} shmem mappings had swap to compare"
+    );
 }
 
 /// cachestat over the whole object: `nr_cache` counts page-cache folios,
@@ -107,15 +127,34 @@ fn cachestat_agrees_with_object_pages_swapdev() {
     let target = Target::open(fx.pid()).unwrap();
     for region in common::checkable(fx.truth(), None) {
         let obj = region.object.as_ref().expect("object identity");
-        let v = report.vmas.iter().find(|v| v.vma.inode == obj.inode).expect("vma");
+        let v = report
+            .vmas
+            .iter()
+            .find(|v| v.vma.inode == obj.inode)
+            .expect("vma");
         let fd = target.map_file(v.vma.range).expect("map_files");
         let cs = pagescope::sys::cachestat::cachestat(fd.as_fd(), 0, 0).expect("cachestat");
         let c = object_counts(&report, &obj.dev, obj.inode);
         let get = |s| c.get(&s).copied().unwrap_or(0);
         let cached = get(PageState::Present) + get(PageState::Resident);
-        assert_eq!(cached, cs.nr_cache - get(PageState::Fallocated), "{}: {c:?} vs {cs:?}", region.name);
-        assert_eq!(get(PageState::Swapped) + get(PageState::SwapCache), cs.nr_evicted, "{}: {c:?} vs {cs:?}", region.name);
-        assert_eq!(c.values().sum::<u64>(), region.pages, "{} not fully covered", region.name);
+        assert_eq!(
+            cached,
+            cs.nr_cache - get(PageState::Fallocated),
+            "{}: {c:?} vs {cs:?}",
+            region.name
+        );
+        assert_eq!(
+            get(PageState::Swapped) + get(PageState::SwapCache),
+            cs.nr_evicted,
+            "{}: {c:?} vs {cs:?}",
+            region.name
+        );
+        assert_eq!(
+            c.values().sum::<u64>(),
+            region.pages,
+            "{} not fully covered",
+            region.name
+        );
     }
 }
 
@@ -132,8 +171,18 @@ fn objects_view_lists_each_object_once_with_its_sharers_swapdev() {
     assert!(view.skipped.is_empty(), "{:?}", view.skipped);
     for region in common::checkable(truth, None) {
         let obj = region.object.as_ref().unwrap();
-        let found: Vec<_> = view.objects.iter().filter(|o| o.id.inode == obj.inode && o.id.dev.to_string() == obj.dev).collect();
-        assert_eq!(found.len(), 1, "{} listed {} times", region.name, found.len());
+        let found: Vec<_> = view
+            .objects
+            .iter()
+            .filter(|o| o.id.inode == obj.inode && o.id.dev.to_string() == obj.dev)
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "{} listed {} times",
+            region.name,
+            found.len()
+        );
         let o = found[0];
         assert!(o.error.is_none(), "{}: {:?}", region.name, o.error);
         assert_eq!(o.size_pages, 64);
@@ -142,18 +191,39 @@ fn objects_view_lists_each_object_once_with_its_sharers_swapdev() {
         let mut want: BTreeMap<PageState, u64> = BTreeMap::new();
         for e in &region.expect {
             let st = PageState::from_name(&e.state).unwrap();
-            let st = if st == PageState::Present { PageState::Resident } else { st };
+            let st = if st == PageState::Present {
+                PageState::Resident
+            } else {
+                st
+            };
             *want.entry(st).or_default() += e.count;
         }
-        let got: BTreeMap<PageState, u64> = o.counts.0.iter().filter(|(_, n)| **n > 0).map(|(s, n)| (*s, *n)).collect();
+        let got: BTreeMap<PageState, u64> = o
+            .counts
+            .0
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(s, n)| (*s, *n))
+            .collect();
         assert_eq!(got, want, "{}", region.name);
         // Pages 0..8 are mapped by the fixture, 48..56 by the helper.
         assert_eq!(o.mapped_pages, 16, "{}", region.name);
         let pids: Vec<u32> = o.sharers.iter().map(|s| s.pid).collect();
-        assert!(pids.contains(&fx.pid()) && pids.contains(&helper), "{}: sharers {pids:?}", region.name);
+        assert!(
+            pids.contains(&fx.pid()) && pids.contains(&helper),
+            "{}: sharers {pids:?}",
+            region.name
+        );
         let h = o.sharers.iter().find(|s| s.pid == helper).unwrap();
         assert_eq!(h.mappings.len(), 1);
-        assert_eq!((h.mappings[0].first_page, h.mappings[0].pages, h.mappings[0].present_pages), (48, 8, 8));
+        assert_eq!(
+            (
+                h.mappings[0].first_page,
+                h.mappings[0].pages,
+                h.mappings[0].present_pages
+            ),
+            (48, 8, 8)
+        );
     }
 }
 
@@ -162,31 +232,72 @@ fn objects_cli_json_and_all() {
     let fx = fixture(&["memfd", "file"]);
     let pid = fx.pid().to_string();
     let out = common::cli(&["objects", &pid, "--json", "--ranges"]);
-    assert!(matches!(out.status.code(), Some(0)), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        matches!(out.status.code(), Some(0)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let schema: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/objects.schema.json")).unwrap(),
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/objects.schema.json"
+        ))
+        .unwrap(),
     )
     .unwrap();
     let validator = jsonschema::validator_for(&schema).unwrap();
-    let errors: Vec<String> = validator.iter_errors(&doc).map(|e| format!("{e} at {}", e.instance_path)).collect();
+    let errors: Vec<String> = validator
+        .iter_errors(&doc)
+        .map(|e| format!("{e} at {}", e.instance_path))
+        .collect();
     assert!(errors.is_empty(), "{errors:?}");
     let objects = doc["objects"].as_array().unwrap();
-    let memfd: Vec<_> = objects.iter().filter(|o| o["kind"] == "memfd" && o["sharers"][0]["pid"] == fx.pid()).collect();
+    let memfd: Vec<_> = objects
+        .iter()
+        .filter(|o| o["kind"] == "memfd" && o["sharers"][0]["pid"] == fx.pid())
+        .collect();
     assert_eq!(memfd.len(), 1);
-    let ranges: u64 = memfd[0]["ranges"].as_array().unwrap().iter().map(|r| r["count"].as_u64().unwrap()).sum();
+    let ranges: u64 = memfd[0]["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum();
     assert_eq!(ranges, 64);
     // The shared file mapping is listed; privately mapped libraries only
     // with --files.
-    assert!(objects.iter().any(|o| o["kind"] == "file" && o["path"].as_str().unwrap().contains("pagescope-fixture")));
-    assert!(!objects.iter().any(|o| o["path"].as_str().unwrap().contains("libc.so")));
+    assert!(
+        objects
+            .iter()
+            .any(|o| o["kind"] == "file"
+                && o["path"].as_str().unwrap().contains("pagescope-fixture"))
+    );
+    assert!(
+        !objects
+            .iter()
+            .any(|o| o["path"].as_str().unwrap().contains("libc.so"))
+    );
     let with_files: serde_json::Value =
-        serde_json::from_slice(&common::cli(&["objects", &pid, "--json", "--files"]).stdout).unwrap();
-    assert!(with_files["objects"].as_array().unwrap().iter().any(|o| o["path"].as_str().unwrap().contains("libc.so")));
+        serde_json::from_slice(&common::cli(&["objects", &pid, "--json", "--files"]).stdout)
+            .unwrap();
+    assert!(
+        with_files["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["path"].as_str().unwrap().contains("libc.so"))
+    );
     let all = common::cli(&["objects", "--all", "--json"]);
     assert!(matches!(all.status.code(), Some(0 | 8)));
     let all: serde_json::Value = serde_json::from_slice(&all.stdout).unwrap();
-    assert!(all["objects"].as_array().unwrap().iter().any(|o| o["sharers"].as_array().unwrap().iter().any(|s| s["pid"] == fx.pid())));
+    assert!(all["objects"].as_array().unwrap().iter().any(|o| {
+        o["sharers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["pid"] == fx.pid())
+    }));
 }
 
 /// Classifying objects must not pin their pages: no fault-around mapping in
@@ -200,16 +311,27 @@ fn target_pageout_still_works_after_scans_swapdev() {
         return;
     }
     for _ in 0..3 {
-        let r = common::scan_with(fx.pid(), &pagescope::ScanOptions { objects: true, ..Default::default() });
+        let r = common::scan_with(
+            fx.pid(),
+            &pagescope::ScanOptions {
+                objects: true,
+                ..Default::default()
+            },
+        );
         assert!(r.complete());
         let pid = fx.pid().to_string();
         assert!(common::cli(&["objects", &pid]).status.success());
     }
     for kind in ["memfd", "shared_anon", "sysv", "tmpfs"] {
-        let reply = fx.command(&format!("pageout {kind} 0 8")).expect("pageout after scans");
+        let reply = fx
+            .command(&format!("pageout {kind} 0 8"))
+            .expect("pageout after scans");
         let states: Vec<String> = serde_json::from_str(&reply).unwrap();
         assert_eq!(states.len(), 8);
-        assert!(states.iter().all(|s| s == "swapped" || s == "swapcache"), "{kind}: {states:?}");
+        assert!(
+            states.iter().all(|s| s == "swapped" || s == "swapcache"),
+            "{kind}: {states:?}"
+        );
     }
 }
 
@@ -231,11 +353,21 @@ fn paged_out_shmem_state_follows_the_swap_device_swapdev() {
     }
     let report = common::scan(fx.pid(), BackendChoice::Auto);
     let states: Vec<PageState> = (8..16)
-        .map(|i| report.run_at(pagescope::VirtAddr::new(region.page_addr(i, truth.page_size))).unwrap().state)
+        .map(|i| {
+            report
+                .run_at(pagescope::VirtAddr::new(
+                    region.page_addr(i, truth.page_size),
+                ))
+                .unwrap()
+                .state
+        })
         .collect();
     match truth.swap.as_str() {
-        "zram" => assert!(states.iter().all(|s| *s == PageState::Swapped), "{states:?}"),
-        "file" => assert!(states.iter().any(|s| *s == PageState::SwapCache), "{states:?}"),
+        "zram" => assert!(
+            states.iter().all(|s| *s == PageState::Swapped),
+            "{states:?}"
+        ),
+        "file" => assert!(states.contains(&PageState::SwapCache), "{states:?}"),
         other => skip(&format!("swap device kind {other}")),
     }
     common::assert_matches_truth(truth, &report, Some("memfd"));

@@ -48,7 +48,11 @@ fn target_exiting_mid_scan_is_reported_incomplete() {
                 assert_consistent(&r);
                 if !r.complete() {
                     incomplete += 1;
-                    assert!(r.skipped.iter().all(|s| s.reason.contains("exited")), "{:?}", r.skipped);
+                    assert!(
+                        r.skipped.iter().all(|s| s.reason.contains("exited")),
+                        "{:?}",
+                        r.skipped
+                    );
                 }
             }
             Err(e) => assert!(
@@ -57,7 +61,10 @@ fn target_exiting_mid_scan_is_reported_incomplete() {
             ),
         }
     }
-    assert!(incomplete > 0, "never caught the target exiting mid-scan in {attempts} attempts");
+    assert!(
+        incomplete > 0,
+        "never caught the target exiting mid-scan in {attempts} attempts"
+    );
 }
 
 #[test]
@@ -69,18 +76,28 @@ fn target_remapping_during_scan_lists_skipped_ranges() {
     let mut scans = 0;
     while (incomplete < 3 || scans < 20) && Instant::now() < deadline {
         scans += 1;
-        let r = scan_process(&target, caps(), &ScanOptions::default()).expect("a remapping target still scans");
+        let r = scan_process(&target, caps(), &ScanOptions::default())
+            .expect("a remapping target still scans");
         assert_consistent(&r);
         if !r.complete() {
             incomplete += 1;
-            assert!(r.skipped.iter().all(|s| s.reason.contains("during the scan")), "{:?}", r.skipped);
+            assert!(
+                r.skipped
+                    .iter()
+                    .all(|s| s.reason.contains("during the scan")),
+                "{:?}",
+                r.skipped
+            );
         }
         // The stable regions are always reported correctly.
         if common::is_root() {
             common::assert_matches_truth(fx.truth(), &r, Some("anon"));
         }
     }
-    assert!(incomplete > 0, "the churning target never changed during {scans} scans");
+    assert!(
+        incomplete > 0,
+        "the churning target never changed during {scans} scans"
+    );
     // The CLI exits 8 for an incomplete result, 0 for a complete one.
     let pid = fx.pid().to_string();
     for _ in 0..10 {

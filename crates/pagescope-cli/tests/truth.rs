@@ -63,7 +63,12 @@ fn private_and_shared_file_mappings() {
 /// the executable and libraries, which other processes (concurrent tests)
 /// map and unmap meanwhile, changing mapcounts and so `exclusive`.
 fn stable(v: &pagescope::VmaReport) -> bool {
-    v.vma.backing != pagescope::Backing::File || v.vma.path.as_bytes().windows(17).any(|w| w == b"pagescope-fixture")
+    v.vma.backing != pagescope::Backing::File
+        || v.vma
+            .path
+            .as_bytes()
+            .windows(17)
+            .any(|w| w == b"pagescope-fixture")
 }
 
 /// Compares two reports VMA by VMA, run by run.
@@ -99,7 +104,12 @@ fn backends_agree_on_every_page_swapdev() {
         return;
     }
     let fx = fixture(&["all"]);
-    let opts = |backend| pagescope::ScanOptions { backend, swap_detail: true, objects: true, ..Default::default() };
+    let opts = |backend| pagescope::ScanOptions {
+        backend,
+        swap_detail: true,
+        objects: true,
+        ..Default::default()
+    };
     let a = common::scan_with(fx.pid(), &opts(BackendChoice::Pagemap));
     let b = common::scan_with(fx.pid(), &opts(BackendChoice::PagemapScan));
     assert!(a.complete() && b.complete());
@@ -122,12 +132,18 @@ fn swap_detail_names_device_and_consecutive_offsets_swapdev() {
         skip(why);
         return;
     }
-    let opts = pagescope::ScanOptions { swap_detail: true, ..Default::default() };
+    let opts = pagescope::ScanOptions {
+        swap_detail: true,
+        ..Default::default()
+    };
     let report = common::scan_with(fx.pid(), &opts);
     let addr = pagescope::VirtAddr::new(region.start);
     let run = report.run_at(addr).expect("run");
     let slot = run.swap.expect("swap slot with --swap-detail");
-    let dev = report.swaps.device(slot.ty, slot.offset, 4096).expect("device for the slot");
+    let dev = report
+        .swaps
+        .device(slot.ty, slot.offset, 4096)
+        .expect("device for the slot");
     assert!(report.swaps.devices().iter().any(|d| d.path == dev.path));
     // The 16 pages were paged out together: their slots are consecutive or
     // split into a few runs, but every page is covered by a swapped run.
@@ -149,7 +165,13 @@ fn skip_exclusive_changes_only_the_exclusive_flag() {
     }
     let fx = fixture(&["anon", "thp", "file", "uffd_wp"]);
     let full = common::scan_with(fx.pid(), &pagescope::ScanOptions::default());
-    let fast = common::scan_with(fx.pid(), &pagescope::ScanOptions { skip_exclusive: true, ..Default::default() });
+    let fast = common::scan_with(
+        fx.pid(),
+        &pagescope::ScanOptions {
+            skip_exclusive: true,
+            ..Default::default()
+        },
+    );
     assert!(full.exclusive_known && !fast.exclusive_known);
     for (a, b) in full.vmas.iter().zip(&fast.vmas).filter(|(a, _)| stable(a)) {
         let strip = |runs: &[pagescope::PageRun]| {
@@ -165,7 +187,11 @@ fn skip_exclusive_changes_only_the_exclusive_flag() {
         };
         assert_eq!(strip(&a.runs), strip(&b.runs), "{}", a.vma.path.display());
         if a.vma.backing == pagescope::Backing::Anon {
-            assert!(b.runs.iter().all(|r| !r.flags.contains(pagescope::PageFlags::EXCLUSIVE)));
+            assert!(
+                b.runs
+                    .iter()
+                    .all(|r| !r.flags.contains(pagescope::PageFlags::EXCLUSIVE))
+            );
         }
     }
 }

@@ -32,7 +32,11 @@ fn unprivileged_json(args: &[&str]) -> Value {
     } else {
         common::cli(args)
     };
-    assert!(matches!(out.status.code(), Some(0)), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        matches!(out.status.code(), Some(0)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
@@ -40,11 +44,22 @@ fn unprivileged_json(args: &[&str]) -> Value {
 fn at(doc: &Value, addr: u64) -> (String, Vec<String>, Option<String>) {
     for v in doc["vmas"].as_array().unwrap() {
         for r in v["ranges"].as_array().unwrap() {
-            let s = u64::from_str_radix(r["start"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
-            let e = u64::from_str_radix(r["end"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+            let s = u64::from_str_radix(r["start"].as_str().unwrap().trim_start_matches("0x"), 16)
+                .unwrap();
+            let e = u64::from_str_radix(r["end"].as_str().unwrap().trim_start_matches("0x"), 16)
+                .unwrap();
             if s <= addr && addr < e {
-                let flags = r["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_owned()).collect();
-                return (r["state"].as_str().unwrap().to_owned(), flags, r["reason"].as_str().map(str::to_owned));
+                let flags = r["flags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.as_str().unwrap().to_owned())
+                    .collect();
+                return (
+                    r["state"].as_str().unwrap().to_owned(),
+                    flags,
+                    r["reason"].as_str().map(str::to_owned),
+                );
             }
         }
     }
@@ -71,7 +86,11 @@ fn check(doc: &Value, truth: &Truth, region: &str, overrides: &[(u64, &str, &[&s
         let mut want = flags;
         want.sort();
         got_flags.sort();
-        assert_eq!((got.as_str(), &got_flags), (state.as_str(), &want), "{region} page {i}");
+        assert_eq!(
+            (got.as_str(), &got_flags),
+            (state.as_str(), &want),
+            "{region} page {i}"
+        );
     }
 }
 
@@ -85,7 +104,13 @@ fn unprivileged_scan_resolves_markers_and_zero_pages_swapdev() {
     let pid = fx.pid().to_string();
     let doc = unprivileged_json(&["pages", &pid, "--json"]);
     assert_eq!(doc["privileged"], Value::Bool(false));
-    assert!(doc["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("CAP_SYS_ADMIN")));
+    assert!(
+        doc["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("CAP_SYS_ADMIN"))
+    );
     let truth = fx.truth();
     for s in &truth.skipped {
         skip(&format!("scenario {}: {}", s.scenario, s.reason));
@@ -124,14 +149,28 @@ fn unprivileged_pagemap_backend_reports_unknown_not_guesses() {
 /// unknown, and the VMA says why.
 #[test]
 fn unprivileged_objects_exact_where_reachable_unknown_elsewhere_swapdev() {
-    let fx = unprivileged_fixture(&["memfd", "tmpfs", "shared_anon", "sysv", "file", "memfd_private"]);
+    let fx = unprivileged_fixture(&[
+        "memfd",
+        "tmpfs",
+        "shared_anon",
+        "sysv",
+        "file",
+        "memfd_private",
+    ]);
     let pid = fx.pid().to_string();
     let doc = unprivileged_json(&["pages", &pid, "--json"]);
     let truth = fx.truth();
     for s in &truth.skipped {
         skip(&format!("scenario {}: {}", s.scenario, s.reason));
     }
-    for name in ["memfd", "tmpfs", "file_private", "file_shared", "file_cache", "memfd_private"] {
+    for name in [
+        "memfd",
+        "tmpfs",
+        "file_private",
+        "file_shared",
+        "file_cache",
+        "memfd_private",
+    ] {
         check(&doc, truth, name, &[]);
     }
     for name in ["shared_anon", "sysv"] {
@@ -150,7 +189,9 @@ fn unprivileged_objects_exact_where_reachable_unknown_elsewhere_swapdev() {
             .unwrap()
             .iter()
             .find(|v| {
-                let s = u64::from_str_radix(v["start"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+                let s =
+                    u64::from_str_radix(v["start"].as_str().unwrap().trim_start_matches("0x"), 16)
+                        .unwrap();
                 s == r.start
             })
             .expect("vma");

@@ -31,12 +31,17 @@ fn writer(seconds: f64) -> Option<Writer> {
 }
 
 fn has_uw(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default().lines().any(|l| l.starts_with("VmFlags:") && l.split(' ').any(|f| f == "uw"))
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("VmFlags:") && l.split(' ').any(|f| f == "uw"))
 }
 
 fn usable() -> bool {
     if !common::is_root() {
-        skip("watching another process needs ptrace rights and userfaultfd (root or CAP_SYS_PTRACE)");
+        skip(
+            "watching another process needs ptrace rights and userfaultfd (root or CAP_SYS_PTRACE)",
+        );
         return false;
     }
     if !caps().has_uffd_wp_async() {
@@ -56,23 +61,58 @@ fn watch_json_reports_a_python_writer() {
         return;
     };
     let pid = w.0.id().to_string();
-    let out = common::cli(&["watch", &pid, "--interval", "300ms", "--count", "3", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let out = common::cli(&[
+        "watch",
+        &pid,
+        "--interval",
+        "300ms",
+        "--count",
+        "3",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 4, "3 intervals and a summary: {lines:?}");
     for l in &lines[..3] {
-        for key in ["t", "interval_s", "written_pages", "written_bytes", "dirty_rate_mib_s", "vmas", "backend"] {
+        for key in [
+            "t",
+            "interval_s",
+            "written_pages",
+            "written_bytes",
+            "dirty_rate_mib_s",
+            "vmas",
+            "backend",
+        ] {
             assert!(l.get(key).is_some(), "missing {key}: {l}");
         }
         assert_eq!(l["backend"], "uffd_wp_async");
-        assert!(l["written_pages"].as_u64().unwrap() >= 4096, "the writer touches 4096 pages per pass: {l}");
-        assert_eq!(l["written_bytes"].as_u64().unwrap(), l["written_pages"].as_u64().unwrap() * 4096);
+        assert!(
+            l["written_pages"].as_u64().unwrap() >= 4096,
+            "the writer touches 4096 pages per pass: {l}"
+        );
+        assert_eq!(
+            l["written_bytes"].as_u64().unwrap(),
+            l["written_pages"].as_u64().unwrap() * 4096
+        );
         let top = &l["vmas"][0];
-        assert!(top["written_pages"].as_u64().unwrap() >= 4096, "the 16 MiB buffer is the hottest mapping: {top}");
+        assert!(
+            top["written_pages"].as_u64().unwrap() >= 4096,
+            "the 16 MiB buffer is the hottest mapping: {top}"
+        );
     }
     assert_eq!(lines[3]["end"], "detached");
-    assert!(!has_uw(w.0.id()), "write protection left behind after watch");
+    assert!(
+        !has_uw(w.0.id()),
+        "write protection left behind after watch"
+    );
 }
 
 #[test]
@@ -86,13 +126,20 @@ fn watch_ends_cleanly_when_the_target_exits() {
     };
     let pid = w.0.id().to_string();
     let t0 = Instant::now();
-    let mut child = Command::new(common::exe()).args(["watch", &pid, "--interval", "200ms"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(common::exe())
+        .args(["watch", &pid, "--interval", "200ms"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let _ = w.0.wait();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "watch did not notice the exit");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "watch did not notice the exit"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut text = String::new();
@@ -111,19 +158,30 @@ fn watch_detaches_on_ctrl_c() {
         return;
     };
     let pid = w.0.id().to_string();
-    let mut child = Command::new(common::exe()).args(["watch", &pid, "--interval", "200ms"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(common::exe())
+        .args(["watch", &pid, "--interval", "200ms"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let t0 = Instant::now();
     while !has_uw(w.0.id()) && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(has_uw(w.0.id()), "watch never attached");
     std::thread::sleep(Duration::from_millis(500));
-    rustix::process::kill_process(rustix::process::Pid::from_raw(child.id() as i32).unwrap(), rustix::process::Signal::INT).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id().cast_signed()).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
     let status = child.wait().unwrap();
     let mut text = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut text).unwrap();
     assert!(status.success(), "{text}");
     assert!(text.contains("detached"), "{text}");
-    assert!(!has_uw(w.0.id()), "write protection left behind after Ctrl-C");
+    assert!(
+        !has_uw(w.0.id()),
+        "write protection left behind after Ctrl-C"
+    );
     assert!(text.lines().any(|l| l.contains("MiB/s")), "{text}");
 }

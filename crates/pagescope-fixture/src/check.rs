@@ -22,7 +22,11 @@ pub struct Mismatch {
 
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} page {}: expected {}, got {}", self.region, self.page, self.expected, self.got)
+        write!(
+            f,
+            "{} page {}: expected {}, got {}",
+            self.region, self.page, self.expected, self.got
+        )
     }
 }
 
@@ -31,7 +35,12 @@ pub fn check_region(truth: &Truth, region: &Region, report: &ProcessReport) -> V
     let mut out = Vec::new();
     for i in 0..region.pages {
         let Some(exp) = region.expected(i) else {
-            out.push(mismatch(region, i, "an expectation".into(), "none in the truth".into()));
+            out.push(mismatch(
+                region,
+                i,
+                "an expectation".into(),
+                "none in the truth".into(),
+            ));
             continue;
         };
         let addr = VirtAddr::new(region.page_addr(i, truth.page_size));
@@ -40,8 +49,16 @@ pub fn check_region(truth: &Truth, region: &Region, report: &ProcessReport) -> V
             out.push(mismatch(region, i, expected, "missing".into()));
             continue;
         };
-        let ignore = exp.ignore_flags.iter().filter_map(|f| PageFlags::from_flag_name(f)).fold(PageFlags::empty(), |a, f| a | f);
-        let want = exp.flags.iter().filter_map(|f| PageFlags::from_flag_name(f)).fold(PageFlags::empty(), |a, f| a | f);
+        let ignore = exp
+            .ignore_flags
+            .iter()
+            .filter_map(|f| PageFlags::from_flag_name(f))
+            .fold(PageFlags::empty(), |a, f| a | f);
+        let want = exp
+            .flags
+            .iter()
+            .filter_map(|f| PageFlags::from_flag_name(f))
+            .fold(PageFlags::empty(), |a, f| a | f);
         if run.state.name() != exp.state || (run.flags - ignore) != (want - ignore) {
             let got = format!("{} {:?}", run.state, run.flags.names().collect::<Vec<_>>());
             out.push(mismatch(region, i, expected, got));
@@ -51,7 +68,12 @@ pub fn check_region(truth: &Truth, region: &Region, report: &ProcessReport) -> V
 }
 
 fn mismatch(region: &Region, page: u64, expected: String, got: String) -> Mismatch {
-    Mismatch { region: region.name.clone(), page, expected, got }
+    Mismatch {
+        region: region.name.clone(),
+        page,
+        expected,
+        got,
+    }
 }
 
 /// Checks every region that is not marked `skip`.

@@ -34,12 +34,22 @@ impl FixtureProcess {
             .stderr(Stdio::inherit())
             .spawn()?;
         let stdin = child.stdin.take();
-        let mut stdout = BufReader::new(child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?);
+        let mut stdout = BufReader::new(
+            child
+                .stdout
+                .take()
+                .ok_or_else(|| std::io::Error::other("no stdout"))?,
+        );
         let mut line = String::new();
         stdout.read_line(&mut line)?;
         let truth: Truth = serde_json::from_str(&line)
             .map_err(|e| std::io::Error::other(format!("bad fixture truth {line:?}: {e}")))?;
-        Ok(Self { child, stdin, stdout, truth })
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            truth,
+        })
     }
 
     /// The fixture's PID.
@@ -54,14 +64,19 @@ impl FixtureProcess {
 
     /// Sends one command line and returns the reply line.
     pub fn command(&mut self, cmd: &str) -> std::io::Result<String> {
-        let stdin = self.stdin.as_mut().ok_or_else(|| std::io::Error::other("fixture stdin closed"))?;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("fixture stdin closed"))?;
         writeln!(stdin, "{cmd}")?;
         stdin.flush()?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
         let reply = line.trim_end().to_owned();
         if let Some(e) = reply.strip_prefix("error: ") {
-            return Err(std::io::Error::other(format!("fixture command {cmd:?} failed: {e}")));
+            return Err(std::io::Error::other(format!(
+                "fixture command {cmd:?} failed: {e}"
+            )));
         }
         Ok(reply)
     }

@@ -20,19 +20,55 @@ use crate::truth::{Expect, ObjectTruth, Region, SkippedScenario, Truth};
 
 /// Scenario names and what they build.
 pub const SCENARIOS: &[(&str, &str)] = &[
-    ("fork_shared", "anonymous pages COW-shared with a live forked child (not exclusive)"),
-    ("anon", "private anonymous: present, zero page, untouched, swapped out (MADV_PAGEOUT)"),
-    ("thp", "2 MiB-aligned MADV_HUGEPAGE memory: a written THP and the huge zero page"),
-    ("guard", "a guard region (MADV_GUARD_INSTALL) between present and untouched pages"),
-    ("uffd_wp", "uffd-wp async armed region: protected pages, markers, written pages"),
-    ("file", "private and shared mappings of a sparse regular file, and a file with cached, evicted and hole pages"),
-    ("memfd", "memfd: mapped, paged out, resident unmapped (DONTNEED and pwrite), fallocated, hole, mapped by a helper only"),
+    (
+        "fork_shared",
+        "anonymous pages COW-shared with a live forked child (not exclusive)",
+    ),
+    (
+        "anon",
+        "private anonymous: present, zero page, untouched, swapped out (MADV_PAGEOUT)",
+    ),
+    (
+        "thp",
+        "2 MiB-aligned MADV_HUGEPAGE memory: a written THP and the huge zero page",
+    ),
+    (
+        "guard",
+        "a guard region (MADV_GUARD_INSTALL) between present and untouched pages",
+    ),
+    (
+        "uffd_wp",
+        "uffd-wp async armed region: protected pages, markers, written pages",
+    ),
+    (
+        "file",
+        "private and shared mappings of a sparse regular file, and a file with cached, evicted and hole pages",
+    ),
+    (
+        "memfd",
+        "memfd: mapped, paged out, resident unmapped (DONTNEED and pwrite), fallocated, hole, mapped by a helper only",
+    ),
     ("tmpfs", "a /dev/shm file, same layout as memfd"),
-    ("shared_anon", "MAP_SHARED|MAP_ANONYMOUS, same layout (no fallocate: no fd)"),
-    ("sysv", "a SysV shared memory segment, same layout (no fallocate: no fd)"),
-    ("memfd_private", "a MAP_PRIVATE view of a memfd: copied-on-write pages, one swapped, shared pages, resident, hole"),
-    ("bench", "benchmark layout: a sparse reservation (1% touched) and dense anonymous memory"),
-    ("bench_shmem", "benchmark layout: a memfd, half paged out, a quarter resident unmapped, a quarter mapped, holes scattered"),
+    (
+        "shared_anon",
+        "MAP_SHARED|MAP_ANONYMOUS, same layout (no fallocate: no fd)",
+    ),
+    (
+        "sysv",
+        "a SysV shared memory segment, same layout (no fallocate: no fd)",
+    ),
+    (
+        "memfd_private",
+        "a MAP_PRIVATE view of a memfd: copied-on-write pages, one swapped, shared pages, resident, hole",
+    ),
+    (
+        "bench",
+        "benchmark layout: a sparse reservation (1% touched) and dense anonymous memory",
+    ),
+    (
+        "bench_shmem",
+        "benchmark layout: a memfd, half paged out, a quarter resident unmapped, a quarter mapped, holes scattered",
+    ),
 ];
 
 /// Scenarios `all` and `demo` expand to (everything but `bench`).
@@ -86,7 +122,10 @@ pub struct Fixture {
 }
 
 fn arg_value(args: &[String], key: &str) -> Option<String> {
-    args.iter().position(|a| a == key).and_then(|i| args.get(i + 1)).cloned()
+    args.iter()
+        .position(|a| a == key)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 impl Fixture {
@@ -112,13 +151,21 @@ impl Fixture {
             dir: PathBuf::from(dir),
             files: Vec::new(),
             pagemap: File::open("/proc/self/pagemap").ok(),
-            sparse_gib: arg_value(args, "--sparse-gib").and_then(|v| v.parse().ok()).unwrap_or(64),
-            dense_gib: arg_value(args, "--dense-gib").and_then(|v| v.parse().ok()).unwrap_or(4),
+            sparse_gib: arg_value(args, "--sparse-gib")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(64),
+            dense_gib: arg_value(args, "--dense-gib")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(4),
             helper_parts: Vec::new(),
             region_fds: HashMap::new(),
             generation: 0,
-            shmem_gib: arg_value(args, "--shmem-gib").and_then(|v| v.parse().ok()).unwrap_or(4),
-            sharers: arg_value(args, "--sharers").and_then(|v| v.parse().ok()).unwrap_or(0),
+            shmem_gib: arg_value(args, "--shmem-gib")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(4),
+            sharers: arg_value(args, "--sharers")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
         }
     }
 
@@ -132,7 +179,9 @@ impl Fixture {
                 continue;
             }
             match a.as_str() {
-                "--dir" | "--sparse-gib" | "--dense-gib" | "--shmem-gib" | "--sharers" => skip_value = true,
+                "--dir" | "--sparse-gib" | "--dense-gib" | "--shmem-gib" | "--sharers" => {
+                    skip_value = true
+                }
                 "all" | "demo" => names.extend(DEFAULT_SET.iter().map(|s| (*s).to_owned())),
                 s if s.starts_with("--") => {}
                 s => names.push(s.to_owned()),
@@ -164,7 +213,10 @@ impl Fixture {
             other => Err(format!("unknown scenario {other:?}")),
         };
         if let Err(reason) = result {
-            self.truth.skipped.push(SkippedScenario { scenario: name.to_owned(), reason });
+            self.truth.skipped.push(SkippedScenario {
+                scenario: name.to_owned(),
+                reason,
+            });
         }
     }
 
@@ -174,20 +226,29 @@ impl Fixture {
         match words.as_slice() {
             ["selfview"] => Ok(self.selfview()),
             ["pageout", region, first, count] => self.pageout_command(region, first, count),
-            [op @ ("write" | "read" | "dontneed" | "pwrite" | "ro" | "rw"), region, first, count] => {
-                self.page_command(op, region, first, count)
-            }
+            [
+                op @ ("write" | "read" | "dontneed" | "pwrite" | "ro" | "rw"),
+                region,
+                first,
+                count,
+            ] => self.page_command(op, region, first, count),
             ["mmap", name, pages] => self.mmap_command(name, pages),
             ["mremap", name, pages] => self.mremap_command(name, pages),
             ["munmap", name] => self.munmap_command(name),
-            ["fork"] => sys::fork_helper(|| {}).map(|p| {
-                self.truth.children.push(p);
-                p.to_string()
-            }).map_err(|e| e.to_string()),
+            ["fork"] => sys::fork_helper(|| {})
+                .map(|p| {
+                    self.truth.children.push(p);
+                    p.to_string()
+                })
+                .map_err(|e| e.to_string()),
             ["writers", region, threads, millis] => self.writers_command(region, threads, millis),
-            ["helper_write", region, first, count, mode @ ("stay" | "exit")] => {
-                self.helper_write(region, first, count, *mode == "stay")
-            }
+            [
+                "helper_write",
+                region,
+                first,
+                count,
+                mode @ ("stay" | "exit"),
+            ] => self.helper_write(region, first, count, *mode == "stay"),
             _ => Err(format!("unknown command {cmd:?}")),
         }
     }
@@ -195,10 +256,15 @@ impl Fixture {
     /// `pageout REGION FIRST COUNT`: MADV_PAGEOUT of those pages; replies
     /// with the resulting state of each page (as the fixture sees it).
     fn pageout_command(&self, region: &str, first: &str, count: &str) -> Result<String, String> {
-        let r = self.truth.region(region).ok_or_else(|| format!("no region {region}"))?;
+        let r = self
+            .truth
+            .region(region)
+            .ok_or_else(|| format!("no region {region}"))?;
         let first: u64 = first.parse().map_err(|_| "bad FIRST")?;
         let count: u64 = count.parse().map_err(|_| "bad COUNT")?;
-        let (m, base) = self.mapping_of(r.start).ok_or("region has no live mapping")?;
+        let (m, base) = self
+            .mapping_of(r.start)
+            .ok_or("region has no live mapping")?;
         let at = base + first;
         let states = if r.backing == "shmem" {
             self.pageout_shmem(&m, at, count)?
@@ -210,27 +276,50 @@ impl Fixture {
     }
 
     /// `write|read|dontneed|pwrite|ro|rw REGION FIRST COUNT`.
-    fn page_command(&mut self, op: &str, region: &str, first: &str, count: &str) -> Result<String, String> {
-        let r = self.truth.region(region).ok_or_else(|| format!("no region {region}"))?.clone();
+    fn page_command(
+        &mut self,
+        op: &str,
+        region: &str,
+        first: &str,
+        count: &str,
+    ) -> Result<String, String> {
+        let r = self
+            .truth
+            .region(region)
+            .ok_or_else(|| format!("no region {region}"))?
+            .clone();
         let first: u64 = first.parse().map_err(|_| "bad FIRST")?;
         let count: u64 = count.parse().map_err(|_| "bad COUNT")?;
         if first + count > r.pages {
-            return Err(format!("pages {first}..{} outside region {region}", first + count));
+            return Err(format!(
+                "pages {first}..{} outside region {region}",
+                first + count
+            ));
         }
-        let (m, base) = self.mapping_of(r.start).ok_or("region has no live mapping")?;
+        let (m, base) = self
+            .mapping_of(r.start)
+            .ok_or("region has no live mapping")?;
         let at = base + first;
         self.generation = self.generation.wrapping_add(1).max(1);
         let (off, len) = (self.bytes(at), self.bytes(count));
         match op {
             "write" => self.write_pages(&m, at, count, self.generation)?,
             "read" => self.read_pages(&m, at, count)?,
-            "dontneed" => m.madvise(off, len, Advice::DontNeed).map_err(|e| e.to_string())?,
-            "ro" | "rw" => m.mprotect(off, len, op == "rw").map_err(|e| e.to_string())?,
+            "dontneed" => m
+                .madvise(off, len, Advice::DontNeed)
+                .map_err(|e| e.to_string())?,
+            "ro" | "rw" => m
+                .mprotect(off, len, op == "rw")
+                .map_err(|e| e.to_string())?,
             _ => {
-                let i = *self.region_fds.get(region).ok_or("region has no fd for pwrite")?;
+                let i = *self
+                    .region_fds
+                    .get(region)
+                    .ok_or("region has no fd for pwrite")?;
                 let obj_off = r.object.as_ref().map_or(0, |o| o.first_page) + first;
                 let data = vec![self.generation; len];
-                rustix::io::pwrite(&self.keep_fds[i], &data, obj_off * self.page).map_err(|e| e.to_string())?;
+                rustix::io::pwrite(&self.keep_fds[i], &data, obj_off * self.page)
+                    .map_err(|e| e.to_string())?;
             }
         }
         Ok("ok".into())
@@ -239,19 +328,35 @@ impl Fixture {
     /// `helper_write REGION FIRST COUNT stay|exit`: another process, which
     /// inherits only those pages of the (shared) region, writes them and
     /// then stays alive or exits. Replies with its PID.
-    fn helper_write(&mut self, region: &str, first: &str, count: &str, stay: bool) -> Result<String, String> {
-        let r = self.truth.region(region).ok_or_else(|| format!("no region {region}"))?.clone();
+    fn helper_write(
+        &mut self,
+        region: &str,
+        first: &str,
+        count: &str,
+        stay: bool,
+    ) -> Result<String, String> {
+        let r = self
+            .truth
+            .region(region)
+            .ok_or_else(|| format!("no region {region}"))?
+            .clone();
         let first: u64 = first.parse().map_err(|_| "bad FIRST")?;
         let count: u64 = count.parse().map_err(|_| "bad COUNT")?;
-        let (m, base) = self.mapping_of(r.start).ok_or("region has no live mapping")?;
+        let (m, base) = self
+            .mapping_of(r.start)
+            .ok_or("region has no live mapping")?;
         let (off, len) = (self.bytes(base + first), self.bytes(count));
         self.dont_fork_anything()?;
-        m.madvise(off, len, Advice::DoFork).map_err(|e| e.to_string())?;
+        m.madvise(off, len, Advice::DoFork)
+            .map_err(|e| e.to_string())?;
         let (addr, page) = (m.addr() + off as u64, self.page as usize);
         let value = self.generation.wrapping_add(0x40);
         // A region with an object fd: the helper maps the object shared
         // itself (a private view would only give it copies).
-        let object_fd = self.region_fds.get(region).map(|&i| self.keep_fds[i].as_fd());
+        let object_fd = self
+            .region_fds
+            .get(region)
+            .map(|&i| self.keep_fds[i].as_fd());
         let obj_off = (r.object.as_ref().map_or(0, |o| o.first_page) + first) * self.page;
         let pid = sys::fork_child(
             move || match object_fd {
@@ -275,7 +380,10 @@ impl Fixture {
         if stay {
             self.truth.children.push(pid);
         } else {
-            let _ = rustix::process::waitpid(rustix::process::Pid::from_raw(pid as i32), rustix::process::WaitOptions::empty());
+            let _ = rustix::process::waitpid(
+                rustix::process::Pid::from_raw(pid.cast_signed()),
+                rustix::process::WaitOptions::empty(),
+            );
         }
         Ok(pid.to_string())
     }
@@ -286,21 +394,41 @@ impl Fixture {
         let m = self.anon_map(pages, 0)?;
         self.write_pages(&m, 0, pages, 0x99)?;
         let addr = m.addr();
-        self.live.push(Live { map: Arc::new(m), name: Some(name.to_owned()) });
+        self.live.push(Live {
+            map: Arc::new(m),
+            name: Some(name.to_owned()),
+        });
         self.truth.regions.retain(|r| r.name != name);
-        self.region(name, "command", addr, pages, "anon", vec![Expect::new(0, pages, "present", &["exclusive"])], None);
+        self.region(
+            name,
+            "command",
+            addr,
+            pages,
+            "anon",
+            vec![Expect::new(0, pages, "present", &["exclusive"])],
+            None,
+        );
         Ok(format!("{addr:#x}"))
     }
 
     /// `mremap NAME PAGES`: moves (and resizes) a command-made region.
     fn mremap_command(&mut self, name: &str, pages: &str) -> Result<String, String> {
         let pages: u64 = pages.parse().map_err(|_| "bad PAGES")?;
-        let i = self.live.iter().position(|l| l.name.as_deref() == Some(name)).ok_or("no such mmap region")?;
+        let i = self
+            .live
+            .iter()
+            .position(|l| l.name.as_deref() == Some(name))
+            .ok_or("no such mmap region")?;
         let live = self.live.remove(i);
         let m = Arc::try_unwrap(live.map).map_err(|_| "mapping still shared")?;
-        let m = m.mremap_move(self.bytes(pages)).map_err(|e| format!("mremap: {e}"))?;
+        let m = m
+            .mremap_move(self.bytes(pages))
+            .map_err(|e| format!("mremap: {e}"))?;
         let addr = m.addr();
-        self.live.push(Live { map: Arc::new(m), name: Some(name.to_owned()) });
+        self.live.push(Live {
+            map: Arc::new(m),
+            name: Some(name.to_owned()),
+        });
         if let Some(r) = self.truth.regions.iter_mut().find(|r| r.name == name) {
             r.start = addr;
             r.pages = pages;
@@ -311,7 +439,11 @@ impl Fixture {
 
     /// `munmap NAME`.
     fn munmap_command(&mut self, name: &str) -> Result<String, String> {
-        let i = self.live.iter().position(|l| l.name.as_deref() == Some(name)).ok_or("no such mmap region")?;
+        let i = self
+            .live
+            .iter()
+            .position(|l| l.name.as_deref() == Some(name))
+            .ok_or("no such mmap region")?;
         self.live.remove(i);
         self.truth.regions.retain(|r| r.name != name);
         Ok("ok".into())
@@ -320,11 +452,22 @@ impl Fixture {
     /// `writers REGION THREADS MILLIS`: threads write random pages of the
     /// region for MILLIS ms (each write a new value); replies with the
     /// number of writes.
-    fn writers_command(&mut self, region: &str, threads: &str, millis: &str) -> Result<String, String> {
-        let r = self.truth.region(region).ok_or_else(|| format!("no region {region}"))?.clone();
+    fn writers_command(
+        &mut self,
+        region: &str,
+        threads: &str,
+        millis: &str,
+    ) -> Result<String, String> {
+        let r = self
+            .truth
+            .region(region)
+            .ok_or_else(|| format!("no region {region}"))?
+            .clone();
         let threads: u64 = threads.parse().map_err(|_| "bad THREADS")?;
         let millis: u64 = millis.parse().map_err(|_| "bad MILLIS")?;
-        let (m, base) = self.mapping_of(r.start).ok_or("region has no live mapping")?;
+        let (m, base) = self
+            .mapping_of(r.start)
+            .ok_or("region has no live mapping")?;
         let page = self.page as usize;
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(millis);
         let total = std::sync::atomic::AtomicU64::new(0);
@@ -351,7 +494,10 @@ impl Fixture {
 
     /// The live mapping holding `addr`, and the page index of `addr` in it.
     fn mapping_of(&self, addr: u64) -> Option<(Arc<OwnedMapping>, u64)> {
-        let l = self.live.iter().find(|l| l.map.addr() <= addr && addr < l.map.addr() + l.map.len() as u64)?;
+        let l = self
+            .live
+            .iter()
+            .find(|l| l.map.addr() <= addr && addr < l.map.addr() + l.map.len() as u64)?;
         Some((Arc::clone(&l.map), (addr - l.map.addr()) / self.page))
     }
 
@@ -363,16 +509,25 @@ impl Fixture {
         for r in &self.truth.regions {
             let len = self.bytes(r.pages);
             let mut vec = vec![0u8; r.pages as usize];
-            let live = self.live.iter().find(|l| l.map.addr() <= r.start && r.start < l.map.addr() + l.map.len() as u64);
+            let live = self
+                .live
+                .iter()
+                .find(|l| l.map.addr() <= r.start && r.start < l.map.addr() + l.map.len() as u64);
             if let Some(l) = live {
-                let _ = l.map.mincore((r.start - l.map.addr()) as usize, len, &mut vec);
+                let _ = l
+                    .map
+                    .mincore((r.start - l.map.addr()) as usize, len, &mut vec);
             }
             let entries = self.own_entries(r.start, r.pages);
             out.push_str(&r.name);
             out.push(':');
             for (i, e) in entries.iter().enumerate() {
                 let bits = (e.0 >> 56) & 0xff;
-                out.push_str(&format!("{}{:02x}", vec.get(i).copied().unwrap_or(9) & 1, bits));
+                out.push_str(&format!(
+                    "{}{:02x}",
+                    vec.get(i).copied().unwrap_or(9) & 1,
+                    bits
+                ));
             }
             out.push(';');
         }
@@ -387,13 +542,20 @@ impl Fixture {
         }
         let result = self.dont_fork_anything().and_then(|()| {
             for (m, off, len) in &self.helper_parts {
-                m.madvise(*off, *len, Advice::DoFork).map_err(|e| format!("MADV_DOFORK: {e}"))?;
+                m.madvise(*off, *len, Advice::DoFork)
+                    .map_err(|e| format!("MADV_DOFORK: {e}"))?;
             }
             if self.sharers > 0 {
                 // Benchmark sharers map everything and touch nothing.
-                return (0..self.sharers).map(|_| sys::fork_helper(|| {}).map_err(|e| format!("fork: {e}"))).collect();
+                return (0..self.sharers)
+                    .map(|_| sys::fork_helper(|| {}).map_err(|e| format!("fork: {e}")))
+                    .collect();
             }
-            let parts: Vec<(u64, usize)> = self.helper_parts.iter().map(|(m, off, len)| (m.addr() + *off as u64, *len)).collect();
+            let parts: Vec<(u64, usize)> = self
+                .helper_parts
+                .iter()
+                .map(|(m, off, len)| (m.addr() + *off as u64, *len))
+                .collect();
             let page = self.page as usize;
             sys::fork_helper(move || {
                 for &(addr, len) in &parts {
@@ -408,7 +570,12 @@ impl Fixture {
         match result {
             Ok(pids) => self.truth.children.extend(pids),
             Err(e) => {
-                for r in self.truth.regions.iter_mut().filter(|r| r.expect.iter().any(|x| x.state == "resident")) {
+                for r in self
+                    .truth
+                    .regions
+                    .iter_mut()
+                    .filter(|r| r.expect.iter().any(|x| x.state == "resident"))
+                {
                     r.skip.get_or_insert_with(|| format!("helper process: {e}"));
                 }
             }
@@ -427,12 +594,20 @@ impl Fixture {
     }
 
     fn anon_map(&self, pages: u64, align: usize) -> Result<OwnedMapping, String> {
-        let m = OwnedMapping::anonymous(self.bytes(pages), align).map_err(|e| format!("mmap: {e}"))?;
-        m.madvise(0, m.len(), Advice::NoHugePage).map_err(|e| format!("MADV_NOHUGEPAGE: {e}"))?;
+        let m =
+            OwnedMapping::anonymous(self.bytes(pages), align).map_err(|e| format!("mmap: {e}"))?;
+        m.madvise(0, m.len(), Advice::NoHugePage)
+            .map_err(|e| format!("MADV_NOHUGEPAGE: {e}"))?;
         Ok(m)
     }
 
-    fn write_pages(&self, m: &OwnedMapping, first: u64, count: u64, byte: u8) -> Result<(), String> {
+    fn write_pages(
+        &self,
+        m: &OwnedMapping,
+        first: u64,
+        count: u64,
+        byte: u8,
+    ) -> Result<(), String> {
         (first..first + count)
             .try_for_each(|i| m.write_byte(self.bytes(i), byte))
             .map_err(|e| format!("write: {e}"))
@@ -446,7 +621,9 @@ impl Fixture {
 
     /// The fixture's own pagemap entries for `count` pages at `addr`.
     fn own_entries(&self, addr: u64, count: u64) -> Vec<PagemapEntry> {
-        let Some(pm) = &self.pagemap else { return Vec::new() };
+        let Some(pm) = &self.pagemap else {
+            return Vec::new();
+        };
         let mut buf = vec![0u8; (count * 8) as usize];
         if pm.read_exact_at(&mut buf, addr / self.page * 8).is_err() {
             return Vec::new();
@@ -475,7 +652,10 @@ impl Fixture {
 
     fn keep(&mut self, map: OwnedMapping) -> Arc<OwnedMapping> {
         let map = Arc::new(map);
-        self.live.push(Live { map: Arc::clone(&map), name: None });
+        self.live.push(Live {
+            map: Arc::clone(&map),
+            name: None,
+        });
         map
     }
 
@@ -507,7 +687,9 @@ impl Fixture {
     /// MADV_PAGEOUT skips it).
     fn dont_fork_anything(&self) -> Result<(), String> {
         for l in &self.live {
-            l.map.madvise(0, l.map.len(), Advice::DontFork).map_err(|e| format!("MADV_DONTFORK: {e}"))?;
+            l.map
+                .madvise(0, l.map.len(), Advice::DontFork)
+                .map_err(|e| format!("MADV_DONTFORK: {e}"))?;
         }
         Ok(())
     }
@@ -519,7 +701,15 @@ impl Fixture {
         let child = sys::fork_helper(|| {}).map_err(|e| format!("fork: {e}"))?;
         self.truth.children.push(child);
         let m = self.keep(m);
-        self.region("fork_shared", "fork_shared", m.addr(), 16, "anon", vec![Expect::new(0, 16, "present", &[])], None);
+        self.region(
+            "fork_shared",
+            "fork_shared",
+            m.addr(),
+            16,
+            "anon",
+            vec![Expect::new(0, 16, "present", &[])],
+            None,
+        );
         Ok(())
     }
 
@@ -532,37 +722,84 @@ impl Fixture {
         let m = self.keep(m);
         let (base, page) = (m.addr(), self.page);
         let at = |i: u64| base + i * page;
-        self.region("anon_present", "anon", at(0), 16, "anon", vec![Expect::new(0, 16, "present", &["exclusive"])], None);
-        self.region("anon_zero", "anon", at(16), 16, "anon", vec![Expect::new(0, 16, "zero", &[])], None);
-        self.region("anon_untouched", "anon", at(32), 16, "anon", vec![Expect::new(0, 16, "hole", &[])], None);
-        self.region("anon_swapped", "anon", at(48), 16, "anon", vec![Expect::new(0, 16, "swapped", &[])], swapped);
+        self.region(
+            "anon_present",
+            "anon",
+            at(0),
+            16,
+            "anon",
+            vec![Expect::new(0, 16, "present", &["exclusive"])],
+            None,
+        );
+        self.region(
+            "anon_zero",
+            "anon",
+            at(16),
+            16,
+            "anon",
+            vec![Expect::new(0, 16, "zero", &[])],
+            None,
+        );
+        self.region(
+            "anon_untouched",
+            "anon",
+            at(32),
+            16,
+            "anon",
+            vec![Expect::new(0, 16, "hole", &[])],
+            None,
+        );
+        self.region(
+            "anon_swapped",
+            "anon",
+            at(48),
+            16,
+            "anon",
+            vec![Expect::new(0, 16, "swapped", &[])],
+            swapped,
+        );
         Ok(())
     }
 
     fn thp(&mut self) -> Result<(), String> {
         const HUGE: usize = 2 << 20;
-        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
         if mode.is_empty() || mode.contains("[never]") {
             return Err("transparent huge pages are disabled".into());
         }
         let pages = 2 * HUGE as u64 / self.page;
         let m = OwnedMapping::anonymous(2 * HUGE, HUGE).map_err(|e| format!("mmap: {e}"))?;
-        m.madvise(0, m.len(), Advice::HugePage).map_err(|e| format!("MADV_HUGEPAGE: {e}"))?;
+        m.madvise(0, m.len(), Advice::HugePage)
+            .map_err(|e| format!("MADV_HUGEPAGE: {e}"))?;
         self.write_pages(&m, 0, pages, 0x7B)?;
         let thp_kb = own_smaps_field(m.addr(), "AnonHugePages").unwrap_or(0);
-        let skip = (thp_kb < (2 * HUGE / 1024) as u64).then(|| format!("only {thp_kb} kB became THP"));
+        let skip =
+            (thp_kb < (2 * HUGE / 1024) as u64).then(|| format!("only {thp_kb} kB became THP"));
         let m = self.keep(m);
         let expect = vec![Expect::new(0, pages, "present", &["exclusive", "huge"])];
         self.region("thp_present", "thp", m.addr(), pages, "anon", expect, skip);
 
         let z = OwnedMapping::anonymous(HUGE, HUGE).map_err(|e| format!("mmap: {e}"))?;
-        z.madvise(0, HUGE, Advice::HugePage).map_err(|e| format!("MADV_HUGEPAGE: {e}"))?;
+        z.madvise(0, HUGE, Advice::HugePage)
+            .map_err(|e| format!("MADV_HUGEPAGE: {e}"))?;
         z.read_byte(0).map_err(|e| format!("read: {e}"))?;
         let zpages = HUGE as u64 / self.page;
-        let huge_zero = self.own_entries(z.addr(), zpages).iter().all(|e| e.is_present() && e.flags().contains(PagemapFlags::FILE));
+        let huge_zero = self
+            .own_entries(z.addr(), zpages)
+            .iter()
+            .all(|e| e.is_present() && e.flags().contains(PagemapFlags::FILE));
         let skip = (!huge_zero).then(|| "no huge zero page (use_zero_page is off)".to_owned());
         let z = self.keep(z);
-        self.region("thp_zero", "thp", z.addr(), zpages, "anon", vec![Expect::new(0, zpages, "zero", &["huge"])], skip);
+        self.region(
+            "thp_zero",
+            "thp",
+            z.addr(),
+            zpages,
+            "anon",
+            vec![Expect::new(0, zpages, "zero", &["huge"])],
+            skip,
+        );
         Ok(())
     }
 
@@ -585,7 +822,8 @@ impl Fixture {
         let m = self.anon_map(32, 0)?;
         self.write_pages(&m, 0, 8, 0xC1)?;
         let uffd = Userfaultfd::new_wp_async().map_err(|e| format!("{e}"))?;
-        let range = VirtRange::from_start_len(VirtAddr::new(m.addr()), m.len() as u64).ok_or("range")?;
+        let range =
+            VirtRange::from_start_len(VirtAddr::new(m.addr()), m.len() as u64).ok_or("range")?;
         uffd.register_wp(range).map_err(|e| e.to_string())?;
         let pm = self.pagemap.as_ref().ok_or("no own pagemap")?;
         wp_arm(pm.as_fd(), range).map_err(|e| e.to_string())?;
@@ -608,14 +846,17 @@ impl Fixture {
     /// pages.
     fn file(&mut self) -> Result<(), String> {
         let f = self.create_file("sparse")?;
-        f.set_len(128 * self.page).map_err(|e| format!("truncate: {e}"))?;
+        f.set_len(128 * self.page)
+            .map_err(|e| format!("truncate: {e}"))?;
         self.write_file(&f, 0, 32, 0x5F)?;
         self.write_file(&f, 64, 32, 0x5F)?;
         let len = self.bytes(128);
-        let private = OwnedMapping::file_aligned(f.as_fd(), 0, len, true, false, ALIGN).map_err(|e| format!("mmap: {e}"))?;
+        let private = OwnedMapping::file_aligned(f.as_fd(), 0, len, true, false, ALIGN)
+            .map_err(|e| format!("mmap: {e}"))?;
         self.read_pages(&private, 0, 16)?;
         self.write_pages(&private, 16, 16, 0x11)?;
-        let shared = OwnedMapping::file_aligned(f.as_fd(), 0, len, true, true, ALIGN).map_err(|e| format!("mmap: {e}"))?;
+        let shared = OwnedMapping::file_aligned(f.as_fd(), 0, len, true, true, ALIGN)
+            .map_err(|e| format!("mmap: {e}"))?;
         self.read_pages(&shared, 64, 16)?;
         self.write_pages(&shared, 80, 16, 0x22)?;
         let object = self.object_of(private.addr(), 0);
@@ -629,7 +870,15 @@ impl Fixture {
             Expect::new(64, 32, "resident", &[]),
             Expect::new(96, 32, "hole", &[]),
         ];
-        self.region("file_private", "file", private.addr(), 128, "file", expect, None);
+        self.region(
+            "file_private",
+            "file",
+            private.addr(),
+            128,
+            "file",
+            expect,
+            None,
+        );
         self.set_object(object.clone());
         let expect = vec![
             Expect::new(0, 32, "resident", &[]),
@@ -637,7 +886,15 @@ impl Fixture {
             Expect::new(64, 32, "present", &["file", "exclusive"]),
             Expect::new(96, 32, "hole", &[]),
         ];
-        self.region("file_shared", "file", shared.addr(), 128, "file", expect, None);
+        self.region(
+            "file_shared",
+            "file",
+            shared.addr(),
+            128,
+            "file",
+            expect,
+            None,
+        );
         self.set_object(object);
         self.file_cache()
     }
@@ -646,17 +903,21 @@ impl Fixture {
     /// (written back, then `POSIX_FADV_DONTNEED`), 48..64 a hole.
     fn file_cache(&mut self) -> Result<(), String> {
         let f = self.create_file("cache")?;
-        f.set_len(64 * self.page).map_err(|e| format!("truncate: {e}"))?;
+        f.set_len(64 * self.page)
+            .map_err(|e| format!("truncate: {e}"))?;
         self.write_file(&f, 0, 48, 0x3C)?;
         f.sync_all().map_err(|e| format!("fsync: {e}"))?;
-        let m = OwnedMapping::file_aligned(f.as_fd(), 0, self.bytes(64), false, true, ALIGN).map_err(|e| format!("mmap: {e}"))?;
+        let m = OwnedMapping::file_aligned(f.as_fd(), 0, self.bytes(64), false, true, ALIGN)
+            .map_err(|e| format!("mmap: {e}"))?;
         self.read_pages(&m, 0, 16)?;
         let evict = std::num::NonZeroU64::new(16 * self.page);
         rustix::fs::fadvise(&f, 32 * self.page, evict, rustix::fs::Advice::DontNeed)
             .map_err(|e| format!("fadvise: {e}"))?;
         let mut incore = vec![0u8; 64];
-        m.mincore(0, self.bytes(64), &mut incore).map_err(|e| format!("mincore: {e}"))?;
-        let ok = incore[16..32].iter().all(|b| b & 1 == 1) && incore[32..48].iter().all(|b| b & 1 == 0);
+        m.mincore(0, self.bytes(64), &mut incore)
+            .map_err(|e| format!("mincore: {e}"))?;
+        let ok =
+            incore[16..32].iter().all(|b| b & 1 == 1) && incore[32..48].iter().all(|b| b & 1 == 0);
         let skip = (!ok).then(|| "the page cache did not keep/evict the pages as asked".to_owned());
         let object = self.object_of(m.addr(), 0);
         self.keep_fds.push(f.into());
@@ -680,13 +941,16 @@ impl Fixture {
         let piece = vec![byte; self.bytes(16)];
         for p in (first..first + count).step_by(16) {
             let n = (first + count - p).min(16);
-            f.write_all_at(&piece[..self.bytes(n)], p * self.page).map_err(|e| format!("pwrite: {e}"))?;
+            f.write_all_at(&piece[..self.bytes(n)], p * self.page)
+                .map_err(|e| format!("pwrite: {e}"))?;
         }
         Ok(())
     }
 
     fn create_file(&mut self, what: &str) -> Result<File, String> {
-        let path = self.dir.join(format!("pagescope-fixture-{}-{what}", std::process::id()));
+        let path = self
+            .dir
+            .join(format!("pagescope-fixture-{}-{what}", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -702,8 +966,16 @@ impl Fixture {
     /// the object page of `addr`.
     fn object_of(&self, addr: u64, first_page: u64) -> Option<ObjectTruth> {
         let me = pagescope::Target::current().ok()?;
-        let e = me.maps().ok()?.into_iter().find(|e| e.range.contains(VirtAddr::new(addr)))?;
-        Some(ObjectTruth { dev: e.dev.to_string(), inode: e.inode, first_page })
+        let e = me
+            .maps()
+            .ok()?
+            .into_iter()
+            .find(|e| e.range.contains(VirtAddr::new(addr)))?;
+        Some(ObjectTruth {
+            dev: e.dev.to_string(),
+            inode: e.inode,
+            first_page,
+        })
     }
 
     fn set_object(&mut self, object: Option<ObjectTruth>) {
@@ -715,18 +987,28 @@ impl Fixture {
     /// MADV_PAGEOUT of shmem pages mapped only by us, verified: each page
     /// must be unmapped afterwards; our own mincore then tells whether it
     /// is still in the swap cache (`swapcache`) or gone (`swapped`).
-    fn pageout_shmem(&self, m: &OwnedMapping, first: u64, count: u64) -> Result<Vec<&'static str>, String> {
+    fn pageout_shmem(
+        &self,
+        m: &OwnedMapping,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<&'static str>, String> {
         if self.truth.swap == "none" {
             return Err("no active swap device".into());
         }
         let (off, len) = (self.bytes(first), self.bytes(count));
         for _ in 0..5 {
-            m.madvise(off, len, Advice::PageOut).map_err(|e| format!("MADV_PAGEOUT: {e}"))?;
+            m.madvise(off, len, Advice::PageOut)
+                .map_err(|e| format!("MADV_PAGEOUT: {e}"))?;
             let e = self.own_entries(m.addr() + off as u64, count);
             if e.len() as u64 == count && e.iter().all(|e| e.is_none()) {
                 let mut incore = vec![0u8; count as usize];
-                m.mincore(off, len, &mut incore).map_err(|e| format!("mincore: {e}"))?;
-                return Ok(incore.iter().map(|b| if b & 1 == 1 { "swapcache" } else { "swapped" }).collect());
+                m.mincore(off, len, &mut incore)
+                    .map_err(|e| format!("mincore: {e}"))?;
+                return Ok(incore
+                    .iter()
+                    .map(|b| if b & 1 == 1 { "swapcache" } else { "swapped" })
+                    .collect());
             }
         }
         Err("MADV_PAGEOUT did not page every shmem page out".into())
@@ -746,15 +1028,23 @@ impl Fixture {
             Some(fd) => {
                 self.write_pages(&m, 16, 4, 0x53)?;
                 let data = vec![0x54u8; self.bytes(4)];
-                rustix::io::pwrite(fd, &data, 20 * self.page).map_err(|e| format!("pwrite: {e}"))?;
-                rustix::fs::fallocate(fd, rustix::fs::FallocateFlags::empty(), 24 * self.page, 8 * self.page)
-                    .map_err(|e| format!("fallocate: {e}"))?;
+                rustix::io::pwrite(fd, &data, 20 * self.page)
+                    .map_err(|e| format!("pwrite: {e}"))?;
+                rustix::fs::fallocate(
+                    fd,
+                    rustix::fs::FallocateFlags::empty(),
+                    24 * self.page,
+                    8 * self.page,
+                )
+                .map_err(|e| format!("fallocate: {e}"))?;
             }
             None => self.write_pages(&m, 16, 8, 0x53)?,
         }
-        m.madvise(self.bytes(16), self.bytes(4), Advice::DontNeed).map_err(|e| format!("MADV_DONTNEED: {e}"))?;
+        m.madvise(self.bytes(16), self.bytes(4), Advice::DontNeed)
+            .map_err(|e| format!("MADV_DONTNEED: {e}"))?;
         if fd.is_none() {
-            m.madvise(self.bytes(20), self.bytes(4), Advice::DontNeed).map_err(|e| format!("MADV_DONTNEED: {e}"))?;
+            m.madvise(self.bytes(20), self.bytes(4), Advice::DontNeed)
+                .map_err(|e| format!("MADV_DONTNEED: {e}"))?;
         }
         let object = self.object_of(m.addr(), 0);
         let mut expect = vec![Expect::new(0, 8, "present", &["file", "exclusive"])];
@@ -771,7 +1061,12 @@ impl Fixture {
             }
         };
         expect.push(Expect::new(16, 8, "resident", &[]));
-        expect.push(Expect::new(24, 8, if fd.is_some() { "fallocated" } else { "hole" }, &[]));
+        expect.push(Expect::new(
+            24,
+            8,
+            if fd.is_some() { "fallocated" } else { "hole" },
+            &[],
+        ));
         expect.push(Expect::new(32, 16, "hole", &[]));
         expect.push(Expect::new(48, 8, "resident", &[]));
         expect.push(Expect::new(56, 8, "hole", &[]));
@@ -780,18 +1075,28 @@ impl Fixture {
             self.keep_fds.push(fd);
         }
         let m = self.keep(m);
-        self.helper_parts.push((Arc::clone(&m), self.bytes(48), self.bytes(8)));
+        self.helper_parts
+            .push((Arc::clone(&m), self.bytes(48), self.bytes(8)));
         self.region(kind, kind, m.addr(), 64, "shmem", expect, skip);
         self.set_object(object);
         Ok(())
     }
 
-    fn shmem_object(&mut self, kind: &str, len: usize) -> Result<(OwnedMapping, Option<OwnedFd>), String> {
+    fn shmem_object(
+        &mut self,
+        kind: &str,
+        len: usize,
+    ) -> Result<(OwnedMapping, Option<OwnedFd>), String> {
         let fd = match kind {
-            "memfd" => rustix::fs::memfd_create("pagescope-fixture", rustix::fs::MemfdFlags::CLOEXEC)
-                .map_err(|e| format!("memfd_create: {e}"))?,
+            "memfd" => {
+                rustix::fs::memfd_create("pagescope-fixture", rustix::fs::MemfdFlags::CLOEXEC)
+                    .map_err(|e| format!("memfd_create: {e}"))?
+            }
             "tmpfs" => {
-                let path = PathBuf::from(format!("/dev/shm/pagescope-fixture-{}-tmpfs", std::process::id()));
+                let path = PathBuf::from(format!(
+                    "/dev/shm/pagescope-fixture-{}-tmpfs",
+                    std::process::id()
+                ));
                 let f = std::fs::OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -803,13 +1108,20 @@ impl Fixture {
                 f.into()
             }
             "shared_anon" => {
-                let m = OwnedMapping::shared_anonymous(len, ALIGN).map_err(|e| format!("mmap: {e}"))?;
+                let m =
+                    OwnedMapping::shared_anonymous(len, ALIGN).map_err(|e| format!("mmap: {e}"))?;
                 return Ok((m, None));
             }
-            _ => return Ok((sys::sysv_segment(len).map_err(|e| format!("shmget: {e}"))?, None)),
+            _ => {
+                return Ok((
+                    sys::sysv_segment(len).map_err(|e| format!("shmget: {e}"))?,
+                    None,
+                ));
+            }
         };
         rustix::fs::ftruncate(&fd, len as u64).map_err(|e| format!("ftruncate: {e}"))?;
-        let m = OwnedMapping::file_aligned(fd.as_fd(), 0, len, true, true, ALIGN).map_err(|e| format!("mmap: {e}"))?;
+        let m = OwnedMapping::file_aligned(fd.as_fd(), 0, len, true, true, ALIGN)
+            .map_err(|e| format!("mmap: {e}"))?;
         Ok((m, Some(fd)))
     }
 
@@ -823,12 +1135,14 @@ impl Fixture {
         rustix::fs::ftruncate(&fd, 32 * self.page).map_err(|e| format!("ftruncate: {e}"))?;
         let data = vec![0x61u8; self.bytes(24)];
         rustix::io::pwrite(&fd, &data, 0).map_err(|e| format!("pwrite: {e}"))?;
-        let m = OwnedMapping::file_aligned(fd.as_fd(), 0, self.bytes(32), true, false, ALIGN).map_err(|e| format!("mmap: {e}"))?;
+        let m = OwnedMapping::file_aligned(fd.as_fd(), 0, self.bytes(32), true, false, ALIGN)
+            .map_err(|e| format!("mmap: {e}"))?;
         self.write_pages(&m, 0, 4, 0x62)?;
         let swapped = self.pageout_anon(&m, 2, 2).err();
         self.read_pages(&m, 4, 12)?;
         let object = self.object_of(m.addr(), 0);
-        self.region_fds.insert("memfd_private".to_owned(), self.keep_fds.len());
+        self.region_fds
+            .insert("memfd_private".to_owned(), self.keep_fds.len());
         self.keep_fds.push(fd);
         let m = self.keep(m);
         let expect = vec![
@@ -838,7 +1152,15 @@ impl Fixture {
             Expect::new(16, 8, "resident", &[]),
             Expect::new(24, 8, "hole", &[]),
         ];
-        self.region("memfd_private", "memfd_private", m.addr(), 32, "shmem", expect, swapped);
+        self.region(
+            "memfd_private",
+            "memfd_private",
+            m.addr(),
+            32,
+            "shmem",
+            expect,
+            swapped,
+        );
         self.set_object(object);
         Ok(())
     }
@@ -854,17 +1176,34 @@ impl Fixture {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            s.write_byte(self.bytes(x % sparse_pages), 1).map_err(|e| e.to_string())?;
+            s.write_byte(self.bytes(x % sparse_pages), 1)
+                .map_err(|e| e.to_string())?;
         }
         let s = self.keep(s);
         let skip = Some("benchmark layout (no per-page expectation)".to_owned());
-        self.region("bench_sparse", "bench", s.addr(), sparse_pages, "anon", Vec::new(), skip.clone());
+        self.region(
+            "bench_sparse",
+            "bench",
+            s.addr(),
+            sparse_pages,
+            "anon",
+            Vec::new(),
+            skip.clone(),
+        );
         let dense_pages = self.dense_gib << 30 >> self.page.trailing_zeros();
         if dense_pages > 0 {
             let d = self.anon_map(dense_pages, 0)?;
             self.write_pages(&d, 0, dense_pages, 1)?;
             let d = self.keep(d);
-            self.region("bench_dense", "bench", d.addr(), dense_pages, "anon", Vec::new(), skip);
+            self.region(
+                "bench_dense",
+                "bench",
+                d.addr(),
+                dense_pages,
+                "anon",
+                Vec::new(),
+                skip,
+            );
         }
         Ok(())
     }
@@ -888,11 +1227,12 @@ impl Fixture {
             x ^= x >> 7;
             x ^= x << 17;
             let first = b * BLOCK;
-            let hole = (x >> 8) % 4 == 0;
+            let hole = (x >> 8).is_multiple_of(4);
             let hole_at = first + (x >> 16) % (BLOCK / 16) * 16;
             for p in first..first + BLOCK {
                 if !(hole && (hole_at..hole_at + 16).contains(&p)) {
-                    m.write_byte(self.bytes(p), 0x77).map_err(|e| e.to_string())?;
+                    m.write_byte(self.bytes(p), 0x77)
+                        .map_err(|e| e.to_string())?;
                 }
             }
             match x % 4 {
@@ -902,10 +1242,12 @@ impl Fixture {
             }
         }
         for &b in &drop_blocks {
-            m.madvise(self.bytes(b), self.bytes(BLOCK), Advice::DontNeed).map_err(|e| e.to_string())?;
+            m.madvise(self.bytes(b), self.bytes(BLOCK), Advice::DontNeed)
+                .map_err(|e| e.to_string())?;
         }
         for &b in &out_blocks {
-            m.madvise(self.bytes(b), self.bytes(BLOCK), Advice::PageOut).map_err(|e| e.to_string())?;
+            m.madvise(self.bytes(b), self.bytes(BLOCK), Advice::PageOut)
+                .map_err(|e| e.to_string())?;
         }
         if let Some(fd) = fd {
             self.keep_fds.push(fd);
@@ -915,14 +1257,24 @@ impl Fixture {
             self.helper_parts.push((Arc::clone(&m), 0, m.len()));
         }
         let skip = Some("benchmark layout (no per-page expectation)".to_owned());
-        self.region("bench_shmem", "bench_shmem", m.addr(), pages, "shmem", Vec::new(), skip);
+        self.region(
+            "bench_shmem",
+            "bench_shmem",
+            m.addr(),
+            pages,
+            "shmem",
+            Vec::new(),
+            skip,
+        );
         Ok(())
     }
 }
 
 /// Which kind of swap device receives paged-out pages (highest priority).
 fn swap_kind() -> String {
-    let Ok(table) = pagescope::proc::read_swaps() else { return "none".into() };
+    let Ok(table) = pagescope::proc::read_swaps() else {
+        return "none".into();
+    };
     let best = table.devices().iter().max_by_key(|d| d.priority);
     match best {
         None => "none".into(),
@@ -936,7 +1288,10 @@ fn swap_kind() -> String {
 fn own_smaps_field(addr: u64, field: &str) -> Option<u64> {
     let me = pagescope::Target::current().ok()?;
     let smaps = me.smaps().ok()?;
-    smaps.iter().find(|s| s.vma.range.contains(VirtAddr::new(addr)))?.field_kb(field)
+    smaps
+        .iter()
+        .find(|s| s.vma.range.contains(VirtAddr::new(addr)))?
+        .field_kb(field)
 }
 
 /// Starts a thread that maps, touches, splits and unmaps memory forever,

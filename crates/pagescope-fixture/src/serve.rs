@@ -36,6 +36,10 @@ pub fn serve(args: &[String]) -> ! {
 
 fn emit(fx: &Fixture) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", serde_json::to_string(fx.truth()).unwrap_or_default());
+    let _ = writeln!(
+        out,
+        "{}",
+        serde_json::to_string(fx.truth()).unwrap_or_default()
+    );
     let _ = out.flush();
 }

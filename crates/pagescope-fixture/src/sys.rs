@@ -34,7 +34,7 @@ pub fn fork_child(child: impl FnOnce(), stay: bool) -> std::io::Result<u32> {
         drop(ready_tx);
         let mut byte = [0u8];
         ready_rx.read_exact(&mut byte)?;
-        return Ok(pid as u32);
+        return Ok(pid.cast_unsigned());
     }
     drop(ready_rx);
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number by value.

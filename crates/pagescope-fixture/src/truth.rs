@@ -115,6 +115,8 @@ impl Region {
 
     /// The expected state of page `i`.
     pub fn expected(&self, i: u64) -> Option<&Expect> {
-        self.expect.iter().find(|e| e.first <= i && i < e.first + e.count)
+        self.expect
+            .iter()
+            .find(|e| e.first <= i && i < e.first + e.count)
     }
 }

@@ -66,7 +66,10 @@ pub struct KernelCaps {
     pub swaps: SwapTable,
 }
 
-fn ser_categories<S: serde::Serializer>(c: &Option<ScanCategories>, s: S) -> Result<S::Ok, S::Error> {
+fn ser_categories<S: serde::Serializer>(
+    c: &Option<ScanCategories>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match c {
         Some(c) => s.collect_seq(c.iter_names().map(|(n, _)| n.to_ascii_lowercase())),
         None => s.serialize_none(),
@@ -83,13 +86,22 @@ impl KernelCaps {
             rustix::fs::Mode::empty(),
         )
         .ok();
-        let entry = |addr: u64| pagemap.as_ref().and_then(|fd| self_entry(fd, addr, page_size));
+        let entry = |addr: u64| {
+            pagemap
+                .as_ref()
+                .and_then(|fd| self_entry(fd, addr, page_size))
+        };
         let privileged_pagemap = probe_privileged(&entry);
         let (guard_regions, pagemap_guard_bit) = probe_guard(&entry);
         let zero_pfn = privileged_pagemap.then(|| probe_zero_pfn(&entry)).flatten();
-        let huge_zero_pfn = privileged_pagemap.then(|| probe_huge_zero_pfn(&entry, zero_pfn)).flatten();
+        let huge_zero_pfn = privileged_pagemap
+            .then(|| probe_huge_zero_pfn(&entry, zero_pfn))
+            .flatten();
         Self {
-            release: rustix::system::uname().release().to_string_lossy().into_owned(),
+            release: rustix::system::uname()
+                .release()
+                .to_string_lossy()
+                .into_owned(),
             page_size,
             privileged_pagemap,
             pagemap_scan: pagemap.as_ref().and_then(probe_scan_categories),
@@ -129,12 +141,16 @@ fn self_entry(fd: &OwnedFd, addr: u64, page_size: u64) -> Option<PagemapEntry> {
 }
 
 fn probe_privileged(entry: &impl Fn(u64) -> Option<PagemapEntry>) -> bool {
-    let Ok(m) = OwnedMapping::anonymous(4096, 4096) else { return false };
+    let Ok(m) = OwnedMapping::anonymous(4096, 4096) else {
+        return false;
+    };
     m.write_byte(0, 1).is_ok() && entry(m.addr()).and_then(PagemapEntry::pfn).is_some()
 }
 
 fn probe_guard(entry: &impl Fn(u64) -> Option<PagemapEntry>) -> (bool, bool) {
-    let Ok(m) = OwnedMapping::anonymous(8192, 4096) else { return (false, false) };
+    let Ok(m) = OwnedMapping::anonymous(8192, 4096) else {
+        return (false, false);
+    };
     if m.madvise(0, 4096, Advice::GuardInstall).is_err() {
         return (false, false);
     }
@@ -143,8 +159,11 @@ fn probe_guard(entry: &impl Fn(u64) -> Option<PagemapEntry>) -> (bool, bool) {
 }
 
 fn probe_soft_dirty(entry: &impl Fn(u64) -> Option<PagemapEntry>) -> bool {
-    let Ok(m) = OwnedMapping::anonymous(4096, 4096) else { return false };
-    m.write_byte(0, 1).is_ok() && entry(m.addr()).is_some_and(|e| e.flags().contains(PagemapFlags::SOFT_DIRTY))
+    let Ok(m) = OwnedMapping::anonymous(4096, 4096) else {
+        return false;
+    };
+    m.write_byte(0, 1).is_ok()
+        && entry(m.addr()).is_some_and(|e| e.flags().contains(PagemapFlags::SOFT_DIRTY))
 }
 
 fn probe_zero_pfn(entry: &impl Fn(u64) -> Option<PagemapEntry>) -> Option<u64> {
@@ -154,7 +173,10 @@ fn probe_zero_pfn(entry: &impl Fn(u64) -> Option<PagemapEntry>) -> Option<u64> {
     entry(m.addr())?.pfn()
 }
 
-fn probe_huge_zero_pfn(entry: &impl Fn(u64) -> Option<PagemapEntry>, zero: Option<u64>) -> Option<u64> {
+fn probe_huge_zero_pfn(
+    entry: &impl Fn(u64) -> Option<PagemapEntry>,
+    zero: Option<u64>,
+) -> Option<u64> {
     const HUGE: usize = 2 << 20;
     let m = OwnedMapping::anonymous(HUGE, HUGE).ok()?;
     m.madvise(0, HUGE, Advice::HugePage).ok()?;
@@ -202,15 +224,27 @@ fn probe_uffd() -> Option<UffdSupport> {
 }
 
 fn probe_cachestat() -> bool {
-    let Ok(f) = std::fs::File::open("/proc/self/exe") else { return false };
+    let Ok(f) = std::fs::File::open("/proc/self/exe") else {
+        return false;
+    };
     sys::cachestat::cachestat(f.as_fd(), 0, 4096).is_ok()
 }
 
 fn probe_map_files() -> bool {
-    let Ok(maps) = std::fs::read("/proc/self/maps") else { return false };
-    let Ok(entries) = crate::proc::maps::parse_maps(&maps) else { return false };
-    let Some(e) = entries.iter().find(|e| e.inode != 0) else { return false };
-    let path = format!("/proc/self/map_files/{:x}-{:x}", e.range.start().get(), e.range.end().get());
+    let Ok(maps) = std::fs::read("/proc/self/maps") else {
+        return false;
+    };
+    let Ok(entries) = crate::proc::maps::parse_maps(&maps) else {
+        return false;
+    };
+    let Some(e) = entries.iter().find(|e| e.inode != 0) else {
+        return false;
+    };
+    let path = format!(
+        "/proc/self/map_files/{:x}-{:x}",
+        e.range.start().get(),
+        e.range.end().get()
+    );
     std::fs::File::open(path).is_ok()
 }
 

@@ -116,12 +116,18 @@ impl PageFlags {
 
     /// The JSON / CLI names of the set flags, in a fixed order.
     pub fn names(self) -> impl Iterator<Item = &'static str> {
-        Self::NAMES.into_iter().filter(move |(f, _)| self.contains(*f)).map(|(_, n)| n)
+        Self::NAMES
+            .into_iter()
+            .filter(move |(f, _)| self.contains(*f))
+            .map(|(_, n)| n)
     }
 
     /// Parses one flag name.
     pub fn from_flag_name(s: &str) -> Option<Self> {
-        Self::NAMES.into_iter().find(|(_, n)| *n == s).map(|(f, _)| f)
+        Self::NAMES
+            .into_iter()
+            .find(|(_, n)| *n == s)
+            .map(|(f, _)| f)
     }
 }
 
@@ -172,7 +178,9 @@ impl UnknownReason {
                 "swap entry or special (poison/migration) entry: needs CAP_SYS_ADMIN (swap type)"
             }
             Self::OutsidePagemap => "outside the user address space (not reported by pagemap)",
-            Self::ObjectUnavailable => "backing object cannot be opened (see the mapping's object_error)",
+            Self::ObjectUnavailable => {
+                "backing object cannot be opened (see the mapping's object_error)"
+            }
         }
     }
 
@@ -240,17 +248,32 @@ pub struct PageInfo {
 impl PageInfo {
     /// A state with no flags.
     pub const fn of(state: PageState) -> Self {
-        Self { state, flags: PageFlags::empty(), swap: None, reason: None }
+        Self {
+            state,
+            flags: PageFlags::empty(),
+            swap: None,
+            reason: None,
+        }
     }
 
     /// A state with flags.
     pub const fn with(state: PageState, flags: PageFlags) -> Self {
-        Self { state, flags, swap: None, reason: None }
+        Self {
+            state,
+            flags,
+            swap: None,
+            reason: None,
+        }
     }
 
     /// An unknown page.
     pub const fn unknown(reason: UnknownReason, flags: PageFlags) -> Self {
-        Self { state: PageState::Unknown, flags, swap: None, reason: Some(reason) }
+        Self {
+            state: PageState::Unknown,
+            flags,
+            swap: None,
+            reason: Some(reason),
+        }
     }
 
     /// The hole every page-table-less slot is.
@@ -269,7 +292,11 @@ impl RunBuilder {
     /// A builder; with `swap_detail`, swap slots are kept and runs split
     /// where slots are not consecutive.
     pub fn new(page: PageSize, swap_detail: bool) -> Self {
-        Self { runs: Vec::new(), page, swap_detail }
+        Self {
+            runs: Vec::new(),
+            page,
+            swap_detail,
+        }
     }
 
     /// Appends `pages` pages starting at `start`, all described by `info`
@@ -282,10 +309,13 @@ impl RunBuilder {
         let swap = if self.swap_detail { info.swap } else { None };
         if let Some(last) = self.runs.last_mut() {
             let contiguous = last.start.saturating_add(self.page.bytes(last.pages)) == start;
-            let same = last.state == info.state && last.flags == info.flags && last.reason == info.reason;
+            let same =
+                last.state == info.state && last.flags == info.flags && last.reason == info.reason;
             let slots_follow = match (last.swap, swap) {
                 (None, None) => true,
-                (Some(a), Some(b)) => a.ty == b.ty && a.offset.checked_add(last.pages) == Some(b.offset),
+                (Some(a), Some(b)) => {
+                    a.ty == b.ty && a.offset.checked_add(last.pages) == Some(b.offset)
+                }
                 _ => false,
             };
             if contiguous && same && slots_follow {
@@ -306,7 +336,12 @@ impl RunBuilder {
     /// Appends a run built elsewhere (merging it with the last one if they
     /// are equal and adjacent).
     pub fn push_run(&mut self, run: &PageRun) {
-        let info = PageInfo { state: run.state, flags: run.flags, swap: run.swap, reason: run.reason };
+        let info = PageInfo {
+            state: run.state,
+            flags: run.flags,
+            swap: run.swap,
+            reason: run.reason,
+        };
         self.push(run.start, run.pages, info);
     }
 
@@ -369,6 +404,9 @@ mod tests {
         }
         let f = PageFlags::EXCLUSIVE | PageFlags::FILE;
         assert_eq!(f.names().collect::<Vec<_>>(), ["exclusive", "file"]);
-        assert_eq!(PageFlags::from_flag_name("uffd_wp"), Some(PageFlags::UFFD_WP));
+        assert_eq!(
+            PageFlags::from_flag_name("uffd_wp"),
+            Some(PageFlags::UFFD_WP)
+        );
     }
 }

@@ -162,12 +162,24 @@ mod tests {
         // uffd-wp marker as root: SWAP|UFFD_WP, type 31, offset 1.
         let wp_marker = PagemapEntry((1 << 62) | (1 << 57) | (1 << 5) | 31);
         assert!(wp_marker.is_swap());
-        assert_eq!(wp_marker.swap_kind(true), Some(SwapEntryKind::Marker(MarkerBits::UFFD_WP)));
+        assert_eq!(
+            wp_marker.swap_kind(true),
+            Some(SwapEntryKind::Marker(MarkerBits::UFFD_WP))
+        );
         assert_eq!(wp_marker.swap_kind(false), None);
         let guard = PagemapEntry((1 << 62) | (1 << 58) | (4 << 5) | 31);
-        assert_eq!(guard.swap_kind(true), Some(SwapEntryKind::Marker(MarkerBits::GUARD)));
+        assert_eq!(
+            guard.swap_kind(true),
+            Some(SwapEntryKind::Marker(MarkerBits::GUARD))
+        );
         let real = PagemapEntry((1 << 62) | (0x200 << 5) | 1);
-        assert_eq!(real.swap_kind(true), Some(SwapEntryKind::Typed { ty: 1, offset: 0x200 }));
+        assert_eq!(
+            real.swap_kind(true),
+            Some(SwapEntryKind::Typed {
+                ty: 1,
+                offset: 0x200
+            })
+        );
         let present = PagemapEntry((1 << 63) | (1 << 56) | 0x3b34);
         assert_eq!(present.pfn(), Some(0x3b34));
         assert!(present.flags().contains(PagemapFlags::EXCLUSIVE));

@@ -52,7 +52,11 @@ impl RangeSet {
     /// The parts of `r` inside the set.
     pub fn intersect(&self, r: VirtRange) -> Vec<VirtRange> {
         let i = self.ranges.partition_point(|x| x.end() <= r.start());
-        self.ranges[i..].iter().take_while(|x| x.start() < r.end()).filter_map(|x| x.intersect(&r)).collect()
+        self.ranges[i..]
+            .iter()
+            .take_while(|x| x.start() < r.end())
+            .filter_map(|x| x.intersect(&r))
+            .collect()
     }
 
     /// The parts of `r` outside the set.
@@ -107,8 +111,14 @@ mod tests {
         s.insert(r(0x2000, 0x3000));
         assert_eq!(s.ranges(), &[r(0x1000, 0x5000)]);
         s.insert(r(0x8000, 0x9000));
-        assert_eq!(s.subtract_from(r(0, 0xa000)), vec![r(0, 0x1000), r(0x5000, 0x8000), r(0x9000, 0xa000)]);
-        assert_eq!(s.intersect(r(0x4000, 0x8800)), vec![r(0x4000, 0x5000), r(0x8000, 0x8800)]);
+        assert_eq!(
+            s.subtract_from(r(0, 0xa000)),
+            vec![r(0, 0x1000), r(0x5000, 0x8000), r(0x9000, 0xa000)]
+        );
+        assert_eq!(
+            s.intersect(r(0x4000, 0x8800)),
+            vec![r(0x4000, 0x5000), r(0x8000, 0x8800)]
+        );
         assert!(s.contains(VirtAddr::new(0x8fff)) && !s.contains(VirtAddr::new(0x9000)));
         assert_eq!(s.pages(PageSize::new(4096).unwrap()), 5);
     }

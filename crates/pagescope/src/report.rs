@@ -146,7 +146,9 @@ impl ProcessReport {
 
     /// The runs of all VMAs, in address order.
     pub fn runs(&self) -> impl Iterator<Item = (&VmaReport, &PageRun)> {
-        self.vmas.iter().flat_map(|v| v.runs.iter().map(move |r| (v, r)))
+        self.vmas
+            .iter()
+            .flat_map(|v| v.runs.iter().map(move |r| (v, r)))
     }
 
     /// The run covering `addr`, if it was reported.
@@ -158,12 +160,18 @@ impl ProcessReport {
 
     /// The `pages --json` document.
     pub fn pages_json(&self) -> impl Serialize + '_ {
-        Doc { report: self, mode: Mode::Pages }
+        Doc {
+            report: self,
+            mode: Mode::Pages,
+        }
     }
 
     /// The `map --json` document.
     pub fn map_json(&self) -> impl Serialize + '_ {
-        Doc { report: self, mode: Mode::Map }
+        Doc {
+            report: self,
+            mode: Mode::Map,
+        }
     }
 }
 
@@ -189,7 +197,15 @@ impl Serialize for Doc<'_> {
         st.serialize_field("backend", r.backend)?;
         st.serialize_field("exclusive_known", &r.exclusive_known)?;
         st.serialize_field("kernel", &r.kernel)?;
-        let vmas: Vec<_> = r.vmas.iter().map(|v| VmaDoc { v, r, mode: self.mode }).collect();
+        let vmas: Vec<_> = r
+            .vmas
+            .iter()
+            .map(|v| VmaDoc {
+                v,
+                r,
+                mode: self.mode,
+            })
+            .collect();
         st.serialize_field("vmas", &vmas)?;
         if self.mode == Mode::Map {
             st.serialize_field("totals", &r.totals())?;
@@ -270,7 +286,10 @@ struct SwapDoc<'a> {
 
 impl Serialize for SwapDoc<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let dev = self.r.swaps.device(self.slot.ty, self.slot.offset, self.r.page_size.get());
+        let dev = self
+            .r
+            .swaps
+            .device(self.slot.ty, self.slot.offset, self.r.page_size.get());
         let mut st = s.serialize_struct("swap", 3)?;
         st.serialize_field("device", &dev.map(|d| d.display_path()))?;
         st.serialize_field("type", &self.slot.ty)?;
@@ -298,7 +317,11 @@ impl ProcessReport {
     /// Writes the `pagescope map` table: one line per VMA, totals last.
     pub fn write_map(&self, w: &mut dyn Write) -> io::Result<()> {
         let kb = |pages: u64| pages * self.page_size.get() / 1024;
-        write!(w, "{:>16} {:>16} {:4} {:>8} {:7}", "Address", "End", "Perm", "Offset", "Backing")?;
+        write!(
+            w,
+            "{:>16} {:>16} {:4} {:>8} {:7}",
+            "Address", "End", "Perm", "Offset", "Backing"
+        )?;
         for st in MAP_COLUMNS {
             write!(w, " {:>10}", short_name(st))?;
         }
@@ -321,7 +344,11 @@ impl ProcessReport {
             writeln!(w, " {}", vma.path.display())?;
         }
         let t = self.totals();
-        write!(w, "{:>16} {:>16} {:4} {:>8} {:7}", "total kB", "", "", "", "")?;
+        write!(
+            w,
+            "{:>16} {:>16} {:4} {:>8} {:7}",
+            "total kB", "", "", "", ""
+        )?;
         for st in MAP_COLUMNS {
             write!(w, " {:>10}", kb(t.get(st)))?;
         }
@@ -345,7 +372,13 @@ impl ProcessReport {
                 writeln!(w, "    object: {e}")?;
             }
             for run in &v.runs {
-                write!(w, "    {} {:>9} {:<12}", run.range(self.page_size), run.pages, run.state.name())?;
+                write!(
+                    w,
+                    "    {} {:>9} {:<12}",
+                    run.range(self.page_size),
+                    run.pages,
+                    run.state.name()
+                )?;
                 let flags: Vec<_> = run.flags.names().collect();
                 write!(w, " {}", flags.join(","))?;
                 if let Some(s) = run.swap {

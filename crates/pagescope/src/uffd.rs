@@ -133,8 +133,10 @@ impl Userfaultfd {
             return Err(UffdError::NoWpAsync);
         }
         let want = wanted_features(available);
-        let features = raw::uffdio_api(fd.as_fd(), want)
-            .map_err(|e| UffdError::Api { features: want, source: e.into() })?;
+        let features = raw::uffdio_api(fd.as_fd(), want).map_err(|e| UffdError::Api {
+            features: want,
+            source: e.into(),
+        })?;
         Ok(Self { fd, features })
     }
 
@@ -150,14 +152,26 @@ impl Userfaultfd {
 
     /// `UFFDIO_REGISTER` with `MODE_WP` on `range`.
     pub fn register_wp(&self, range: VirtRange) -> Result<(), UffdError> {
-        raw::uffdio_register(self.fd.as_fd(), range.start().get(), range.len(), raw::UFFDIO_REGISTER_MODE_WP)
-            .map_err(|e| UffdError::Register { range, source: e.into() })
+        raw::uffdio_register(
+            self.fd.as_fd(),
+            range.start().get(),
+            range.len(),
+            raw::UFFDIO_REGISTER_MODE_WP,
+        )
+        .map_err(|e| UffdError::Register {
+            range,
+            source: e.into(),
+        })
     }
 
     /// `UFFDIO_UNREGISTER` of `range`.
     pub fn unregister(&self, range: VirtRange) -> Result<(), UffdError> {
-        raw::uffdio_unregister(self.fd.as_fd(), range.start().get(), range.len())
-            .map_err(|e| UffdError::Unregister { range, source: e.into() })
+        raw::uffdio_unregister(self.fd.as_fd(), range.start().get(), range.len()).map_err(|e| {
+            UffdError::Unregister {
+                range,
+                source: e.into(),
+            }
+        })
     }
 
     /// The raw fd.
@@ -171,7 +185,10 @@ fn probe_features() -> Result<u64, UffdError> {
     let fd = raw::userfaultfd(false)
         .or_else(|_| raw::userfaultfd(true))
         .map_err(|e| UffdError::Create { source: e.into() })?;
-    raw::uffdio_api(fd.as_fd(), 0).map_err(|e| UffdError::Api { features: 0, source: e.into() })
+    raw::uffdio_api(fd.as_fd(), 0).map_err(|e| UffdError::Api {
+        features: 0,
+        source: e.into(),
+    })
 }
 
 /// Write-protects every page of `range` (arming): `PAGEMAP_SCAN` with
@@ -187,7 +204,10 @@ pub fn wp_arm(pagemap: BorrowedFd<'_>, range: VirtRange) -> Result<(), UffdError
         end: range.end().get(),
         ..ScanRequest::default()
     };
-    pagemap_scan(pagemap, &req, &mut []).map_err(|e| UffdError::Scan { range, source: e.into() })?;
+    pagemap_scan(pagemap, &req, &mut []).map_err(|e| UffdError::Scan {
+        range,
+        source: e.into(),
+    })?;
     Ok(())
 }
 
@@ -214,7 +234,10 @@ pub fn wp_get_and_reset(
             return_mask: ScanCategories::WRITTEN.bits(),
             ..ScanRequest::default()
         };
-        let reply = pagemap_scan(pagemap, &req, vec).map_err(|e| UffdError::Scan { range, source: e.into() })?;
+        let reply = pagemap_scan(pagemap, &req, vec).map_err(|e| UffdError::Scan {
+            range,
+            source: e.into(),
+        })?;
         for r in &vec[..reply.filled] {
             if let Some(written) = VirtRange::new(VirtAddr::new(r.start), VirtAddr::new(r.end)) {
                 sink(written);
@@ -252,7 +275,10 @@ pub fn unprotected_holes(
             return_mask: ScanCategories::WPALLOWED.bits(),
             ..ScanRequest::default()
         };
-        let reply = pagemap_scan(pagemap, &req, vec).map_err(|e| UffdError::Scan { range, source: e.into() })?;
+        let reply = pagemap_scan(pagemap, &req, vec).map_err(|e| UffdError::Scan {
+            range,
+            source: e.into(),
+        })?;
         for r in &vec[..reply.filled] {
             if let Some(hole) = VirtRange::new(VirtAddr::new(r.start), VirtAddr::new(r.end)) {
                 sink(hole);

@@ -94,8 +94,18 @@ pub struct MountTable {
 impl MountTable {
     /// From the target's parsed mountinfo.
     pub fn new(mounts: &[Mount]) -> Self {
-        let devs = |fs: &str| mounts.iter().filter(|m| m.fstype == fs).map(|m| m.dev).collect();
-        Self { tmpfs: devs("tmpfs"), hugetlbfs: devs("hugetlbfs"), devtmpfs: devs("devtmpfs") }
+        let devs = |fs: &str| {
+            mounts
+                .iter()
+                .filter(|m| m.fstype == fs)
+                .map(|m| m.dev)
+                .collect()
+        };
+        Self {
+            tmpfs: devs("tmpfs"),
+            hugetlbfs: devs("hugetlbfs"),
+            devtmpfs: devs("devtmpfs"),
+        }
     }
 }
 
@@ -189,7 +199,8 @@ impl Vma {
 
 fn classify_entry(e: &MapsEntry, mounts: &MountTable, vmf: VmFlags) -> (Backing, VmaKind) {
     let p = e.path.as_bytes();
-    if vmf.contains(VmFlags::HUGETLB) || mounts.hugetlbfs.contains(&e.dev) || p == b"/anon_hugepage" {
+    if vmf.contains(VmFlags::HUGETLB) || mounts.hugetlbfs.contains(&e.dev) || p == b"/anon_hugepage"
+    {
         return (Backing::Hugetlb, VmaKind::Hugetlb);
     }
     if e.path.is_pseudo() {
@@ -231,7 +242,9 @@ fn classify_pseudo(p: &[u8]) -> (Backing, VmaKind) {
         b"[vsyscall]" => (Backing::Special, VmaKind::Vsyscall),
         _ if p.starts_with(b"[vvar") => (Backing::Special, VmaKind::Vvar),
         _ if p.starts_with(b"[anon_shmem:") => (Backing::Shmem, VmaKind::SharedAnon),
-        _ if p.starts_with(b"[anon:") || p.starts_with(b"[stack:") => (Backing::Anon, VmaKind::Anon),
+        _ if p.starts_with(b"[anon:") || p.starts_with(b"[stack:") => {
+            (Backing::Anon, VmaKind::Anon)
+        }
         _ => (Backing::Special, VmaKind::Special),
     }
 }
@@ -248,11 +261,24 @@ mod tests {
 
     #[test]
     fn classifies_every_backing() {
-        let shm = DevId { major: 0, minor: 22 };
-        let mounts = MountTable { tmpfs: vec![shm], hugetlbfs: vec![], devtmpfs: vec![] };
+        let shm = DevId {
+            major: 0,
+            minor: 22,
+        };
+        let mounts = MountTable {
+            tmpfs: vec![shm],
+            hugetlbfs: vec![],
+            devtmpfs: vec![],
+        };
         let m = &mounts;
-        assert_eq!(class(b"1000-2000 rw-p 00000000 00:00 0 [heap]", m), (Backing::Anon, VmaKind::Heap));
-        assert_eq!(class(b"1000-2000 rw-p 00000000 00:00 0", m), (Backing::Anon, VmaKind::Anon));
+        assert_eq!(
+            class(b"1000-2000 rw-p 00000000 00:00 0 [heap]", m),
+            (Backing::Anon, VmaKind::Heap)
+        );
+        assert_eq!(
+            class(b"1000-2000 rw-p 00000000 00:00 0", m),
+            (Backing::Anon, VmaKind::Anon)
+        );
         assert_eq!(
             class(b"1000-2000 rw-s 00000000 00:01 7 /memfd:guest (deleted)", m),
             (Backing::Shmem, VmaKind::Memfd)
@@ -265,17 +291,38 @@ mod tests {
             class(b"1000-2000 rw-s 00000000 00:01 5 /dev/zero (deleted)", m),
             (Backing::Shmem, VmaKind::SharedAnon)
         );
-        assert_eq!(class(b"1000-2000 rw-p 00000000 00:05 5 /dev/zero", m), (Backing::Anon, VmaKind::Anon));
         assert_eq!(
-            class(b"1000-2000 rw-s 00000000 00:01 32769 /SYSV00000000 (deleted)", m),
+            class(b"1000-2000 rw-p 00000000 00:05 5 /dev/zero", m),
+            (Backing::Anon, VmaKind::Anon)
+        );
+        assert_eq!(
+            class(
+                b"1000-2000 rw-s 00000000 00:01 32769 /SYSV00000000 (deleted)",
+                m
+            ),
             (Backing::Shmem, VmaKind::Sysv)
         );
-        assert_eq!(class(b"1000-2000 rw-s 00000000 00:16 9 /dev/shm/x", m), (Backing::Shmem, VmaKind::Tmpfs));
-        assert_eq!(class(b"1000-2000 r--p 00000000 fd:00 9 /usr/lib/libc.so.6", m), (Backing::File, VmaKind::File));
-        assert_eq!(class(b"1000-2000 r-xp 00000000 00:00 0 [vdso]", m), (Backing::Special, VmaKind::Vdso));
-        assert_eq!(class(b"1000-2000 r--p 00000000 00:00 0 [vvar_vclock]", m), (Backing::Special, VmaKind::Vvar));
         assert_eq!(
-            class(b"1000-2000 rw-s 00000000 00:0f 9 /anon_hugepage (deleted)", m),
+            class(b"1000-2000 rw-s 00000000 00:16 9 /dev/shm/x", m),
+            (Backing::Shmem, VmaKind::Tmpfs)
+        );
+        assert_eq!(
+            class(b"1000-2000 r--p 00000000 fd:00 9 /usr/lib/libc.so.6", m),
+            (Backing::File, VmaKind::File)
+        );
+        assert_eq!(
+            class(b"1000-2000 r-xp 00000000 00:00 0 [vdso]", m),
+            (Backing::Special, VmaKind::Vdso)
+        );
+        assert_eq!(
+            class(b"1000-2000 r--p 00000000 00:00 0 [vvar_vclock]", m),
+            (Backing::Special, VmaKind::Vvar)
+        );
+        assert_eq!(
+            class(
+                b"1000-2000 rw-s 00000000 00:0f 9 /anon_hugepage (deleted)",
+                m
+            ),
             (Backing::Hugetlb, VmaKind::Hugetlb)
         );
         assert_eq!(

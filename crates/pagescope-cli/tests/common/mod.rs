@@ -47,7 +47,11 @@ pub fn fixture(args: &[&str]) -> FixtureProcess {
 /// Scans `pid` through the library.
 pub fn scan(pid: u32, backend: BackendChoice) -> ProcessReport {
     let target = Target::open(pid).expect("pin target");
-    let opts = ScanOptions { backend, objects: true, ..ScanOptions::default() };
+    let opts = ScanOptions {
+        backend,
+        objects: true,
+        ..ScanOptions::default()
+    };
     scan_process(&target, caps(), &opts).expect("scan")
 }
 
@@ -59,19 +63,29 @@ pub fn scan_with(pid: u32, opts: &ScanOptions) -> ProcessReport {
 
 /// Runs `pagescope ARGS` and returns its output.
 pub fn cli(args: &[&str]) -> Output {
-    Command::new(exe()).args(args).output().expect("run pagescope")
+    Command::new(exe())
+        .args(args)
+        .output()
+        .expect("run pagescope")
 }
 
 /// Regions of `truth` the test must check; regions whose layout could not
 /// be built go through [`skip`].
-pub fn checkable<'a>(truth: &'a Truth, scenario: Option<&str>) -> Vec<&'a pagescope_fixture::Region> {
+pub fn checkable<'a>(
+    truth: &'a Truth,
+    scenario: Option<&str>,
+) -> Vec<&'a pagescope_fixture::Region> {
     let mut out = Vec::new();
     for s in &truth.skipped {
         if scenario.is_none_or(|want| want == s.scenario) {
             skip(&format!("scenario {}: {}", s.scenario, s.reason));
         }
     }
-    for r in truth.regions.iter().filter(|r| scenario.is_none_or(|s| s == r.scenario)) {
+    for r in truth
+        .regions
+        .iter()
+        .filter(|r| scenario.is_none_or(|s| s == r.scenario))
+    {
         match &r.skip {
             Some(why) if r.scenario == "bench" => {
                 let _ = why;
@@ -95,7 +109,12 @@ pub fn assert_matches_truth(truth: &Truth, report: &ProcessReport, scenario: Opt
         "{} mismatching pages (backend {}), first: {}",
         mismatches.len(),
         report.backend,
-        mismatches.iter().take(8).map(|m| m.to_string()).collect::<Vec<_>>().join("; ")
+        mismatches
+            .iter()
+            .take(8)
+            .map(|m| m.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
     );
 }
 

@@ -14,7 +14,7 @@
 //! * [`TrackerBackend::AllDirty`]: every page, every time.
 //!
 //! Writes no page-table bit can see are caught conservatively
-//! ([`watch`]): a `write()`/`pwrite()`/`fallocate()` on a mapped object
+//! (module `watch`): a `write()`/`pwrite()`/`fallocate()` on a mapped object
 //! changes its mtime, and an object another process maps writable is
 //! reported whole. Over-reporting is allowed; missing a write is not.
 
@@ -87,9 +87,20 @@ impl TrackError {
         match self {
             Self::Proc(e) => e.kind(),
             Self::Uffd(e) => e.kind(),
-            Self::Inject { source: Errno::PERM | Errno::ACCESS, .. } => ErrorKind::PermissionDenied,
-            Self::Inject { source: Errno::SRCH, .. } | Self::TargetExited { .. } => ErrorKind::TargetExited,
-            Self::Inject { source: Errno::NOSYS, .. } | Self::Unsupported { .. } => ErrorKind::Unsupported,
+            Self::Inject {
+                source: Errno::PERM | Errno::ACCESS,
+                ..
+            } => ErrorKind::PermissionDenied,
+            Self::Inject {
+                source: Errno::SRCH,
+                ..
+            }
+            | Self::TargetExited { .. } => ErrorKind::TargetExited,
+            Self::Inject {
+                source: Errno::NOSYS,
+                ..
+            }
+            | Self::Unsupported { .. } => ErrorKind::Unsupported,
             Self::Inject { .. } | Self::Io { .. } => ErrorKind::Other,
         }
     }
@@ -180,7 +191,9 @@ impl DirtyReport {
         for w in &self.written {
             by.entry(w.source).or_default().insert(w.range);
         }
-        by.into_iter().map(|(s, r)| (s, r.pages(self.page_size))).collect()
+        by.into_iter()
+            .map(|(s, r)| (s, r.pages(self.page_size)))
+            .collect()
     }
 }
 

@@ -64,7 +64,10 @@ pub struct Watcher {
 
 impl std::fmt::Debug for Watcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Watcher").field("pid", &self.target.pid()).field("backend", &self.tracker.backend()).finish()
+        f.debug_struct("Watcher")
+            .field("pid", &self.target.pid())
+            .field("backend", &self.tracker.backend())
+            .finish()
     }
 }
 
@@ -72,7 +75,14 @@ impl Watcher {
     /// Starts watching `target` with `tracker` (already attached).
     pub fn new(tracker: Box<dyn DirtyTracker>, target: Target, bandwidth_mib_s: f64) -> Self {
         let now = Instant::now();
-        Self { tracker, target, start: now, last: now, seen: RangeSet::new(), bandwidth_mib_s }
+        Self {
+            tracker,
+            target,
+            start: now,
+            last: now,
+            seen: RangeSet::new(),
+            bandwidth_mib_s,
+        }
     }
 
     /// The tracker's notes.
@@ -118,11 +128,17 @@ impl Watcher {
     }
 
     fn per_vma(&self, ranges: &RangeSet, page: PageSize) -> Vec<VmaWrites> {
-        let Ok(maps) = self.target.maps() else { return Vec::new() };
+        let Ok(maps) = self.target.maps() else {
+            return Vec::new();
+        };
         let mut out: Vec<VmaWrites> = maps
             .iter()
             .filter_map(|e| {
-                let pages: u64 = ranges.intersect(e.range).iter().map(|r| r.pages(page)).sum();
+                let pages: u64 = ranges
+                    .intersect(e.range)
+                    .iter()
+                    .map(|r| r.pages(page))
+                    .sum();
                 (pages > 0).then(|| VmaWrites {
                     start: e.range.start(),
                     end: e.range.end(),
@@ -131,7 +147,7 @@ impl Watcher {
                 })
             })
             .collect();
-        out.sort_by(|a, b| b.written_pages.cmp(&a.written_pages));
+        out.sort_by_key(|v| std::cmp::Reverse(v.written_pages));
         out
     }
 }

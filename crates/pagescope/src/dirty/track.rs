@@ -57,7 +57,11 @@ impl Scope {
             Scope::Ranges(set) => all
                 .into_iter()
                 .flat_map(|v| {
-                    set.intersect(v.range).into_iter().map(move |r| Vma { range: r, offset: clipped_offset(&v, r), ..v.clone() })
+                    set.intersect(v.range).into_iter().map(move |r| Vma {
+                        range: r,
+                        offset: clipped_offset(&v, r),
+                        ..v.clone()
+                    })
                 })
                 .collect(),
         };
@@ -77,7 +81,11 @@ fn trackable(v: &Vma) -> bool {
 /// Attaches to `target`, with the best backend available (or the one
 /// asked for): uffd-wp async through a userfaultfd created inside the
 /// target, else soft-dirty, else all-dirty.
-pub fn attach(target: Target, caps: &KernelCaps, opts: &TrackOptions) -> Result<Box<dyn DirtyTracker>, TrackError> {
+pub fn attach(
+    target: Target,
+    caps: &KernelCaps,
+    opts: &TrackOptions,
+) -> Result<Box<dyn DirtyTracker>, TrackError> {
     let own = target.pid() == std::process::id();
     let want = opts.backend;
     let mut notes = Vec::new();
@@ -89,7 +97,13 @@ pub fn attach(target: Target, caps: &KernelCaps, opts: &TrackOptions) -> Result<
         };
         match uffd {
             Ok(uffd) if caps.has_pagemap_scan() => {
-                return Ok(Box::new(UffdTracker::new(target, uffd, Scope::Process, caps, opts.strict_shared)?));
+                return Ok(Box::new(UffdTracker::new(
+                    target,
+                    uffd,
+                    Scope::Process,
+                    caps,
+                    opts.strict_shared,
+                )?));
             }
             Ok(_) => notes.push("uffd-wp async needs PAGEMAP_SCAN (Linux 6.7+)".to_owned()),
             Err(e) if want.is_some() => return Err(e),
@@ -102,23 +116,46 @@ pub fn attach(target: Target, caps: &KernelCaps, opts: &TrackOptions) -> Result<
         }
         let why = "the kernel has no soft-dirty (CONFIG_MEM_SOFT_DIRTY)";
         if want.is_some() {
-            return Err(TrackError::Unsupported { backend: "soft_dirty", why: why.into() });
+            return Err(TrackError::Unsupported {
+                backend: "soft_dirty",
+                why: why.into(),
+            });
         }
         notes.push(why.to_owned());
     }
-    Ok(Box::new(AllDirtyTracker::new(target, Scope::Process, caps, notes)?))
+    Ok(Box::new(AllDirtyTracker::new(
+        target,
+        Scope::Process,
+        caps,
+        notes,
+    )?))
 }
 
 /// Tracks `ranges` of the calling process with uffd-wp async (the library
 /// API for VMMs and runtimes), or reports them all written every time if
 /// the kernel cannot.
-pub fn track_self(ranges: &[VirtRange], caps: &KernelCaps) -> Result<Box<dyn DirtyTracker>, TrackError> {
+pub fn track_self(
+    ranges: &[VirtRange],
+    caps: &KernelCaps,
+) -> Result<Box<dyn DirtyTracker>, TrackError> {
     let scope = Scope::Ranges(ranges.iter().copied().collect());
     let target = Target::current()?;
     match Userfaultfd::new_wp_async() {
-        Ok(uffd) if caps.has_pagemap_scan() => Ok(Box::new(UffdTracker::new(target, uffd, scope, caps, false)?)),
-        Ok(_) => Ok(Box::new(AllDirtyTracker::new(target, scope, caps, vec!["no PAGEMAP_SCAN".into()])?)),
-        Err(e) => Ok(Box::new(AllDirtyTracker::new(target, scope, caps, vec![format!("uffd-wp async unavailable: {e}")])?)),
+        Ok(uffd) if caps.has_pagemap_scan() => Ok(Box::new(UffdTracker::new(
+            target, uffd, scope, caps, false,
+        )?)),
+        Ok(_) => Ok(Box::new(AllDirtyTracker::new(
+            target,
+            scope,
+            caps,
+            vec!["no PAGEMAP_SCAN".into()],
+        )?)),
+        Err(e) => Ok(Box::new(AllDirtyTracker::new(
+            target,
+            scope,
+            caps,
+            vec![format!("uffd-wp async unavailable: {e}")],
+        )?)),
     }
 }
 
@@ -142,7 +179,13 @@ struct UffdTracker {
 }
 
 impl UffdTracker {
-    fn new(target: Target, uffd: Userfaultfd, scope: Scope, caps: &KernelCaps, strict_shared: bool) -> Result<Self, TrackError> {
+    fn new(
+        target: Target,
+        uffd: Userfaultfd,
+        scope: Scope,
+        caps: &KernelCaps,
+        strict_shared: bool,
+    ) -> Result<Self, TrackError> {
         let pagemap = target.pagemap()?;
         let mut t = Self {
             uffd,
@@ -165,7 +208,10 @@ impl UffdTracker {
 
     /// Get-and-reset over `r`; an error means the VMA changed under us.
     fn written(&mut self, r: VirtRange, out: &mut Vec<Written>) -> Result<bool, TrackError> {
-        let tracked = |range| Written { range, source: WriteSource::Tracked };
+        let tracked = |range| Written {
+            range,
+            source: WriteSource::Tracked,
+        };
         if pmd_hole_bug() {
             // Zapped PMDs carry neither protection nor WRITTEN here: report
             // and re-protect them before the get-and-reset.
@@ -177,9 +223,13 @@ impl UffdTracker {
             }
         }
         let mark = out.len();
-        match wp_get_and_reset(self.pagemap.as_fd(), r, &mut self.vec, |w| out.push(tracked(w))) {
+        match wp_get_and_reset(self.pagemap.as_fd(), r, &mut self.vec, |w| {
+            out.push(tracked(w))
+        }) {
             Ok(()) => Ok(true),
-            Err(e) if e.kind() == crate::ErrorKind::TargetExited => Err(TrackError::TargetExited { pid: self.target.pid() }),
+            Err(e) if e.kind() == crate::ErrorKind::TargetExited => Err(TrackError::TargetExited {
+                pid: self.target.pid(),
+            }),
             Err(_) => {
                 out.truncate(mark);
                 Ok(false)
@@ -213,33 +263,56 @@ impl DirtyTracker for UffdTracker {
         self.untracked_note.clear();
         for v in &layout.vmas {
             if self.needs_feature(v) {
-                out.push(Written { range: v.range, source: WriteSource::Untracked });
+                out.push(Written {
+                    range: v.range,
+                    source: WriteSource::Untracked,
+                });
                 continue;
             }
             let mut intact = true;
             for c in self.tracked.intersect(v.range) {
                 intact &= self.written(c, &mut out)?;
             }
-            let fresh = if intact { self.tracked.subtract_from(v.range) } else { vec![v.range] };
+            let fresh = if intact {
+                self.tracked.subtract_from(v.range)
+            } else {
+                vec![v.range]
+            };
             if !fresh.is_empty() {
                 if !self.start_tracking(v) {
-                    self.untracked_note.push(format!("{} {} cannot be write-protected", v.range, v.path.display()));
-                    out.push(Written { range: v.range, source: WriteSource::Untracked });
+                    self.untracked_note.push(format!(
+                        "{} {} cannot be write-protected",
+                        v.range,
+                        v.path.display()
+                    ));
+                    out.push(Written {
+                        range: v.range,
+                        source: WriteSource::Untracked,
+                    });
                     continue;
                 }
-                out.extend(fresh.into_iter().map(|range| Written { range, source: WriteSource::NewMapping }));
+                out.extend(fresh.into_iter().map(|range| Written {
+                    range,
+                    source: WriteSource::NewMapping,
+                }));
             }
             now.insert(v.range);
         }
         self.tracked = now;
         out.extend(alias_writes(&layout.vmas, &out, self.page));
-        self.watch.refresh(&self.target, &layout.vmas, self.map_files);
+        self.watch
+            .refresh(&self.target, &layout.vmas, self.map_files);
         self.watch.syscall_writes(&layout.vmas, &mut out);
-        self.watch.foreign_writes(self.target.pid(), &layout.vmas, &mut out);
+        self.watch
+            .foreign_writes(self.target.pid(), &layout.vmas, &mut out);
         if self.strict_shared {
             self.watch.strict_writes(&layout.vmas, &mut out);
         }
-        Ok(DirtyReport { written: out, page_size: self.page, tracked: self.tracked.clone() })
+        Ok(DirtyReport {
+            written: out,
+            page_size: self.page,
+            tracked: self.tracked.clone(),
+        })
     }
 
     fn notes(&self) -> Vec<String> {
@@ -268,7 +341,10 @@ fn probe_pmd_hole_bug() -> Option<bool> {
     const HUGE: usize = 2 << 20;
     let m = OwnedMapping::anonymous(HUGE, HUGE).ok()?;
     m.madvise(0, HUGE, Advice::HugePage).ok()?;
-    (0..HUGE).step_by(4096).try_for_each(|o| m.write_byte(o, 1)).ok()?;
+    (0..HUGE)
+        .step_by(4096)
+        .try_for_each(|o| m.write_byte(o, 1))
+        .ok()?;
     let uffd = Userfaultfd::new_wp_async().ok()?;
     let range = VirtRange::from_start_len(crate::VirtAddr::new(m.addr()), HUGE as u64)?;
     uffd.register_wp(range).ok()?;
@@ -277,7 +353,10 @@ fn probe_pmd_hole_bug() -> Option<bool> {
     m.madvise(0, HUGE, Advice::DontNeed).ok()?;
     let mut vec = Vec::new();
     let mut pages = 0;
-    wp_get_and_reset(pagemap.as_fd(), range, &mut vec, |r| pages += r.len() / 4096).ok()?;
+    wp_get_and_reset(pagemap.as_fd(), range, &mut vec, |r| {
+        pages += r.len() / 4096
+    })
+    .ok()?;
     Some(pages < (HUGE / 4096) as u64)
 }
 
@@ -297,13 +376,22 @@ struct SoftDirtyTracker {
 impl SoftDirtyTracker {
     fn new(target: Target, caps: &KernelCaps, mut notes: Vec<String>) -> Result<Self, TrackError> {
         notes.push("soft-dirty is not atomic: writes racing a collect may be lost unless the target is stopped".into());
-        let t = Self { target, page: page_of(caps), watch: ObjectWatch::default(), map_files: caps.map_files, notes, caps: caps.clone() };
+        let t = Self {
+            target,
+            page: page_of(caps),
+            watch: ObjectWatch::default(),
+            map_files: caps.map_files,
+            notes,
+            caps: caps.clone(),
+        };
         t.clear()?;
         Ok(t)
     }
 
     fn clear(&self) -> Result<(), TrackError> {
-        self.target.write_file("clear_refs", b"4").map_err(TrackError::from)
+        self.target
+            .write_file("clear_refs", b"4")
+            .map_err(TrackError::from)
     }
 }
 
@@ -314,22 +402,37 @@ impl DirtyTracker for SoftDirtyTracker {
 
     fn collect(&mut self) -> Result<DirtyReport, TrackError> {
         let layout = Scope::Process.layout(&self.target)?;
-        let opts = crate::ScanOptions { objects: false, smaps: false, ..Default::default() };
+        let opts = crate::ScanOptions {
+            objects: false,
+            smaps: false,
+            ..Default::default()
+        };
         let report = crate::scan_process(&self.target, &self.caps, &opts).map_err(|e| match e {
             crate::ScanError::Proc(p) => TrackError::Proc(p),
-            _ => TrackError::TargetExited { pid: self.target.pid() },
+            _ => TrackError::TargetExited {
+                pid: self.target.pid(),
+            },
         })?;
         self.clear()?;
         let mut out: Vec<Written> = report
             .runs()
             .filter(|(_, r)| r.flags.contains(crate::PageFlags::SOFT_DIRTY))
-            .map(|(_, r)| Written { range: r.range(self.page), source: WriteSource::Tracked })
+            .map(|(_, r)| Written {
+                range: r.range(self.page),
+                source: WriteSource::Tracked,
+            })
             .collect();
-        self.watch.refresh(&self.target, &layout.vmas, self.map_files);
+        self.watch
+            .refresh(&self.target, &layout.vmas, self.map_files);
         self.watch.syscall_writes(&layout.vmas, &mut out);
-        self.watch.foreign_writes(self.target.pid(), &layout.vmas, &mut out);
+        self.watch
+            .foreign_writes(self.target.pid(), &layout.vmas, &mut out);
         let tracked = layout.vmas.iter().map(|v| v.range).collect();
-        Ok(DirtyReport { written: out, page_size: self.page, tracked })
+        Ok(DirtyReport {
+            written: out,
+            page_size: self.page,
+            tracked,
+        })
     }
 
     fn notes(&self) -> Vec<String> {
@@ -346,8 +449,18 @@ struct AllDirtyTracker {
 }
 
 impl AllDirtyTracker {
-    fn new(target: Target, scope: Scope, caps: &KernelCaps, notes: Vec<String>) -> Result<Self, TrackError> {
-        Ok(Self { target, scope, page: page_of(caps), notes })
+    fn new(
+        target: Target,
+        scope: Scope,
+        caps: &KernelCaps,
+        notes: Vec<String>,
+    ) -> Result<Self, TrackError> {
+        Ok(Self {
+            target,
+            scope,
+            page: page_of(caps),
+            notes,
+        })
     }
 }
 
@@ -358,13 +471,23 @@ impl DirtyTracker for AllDirtyTracker {
 
     fn collect(&mut self) -> Result<DirtyReport, TrackError> {
         let layout = self.scope.layout(&self.target)?;
-        let written = layout.vmas.iter().map(|v| Written { range: v.range, source: WriteSource::Untracked }).collect();
+        let written = layout
+            .vmas
+            .iter()
+            .map(|v| Written {
+                range: v.range,
+                source: WriteSource::Untracked,
+            })
+            .collect();
         let tracked = layout.vmas.iter().map(|v| v.range).collect();
-        Ok(DirtyReport { written, page_size: self.page, tracked })
+        Ok(DirtyReport {
+            written,
+            page_size: self.page,
+            tracked,
+        })
     }
 
     fn notes(&self) -> Vec<String> {
         self.notes.clone()
     }
 }
-

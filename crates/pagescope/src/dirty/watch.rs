@@ -35,13 +35,20 @@ type Key = (DevId, u64);
 /// Object stamps: mtime and ctime (ns), and the number of allocated pages
 /// (`cachestat` `nr_cache + nr_evicted`, which reclaim and swap-in leave
 /// unchanged but a write into a hole or a punch changes).
-type Stamp = (i64, i64, i64, i64, u64);
+type Stamp = (i64, u64, i64, u64, u64);
 
 fn stamp(fd: &OwnedFd) -> Option<Stamp> {
     use std::os::fd::AsFd;
     let st = rustix::fs::fstat(fd).ok()?;
-    let allocated = crate::sys::cachestat::cachestat(fd.as_fd(), 0, 0).map_or(0, |c| c.nr_cache + c.nr_evicted);
-    Some((st.st_mtime, st.st_mtime_nsec as i64, st.st_ctime, st.st_ctime_nsec as i64, allocated))
+    let allocated =
+        crate::sys::cachestat::cachestat(fd.as_fd(), 0, 0).map_or(0, |c| c.nr_cache + c.nr_evicted);
+    Some((
+        st.st_mtime,
+        st.st_mtime_nsec,
+        st.st_ctime,
+        st.st_ctime_nsec,
+        allocated,
+    ))
 }
 
 /// What is known about one mapped object.
@@ -70,11 +77,16 @@ impl ObjectWatch {
             let w = self.objects.entry(key).or_insert_with(|| {
                 let fd = open_object(target, v, map_files).ok().map(|o| o.fd);
                 let stamp = fd.as_ref().and_then(stamp);
-                Watched { fd, stamp, shared: false }
+                Watched {
+                    fd,
+                    stamp,
+                    shared: false,
+                }
             });
             w.shared |= v.is_shared() || v.backing == Backing::Shmem;
         }
-        self.objects.retain(|k, _| vmas.iter().any(|v| (v.dev, v.inode) == *k));
+        self.objects
+            .retain(|k, _| vmas.iter().any(|v| (v.dev, v.inode) == *k));
     }
 
     /// Reports the mapped ranges of objects changed by system calls since
@@ -127,7 +139,10 @@ impl ObjectWatch {
 
 fn push_object(vmas: &[Vma], key: Key, source: WriteSource, out: &mut Vec<Written>) {
     for v in vmas.iter().filter(|v| (v.dev, v.inode) == key) {
-        out.push(Written { range: v.range, source });
+        out.push(Written {
+            range: v.range,
+            source,
+        });
     }
 }
 
@@ -135,15 +150,27 @@ fn push_object(vmas: &[Vma], key: Key, source: WriteSource, out: &mut Vec<Writte
 /// shared and writable.
 fn foreign_writable(pid: u32, wanted: impl Fn(&Key) -> bool) -> Vec<Key> {
     let mut found = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return found };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
     for entry in dir.flatten() {
-        let Some(other) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(other) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
         if other == pid {
             continue;
         }
-        let Ok(buf) = std::fs::read(format!("/proc/{other}/maps")) else { continue };
+        let Ok(buf) = std::fs::read(format!("/proc/{other}/maps")) else {
+            continue;
+        };
         for line in buf.split(|&b| b == b'\n') {
-            let Some(e) = crate::proc::maps::parse_line(line) else { continue };
+            let Some(e) = crate::proc::maps::parse_line(line) else {
+                continue;
+            };
             let key = (e.dev, e.inode);
             if e.perms.write && e.perms.shared && wanted(&key) && !found.contains(&key) {
                 found.push(key);
@@ -158,29 +185,47 @@ fn foreign_writable(pid: u32, wanted: impl Fn(&Key) -> bool) -> Vec<Key> {
 /// pages. Returns those aliased ranges.
 pub fn alias_writes(vmas: &[Vma], tracked: &[Written], page: PageSize) -> Vec<Written> {
     let mut out = Vec::new();
-    let aliased = |v: &Vma| vmas.iter().any(|o| (o.dev, o.inode) == (v.dev, v.inode) && o.range != v.range);
-    if !vmas.iter().any(|v| v.is_shared() && watched(v) && aliased(v)) {
+    let aliased = |v: &Vma| {
+        vmas.iter()
+            .any(|o| (o.dev, o.inode) == (v.dev, v.inode) && o.range != v.range)
+    };
+    if !vmas
+        .iter()
+        .any(|v| v.is_shared() && watched(v) && aliased(v))
+    {
         return out;
     }
     let p = page.get();
     for w in tracked.iter().filter(|w| w.source == WriteSource::Tracked) {
-        let Some(src) = vmas.iter().find(|v| v.range.contains(w.range.start())) else { continue };
+        let Some(src) = vmas.iter().find(|v| v.range.contains(w.range.start())) else {
+            continue;
+        };
         if !src.is_shared() || !watched(src) {
             continue;
         }
-        let first = src.offset / p + w.range.start().checked_offset_from(src.range.start()).unwrap_or(0) / p;
+        let first = src.offset / p
+            + w.range
+                .start()
+                .checked_offset_from(src.range.start())
+                .unwrap_or(0)
+                / p;
         let last = first + w.range.pages(page);
-        for dst in vmas.iter().filter(|v| (v.dev, v.inode) == (src.dev, src.inode) && v.range != src.range) {
+        for dst in vmas
+            .iter()
+            .filter(|v| (v.dev, v.inode) == (src.dev, src.inode) && v.range != src.range)
+        {
             let (d0, dn) = (dst.offset / p, dst.range.pages(page));
             let (a, b) = (first.max(d0), last.min(d0 + dn));
             if a < b {
                 let start = dst.range.start().saturating_add((a - d0) * p);
                 if let Some(range) = VirtRange::from_start_len(start, (b - a) * p) {
-                    out.push(Written { range, source: WriteSource::Tracked });
+                    out.push(Written {
+                        range,
+                        source: WriteSource::Tracked,
+                    });
                 }
             }
         }
     }
     out
 }
-

@@ -83,18 +83,27 @@ pub fn classify(
     page: u64,
 ) -> Result<(Vec<ObjectRun>, bool), Errno> {
     let end = first + count;
-    let chunks: Vec<(u64, u64)> =
-        (first..end).step_by(CHUNK_PAGES as usize).map(|lo| (lo, (lo + CHUNK_PAGES).min(end))).collect();
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8).min(chunks.len());
+    let chunks: Vec<(u64, u64)> = (first..end)
+        .step_by(CHUNK_PAGES as usize)
+        .map(|lo| (lo, (lo + CHUNK_PAGES).min(end)))
+        .collect();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8)
+        .min(chunks.len());
     let next = std::sync::atomic::AtomicUsize::new(0);
     type ChunkResult = Result<(Vec<ObjectState>, bool), Errno>;
-    let results: std::sync::Mutex<Vec<Option<ChunkResult>>> = std::sync::Mutex::new(vec![None; chunks.len()]);
+    let results: std::sync::Mutex<Vec<Option<ChunkResult>>> =
+        std::sync::Mutex::new(vec![None; chunks.len()]);
     let work = || {
         loop {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(&(lo, hi)) = chunks.get(i) else { return };
+            let Some(&(lo, hi)) = chunks.get(i) else {
+                return;
+            };
             let mut precise = true;
-            let r = classify_chunk(fd, class, size_pages, lo, hi, page, &mut precise).map(|s| (s, precise));
+            let r = classify_chunk(fd, class, size_pages, lo, hi, page, &mut precise)
+                .map(|s| (s, precise));
             if let Ok(mut v) = results.lock() {
                 v[i] = Some(r);
             }
@@ -125,7 +134,11 @@ fn push_states(out: &mut Vec<ObjectRun>, first: u64, states: &[ObjectState]) {
         let p = first + i as u64;
         match out.last_mut() {
             Some(r) if r.state == state && r.first + r.count == p => r.count += 1,
-            _ => out.push(ObjectRun { first: p, count: 1, state }),
+            _ => out.push(ObjectRun {
+                first: p,
+                count: 1,
+                state,
+            }),
         }
     }
 }
@@ -163,7 +176,14 @@ fn classify_chunk(
         };
     }
     if class == ObjectClass::Shmem {
-        let mut split = Splitter { fd, page, data: &data, incore: &incore, states: &mut states[..m], base: lo };
+        let mut split = Splitter {
+            fd,
+            page,
+            data: &data,
+            incore: &incore,
+            states: &mut states[..m],
+            base: lo,
+        };
         if split.refine_runs(m).is_err() {
             *precise = false;
         }
@@ -191,7 +211,9 @@ fn data_map(fd: BorrowedFd<'_>, lo: u64, n: u64, page: u64) -> Result<Vec<bool>,
             Err(e) => return Err(e),
         };
         let (a, b) = ((d / page - lo) as usize, (h.div_ceil(page) - lo) as usize);
-        data[a..b.min(n as usize)].iter_mut().for_each(|x| *x = true);
+        data[a..b.min(n as usize)]
+            .iter_mut()
+            .for_each(|x| *x = true);
         pos = h.max(d + page);
     }
     Ok(data)

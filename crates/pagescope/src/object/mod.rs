@@ -63,8 +63,7 @@ fn page_cache_refused(obj: &OpenObject) -> Option<String> {
         return None;
     }
     let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&obj.fd));
-    let writable =
-        rustix::fs::access(path.as_str(), rustix::fs::Access::WRITE_OK).is_ok();
+    let writable = rustix::fs::access(path.as_str(), rustix::fs::Access::WRITE_OK).is_ok();
     (!writable).then(|| {
         "mincore and cachestat report a file's page cache only to its owner, writers or root (Linux 5.2+)".to_owned()
     })
@@ -89,18 +88,32 @@ pub fn apply_objects(target: &Target, caps: &KernelCaps, report: &mut ProcessRep
             continue;
         }
         let key = (v.vma.dev, v.vma.inode);
-        let obj = opened.entry(key).or_insert_with(|| open_object(target, &v.vma, caps.map_files));
+        let obj = opened
+            .entry(key)
+            .or_insert_with(|| open_object(target, &v.vma, caps.map_files));
         if let Ok(o) = obj {
             v.vma.refine_with_fstype(o.fs_type);
         }
         if class_of(&v.vma).is_some() {
-            needs.entry(key).or_default().push(object_span(v.scanned, &v.vma, page));
+            needs
+                .entry(key)
+                .or_default()
+                .push(object_span(v.scanned, &v.vma, page));
         }
     }
     let mut classified: HashMap<(DevId, u64), Result<Classified, String>> = HashMap::new();
     for (key, spans) in needs {
         let result = match opened.get(&key) {
-            Some(Ok(o)) => classify_spans(o, report.vmas.iter().find(|v| (v.vma.dev, v.vma.inode) == key).map(|v| &v.vma), &spans, page),
+            Some(Ok(o)) => classify_spans(
+                o,
+                report
+                    .vmas
+                    .iter()
+                    .find(|v| (v.vma.dev, v.vma.inode) == key)
+                    .map(|v| &v.vma),
+                &spans,
+                page,
+            ),
             Some(Err(e)) => Err(e.clone()),
             None => continue,
         };
@@ -108,7 +121,9 @@ pub fn apply_objects(target: &Target, caps: &KernelCaps, report: &mut ProcessRep
     }
     let mut imprecise = false;
     for v in &mut report.vmas {
-        let Some(result) = classified.get(&(v.vma.dev, v.vma.inode)) else { continue };
+        let Some(result) = classified.get(&(v.vma.dev, v.vma.inode)) else {
+            continue;
+        };
         if class_of(&v.vma).is_none() {
             continue;
         }
@@ -133,11 +148,20 @@ pub fn apply_objects(target: &Target, caps: &KernelCaps, report: &mut ProcessRep
 
 /// Object pages `(first, count)` behind the scanned part of `vma`.
 fn object_span(scanned: crate::VirtRange, vma: &Vma, page: u64) -> (u64, u64) {
-    let skip = scanned.start().checked_offset_from(vma.range.start()).unwrap_or(0) / page;
+    let skip = scanned
+        .start()
+        .checked_offset_from(vma.range.start())
+        .unwrap_or(0)
+        / page;
     (vma.offset / page + skip, scanned.len() / page)
 }
 
-fn classify_spans(o: &OpenObject, vma: Option<&Vma>, spans: &[(u64, u64)], page: u64) -> Result<Classified, String> {
+fn classify_spans(
+    o: &OpenObject,
+    vma: Option<&Vma>,
+    spans: &[(u64, u64)],
+    page: u64,
+) -> Result<Classified, String> {
     let class = vma.and_then(class_of).ok_or("not a shmem or file object")?;
     if class == ObjectClass::File {
         if let Some(why) = page_cache_refused(o) {
@@ -160,12 +184,24 @@ fn classify_spans(o: &OpenObject, vma: Option<&Vma>, spans: &[(u64, u64)], page:
             .map_err(|e| format!("classifying inode {} failed: {e}", o.inode))?;
         runs.extend(r);
     }
-    Ok(Classified { id: ObjectId { dev: o.dev, inode: o.inode }, runs })
+    Ok(Classified {
+        id: ObjectId {
+            dev: o.dev,
+            inode: o.inode,
+        },
+        runs,
+    })
 }
 
 /// Replaces the page-table holes of `runs` with the object's states.
 /// `first` is the object page at `start`.
-fn join(runs: &[PageRun], obj: &[ObjectRun], first: u64, start: crate::VirtAddr, page: crate::PageSize) -> Vec<PageRun> {
+fn join(
+    runs: &[PageRun],
+    obj: &[ObjectRun],
+    first: u64,
+    start: crate::VirtAddr,
+    page: crate::PageSize,
+) -> Vec<PageRun> {
     let mut out = RunBuilder::new(page, true);
     for r in runs {
         if r.state != PageState::Hole {
@@ -191,7 +227,15 @@ fn join(runs: &[PageRun], obj: &[ObjectRun], first: u64, start: crate::VirtAddr,
     out.finish()
 }
 
-fn push_part(out: &mut RunBuilder, r: &PageRun, idx: u64, from: u64, to: u64, state: PageState, page: crate::PageSize) {
+fn push_part(
+    out: &mut RunBuilder,
+    r: &PageRun,
+    idx: u64,
+    from: u64,
+    to: u64,
+    state: PageState,
+    page: crate::PageSize,
+) {
     let addr = r.start.saturating_add((from - idx) * page.get());
     out.push(addr, to - from, PageInfo::with(state, r.flags));
 }
@@ -201,7 +245,11 @@ fn mark_unknown(runs: &[PageRun], page: crate::PageSize) -> Vec<PageRun> {
     let mut out = RunBuilder::new(page, true);
     for r in runs {
         if r.state == PageState::Hole {
-            out.push(r.start, r.pages, PageInfo::unknown(UnknownReason::ObjectUnavailable, r.flags));
+            out.push(
+                r.start,
+                r.pages,
+                PageInfo::unknown(UnknownReason::ObjectUnavailable, r.flags),
+            );
         } else {
             out.push_run(r);
         }

@@ -47,10 +47,18 @@ pub struct OpenObject {
 }
 
 /// Opens the object behind `vma`, or says why it cannot be.
-pub fn open_object(target: &Target, vma: &Vma, privileged_map_files: bool) -> Result<OpenObject, String> {
+pub fn open_object(
+    target: &Target,
+    vma: &Vma,
+    privileged_map_files: bool,
+) -> Result<OpenObject, String> {
     let mut why = Vec::new();
     if privileged_map_files {
-        match target.map_file(vma.range).map_err(|e| e.to_string()).and_then(|fd| check(fd, vma, OpenedVia::MapFiles)) {
+        match target
+            .map_file(vma.range)
+            .map_err(|e| e.to_string())
+            .and_then(|fd| check(fd, vma, OpenedVia::MapFiles))
+        {
             Ok(o) => return Ok(o),
             Err(e) => why.push(e),
         }
@@ -59,7 +67,11 @@ pub fn open_object(target: &Target, vma: &Vma, privileged_map_files: bool) -> Re
     }
     match open_via_fd(target, vma) {
         Ok(Some(o)) => return Ok(o),
-        Ok(None) => why.push(format!("process {} holds no fd for inode {}", target.pid(), vma.inode)),
+        Ok(None) => why.push(format!(
+            "process {} holds no fd for inode {}",
+            target.pid(),
+            vma.inode
+        )),
         Err(e) => why.push(e),
     }
     if !vma.path.is_deleted() && vma.path.as_bytes().starts_with(b"/") {
@@ -75,7 +87,9 @@ fn open_via_fd(target: &Target, vma: &Vma) -> Result<Option<OpenObject>, String>
     let fds = target.fds().map_err(|e| e.to_string())?;
     for n in fds {
         let name = format!("fd/{n}");
-        let Ok(st) = target.stat_file(&name) else { continue };
+        let Ok(st) = target.stat_file(&name) else {
+            continue;
+        };
         if st.st_ino == vma.inode && DevId::from_st_dev(st.st_dev) == vma.dev {
             let fd = target.open_fd(n).map_err(|e| e.to_string())?;
             return check(fd, vma, OpenedVia::Fd(n)).map(Some);
@@ -85,7 +99,9 @@ fn open_via_fd(target: &Target, vma: &Vma) -> Result<Option<OpenObject>, String>
 }
 
 fn open_via_path(target: &Target, vma: &Vma) -> Result<OpenObject, String> {
-    let fd = target.open_in_root(vma.path.as_bytes()).map_err(|e| e.to_string())?;
+    let fd = target
+        .open_in_root(vma.path.as_bytes())
+        .map_err(|e| e.to_string())?;
     check(fd, vma, OpenedVia::Path)
 }
 
@@ -93,8 +109,20 @@ fn check(fd: OwnedFd, vma: &Vma, via: OpenedVia) -> Result<OpenObject, String> {
     let st = rustix::fs::fstat(&fd).map_err(|e| format!("fstat: {e}"))?;
     let dev = DevId::from_st_dev(st.st_dev);
     if st.st_ino != vma.inode || dev != vma.dev {
-        return Err(format!("{:?} leads to inode {} on {dev}, not the mapped inode {}", via, st.st_ino, vma.inode));
+        return Err(format!(
+            "{:?} leads to inode {} on {dev}, not the mapped inode {}",
+            via, st.st_ino, vma.inode
+        ));
     }
-    let fs_type = rustix::fs::fstatfs(fd.as_fd()).map(|s| s.f_type as u64).unwrap_or(0);
-    Ok(OpenObject { fd, dev, inode: st.st_ino, size: st.st_size as u64, fs_type, via })
+    let fs_type = rustix::fs::fstatfs(fd.as_fd())
+        .map(|s| u64::try_from(s.f_type).unwrap_or(0))
+        .unwrap_or(0);
+    Ok(OpenObject {
+        fd,
+        dev,
+        inode: st.st_ino,
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        fs_type,
+        via,
+    })
 }

@@ -56,7 +56,10 @@ impl ObjectsReport {
 
 impl ObjectReport {
     fn kind_name(&self) -> String {
-        serde_json::to_value(self.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+        serde_json::to_value(self.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
     }
 
     fn state_summary(&self, kb: impl Fn(u64) -> u64) -> String {
@@ -81,10 +84,22 @@ impl Serialize for Doc<'_> {
         st.serialize_field("page_size", &self.r.page_size.get())?;
         st.serialize_field("privileged", &self.r.privileged)?;
         st.serialize_field("complete", &self.r.complete())?;
-        let objects: Vec<_> = self.r.objects.iter().map(|o| ObjectDoc { o, ranges: self.ranges }).collect();
+        let objects: Vec<_> = self
+            .r
+            .objects
+            .iter()
+            .map(|o| ObjectDoc {
+                o,
+                ranges: self.ranges,
+            })
+            .collect();
         st.serialize_field("objects", &objects)?;
-        let skipped: Vec<_> =
-            self.r.skipped.iter().map(|s| serde_json::json!({"pid": s.pid, "reason": s.reason})).collect();
+        let skipped: Vec<_> = self
+            .r
+            .skipped
+            .iter()
+            .map(|s| serde_json::json!({"pid": s.pid, "reason": s.reason}))
+            .collect();
         st.serialize_field("skipped", &skipped)?;
         st.end()
     }

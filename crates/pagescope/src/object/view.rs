@@ -127,7 +127,12 @@ pub fn objects_view(pids: &[u32], caps: &KernelCaps, opts: &ObjectsOptions) -> O
         }
     }
     let objects = objects.into_values().map(|e| finish(e, page)).collect();
-    ObjectsReport { page_size: page, privileged: caps.map_files, objects, skipped }
+    ObjectsReport {
+        page_size: page,
+        privileged: caps.map_files,
+        objects,
+        skipped,
+    }
 }
 
 fn wanted(v: &Vma, opts: &ObjectsOptions) -> bool {
@@ -148,7 +153,10 @@ fn add_process(
 ) -> Result<(), String> {
     let target = Target::open(pid).map_err(|e| e.to_string())?;
     target.require_address_space().map_err(|e| e.to_string())?;
-    let comm = target.stat().map(|s| String::from_utf8_lossy(&s.comm).into_owned()).unwrap_or_default();
+    let comm = target
+        .stat()
+        .map(|s| String::from_utf8_lossy(&s.comm).into_owned())
+        .unwrap_or_default();
     let vmas = read_layout(&target, false).map_err(|e| e.to_string())?;
     let pagemap = target.pagemap().map_err(|e| e.to_string())?;
     for mut vma in vmas.into_iter().filter(|v| wanted(v, opts)) {
@@ -165,10 +173,15 @@ fn add_process(
             entry.report.backing = vma.backing;
         }
         let first_page = vma.offset / page.get();
-        let present = present_ranges(pagemap.as_fd(), pid, vma.range, caps).map_err(|e| e.to_string())?;
+        let present =
+            present_ranges(pagemap.as_fd(), pid, vma.range, caps).map_err(|e| e.to_string())?;
         let mut present_pages = 0;
         for r in &present {
-            let off = r.start().checked_offset_from(vma.range.start()).unwrap_or(0) / page.get();
+            let off = r
+                .start()
+                .checked_offset_from(vma.range.start())
+                .unwrap_or(0)
+                / page.get();
             entry.present.push((first_page + off, r.pages(page)));
             present_pages += r.pages(page);
         }
@@ -181,7 +194,11 @@ fn add_process(
         };
         match entry.report.sharers.iter_mut().find(|s| s.pid == pid) {
             Some(s) => s.mappings.push(mapping),
-            None => entry.report.sharers.push(Sharer { pid, comm: comm.clone(), mappings: vec![mapping] }),
+            None => entry.report.sharers.push(Sharer {
+                pid,
+                comm: comm.clone(),
+                mappings: vec![mapping],
+            }),
         }
     }
     Ok(())
@@ -190,7 +207,10 @@ fn add_process(
 fn new_entry(vma: &Vma) -> Entry {
     Entry {
         report: ObjectReport {
-            id: ObjectId { dev: vma.dev, inode: vma.inode },
+            id: ObjectId {
+                dev: vma.dev,
+                inode: vma.inode,
+            },
             backing: vma.backing,
             kind: vma.kind,
             path: vma.path.display(),
@@ -213,7 +233,11 @@ fn finish(mut e: Entry, page: PageSize) -> ObjectReport {
         e.report.error = Some(e.errors.join("; "));
         return e.report;
     };
-    let class = if e.report.backing == Backing::Shmem { ObjectClass::Shmem } else { ObjectClass::File };
+    let class = if e.report.backing == Backing::Shmem {
+        ObjectClass::Shmem
+    } else {
+        ObjectClass::File
+    };
     if class_of_backing(e.report.backing).is_none() {
         e.report.error = Some("hugetlbfs objects are not classified".into());
         return e.report;
@@ -264,7 +288,10 @@ fn union_len(v: &mut [(u64, u64)]) -> u64 {
 /// All PIDs on the machine (numeric entries of `/proc`).
 pub fn all_pids() -> Vec<u32> {
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     pids.sort_unstable();
     pids

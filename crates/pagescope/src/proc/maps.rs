@@ -117,8 +117,14 @@ impl MapsPath {
     /// From the column's raw bytes (including any ` (deleted)`).
     pub fn from_raw(raw: &[u8]) -> Self {
         match raw.strip_suffix(DELETED) {
-            Some(p) if p.starts_with(b"/") => Self { bytes: p.to_vec(), deleted: true },
-            _ => Self { bytes: raw.to_vec(), deleted: false },
+            Some(p) if p.starts_with(b"/") => Self {
+                bytes: p.to_vec(),
+                deleted: true,
+            },
+            _ => Self {
+                bytes: raw.to_vec(),
+                deleted: false,
+            },
         }
     }
 
@@ -191,7 +197,12 @@ pub fn parse_maps(buf: &[u8]) -> Result<Vec<MapsEntry>, MapsParseError> {
     buf.split(|&b| b == b'\n')
         .enumerate()
         .filter(|(_, l)| !l.is_empty())
-        .map(|(i, l)| parse_line(l).ok_or(MapsParseError { line: i + 1, what: "malformed maps line" }))
+        .map(|(i, l)| {
+            parse_line(l).ok_or(MapsParseError {
+                line: i + 1,
+                what: "malformed maps line",
+            })
+        })
         .collect()
 }
 
@@ -286,7 +297,13 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         assert_eq!(v[1].dev, DevId { major: 0, minor: 1 });
         assert_eq!(v[1].inode, 1234);
         assert_eq!(v[4].offset, 0x2000);
-        assert_eq!(v[4].dev, DevId { major: 0xfd, minor: 0 });
+        assert_eq!(
+            v[4].dev,
+            DevId {
+                major: 0xfd,
+                minor: 0
+            }
+        );
         // Short prefix without padding (hand-written): path still found.
         assert_eq!(v[4].path.as_bytes(), b"/home/u/with space/f\xff\xfe.bin");
         assert_eq!(v[4].path.display(), "/home/u/with space/f\\xff\\xfe.bin");

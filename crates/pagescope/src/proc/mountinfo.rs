@@ -29,7 +29,11 @@ fn parse_line(line: &[u8]) -> Option<Mount> {
     let mount_point = unescape_octal(fields.get(4)?);
     let sep = fields.iter().skip(6).position(|f| *f == b"-")? + 6;
     let fstype = String::from_utf8_lossy(fields.get(sep + 1)?).into_owned();
-    Some(Mount { dev, mount_point, fstype })
+    Some(Mount {
+        dev,
+        mount_point,
+        fstype,
+    })
 }
 
 #[cfg(test)]
@@ -45,7 +49,13 @@ mod tests {
         );
         assert_eq!(m.len(), 3);
         assert_eq!(m[1].fstype, "tmpfs");
-        assert_eq!(m[1].dev, DevId { major: 0, minor: 22 });
+        assert_eq!(
+            m[1].dev,
+            DevId {
+                major: 0,
+                minor: 22
+            }
+        );
         assert_eq!(m[2].mount_point, b"/mnt/my huge");
         assert_eq!(m[2].fstype, "hugetlbfs");
     }

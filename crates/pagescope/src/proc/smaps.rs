@@ -91,7 +91,10 @@ pub struct SmapsEntry {
 impl SmapsEntry {
     /// A size field in kB (`"Swap"`, `"Rss"`, `"AnonHugePages"`, ...).
     pub fn field_kb(&self, name: &str) -> Option<u64> {
-        self.fields_kb.iter().find(|(n, _)| n == name).map(|&(_, v)| v)
+        self.fields_kb
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, v)| v)
     }
 }
 
@@ -114,7 +117,9 @@ pub fn parse_smaps(buf: &[u8]) -> Result<Vec<SmapsEntry>, SmapsParseError> {
         }
         let err = |what| SmapsParseError { line: i + 1, what };
         if let Some((name, value)) = field_line(line) {
-            let cur = out.last_mut().ok_or(err("field before the first VMA header"))?;
+            let cur = out
+                .last_mut()
+                .ok_or(err("field before the first VMA header"))?;
             if name == "VmFlags" {
                 cur.vm_flags = VmFlags::parse(value);
             } else if let Some(kb) = kb_value(value) {
@@ -123,7 +128,11 @@ pub fn parse_smaps(buf: &[u8]) -> Result<Vec<SmapsEntry>, SmapsParseError> {
             // Other fields (THPeligible: 0, ProtectionKey: 0) are ignored.
         } else {
             let vma = maps::parse_line(line).ok_or(err("malformed VMA header"))?;
-            out.push(SmapsEntry { vma, fields_kb: Vec::new(), vm_flags: VmFlags::empty() });
+            out.push(SmapsEntry {
+                vma,
+                fields_kb: Vec::new(),
+                vm_flags: VmFlags::empty(),
+            });
         }
     }
     Ok(out)
@@ -149,8 +158,14 @@ fn kb_value(value: &[u8]) -> Option<u64> {
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|&c| c != b' ' && c != b'\t').unwrap_or(b.len());
-    let end = b.iter().rposition(|&c| c != b' ' && c != b'\t').map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|&c| c != b' ' && c != b'\t')
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|&c| c != b' ' && c != b'\t')
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 

@@ -53,7 +53,8 @@ mod tests {
 
     #[test]
     fn parses_user_and_kernel_threads() {
-        let user = parse_stat(b"1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0").unwrap();
+        let user =
+            parse_stat(b"1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0").unwrap();
         assert_eq!(user.comm, b"my (odd) prog");
         assert_eq!(user.ppid, 1);
         assert!(!user.is_kernel_thread());

@@ -71,7 +71,8 @@ impl SwapTable {
     /// earlier device was swapped off. PTE markers and migration entries use
     /// the top types (27..=31 on common configs).
     pub fn is_plausible_device(&self, ty: u8) -> bool {
-        usize::from(ty) < self.devices.len() || (!self.devices.is_empty() && ty < FIRST_SPECIAL_TYPE)
+        usize::from(ty) < self.devices.len()
+            || (!self.devices.is_empty() && ty < FIRST_SPECIAL_TYPE)
     }
 }
 
@@ -94,14 +95,22 @@ pub fn parse_swaps(buf: &[u8]) -> SwapTable {
 }
 
 fn parse_line(line: &[u8]) -> Option<SwapDevice> {
-    let mut it = line.split(|&b| b == b' ' || b == b'\t').filter(|f| !f.is_empty());
+    let mut it = line
+        .split(|&b| b == b' ' || b == b'\t')
+        .filter(|f| !f.is_empty());
     let path = unescape_octal(it.next()?);
     let kind = String::from_utf8_lossy(it.next()?).into_owned();
     let num = |f: Option<&[u8]>| -> Option<i64> { std::str::from_utf8(f?).ok()?.parse().ok() };
     let size_kb = u64::try_from(num(it.next())?).ok()?;
     let used_kb = u64::try_from(num(it.next())?).ok()?;
     let priority = num(it.next())?;
-    Some(SwapDevice { path, kind, size_kb, used_kb, priority })
+    Some(SwapDevice {
+        path,
+        kind,
+        size_kb,
+        used_kb,
+        priority,
+    })
 }
 
 /// Undoes the kernel's `\040`-style escapes (seq_file_path escapes space,
@@ -110,7 +119,10 @@ pub fn unescape_octal(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {

@@ -37,7 +37,9 @@ pub enum ProcError {
         pid: u32,
     },
     /// The caller may not read this file of the target.
-    #[error("permission denied opening /proc/{pid}/{file} (needs ptrace access to the process{hint})")]
+    #[error(
+        "permission denied opening /proc/{pid}/{file} (needs ptrace access to the process{hint})"
+    )]
     PermissionDenied {
         /// The target.
         pid: u32,
@@ -104,7 +106,10 @@ impl Target {
     /// still-existing process.
     pub fn open(pid: u32) -> Result<Self, ProcError> {
         let gone = |_| ProcError::NoSuchProcess { pid };
-        let raw = i32::try_from(pid).ok().and_then(Pid::from_raw).ok_or(ProcError::NoSuchProcess { pid })?;
+        let raw = i32::try_from(pid)
+            .ok()
+            .and_then(Pid::from_raw)
+            .ok_or(ProcError::NoSuchProcess { pid })?;
         let pidfd = rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(gone)?;
         let dir = rustix::fs::open(
             format!("/proc/{pid}"),
@@ -138,8 +143,13 @@ impl Target {
 
     /// Opens `/proc/PID/<file>` read-only.
     pub fn open_file(&self, file: &str) -> Result<OwnedFd, ProcError> {
-        rustix::fs::openat(&self.dir, file, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| self.errno_error(file, e))
+        rustix::fs::openat(
+            &self.dir,
+            file,
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.errno_error(file, e))
     }
 
     /// Reads the whole of `/proc/PID/<file>`.
@@ -154,8 +164,13 @@ impl Target {
 
     /// Writes `data` to `/proc/PID/<file>` (e.g. `clear_refs`).
     pub fn write_file(&self, file: &str, data: &[u8]) -> Result<(), ProcError> {
-        let fd = rustix::fs::openat(&self.dir, file, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| self.errno_error(file, e))?;
+        let fd = rustix::fs::openat(
+            &self.dir,
+            file,
+            OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.errno_error(file, e))?;
         rustix::io::write(&fd, data).map_err(|e| self.errno_error(file, e))?;
         Ok(())
     }
@@ -177,7 +192,10 @@ impl Target {
         } else {
             return Ok(());
         };
-        Err(ProcError::NoAddressSpace { pid: self.pid, what })
+        Err(ProcError::NoAddressSpace {
+            pid: self.pid,
+            what,
+        })
     }
 
     /// `/proc/PID/maps`, parsed.
@@ -207,7 +225,11 @@ impl Target {
     /// `/proc/PID/map_files/START-END` (needs CAP_SYS_ADMIN or
     /// CAP_CHECKPOINT_RESTORE; `readlink` works without).
     pub fn map_file(&self, range: VirtRange) -> Result<OwnedFd, ProcError> {
-        let name = format!("map_files/{:x}-{:x}", range.start().get(), range.end().get());
+        let name = format!(
+            "map_files/{:x}-{:x}",
+            range.start().get(),
+            range.end().get()
+        );
         self.open_file(&name)
     }
 
@@ -219,7 +241,8 @@ impl Target {
     /// `stat` of `/proc/PID/<file>`, following the final link (so
     /// `fd/N` gives the open file's identity).
     pub fn stat_file(&self, file: &str) -> Result<rustix::fs::Stat, ProcError> {
-        rustix::fs::statat(&self.dir, file, rustix::fs::AtFlags::empty()).map_err(|e| self.errno_error(file, e))
+        rustix::fs::statat(&self.dir, file, rustix::fs::AtFlags::empty())
+            .map_err(|e| self.errno_error(file, e))
     }
 
     /// Opens `PATH` as the target sees it, through `/proc/PID/root` (its
@@ -229,8 +252,13 @@ impl Target {
         let mut rel = b"root".to_vec();
         rel.extend_from_slice(path);
         let name = std::ffi::OsStr::from_bytes(&rel);
-        rustix::fs::openat(&self.dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| self.errno_error(&String::from_utf8_lossy(&rel), e))
+        rustix::fs::openat(
+            &self.dir,
+            name,
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.errno_error(&String::from_utf8_lossy(&rel), e))
     }
 
     /// The numbers of the target's open file descriptors.
@@ -276,11 +304,19 @@ impl Target {
             },
             Some(Errno::SRCH | Errno::NOENT) if !self.is_alive() => ProcError::Exited { pid },
             Some(Errno::SRCH) => ProcError::Exited { pid },
-            _ => ProcError::Io { pid, file: file.to_owned(), source: e },
+            _ => ProcError::Io {
+                pid,
+                file: file.to_owned(),
+                source: e,
+            },
         }
     }
 
     fn parse_error(&self, file: &str, detail: String) -> ProcError {
-        ProcError::Parse { pid: self.pid, file: file.to_owned(), detail }
+        ProcError::Parse {
+            pid: self.pid,
+            file: file.to_owned(),
+            detail,
+        }
     }
 }

@@ -52,7 +52,9 @@ pub fn swap(e: PagemapEntry, privileged: bool, swaps: &SwapTable) -> PageInfo {
             ..PageInfo::with(PageState::Swapped, flags)
         },
         Some(SwapEntryKind::Typed { .. }) => PageInfo::unknown(UnknownReason::SpecialEntry, flags),
-        None if flags.contains(PageFlags::UFFD_WP) => PageInfo::unknown(UnknownReason::MarkerOrSwap, flags),
+        None if flags.contains(PageFlags::UFFD_WP) => {
+            PageInfo::unknown(UnknownReason::MarkerOrSwap, flags)
+        }
         None => PageInfo::unknown(UnknownReason::UnconfirmedSwap, flags),
     }
 }
@@ -82,14 +84,23 @@ mod tests {
     #[test]
     fn markers_are_never_swapped() {
         let wp_marker = PagemapEntry((1 << 62) | (1 << 57) | (1 << 5) | 31);
-        assert_eq!(swap(wp_marker, true, &swaps()), PageInfo::with(PageState::Hole, PageFlags::UFFD_WP));
+        assert_eq!(
+            swap(wp_marker, true, &swaps()),
+            PageInfo::with(PageState::Hole, PageFlags::UFFD_WP)
+        );
         let guard = PagemapEntry((1 << 62) | (1 << 58) | (4 << 5) | 31);
         assert_eq!(swap(guard, true, &swaps()).state, PageState::Guard);
         assert_eq!(swap(guard, false, &swaps()).state, PageState::Guard);
         let hidden_wp = PagemapEntry((1 << 62) | (1 << 57));
-        assert_eq!(swap(hidden_wp, false, &swaps()).reason, Some(UnknownReason::MarkerOrSwap));
+        assert_eq!(
+            swap(hidden_wp, false, &swaps()).reason,
+            Some(UnknownReason::MarkerOrSwap)
+        );
         let migration = PagemapEntry((1 << 62) | (0x1234 << 5) | 29);
-        assert_eq!(swap(migration, true, &swaps()).reason, Some(UnknownReason::SpecialEntry));
+        assert_eq!(
+            swap(migration, true, &swaps()).reason,
+            Some(UnknownReason::SpecialEntry)
+        );
     }
 
     #[test]

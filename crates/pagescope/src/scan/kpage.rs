@@ -39,6 +39,7 @@ impl KpageFlags {
 
     /// Whether `pfn` is the head page of a transparent huge page.
     pub fn is_thp_head(&self, pfn: u64) -> bool {
-        self.flags(pfn).is_some_and(|f| f & (KPF_THP | KPF_COMPOUND_HEAD) == KPF_THP | KPF_COMPOUND_HEAD)
+        self.flags(pfn)
+            .is_some_and(|f| f & (KPF_THP | KPF_COMPOUND_HEAD) == KPF_THP | KPF_COMPOUND_HEAD)
     }
 }

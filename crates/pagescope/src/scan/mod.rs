@@ -199,7 +199,9 @@ pub fn present_ranges(
     let page = PageSize::new(caps.page_size).unwrap_or_else(PageSize::current);
     let mut out: Vec<VirtRange> = Vec::new();
     let mut add = |r: VirtRange| match out.last_mut() {
-        Some(last) if last.end() == r.start() => *last = VirtRange::new(last.start(), r.end()).unwrap_or(*last),
+        Some(last) if last.end() == r.start() => {
+            *last = VirtRange::new(last.start(), r.end()).unwrap_or(*last)
+        }
         _ => out.push(r),
     };
     if caps.has_pagemap_scan() {
@@ -216,10 +218,17 @@ pub fn present_ranges(
             };
             let reply = pagemap_scan(pagemap, &req, &mut vec).map_err(|e| match e {
                 rustix::io::Errno::SRCH => ScanError::TargetExited { pid },
-                e => ScanError::Ioctl { pid, range, source: e.into() },
+                e => ScanError::Ioctl {
+                    pid,
+                    range,
+                    source: e.into(),
+                },
             })?;
             for r in &vec[..reply.filled] {
-                add(VirtRange::new(crate::VirtAddr::new(r.start), crate::VirtAddr::new(r.end)).unwrap_or_default());
+                add(
+                    VirtRange::new(crate::VirtAddr::new(r.start), crate::VirtAddr::new(r.end))
+                        .unwrap_or_default(),
+                );
             }
             if reply.walk_end <= start {
                 break;
@@ -251,12 +260,14 @@ pub fn make_backend(
     match choice {
         BackendChoice::Pagemap => Ok(Box::new(PagemapReadBackend::new())),
         BackendChoice::Auto if !caps.has_pagemap_scan() => Ok(Box::new(PagemapReadBackend::new())),
-        BackendChoice::Auto | BackendChoice::PagemapScan => match PagemapScanBackend::new(caps, skip_exclusive) {
-            Some(b) => Ok(Box::new(b)),
-            None => Err(ScanError::Unsupported {
-                backend: "pagemap_scan",
-                why: "the kernel has no PAGEMAP_SCAN ioctl (Linux 6.7+)",
-            }),
-        },
+        BackendChoice::Auto | BackendChoice::PagemapScan => {
+            match PagemapScanBackend::new(caps, skip_exclusive) {
+                Some(b) => Ok(Box::new(b)),
+                None => Err(ScanError::Unsupported {
+                    backend: "pagemap_scan",
+                    why: "the kernel has no PAGEMAP_SCAN ioctl (Linux 6.7+)",
+                }),
+            }
+        }
     }
 }

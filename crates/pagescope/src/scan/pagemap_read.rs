@@ -89,7 +89,10 @@ impl PresentRules {
         if self.zero_pfn.is_some() && e.pfn() == self.zero_pfn {
             return classify::present(e, true, false);
         }
-        if !self.privileged && self.anon_private && !f.intersects(PagemapFlags::EXCLUSIVE | PagemapFlags::FILE) {
+        if !self.privileged
+            && self.anon_private
+            && !f.intersects(PagemapFlags::EXCLUSIVE | PagemapFlags::FILE)
+        {
             let flags = classify::present(e, true, false).flags;
             return PageInfo::unknown(UnknownReason::ZeroOrShared, flags);
         }
@@ -111,7 +114,10 @@ pub(super) fn classify_batch(
     while i < raw.len() {
         let e = PagemapEntry(raw[i]);
         if e.is_none() {
-            let n = raw[i..].iter().take_while(|&&r| PagemapEntry(r).is_none()).count();
+            let n = raw[i..]
+                .iter()
+                .take_while(|&&r| PagemapEntry(r).is_none())
+                .count();
             out.push(at(i), n as u64, PageInfo::HOLE);
             i += n;
             continue;
@@ -149,8 +155,11 @@ fn present_run(rules: &PresentRules, ctx: &ScanContext<'_>, raw: &[u64], addr: V
     let mut n = 1;
     while n < raw.len() {
         let r = raw[n];
-        let aligned = (first_page + n as u64) % PMD_PAGES as u64 == 0;
-        if r & super::pagemap_scan::FLAG_BITS != key || is_zero(r) != zero || (thp_checks && aligned) {
+        let aligned = (first_page + n as u64).is_multiple_of(PMD_PAGES as u64);
+        if r & super::pagemap_scan::FLAG_BITS != key
+            || is_zero(r) != zero
+            || (thp_checks && aligned)
+        {
             break;
         }
         n += 1;
@@ -160,11 +169,18 @@ fn present_run(rules: &PresentRules, ctx: &ScanContext<'_>, raw: &[u64], addr: V
 
 /// 512 present entries mapping one aligned, physically contiguous THP.
 fn is_thp_block(ctx: &ScanContext<'_>, block: &[u64]) -> bool {
-    let Some(kpf) = ctx.kpageflags else { return false };
-    let Some(head) = PagemapEntry(block[0]).pfn() else { return false };
-    if head % PMD_PAGES as u64 != 0 || Some(head) == ctx.caps.zero_pfn {
+    let Some(kpf) = ctx.kpageflags else {
+        return false;
+    };
+    let Some(head) = PagemapEntry(block[0]).pfn() else {
+        return false;
+    };
+    if !head.is_multiple_of(PMD_PAGES as u64) || Some(head) == ctx.caps.zero_pfn {
         return false;
     }
-    let contiguous = block.iter().enumerate().all(|(j, &r)| PagemapEntry(r).pfn() == Some(head + j as u64));
+    let contiguous = block
+        .iter()
+        .enumerate()
+        .all(|(j, &r)| PagemapEntry(r).pfn() == Some(head + j as u64));
     contiguous && kpf.is_thp_head(head)
 }

@@ -113,8 +113,11 @@ impl PageScanner for PagemapScanBackend {
         let mut cursor = range.start();
         let mut start = range.start();
         while start < range.end() {
-            let (segments, walk_end) =
-                self.walk(ctx, VirtRange::new(start, range.end()).unwrap_or(range), implied_file)?;
+            let (segments, walk_end) = self.walk(
+                ctx,
+                VirtRange::new(start, range.end()).unwrap_or(range),
+                implied_file,
+            )?;
             let mut reader = PagemapReader::new(ctx.pagemap, ctx.pid, ctx.page, &mut self.buf);
             emit(ctx, &rules, &segments, &mut cursor, &mut reader, out)?;
             if walk_end <= start {
@@ -145,9 +148,16 @@ impl PagemapScanBackend {
         };
         let reply = pagemap_scan(ctx.pagemap, &req, &mut self.vec).map_err(|e| match e {
             Errno::SRCH => ScanError::TargetExited { pid: ctx.pid },
-            e => ScanError::Ioctl { pid: ctx.pid, range, source: e.into() },
+            e => ScanError::Ioctl {
+                pid: ctx.pid,
+                range,
+                source: e.into(),
+            },
         })?;
-        let segments = self.vec[..reply.filled].iter().map(|r| segment(r, implied_file)).collect();
+        let segments = self.vec[..reply.filled]
+            .iter()
+            .map(|r| segment(r, implied_file))
+            .collect();
         Ok((segments, VirtAddr::new(reply.walk_end)))
     }
 }
@@ -237,7 +247,8 @@ fn emit_window(
     let mut last = first;
     while let Some(next) = segments.get(last + 1) {
         let (prev, r) = (segments[last].range(), next.range());
-        let near = r.start().checked_offset_from(prev.end()).unwrap_or(0) / page <= WINDOW_GAP_PAGES;
+        let near =
+            r.start().checked_offset_from(prev.end()).unwrap_or(0) / page <= WINDOW_GAP_PAGES;
         if !near || r.end() > max_end {
             break;
         }
@@ -280,7 +291,11 @@ fn push_entries(
         while i < raw.len() {
             let n = same_flags_run(&raw[i..]);
             let info = classify::present(PagemapEntry(raw[i]), false, huge);
-            out.push(addr.saturating_add(i as u64 * ctx.page.get()), n as u64, info);
+            out.push(
+                addr.saturating_add(i as u64 * ctx.page.get()),
+                n as u64,
+                info,
+            );
             i += n;
         }
     } else {
@@ -294,5 +309,8 @@ pub(super) const FLAG_BITS: u64 = !((1 << 55) - 1);
 /// Length of the leading run of entries whose flag bits equal the first's.
 pub(super) fn same_flags_run(raw: &[u64]) -> usize {
     let key = raw[0] & FLAG_BITS;
-    1 + raw[1..].iter().take_while(|&&r| r & FLAG_BITS == key).count()
+    1 + raw[1..]
+        .iter()
+        .take_while(|&&r| r & FLAG_BITS == key)
+        .count()
 }

@@ -43,8 +43,16 @@ pub(super) fn scan_chunks(
 
 fn worker_count(requested: usize, chunks: usize, total: u64) -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let want = if requested == 0 { cpus.min(8) } else { requested };
-    if total < PARALLEL_THRESHOLD_BYTES { 1 } else { want.clamp(1, chunks.max(1)) }
+    let want = if requested == 0 {
+        cpus.min(8)
+    } else {
+        requested
+    };
+    if total < PARALLEL_THRESHOLD_BYTES {
+        1
+    } else {
+        want.clamp(1, chunks.max(1))
+    }
 }
 
 fn worker(

@@ -9,7 +9,9 @@
 
 use std::os::fd::AsFd;
 
-use super::{KpageFlags, ScanContext, ScanError, ScanOptions, make_backend, parallel, unprivileged};
+use super::{
+    KpageFlags, ScanContext, ScanError, ScanOptions, make_backend, parallel, unprivileged,
+};
 use crate::addr::{PageSize, VirtRange};
 use crate::kernel::KernelCaps;
 use crate::page::RunBuilder;
@@ -20,7 +22,10 @@ use crate::vma::{MountTable, Vma};
 /// Reads the target's VMAs, classified. With `smaps`, VmFlags and the
 /// `Swap:` field are filled in (this walks the target's page tables).
 pub fn read_layout(target: &Target, smaps: bool) -> Result<Vec<Vma>, ProcError> {
-    let mounts = target.mountinfo().map(|m| MountTable::new(&m)).unwrap_or_default();
+    let mounts = target
+        .mountinfo()
+        .map(|m| MountTable::new(&m))
+        .unwrap_or_default();
     if smaps {
         let entries = target.smaps()?;
         Ok(entries
@@ -32,12 +37,20 @@ pub fn read_layout(target: &Target, smaps: bool) -> Result<Vec<Vma>, ProcError> 
             })
             .collect())
     } else {
-        Ok(target.maps()?.iter().map(|e| Vma::classify(e, &mounts, None)).collect())
+        Ok(target
+            .maps()?
+            .iter()
+            .map(|e| Vma::classify(e, &mounts, None))
+            .collect())
     }
 }
 
 /// Scans every page of `target` (or of `opts.range`).
-pub fn scan_process(target: &Target, caps: &KernelCaps, opts: &ScanOptions) -> Result<ProcessReport, ScanError> {
+pub fn scan_process(
+    target: &Target,
+    caps: &KernelCaps,
+    opts: &ScanOptions,
+) -> Result<ProcessReport, ScanError> {
     target.require_address_space()?;
     let page = PageSize::new(caps.page_size).unwrap_or_else(PageSize::current);
     let pagemap = target.pagemap()?;
@@ -82,7 +95,10 @@ pub fn scan_process(target: &Target, caps: &KernelCaps, opts: &ScanOptions) -> R
             report.vmas.push(vma_report(vma, *range, out));
         } else {
             exited = true;
-            report.skipped.push(Skipped { range: *range, reason: "the process exited during the scan".into() });
+            report.skipped.push(Skipped {
+                range: *range,
+                reason: "the process exited during the scan".into(),
+            });
         }
     }
     if exited {
@@ -99,7 +115,13 @@ pub fn scan_process(target: &Target, caps: &KernelCaps, opts: &ScanOptions) -> R
 }
 
 fn vma_report(vma: &Vma, range: VirtRange, out: RunBuilder) -> VmaReport {
-    VmaReport { vma: vma.clone(), scanned: range, runs: out.finish(), object: None, object_error: None }
+    VmaReport {
+        vma: vma.clone(),
+        scanned: range,
+        runs: out.finish(),
+        object: None,
+        object_error: None,
+    }
 }
 
 /// Settles swap-type entries whose type was hidden from us (after the
@@ -107,25 +129,44 @@ fn vma_report(vma: &Vma, range: VirtRange, out: RunBuilder) -> VmaReport {
 fn settle_unprivileged(report: &mut ProcessReport, opts: &ScanOptions) {
     for v in &mut report.vmas {
         let runs = std::mem::take(&mut v.runs);
-        v.runs = unprivileged::resolve(&v.vma, runs, report.page_size, opts.swap_detail, v.object.is_some());
+        v.runs = unprivileged::resolve(
+            &v.vma,
+            runs,
+            report.page_size,
+            opts.swap_detail,
+            v.object.is_some(),
+        );
     }
 }
 
 /// The VMAs overlapping `range` (all without one), each with the part of
 /// it to scan.
-fn select(pid: u32, vmas: &[Vma], range: Option<VirtRange>, page: PageSize) -> Result<Vec<(Vma, VirtRange)>, ScanError> {
+fn select(
+    pid: u32,
+    vmas: &[Vma],
+    range: Option<VirtRange>,
+    page: PageSize,
+) -> Result<Vec<(Vma, VirtRange)>, ScanError> {
     let Some(range) = range else {
         return Ok(vmas.iter().map(|v| (v.clone(), v.range)).collect());
     };
     if !range.is_page_aligned(page) || range.is_empty() {
-        return Err(ScanError::BadRange { pid, range, what: "not page aligned or empty" });
+        return Err(ScanError::BadRange {
+            pid,
+            range,
+            what: "not page aligned or empty",
+        });
     }
     let out: Vec<_> = vmas
         .iter()
         .filter_map(|v| v.range.intersect(&range).map(|r| (v.clone(), r)))
         .collect();
     if out.is_empty() {
-        return Err(ScanError::BadRange { pid, range, what: "not mapped" });
+        return Err(ScanError::BadRange {
+            pid,
+            range,
+            what: "not mapped",
+        });
     }
     Ok(out)
 }
@@ -151,9 +192,15 @@ fn chunks(selected: &[(Vma, VirtRange)], page: PageSize) -> Vec<Chunk> {
     for (i, (_, range)) in selected.iter().enumerate() {
         let mut start = range.start();
         while start < range.end() {
-            let next = start.saturating_add(CHUNK_BYTES).align_down(align).min(range.end());
+            let next = start
+                .saturating_add(CHUNK_BYTES)
+                .align_down(align)
+                .min(range.end());
             let end = if next <= start { range.end() } else { next };
-            out.push(Chunk { vma: i, range: VirtRange::new(start, end).unwrap_or(*range) });
+            out.push(Chunk {
+                vma: i,
+                range: VirtRange::new(start, end).unwrap_or(*range),
+            });
             start = end;
         }
     }
@@ -162,33 +209,57 @@ fn chunks(selected: &[(Vma, VirtRange)], page: PageSize) -> Vec<Chunk> {
 
 /// Drops VMAs that changed while they were scanned and lists VMAs that
 /// appeared, both as skipped.
-fn verify_layout(target: &Target, before: &[Vma], range: Option<VirtRange>, report: &mut ProcessReport) {
+fn verify_layout(
+    target: &Target,
+    before: &[Vma],
+    range: Option<VirtRange>,
+    report: &mut ProcessReport,
+) {
     let after = match target.maps() {
         Ok(a) => a,
         Err(_) if !target.is_alive() => {
-            report.notes.push("the process exited right after the scan; the layout could not be re-checked".into());
+            report.notes.push(
+                "the process exited right after the scan; the layout could not be re-checked"
+                    .into(),
+            );
             return;
         }
         Err(e) => {
-            report.notes.push(format!("the layout could not be re-checked: {e}"));
+            report
+                .notes
+                .push(format!("the layout could not be re-checked: {e}"));
             return;
         }
     };
     let same = |v: &Vma| {
         after.iter().any(|e| {
-            e.range == v.range && e.perms == v.perms && e.offset == v.offset && e.inode == v.inode && e.path == v.path
+            e.range == v.range
+                && e.perms == v.perms
+                && e.offset == v.offset
+                && e.inode == v.inode
+                && e.path == v.path
         })
     };
-    let (kept, changed): (Vec<_>, Vec<_>) = std::mem::take(&mut report.vmas).into_iter().partition(|v| same(&v.vma));
+    let (kept, changed): (Vec<_>, Vec<_>) = std::mem::take(&mut report.vmas)
+        .into_iter()
+        .partition(|v| same(&v.vma));
     report.vmas = kept;
     for v in changed {
-        report.skipped.push(Skipped { range: v.scanned, reason: "the mapping changed during the scan".into() });
+        report.skipped.push(Skipped {
+            range: v.scanned,
+            reason: "the mapping changed during the scan".into(),
+        });
     }
     let wanted = |r: &VirtRange| range.is_none_or(|want| want.overlaps(r));
     for e in after.iter().filter(|e| wanted(&e.range)) {
         if !before.iter().any(|v| v.range == e.range) {
-            let r = range.and_then(|want| want.intersect(&e.range)).unwrap_or(e.range);
-            report.skipped.push(Skipped { range: r, reason: "the mapping appeared during the scan".into() });
+            let r = range
+                .and_then(|want| want.intersect(&e.range))
+                .unwrap_or(e.range);
+            report.skipped.push(Skipped {
+                range: r,
+                reason: "the mapping appeared during the scan".into(),
+            });
         }
     }
     report.skipped.sort_by_key(|s| s.range);

@@ -56,7 +56,10 @@ impl<'a, 'b> PagemapReader<'a, 'b> {
     /// Raw `u64`s; wrap each in [`PagemapEntry`] to decode (a free newtype).
     pub fn read(&mut self, range: VirtRange) -> Result<&[u64], ScanError> {
         let n = usize::try_from(range.pages(self.page)).unwrap_or(usize::MAX);
-        assert!(n <= BATCH_ENTRIES, "pagemap batch of {n} entries exceeds {BATCH_ENTRIES}");
+        assert!(
+            n <= BATCH_ENTRIES,
+            "pagemap batch of {n} entries exceeds {BATCH_ENTRIES}"
+        );
         if self.buf.len() < n {
             self.buf.resize(n, 0);
         }
@@ -74,7 +77,11 @@ impl<'a, 'b> PagemapReader<'a, 'b> {
         if e == Errno::SRCH {
             ScanError::TargetExited { pid: self.pid }
         } else {
-            ScanError::Pagemap { pid: self.pid, range, source: e.into() }
+            ScanError::Pagemap {
+                pid: self.pid,
+                range,
+                source: e.into(),
+            }
         }
     }
 }

@@ -20,9 +20,18 @@ use crate::page::{PageFlags, PageInfo, PageRun, PageState, RunBuilder, UnknownRe
 use crate::vma::{Backing, Vma};
 
 /// Rewrites provisional unknown swap runs of `vma` where smaps settles them.
-pub fn resolve(vma: &Vma, runs: Vec<PageRun>, page: PageSize, swap_detail: bool, object_known: bool) -> Vec<PageRun> {
+pub fn resolve(
+    vma: &Vma,
+    runs: Vec<PageRun>,
+    page: PageSize,
+    swap_detail: bool,
+    object_known: bool,
+) -> Vec<PageRun> {
     let count = |reason| {
-        runs.iter().filter(|r| r.reason == Some(reason)).map(|r| r.pages).sum::<u64>()
+        runs.iter()
+            .filter(|r| r.reason == Some(reason))
+            .map(|r| r.pages)
+            .sum::<u64>()
     };
     let unmarked = count(UnknownReason::UnconfirmedSwap);
     let marked = count(UnknownReason::MarkerOrSwap);
@@ -34,7 +43,13 @@ pub fn resolve(vma: &Vma, runs: Vec<PageRun>, page: PageSize, swap_detail: bool,
         .filter(|r| matches!(r.state, PageState::Swapped | PageState::SwapCache))
         .map(|r| r.pages)
         .sum::<u64>();
-    let Some(verdict) = verdict(vma, unmarked, marked, page, object_known.then_some(object_swap)) else {
+    let Some(verdict) = verdict(
+        vma,
+        unmarked,
+        marked,
+        page,
+        object_known.then_some(object_swap),
+    ) else {
         return runs;
     };
     let mut out = RunBuilder::new(page, swap_detail);
@@ -45,7 +60,12 @@ pub fn resolve(vma: &Vma, runs: Vec<PageRun>, page: PageSize, swap_detail: bool,
             _ => None,
         };
         let info = info.map_or(
-            PageInfo { state: r.state, flags: r.flags, swap: r.swap, reason: r.reason },
+            PageInfo {
+                state: r.state,
+                flags: r.flags,
+                swap: r.swap,
+                reason: r.reason,
+            },
             |state| settled(state, r.flags),
         );
         out.push(r.start, r.pages, info);
@@ -59,9 +79,18 @@ struct Verdict {
     marked: Option<PageState>,
 }
 
-fn verdict(vma: &Vma, unmarked: u64, marked: u64, page: PageSize, object_swap: Option<u64>) -> Option<Verdict> {
+fn verdict(
+    vma: &Vma,
+    unmarked: u64,
+    marked: u64,
+    page: PageSize,
+    object_swap: Option<u64>,
+) -> Option<Verdict> {
     if vma.is_shared() {
-        return Some(Verdict { unmarked: None, marked: Some(PageState::Hole) });
+        return Some(Verdict {
+            unmarked: None,
+            marked: Some(PageState::Hole),
+        });
     }
     let smaps = vma.smaps_swap_kb? * 1024 / page.get();
     let swapped = match vma.backing {
@@ -70,9 +99,15 @@ fn verdict(vma: &Vma, unmarked: u64, marked: u64, page: PageSize, object_swap: O
         _ => return None,
     };
     if swapped == unmarked {
-        Some(Verdict { unmarked: Some(PageState::Swapped), marked: Some(PageState::Hole) })
+        Some(Verdict {
+            unmarked: Some(PageState::Swapped),
+            marked: Some(PageState::Hole),
+        })
     } else if swapped == unmarked + marked {
-        Some(Verdict { unmarked: Some(PageState::Swapped), marked: Some(PageState::Swapped) })
+        Some(Verdict {
+            unmarked: Some(PageState::Swapped),
+            marked: Some(PageState::Swapped),
+        })
     } else {
         None
     }

@@ -57,5 +57,9 @@ pub fn cachestat(fd: BorrowedFd<'_>, off: u64, len: u64) -> Result<cachestat, Er
             0u32,
         )
     };
-    if rc == 0 { Ok(cs) } else { Err(super::last_errno()) }
+    if rc == 0 {
+        Ok(cs)
+    } else {
+        Err(super::last_errno())
+    }
 }

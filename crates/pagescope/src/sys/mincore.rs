@@ -49,7 +49,11 @@ pub fn mincore_file(
     // SAFETY: `map..map+len` is the mapping created above and `out` holds one
     // byte per page of it, as mincore requires.
     let rc = unsafe { libc::mincore(map, len, out.as_mut_ptr()) };
-    let result = if rc == 0 { Ok(()) } else { Err(super::last_errno()) };
+    let result = if rc == 0 {
+        Ok(())
+    } else {
+        Err(super::last_errno())
+    };
     // SAFETY: unmaps exactly the mapping created above; nothing refers to it.
     unsafe { rustix::mm::munmap(map, len) }?;
     result
@@ -67,5 +71,9 @@ pub fn mincore_self(addr: *const c_void, len: usize, out: &mut [u8]) -> Result<(
     // SAFETY: mincore only inspects page tables; it never dereferences `addr`.
     // The kernel writes ceil(len / page) bytes to `out`, sized just above.
     let rc = unsafe { libc::mincore(addr.cast_mut(), len, out.as_mut_ptr()) };
-    if rc == 0 { Ok(()) } else { Err(super::last_errno()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(super::last_errno())
+    }
 }

@@ -101,7 +101,9 @@ impl OwnedMapping {
         let flags = MapFlags::SHARED | MapFlags::NORESERVE | MapFlags::FIXED;
         // SAFETY: MAP_FIXED over the reservation made just above, which we
         // own and which nothing refers to.
-        let p = unsafe { rustix::mm::mmap_anonymous(at.cast(), len, ProtFlags::READ | ProtFlags::WRITE, flags) }?;
+        let p = unsafe {
+            rustix::mm::mmap_anonymous(at.cast(), len, ProtFlags::READ | ProtFlags::WRITE, flags)
+        }?;
         let ptr = NonNull::new(p.cast::<u8>()).ok_or(Errno::NOMEM)?;
         Ok(Self { ptr, len })
     }
@@ -158,8 +160,16 @@ impl OwnedMapping {
         shared: bool,
         align: usize,
     ) -> Result<Self, Errno> {
-        let prot = if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ };
-        let mut flags = if shared { MapFlags::SHARED } else { MapFlags::PRIVATE };
+        let prot = if writable {
+            ProtFlags::READ | ProtFlags::WRITE
+        } else {
+            ProtFlags::READ
+        };
+        let mut flags = if shared {
+            MapFlags::SHARED
+        } else {
+            MapFlags::PRIVATE
+        };
         let hint = if align > rustix::param::page_size() {
             // Reserve an aligned window, then map the file over it.
             let window = Self::anonymous(len, align)?;
@@ -256,16 +266,26 @@ impl OwnedMapping {
         // references, and destructive advice (DONTNEED, REMOVE) only changes
         // contents we access volatilely.
         let rc = unsafe { libc::madvise(self.ptr.as_ptr().add(off).cast(), len, advice.raw()) };
-        if rc == 0 { Ok(()) } else { Err(super::last_errno()) }
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(super::last_errno())
+        }
     }
 
     /// `mprotect(addr + off, len, prot)` with read (and write) permission.
     pub fn mprotect(&self, off: usize, len: usize, writable: bool) -> Result<(), Errno> {
         self.check(off, len)?;
-        let prot = if writable { ProtFlags::READ | ProtFlags::WRITE } else { ProtFlags::READ };
+        let prot = if writable {
+            ProtFlags::READ | ProtFlags::WRITE
+        } else {
+            ProtFlags::READ
+        };
         // SAFETY: the range is inside our mapping; only volatile accesses
         // refer to it, and a write to a read-only page is the caller's bug.
-        unsafe { rustix::mm::mprotect(self.ptr.as_ptr().add(off).cast(), len, mprotect_flags(prot)) }
+        unsafe {
+            rustix::mm::mprotect(self.ptr.as_ptr().add(off).cast(), len, mprotect_flags(prot))
+        }
     }
 
     /// `mremap(addr, len, new_len, MREMAP_MAYMOVE|MREMAP_FIXED, new)`: moves
@@ -278,7 +298,13 @@ impl OwnedMapping {
         // above (MREMAP_FIXED replaces it); `self` is consumed, so nothing
         // refers to the old range afterwards.
         let p = unsafe {
-            rustix::mm::mremap_fixed(self.ptr.as_ptr().cast(), self.len, new_len, rustix::mm::MremapFlags::MAYMOVE, dst.cast())
+            rustix::mm::mremap_fixed(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                new_len,
+                rustix::mm::MremapFlags::MAYMOVE,
+                dst.cast(),
+            )
         }?;
         std::mem::forget(self);
         let ptr = NonNull::new(p.cast::<u8>()).ok_or(Errno::NOMEM)?;

@@ -128,7 +128,11 @@ pub fn pagemap_scan(
         start: req.start,
         end: req.end,
         walk_end: 0,
-        vec: if vec.is_empty() { 0 } else { vec.as_mut_ptr() as u64 },
+        vec: if vec.is_empty() {
+            0
+        } else {
+            vec.as_mut_ptr() as u64
+        },
         vec_len: vec.len() as u64,
         max_pages: req.max_pages,
         category_inverted: req.category_inverted,
@@ -140,5 +144,8 @@ pub fn pagemap_scan(
     // borrowed for the call, and the kernel writes at most `vec_len` regions
     // of the correct layout into it.
     let filled = unsafe { rustix::ioctl::ioctl(fd, PagemapScan(&mut arg)) }?;
-    Ok(ScanReply { filled, walk_end: arg.walk_end })
+    Ok(ScanReply {
+        filled,
+        walk_end: arg.walk_end,
+    })
 }

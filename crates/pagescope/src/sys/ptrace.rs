@@ -30,7 +30,11 @@ pub struct Seized {
 }
 
 fn check(rc: libc::c_long) -> Result<libc::c_long, Errno> {
-    if rc < 0 { Err(super::last_errno()) } else { Ok(rc) }
+    if rc < 0 {
+        Err(super::last_errno())
+    } else {
+        Ok(rc)
+    }
 }
 
 /// `waitpid(tid, &status, __WALL)` until `tid` reports a stop.
@@ -69,7 +73,10 @@ impl Seized {
             return Err(e);
         }
         let stopped = wait_stop(tid);
-        let mut me = Self { tid, saved: zeroed_regs() };
+        let mut me = Self {
+            tid,
+            saved: zeroed_regs(),
+        };
         stopped?;
         me.saved = me.regs()?;
         Ok(me)
@@ -84,7 +91,9 @@ impl Seized {
 
     fn set_regs(&self, regs: &libc::user_regs_struct) -> Result<(), Errno> {
         // SAFETY: PTRACE_SETREGS reads one user_regs_struct from `regs`.
-        check(unsafe { libc::ptrace(libc::PTRACE_SETREGS, self.tid, 0, std::ptr::from_ref(regs)) })?;
+        check(unsafe {
+            libc::ptrace(libc::PTRACE_SETREGS, self.tid, 0, std::ptr::from_ref(regs))
+        })?;
         Ok(())
     }
 
@@ -93,7 +102,7 @@ impl Seized {
     /// negative errno on failure). Registers are restored afterwards.
     pub fn syscall(&mut self, insn: u64, nr: i64, args: [u64; 6]) -> Result<i64, Errno> {
         let mut r = self.saved;
-        r.rax = nr as u64;
+        r.rax = nr.cast_unsigned();
         r.orig_rax = u64::MAX; // -1: not in a syscall, no restart fixups
         r.rdi = args[0];
         r.rsi = args[1];
@@ -105,7 +114,7 @@ impl Seized {
         self.set_regs(&r)?;
         let result = self.step().and_then(|()| self.regs());
         self.set_regs(&self.saved)?;
-        Ok(result?.rax as i64)
+        Ok(result?.rax.cast_signed())
     }
 
     fn step(&self) -> Result<(), Errno> {

@@ -107,7 +107,11 @@ fn dev_userfaultfd(flags: UserfaultfdFlags) -> Result<OwnedFd, Errno> {
 /// fd. Returns the features the kernel enabled (for `features == 0`, every
 /// feature it supports). `EINVAL` if a requested feature is unknown.
 pub fn uffdio_api(uffd: BorrowedFd<'_>, features: u64) -> Result<u64, Errno> {
-    let mut api = uffdio_api { api: UFFD_API, features, ioctls: 0 };
+    let mut api = uffdio_api {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
     // SAFETY: UFFDIO_API reads and writes one `uffdio_api`.
     unsafe { rustix::ioctl::ioctl(uffd, Updater::<UFFDIO_API, uffdio_api>::new(&mut api)) }?;
     Ok(api.features)
@@ -115,11 +119,18 @@ pub fn uffdio_api(uffd: BorrowedFd<'_>, features: u64) -> Result<u64, Errno> {
 
 /// `ioctl(uffd, UFFDIO_REGISTER, {start, len, mode})`.
 pub fn uffdio_register(uffd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> Result<(), Errno> {
-    let mut reg = uffdio_register { range: uffdio_range { start, len }, mode, ioctls: 0 };
+    let mut reg = uffdio_register {
+        range: uffdio_range { start, len },
+        mode,
+        ioctls: 0,
+    };
     // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register`; it
     // affects the mm the uffd was created for, never our memory directly.
     unsafe {
-        rustix::ioctl::ioctl(uffd, Updater::<UFFDIO_REGISTER, uffdio_register>::new(&mut reg))
+        rustix::ioctl::ioctl(
+            uffd,
+            Updater::<UFFDIO_REGISTER, uffdio_register>::new(&mut reg),
+        )
     }
 }
 
@@ -128,6 +139,9 @@ pub fn uffdio_unregister(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<(
     let mut range = uffdio_range { start, len };
     // SAFETY: UFFDIO_UNREGISTER reads one `uffdio_range`.
     unsafe {
-        rustix::ioctl::ioctl(uffd, Updater::<UFFDIO_UNREGISTER, uffdio_range>::new(&mut range))
+        rustix::ioctl::ioctl(
+            uffd,
+            Updater::<UFFDIO_UNREGISTER, uffdio_range>::new(&mut range),
+        )
     }
 }
