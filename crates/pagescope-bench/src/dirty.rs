@@ -11,22 +11,7 @@ use pagescope::sys::pagemap_scan::page_region;
 use pagescope::uffd::wp_get_and_reset;
 use pagescope::{Advice, KernelCaps, OwnedMapping, VirtAddr, VirtRange};
 
-fn arg(args: &[String], key: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == key)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
+use crate::util::{arg, median, ms};
 
 /// Distinct pseudo-random page indices.
 fn pick(pages: u64, n: u64, seed: u64) -> Vec<u64> {

@@ -10,6 +10,7 @@ mod baseline;
 mod dirty;
 mod objects;
 mod scan;
+mod util;
 
 use std::process::ExitCode;
 

@@ -4,7 +4,7 @@
 //! of the same VMA and with the bare baseline algorithm.
 
 use std::os::fd::AsFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use pagescope::object::view::{ObjectsOptions, objects_view};
@@ -13,26 +13,7 @@ use pagescope::{KernelCaps, PageState, ScanOptions, Target, VirtAddr, VirtRange,
 use pagescope_fixture::FixtureProcess;
 
 use crate::baseline;
-
-fn arg(args: &[String], key: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == key)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(reps: u64, mut f: impl FnMut()) -> Duration {
-    let mut v: Vec<Duration> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect();
-    v.sort();
-    v[v.len() / 2]
-}
+use crate::util::{arg, ms, time_median};
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let gib = arg(args, "--shmem-gib", 4);
@@ -65,32 +46,32 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ..ScanOptions::default()
     };
 
-    let truthful = median(reps, || {
+    let truthful = time_median(reps, || {
         scan_process(&target, &caps, &opts).expect("scan");
     });
     let mut buf = vec![0u64; 64 * 1024];
-    let pread = median(reps, || {
+    let pread = time_median(reps, || {
         baseline::pread_loop(fd, &[range], &mut buf);
     });
     let mut vec = vec![page_region::default(); 16 * 1024];
-    let ioctl = median(reps, || {
+    let ioctl = time_median(reps, || {
         baseline::pagemap_scan_loop(fd, &[range], &mut vec);
     });
-    let bare = median(reps, || {
+    let bare = time_median(reps, || {
         baseline::bare_shmem_classify(object.as_fd(), region.pages).expect("bare");
     });
     if std::env::var_os("PAGESCOPE_BENCH_PARTS").is_some() {
         let ofd = object.as_fd();
         let mut v = vec![0u8; region.pages as usize];
-        let mc = median(reps, || {
+        let mc = time_median(reps, || {
             pagescope::sys::mincore::mincore_file(ofd, 0, 4096, &mut v).unwrap()
         });
-        let cs = median(reps, || {
+        let cs = time_median(reps, || {
             for c in (0..region.pages).step_by(65536) {
                 pagescope::sys::cachestat::cachestat(ofd, c * 4096, 65536 * 4096).unwrap();
             }
         });
-        let sk = median(reps, || {
+        let sk = time_median(reps, || {
             let mut pos = 0;
             while let Ok(d) = rustix::fs::seek(ofd, rustix::fs::SeekFrom::Data(pos)) {
                 let Ok(h) = rustix::fs::seek(ofd, rustix::fs::SeekFrom::Hole(d)) else {
@@ -107,10 +88,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let all: Vec<u32> = std::iter::once(fx.pid())
         .chain(fx.truth().children.iter().copied())
         .collect();
-    let one = median(reps, || {
+    let one = time_median(reps, || {
         objects_view(&[fx.pid()], &caps, &ObjectsOptions::default());
     });
-    let many = median(reps, || {
+    let many = time_median(reps, || {
         objects_view(&all, &caps, &ObjectsOptions::default());
     });
 
@@ -136,7 +117,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "pagescope {ours:?} vs bare algorithm {bare_counts:?}"
     );
 
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
         "| measurement ({gib} GiB memfd VMA) | ms (median of {reps}) | / plain pagemap pread |"
     );

@@ -11,27 +11,7 @@ use pagescope::{KernelCaps, ScanOptions, Target, VirtRange, scan_process};
 use pagescope_fixture::FixtureProcess;
 
 use crate::baseline;
-
-fn arg(args: &[String], key: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == key)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Median wall time of `reps` runs of `f`.
-fn median(reps: u64, mut f: impl FnMut()) -> Duration {
-    let mut v: Vec<Duration> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect();
-    v.sort();
-    v[v.len() / 2]
-}
+use crate::util::{arg, ms, time_median};
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let sparse = arg(args, "--sparse-gib", 64);
@@ -78,18 +58,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             assert!(r.complete());
         }
     };
-    let ioctl = median(reps, || {
+    let ioctl = time_median(reps, || {
         baseline::pagemap_scan_loop(fd, &ranges, &mut vec);
     });
-    let pread = median(reps, || {
+    let pread = time_median(reps, || {
         baseline::pread_loop(fd, &ranges, &mut buf);
     });
-    let lib1 = median(reps, scan(1, false));
-    let libn = median(reps, scan(0, false));
-    let lib_objects = median(reps, scan(0, true));
-    let fast1 = median(reps, fast(1));
-    let fastn = median(reps, fast(0));
-    let json = median(reps, || {
+    let lib1 = time_median(reps, scan(1, false));
+    let libn = time_median(reps, scan(0, false));
+    let lib_objects = time_median(reps, scan(0, true));
+    let fast1 = time_median(reps, fast(1));
+    let fastn = time_median(reps, fast(0));
+    let json = time_median(reps, || {
         let r = scan_process(
             target,
             caps,
@@ -112,7 +92,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     );
 
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let ratio = |d: Duration| ms(d) / ms(ioctl);
     println!("| measurement | ms (median of {reps}) | / bare PAGEMAP_SCAN | / bare pread |");
     println!("|---|---:|---:|---:|");

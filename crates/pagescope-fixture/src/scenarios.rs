@@ -253,6 +253,18 @@ impl Fixture {
         }
     }
 
+    /// A command's `REGION A B` arguments: the region and two numbers.
+    fn region_args(&self, region: &str, a: &str, b: &str) -> Result<(Region, u64, u64), String> {
+        let r = self
+            .truth
+            .region(region)
+            .ok_or_else(|| format!("no region {region}"))?
+            .clone();
+        let a: u64 = a.parse().map_err(|_| format!("not a number: {a}"))?;
+        let b: u64 = b.parse().map_err(|_| format!("not a number: {b}"))?;
+        Ok((r, a, b))
+    }
+
     /// `pageout REGION FIRST COUNT`: MADV_PAGEOUT of those pages; replies
     /// with the resulting state of each page (as the fixture sees it).
     fn pageout_command(&self, region: &str, first: &str, count: &str) -> Result<String, String> {
@@ -283,13 +295,7 @@ impl Fixture {
         first: &str,
         count: &str,
     ) -> Result<String, String> {
-        let r = self
-            .truth
-            .region(region)
-            .ok_or_else(|| format!("no region {region}"))?
-            .clone();
-        let first: u64 = first.parse().map_err(|_| "bad FIRST")?;
-        let count: u64 = count.parse().map_err(|_| "bad COUNT")?;
+        let (r, first, count) = self.region_args(region, first, count)?;
         if first + count > r.pages {
             return Err(format!(
                 "pages {first}..{} outside region {region}",
@@ -335,13 +341,7 @@ impl Fixture {
         count: &str,
         stay: bool,
     ) -> Result<String, String> {
-        let r = self
-            .truth
-            .region(region)
-            .ok_or_else(|| format!("no region {region}"))?
-            .clone();
-        let first: u64 = first.parse().map_err(|_| "bad FIRST")?;
-        let count: u64 = count.parse().map_err(|_| "bad COUNT")?;
+        let (r, first, count) = self.region_args(region, first, count)?;
         let (m, base) = self
             .mapping_of(r.start)
             .ok_or("region has no live mapping")?;
@@ -458,13 +458,7 @@ impl Fixture {
         threads: &str,
         millis: &str,
     ) -> Result<String, String> {
-        let r = self
-            .truth
-            .region(region)
-            .ok_or_else(|| format!("no region {region}"))?
-            .clone();
-        let threads: u64 = threads.parse().map_err(|_| "bad THREADS")?;
-        let millis: u64 = millis.parse().map_err(|_| "bad MILLIS")?;
+        let (r, threads, millis) = self.region_args(region, threads, millis)?;
         let (m, base) = self
             .mapping_of(r.start)
             .ok_or("region has no live mapping")?;

@@ -19,6 +19,7 @@ use rustix::io::Errno;
 use crate::addr::{VirtAddr, VirtRange};
 use crate::sys::pagemap_scan::{
     PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, ScanRequest, page_region, pagemap_scan,
+    pagemap_scan_all,
 };
 use crate::sys::uffd as raw;
 use crate::{ErrorKind, ScanCategories};
@@ -219,36 +220,43 @@ pub fn wp_get_and_reset(
     pagemap: BorrowedFd<'_>,
     range: VirtRange,
     vec: &mut Vec<page_region>,
+    sink: impl FnMut(VirtRange),
+) -> Result<(), UffdError> {
+    let req = ScanRequest {
+        flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+        category_mask: ScanCategories::WRITTEN.bits(),
+        return_mask: ScanCategories::WRITTEN.bits(),
+        ..ScanRequest::default()
+    };
+    scan_ranges(pagemap, range, req, vec, sink)
+}
+
+/// `PAGEMAP_SCAN` of `range` with the masks of `req`, every region
+/// reported to `sink` as a range.
+fn scan_ranges(
+    pagemap: BorrowedFd<'_>,
+    range: VirtRange,
+    req: ScanRequest,
+    vec: &mut Vec<page_region>,
     mut sink: impl FnMut(VirtRange),
 ) -> Result<(), UffdError> {
     if vec.is_empty() {
         vec.resize(4096, page_region::default());
     }
-    let mut start = range.start().get();
-    while start < range.end().get() {
-        let req = ScanRequest {
-            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-            start,
-            end: range.end().get(),
-            category_mask: ScanCategories::WRITTEN.bits(),
-            return_mask: ScanCategories::WRITTEN.bits(),
-            ..ScanRequest::default()
-        };
-        let reply = pagemap_scan(pagemap, &req, vec).map_err(|e| UffdError::Scan {
-            range,
-            source: e.into(),
-        })?;
-        for r in &vec[..reply.filled] {
-            if let Some(written) = VirtRange::new(VirtAddr::new(r.start), VirtAddr::new(r.end)) {
-                sink(written);
-            }
+    let req = ScanRequest {
+        start: range.start().get(),
+        end: range.end().get(),
+        ..req
+    };
+    pagemap_scan_all(pagemap, &req, vec, |r| {
+        if let Some(r) = VirtRange::new(VirtAddr::new(r.start), VirtAddr::new(r.end)) {
+            sink(r);
         }
-        if reply.walk_end <= start {
-            break;
-        }
-        start = reply.walk_end;
-    }
-    Ok(())
+    })
+    .map_err(|e| UffdError::Scan {
+        range,
+        source: e.into(),
+    })
 }
 
 /// Empty slots of `range` in uffd-wp async VMAs that carry no protection
@@ -259,35 +267,14 @@ pub fn unprotected_holes(
     pagemap: BorrowedFd<'_>,
     range: VirtRange,
     vec: &mut Vec<page_region>,
-    mut sink: impl FnMut(VirtRange),
+    sink: impl FnMut(VirtRange),
 ) -> Result<(), UffdError> {
-    if vec.is_empty() {
-        vec.resize(4096, page_region::default());
-    }
     let c = ScanCategories::PRESENT | ScanCategories::SWAPPED | ScanCategories::WRITTEN;
-    let mut start = range.start().get();
-    while start < range.end().get() {
-        let req = ScanRequest {
-            start,
-            end: range.end().get(),
-            category_inverted: c.bits(),
-            category_mask: (c | ScanCategories::WPALLOWED).bits(),
-            return_mask: ScanCategories::WPALLOWED.bits(),
-            ..ScanRequest::default()
-        };
-        let reply = pagemap_scan(pagemap, &req, vec).map_err(|e| UffdError::Scan {
-            range,
-            source: e.into(),
-        })?;
-        for r in &vec[..reply.filled] {
-            if let Some(hole) = VirtRange::new(VirtAddr::new(r.start), VirtAddr::new(r.end)) {
-                sink(hole);
-            }
-        }
-        if reply.walk_end <= start {
-            break;
-        }
-        start = reply.walk_end;
-    }
-    Ok(())
+    let req = ScanRequest {
+        category_inverted: c.bits(),
+        category_mask: (c | ScanCategories::WPALLOWED).bits(),
+        return_mask: ScanCategories::WPALLOWED.bits(),
+        ..ScanRequest::default()
+    };
+    scan_ranges(pagemap, range, req, vec, sink)
 }

@@ -205,36 +205,29 @@ pub fn present_ranges(
         _ => out.push(r),
     };
     if caps.has_pagemap_scan() {
-        use crate::sys::pagemap_scan::{ScanRequest, page_region, pagemap_scan};
+        use crate::sys::pagemap_scan::{ScanRequest, page_region, pagemap_scan_all};
         let mut vec = vec![page_region::default(); 4096];
-        let mut start = range.start().get();
-        while start < range.end().get() {
-            let req = ScanRequest {
-                start,
-                end: range.end().get(),
-                category_anyof_mask: crate::ScanCategories::PRESENT.bits(),
-                return_mask: crate::ScanCategories::PRESENT.bits(),
-                ..ScanRequest::default()
-            };
-            let reply = pagemap_scan(pagemap, &req, &mut vec).map_err(|e| match e {
-                rustix::io::Errno::SRCH => ScanError::TargetExited { pid },
-                e => ScanError::Ioctl {
-                    pid,
-                    range,
-                    source: e.into(),
-                },
-            })?;
-            for r in &vec[..reply.filled] {
-                add(
-                    VirtRange::new(crate::VirtAddr::new(r.start), crate::VirtAddr::new(r.end))
-                        .unwrap_or_default(),
-                );
-            }
-            if reply.walk_end <= start {
-                break;
-            }
-            start = reply.walk_end;
-        }
+        let req = ScanRequest {
+            start: range.start().get(),
+            end: range.end().get(),
+            category_anyof_mask: crate::ScanCategories::PRESENT.bits(),
+            return_mask: crate::ScanCategories::PRESENT.bits(),
+            ..ScanRequest::default()
+        };
+        pagemap_scan_all(pagemap, &req, &mut vec, |r| {
+            add(
+                VirtRange::new(crate::VirtAddr::new(r.start), crate::VirtAddr::new(r.end))
+                    .unwrap_or_default(),
+            );
+        })
+        .map_err(|e| match e {
+            rustix::io::Errno::SRCH => ScanError::TargetExited { pid },
+            e => ScanError::Ioctl {
+                pid,
+                range,
+                source: e.into(),
+            },
+        })?;
         return Ok(out);
     }
     let mut buf = Vec::new();

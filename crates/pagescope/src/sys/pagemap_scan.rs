@@ -149,3 +149,24 @@ pub fn pagemap_scan(
         walk_end: arg.walk_end,
     })
 }
+
+/// Runs `PAGEMAP_SCAN` from `req.start` to `req.end`, resuming at
+/// `walk_end` whenever `vec` fills, and calls `sink` for every region.
+/// `vec` must not be empty.
+pub fn pagemap_scan_all(
+    fd: BorrowedFd<'_>,
+    req: &ScanRequest,
+    vec: &mut [page_region],
+    mut sink: impl FnMut(&page_region),
+) -> Result<(), Errno> {
+    let mut req = *req;
+    while req.start < req.end {
+        let reply = pagemap_scan(fd, &req, vec)?;
+        vec[..reply.filled].iter().for_each(&mut sink);
+        if reply.walk_end <= req.start {
+            break;
+        }
+        req.start = reply.walk_end;
+    }
+    Ok(())
+}
