@@ -317,6 +317,11 @@ impl ProcessReport {
     /// Writes the `pagescope map` table: one line per VMA, totals last.
     pub fn write_map(&self, w: &mut dyn Write) -> io::Result<()> {
         let kb = |pages: u64| pages * self.page_size.get() / 1024;
+        writeln!(
+            w,
+            "process {}: kB per page state (backend {})",
+            self.pid, self.backend
+        )?;
         write!(
             w,
             "{:>16} {:>16} {:4} {:>8} {:7}",
