@@ -39,6 +39,18 @@ fn tracker(fx: &FixtureProcess) -> Option<Box<dyn DirtyTracker>> {
     Some(t)
 }
 
+/// Whether `region` of the fixture was built as asked (else it is skipped
+/// with the fixture's reason: no THP, no swap device, ...).
+fn built(fx: &FixtureProcess, region: &str) -> bool {
+    match fx.truth().region(region).and_then(|r| r.skip.clone()) {
+        Some(why) => {
+            skip(&format!("region {region}: {why}"));
+            false
+        }
+        None => true,
+    }
+}
+
 fn addr(truth: &Truth, region: &str, page: u64) -> VirtAddr {
     VirtAddr::new(
         truth
@@ -95,8 +107,7 @@ fn reports_exactly_the_written_anon_pages() {
 fn thp_writes_are_reported_per_4k_page() {
     let mut fx = fixture(&["thp"]);
     let Some(mut t) = tracker(&fx) else { return };
-    if fx.truth().region("thp_present").unwrap().skip.is_some() {
-        skip("no THP");
+    if !built(&fx, "thp_present") {
         return;
     }
     t.collect().unwrap();
@@ -112,8 +123,7 @@ fn thp_writes_are_reported_per_4k_page() {
 fn dontneed_of_protected_thp_is_reported() {
     let mut fx = fixture(&["thp"]);
     let Some(mut t) = tracker(&fx) else { return };
-    if fx.truth().region("thp_present").unwrap().skip.is_some() {
-        skip("no THP");
+    if !built(&fx, "thp_present") {
         return;
     }
     t.collect().unwrap();
@@ -131,8 +141,7 @@ fn dontneed_of_protected_thp_is_reported() {
 fn written_then_swapped_out_and_back_swapdev() {
     let mut fx = fixture(&["anon"]);
     let Some(mut t) = tracker(&fx) else { return };
-    if fx.truth().swap == "none" {
-        skip("no active swap device");
+    if !built(&fx, "anon_swapped") {
         return;
     }
     t.collect().unwrap();
@@ -155,8 +164,7 @@ fn written_then_swapped_out_and_back_swapdev() {
 fn shmem_written_then_reclaimed_swapdev() {
     let mut fx = fixture(&["memfd", "sysv"]);
     let Some(mut t) = tracker(&fx) else { return };
-    if fx.truth().swap == "none" {
-        skip("no active swap device");
+    if !built(&fx, "memfd") || !built(&fx, "sysv") {
         return;
     }
     t.collect().unwrap();

@@ -8,25 +8,17 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 
-use common::{assert_matches_truth, caps, fixture, skip};
+use common::{caps, fixture, skip};
 use pagescope::object::view::{ObjectsOptions, objects_view};
 use pagescope::{BackendChoice, PageState, ProcessReport, Target};
 
 const SHMEM: [&str; 4] = ["memfd", "tmpfs", "shared_anon", "sysv"];
 
 fn check_scenario(scenario: &str) {
-    if !common::is_root() {
-        skip(
-            "map_files (every shmem kind) needs CAP_SYS_ADMIN; tests/unprivileged.rs covers the rest",
-        );
-        return;
-    }
-    let fx = fixture(&[scenario]);
-    for b in [BackendChoice::Pagemap, BackendChoice::PagemapScan] {
-        let report = common::scan(fx.pid(), b);
-        assert!(report.complete(), "{:?}", report.skipped);
-        assert_matches_truth(fx.truth(), &report, Some(scenario));
-    }
+    common::check_scenario(
+        scenario,
+        "map_files (every shmem kind) needs CAP_SYS_ADMIN; tests/unprivileged.rs covers the rest",
+    );
 }
 
 #[test]

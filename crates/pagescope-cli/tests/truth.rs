@@ -3,30 +3,14 @@
 
 mod common;
 
-use common::{assert_matches_truth, caps, fixture, scan, skip};
+use common::{assert_matches_truth, caps, fixture, skip};
 use pagescope::{BackendChoice, ProcessReport};
 
-fn backends() -> Vec<BackendChoice> {
-    let mut v = vec![BackendChoice::Pagemap];
-    if caps().has_pagemap_scan() {
-        v.push(BackendChoice::PagemapScan);
-    } else {
-        skip("kernel has no PAGEMAP_SCAN (Linux 6.7+)");
-    }
-    v
-}
-
 fn check_scenario(scenario: &str) {
-    if !common::is_root() {
-        skip("ground-truth checks of zero pages, THPs and swap slots need root (PFNs, kpageflags)");
-        return;
-    }
-    let fx = fixture(&[scenario]);
-    for b in backends() {
-        let report = scan(fx.pid(), b);
-        assert!(report.complete(), "scan incomplete: {:?}", report.skipped);
-        assert_matches_truth(fx.truth(), &report, Some(scenario));
-    }
+    common::check_scenario(
+        scenario,
+        "ground-truth checks of zero pages, THPs and swap slots need root (PFNs, kpageflags)",
+    );
 }
 
 #[test]

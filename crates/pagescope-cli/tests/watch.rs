@@ -37,6 +37,19 @@ fn has_uw(pid: u32) -> bool {
         .any(|l| l.starts_with("VmFlags:") && l.split(' ').any(|f| f == "uw"))
 }
 
+/// A python writer running for `seconds`, if the environment allows the
+/// test at all (else skipped with the reason).
+fn setup(seconds: f64) -> Option<Writer> {
+    if !usable() {
+        return None;
+    }
+    let w = writer(seconds);
+    if w.is_none() {
+        skip("python3 not available");
+    }
+    w
+}
+
 fn usable() -> bool {
     if !common::is_root() {
         skip(
@@ -53,11 +66,7 @@ fn usable() -> bool {
 
 #[test]
 fn watch_json_reports_a_python_writer() {
-    if !usable() {
-        return;
-    }
-    let Some(w) = writer(30.0) else {
-        skip("python3 not available");
+    let Some(w) = setup(30.0) else {
         return;
     };
     let pid = w.0.id().to_string();
@@ -117,11 +126,7 @@ fn watch_json_reports_a_python_writer() {
 
 #[test]
 fn watch_ends_cleanly_when_the_target_exits() {
-    if !usable() {
-        return;
-    }
-    let Some(mut w) = writer(1.0) else {
-        skip("python3 not available");
+    let Some(mut w) = setup(1.0) else {
         return;
     };
     let pid = w.0.id().to_string();
@@ -150,11 +155,7 @@ fn watch_ends_cleanly_when_the_target_exits() {
 
 #[test]
 fn watch_detaches_on_ctrl_c() {
-    if !usable() {
-        return;
-    }
-    let Some(w) = writer(30.0) else {
-        skip("python3 not available");
+    let Some(w) = setup(30.0) else {
         return;
     };
     let pid = w.0.id().to_string();

@@ -142,3 +142,30 @@ pub fn as_nobody(args: &[&str]) -> Command {
     c.current_dir("/");
     c
 }
+
+/// Every backend this kernel has (the pagemap reader always; PAGEMAP_SCAN
+/// from Linux 6.7, else that half goes through [`skip`]).
+pub fn backends() -> Vec<pagescope::BackendChoice> {
+    let mut v = vec![pagescope::BackendChoice::Pagemap];
+    if caps().has_pagemap_scan() {
+        v.push(pagescope::BackendChoice::PagemapScan);
+    } else {
+        skip("kernel has no PAGEMAP_SCAN (Linux 6.7+)");
+    }
+    v
+}
+
+/// Builds `scenario` in a fixture, scans it with every backend and checks
+/// every page against the ground truth. Needs root (`why_root` says why).
+pub fn check_scenario(scenario: &str, why_root: &str) {
+    if !is_root() {
+        skip(why_root);
+        return;
+    }
+    let fx = fixture(&[scenario]);
+    for b in backends() {
+        let report = scan(fx.pid(), b);
+        assert!(report.complete(), "scan incomplete: {:?}", report.skipped);
+        assert_matches_truth(fx.truth(), &report, Some(scenario));
+    }
+}

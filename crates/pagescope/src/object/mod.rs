@@ -119,7 +119,6 @@ pub fn apply_objects(target: &Target, caps: &KernelCaps, report: &mut ProcessRep
         };
         classified.insert(key, result);
     }
-    let mut imprecise = false;
     for v in &mut report.vmas {
         let Some(result) = classified.get(&(v.vma.dev, v.vma.inode)) else {
             continue;
@@ -138,12 +137,10 @@ pub fn apply_objects(target: &Target, caps: &KernelCaps, report: &mut ProcessRep
                 v.runs = mark_unknown(&v.runs, report.page_size);
             }
         }
-        imprecise |= matches!(result, Ok(c) if c.runs.is_empty());
     }
     if !caps.cachestat {
         report.notes.push("no cachestat (Linux 6.5+): shmem swap-cache pages read as resident, fallocated pages as holes".into());
     }
-    let _ = imprecise;
 }
 
 /// Object pages `(first, count)` behind the scanned part of `vma`.

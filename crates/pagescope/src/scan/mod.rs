@@ -131,12 +131,6 @@ pub trait PageScanner {
     /// Short backend name for reports (`"pagemap_scan"`, `"pagemap"`).
     fn name(&self) -> &'static str;
 
-    /// Whether reported present pages carry the `exclusive` flag wherever
-    /// it applies.
-    fn reports_exclusive(&self) -> bool {
-        true
-    }
-
     /// Appends runs covering every page of `range` (a part of `vma`) to
     /// `out`, in address order.
     fn scan_vma(
@@ -242,6 +236,24 @@ pub fn present_ranges(
         Ok(())
     })?;
     Ok(out)
+}
+
+/// The name of the backend `choice` resolves to, and whether it reports
+/// `exclusive` everywhere, without building it (its buffers are large).
+pub fn backend_identity(
+    choice: BackendChoice,
+    caps: &KernelCaps,
+    skip_exclusive: bool,
+) -> Result<(&'static str, bool), ScanError> {
+    match choice {
+        BackendChoice::Pagemap => Ok(("pagemap", true)),
+        BackendChoice::Auto if !caps.has_pagemap_scan() => Ok(("pagemap", true)),
+        _ if caps.has_pagemap_scan() => Ok(("pagemap_scan", !skip_exclusive)),
+        _ => Err(ScanError::Unsupported {
+            backend: "pagemap_scan",
+            why: "the kernel has no PAGEMAP_SCAN ioctl (Linux 6.7+)",
+        }),
+    }
 }
 
 /// Builds the backend `choice` asks for.

@@ -84,10 +84,6 @@ impl PageScanner for PagemapScanBackend {
         "pagemap_scan"
     }
 
-    fn reports_exclusive(&self) -> bool {
-        !self.skip_exclusive
-    }
-
     fn scan_vma(
         &mut self,
         ctx: &ScanContext<'_>,

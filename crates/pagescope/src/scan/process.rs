@@ -10,7 +10,7 @@
 use std::os::fd::AsFd;
 
 use super::{
-    KpageFlags, ScanContext, ScanError, ScanOptions, make_backend, parallel, unprivileged,
+    KpageFlags, ScanContext, ScanError, ScanOptions, backend_identity, parallel, unprivileged,
 };
 use crate::addr::{PageSize, VirtRange};
 use crate::kernel::KernelCaps;
@@ -66,13 +66,13 @@ pub fn scan_process(
         caps,
         kpageflags: kpageflags.as_ref(),
     };
-    let probe = make_backend(opts.backend, caps, opts.skip_exclusive)?;
+    let (backend, exclusive_known) = backend_identity(opts.backend, caps, opts.skip_exclusive)?;
     let mut report = ProcessReport {
         pid: target.pid(),
         page_size: page,
         privileged,
-        backend: probe.name(),
-        exclusive_known: probe.reports_exclusive(),
+        backend,
+        exclusive_known,
         kernel: caps.release.clone(),
         vmas: Vec::with_capacity(selected.len()),
         skipped: Vec::new(),
