@@ -39,6 +39,45 @@ pub fn pagemap_scan_loop(fd: BorrowedFd<'_>, ranges: &[VirtRange], vec: &mut [pa
     regions
 }
 
+/// `ranges` cut into pieces of at most 1 GiB (as the library cuts them
+/// for its workers).
+pub fn gib_pieces(ranges: &[VirtRange]) -> Vec<VirtRange> {
+    let mut out = Vec::new();
+    for r in ranges {
+        let mut start = r.start();
+        while start < r.end() {
+            let end = start.saturating_add(1 << 30).align_down(1 << 30).min(r.end());
+            let end = if end <= start { r.end() } else { end };
+            out.extend(VirtRange::new(start, end));
+            start = end;
+        }
+    }
+    out
+}
+
+/// Runs `f` over `pieces` on `threads` threads, each piece once, each
+/// thread with its own state from `init`.
+pub fn on_threads<S>(
+    threads: usize,
+    pieces: &[VirtRange],
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, &VirtRange) + Sync,
+) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut state = init();
+                while let Some(p) =
+                    pieces.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                {
+                    f(&mut state, p);
+                }
+            });
+        }
+    });
+}
+
 /// pagemap `pread` of 64K entries at a time over `ranges`; returns the
 /// number of present entries (so the reads cannot be optimised away).
 pub fn pread_loop(fd: BorrowedFd<'_>, ranges: &[VirtRange], buf: &mut [u64]) -> u64 {

@@ -117,6 +117,11 @@ pub struct ScanArgs {
     /// dense address spaces; reports say "exclusive_known": false).
     #[arg(long)]
     pub no_exclusive: bool,
+    /// How the PAGEMAP_SCAN backend covers memory (same result, different
+    /// cost): walk with the ioctl where memory is sparse and read pagemap
+    /// directly where it is dense (adaptive), or always one way.
+    #[arg(long, value_enum, default_value_t = Strategy::Adaptive)]
+    pub strategy: Strategy,
     /// Worker threads for large address spaces (0: one per CPU, up to 8).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -138,6 +143,26 @@ impl From<Backend> for pagescope::BackendChoice {
             Backend::Auto => Self::Auto,
             Backend::Scan => Self::PagemapScan,
             Backend::Pagemap => Self::Pagemap,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Strategy {
+    /// Decide per 32 MiB step from how populated the last step was.
+    Adaptive,
+    /// Always walk with PAGEMAP_SCAN first.
+    Walk,
+    /// Always read pagemap directly (walking only ambiguous 2 MiB blocks).
+    Read,
+}
+
+impl From<Strategy> for pagescope::ScanStrategy {
+    fn from(s: Strategy) -> Self {
+        match s {
+            Strategy::Adaptive => Self::Adaptive,
+            Strategy::Walk => Self::Walk,
+            Strategy::Read => Self::Read,
         }
     }
 }

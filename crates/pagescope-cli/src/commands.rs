@@ -79,6 +79,7 @@ fn options(scan: &ScanArgs, range: Option<VirtRange>, swap_detail: bool) -> Scan
         objects: !scan.no_objects,
         threads: scan.threads,
         skip_exclusive: scan.no_exclusive,
+        strategy: scan.strategy.into(),
     }
 }
 

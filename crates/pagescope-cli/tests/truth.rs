@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_matches_truth, caps, fixture, skip};
-use pagescope::{BackendChoice, ProcessReport};
+use pagescope::ProcessReport;
 
 fn check_scenario(scenario: &str) {
     common::check_scenario(
@@ -43,6 +43,14 @@ fn private_and_shared_file_mappings() {
     check_scenario("file");
 }
 
+/// Big enough for the adaptive strategy to switch from walking to reading
+/// and back, with a THP, zero, swapped, guard and hole pages in the blocks
+/// it reads directly; every strategy must give the ground truth.
+#[test]
+fn dense_and_sparse_blocks_every_strategy_swapdev() {
+    check_scenario("dense_mixed");
+}
+
 /// Whether two scans taken one after the other must agree on `v`: not for
 /// the executable and libraries, which other processes (concurrent tests)
 /// map and unmap meanwhile, changing mapcounts and so `exclusive`.
@@ -75,7 +83,7 @@ fn assert_same(a: &ProcessReport, b: &ProcessReport) {
 }
 
 /// The kernel selftests check pagemap reads against PAGEMAP_SCAN; we check
-/// both backends against each other over the whole fixture process (its
+/// both backends (PAGEMAP_SCAN with every strategy) against each other over the whole fixture process (its
 /// libraries, heap and stack included), with swap detail.
 #[test]
 fn backends_agree_on_every_page_swapdev() {
@@ -88,18 +96,22 @@ fn backends_agree_on_every_page_swapdev() {
         return;
     }
     let fx = fixture(&["all"]);
-    let opts = |backend| pagescope::ScanOptions {
-        backend,
-        swap_detail: true,
-        objects: true,
-        ..Default::default()
-    };
-    let a = common::scan_with(fx.pid(), &opts(BackendChoice::Pagemap));
-    let b = common::scan_with(fx.pid(), &opts(BackendChoice::PagemapScan));
-    assert!(a.complete() && b.complete());
-    assert_same(&a, &b);
-    // And both agree with the ground truth (so agreement is not vacuous).
-    assert_matches_truth(fx.truth(), &a, None);
+    let reports: Vec<ProcessReport> = common::backends()
+        .into_iter()
+        .map(|o| {
+            let opts = pagescope::ScanOptions {
+                swap_detail: true,
+                ..o
+            };
+            common::scan_with(fx.pid(), &opts)
+        })
+        .collect();
+    assert!(reports.iter().all(ProcessReport::complete));
+    for other in &reports[1..] {
+        assert_same(&reports[0], other);
+    }
+    // And they agree with the ground truth (so agreement is not vacuous).
+    assert_matches_truth(fx.truth(), &reports[0], None);
 }
 
 /// Swapped anonymous pages carry their swap slot and device when asked.

@@ -128,6 +128,38 @@ fn unprivileged_scan_resolves_markers_and_zero_pages_swapdev() {
     check(&doc, truth, "file_private", &[]);
 }
 
+/// Without PFNs, pagemap entries cannot tell a PMD-mapped THP from 512
+/// small pages, nor the zero page from a COW-shared one: the strategies
+/// that read pagemap directly must walk those blocks with PAGEMAP_SCAN and
+/// still get every page right.
+#[test]
+fn unprivileged_read_strategies_walk_what_entries_cannot_tell_swapdev() {
+    if !common::caps().has_pagemap_scan() {
+        skip("kernel has no PAGEMAP_SCAN (Linux 6.7+)");
+        return;
+    }
+    let fx = unprivileged_fixture(&["dense_mixed"]);
+    let pid = fx.pid().to_string();
+    let truth = fx.truth();
+    for s in &truth.skipped {
+        skip(&format!("scenario {}: {}", s.scenario, s.reason));
+    }
+    for strategy in ["adaptive", "read", "walk"] {
+        let doc = unprivileged_json(&["pages", &pid, "--json", "--strategy", strategy]);
+        for region in [
+            "dense_present",
+            "dense_thp",
+            "dense_present_zero",
+            "dense_swapped",
+            "dense_hole",
+            "dense_guard",
+            "dense_sparse",
+        ] {
+            check(&doc, truth, region, &[]);
+        }
+    }
+}
+
 #[test]
 fn unprivileged_pagemap_backend_reports_unknown_not_guesses() {
     let fx = unprivileged_fixture(&["anon"]);

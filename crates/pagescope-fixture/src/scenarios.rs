@@ -62,6 +62,10 @@ pub const SCENARIOS: &[(&str, &str)] = &[
         "a MAP_PRIVATE view of a memfd: copied-on-write pages, one swapped, shared pages, resident, hole",
     ),
     (
+        "dense_mixed",
+        "a 96 MiB anonymous mapping: 32 MiB dense, then a THP (MADV_COLLAPSE), present/zero/swapped/hole and guard pages in one block each, then sparse pages",
+    ),
+    (
         "bench",
         "benchmark layout: a sparse reservation (1% touched) and dense anonymous memory",
     ),
@@ -84,6 +88,7 @@ const DEFAULT_SET: &[&str] = &[
     "shared_anon",
     "sysv",
     "memfd_private",
+    "dense_mixed",
 ];
 
 /// Alignment of file and shmem mappings: fault-around maps the cached
@@ -206,6 +211,7 @@ impl Fixture {
             "guard" => self.guard(),
             "uffd_wp" => self.uffd_wp(),
             "file" => self.file(),
+            "dense_mixed" => self.dense_mixed(),
             "bench" => self.bench(),
             "bench_shmem" => self.bench_shmem(),
             "memfd" | "tmpfs" | "shared_anon" | "sysv" => self.shmem(name),
@@ -809,6 +815,111 @@ impl Fixture {
             Expect::new(12, 4, "hole", &[]),
         ];
         self.region("guard_region", "guard", m.addr(), 16, "anon", expect, None);
+        Ok(())
+    }
+
+    /// Large enough for the adaptive scan to switch ways: 16 densely
+    /// written 2 MiB blocks (the scan then reads directly), a block
+    /// collapsed into a THP, a block of present, zero, swapped and
+    /// untouched pages, a block with a guard region, then blocks with only
+    /// a few pages (the scan walks again). No `MADV_NOHUGEPAGE`: collapse
+    /// needs it off; with THP mode `madvise` faults still give 4 KiB pages,
+    /// which the fixture checks.
+    fn dense_mixed(&mut self) -> Result<(), String> {
+        const BLOCK: u64 = 512;
+        let m = OwnedMapping::anonymous(self.bytes(48 * BLOCK), ALIGN)
+            .map_err(|e| format!("mmap: {e}"))?;
+        self.write_pages(&m, 0, 17 * BLOCK, 0xD1)?;
+        let collapse = m
+            .madvise(self.bytes(16 * BLOCK), self.bytes(BLOCK), Advice::Collapse)
+            .map_err(|e| format!("MADV_COLLAPSE: {e}"))
+            .err();
+        let b = 17 * BLOCK;
+        self.write_pages(&m, b, 256, 0xD2)?;
+        self.read_pages(&m, b + 256, 128)?;
+        self.write_pages(&m, b + 384, 64, 0xD3)?;
+        let swapped = self.pageout_anon(&m, b + 384, 64).err();
+        let g = 18 * BLOCK;
+        self.write_pages(&m, g + 16, 16, 0xD4)?;
+        let guard = m
+            .madvise(self.bytes(g), self.bytes(16), Advice::GuardInstall)
+            .map_err(|e| format!("MADV_GUARD_INSTALL unsupported ({e}); needs Linux 6.13"))
+            .err();
+        self.write_pages(&m, 40 * BLOCK, 2, 0xD5)?;
+        let thp_kb = own_smaps_field(m.addr(), "AnonHugePages").unwrap_or(0);
+        let huge_kb = self.bytes(BLOCK) as u64 / 1024;
+        let thp = collapse.or_else(|| {
+            (thp_kb != huge_kb).then(|| format!("{thp_kb} kB of THP, wanted exactly {huge_kb}"))
+        });
+        let m = self.keep(m);
+        let (base, page) = (m.addr(), self.page);
+        let at = |i: u64| base + i * page;
+        let excl = &["exclusive"][..];
+        let regions = [
+            (
+                "dense_present",
+                0,
+                16 * BLOCK,
+                vec![Expect::new(0, 16 * BLOCK, "present", excl)],
+                thp.clone(),
+            ),
+            (
+                "dense_thp",
+                16 * BLOCK,
+                BLOCK,
+                vec![Expect::new(0, BLOCK, "present", &["exclusive", "huge"])],
+                thp,
+            ),
+            (
+                "dense_present_zero",
+                b,
+                384,
+                vec![
+                    Expect::new(0, 256, "present", excl),
+                    Expect::new(256, 128, "zero", &[]),
+                ],
+                None,
+            ),
+            (
+                "dense_swapped",
+                b + 384,
+                64,
+                vec![Expect::new(0, 64, "swapped", &[])],
+                swapped,
+            ),
+            (
+                "dense_hole",
+                b + 448,
+                64,
+                vec![Expect::new(0, 64, "hole", &[])],
+                None,
+            ),
+            (
+                "dense_guard",
+                g,
+                BLOCK,
+                vec![
+                    Expect::new(0, 16, "guard", &[]),
+                    Expect::new(16, 16, "present", excl),
+                    Expect::new(32, BLOCK - 32, "hole", &[]),
+                ],
+                guard,
+            ),
+            (
+                "dense_sparse",
+                19 * BLOCK,
+                29 * BLOCK,
+                vec![
+                    Expect::new(0, 21 * BLOCK, "hole", &[]),
+                    Expect::new(21 * BLOCK, 2, "present", excl),
+                    Expect::new(21 * BLOCK + 2, 8 * BLOCK - 2, "hole", &[]),
+                ],
+                None,
+            ),
+        ];
+        for (name, first, pages, expect, skip) in regions {
+            self.region(name, "dense_mixed", at(first), pages, "anon", expect, skip);
+        }
         Ok(())
     }
 

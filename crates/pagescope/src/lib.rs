@@ -63,6 +63,6 @@ pub use pagemap::{PagemapEntry, PagemapFlags, ScanCategories};
 pub use proc::{ProcError, Target};
 pub use rangeset::RangeSet;
 pub use report::{Counts, ProcessReport, Skipped, VmaReport};
-pub use scan::{BackendChoice, PageScanner, ScanError, ScanOptions, scan_process};
+pub use scan::{BackendChoice, PageScanner, ScanError, ScanOptions, ScanStrategy, scan_process};
 pub use sys::mm::{Advice, OwnedMapping};
 pub use vma::{Backing, Vma, VmaKind};

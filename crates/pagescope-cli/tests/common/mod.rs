@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use pagescope::{BackendChoice, KernelCaps, ProcessReport, ScanOptions, Target, scan_process};
+use pagescope::{
+    BackendChoice, KernelCaps, ProcessReport, ScanOptions, ScanStrategy, Target, scan_process,
+};
 use pagescope_fixture::{FixtureProcess, Truth};
 
 /// The `pagescope` binary under test.
@@ -143,12 +145,25 @@ pub fn as_nobody(args: &[&str]) -> Command {
     c
 }
 
-/// Every backend this kernel has (the pagemap reader always; PAGEMAP_SCAN
-/// from Linux 6.7, else that half goes through [`skip`]).
-pub fn backends() -> Vec<pagescope::BackendChoice> {
-    let mut v = vec![pagescope::BackendChoice::Pagemap];
+/// Options for every way this kernel can scan: the pagemap reader always;
+/// PAGEMAP_SCAN (Linux 6.7+, else that part goes through [`skip`]) with
+/// each [`ScanStrategy`], which must all give the same pages.
+pub fn backends() -> Vec<ScanOptions> {
+    let with = |backend, strategy| ScanOptions {
+        backend,
+        strategy,
+        objects: true,
+        ..ScanOptions::default()
+    };
+    let mut v = vec![with(BackendChoice::Pagemap, ScanStrategy::Adaptive)];
     if caps().has_pagemap_scan() {
-        v.push(pagescope::BackendChoice::PagemapScan);
+        for strategy in [
+            ScanStrategy::Adaptive,
+            ScanStrategy::Walk,
+            ScanStrategy::Read,
+        ] {
+            v.push(with(BackendChoice::PagemapScan, strategy));
+        }
     } else {
         skip("kernel has no PAGEMAP_SCAN (Linux 6.7+)");
     }
@@ -163,9 +178,13 @@ pub fn check_scenario(scenario: &str, why_root: &str) {
         return;
     }
     let fx = fixture(&[scenario]);
-    for b in backends() {
-        let report = scan(fx.pid(), b);
+    for opts in backends() {
+        let report = scan_with(fx.pid(), &opts);
         assert!(report.complete(), "scan incomplete: {:?}", report.skipped);
+        eprintln!(
+            "checking {scenario}: {:?}, {:?}",
+            opts.backend, opts.strategy
+        );
         assert_matches_truth(fx.truth(), &report, Some(scenario));
     }
 }

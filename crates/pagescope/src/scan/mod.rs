@@ -3,7 +3,9 @@
 //! * [`PagemapScanBackend`]: the `PAGEMAP_SCAN` ioctl (Linux 6.7+) finds
 //!   populated pages and tells zero pages and PMD-mapped THPs; pagemap reads
 //!   add what the ioctl does not report (exclusivity, the file bit, swap
-//!   type/offset), only for the pages that need them.
+//!   type/offset), only for the pages that need them; where memory is
+//!   dense it reads pagemap directly and walks only ambiguous 2 MiB blocks
+//!   ([`ScanStrategy`]).
 //! * [`PagemapReadBackend`]: plain `/proc/PID/pagemap` reads in 64K-entry
 //!   batches, with PFN comparisons and `/proc/kpageflags` (root) for zero
 //!   pages and THPs. Works on any kernel.
@@ -13,6 +15,7 @@
 //! PAGEMAP_SCAN. [`scan_process`] drives a backend over a whole process.
 
 mod classify;
+mod dense;
 mod kpage;
 mod pagemap_read;
 mod pagemap_scan;
@@ -154,6 +157,23 @@ pub enum BackendChoice {
     Pagemap,
 }
 
+/// How the `PAGEMAP_SCAN` backend covers a VMA. Every strategy gives the
+/// same result page for page (the test suite checks it); they differ in
+/// cost. See `scan/dense.rs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScanStrategy {
+    /// Walk with the ioctl where 2 MiB blocks are mostly empty, read
+    /// pagemap directly where they are mostly populated, deciding step by
+    /// step (32 MiB) from what the previous step held.
+    #[default]
+    Adaptive,
+    /// Always walk with the ioctl first, then read entries where needed.
+    Walk,
+    /// Always read pagemap directly, walking only the 2 MiB blocks whose
+    /// entries cannot tell a PMD-mapped THP or a zero page.
+    Read,
+}
+
 /// Options for [`scan_process`].
 #[derive(Clone, Debug, Default)]
 pub struct ScanOptions {
@@ -175,6 +195,9 @@ pub struct ScanOptions {
     /// ioctl alone, without `exclusive`. Reports say so
     /// ([`ProcessReport::exclusive_known`](crate::ProcessReport)).
     pub skip_exclusive: bool,
+    /// How the `PAGEMAP_SCAN` backend covers populated memory (results are
+    /// the same page for page; only the cost differs).
+    pub strategy: ScanStrategy,
     /// Worker threads (0: one per CPU, at most 8). Large address spaces are
     /// cut into chunks scanned in parallel; pagemap reads and PAGEMAP_SCAN
     /// only take the target's mmap lock for reading.
@@ -256,17 +279,16 @@ pub fn backend_identity(
     }
 }
 
-/// Builds the backend `choice` asks for.
+/// Builds the backend `opts.backend` asks for.
 pub fn make_backend(
-    choice: BackendChoice,
+    opts: &ScanOptions,
     caps: &KernelCaps,
-    skip_exclusive: bool,
 ) -> Result<Box<dyn PageScanner + Send>, ScanError> {
-    match choice {
+    match opts.backend {
         BackendChoice::Pagemap => Ok(Box::new(PagemapReadBackend::new())),
         BackendChoice::Auto if !caps.has_pagemap_scan() => Ok(Box::new(PagemapReadBackend::new())),
         BackendChoice::Auto | BackendChoice::PagemapScan => {
-            match PagemapScanBackend::new(caps, skip_exclusive) {
+            match PagemapScanBackend::new(caps, opts.skip_exclusive, opts.strategy) {
                 Some(b) => Ok(Box::new(b)),
                 None => Err(ScanError::Unsupported {
                     backend: "pagemap_scan",

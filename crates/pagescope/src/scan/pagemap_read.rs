@@ -76,6 +76,13 @@ impl PresentRules {
         }
     }
 
+    /// Whether a present, non-exclusive entry of this VMA could be the
+    /// zero page without its PFN saying so (private anonymous memory read
+    /// without PFNs, or before the zero PFN is known).
+    pub(super) fn zero_needs_walk(&self) -> bool {
+        self.anon_private && (!self.privileged || self.zero_pfn.is_none())
+    }
+
     /// A present entry; `in_thp` when it lies in a detected THP block.
     fn present(&self, e: PagemapEntry, in_thp: bool) -> PageInfo {
         let f = e.flags();

@@ -8,15 +8,21 @@
 //! windows that cover nearby regions together, so scattered pages cost a
 //! few large reads instead of one read each.
 //!
+//! Where most 2 MiB blocks hold pages, the walk in front of those reads is
+//! pure overhead: [`super::dense`] then switches to reading pagemap
+//! directly, step by step, and walks only the blocks whose entries leave a
+//! THP or zero page open ([`ScanStrategy`] selects or forces this).
+//!
 //! `PAGE_IS_FILE` is deliberately not requested: it makes the walk about
 //! 3x slower (a page lookup per PTE) and pagemap's bit 61 gives the same
 //! answer for the pages whose entries are read anyway.
 
 use rustix::io::Errno;
 
+use super::dense::{self, BlockCounts, StepPlan};
 use super::pagemap_read::{PagemapReadBackend, PresentRules, classify_batch};
 use super::reader::{BATCH_ENTRIES, PagemapReader};
-use super::{PageScanner, ScanContext, ScanError, classify};
+use super::{PageScanner, ScanContext, ScanError, ScanStrategy, classify};
 use crate::addr::{VirtAddr, VirtRange};
 use crate::kernel::KernelCaps;
 use crate::page::{PageFlags, PageInfo, PageState, RunBuilder};
@@ -36,15 +42,18 @@ pub struct PagemapScanBackend {
     return_mask: C,
     vec: Vec<page_region>,
     buf: Vec<u64>,
+    step_buf: Vec<u64>,
     fallback: PagemapReadBackend,
     skip_exclusive: bool,
+    strategy: ScanStrategy,
 }
 
 impl PagemapScanBackend {
     /// A backend using the categories this kernel supports; `None` without
     /// PAGEMAP_SCAN. With `skip_exclusive`, present pages of private
-    /// anonymous and shared VMAs are not read from pagemap.
-    pub fn new(caps: &KernelCaps, skip_exclusive: bool) -> Option<Self> {
+    /// anonymous and shared VMAs are not read from pagemap (and every VMA
+    /// is walked, whatever the `strategy`).
+    pub fn new(caps: &KernelCaps, skip_exclusive: bool, strategy: ScanStrategy) -> Option<Self> {
         let cats = caps.pagemap_scan?;
         let mut anyof = C::PRESENT | C::SWAPPED;
         anyof |= cats & C::GUARD;
@@ -57,8 +66,10 @@ impl PagemapScanBackend {
             return_mask,
             vec: vec![page_region::default(); VEC_LEN],
             buf: Vec::new(),
+            step_buf: Vec::new(),
             fallback: PagemapReadBackend::new(),
             skip_exclusive,
+            strategy,
         })
     }
 }
@@ -75,6 +86,18 @@ impl Segment {
     fn range(&self) -> VirtRange {
         match self {
             Self::Known(r, _) | Self::Entries(r, _) => *r,
+        }
+    }
+
+    /// Whether plain pagemap entries would not have told this stretch
+    /// apart (a PMD-mapped THP or a zero page): reading instead of walking
+    /// would then need the walk anyway.
+    fn needs_walk(&self) -> bool {
+        match self {
+            Self::Known(_, info) => {
+                info.state == PageState::Zero || info.flags.contains(PageFlags::HUGE)
+            }
+            Self::Entries(_, cats) => cats.contains(C::HUGE),
         }
     }
 }
@@ -107,19 +130,19 @@ impl PageScanner for PagemapScanBackend {
             _ => None,
         };
         let mut cursor = range.start();
-        let mut start = range.start();
-        while start < range.end() {
-            let (segments, walk_end) = self.walk(
-                ctx,
-                VirtRange::new(start, range.end()).unwrap_or(range),
-                implied_file,
-            )?;
-            let mut reader = PagemapReader::new(ctx.pagemap, ctx.pid, ctx.page, &mut self.buf);
-            emit(ctx, &rules, &segments, &mut cursor, &mut reader, out)?;
-            if walk_end <= start {
-                break;
-            }
-            start = walk_end;
+        let strategy = if self.skip_exclusive || vma.backing == Backing::Hugetlb {
+            ScanStrategy::Walk
+        } else {
+            self.strategy
+        };
+        let mut steps = StepPlan::new(range, ctx.page, strategy);
+        while let Some(step) = steps.next_step() {
+            let seen = if steps.reading() {
+                self.read_step(ctx, &rules, step, implied_file, &mut cursor, out)?
+            } else {
+                self.walk_range(ctx, &rules, step, implied_file, &mut cursor, out)?
+            };
+            steps.observe(step, seen);
         }
         push_hole(ctx, cursor, range.end(), out);
         Ok(())
@@ -127,6 +150,88 @@ impl PageScanner for PagemapScanBackend {
 }
 
 impl PagemapScanBackend {
+    /// Walks `range` with the ioctl and pushes what it finds (reading
+    /// pagemap entries where needed); says how many 2 MiB blocks held pages.
+    fn walk_range(
+        &mut self,
+        ctx: &ScanContext<'_>,
+        rules: &PresentRules,
+        range: VirtRange,
+        implied_file: Option<bool>,
+        cursor: &mut VirtAddr,
+        out: &mut RunBuilder,
+    ) -> Result<BlockCounts, ScanError> {
+        let mut seen = BlockCounts::new(ctx.page);
+        let mut start = range.start();
+        while start < range.end() {
+            let (segments, walk_end) = self.walk(
+                ctx,
+                VirtRange::new(start, range.end()).unwrap_or(range),
+                implied_file,
+            )?;
+            for seg in &segments {
+                seen.add(seg.range(), seg.needs_walk());
+            }
+            let mut reader = PagemapReader::new(ctx.pagemap, ctx.pid, ctx.page, &mut self.buf);
+            emit(ctx, rules, &segments, cursor, &mut reader, out)?;
+            if walk_end <= start {
+                break;
+            }
+            start = walk_end;
+        }
+        Ok(seen)
+    }
+
+    /// Reads the entries of `step` with one pagemap read and classifies
+    /// them 2 MiB block by block; blocks whose entries cannot tell a
+    /// PMD-mapped THP or a zero page ([`dense::needs_walk`]) are walked
+    /// with the ioctl instead.
+    fn read_step(
+        &mut self,
+        ctx: &ScanContext<'_>,
+        rules: &PresentRules,
+        step: VirtRange,
+        implied_file: Option<bool>,
+        cursor: &mut VirtAddr,
+        out: &mut RunBuilder,
+    ) -> Result<BlockCounts, ScanError> {
+        let mut buf = std::mem::take(&mut self.step_buf);
+        let result = self.read_step_with(ctx, rules, step, implied_file, cursor, out, &mut buf);
+        self.step_buf = buf;
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read_step_with(
+        &mut self,
+        ctx: &ScanContext<'_>,
+        rules: &PresentRules,
+        step: VirtRange,
+        implied_file: Option<bool>,
+        cursor: &mut VirtAddr,
+        out: &mut RunBuilder,
+        buf: &mut Vec<u64>,
+    ) -> Result<BlockCounts, ScanError> {
+        let mut seen = BlockCounts::new(ctx.page);
+        let mut reader = PagemapReader::new(ctx.pagemap, ctx.pid, ctx.page, buf);
+        let raw = reader.read(step)?;
+        for (block, entries) in dense::blocks(step, ctx.page, raw) {
+            if entries.iter().all(|&e| PagemapEntry(e).is_none()) {
+                continue;
+            }
+            let walk = dense::needs_walk(ctx, rules, block.start(), entries);
+            seen.add(block, walk);
+            if walk {
+                self.walk_range(ctx, rules, block, implied_file, cursor, out)?;
+            } else {
+                push_hole(ctx, *cursor, block.start(), out);
+                classify_batch(ctx, rules, block.start(), entries, out);
+                *cursor = block.end();
+            }
+        }
+        Ok(seen)
+    }
+
     /// One ioctl call from `range.start()`; returns the segments and
     /// `walk_end`.
     fn walk(

@@ -64,7 +64,7 @@ fn worker(
     results: &Mutex<Vec<Option<Vec<PageRun>>>>,
     first_error: &Mutex<Option<ScanError>>,
 ) {
-    let mut backend = match make_backend(opts.backend, ctx.caps, opts.skip_exclusive) {
+    let mut backend = match make_backend(opts, ctx.caps) {
         Ok(b) => b,
         Err(e) => {
             record(first_error, e);

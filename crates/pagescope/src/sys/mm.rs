@@ -40,6 +40,9 @@ pub enum Advice {
     PopulateRead,
     /// `MADV_POPULATE_WRITE` (23, 5.14+).
     PopulateWrite,
+    /// `MADV_COLLAPSE` (25, 6.1+): collapse into a THP now, whatever the
+    /// THP sysfs mode (not in `MADV_NOHUGEPAGE` VMAs).
+    Collapse,
     /// `MADV_GUARD_INSTALL` (102, 6.13+).
     GuardInstall,
     /// `MADV_GUARD_REMOVE` (103, 6.13+).
@@ -61,6 +64,7 @@ impl Advice {
             Self::PageOut => 21,
             Self::PopulateRead => 22,
             Self::PopulateWrite => 23,
+            Self::Collapse => 25,
             Self::GuardInstall => 102,
             Self::GuardRemove => 103,
         }
