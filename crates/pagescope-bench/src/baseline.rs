@@ -46,7 +46,10 @@ pub fn gib_pieces(ranges: &[VirtRange]) -> Vec<VirtRange> {
     for r in ranges {
         let mut start = r.start();
         while start < r.end() {
-            let end = start.saturating_add(1 << 30).align_down(1 << 30).min(r.end());
+            let end = start
+                .saturating_add(1 << 30)
+                .align_down(1 << 30)
+                .min(r.end());
             let end = if end <= start { r.end() } else { end };
             out.extend(VirtRange::new(start, end));
             start = end;

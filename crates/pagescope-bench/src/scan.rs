@@ -132,11 +132,23 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         )
     };
     row("bare PAGEMAP_SCAN loop (baseline a)", ioctl, 1);
-    row(&format!("bare PAGEMAP_SCAN loop, {cpus} threads"), ioctl_n, cpus);
+    row(
+        &format!("bare PAGEMAP_SCAN loop, {cpus} threads"),
+        ioctl_n,
+        cpus,
+    );
     row("bare 64K-entry pagemap pread loop (baseline b)", pread, 1);
-    row(&format!("bare pagemap pread loop, {cpus} threads"), pread_n, cpus);
+    row(
+        &format!("bare pagemap pread loop, {cpus} threads"),
+        pread_n,
+        cpus,
+    );
     row("pagescope library scan, 1 thread", lib1, 1);
-    row(&format!("pagescope library scan, {cpus} threads"), libn, cpus);
+    row(
+        &format!("pagescope library scan, {cpus} threads"),
+        libn,
+        cpus,
+    );
     row(
         &format!("pagescope library scan + objects, {cpus} threads"),
         lib_objects,

@@ -112,6 +112,7 @@ pub fn apply_objects(target: &Target, caps: &KernelCaps, report: &mut ProcessRep
                     .find(|v| (v.vma.dev, v.vma.inode) == key)
                     .map(|v| &v.vma),
                 &spans,
+                &mapped_object_pages(report, key),
                 page,
             ),
             Some(Err(e)) => Err(e.clone()),
@@ -143,6 +144,29 @@ pub fn apply_objects(target: &Target, caps: &KernelCaps, report: &mut ProcessRep
     }
 }
 
+/// Object pages `(first, count)` the process maps from object `key`:
+/// present pages with the file bit (page-cache pages, not private copies),
+/// sorted. They are in the page cache, so classifying need not ask.
+fn mapped_object_pages(report: &ProcessReport, key: (DevId, u64)) -> Vec<(u64, u64)> {
+    let page = report.page_size.get();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for v in report
+        .vmas
+        .iter()
+        .filter(|v| (v.vma.dev, v.vma.inode) == key)
+    {
+        let (first, _) = object_span(v.scanned, &v.vma, page);
+        for r in &v.runs {
+            if r.state == PageState::Present && r.flags.contains(crate::PageFlags::FILE) {
+                let off = r.start.checked_offset_from(v.scanned.start()).unwrap_or(0) / page;
+                out.push((first + off, r.pages));
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
 /// Object pages `(first, count)` behind the scanned part of `vma`.
 fn object_span(scanned: crate::VirtRange, vma: &Vma, page: u64) -> (u64, u64) {
     let skip = scanned
@@ -157,6 +181,7 @@ fn classify_spans(
     o: &OpenObject,
     vma: Option<&Vma>,
     spans: &[(u64, u64)],
+    known: &[(u64, u64)],
     page: u64,
 ) -> Result<Classified, String> {
     let class = vma.and_then(class_of).ok_or("not a shmem or file object")?;
@@ -177,8 +202,9 @@ fn classify_spans(
     let size_pages = o.size.div_ceil(page);
     let mut runs = Vec::new();
     for (a, b) in union {
-        let (r, _precise) = classify::classify(o.fd.as_fd(), class, size_pages, a, b - a, page)
-            .map_err(|e| format!("classifying inode {} failed: {e}", o.inode))?;
+        let (r, _precise) =
+            classify::classify(o.fd.as_fd(), class, size_pages, a, b - a, page, known)
+                .map_err(|e| format!("classifying inode {} failed: {e}", o.inode))?;
         runs.extend(r);
     }
     Ok(Classified {

@@ -113,6 +113,9 @@ struct Entry {
     report: ObjectReport,
     opened: Option<OpenObject>,
     present: Vec<(u64, u64)>,
+    /// Object pages mapped shared and present: in the page cache (a
+    /// private mapping's present page may be a private copy instead).
+    known: Vec<(u64, u64)>,
     errors: Vec<String>,
 }
 
@@ -183,6 +186,9 @@ fn add_process(
                 .unwrap_or(0)
                 / page.get();
             entry.present.push((first_page + off, r.pages(page)));
+            if vma.is_shared() {
+                entry.known.push((first_page + off, r.pages(page)));
+            }
             present_pages += r.pages(page);
         }
         let mapping = SharerMapping {
@@ -223,6 +229,7 @@ fn new_entry(vma: &Vma) -> Entry {
         },
         opened: None,
         present: Vec::new(),
+        known: Vec::new(),
         errors: Vec::new(),
     }
 }
@@ -250,7 +257,17 @@ fn finish(mut e: Entry, page: PageSize) -> ObjectReport {
     }
     let size_pages = o.size.div_ceil(page.get());
     e.report.size_pages = size_pages;
-    match classify::classify(o.fd.as_fd(), class, size_pages, 0, size_pages, page.get()) {
+    e.known.sort_unstable();
+    let known = &e.known;
+    match classify::classify(
+        o.fd.as_fd(),
+        class,
+        size_pages,
+        0,
+        size_pages,
+        page.get(),
+        known,
+    ) {
         Ok((runs, _)) => {
             for r in &runs {
                 e.report.counts.add(r.state.into(), r.count);

@@ -26,13 +26,30 @@ pub fn mincore_file(
     page_size: u64,
     out: &mut [u8],
 ) -> Result<(), Errno> {
-    if out.is_empty() {
-        return Ok(());
+    let all = 0..out.len();
+    mincore_file_parts(fd, offset, page_size, out, std::slice::from_ref(&all))
+}
+
+/// Like [`mincore_file`], but only the pages in `parts` (index ranges into
+/// `out`, in order) are examined: one mapping of the whole span, one
+/// `mincore` per part. Bytes outside `parts` are left as they are.
+pub fn mincore_file_parts(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    page_size: u64,
+    out: &mut [u8],
+    parts: &[std::ops::Range<usize>],
+) -> Result<(), Errno> {
+    let pages = parts.iter().map(|p| p.end).max().unwrap_or(0);
+    if pages == 0 || pages > out.len() {
+        return if pages > out.len() {
+            Err(Errno::INVAL)
+        } else {
+            Ok(())
+        };
     }
-    let len = usize::try_from(page_size)
-        .ok()
-        .and_then(|p| p.checked_mul(out.len()))
-        .ok_or(Errno::OVERFLOW)?;
+    let page = usize::try_from(page_size).map_err(|_| Errno::OVERFLOW)?;
+    let len = page.checked_mul(pages).ok_or(Errno::OVERFLOW)?;
     // SAFETY: a fresh mapping chosen by the kernel (null hint) cannot alias
     // any Rust object; it is only passed to mincore and munmap below and is
     // never dereferenced.
@@ -46,14 +63,23 @@ pub fn mincore_file(
             offset,
         )
     }?;
-    // SAFETY: `map..map+len` is the mapping created above and `out` holds one
-    // byte per page of it, as mincore requires.
-    let rc = unsafe { libc::mincore(map, len, out.as_mut_ptr()) };
-    let result = if rc == 0 {
-        Ok(())
-    } else {
-        Err(super::last_errno())
-    };
+    let mut result = Ok(());
+    for p in parts.iter().filter(|p| p.start < p.end) {
+        // SAFETY: `p` lies inside `0..pages`, so `map + p.start * page` with
+        // `(p.end - p.start) * page` bytes is inside the mapping created
+        // above, and `out[p]` holds one byte per page of it.
+        let rc = unsafe {
+            libc::mincore(
+                map.cast::<u8>().add(p.start * page).cast(),
+                (p.end - p.start) * page,
+                out[p.clone()].as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            result = Err(super::last_errno());
+            break;
+        }
+    }
     // SAFETY: unmaps exactly the mapping created above; nothing refers to it.
     unsafe { rustix::mm::munmap(map, len) }?;
     result
