@@ -65,6 +65,10 @@ pub enum Command {
         /// One JSON object per interval (NDJSON; see docs/json.md).
         #[arg(long)]
         json: bool,
+        /// One line per interval even on a terminal (instead of the live
+        /// full-screen view).
+        #[arg(long, conflicts_with = "json")]
+        lines: bool,
         /// Link bandwidth for the pre-copy convergence estimate, MiB/s.
         #[arg(long, default_value_t = 1250.0)]
         bandwidth: f64,

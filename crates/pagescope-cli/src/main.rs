@@ -7,6 +7,7 @@
 mod cli;
 mod commands;
 mod watch;
+mod watch_view;
 
 use std::io::Write;
 use std::process::ExitCode;

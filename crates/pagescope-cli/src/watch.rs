@@ -1,5 +1,6 @@
 //! `pagescope watch`: sample a dirty tracker until Ctrl-C, `--count`, or
-//! the target's exit, and print each interval (text or NDJSON).
+//! the target's exit, and show each interval ([`View`]: a live screen on
+//! a terminal, lines otherwise, or NDJSON).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -7,19 +8,35 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use pagescope::dirty::stats::{Interval, Watcher};
+use pagescope::dirty::stats::Watcher;
 use pagescope::dirty::{TrackError, TrackOptions, TrackerBackend, attach};
 use pagescope::{KernelCaps, Target};
 
-pub fn run(
-    pid: u32,
-    interval: Duration,
-    count: Option<u64>,
-    json: bool,
-    bandwidth: f64,
-    backend: Option<TrackerBackend>,
-    strict_shared: bool,
-) -> Result<u8> {
+use crate::watch_view::View;
+
+/// What `pagescope watch` was asked to do.
+pub struct WatchRequest {
+    pub pid: u32,
+    pub interval: Duration,
+    pub count: Option<u64>,
+    pub json: bool,
+    pub lines: bool,
+    pub bandwidth: f64,
+    pub backend: Option<TrackerBackend>,
+    pub strict_shared: bool,
+}
+
+pub fn run(req: WatchRequest) -> Result<u8> {
+    let WatchRequest {
+        pid,
+        interval,
+        count,
+        json,
+        lines,
+        bandwidth,
+        backend,
+        strict_shared,
+    } = req;
     let caps = KernelCaps::probe();
     let target = Target::open(pid)?;
     target.require_address_space()?;
@@ -36,15 +53,17 @@ pub fn run(
     )?;
     let mut watcher = Watcher::new(tracker, Target::open(pid)?, bandwidth);
     let mut out = std::io::stdout().lock();
-    if !json {
-        writeln!(
-            out,
-            "watching process {pid} with {} every {:?} (Ctrl-C to stop)",
-            watcher.backend().name(),
-            interval
-        )?;
-        for n in watcher.notes() {
-            writeln!(out, "note: {n}")?;
+    let mut header = vec![format!(
+        "tracking with {} every {:?}",
+        watcher.backend().name(),
+        interval
+    )];
+    header.extend(watcher.notes().iter().map(|n| format!("note: {n}")));
+    let mut view = View::choose(json, lines, pid, header.clone());
+    if matches!(view, View::Lines) {
+        writeln!(out, "watching process {pid} (Ctrl-C to stop)")?;
+        for h in &header {
+            writeln!(out, "{h}")?;
         }
     }
     let mut n = 0;
@@ -72,7 +91,7 @@ pub fn run(
         };
         total_bytes += sample.written_bytes;
         total_s += sample.interval_s;
-        print_sample(&mut out, json, &sample)?;
+        view.show(&mut out, &sample)?;
         n += 1;
         if stop.load(Ordering::SeqCst) {
             break;
@@ -81,46 +100,6 @@ pub fn run(
     drop(watcher); // closes the userfaultfd: the target is unprotected again
     summary(&mut out, json, pid, "detached", total_bytes, total_s)?;
     Ok(0)
-}
-
-fn print_sample(out: &mut dyn Write, json: bool, s: &Interval) -> Result<()> {
-    if json {
-        serde_json::to_writer(&mut *out, s)?;
-        writeln!(out)?;
-    } else {
-        let mib = s.written_bytes as f64 / (1024.0 * 1024.0);
-        write!(
-            out,
-            "t={:7.2}s  {:>9} pages {:>9.2} MiB  {:>9.2} MiB/s  pre-copy@{}MiB/s: {}",
-            s.t,
-            s.written_pages,
-            mib,
-            s.dirty_rate_mib_s,
-            s.precopy_bandwidth_mib_s,
-            if s.precopy_converges {
-                "converges"
-            } else {
-                "DOES NOT CONVERGE"
-            }
-        )?;
-        let top: Vec<String> = s
-            .vmas
-            .iter()
-            .take(3)
-            .map(|v| format!("{} {}", short(&v.path, v.start), v.written_pages))
-            .collect();
-        writeln!(out, "  | {}", top.join(", "))?;
-    }
-    out.flush()?;
-    Ok(())
-}
-
-fn short(path: &str, start: pagescope::VirtAddr) -> String {
-    if path.is_empty() {
-        format!("anon@{start}")
-    } else {
-        path.rsplit('/').next().unwrap_or(path).to_owned()
-    }
 }
 
 fn summary(

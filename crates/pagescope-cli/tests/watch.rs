@@ -124,6 +124,80 @@ fn watch_json_reports_a_python_writer() {
     );
 }
 
+/// Runs pagescope with stdout and stderr on a fresh pseudo-terminal and
+/// returns everything it wrote there.
+fn run_on_pty(args: &[&str]) -> (std::process::ExitStatus, String) {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).expect("openpt");
+    grantpt(&master).expect("grantpt");
+    unlockpt(&master).expect("unlockpt");
+    let name = ptsname(&master, Vec::new()).expect("ptsname");
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(name.to_str().expect("pts path"))
+        .expect("open pts");
+    let mut child = Command::new(common::exe())
+        .args(args)
+        .stdout(slave.try_clone().expect("dup pts"))
+        .stderr(slave)
+        .spawn()
+        .expect("spawn pagescope");
+    let mut master = std::fs::File::from(master);
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once every writer of the terminal is gone.
+        while let Ok(n) = std::io::Read::read(&mut master, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    });
+    let status = child.wait().expect("wait");
+    let out = reader.join().expect("reader");
+    (status, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// On a terminal, watch redraws one screen per interval (a live view with
+/// the rate, its history and the hottest mappings) instead of printing
+/// lines.
+#[test]
+fn watch_on_a_terminal_redraws_a_live_view() {
+    let Some(w) = setup(30.0) else {
+        return;
+    };
+    let pid = w.0.id().to_string();
+    let (status, screen) = run_on_pty(&["watch", &pid, "--interval", "300ms", "--count", "3"]);
+    assert!(status.success(), "{screen}");
+    let frames: Vec<&str> = screen.split("\x1b[H\x1b[2J").skip(1).collect();
+    assert_eq!(frames.len(), 3, "one redraw per interval: {screen:?}");
+    let last = frames[2];
+    for want in [
+        "dirty rate",
+        "history",
+        "hottest mappings",
+        "[anon]",
+        "pre-copy at",
+    ] {
+        assert!(last.contains(want), "{want:?} missing from {last}");
+    }
+    let hottest = last
+        .lines()
+        .skip_while(|l| !l.starts_with("hottest mappings"))
+        .nth(1)
+        .expect("a hottest mapping");
+    let pages: u64 = hottest.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(pages >= 4096, "the 16 MiB buffer leads: {hottest}");
+    assert!(screen.contains("detached: process"), "{screen}");
+    // Piped, the same command prints lines and no escape sequences.
+    let piped = common::cli(&["watch", &pid, "--interval", "200ms", "--count", "1"]);
+    let text = String::from_utf8_lossy(&piped.stdout);
+    assert!(!text.contains('\x1b') && text.contains("pages"), "{text}");
+}
+
 #[test]
 fn watch_ends_cleanly_when_the_target_exits() {
     let Some(mut w) = setup(1.0) else {
