@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use pagescope::sys::pagemap_scan::page_region;
-use pagescope::{KernelCaps, ScanOptions, Target, VirtRange, scan_process};
+use pagescope::{KernelCaps, ScanOptions, ScanStrategy, Target, VirtRange, scan_process};
 use pagescope_fixture::FixtureProcess;
 
 use crate::baseline;
@@ -197,20 +197,30 @@ fn parts(
         let pread = time_median(5, || {
             baseline::pread_loop(fd, one, buf);
         });
-        let lib = time_median(5, || {
-            let opts = ScanOptions {
-                threads: 1,
-                range: Some(*r),
-                ..ScanOptions::default()
-            };
-            scan_process(target, caps, &opts).expect("scan");
-        });
+        let lib = |strategy| {
+            time_median(5, || {
+                let opts = ScanOptions {
+                    threads: 1,
+                    range: Some(*r),
+                    strategy,
+                    ..ScanOptions::default()
+                };
+                scan_process(target, caps, &opts).expect("scan");
+            })
+        };
+        let (adaptive, walk, read) = (
+            lib(ScanStrategy::Adaptive),
+            lib(ScanStrategy::Walk),
+            lib(ScanStrategy::Read),
+        );
         eprintln!(
-            "{r}: {} MiB ioctl {:.1} ms pread {:.1} ms pagescope(1 thread) {:.1} ms",
+            "{r}: {} MiB ioctl {:.1} ms pread {:.1} ms; pagescope, 1 thread: adaptive {:.1} ms walk {:.1} ms read {:.1} ms",
             r.len() >> 20,
             ms(ioctl),
             ms(pread),
-            ms(lib)
+            ms(adaptive),
+            ms(walk),
+            ms(read)
         );
     }
 }

@@ -121,10 +121,7 @@ pub(super) fn classify_batch(
     while i < raw.len() {
         let e = PagemapEntry(raw[i]);
         if e.is_none() {
-            let n = raw[i..]
-                .iter()
-                .take_while(|&&r| PagemapEntry(r).is_none())
-                .count();
+            let n = none_run(&raw[i..]);
             out.push(at(i), n as u64, PageInfo::HOLE);
             i += n;
             continue;
@@ -147,6 +144,20 @@ pub(super) fn classify_batch(
             i += 1;
         }
     }
+}
+
+/// Length of the leading run of entries that are neither present nor swap
+/// (eight at a time: sparse memory is mostly such runs).
+pub(super) fn none_run(raw: &[u64]) -> usize {
+    const POPULATED: u64 = PagemapFlags::PRESENT.bits() | PagemapFlags::SWAP.bits();
+    let mut n = 0;
+    for chunk in raw.chunks_exact(8) {
+        if chunk.iter().fold(0, |acc, &r| acc | r) & POPULATED != 0 {
+            break;
+        }
+        n += 8;
+    }
+    n + raw[n..].iter().take_while(|&&r| r & POPULATED == 0).count()
 }
 
 /// How many entries from the start of `raw` (at `addr`) classify exactly
@@ -190,4 +201,22 @@ fn is_thp_block(ctx: &ScanContext<'_>, block: &[u64]) -> bool {
         .enumerate()
         .all(|(j, &r)| PagemapEntry(r).pfn() == Some(head + j as u64));
     contiguous && kpf.is_thp_head(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::none_run;
+
+    #[test]
+    fn none_run_stops_at_the_first_present_or_swap_entry() {
+        let mut raw = vec![0u64; 40];
+        assert_eq!(none_run(&raw), 40);
+        raw[19] = 1 << 62;
+        assert_eq!(none_run(&raw), 19);
+        raw[3] = (1 << 63) | 5;
+        assert_eq!(none_run(&raw), 3);
+        // Other bits (soft-dirty, exclusive) do not make an entry populated.
+        assert_eq!(none_run(&[1 << 55, 1 << 56, 1 << 63]), 2);
+        assert_eq!(none_run(&[]), 0);
+    }
 }

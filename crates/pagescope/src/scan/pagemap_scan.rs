@@ -20,7 +20,7 @@
 use rustix::io::Errno;
 
 use super::dense::{self, BlockCounts, StepPlan};
-use super::pagemap_read::{PagemapReadBackend, PresentRules, classify_batch};
+use super::pagemap_read::{PagemapReadBackend, PresentRules, classify_batch, none_run};
 use super::reader::{BATCH_ENTRIES, PagemapReader};
 use super::{PageScanner, ScanContext, ScanError, ScanStrategy, classify};
 use crate::addr::{VirtAddr, VirtRange};
@@ -216,7 +216,7 @@ impl PagemapScanBackend {
         let mut reader = PagemapReader::new(ctx.pagemap, ctx.pid, ctx.page, buf);
         let raw = reader.read(step)?;
         for (block, entries) in dense::blocks(step, ctx.page, raw) {
-            if entries.iter().all(|&e| PagemapEntry(e).is_none()) {
+            if none_run(entries) == entries.len() {
                 continue;
             }
             let walk = dense::needs_walk(ctx, rules, block.start(), entries);
