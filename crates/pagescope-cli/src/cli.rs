@@ -52,33 +52,7 @@ pub enum Command {
     },
     /// Live view of the pages a process writes per interval: dirty rate,
     /// hottest mappings, and whether pre-copy migration would converge.
-    Watch {
-        /// Target process.
-        pid: u32,
-        /// Sampling interval (e.g. 1s, 500ms, 2.5s).
-        #[arg(long, default_value = "1s", value_parser = parse_interval)]
-        interval: std::time::Duration,
-        /// Stop after this many intervals (default: until Ctrl-C or the
-        /// process exits).
-        #[arg(long)]
-        count: Option<u64>,
-        /// One JSON object per interval (NDJSON; see docs/json.md).
-        #[arg(long)]
-        json: bool,
-        /// One line per interval even on a terminal (instead of the live
-        /// full-screen view).
-        #[arg(long, conflicts_with = "json")]
-        lines: bool,
-        /// Link bandwidth for the pre-copy convergence estimate, MiB/s.
-        #[arg(long, default_value_t = 1250.0)]
-        bandwidth: f64,
-        /// Tracking mechanism (default: the best available).
-        #[arg(long, value_enum)]
-        tracker: Option<Tracker>,
-        /// Report every shared object as written on every interval.
-        #[arg(long)]
-        strict_shared: bool,
-    },
+    Watch(WatchArgs),
     /// Which kernel interfaces and privileges are available here.
     Kernel {
         /// Machine-readable output.
@@ -101,6 +75,36 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// Options of `pagescope watch`.
+#[derive(Debug, clap::Args)]
+pub struct WatchArgs {
+    /// Target process.
+    pub pid: u32,
+    /// Sampling interval (e.g. 1s, 500ms, 2.5s).
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    pub interval: std::time::Duration,
+    /// Stop after this many intervals (default: until Ctrl-C or the
+    /// process exits).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// One JSON object per interval (NDJSON; see docs/json.md).
+    #[arg(long)]
+    pub json: bool,
+    /// One line per interval even on a terminal (instead of the live
+    /// full-screen view).
+    #[arg(long, conflicts_with = "json")]
+    pub lines: bool,
+    /// Link bandwidth for the pre-copy convergence estimate, MiB/s.
+    #[arg(long, default_value_t = 1250.0)]
+    pub bandwidth: f64,
+    /// Tracking mechanism (default: the best available).
+    #[arg(long, value_enum)]
+    pub tracker: Option<Tracker>,
+    /// Report every shared object as written on every interval.
+    #[arg(long)]
+    pub strict_shared: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -12,31 +12,21 @@ use pagescope::dirty::stats::Watcher;
 use pagescope::dirty::{TrackError, TrackOptions, TrackerBackend, attach};
 use pagescope::{KernelCaps, Target};
 
+use crate::cli::WatchArgs;
 use crate::watch_view::View;
 
-/// What `pagescope watch` was asked to do.
-pub struct WatchRequest {
-    pub pid: u32,
-    pub interval: Duration,
-    pub count: Option<u64>,
-    pub json: bool,
-    pub lines: bool,
-    pub bandwidth: f64,
-    pub backend: Option<TrackerBackend>,
-    pub strict_shared: bool,
-}
-
-pub fn run(req: WatchRequest) -> Result<u8> {
-    let WatchRequest {
+pub fn run(args: &WatchArgs) -> Result<u8> {
+    let WatchArgs {
         pid,
         interval,
         count,
         json,
         lines,
         bandwidth,
-        backend,
+        tracker,
         strict_shared,
-    } = req;
+    } = *args;
+    let backend: Option<TrackerBackend> = tracker.map(Into::into);
     let caps = KernelCaps::probe();
     let target = Target::open(pid)?;
     target.require_address_space()?;

@@ -42,7 +42,6 @@ pub struct PagemapScanBackend {
     return_mask: C,
     vec: Vec<page_region>,
     buf: Vec<u64>,
-    step_buf: Vec<u64>,
     fallback: PagemapReadBackend,
     skip_exclusive: bool,
     strategy: ScanStrategy,
@@ -66,7 +65,6 @@ impl PagemapScanBackend {
             return_mask,
             vec: vec![page_region::default(); VEC_LEN],
             buf: Vec::new(),
-            step_buf: Vec::new(),
             fallback: PagemapReadBackend::new(),
             skip_exclusive,
             strategy,
@@ -195,25 +193,10 @@ impl PagemapScanBackend {
         cursor: &mut VirtAddr,
         out: &mut RunBuilder,
     ) -> Result<BlockCounts, ScanError> {
-        let mut buf = std::mem::take(&mut self.step_buf);
-        let result = self.read_step_with(ctx, rules, step, implied_file, cursor, out, &mut buf);
-        self.step_buf = buf;
-        result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn read_step_with(
-        &mut self,
-        ctx: &ScanContext<'_>,
-        rules: &PresentRules,
-        step: VirtRange,
-        implied_file: Option<bool>,
-        cursor: &mut VirtAddr,
-        out: &mut RunBuilder,
-        buf: &mut Vec<u64>,
-    ) -> Result<BlockCounts, ScanError> {
+        // Its own buffer: blocks that need the walk reuse `self.buf`.
+        let mut buf = Vec::new();
         let mut seen = BlockCounts::new(ctx.page);
-        let mut reader = PagemapReader::new(ctx.pagemap, ctx.pid, ctx.page, buf);
+        let mut reader = PagemapReader::new(ctx.pagemap, ctx.pid, ctx.page, &mut buf);
         let raw = reader.read(step)?;
         for (block, entries) in dense::blocks(step, ctx.page, raw) {
             if none_run(entries) == entries.len() {
