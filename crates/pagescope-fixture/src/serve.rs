@@ -7,6 +7,7 @@ use crate::scenarios::{self, Fixture};
 /// Runs the fixture with command-line `args` (scenario names, `--churn`,
 /// `--dir PATH`, `--size-mib N`); never returns.
 pub fn serve(args: &[String]) -> ! {
+    crate::sys::keep_heap();
     let mut fx = Fixture::new(args);
     let names = fx.scenario_names(args);
     for name in &names {

@@ -85,3 +85,14 @@ pub fn poke(addr: u64, value: u8) {
     // read-write in it.
     unsafe { (addr as *mut u8).write_volatile(value) };
 }
+
+/// Stops glibc from trimming or moving the heap while the fixture serves
+/// commands, so its `[heap]` mapping stays exactly as the tests saw it
+/// (a trim between two snapshots looks like the scanner changed it).
+pub fn keep_heap() {
+    // SAFETY: mallopt takes two integers by value and only tunes malloc.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+    }
+}

@@ -197,6 +197,78 @@ impl FromStr for VirtRange {
     }
 }
 
+/// A half-open range of page indices, `start..end`: pages of a backing
+/// object (page offset = file offset / page size), or of anything else
+/// counted in pages.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
+pub struct PageSpan {
+    start: u64,
+    end: u64,
+}
+
+impl PageSpan {
+    /// `start..end`; `None` if `end < start`.
+    pub const fn new(start: u64, end: u64) -> Option<Self> {
+        if start <= end {
+            Some(Self { start, end })
+        } else {
+            None
+        }
+    }
+
+    /// `start..start+count` (saturating at `u64::MAX`).
+    pub const fn from_start_count(start: u64, count: u64) -> Self {
+        Self {
+            start,
+            end: start.saturating_add(count),
+        }
+    }
+
+    /// First page.
+    pub const fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// First page after the span.
+    pub const fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Number of pages.
+    pub const fn count(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// Whether the span holds no page.
+    pub const fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    /// Whether page `p` lies in the span.
+    pub const fn contains(&self, p: u64) -> bool {
+        self.start <= p && p < self.end
+    }
+
+    /// The overlap of two spans, if it is not empty.
+    pub fn intersect(&self, other: &PageSpan) -> Option<PageSpan> {
+        let start = self.start.max(other.start);
+        let end = self.end.min(other.end);
+        (start < end).then_some(PageSpan { start, end })
+    }
+}
+
+impl fmt::Debug for PageSpan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pages {}..{}", self.start, self.end)
+    }
+}
+
+impl fmt::Display for PageSpan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pages {}..{}", self.start, self.end)
+    }
+}
+
 /// The base page size of the running kernel, in bytes (a power of two).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PageSize(u64);

@@ -55,7 +55,7 @@ pub mod sys;
 pub mod uffd;
 pub mod vma;
 
-pub use addr::{PageSize, VirtAddr, VirtRange};
+pub use addr::{PageSize, PageSpan, VirtAddr, VirtRange};
 pub use error::ErrorKind;
 pub use kernel::KernelCaps;
 pub use page::{PageFlags, PageInfo, PageRun, PageState, SwapSlot, UnknownReason};

@@ -1,36 +1,105 @@
-//! Creating a userfaultfd inside another process (x86_64).
+//! Creating a userfaultfd inside another process (x86_64), safely.
 //!
 //! A userfaultfd tracks only the mm of the process that created it, so to
-//! track a target the `userfaultfd()` call must run *in* the target. This
-//! seizes its main thread, runs `userfaultfd(O_CLOEXEC|O_NONBLOCK)` there
-//! with the `syscall` instruction of its vDSO, takes a copy of the new fd
-//! with `pidfd_getfd`, runs `close()` on the target's copy, restores every
-//! register and detaches. The target sees no signal and no fd; a thread
-//! that was blocked in a system call simply restarts it.
+//! track a target the `userfaultfd()` call must run *in* the target. The
+//! raw part ([`crate::sys::inject`]) runs in a short-lived helper process:
+//! it seizes the target's main thread, runs `userfaultfd()` there with the
+//! `syscall` instruction of its vDSO, copies the new fd out with
+//! `pidfd_getfd`, closes the target's copy, restores every register,
+//! detaches and hands the fd over. The target sees no signal and keeps no
+//! fd; a thread blocked in a system call simply restarts it.
+//!
+//! Why a helper: while the thread runs injected registers, a tracer that
+//! dies makes the kernel detach it *as it is*, and the target resumes at
+//! the injected instruction with the wrong registers. The helper blocks
+//! every catchable signal and outlives pagescope if it must, so `SIGINT`,
+//! `SIGTERM`, `SIGHUP`, `SIGQUIT`, `SIGPIPE` or `SIGKILL` sent to pagescope
+//! during the injection cannot leave the target half-done. (A `SIGKILL`
+//! aimed at the helper itself, e.g. at the whole process group, still
+//! could: it lives about a millisecond.)
+//!
+//! When `userfaultfd()` is refused with `EPERM` (an unprivileged target
+//! and `vm.unprivileged_userfaultfd = 0`), the helper retries with
+//! `UFFD_USER_MODE_ONLY`: in write-protect async mode the kernel resolves
+//! kernel-mode writes (`read()` into a tracked page) itself, so nothing is
+//! lost. If the system call is refused altogether (a seccomp filter), it
+//! tries `/dev/userfaultfd` inside the target.
 
-use std::os::fd::OwnedFd;
+use std::time::Duration;
 
 use rustix::io::Errno;
-use rustix::process::PidfdGetfdFlags;
+
+pub use crate::sys::inject::{Injected, Step, UffdOrigin};
 
 use super::TrackError;
 use crate::proc::Target;
-use crate::sys::ptrace::{NR_CLOSE, NR_USERFAULTFD, SYSCALL_INSN, Seized};
+use crate::sys::inject::{Failed, Failpoint, Plan};
+use crate::sys::ptrace::SYSCALL_INSN;
+
+/// How long pagescope waits for the helper before giving up on the target
+/// (the helper still finishes restoring it).
+const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `userfaultfd()` inside `target` (through a helper process) and
+/// returns pagescope's copy of the fd and how it was made.
+pub fn userfaultfd_in(target: &Target) -> Result<Injected, TrackError> {
+    let pid = target.pid();
+    let tgid = i32::try_from(pid).map_err(|_| TrackError::Inject {
+        pid,
+        step: "name the process",
+        source: Errno::INVAL,
+    })?;
+    let plan = Plan {
+        tgid,
+        tid: tgid,
+        pidfd: target.pidfd(),
+        insn: syscall_insn(target)?,
+        failpoint: failpoint_from_env(),
+    };
+    crate::sys::inject::userfaultfd_in(&plan, HELPER_TIMEOUT).map_err(|Failed { step, errno }| {
+        TrackError::Inject {
+            pid,
+            step: step.describe(),
+            source: errno,
+        }
+    })
+}
+
+/// `PAGESCOPE_FAILPOINT=inject:STEP:fail` makes that step fail as if its
+/// system call had; `inject:STEP:signal-parent:SIG` sends `SIG` to
+/// pagescope itself at that step (test builds only: feature `failpoints`).
+#[cfg(feature = "failpoints")]
+fn failpoint_from_env() -> Option<Failpoint> {
+    let v = std::env::var("PAGESCOPE_FAILPOINT").ok()?;
+    let mut parts = v.split(':');
+    if parts.next()? != "inject" {
+        return None;
+    }
+    let step = parts.next()?.parse().ok()?;
+    let signal = match parts.next()? {
+        "fail" => 0,
+        "signal-parent" => parts.next()?.parse().ok()?,
+        _ => return None,
+    };
+    Some(Failpoint { step, signal })
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn failpoint_from_env() -> Option<Failpoint> {
+    None
+}
 
 /// Finds a `syscall` instruction in the target's vDSO. The vDSO image is
 /// the same in every process of an ABI, so the offset is found in our own
 /// copy and no byte of the target is read.
 fn syscall_insn(target: &Target) -> Result<u64, TrackError> {
     let pid = target.pid();
-    let theirs = target
-        .maps()?
-        .into_iter()
-        .find(|e| e.path.as_bytes() == b"[vdso]");
-    let ours = crate::proc::Target::current()?
-        .maps()?
-        .into_iter()
-        .find(|e| e.path.as_bytes() == b"[vdso]");
-    let (Some(theirs), Some(ours)) = (theirs, ours) else {
+    let vdso = |t: &Target| -> Result<_, TrackError> {
+        Ok(t.maps()?
+            .into_iter()
+            .find(|e| e.path.as_bytes() == b"[vdso]"))
+    };
+    let (Some(theirs), Some(ours)) = (vdso(target)?, vdso(&Target::current()?)?) else {
         return Err(TrackError::Inject {
             pid,
             step: "find a [vdso] to run a system call from",
@@ -66,38 +135,4 @@ fn syscall_insn(target: &Target) -> Result<u64, TrackError> {
             source: Errno::NOENT,
         })?;
     Ok(theirs.range.start().get() + off as u64)
-}
-
-/// Runs `userfaultfd()` inside `target` and returns our copy of the fd.
-pub fn userfaultfd_in(target: &Target) -> Result<OwnedFd, TrackError> {
-    let pid = target.pid();
-    let insn = syscall_insn(target)?;
-    let tid = i32::try_from(pid).map_err(|_| TrackError::Inject {
-        pid,
-        step: "pid",
-        source: Errno::INVAL,
-    })?;
-    let err = |step: &'static str| move |source| TrackError::Inject { pid, step, source };
-    let mut seized = Seized::seize(tid).map_err(err("seize the process with ptrace"))?;
-    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
-    let fd = seized
-        .syscall(insn, NR_USERFAULTFD, [flags, 0, 0, 0, 0, 0])
-        .map_err(err("run userfaultfd()"))?;
-    if fd < 0 {
-        let e = Errno::from_raw_os_error(i32::try_from(-fd).unwrap_or(libc::EINVAL));
-        return Err(TrackError::Inject {
-            pid,
-            step: "userfaultfd() in the target",
-            source: e,
-        });
-    }
-    let ours = rustix::process::pidfd_getfd(target.pidfd(), fd as i32, PidfdGetfdFlags::empty())
-        .map_err(err("copy the fd with pidfd_getfd"));
-    let closed = seized
-        .syscall(insn, NR_CLOSE, [fd.unsigned_abs(), 0, 0, 0, 0, 0])
-        .map_err(err("run close()"));
-    drop(seized);
-    let ours = ours?;
-    closed?;
-    Ok(ours)
 }

@@ -93,7 +93,7 @@ pub fn attach(
         let uffd = if own {
             Userfaultfd::new_wp_async().map_err(TrackError::from)
         } else {
-            inject::userfaultfd_in(&target).and_then(|fd| Ok(Userfaultfd::from_fd(fd)?))
+            inject::userfaultfd_in(&target).and_then(|i| Ok(Userfaultfd::from_fd(i.fd)?))
         };
         match uffd {
             Ok(uffd) if caps.has_pagemap_scan() => {

@@ -12,6 +12,7 @@
 #![allow(unsafe_code)]
 
 pub mod cachestat;
+pub mod inject;
 pub mod mincore;
 pub mod mm;
 pub mod pagemap;

@@ -60,7 +60,8 @@ const _: () = assert!(std::mem::size_of::<uffdio_register>() == 32);
 const UFFDIO_API: Opcode = opcode::read_write::<uffdio_api>(0xAA, 0x3F);
 const UFFDIO_REGISTER: Opcode = opcode::read_write::<uffdio_register>(0xAA, 0x00);
 const UFFDIO_UNREGISTER: Opcode = opcode::read::<uffdio_range>(0xAA, 0x01);
-const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00; // _IO(0xAA, 0x00)
+/// `USERFAULTFD_IOC_NEW` (`_IO(0xAA, 0x00)`): a new uffd from `/dev/userfaultfd`.
+pub const USERFAULTFD_IOC_NEW: u64 = 0xAA00;
 
 /// Creates a userfaultfd for the calling process: `userfaultfd(2)`, and if
 /// that is refused, `/dev/userfaultfd` + `USERFAULTFD_IOC_NEW` (6.1+).
@@ -92,7 +93,7 @@ fn dev_userfaultfd(flags: UserfaultfdFlags) -> Result<OwnedFd, Errno> {
     let rc = unsafe {
         libc::ioctl(
             std::os::fd::AsRawFd::as_raw_fd(&dev),
-            USERFAULTFD_IOC_NEW,
+            USERFAULTFD_IOC_NEW as libc::c_ulong,
             flags.bits(),
         )
     };
