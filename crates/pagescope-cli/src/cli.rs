@@ -78,16 +78,22 @@ pub enum Command {
 }
 
 /// Options of `pagescope watch`.
+///
+/// Attaching briefly stops one thread of the target (about a millisecond)
+/// to create a userfaultfd inside it; while watched, the first write to
+/// each page after every interval takes a minor fault. Other processes
+/// that map the target's shared memory writable are tracked the same way
+/// (`--no-sharers` keeps pagescope out of them).
 #[derive(Debug, clap::Args)]
 pub struct WatchArgs {
     /// Target process.
     pub pid: u32,
-    /// Sampling interval (e.g. 1s, 500ms, 2.5s).
+    /// Sampling interval (e.g. 1s, 500ms, 2.5s; at least 10ms).
     #[arg(long, default_value = "1s", value_parser = parse_interval)]
     pub interval: std::time::Duration,
-    /// Stop after this many intervals (default: until Ctrl-C or the
+    /// Stop after this many intervals (default: until Ctrl-C, q, or the
     /// process exits).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
     /// One JSON object per interval (NDJSON; see docs/json.md).
     #[arg(long)]
@@ -97,11 +103,23 @@ pub struct WatchArgs {
     #[arg(long, conflicts_with = "json")]
     pub lines: bool,
     /// Link bandwidth for the pre-copy convergence estimate, MiB/s.
-    #[arg(long, default_value_t = 1250.0)]
+    #[arg(long, default_value = "1250", value_parser = parse_bandwidth)]
     pub bandwidth: f64,
     /// Tracking mechanism (default: the best available).
     #[arg(long, value_enum)]
     pub tracker: Option<Tracker>,
+    /// Watch even if the kernel or privileges only allow reporting every
+    /// page as written (otherwise exit code 10).
+    #[arg(long)]
+    pub allow_fallback: bool,
+    /// Do not track other processes that map the target's shared memory
+    /// writable; report such objects whole every interval instead.
+    #[arg(long)]
+    pub no_sharers: bool,
+    /// Also attach to the children the process forks and report their
+    /// writes.
+    #[arg(long)]
+    pub follow_forks: bool,
     /// Report every shared object as written on every interval.
     #[arg(long)]
     pub strict_shared: bool,
@@ -195,7 +213,7 @@ impl From<Tracker> for pagescope::dirty::TrackerBackend {
     }
 }
 
-/// Parses `1s`, `500ms`, `2.5s` or plain seconds.
+/// Parses `1s`, `500ms`, `2.5s` or plain seconds; at least 10 ms.
 fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
     let (num, scale) = if let Some(ms) = s.strip_suffix("ms") {
         (ms, 1e-3)
@@ -208,8 +226,42 @@ fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
         .trim()
         .parse()
         .map_err(|_| format!("not an interval: {s:?} (try 1s or 500ms)"))?;
-    if v.is_nan() || v <= 0.0 || v * scale > 86_400.0 {
-        return Err(format!("interval out of range: {s:?}"));
+    let secs = v * scale;
+    if !secs.is_finite() || !(0.01..=86_400.0).contains(&secs) {
+        return Err(format!("interval {s:?} out of range (10ms to 24h)"));
     }
-    Ok(std::time::Duration::from_secs_f64(v * scale))
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// A finite, positive bandwidth in MiB/s.
+fn parse_bandwidth(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a number of MiB/s: {s:?}"))?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err(format!(
+            "bandwidth {s:?} must be a finite number above 0 (MiB/s)"
+        ));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_and_bandwidths_are_validated() {
+        assert_eq!(parse_interval("500ms").unwrap().as_millis(), 500);
+        assert_eq!(parse_interval("2.5s").unwrap().as_millis(), 2500);
+        assert_eq!(parse_interval("10ms").unwrap().as_millis(), 10);
+        for bad in ["9ms", "0", "-1s", "nan", "inf", "1e9", "x"] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_bandwidth("1250").unwrap(), 1250.0);
+        for bad in ["0", "-3", "nan", "inf", "fast"] {
+            assert!(parse_bandwidth(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -8,10 +8,7 @@ use pagescope_fixture::FixtureProcess;
 
 use crate::cli::{Cli, Command, ScanArgs};
 
-/// Exit code for a complete result.
-const OK: u8 = 0;
-/// Exit code for a result with skipped ranges (`"complete": false`).
-const INCOMPLETE: u8 = 8;
+use crate::exit::{INCOMPLETE, OK};
 
 pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {

@@ -6,6 +6,7 @@
 
 mod cli;
 mod commands;
+mod exit;
 mod watch;
 mod watch_view;
 
@@ -24,7 +25,7 @@ fn main() -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "pagescope: {e:#}");
-            ExitCode::from(exit_code(&e))
+            ExitCode::from(exit::code_of(&e))
         }
     }
 }
@@ -33,22 +34,4 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain()
         .filter_map(|c| c.downcast_ref::<std::io::Error>())
         .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-}
-
-/// The exit code of the first library error in the chain (1 if none).
-fn exit_code(e: &anyhow::Error) -> u8 {
-    let kind = e.chain().find_map(|c| {
-        c.downcast_ref::<pagescope::ScanError>()
-            .map(|e| e.kind())
-            .or_else(|| c.downcast_ref::<pagescope::ProcError>().map(|e| e.kind()))
-            .or_else(|| {
-                c.downcast_ref::<pagescope::uffd::UffdError>()
-                    .map(|e| e.kind())
-            })
-            .or_else(|| {
-                c.downcast_ref::<pagescope::dirty::TrackError>()
-                    .map(|e| e.kind())
-            })
-    });
-    kind.map_or(1, |k| u8::try_from(k.exit_code()).unwrap_or(1))
 }

@@ -1,6 +1,6 @@
-//! `pagescope watch`: sample a dirty tracker until Ctrl-C, `--count`, or
-//! the target's exit, and show each interval ([`View`]: a live screen on
-//! a terminal, lines otherwise, or NDJSON).
+//! `pagescope watch`: sample a dirty tracker until Ctrl-C, `q`,
+//! `--count`, or the target's exit, and show each interval ([`View`]: a
+//! live screen on a terminal, lines otherwise, or NDJSON).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -13,109 +13,182 @@ use pagescope::dirty::{TrackError, TrackOptions, TrackerBackend, attach};
 use pagescope::{KernelCaps, Target};
 
 use crate::cli::WatchArgs;
-use crate::watch_view::View;
+use crate::exit::{self, CliError};
+use crate::watch_view::{Keys, View};
+
+/// How often the loop wakes to check keys, signals and the terminal size.
+const TICK: Duration = Duration::from_millis(20);
 
 pub fn run(args: &WatchArgs) -> Result<u8> {
-    let WatchArgs {
-        pid,
-        interval,
-        count,
-        json,
-        lines,
-        bandwidth,
-        tracker,
-        strict_shared,
-    } = *args;
-    let backend: Option<TrackerBackend> = tracker.map(Into::into);
     let caps = KernelCaps::probe();
-    let target = Target::open(pid)?;
+    let target = Target::open(args.pid)?;
     target.require_address_space()?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
-    let tracker = attach(
-        target,
-        &caps,
-        &TrackOptions {
-            backend,
-            strict_shared,
-        },
-    )?;
-    let mut watcher = Watcher::new(tracker, Target::open(pid)?, bandwidth);
+    let opts = TrackOptions {
+        backend: args.tracker.map(Into::into),
+        strict_shared: args.strict_shared,
+        no_sharers: args.no_sharers,
+        keep_baseline: false,
+    };
+    let tracker = attach(&target, &caps, &opts)?;
+    let mut watcher = Watcher::new(tracker, &target, args.bandwidth);
+    if args.follow_forks {
+        watcher.follow_forks(&caps, &opts);
+    }
+    refuse_silent_fallback(args, &watcher)?;
     let mut out = std::io::stdout().lock();
-    let mut header = vec![format!(
-        "tracking with {} every {:?}",
+    let header = header(args, &watcher);
+    let mut view = View::choose(args.json, args.lines, args.pid, header.clone())?;
+    view.start(&mut out)?;
+    let result = sample_loop(args, &mut watcher, &mut view, &mut out, &stop);
+    view.finish(&mut out)?;
+    drop(watcher); // closes the userfaultfds: the targets are unprotected again
+    let (why, totals) = result?;
+    summary(&mut out, args.json, args.pid, why, totals)?;
+    if why == End::ExitedBeforeFirst {
+        return Err(CliError::new(
+            exit::TARGET_EXITED,
+            format!(
+                "process {} exited before the first interval ended",
+                args.pid
+            ),
+        )
+        .into());
+    }
+    Ok(exit::OK)
+}
+
+/// Without `--allow-fallback`, a tracker that would report everything
+/// written is an error, not a silent answer.
+fn refuse_silent_fallback(args: &WatchArgs, watcher: &Watcher<'_>) -> Result<()> {
+    let asked_for_all = args
+        .tracker
+        .is_some_and(|t| TrackerBackend::from(t) == TrackerBackend::AllDirty);
+    match watcher.degraded() {
+        Some(why) if !args.allow_fallback && !asked_for_all => Err(CliError::new(
+            exit::DEGRADED,
+            format!(
+                "process {}: cannot track writes ({why}); pass --allow-fallback to watch anyway",
+                args.pid
+            ),
+        )
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+fn header(args: &WatchArgs, watcher: &Watcher<'_>) -> Vec<String> {
+    let mut h = vec![format!(
+        "tracking with {} every {:?}{}",
         watcher.backend().name(),
-        interval
+        args.interval,
+        if args.no_sharers {
+            " (other processes not tracked: --no-sharers)"
+        } else {
+            ""
+        }
     )];
-    header.extend(watcher.notes().iter().map(|n| format!("note: {n}")));
-    let mut view = View::choose(json, lines, pid, header.clone());
-    if matches!(view, View::Lines) {
-        writeln!(out, "watching process {pid} (Ctrl-C to stop)")?;
-        for h in &header {
-            writeln!(out, "{h}")?;
+    if let Some(why) = watcher.degraded() {
+        h.push(format!("DEGRADED: {why}"));
+    }
+    h.extend(watcher.notes().iter().map(|n| format!("note: {n}")));
+    h
+}
+
+/// Why watching ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Detached,
+    Exited,
+    ExitedBeforeFirst,
+}
+
+impl End {
+    fn text(self) -> &'static str {
+        match self {
+            End::Detached => "detached",
+            End::Exited | End::ExitedBeforeFirst => "the process exited",
         }
     }
-    let mut n = 0;
-    let (mut total_bytes, mut total_s) = (0u64, 0f64);
-    while count.is_none_or(|c| n < c) {
-        let deadline = Instant::now() + interval;
-        while Instant::now() < deadline && !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(20).min(interval));
+}
+
+/// Bytes and seconds over the complete intervals.
+#[derive(Clone, Copy, Debug, Default)]
+struct Totals {
+    bytes: u64,
+    secs: f64,
+    intervals: u64,
+}
+
+fn sample_loop(
+    args: &WatchArgs,
+    watcher: &mut Watcher<'_>,
+    view: &mut View,
+    out: &mut dyn Write,
+    stop: &AtomicBool,
+) -> Result<(End, Totals)> {
+    let mut totals = Totals::default();
+    let mut keys = if view.is_live() {
+        Keys::new()
+    } else {
+        Keys::none()
+    };
+    while args.count.is_none_or(|c| totals.intervals < c) {
+        let deadline = Instant::now() + args.interval;
+        let mut quit = false;
+        while Instant::now() < deadline && !quit {
+            quit = stop.load(Ordering::SeqCst) || keys.quit_pressed();
+            view.tick(out)?;
+            std::thread::sleep(TICK.min(args.interval));
+        }
+        if quit {
+            // A partial interval would distort the peak and the mean.
+            return Ok((End::Detached, totals));
         }
         let sample = match watcher.sample() {
             Ok(s) => s,
             Err(TrackError::TargetExited { .. })
             | Err(TrackError::Proc(pagescope::ProcError::Exited { .. })) => {
-                summary(
-                    &mut out,
-                    json,
-                    pid,
-                    "the process exited",
-                    total_bytes,
-                    total_s,
-                )?;
-                return Ok(0);
+                let end = if totals.intervals == 0 {
+                    End::ExitedBeforeFirst
+                } else {
+                    End::Exited
+                };
+                return Ok((end, totals));
             }
             Err(e) => return Err(e.into()),
         };
-        total_bytes += sample.written_bytes;
-        total_s += sample.interval_s;
-        view.show(&mut out, &sample)?;
-        n += 1;
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
+        totals.bytes += sample.written_bytes;
+        totals.secs += sample.interval_s;
+        totals.intervals += 1;
+        view.show(out, &sample)?;
     }
-    drop(watcher); // closes the userfaultfd: the target is unprotected again
-    summary(&mut out, json, pid, "detached", total_bytes, total_s)?;
-    Ok(0)
+    Ok((End::Detached, totals))
 }
 
-fn summary(
-    out: &mut dyn Write,
-    json: bool,
-    pid: u32,
-    why: &str,
-    bytes: u64,
-    secs: f64,
-) -> Result<()> {
-    let rate = if secs > 0.0 {
-        bytes as f64 / secs / (1024.0 * 1024.0)
+fn summary(out: &mut dyn Write, json: bool, pid: u32, why: End, t: Totals) -> Result<()> {
+    let rate = if t.secs > 0.0 {
+        t.bytes as f64 / t.secs / (1024.0 * 1024.0)
     } else {
         0.0
     };
     if json {
         serde_json::to_writer(
             &mut *out,
-            &serde_json::json!({"end": why, "pid": pid, "mean_dirty_rate_mib_s": rate, "seconds": secs}),
+            &serde_json::json!({"end": why.text(), "pid": pid, "mean_dirty_rate_mib_s": rate, "seconds": t.secs, "intervals": t.intervals}),
         )?;
         writeln!(out)?;
     } else {
         writeln!(
             out,
-            "{why}: process {pid}, mean dirty rate {rate:.2} MiB/s over {secs:.1} s"
+            "{}: process {pid}, mean dirty rate {rate:.2} MiB/s over {:.1} s ({} complete intervals)",
+            why.text(),
+            t.secs,
+            t.intervals
         )?;
     }
+    out.flush()?;
     Ok(())
 }

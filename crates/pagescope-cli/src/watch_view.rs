@@ -1,45 +1,83 @@
 //! How `pagescope watch` shows intervals: a full-screen live view on a
-//! terminal (redrawn in place, like `top`), one line per interval when the
-//! output is a pipe or file, NDJSON with `--json`.
+//! terminal (redrawn in place like `top`, fitted to the terminal's size and
+//! redrawn when it changes), one line per interval when the output is a
+//! pipe or file, NDJSON with `--json`.
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::os::fd::AsFd;
 
 use anyhow::Result;
 use pagescope::dirty::stats::Interval;
 
 /// Intervals kept for the rate history.
 const HISTORY: usize = 60;
-/// Mappings listed in the live view.
-const TOP_VMAS: usize = 10;
 /// Sparkline glyphs, lowest to highest.
 const SPARKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+/// Clears the screen and homes the cursor: starts every frame.
+const NEW_FRAME: &str = "\x1b[H\x1b[2J";
 
 /// The output mode.
 pub enum View {
     /// One JSON object per interval.
     Json,
     /// One text line per interval.
-    Lines,
+    Lines(Vec<String>),
     /// A screen redrawn every interval.
     Live(Live),
 }
 
 impl View {
+    /// Whether this is the live view (which reads keys).
+    pub fn is_live(&self) -> bool {
+        matches!(self, Self::Live(_))
+    }
+
     /// The mode for these flags and this stdout.
-    pub fn choose(json: bool, lines: bool, pid: u32, header: Vec<String>) -> Self {
+    pub fn choose(json: bool, lines: bool, pid: u32, header: Vec<String>) -> Result<Self> {
         use std::io::IsTerminal;
-        if json {
+        Ok(if json {
             Self::Json
         } else if lines || !std::io::stdout().is_terminal() {
-            Self::Lines
+            Self::Lines(header)
         } else {
             Self::Live(Live {
                 pid,
                 header,
                 rates: VecDeque::with_capacity(HISTORY),
+                last: None,
+                size: terminal_size(),
             })
+        })
+    }
+
+    /// Shows what there is before the first interval (the live view draws
+    /// its first frame at once).
+    pub fn start(&mut self, out: &mut dyn Write) -> Result<()> {
+        match self {
+            Self::Json => {}
+            Self::Lines(header) => {
+                for h in header.iter() {
+                    writeln!(out, "{h}")?;
+                }
+            }
+            Self::Live(live) => live.draw(out)?,
         }
+        out.flush()?;
+        Ok(())
+    }
+
+    /// Called between intervals: redraws the live view if the terminal
+    /// was resized.
+    pub fn tick(&mut self, out: &mut dyn Write) -> Result<()> {
+        if let Self::Live(live) = self {
+            let now = terminal_size();
+            if now != live.size {
+                live.size = now;
+                live.draw(out)?;
+            }
+        }
+        Ok(())
     }
 
     /// Shows one interval.
@@ -49,12 +87,34 @@ impl View {
                 serde_json::to_writer(&mut *out, s)?;
                 writeln!(out)?;
             }
-            Self::Lines => writeln!(out, "{}", line(s))?,
-            Self::Live(live) => live.draw(out, s)?,
+            Self::Lines(_) => writeln!(out, "{}", line(s))?,
+            Self::Live(live) => {
+                live.push(s.clone());
+                live.draw(out)?;
+            }
         }
         out.flush()?;
         Ok(())
     }
+
+    /// Leaves the screen ready for the summary line.
+    pub fn finish(&mut self, out: &mut dyn Write) -> Result<()> {
+        if let Self::Live(_) = self {
+            writeln!(out)?;
+            out.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// The terminal's (columns, rows), or 120 x 40 if unknown.
+fn terminal_size() -> (usize, usize) {
+    rustix::termios::tcgetwinsize(std::io::stdout().as_fd())
+        .ok()
+        .filter(|w| w.ws_col > 0 && w.ws_row > 0)
+        .map_or((120, 40), |w| {
+            (usize::from(w.ws_col), usize::from(w.ws_row))
+        })
 }
 
 /// State of the live view.
@@ -62,84 +122,129 @@ pub struct Live {
     pid: u32,
     header: Vec<String>,
     rates: VecDeque<f64>,
+    last: Option<Interval>,
+    size: (usize, usize),
 }
 
 impl Live {
-    fn draw(&mut self, out: &mut dyn Write, s: &Interval) -> Result<()> {
+    fn push(&mut self, s: Interval) {
         if self.rates.len() == HISTORY {
             self.rates.pop_front();
         }
         self.rates.push_back(s.dirty_rate_mib_s);
-        let peak = self.rates.iter().copied().fold(0.0, f64::max);
-        // Home, clear screen.
-        write!(out, "\x1b[H\x1b[2J")?;
-        writeln!(
-            out,
-            "pagescope watch: process {}  t={:.1}s  (Ctrl-C detaches)",
-            self.pid, s.t
-        )?;
-        for h in &self.header {
-            writeln!(out, "{h}")?;
+        self.last = Some(s);
+    }
+
+    /// Draws the frame fitted to the terminal: lines cut at its width;
+    /// the header always shown, the tables cut to the rows left.
+    fn draw(&self, out: &mut dyn Write) -> Result<()> {
+        let (cols, rows) = self.size;
+        let (head, body) = self.frame();
+        let room = rows.saturating_sub(1);
+        let mut lines: Vec<&str> = head.iter().map(String::as_str).take(room).collect();
+        let left = room.saturating_sub(lines.len());
+        lines.extend(body.iter().map(String::as_str).take(left));
+        write!(out, "{NEW_FRAME}")?;
+        for l in lines {
+            writeln!(out, "{}", fit(l, cols.saturating_sub(1)))?;
         }
-        writeln!(out)?;
-        writeln!(
-            out,
+        Ok(())
+    }
+
+    /// The frame's fixed part (title, header, rates) and its tables.
+    fn frame(&self) -> (Vec<String>, Vec<String>) {
+        let mut head = vec![format!(
+            "pagescope watch: process {}  t={:.1}s  (q or Ctrl-C detaches)",
+            self.pid,
+            self.last.as_ref().map_or(0.0, |s| s.t)
+        )];
+        head.extend(self.header.iter().cloned());
+        head.push(String::new());
+        let Some(s) = &self.last else {
+            head.push("waiting for the first interval...".into());
+            return (head, Vec::new());
+        };
+        let peak = self.rates.iter().copied().fold(0.0, f64::max);
+        head.push(format!(
             "dirty rate  {:>10.2} MiB/s   {:>9} pages in {:.2} s   peak {:.2} MiB/s",
             s.dirty_rate_mib_s, s.written_pages, s.interval_s, peak
-        )?;
-        writeln!(
-            out,
+        ));
+        head.push(format!(
             "history     {}",
             sparkline(self.rates.iter().copied(), peak)
-        )?;
-        writeln!(
-            out,
+        ));
+        head.push(format!(
             "written since start: {} distinct pages ({:.1} MiB)",
             s.unique_pages,
             mib(s.unique_pages * page_bytes(s))
-        )?;
-        writeln!(
-            out,
+        ));
+        head.push(format!(
             "pre-copy at {} MiB/s: {}",
             s.precopy_bandwidth_mib_s,
             verdict(s)
-        )?;
+        ));
         if !s.sources.is_empty() {
             let sources: Vec<String> = s
                 .sources
                 .iter()
-                .map(|(src, n)| format!("{src:?} {n}"))
+                .map(|(src, n)| format!("{} {n}", source_name(*src)))
                 .collect();
-            writeln!(out, "sources: {}", sources.join(", "))?;
+            head.push(format!("sources: {}", sources.join(", ")));
         }
-        writeln!(out)?;
-        writeln!(
-            out,
+        (head, body(s))
+    }
+}
+
+/// The tables: hottest mappings, shared objects, followed children.
+fn body(s: &Interval) -> Vec<String> {
+    let mut b = vec![
+        String::new(),
+        format!(
             "{:<29} {:>10} {:>10} {:>6}  mapping",
             "hottest mappings", "pages", "MiB/s", "share"
-        )?;
-        for v in s.vmas.iter().take(TOP_VMAS) {
-            let share = if s.written_pages > 0 {
-                100.0 * v.written_pages as f64 / s.written_pages as f64
-            } else {
-                0.0
-            };
-            let rate = mib(v.written_pages * page_bytes(s)) / s.interval_s.max(1e-9);
-            writeln!(
-                out,
-                "{:<29} {:>10} {:>10.2} {:>5.1}%  {}",
-                format!("{}-{}", v.start, v.end),
-                v.written_pages,
-                rate,
-                share,
-                if v.path.is_empty() { "[anon]" } else { &v.path }
-            )?;
-        }
-        if s.vmas.len() > TOP_VMAS {
-            writeln!(out, "... and {} more", s.vmas.len() - TOP_VMAS)?;
-        }
-        Ok(())
+        ),
+    ];
+    for v in &s.vmas {
+        let share = if s.written_pages > 0 {
+            100.0 * v.written_pages as f64 / s.written_pages as f64
+        } else {
+            0.0
+        };
+        let rate = mib(v.written_pages * page_bytes(s)) / s.interval_s.max(1e-9);
+        b.push(format!(
+            "{:<29} {:>10} {:>10.2} {:>5.1}%  {}",
+            format!("{}-{}", v.start, v.end),
+            v.written_pages,
+            rate,
+            share,
+            if v.path.is_empty() { "[anon]" } else { &v.path }
+        ));
     }
+    if !s.objects.is_empty() {
+        b.push(String::new());
+        b.push(format!(
+            "{:<40} {:>10}  writers (pid:pages)",
+            "shared objects", "pages"
+        ));
+        for o in &s.objects {
+            let writers: Vec<String> = o.writers.iter().map(|(p, n)| format!("{p}:{n}")).collect();
+            b.push(format!(
+                "{:<40} {:>10}  {}",
+                o.path,
+                o.written_pages,
+                writers.join(" ")
+            ));
+        }
+    }
+    for c in &s.followed {
+        b.push(format!("child {}: {} pages", c.pid, c.written_pages));
+    }
+    b
+}
+
+/// `s` cut to `width` characters.
+fn fit(s: &str, width: usize) -> String {
+    s.chars().take(width).collect()
 }
 
 /// Bytes per page, from the interval's own numbers.
@@ -159,6 +264,13 @@ fn verdict(s: &Interval) -> &'static str {
     } else {
         "DOES NOT CONVERGE"
     }
+}
+
+fn source_name(s: pagescope::dirty::WriteSource) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// One glyph per value, scaled to `peak`.
@@ -188,8 +300,13 @@ fn line(s: &Interval) -> String {
         .take(3)
         .map(|v| format!("{} {}", short(&v.path, v.start), v.written_pages))
         .collect();
+    let degraded = if s.degraded.is_some() {
+        "  DEGRADED"
+    } else {
+        ""
+    };
     format!(
-        "t={:7.2}s  {:>9} pages {:>9.2} MiB  {:>9.2} MiB/s  pre-copy@{}MiB/s: {}  | {}",
+        "t={:7.2}s  {:>9} pages {:>9.2} MiB  {:>9.2} MiB/s  pre-copy@{}MiB/s: {}{degraded}  | {}",
         s.t,
         s.written_pages,
         mib(s.written_bytes),
@@ -208,6 +325,64 @@ fn short(path: &str, start: pagescope::VirtAddr) -> String {
     }
 }
 
+/// Keys typed on the terminal (`q` quits): stdin in non-canonical,
+/// no-echo mode while watching, restored on drop. Nothing when stdin is
+/// not a terminal.
+pub struct Keys {
+    saved: Option<rustix::termios::Termios>,
+}
+
+impl Keys {
+    /// No key handling.
+    pub fn none() -> Self {
+        Self { saved: None }
+    }
+
+    /// Puts a terminal stdin into key-at-a-time mode.
+    pub fn new() -> Self {
+        use rustix::termios::{
+            LocalModes, OptionalActions, SpecialCodeIndex, tcgetattr, tcsetattr,
+        };
+        let stdin = std::io::stdin();
+        let Ok(saved) = tcgetattr(stdin.as_fd()) else {
+            return Self { saved: None };
+        };
+        let mut raw = saved.clone();
+        raw.local_modes
+            .remove(LocalModes::ICANON | LocalModes::ECHO);
+        raw.special_codes[SpecialCodeIndex::VMIN] = 0;
+        raw.special_codes[SpecialCodeIndex::VTIME] = 0;
+        if tcsetattr(stdin.as_fd(), OptionalActions::Now, &raw).is_err() {
+            return Self { saved: None };
+        }
+        Self { saved: Some(saved) }
+    }
+
+    /// Whether `q` was typed since the last call.
+    pub fn quit_pressed(&mut self) -> bool {
+        if self.saved.is_none() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        match rustix::io::read(std::io::stdin().as_fd(), &mut buf) {
+            Ok(n) => buf[..n].iter().any(|&b| b == b'q' || b == b'Q'),
+            Err(_) => false,
+        }
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            let _ = rustix::termios::tcsetattr(
+                std::io::stdin().as_fd(),
+                rustix::termios::OptionalActions::Now,
+                saved,
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +391,11 @@ mod tests {
     fn sparkline_scales_to_peak() {
         assert_eq!(sparkline([0.0, 5.0, 10.0].into_iter(), 10.0), "▁▅█");
         assert_eq!(sparkline([0.0, 0.0].into_iter(), 0.0), "▁▁");
+    }
+
+    #[test]
+    fn lines_are_cut_to_the_width() {
+        assert_eq!(fit("ñandú▁▂▃", 5), "ñandú");
+        assert_eq!(fit("ab", 5), "ab");
     }
 }

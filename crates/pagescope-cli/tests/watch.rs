@@ -173,8 +173,17 @@ fn watch_on_a_terminal_redraws_a_live_view() {
     let (status, screen) = run_on_pty(&["watch", &pid, "--interval", "300ms", "--count", "3"]);
     assert!(status.success(), "{screen}");
     let frames: Vec<&str> = screen.split("\x1b[H\x1b[2J").skip(1).collect();
-    assert_eq!(frames.len(), 3, "one redraw per interval: {screen:?}");
-    let last = frames[2];
+    assert_eq!(
+        frames.len(),
+        4,
+        "a first frame at once, then one redraw per interval: {screen:?}"
+    );
+    assert!(
+        frames[0].contains("waiting for the first interval"),
+        "{}",
+        frames[0]
+    );
+    let last = frames[3];
     for want in [
         "dirty rate",
         "history",

@@ -124,6 +124,11 @@ pub struct Fixture {
     region_fds: HashMap<String, usize>,
     /// Bumped on every write command, so every write changes content.
     generation: u8,
+    /// The sharer child's command socket, once `sharer start` ran.
+    sharer: Option<(u32, std::io::BufReader<std::os::unix::net::UnixStream>)>,
+    /// In a sharer child: the start addresses of the mappings it has (the
+    /// others were not inherited and must not be touched).
+    inherited: Option<Vec<u64>>,
 }
 
 fn arg_value(args: &[String], key: &str) -> Option<String> {
@@ -165,6 +170,8 @@ impl Fixture {
             helper_parts: Vec::new(),
             region_fds: HashMap::new(),
             generation: 0,
+            sharer: None,
+            inherited: None,
             shmem_gib: arg_value(args, "--shmem-gib")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(4),
@@ -184,9 +191,8 @@ impl Fixture {
                 continue;
             }
             match a.as_str() {
-                "--dir" | "--sparse-gib" | "--dense-gib" | "--shmem-gib" | "--sharers" => {
-                    skip_value = true
-                }
+                "--dir" | "--sparse-gib" | "--dense-gib" | "--shmem-gib" | "--sharers"
+                | "--deny-uffd" => skip_value = true,
                 "all" | "demo" => names.extend(DEFAULT_SET.iter().map(|s| (*s).to_owned())),
                 s if s.starts_with("--") => {}
                 s => names.push(s.to_owned()),
@@ -233,7 +239,7 @@ impl Fixture {
             ["selfview"] => Ok(self.selfview()),
             ["pageout", region, first, count] => self.pageout_command(region, first, count),
             [
-                op @ ("write" | "read" | "dontneed" | "pwrite" | "ro" | "rw"),
+                op @ ("write" | "read" | "dontneed" | "remove" | "pwrite" | "punch" | "ro" | "rw"),
                 region,
                 first,
                 count,
@@ -248,6 +254,9 @@ impl Fixture {
                 })
                 .map_err(|e| e.to_string()),
             ["writers", region, threads, millis] => self.writers_command(region, threads, millis),
+            ["sharer", "start"] => self.start_sharer(),
+            ["sharer", "stop"] => self.stop_sharer(),
+            ["sharer", rest @ ..] => self.sharer_command(&rest.join(" ")),
             [
                 "helper_write",
                 region,
@@ -293,7 +302,9 @@ impl Fixture {
         serde_json::to_string(&states).map_err(|e| e.to_string())
     }
 
-    /// `write|read|dontneed|pwrite|ro|rw REGION FIRST COUNT`.
+    /// `write|read|dontneed|remove|pwrite|punch|ro|rw REGION FIRST COUNT`
+    /// (`remove`: `MADV_REMOVE` through the mapping; `pwrite`/`punch`:
+    /// `pwrite`/`fallocate(PUNCH_HOLE)` through the region's object fd).
     fn page_command(
         &mut self,
         op: &str,
@@ -320,6 +331,9 @@ impl Fixture {
             "dontneed" => m
                 .madvise(off, len, Advice::DontNeed)
                 .map_err(|e| e.to_string())?,
+            "remove" => m
+                .madvise(off, len, Advice::Remove)
+                .map_err(|e| e.to_string())?,
             "ro" | "rw" => m
                 .mprotect(off, len, op == "rw")
                 .map_err(|e| e.to_string())?,
@@ -327,11 +341,18 @@ impl Fixture {
                 let i = *self
                     .region_fds
                     .get(region)
-                    .ok_or("region has no fd for pwrite")?;
-                let obj_off = r.object.as_ref().map_or(0, |o| o.first_page) + first;
-                let data = vec![self.generation; len];
-                rustix::io::pwrite(&self.keep_fds[i], &data, obj_off * self.page)
-                    .map_err(|e| e.to_string())?;
+                    .ok_or("region has no fd for pwrite or punch")?;
+                let obj_off = (r.object.as_ref().map_or(0, |o| o.first_page) + first) * self.page;
+                let fd = &self.keep_fds[i];
+                if op == "punch" {
+                    let how = rustix::fs::FallocateFlags::PUNCH_HOLE
+                        | rustix::fs::FallocateFlags::KEEP_SIZE;
+                    rustix::fs::fallocate(fd, how, obj_off, len as u64)
+                        .map_err(|e| e.to_string())?;
+                } else {
+                    let data = vec![self.generation; len];
+                    rustix::io::pwrite(fd, &data, obj_off).map_err(|e| e.to_string())?;
+                }
             }
         }
         Ok("ok".into())
@@ -498,7 +519,80 @@ impl Fixture {
             .live
             .iter()
             .find(|l| l.map.addr() <= addr && addr < l.map.addr() + l.map.len() as u64)?;
+        if let Some(have) = &self.inherited {
+            have.contains(&l.map.addr()).then_some(())?;
+        }
         Some((Arc::clone(&l.map), (addr - l.map.addr()) / self.page))
+    }
+
+    /// `sharer start`: forks a second process that maps every shared
+    /// region of the fixture (the same objects, at the same addresses) and
+    /// runs the fixture's commands on them when told (`sharer CMD...`):
+    /// another writer of the same shared memory. Replies with its PID.
+    fn start_sharer(&mut self) -> Result<String, String> {
+        if self.sharer.is_some() {
+            return Err("a sharer is already running".into());
+        }
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+        self.dont_fork_anything()?;
+        let shared: Vec<u64> = self
+            .truth
+            .regions
+            .iter()
+            .filter(|r| r.backing == "shmem")
+            .filter_map(|r| self.mapping_of(r.start))
+            .map(|(m, _)| m.addr())
+            .collect();
+        for l in self.live.iter().filter(|l| shared.contains(&l.map.addr())) {
+            l.map
+                .madvise(0, l.map.len(), Advice::DoFork)
+                .map_err(|e| format!("MADV_DOFORK: {e}"))?;
+        }
+        let parent_end = std::os::fd::AsRawFd::as_raw_fd(&ours);
+        let pid = sys::fork_server(|| {
+            // The parent's end must close here, or the socket never reads
+            // end-of-file when the parent drops its copy.
+            sys::close_inherited(parent_end);
+            serve_sharer(self, theirs, shared)
+        })
+        .map_err(|e| format!("fork: {e}"))?;
+        for l in &self.live {
+            let _ = l.map.madvise(0, l.map.len(), Advice::DoFork);
+        }
+        self.truth.children.push(pid);
+        self.sharer = Some((pid, std::io::BufReader::new(ours)));
+        Ok(pid.to_string())
+    }
+
+    /// `sharer CMD...`: runs a fixture command in the sharer process.
+    fn sharer_command(&mut self, cmd: &str) -> Result<String, String> {
+        use std::io::{BufRead, Write};
+        let (_, sock) = self
+            .sharer
+            .as_mut()
+            .ok_or("no sharer: run `sharer start`")?;
+        writeln!(sock.get_mut(), "{cmd}").map_err(|e| format!("to sharer: {e}"))?;
+        let mut line = String::new();
+        sock.read_line(&mut line)
+            .map_err(|e| format!("from sharer: {e}"))?;
+        let reply = line.trim_end().to_owned();
+        match reply.strip_prefix("error: ") {
+            Some(e) => Err(format!("sharer: {e}")),
+            None => Ok(reply),
+        }
+    }
+
+    /// `sharer stop`: the sharer exits (and is reaped).
+    fn stop_sharer(&mut self) -> Result<String, String> {
+        let (pid, sock) = self.sharer.take().ok_or("no sharer")?;
+        drop(sock);
+        let _ = rustix::process::waitpid(
+            rustix::process::Pid::from_raw(pid.cast_signed()),
+            rustix::process::WaitOptions::empty(),
+        );
+        self.truth.children.retain(|&c| c != pid);
+        Ok("ok".into())
     }
 
     /// The fixture's own view of its regions: per page, `mincore` residency
@@ -1427,4 +1521,23 @@ pub fn start_churn() {
             }
         }
     });
+}
+
+/// The sharer child's loop: one fixture command per line on `sock`, until
+/// it closes.
+fn serve_sharer(fx: &mut Fixture, sock: std::os::unix::net::UnixStream, inherited: Vec<u64>) {
+    use std::io::{BufRead, Write};
+    fx.inherited = Some(inherited);
+    let mut reader = std::io::BufReader::new(&sock);
+    let mut writer = &sock;
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+        let reply = fx
+            .command(line.trim())
+            .unwrap_or_else(|e| format!("error: {e}"));
+        if writeln!(writer, "{reply}").is_err() {
+            break;
+        }
+        line.clear();
+    }
 }

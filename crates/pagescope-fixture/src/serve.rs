@@ -14,6 +14,16 @@ pub fn serve(args: &[String]) -> ! {
         fx.build(name);
     }
     fx.finish();
+    if let Some(what) = args
+        .iter()
+        .position(|a| a == "--deny-uffd")
+        .and_then(|i| args.get(i + 1))
+    {
+        if let Err(e) = crate::sys::deny_userfaultfd(what == "all") {
+            eprintln!("fixture: cannot install the seccomp filter: {e}");
+            std::process::exit(1);
+        }
+    }
     if args.iter().any(|a| a == "--churn") {
         scenarios::start_churn();
     }

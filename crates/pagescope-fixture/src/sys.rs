@@ -96,3 +96,85 @@ pub fn keep_heap() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
     }
 }
+
+/// Forks a child that runs `serve` and exits; it gets SIGKILL when the
+/// fixture dies. Returns at once with the child's PID.
+///
+/// Must be called while the fixture is single-threaded.
+pub fn fork_server(serve: impl FnOnce()) -> std::io::Result<u32> {
+    let parent = std::process::id();
+    // SAFETY: the fixture is single-threaded when it forks (documented
+    // contract of this function), so the child may run arbitrary code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid > 0 {
+        return Ok(pid.cast_unsigned());
+    }
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number by value.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    if std::os::unix::process::parent_id() != parent {
+        // SAFETY: _exit ends the child without running inherited handlers.
+        unsafe { libc::_exit(0) };
+    }
+    serve();
+    // SAFETY: as above.
+    unsafe { libc::_exit(0) }
+}
+
+/// Installs a seccomp filter that makes `userfaultfd(2)` fail with `EPERM`
+/// (as container runtimes' default profiles do) and, with `also_dev`,
+/// `ioctl(USERFAULTFD_IOC_NEW)` on `/dev/userfaultfd` too: a target where
+/// pagescope cannot create a userfaultfd one way, or at all.
+pub fn deny_userfaultfd(also_dev: bool) -> std::io::Result<()> {
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const ALLOW: u32 = 0x7fff_0000;
+    const DENY: u32 = 0x0005_0000 | libc::EPERM as u32;
+    let f = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let ioctl_check = if also_dev { 0 } else { 2 };
+    let prog = [
+        f(LD_W_ABS, 0, 0, 0),         // 0: A = nr
+        f(JEQ_K, 5, 0, 323),          // 1: userfaultfd -> 7
+        f(JEQ_K, ioctl_check, 3, 16), // 2: ioctl -> 3 (or allow)
+        f(LD_W_ABS, 0, 0, 24),        // 3: A = low word of args[1]
+        f(JEQ_K, 2, 0, 0xAA00),       // 4: USERFAULTFD_IOC_NEW -> 7
+        f(RET_K, 0, 0, ALLOW),        // 5
+        f(RET_K, 0, 0, ALLOW),        // 6
+        f(RET_K, 0, 0, DENY),         // 7
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fprog` points at `prog`, both alive for the call; the kernel
+    // copies the filter.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &raw const fprog,
+            0,
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Closes a descriptor a forked child inherited but must not keep (the
+/// parent's end of a socket pair), without running any destructor.
+pub fn close_inherited(fd: std::os::fd::RawFd) {
+    // SAFETY: closing a raw fd number; the child owns no Rust handle for it
+    // that would close it again (the parent's `OwnedFd` copy is never
+    // dropped in the child, which exits with `_exit`).
+    unsafe { libc::close(fd) };
+}

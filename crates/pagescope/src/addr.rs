@@ -289,6 +289,18 @@ impl PageSize {
         self.0
     }
 
+    /// The size one page-middle-directory entry maps (a PMD-sized THP):
+    /// a page-table page holds `page / 8` entries, so 2 MiB for 4 KiB
+    /// pages, 32 MiB for 16 KiB, 512 MiB for 64 KiB.
+    pub const fn pmd(self) -> Self {
+        Self(self.0 / 8 * self.0)
+    }
+
+    /// Base pages in one PMD (512 for 4 KiB pages).
+    pub const fn pages_per_pmd(self) -> u64 {
+        self.0 / 8
+    }
+
     /// Bytes in `pages` pages (saturating).
     pub const fn bytes(self, pages: u64) -> u64 {
         pages.saturating_mul(self.0)

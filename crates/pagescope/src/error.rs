@@ -22,6 +22,9 @@ pub enum ErrorKind {
     BadRange,
     /// The running kernel lacks an interface the operation needs.
     Unsupported,
+    /// Something else already holds what the operation needs (another
+    /// userfaultfd registered over the target's memory).
+    Busy,
     /// Anything else (I/O errors, unexpected kernel answers).
     Other,
 }
@@ -38,6 +41,7 @@ impl ErrorKind {
             Self::Unsupported => 6,
             Self::BadRange => 7,
             Self::TargetExited => 9,
+            Self::Busy => 11,
         }
     }
 }

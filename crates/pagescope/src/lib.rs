@@ -65,4 +65,4 @@ pub use rangeset::RangeSet;
 pub use report::{Counts, ProcessReport, Skipped, VmaReport};
 pub use scan::{BackendChoice, PageScanner, ScanError, ScanOptions, ScanStrategy, scan_process};
 pub use sys::mm::{Advice, OwnedMapping};
-pub use vma::{Backing, Vma, VmaKind};
+pub use vma::{Backing, ObjectId, Vma, VmaKind};

@@ -56,17 +56,12 @@ pub struct VmaReport {
     pub object_error: Option<String>,
 }
 
-/// A shared or file object, identified by device and inode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct ObjectId {
-    /// `st_dev`, as `major:minor`.
-    #[serde(serialize_with = "ser_display")]
-    pub dev: crate::proc::maps::DevId,
-    /// `st_ino`.
-    pub inode: u64,
-}
+pub use crate::vma::ObjectId;
 
-fn ser_display<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn ser_display<T: std::fmt::Display, S: Serializer>(
+    v: &T,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
 

@@ -77,6 +77,18 @@ pub enum UffdError {
 }
 
 impl UffdError {
+    /// The errno behind the error, if any.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            Self::NoWpAsync => None,
+            Self::Create { source }
+            | Self::Api { source, .. }
+            | Self::Register { source, .. }
+            | Self::Unregister { source, .. }
+            | Self::Scan { source, .. } => Errno::from_io_error(source),
+        }
+    }
+
     /// The broad class of this error.
     pub fn kind(&self) -> ErrorKind {
         let errno = match self {

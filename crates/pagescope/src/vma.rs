@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::addr::VirtRange;
+use crate::addr::{PageSize, PageSpan, VirtAddr, VirtRange};
 use crate::proc::maps::{DevId, MapsEntry, MapsPath, Perms};
 use crate::proc::mountinfo::Mount;
 use crate::proc::smaps::VmFlags;
@@ -109,6 +109,16 @@ impl MountTable {
     }
 }
 
+/// A shared or file object, identified by device and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ObjectId {
+    /// `st_dev`, as `major:minor`.
+    #[serde(serialize_with = "crate::report::ser_display")]
+    pub dev: crate::proc::maps::DevId,
+    /// `st_ino`.
+    pub inode: u64,
+}
+
 /// A VMA of the target with its classification.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vma {
@@ -190,10 +200,40 @@ impl Vma {
         self.kind == VmaKind::Vsyscall
     }
 
-    /// Whether the VMA has an object behind it that can be examined
-    /// (shmem or regular file).
-    pub fn has_object(&self) -> bool {
-        matches!(self.backing, Backing::Shmem | Backing::File) && self.inode != 0
+    /// The object behind the VMA (a shmem object, regular file or
+    /// hugetlbfs file with an inode), if any.
+    pub fn object_id(&self) -> Option<ObjectId> {
+        (matches!(
+            self.backing,
+            Backing::Shmem | Backing::File | Backing::Hugetlb
+        ) && self.inode != 0)
+            .then_some(ObjectId {
+                dev: self.dev,
+                inode: self.inode,
+            })
+    }
+
+    /// The object page mapped at `addr` (which must lie in the VMA).
+    pub fn object_page(&self, addr: VirtAddr, page: PageSize) -> u64 {
+        let into = addr.checked_offset_from(self.range.start()).unwrap_or(0);
+        (self.offset + into) / page.get()
+    }
+
+    /// The object pages behind `part` of the VMA.
+    pub fn object_span(&self, part: VirtRange, page: PageSize) -> PageSpan {
+        PageSpan::from_start_count(self.object_page(part.start(), page), part.pages(page))
+    }
+
+    /// The addresses where the VMA maps object pages `span`, if it maps
+    /// any of them.
+    pub fn range_of(&self, span: PageSpan, page: PageSize) -> Option<VirtRange> {
+        let mine = self.object_span(self.range, page);
+        let both = mine.intersect(&span)?;
+        let start = self
+            .range
+            .start()
+            .checked_add(page.bytes(both.start() - mine.start()))?;
+        VirtRange::from_start_len(start, page.bytes(both.count()))
     }
 }
 

@@ -1,37 +1,55 @@
 //! Dirty-page tracking: which pages were written since the last look, at a
 //! cost proportional to the pages that changed.
 //!
-//! [`DirtyTracker`] has three backends, chosen at run time ([`attach`],
-//! [`track_self`]) and reported by [`DirtyTracker::backend`]:
+//! A tracker ([`attach`], [`track_self`]) is two layers:
 //!
-//! * [`TrackerBackend::UffdWpAsync`]: userfaultfd write-protect in async
-//!   mode (Linux 6.7+), read and re-armed atomically per page with
-//!   `PAGEMAP_SCAN` (`WP_MATCHING`). For another process the userfaultfd
-//!   is created inside it by syscall injection ([`inject`]). PTE markers
-//!   keep the protection across swap-out of anon *and* shmem pages.
-//! * [`TrackerBackend::SoftDirty`]: `clear_refs` "4" and pagemap bit 55,
-//!   where the kernel has `CONFIG_MEM_SOFT_DIRTY`.
-//! * [`TrackerBackend::AllDirty`]: every page, every time.
+//! * a **page-table backend** ([`pagetable`]) that reports the writes the
+//!   tracked process's own page tables record, chosen at run time and
+//!   named by [`DirtyTracker::backend`]:
+//!   * [`TrackerBackend::UffdWpAsync`]: userfaultfd write-protect in async
+//!     mode (Linux 6.7+), read and re-armed atomically per page with
+//!     `PAGEMAP_SCAN` (`WP_MATCHING`). For another process the userfaultfd
+//!     is created inside it ([`inject`]). PTE markers keep the protection
+//!     across swap-out of anon *and* shmem pages.
+//!   * [`TrackerBackend::SoftDirty`]: `clear_refs` "4" and pagemap bit 55,
+//!     where the kernel has `CONFIG_MEM_SOFT_DIRTY`.
+//!   * [`TrackerBackend::AllDirty`]: every page, every time (a fallback
+//!     that is never silent: [`DirtyTracker::degraded`] says why).
+//! * the **shared-object layer** ([`objects`]), the same for every
+//!   backend: a write to a shared object (memfd, tmpfs, SysV,
+//!   `MAP_SHARED|MAP_ANONYMOUS`, shared files) changes the memory of every
+//!   process that maps it, whoever wrote it. Writes are joined in object
+//!   space (object, page offset): the tracked process's own writes through
+//!   a shared mapping, and those of every other process that maps the
+//!   object writable, each tracked with its own injected userfaultfd
+//!   ([`sharers`]). Writes no page table records (`write()`, `fallocate()`,
+//!   hole punching) are found through the object itself ([`notify`]).
 //!
-//! Writes no page-table bit can see are caught conservatively
-//! (module `watch`): a `write()`/`pwrite()`/`fallocate()` on a mapped object
-//! changes its mtime, and an object another process maps writable is
-//! reported whole. Over-reporting is allowed; missing a write is not.
+//! Over-reporting is allowed where nothing better exists, and every
+//! over-reported range carries its cause ([`WriteSource`]); missing a write
+//! is not allowed.
 
 pub mod inject;
+pub mod notify;
+pub mod objects;
+pub mod pagetable;
+mod process;
+pub mod sharers;
 pub mod stats;
-mod track;
-mod watch;
+
+use std::collections::BTreeMap;
 
 use rustix::io::Errno;
+use serde::Serialize;
 
-pub use track::{TrackOptions, attach, track_self};
+pub use process::{TrackOptions, attach, attach_owned, track_self};
 
 use crate::addr::{PageSize, VirtAddr, VirtRange};
 use crate::error::ErrorKind;
 use crate::proc::ProcError;
 use crate::rangeset::RangeSet;
 use crate::uffd::UffdError;
+use crate::vma::ObjectId;
 
 /// Errors while tracking.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +91,17 @@ pub enum TrackError {
         /// Why.
         why: String,
     },
+    /// Another userfaultfd already write-protects (or otherwise
+    /// registers) the target's memory.
+    #[error(
+        "process {pid} is already tracked by another userfaultfd (another pagescope watch or dump, a VMM's live migration or snapshot, or the program's own); {range} cannot be registered"
+    )]
+    AlreadyTracked {
+        /// The target.
+        pid: u32,
+        /// The first mapping that is taken.
+        range: VirtRange,
+    },
     /// The target exited.
     #[error("process {pid} exited")]
     TargetExited {
@@ -101,13 +130,14 @@ impl TrackError {
                 ..
             }
             | Self::Unsupported { .. } => ErrorKind::Unsupported,
+            Self::AlreadyTracked { .. } => ErrorKind::Busy,
             Self::Inject { .. } | Self::Io { .. } => ErrorKind::Other,
         }
     }
 }
 
-/// The mechanism behind a tracker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+/// The mechanism behind a tracker's page-table layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TrackerBackend {
     /// userfaultfd WP_ASYNC + PAGEMAP_SCAN get-and-reset.
@@ -129,23 +159,72 @@ impl TrackerBackend {
     }
 }
 
-/// Why a range is reported written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+/// Why a range is reported written. Everything but [`Tracked`] and
+/// [`SharedWriter`] is an over-report with a named cause (documented in
+/// `docs/json.md`).
+///
+/// [`Tracked`]: WriteSource::Tracked
+/// [`SharedWriter`]: WriteSource::SharedWriter
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WriteSource {
-    /// The kernel saw the page written (uffd-wp or soft-dirty), or it is
-    /// the same object page seen through another mapping of this process.
+    /// The kernel saw this process write the page (uffd-wp or soft-dirty),
+    /// or the same object page through another of its mappings.
     Tracked,
-    /// A mapping that appeared, grew or moved since the last collect: all
-    /// of it, since its earlier contents are unknown.
+    /// Another process wrote this object page through its own mapping
+    /// (tracked in that process, page by page).
+    SharedWriter,
+    /// A mapping that appeared, grew or moved since the last collect (or
+    /// the process executed a new program): all of it, since its earlier
+    /// contents are unknown.
     NewMapping,
-    /// A mapping that cannot be tracked: reported every time.
+    /// A mapping that cannot be tracked (see the notes): every time.
     Untracked,
-    /// The mapped object changed by `write()`/`pwrite()`/`fallocate()`/
-    /// truncate (its mtime or ctime moved): its whole mapped range.
+    /// Object pages that became holes (`fallocate` punch, `MADV_REMOVE`):
+    /// exactly those pages, found by comparing the object's data extents.
+    ObjectPunched,
+    /// Object pages that were holes and now hold data with no tracked
+    /// write: written by a process that mapped the object and went away
+    /// between two collects, or read-faulted (an over-report). Exactly
+    /// those pages.
+    ObjectFilled,
+    /// The object was written by a system call (`write`, `pwrite`,
+    /// `fallocate`, `truncate`, `copy_file_range`, `splice`), seen through
+    /// fsnotify: all its pages.
     ObjectSyscall,
-    /// Another process maps the object writable: its whole mapped range.
+    /// A memfd whose descriptors fsnotify cannot see (Linux 6.14+ pseudo
+    /// files): a process holding one made write system calls and the
+    /// memfd's mtime moved: all its pages.
+    ObjectDescriptorWrite,
+    /// A process started mapping the object writable since the last
+    /// collect; its writes before it was tracked are unknown: all pages.
+    ObjectNewSharer,
+    /// A tracked writer exited, executed a new program or unmapped the
+    /// object; its last writes are unknown: all pages.
+    ObjectSharerGone,
+    /// A process maps the object writable but cannot be tracked (no
+    /// privilege, already tracked by another userfaultfd): all pages.
+    ObjectSharerUntracked,
+    /// `--no-sharers`: another process maps the object writable and is
+    /// not tracked: all pages.
     ObjectForeignWriter,
+    /// The object could not be opened, so system-call writes to it cannot
+    /// be seen: all pages.
+    ObjectUnopened,
+    /// `strict_shared`: every shared object, every time.
+    ObjectStrict,
+}
+
+impl WriteSource {
+    /// Whether the range was seen written page by page (no over-report).
+    pub fn is_exact(self) -> bool {
+        matches!(
+            self,
+            Self::Tracked | Self::SharedWriter | Self::ObjectPunched
+        )
+        // ObjectFilled is page-exact too, but may include pages that were
+        // only read.
+    }
 }
 
 /// A range reported written, and why.
@@ -155,6 +234,55 @@ pub struct Written {
     pub range: VirtRange,
     /// Why.
     pub source: WriteSource,
+}
+
+/// Writes into one shared object during a collect, in object space.
+#[derive(Clone, Debug, Serialize)]
+pub struct ObjectWrites {
+    /// The object.
+    pub object: ObjectId,
+    /// Its path as the tracked process's maps show it.
+    pub path: String,
+    /// Distinct object pages reported written (what the tracked process
+    /// sees change, over-reports included).
+    pub written_pages: u64,
+    /// Object pages written per writer PID, page by page (the tracked
+    /// process included when it wrote through a shared mapping).
+    pub writers: BTreeMap<u32, u64>,
+    /// Object pages per source.
+    pub sources: Vec<(WriteSource, u64)>,
+    /// Why any over-report happened (one line each).
+    pub causes: Vec<String>,
+}
+
+/// Something that happened to the tracked process or its sharers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum TrackEvent {
+    /// The process executed a new program; tracking was set up again on
+    /// the new image and all its memory is reported once.
+    Exec {
+        /// The process.
+        pid: u32,
+        /// Whether tracking is back (`false`: see `degraded`).
+        reattached: bool,
+    },
+    /// The process forked a child (listed once, when first seen).
+    Fork {
+        /// The new child.
+        child: u32,
+    },
+    /// Another process that maps a watched object writable is now
+    /// tracked.
+    SharerAttached {
+        /// The other process.
+        pid: u32,
+    },
+    /// A tracked sharer went away.
+    SharerGone {
+        /// The other process.
+        pid: u32,
+    },
 }
 
 /// What one collect found.
@@ -167,6 +295,13 @@ pub struct DirtyReport {
     pub page_size: PageSize,
     /// The ranges that were tracked (whatever their result).
     pub tracked: RangeSet,
+    /// Writes per shared object the process maps (objects with none are
+    /// left out).
+    pub objects: Vec<ObjectWrites>,
+    /// What happened since the last collect.
+    pub events: Vec<TrackEvent>,
+    /// The process's live children.
+    pub children: Vec<u32>,
 }
 
 impl DirtyReport {
@@ -185,9 +320,22 @@ impl DirtyReport {
         self.written.iter().any(|w| w.range.contains(addr))
     }
 
+    /// The sources that report the page holding `addr`.
+    pub fn sources_at(&self, addr: VirtAddr) -> Vec<WriteSource> {
+        let mut v: Vec<_> = self
+            .written
+            .iter()
+            .filter(|w| w.range.contains(addr))
+            .map(|w| w.source)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// Pages per source.
     pub fn pages_by_source(&self) -> Vec<(WriteSource, u64)> {
-        let mut by: std::collections::BTreeMap<WriteSource, RangeSet> = Default::default();
+        let mut by: BTreeMap<WriteSource, RangeSet> = BTreeMap::new();
         for w in &self.written {
             by.entry(w.source).or_default().insert(w.range);
         }
@@ -199,13 +347,18 @@ impl DirtyReport {
 
 /// Reports which pages were written since the previous call.
 pub trait DirtyTracker {
-    /// The mechanism in use.
+    /// The page-table mechanism in use.
     fn backend(&self) -> TrackerBackend;
 
     /// Pages written since the last collect (since attaching, for the
     /// first), and re-arms tracking for them. A page written while the
     /// collect runs is reported now or next time, never lost.
     fn collect(&mut self) -> Result<DirtyReport, TrackError>;
+
+    /// Why the tracker reports more than was written, if it has fallen
+    /// back to a mechanism that cannot tell (`None`: tracking is exact up
+    /// to the named over-reports).
+    fn degraded(&self) -> Option<String>;
 
     /// Notes on what the tracker cannot see or had to fall back on.
     fn notes(&self) -> Vec<String> {

@@ -1,13 +1,19 @@
 //! Per-interval write statistics (`pagescope watch`): pages written,
-//! dirty rate, the hottest mappings, and whether pre-copy migration at a
-//! given bandwidth would converge.
+//! dirty rate, the hottest mappings and objects, and whether pre-copy
+//! migration at a given bandwidth would converge. With `follow_forks`,
+//! the children the process forks are attached and sampled too.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde::Serialize;
 
-use super::{DirtyTracker, TrackError, TrackerBackend, WriteSource};
+use super::{
+    DirtyReport, DirtyTracker, ObjectWrites, TrackError, TrackEvent, TrackOptions, TrackerBackend,
+    WriteSource, attach_owned,
+};
 use crate::addr::{PageSize, VirtAddr};
+use crate::kernel::KernelCaps;
 use crate::proc::Target;
 use crate::rangeset::RangeSet;
 
@@ -24,9 +30,24 @@ pub struct VmaWrites {
     pub written_pages: u64,
 }
 
+/// One followed child's writes during an interval.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChildWrites {
+    /// The child.
+    pub pid: u32,
+    /// Distinct pages written (all of its memory in its first interval).
+    pub written_pages: u64,
+    /// Pages per reason.
+    pub sources: Vec<(WriteSource, u64)>,
+    /// Why its tracking is not exact, if it is not.
+    pub degraded: Option<String>,
+}
+
 /// One interval of `watch`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Interval {
+    /// The process.
+    pub pid: u32,
     /// Seconds since watching started.
     pub t: f64,
     /// Length of this interval in seconds.
@@ -39,12 +60,23 @@ pub struct Interval {
     pub dirty_rate_mib_s: f64,
     /// Distinct pages written since watching started.
     pub unique_pages: u64,
-    /// Pages per reason (tracked, new mapping, object written, ...).
+    /// Pages per reason (tracked, shared writer, new mapping, ...).
     pub sources: Vec<(WriteSource, u64)>,
     /// Mappings with writes, most written first.
     pub vmas: Vec<VmaWrites>,
-    /// The tracking mechanism.
+    /// Shared objects with writes (object pages, writers, causes).
+    pub objects: Vec<ObjectWrites>,
+    /// The page-table tracking mechanism.
     pub backend: TrackerBackend,
+    /// Why tracking reports more than was written (`null` when exact up
+    /// to the named sources).
+    pub degraded: Option<String>,
+    /// Exec, forks, sharers attached or gone.
+    pub events: Vec<TrackEvent>,
+    /// The process's live children.
+    pub children: Vec<u32>,
+    /// Followed children's writes (`--follow-forks`).
+    pub followed: Vec<ChildWrites>,
     /// Link bandwidth assumed for the pre-copy estimate, MiB/s.
     pub precopy_bandwidth_mib_s: f64,
     /// Whether pre-copy at that bandwidth outpaces this interval's dirty
@@ -52,17 +84,24 @@ pub struct Interval {
     pub precopy_converges: bool,
 }
 
-/// Samples a tracker at intervals.
-pub struct Watcher {
+/// A child attached because the watched process forked it.
+struct Followed {
     tracker: Box<dyn DirtyTracker>,
-    target: Target,
+}
+
+/// Samples a tracker at intervals.
+pub struct Watcher<'t> {
+    tracker: Box<dyn DirtyTracker + 't>,
+    target: &'t Target,
     start: Instant,
     last: Instant,
     seen: RangeSet,
     bandwidth_mib_s: f64,
+    follow: Option<(KernelCaps, TrackOptions)>,
+    followed: BTreeMap<u32, Followed>,
 }
 
-impl std::fmt::Debug for Watcher {
+impl std::fmt::Debug for Watcher<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watcher")
             .field("pid", &self.target.pid())
@@ -71,9 +110,13 @@ impl std::fmt::Debug for Watcher {
     }
 }
 
-impl Watcher {
-    /// Starts watching `target` with `tracker` (already attached).
-    pub fn new(tracker: Box<dyn DirtyTracker>, target: Target, bandwidth_mib_s: f64) -> Self {
+impl<'t> Watcher<'t> {
+    /// Starts watching `target` with `tracker` (already attached to it).
+    pub fn new(
+        tracker: Box<dyn DirtyTracker + 't>,
+        target: &'t Target,
+        bandwidth_mib_s: f64,
+    ) -> Self {
         let now = Instant::now();
         Self {
             tracker,
@@ -82,12 +125,29 @@ impl Watcher {
             last: now,
             seen: RangeSet::new(),
             bandwidth_mib_s,
+            follow: None,
+            followed: BTreeMap::new(),
         }
+    }
+
+    /// Also attach to (and sample) every child the process forks, with
+    /// these options.
+    pub fn follow_forks(&mut self, caps: &KernelCaps, opts: &TrackOptions) {
+        let opts = TrackOptions {
+            keep_baseline: true,
+            ..opts.clone()
+        };
+        self.follow = Some((caps.clone(), opts));
     }
 
     /// The tracker's notes.
     pub fn notes(&self) -> Vec<String> {
         self.tracker.notes()
+    }
+
+    /// Why tracking is not exact, if it is not.
+    pub fn degraded(&self) -> Option<String> {
+        self.tracker.degraded()
     }
 
     /// The tracking mechanism.
@@ -98,6 +158,11 @@ impl Watcher {
     /// Whether the target still exists.
     pub fn target_alive(&self) -> bool {
         self.target.is_alive()
+    }
+
+    /// Restarts the interval clock (after a pause that should not count).
+    pub fn restart_interval(&mut self) {
+        self.last = Instant::now();
     }
 
     /// Collects the writes since the previous sample.
@@ -112,7 +177,9 @@ impl Watcher {
         let written_pages = ranges.pages(page);
         let written_bytes = page.bytes(written_pages);
         let rate = written_bytes as f64 / interval_s / (1024.0 * 1024.0);
+        let followed = self.sample_children(&report);
         Ok(Interval {
+            pid: self.target.pid(),
             t: now.duration_since(self.start).as_secs_f64(),
             interval_s,
             written_pages,
@@ -121,10 +188,45 @@ impl Watcher {
             unique_pages: self.seen.pages(page),
             sources: report.pages_by_source(),
             vmas: self.per_vma(&ranges, page),
+            objects: report.objects,
             backend: self.tracker.backend(),
+            degraded: self.tracker.degraded(),
+            events: report.events,
+            children: report.children,
+            followed,
             precopy_bandwidth_mib_s: self.bandwidth_mib_s,
             precopy_converges: rate < self.bandwidth_mib_s,
         })
+    }
+
+    /// Attaches new children (when following) and samples all of them.
+    fn sample_children(&mut self, report: &DirtyReport) -> Vec<ChildWrites> {
+        let Some((caps, opts)) = &self.follow else {
+            return Vec::new();
+        };
+        for e in &report.events {
+            if let TrackEvent::Fork { child } = e {
+                if let Ok(t) = Target::open(*child) {
+                    if let Ok(tracker) = attach_owned(t, caps, opts) {
+                        self.followed.insert(*child, Followed { tracker });
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        self.followed.retain(|pid, f| match f.tracker.collect() {
+            Ok(r) => {
+                out.push(ChildWrites {
+                    pid: *pid,
+                    written_pages: r.pages(),
+                    sources: r.pages_by_source(),
+                    degraded: f.tracker.degraded(),
+                });
+                true
+            }
+            Err(_) => false,
+        });
+        out
     }
 
     fn per_vma(&self, ranges: &RangeSet, page: PageSize) -> Vec<VmaWrites> {

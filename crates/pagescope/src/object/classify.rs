@@ -28,7 +28,6 @@
 
 use std::os::fd::BorrowedFd;
 
-use rustix::fs::SeekFrom;
 use rustix::io::Errno;
 
 use crate::sys;
@@ -276,27 +275,13 @@ fn classify_chunk(
 /// D for pages `lo..lo+n`: whether `SEEK_DATA` counts each as data.
 fn data_map(fd: BorrowedFd<'_>, lo: u64, n: u64, page: u64) -> Result<Vec<bool>, Errno> {
     let mut data = vec![false; n as usize];
-    let (start, end) = (lo * page, (lo + n) * page);
-    let mut pos = start;
-    while pos < end {
-        let d = match rustix::fs::seek(fd, SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(Errno::NXIO) => break,
-            Err(e) => return Err(e),
-        };
-        if d >= end {
-            break;
-        }
-        let h = match rustix::fs::seek(fd, SeekFrom::Hole(d)) {
-            Ok(h) => h.min(end),
-            Err(Errno::NXIO) => end,
-            Err(e) => return Err(e),
-        };
-        let (a, b) = ((d / page - lo) as usize, (h.div_ceil(page) - lo) as usize);
+    let page = crate::PageSize::new(page).ok_or(Errno::INVAL)?;
+    let extents = super::extents::data_extents(fd, crate::PageSpan::from_start_count(lo, n), page)?;
+    for e in extents.ranges() {
+        let (a, b) = ((e.start() - lo) as usize, (e.end() - lo) as usize);
         data[a..b.min(n as usize)]
             .iter_mut()
             .for_each(|x| *x = true);
-        pos = h.max(d + page);
     }
     Ok(data)
 }

@@ -13,6 +13,7 @@
 //! objects`).
 
 pub mod classify;
+pub mod extents;
 pub mod open;
 mod render;
 pub mod view;

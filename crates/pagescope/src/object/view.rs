@@ -302,14 +302,4 @@ fn union_len(v: &mut [(u64, u64)]) -> u64 {
     total
 }
 
-/// All PIDs on the machine (numeric entries of `/proc`).
-pub fn all_pids() -> Vec<u32> {
-    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    pids.sort_unstable();
-    pids
-}
+pub use crate::proc::pids as all_pids;

@@ -18,3 +18,16 @@ pub use target::{ProcError, Target};
 pub fn read_swaps() -> std::io::Result<swaps::SwapTable> {
     Ok(swaps::parse_swaps(&std::fs::read("/proc/swaps")?))
 }
+
+/// The PIDs of every process visible in `/proc` (threads excluded), in
+/// ascending order.
+pub fn pids() -> Vec<u32> {
+    let mut out: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect();
+    out.sort_unstable();
+    out
+}

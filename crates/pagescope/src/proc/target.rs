@@ -274,6 +274,36 @@ impl Target {
         Ok(out)
     }
 
+    /// The PIDs of the process's children (`/proc/PID/task/*/children`,
+    /// `CONFIG_PROC_CHILDREN`); empty if unreadable.
+    pub fn children(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        let Ok(dir) = self.open_dir("task") else {
+            return out;
+        };
+        let Ok(entries) = rustix::fs::Dir::read_from(&dir) else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let Ok(tid) = entry.file_name().to_str() else {
+                continue;
+            };
+            if tid.starts_with('.') {
+                continue;
+            }
+            if let Ok(buf) = self.read_file(&format!("task/{tid}/children")) {
+                out.extend(
+                    String::from_utf8_lossy(&buf)
+                        .split_whitespace()
+                        .filter_map(|s| s.parse::<u32>().ok()),
+                );
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     fn open_dir(&self, name: &str) -> Result<OwnedFd, ProcError> {
         rustix::fs::openat(
             &self.dir,

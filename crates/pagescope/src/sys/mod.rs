@@ -11,8 +11,10 @@
 
 #![allow(unsafe_code)]
 
+pub mod bpf;
 pub mod cachestat;
 pub mod inject;
+pub mod kcmp;
 pub mod mincore;
 pub mod mm;
 pub mod pagemap;

@@ -1,0 +1,350 @@
+//! A tracker of one process: the page-table backend chosen at attach, the
+//! shared-object layer over it, and the process's life (exec, forks).
+
+use std::borrow::Borrow;
+use std::collections::BTreeSet;
+
+use super::inject::{self, UffdOrigin};
+use super::objects::{ObjectLayer, ObjectOptions};
+use super::pagetable::{AllDirty, PageTableTracker, SoftDirty, UffdWp};
+use super::{DirtyReport, DirtyTracker, TrackError, TrackEvent, TrackerBackend};
+use crate::addr::{PageSize, VirtRange};
+use crate::kernel::KernelCaps;
+use crate::proc::{ProcError, Target};
+use crate::rangeset::RangeSet;
+use crate::uffd::Userfaultfd;
+use crate::vma::{Backing, MountTable, Vma};
+
+/// Options for [`attach`].
+#[derive(Clone, Debug, Default)]
+pub struct TrackOptions {
+    /// Use this backend or fail (default: the best available).
+    pub backend: Option<TrackerBackend>,
+    /// Report every shared object (shmem, shared files) the target maps as
+    /// written on every collect.
+    pub strict_shared: bool,
+    /// Do not track the other processes that map the target's shared
+    /// objects writable; report those objects whole every collect
+    /// instead.
+    pub no_sharers: bool,
+    /// Return the attach-time report (everything, as
+    /// [`WriteSource::NewMapping`](super::WriteSource::NewMapping)) from
+    /// the first [`collect`](DirtyTracker::collect) instead of starting
+    /// clean: for a process whose earlier writes matter (a child followed
+    /// across fork).
+    pub keep_baseline: bool,
+}
+
+/// What is tracked.
+#[derive(Debug)]
+enum Scope {
+    /// Every VMA of the process (a remote target, or `watch`).
+    Process,
+    /// These ranges of the calling process.
+    Ranges(RangeSet),
+}
+
+impl Scope {
+    /// Reads maps only (no mountinfo, no smaps: a collect must stay cheap;
+    /// a tmpfs file classified as a plain file is tracked all the same).
+    fn layout(&self, target: &Target) -> Result<Vec<Vma>, TrackError> {
+        let mounts = MountTable::default();
+        let all = target.maps().map_err(|e| match e {
+            ProcError::Exited { pid } => TrackError::TargetExited { pid },
+            e => TrackError::Proc(e),
+        })?;
+        let all = all.iter().map(|e| Vma::classify(e, &mounts, None));
+        Ok(match self {
+            Scope::Process => all.filter(|v| v.backing != Backing::Special).collect(),
+            Scope::Ranges(set) => all
+                .flat_map(|v| {
+                    set.intersect(v.range)
+                        .into_iter()
+                        .map(move |r| clip(&v, r))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+        })
+    }
+}
+
+/// The part `r` of `v`, with the object offset moved along.
+fn clip(v: &Vma, r: VirtRange) -> Vma {
+    let skip = r.start().checked_offset_from(v.range.start()).unwrap_or(0);
+    Vma {
+        range: r,
+        offset: v.offset + skip,
+        ..v.clone()
+    }
+}
+
+/// Attaches to `target`, with the best backend available (or the one
+/// asked for): uffd-wp async through a userfaultfd created inside the
+/// target, else soft-dirty, else all-dirty (then
+/// [`DirtyTracker::degraded`] says why). The tracker borrows the pinned
+/// target, so the same [`Target`] can serve scanning and copying.
+pub fn attach<'t>(
+    target: &'t Target,
+    caps: &KernelCaps,
+    opts: &TrackOptions,
+) -> Result<Box<dyn DirtyTracker + 't>, TrackError> {
+    Ok(Box::new(ProcessTracker::start(
+        target,
+        caps,
+        opts,
+        Scope::Process,
+    )?))
+}
+
+/// [`attach`] for a tracker that owns its target (a child followed
+/// across fork, say).
+pub fn attach_owned(
+    target: Target,
+    caps: &KernelCaps,
+    opts: &TrackOptions,
+) -> Result<Box<dyn DirtyTracker>, TrackError> {
+    Ok(Box::new(ProcessTracker::start(
+        target,
+        caps,
+        opts,
+        Scope::Process,
+    )?))
+}
+
+/// Tracks `ranges` of the calling process with uffd-wp async (the library
+/// API for VMMs and runtimes), or reports them all written every time if
+/// the kernel cannot (then [`DirtyTracker::degraded`] says why).
+pub fn track_self(
+    ranges: &[VirtRange],
+    caps: &KernelCaps,
+) -> Result<Box<dyn DirtyTracker>, TrackError> {
+    let scope = Scope::Ranges(ranges.iter().copied().collect());
+    let opts = TrackOptions::default();
+    Ok(Box::new(ProcessTracker::start(
+        Target::current()?,
+        caps,
+        &opts,
+        scope,
+    )?))
+}
+
+/// The chosen backend, and why it is not the best one if it is not.
+struct Chosen {
+    backend: Box<dyn PageTableTracker>,
+    degraded: Option<String>,
+}
+
+fn choose(
+    target: &Target,
+    caps: &KernelCaps,
+    want: Option<TrackerBackend>,
+) -> Result<Chosen, TrackError> {
+    let page = page_of(caps);
+    let mut why_not = Vec::new();
+    if want.is_none_or(|b| b == TrackerBackend::UffdWpAsync) {
+        match uffd_backend(target, caps) {
+            Ok(b) => {
+                return Ok(Chosen {
+                    backend: Box::new(b),
+                    degraded: None,
+                });
+            }
+            Err(e) if want.is_some() => return Err(e),
+            Err(e) => why_not.push(format!("uffd-wp async unavailable: {e}")),
+        }
+    }
+    if want.is_none_or(|b| b == TrackerBackend::SoftDirty) {
+        if caps.soft_dirty {
+            return Ok(Chosen {
+                backend: Box::new(SoftDirty::new(target, page)?),
+                degraded: None,
+            });
+        }
+        let why = "the kernel has no soft-dirty (CONFIG_MEM_SOFT_DIRTY)";
+        if want.is_some() {
+            return Err(TrackError::Unsupported {
+                backend: "soft_dirty",
+                why: why.into(),
+            });
+        }
+        why_not.push(why.to_owned());
+    }
+    if want == Some(TrackerBackend::AllDirty) {
+        why_not.push("all_dirty was asked for".into());
+    }
+    Ok(Chosen {
+        backend: Box::new(AllDirty),
+        degraded: Some(format!(
+            "every page is reported written every interval: {}",
+            why_not.join("; ")
+        )),
+    })
+}
+
+fn uffd_backend(target: &Target, caps: &KernelCaps) -> Result<UffdWp, TrackError> {
+    if !caps.has_pagemap_scan() {
+        return Err(TrackError::Unsupported {
+            backend: "uffd_wp_async",
+            why: "the kernel lacks PAGEMAP_SCAN (Linux 6.7+)".into(),
+        });
+    }
+    let (uffd, origin) = if target.pid() == std::process::id() {
+        let u = Userfaultfd::new_wp_async()?;
+        let origin = if caps.uffd.is_some_and(|u| u.user_mode_only) {
+            UffdOrigin::UserModeOnly
+        } else {
+            UffdOrigin::Syscall
+        };
+        (u, origin)
+    } else {
+        let i = inject::userfaultfd_in(target)?;
+        (Userfaultfd::from_fd(i.fd)?, i.origin)
+    };
+    UffdWp::new(target, uffd, origin)
+}
+
+fn page_of(caps: &KernelCaps) -> PageSize {
+    PageSize::new(caps.page_size).unwrap_or_else(PageSize::current)
+}
+
+/// A tracker of one process.
+struct ProcessTracker<T: Borrow<Target>> {
+    target: T,
+    caps: KernelCaps,
+    want: Option<TrackerBackend>,
+    backend: Box<dyn PageTableTracker>,
+    degraded: Option<String>,
+    objects: ObjectLayer,
+    scope: Scope,
+    page: PageSize,
+    children: BTreeSet<u32>,
+    events: Vec<TrackEvent>,
+    baseline: Option<DirtyReport>,
+}
+
+impl<T: Borrow<Target>> ProcessTracker<T> {
+    fn start(
+        target: T,
+        caps: &KernelCaps,
+        opts: &TrackOptions,
+        scope: Scope,
+    ) -> Result<Self, TrackError> {
+        let chosen = choose(target.borrow(), caps, opts.backend)?;
+        let page = page_of(caps);
+        let objects = ObjectLayer::new(
+            ObjectOptions {
+                no_sharers: opts.no_sharers,
+                strict: opts.strict_shared,
+            },
+            caps.map_files,
+            page,
+        );
+        let mut t = Self {
+            target,
+            caps: caps.clone(),
+            want: opts.backend,
+            backend: chosen.backend,
+            degraded: chosen.degraded,
+            objects,
+            scope,
+            page,
+            children: BTreeSet::new(),
+            events: Vec::new(),
+            baseline: None,
+        };
+        // The first collect reports everything (nothing was tracked
+        // before): run it now so collects start from "clean".
+        let first = t.collect()?;
+        t.events.clear();
+        if opts.keep_baseline {
+            t.baseline = Some(first);
+        }
+        Ok(t)
+    }
+
+    /// The process executed a new program: its mm (and so the uffd and
+    /// the pagemap fd) are gone. Sets tracking up again on the new image;
+    /// if that fails, falls back to all-dirty and says so.
+    fn reattach(&mut self) {
+        let target = self.target.borrow();
+        let pid = target.pid();
+        match choose(target, &self.caps, self.want) {
+            Ok(c) => {
+                self.backend = c.backend;
+                self.degraded = c.degraded;
+                self.events.push(TrackEvent::Exec {
+                    pid,
+                    reattached: self.degraded.is_none(),
+                });
+            }
+            Err(e) => {
+                self.backend = Box::new(AllDirty);
+                self.degraded = Some(format!(
+                    "tracking was lost when process {pid} executed a new program: {e}"
+                ));
+                self.events.push(TrackEvent::Exec {
+                    pid,
+                    reattached: false,
+                });
+            }
+        }
+    }
+
+    /// New children since the last look (from `/proc/PID/task/*/children`).
+    fn look_for_children(&mut self) -> Vec<u32> {
+        let now: BTreeSet<u32> = self.target.borrow().children().into_iter().collect();
+        for &c in now.difference(&self.children) {
+            self.events.push(TrackEvent::Fork { child: c });
+        }
+        self.children = now;
+        self.children.iter().copied().collect()
+    }
+}
+
+impl<T: Borrow<Target>> DirtyTracker for ProcessTracker<T> {
+    fn backend(&self) -> TrackerBackend {
+        self.backend.backend()
+    }
+
+    fn collect(&mut self) -> Result<DirtyReport, TrackError> {
+        if let Some(first) = self.baseline.take() {
+            return Ok(first);
+        }
+        let layout = self.scope.layout(self.target.borrow())?;
+        let own = match self.backend.collect(self.target.borrow(), &layout) {
+            Err(TrackError::TargetExited { .. }) if self.target.borrow().is_alive() => {
+                self.reattach();
+                let layout = self.scope.layout(self.target.borrow())?;
+                self.backend.collect(self.target.borrow(), &layout)?
+            }
+            r => r?,
+        };
+        let objects = self.objects.collect(self.target.borrow(), &layout, &own);
+        let children = self.look_for_children();
+        let mut written = own;
+        written.extend(objects.written);
+        let mut events = std::mem::take(&mut self.events);
+        events.extend(objects.events);
+        Ok(DirtyReport {
+            written,
+            page_size: self.page,
+            tracked: layout.iter().map(|v| v.range).collect(),
+            objects: objects.objects,
+            events,
+            children,
+        })
+    }
+
+    fn degraded(&self) -> Option<String> {
+        self.degraded.clone()
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let mut n = self.backend.notes();
+        n.extend(self.degraded.iter().cloned());
+        for u in self.objects.unopened() {
+            n.push(format!("object not opened (system-call writes to it are reported as the whole object where they are possible): {u}"));
+        }
+        n
+    }
+}

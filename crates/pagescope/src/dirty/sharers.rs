@@ -1,0 +1,297 @@
+//! Other processes that map a watched object shared: each is tracked
+//! with its own userfaultfd, registered only over its shared mappings of
+//! watched objects, and its writes are turned into object pages.
+//!
+//! uffd-wp sees only the page tables of the mm that created the uffd, so a
+//! write by a PostgreSQL backend into the shared buffers, or by a
+//! vhost-user back end into a VM's memfd RAM, is invisible to a tracker of
+//! the postmaster or the VMM. Tracking every process that maps the object
+//! writable and joining by offset gives the object's written pages exactly.
+//!
+//! A process becomes a sharer when it maps a watched object shared and
+//! writable, and stays one while it maps any watched object shared. One
+//! that appears reports its objects whole once (its earlier writes are
+//! unknown); one that goes away (exit, exec, munmap) reports them whole
+//! once (its last writes are unknown); one that cannot be tracked (no
+//! privilege, another userfaultfd) reports them whole every time.
+//!
+//! Tracking a sharer costs it what it costs the target: one minor fault on
+//! the first write to each page after every collect.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::pagetable::{PageTableTracker, UffdWp};
+use super::{TrackError, TrackEvent, WriteSource, inject};
+use crate::addr::{PageSize, PageSpan};
+use crate::proc::Target;
+use crate::proc::maps::MapsEntry;
+use crate::rangeset::RangeSet;
+use crate::uffd::Userfaultfd;
+use crate::vma::{MountTable, ObjectId, Vma};
+
+/// Every other process's shared mappings of the watched objects, read from
+/// `/proc/*/maps` once per collect.
+#[derive(Debug, Default)]
+pub struct MapsSnapshot {
+    /// PID → its shared mappings of watched objects.
+    pub by_pid: BTreeMap<u32, Vec<MapsEntry>>,
+}
+
+impl MapsSnapshot {
+    /// Reads the maps of every process but `target` (and processes that
+    /// share its mm), keeping shared mappings of `watched` objects.
+    pub fn take(target: u32, watched: &HashSet<ObjectId>) -> Self {
+        let mut by_pid = BTreeMap::new();
+        if watched.is_empty() {
+            return Self { by_pid };
+        }
+        for pid in crate::proc::pids() {
+            if pid == target {
+                continue;
+            }
+            let Ok(buf) = std::fs::read(format!("/proc/{pid}/maps")) else {
+                continue;
+            };
+            let entries: Vec<MapsEntry> = buf
+                .split(|&b| b == b'\n')
+                .filter_map(crate::proc::maps::parse_line)
+                .filter(|e| {
+                    e.perms.shared
+                        && watched.contains(&ObjectId {
+                            dev: e.dev,
+                            inode: e.inode,
+                        })
+                })
+                .collect();
+            if !entries.is_empty() && !shares_mm(target, pid) {
+                by_pid.insert(pid, entries);
+            }
+        }
+        Self { by_pid }
+    }
+
+    /// Objects some other process maps shared and writable.
+    pub fn writable_objects(&self) -> HashSet<ObjectId> {
+        self.by_pid
+            .values()
+            .flatten()
+            .filter(|e| e.perms.write)
+            .map(|e| ObjectId {
+                dev: e.dev,
+                inode: e.inode,
+            })
+            .collect()
+    }
+}
+
+fn shares_mm(a: u32, b: u32) -> bool {
+    match (i32::try_from(a), i32::try_from(b)) {
+        (Ok(a), Ok(b)) => crate::sys::kcmp::same_mm(a, b).unwrap_or(false),
+        _ => false,
+    }
+}
+
+/// What the sharers did since the last collect.
+#[derive(Debug, Default)]
+pub struct SharerWrites {
+    /// Object pages written, per object and writer PID.
+    pub pages: HashMap<ObjectId, BTreeMap<u32, RangeSet<PageSpan>>>,
+    /// Objects to report whole, with the source and a one-line cause.
+    pub whole: HashMap<ObjectId, Vec<(WriteSource, String)>>,
+    /// Sharers that came and went.
+    pub events: Vec<TrackEvent>,
+}
+
+impl SharerWrites {
+    fn whole(
+        &mut self,
+        objects: impl IntoIterator<Item = ObjectId>,
+        source: WriteSource,
+        why: &str,
+    ) {
+        for o in objects {
+            self.whole
+                .entry(o)
+                .or_default()
+                .push((source, why.to_owned()));
+        }
+    }
+}
+
+/// One other process mapping watched objects.
+#[derive(Debug)]
+struct Sharer {
+    target: Target,
+    tracker: Result<UffdWp, String>,
+    objects: HashSet<ObjectId>,
+}
+
+/// The tracked sharers of a tracker's objects.
+#[derive(Debug)]
+pub struct Sharers {
+    procs: BTreeMap<u32, Sharer>,
+    page: PageSize,
+}
+
+impl Sharers {
+    /// No sharers yet.
+    pub fn new(page: PageSize) -> Self {
+        Self {
+            procs: BTreeMap::new(),
+            page,
+        }
+    }
+
+    /// Collects every sharer's writes into watched objects. `first`: the
+    /// tracker's first collect, which reports everything anyway (no
+    /// sharer is reported whole for appearing).
+    pub fn collect(&mut self, snapshot: &MapsSnapshot, first: bool) -> SharerWrites {
+        let mut out = SharerWrites::default();
+        let gone: Vec<u32> = self
+            .procs
+            .keys()
+            .filter(|p| !snapshot.by_pid.contains_key(p))
+            .copied()
+            .collect();
+        for pid in gone {
+            self.drop_sharer(pid, &mut out, "stopped mapping the object");
+        }
+        for (&pid, entries) in &snapshot.by_pid {
+            let known = self.procs.contains_key(&pid);
+            if !known && !entries.iter().any(|e| e.perms.write) {
+                continue; // read-only mappers cannot write
+            }
+            if !known {
+                self.attach(pid, first, &mut out);
+            }
+            self.collect_one(pid, entries, first, &mut out);
+        }
+        out
+    }
+
+    fn attach(&mut self, pid: u32, first: bool, out: &mut SharerWrites) {
+        let target = match Target::open(pid) {
+            Ok(t) => t,
+            Err(_) => return, // exited between the maps walk and now
+        };
+        let tracker = start(&target).map_err(|e| e.to_string());
+        if tracker.is_ok() && !first {
+            out.events.push(TrackEvent::SharerAttached { pid });
+        }
+        self.procs.insert(
+            pid,
+            Sharer {
+                target,
+                tracker,
+                objects: HashSet::new(),
+            },
+        );
+    }
+
+    fn drop_sharer(&mut self, pid: u32, out: &mut SharerWrites, what: &str) {
+        if let Some(s) = self.procs.remove(&pid) {
+            if s.tracker.is_ok() {
+                let why =
+                    format!("process {pid} {what}; its writes since the last collect are unknown");
+                out.whole(s.objects, WriteSource::ObjectSharerGone, &why);
+                out.events.push(TrackEvent::SharerGone { pid });
+            }
+        }
+    }
+
+    fn collect_one(
+        &mut self,
+        pid: u32,
+        entries: &[MapsEntry],
+        first: bool,
+        out: &mut SharerWrites,
+    ) {
+        let page = self.page;
+        let Some(s) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        let vmas: Vec<Vma> = entries
+            .iter()
+            .map(|e| Vma::classify(e, &MountTable::default(), None))
+            .collect();
+        let now: HashSet<ObjectId> = vmas.iter().filter_map(Vma::object_id).collect();
+        let writable: Vec<ObjectId> = vmas
+            .iter()
+            .filter(|v| v.perms.write)
+            .filter_map(Vma::object_id)
+            .collect();
+        let tracker = match &mut s.tracker {
+            Ok(t) => t,
+            Err(why) => {
+                let why =
+                    format!("process {pid} maps the object writable but cannot be tracked: {why}");
+                out.whole(writable, WriteSource::ObjectSharerUntracked, &why);
+                return;
+            }
+        };
+        let written = match tracker.collect(&s.target, &vmas) {
+            Ok(w) => w,
+            Err(TrackError::TargetExited { .. }) => {
+                // Exited, or executed a new program (its mm is gone).
+                let what = if s.target.is_alive() {
+                    "executed a new program"
+                } else {
+                    "exited"
+                };
+                self.drop_sharer(pid, out, what);
+                return;
+            }
+            Err(e) => {
+                let why =
+                    format!("process {pid} maps the object writable but cannot be tracked: {e}");
+                s.tracker = Err(e.to_string());
+                out.whole(writable, WriteSource::ObjectSharerUntracked, &why);
+                return;
+            }
+        };
+        let lost: Vec<ObjectId> = s.objects.difference(&now).copied().collect();
+        s.objects = now;
+        out.whole(
+            lost,
+            WriteSource::ObjectSharerGone,
+            &format!(
+                "process {pid} unmapped the object; its writes since the last collect are unknown"
+            ),
+        );
+        for w in written {
+            let Some(v) = vmas.iter().find(|v| v.range.contains(w.range.start())) else {
+                continue;
+            };
+            let Some(id) = v.object_id() else { continue };
+            match w.source {
+                WriteSource::Tracked => {
+                    let Some(part) = w.range.intersect(&v.range) else { continue };
+                    out.pages
+                        .entry(id)
+                        .or_default()
+                        .entry(pid)
+                        .or_default()
+                        .insert(v.object_span(part, page));
+                }
+                WriteSource::NewMapping if !first => out.whole(
+                    [id],
+                    WriteSource::ObjectNewSharer,
+                    &format!("process {pid} started mapping the object; its writes before tracking began are unknown"),
+                ),
+                WriteSource::Untracked => out.whole(
+                    [id],
+                    WriteSource::ObjectSharerUntracked,
+                    &format!("a mapping of the object in process {pid} cannot be write-protected"),
+                ),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A userfaultfd injected into `target` and the backend over it.
+fn start(target: &Target) -> Result<UffdWp, TrackError> {
+    let injected = inject::userfaultfd_in(target)?;
+    let uffd = Userfaultfd::from_fd(injected.fd)?;
+    UffdWp::new(target, uffd, injected.origin)
+}
