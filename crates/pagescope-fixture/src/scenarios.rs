@@ -239,7 +239,8 @@ impl Fixture {
             ["selfview"] => Ok(self.selfview()),
             ["pageout", region, first, count] => self.pageout_command(region, first, count),
             [
-                op @ ("write" | "read" | "dontneed" | "remove" | "pwrite" | "punch" | "ro" | "rw"),
+                op @ ("write" | "read" | "readinto" | "dontneed" | "remove" | "pwrite" | "punch"
+                | "ro" | "rw"),
                 region,
                 first,
                 count,
@@ -302,7 +303,8 @@ impl Fixture {
         serde_json::to_string(&states).map_err(|e| e.to_string())
     }
 
-    /// `write|read|dontneed|remove|pwrite|punch|ro|rw REGION FIRST COUNT`
+    /// `write|read|readinto|dontneed|remove|pwrite|punch|ro|rw REGION FIRST
+    /// COUNT`
     /// (`remove`: `MADV_REMOVE` through the mapping; `pwrite`/`punch`:
     /// `pwrite`/`fallocate(PUNCH_HOLE)` through the region's object fd).
     fn page_command(
@@ -328,6 +330,11 @@ impl Fixture {
         match op {
             "write" => self.write_pages(&m, at, count, self.generation)?,
             "read" => self.read_pages(&m, at, count)?,
+            // The kernel writes the pages (read() from /dev/urandom): a
+            // kernel-mode write, which user-mode-only userfaultfds must
+            // still see in write-protect async mode.
+            "readinto" => sys::read_urandom_into(m.addr() + off as u64, len)
+                .map_err(|e| format!("read: {e}"))?,
             "dontneed" => m
                 .madvise(off, len, Advice::DontNeed)
                 .map_err(|e| e.to_string())?,

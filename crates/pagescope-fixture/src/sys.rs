@@ -178,3 +178,28 @@ pub fn close_inherited(fd: std::os::fd::RawFd) {
     // dropped in the child, which exits with `_exit`).
     unsafe { libc::close(fd) };
 }
+
+/// `read(/dev/urandom, addr, len)`: the kernel fills the fixture's own
+/// memory at `addr`.
+pub fn read_urandom_into(addr: u64, len: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open("/dev/urandom")?;
+    let mut done = 0;
+    while done < len {
+        // SAFETY: `addr..addr+len` lies in a read-write mapping the fixture
+        // owns (checked by the caller against its regions); the kernel
+        // writes at most `len - done` bytes there.
+        let n = unsafe {
+            libc::read(
+                f.as_raw_fd(),
+                (addr as usize + done) as *mut libc::c_void,
+                len - done,
+            )
+        };
+        if n <= 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        done += n as usize;
+    }
+    Ok(())
+}

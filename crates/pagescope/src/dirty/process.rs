@@ -49,10 +49,17 @@ impl Scope {
     /// a tmpfs file classified as a plain file is tracked all the same).
     fn layout(&self, target: &Target) -> Result<Vec<Vma>, TrackError> {
         let mounts = MountTable::default();
-        let all = target.maps().map_err(|e| match e {
-            ProcError::Exited { pid } => TrackError::TargetExited { pid },
+        let gone = |e| match e {
+            ProcError::Exited { pid } | ProcError::NoAddressSpace { pid, .. } => {
+                TrackError::TargetExited { pid }
+            }
             e => TrackError::Proc(e),
-        })?;
+        };
+        let all = target.maps().map_err(gone)?;
+        if all.is_empty() {
+            // A zombie has no address space left: it has exited.
+            target.require_address_space().map_err(gone)?;
+        }
         let all = all.iter().map(|e| Vma::classify(e, &mounts, None));
         Ok(match self {
             Scope::Process => all.filter(|v| v.backing != Backing::Special).collect(),

@@ -302,14 +302,19 @@ struct Thread {
     pending: [i32; 4],
     npending: usize,
     failpoint: Option<Failpoint>,
+    /// Whether the failpoint fired already (it fires once: steps that
+    /// retry then recover, as they would from a transient failure).
+    fired: std::cell::Cell<bool>,
 }
 
 impl Thread {
     /// Applies a failpoint at `step`, if one is set there.
     fn at(&self, step: Step) -> Result<(), Errno> {
         match self.failpoint {
-            Some(f) if f.step == step as i32 && f.signal == 0 => Err(Errno::IO),
-            Some(f) if f.step == step as i32 => {
+            Some(f) if f.step == step as i32 && !self.fired.replace(true) => {
+                if f.signal == 0 {
+                    return Err(Errno::IO);
+                }
                 ptrace::signal_parent(f.signal);
                 Ok(())
             }
@@ -389,6 +394,7 @@ fn helper(plan: &Plan<'_>, sock: BorrowedFd<'_>) -> i32 {
         pending: [0; 4],
         npending: 0,
         failpoint: plan.failpoint,
+        fired: std::cell::Cell::new(false),
     };
     let mut out = Outcome::default();
     let mut ours: Option<OwnedFd> = None;
@@ -483,7 +489,9 @@ fn inject(
     let got = step(t, Step::GetFd, || {
         rustix::process::pidfd_getfd(plan.pidfd, theirs, PidfdGetfdFlags::empty())
     });
-    let closed = inject_call(t, Step::CloseInTarget, |t| {
+    // The target must not keep its copy: retry a failed close (the
+    // failpoint fails only the first attempt).
+    let mut closed = inject_call(t, Step::CloseInTarget, |t| {
         t.call(
             saved,
             plan.insn,
@@ -491,6 +499,19 @@ fn inject(
             [fd.unsigned_abs(), 0, 0, 0, 0, 0],
         )
     });
+    for _ in 0..2 {
+        if matches!(closed, Ok(0)) {
+            break;
+        }
+        closed = t
+            .call(
+                saved,
+                plan.insn,
+                NR_CLOSE,
+                [fd.unsigned_abs(), 0, 0, 0, 0, 0],
+            )
+            .map_err(|e| (Step::CloseInTarget, e));
+    }
     *ours = Some(got?);
     match closed? {
         0 => Ok(()),
