@@ -10,6 +10,7 @@ mod baseline;
 mod dirty;
 mod objects;
 mod scan;
+mod sharers;
 mod util;
 
 use std::process::ExitCode;
@@ -21,9 +22,10 @@ fn main() -> ExitCode {
         Some("scan") => report(scan::run(&args[1..])),
         Some("objects") => report(objects::run(&args[1..])),
         Some("dirty") => report(dirty::run(&args[1..])),
+        Some("sharers") => report(sharers::run(&args[1..])),
         _ => {
             eprintln!(
-                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]"
+                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]\n       pagescope-bench sharers [--gib N] [--reps N]"
             );
             ExitCode::from(2)
         }

@@ -24,7 +24,7 @@ pub enum View {
     /// One text line per interval.
     Lines(Vec<String>),
     /// A screen redrawn every interval.
-    Live(Live),
+    Live(Box<Live>),
 }
 
 impl View {
@@ -41,13 +41,13 @@ impl View {
         } else if lines || !std::io::stdout().is_terminal() {
             Self::Lines(header)
         } else {
-            Self::Live(Live {
+            Self::Live(Box::new(Live {
                 pid,
                 header,
                 rates: VecDeque::with_capacity(HISTORY),
                 last: None,
                 size: terminal_size(),
-            })
+            }))
         })
     }
 

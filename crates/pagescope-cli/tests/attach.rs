@@ -10,9 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{caps, fixture, skip};
-use pagescope::dirty::{
-    DirtyReport, DirtyTracker, TrackOptions, TrackerBackend, WriteSource, attach_owned,
-};
+use pagescope::dirty::{DirtyReport, TrackOptions, TrackerBackend, WriteSource, attach_owned};
 use pagescope::{Target, VirtAddr};
 use pagescope_fixture::{FixtureProcess, Truth};
 

@@ -274,3 +274,31 @@ fn no_sharers_reports_objects_others_may_write() {
         );
     }
 }
+
+/// Strict mode reports every shared object whole on every collect, even
+/// with nothing written.
+#[test]
+fn strict_shared_reports_shared_objects_every_time() {
+    if !usable() {
+        return;
+    }
+    let fx = fixture(&["shared_anon", "anon"]);
+    let truth = fx.truth().clone();
+    let opts = TrackOptions {
+        strict_shared: true,
+        ..TrackOptions::default()
+    };
+    let mut t = tracker(fx.pid(), &opts);
+    for _ in 0..2 {
+        let r = t.collect().unwrap();
+        assert_eq!(reported(&truth, "shared_anon", &r).len(), 64);
+        assert_eq!(
+            sources(&truth, "shared_anon", 0, &r),
+            vec![WriteSource::ObjectStrict]
+        );
+        assert!(
+            reported(&truth, "anon_present", &r).is_empty(),
+            "private memory stays exact"
+        );
+    }
+}

@@ -199,7 +199,7 @@ pub fn read_urandom_into(addr: u64, len: usize) -> std::io::Result<()> {
         if n <= 0 {
             return Err(std::io::Error::last_os_error());
         }
-        done += n as usize;
+        done += n.cast_unsigned();
     }
     Ok(())
 }

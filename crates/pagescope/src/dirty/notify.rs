@@ -6,22 +6,22 @@
 //!   raise it; page faults never do. pagescope watches each mapped object
 //!   through its own fd of it (`/proc/self/fd/N`), so every path and
 //!   every process's descriptor is covered, with one exception below.
-//!   A change reports the whole object ([`WriteSource::ObjectSyscall`]).
+//!   A change reports the whole object ([`WriteSource::ObjectSyscall`](super::WriteSource::ObjectSyscall)).
 //! * **Data extents**: a hole punched into shmem (`fallocate(PUNCH_HOLE)`,
 //!   `MADV_REMOVE`) zeroes pages while the write-protected PTEs become
 //!   markers, so uffd-wp reports nothing. Comparing the object's data
 //!   extents (`SEEK_DATA`) with the previous collect's finds exactly the
-//!   pages that became holes ([`WriteSource::ObjectPunched`]), and the
+//!   pages that became holes ([`WriteSource::ObjectPunched`](super::WriteSource::ObjectPunched)), and the
 //!   holes that became data without a tracked write: written by a process
 //!   that came and went between two collects, or read-faulted (which
-//!   allocates a zero page: an over-report) ([`WriteSource::ObjectFilled`]).
+//!   allocates a zero page: an over-report) ([`WriteSource::ObjectFilled`](super::WriteSource::ObjectFilled)).
 //! * **memfd descriptors**: since Linux 6.14 the file a `memfd_create()`
 //!   returns is a pseudo file that raises no fsnotify event at all (a
 //!   re-opened `/proc/PID/fd/N` does). For memfds, pagescope finds every
 //!   process holding a descriptor of the object (`/proc/*/fd`) and counts
 //!   their write-family system calls on exactly those fds with a BPF
 //!   program ([`DescriptorHolders`]); a counted write reports the whole
-//!   object ([`WriteSource::ObjectDescriptorWrite`]). Without BPF (not
+//!   object ([`WriteSource::ObjectDescriptorWrite`](super::WriteSource::ObjectDescriptorWrite)). Without BPF (not
 //!   root) it falls back to: the memfd's mtime moved and a holder made
 //!   write system calls at all (`syscw`). mtime alone cannot tell: every
 //!   write fault into a shared mapping moves it too.
@@ -127,37 +127,78 @@ pub struct ExtentChanges {
     pub filled: Vec<PageSpan>,
 }
 
-/// The data extents of shmem objects at the last collect.
+/// The data extents of shmem objects at the last collect, and their
+/// allocated page count (`st_blocks`, which counts swapped and fallocated
+/// pages too).
+///
+/// The `SEEK_DATA` walk costs about 11 ms per fully written GiB, so it
+/// runs only when the allocation count moved by more than the tracked
+/// writes into holes explain; otherwise the extents are updated from
+/// those writes. (A punch and an untracked fill of as many pages within
+/// one interval would cancel out; it needs a hole punched while another
+/// process that is gone by the next collect writes a hole.)
 #[derive(Debug, Default)]
 pub struct ExtentWatch {
-    last: HashMap<ObjectId, RangeSet<PageSpan>>,
+    last: HashMap<ObjectId, Extents>,
+}
+
+#[derive(Debug)]
+struct Extents {
+    data: RangeSet<PageSpan>,
+    allocated: u64,
 }
 
 impl ExtentWatch {
     /// Pages of `span` that turned from data to hole or back since the
-    /// last call. The first call for an object only records.
+    /// last call; `tracked` are the object pages tracked writers wrote
+    /// meanwhile. The first call for an object only records.
     pub fn changes(
         &mut self,
         object: ObjectId,
         fd: BorrowedFd<'_>,
         span: PageSpan,
         page: PageSize,
+        tracked: &RangeSet<PageSpan>,
     ) -> ExtentChanges {
         let mut out = ExtentChanges::default();
+        let Some(allocated) = allocated_pages(fd, page) else {
+            self.last.remove(&object);
+            return out;
+        };
+        if let Some(last) = self.last.get_mut(&object) {
+            let fills: Vec<PageSpan> = tracked
+                .ranges()
+                .iter()
+                .filter_map(|t| t.intersect(&span))
+                .flat_map(|t| last.data.subtract_from(t))
+                .collect();
+            let explained: u64 = fills.iter().map(PageSpan::count).sum();
+            if allocated == last.allocated + explained {
+                last.data.extend(fills);
+                last.allocated = allocated;
+                return out;
+            }
+        }
         let Ok(now) = data_extents(fd, span, page) else {
             // Unknown: drop the baseline rather than compare with a stale one.
             self.last.remove(&object);
             return out;
         };
         if let Some(before) = self.last.get(&object) {
-            for r in before.ranges() {
+            for r in before.data.ranges() {
                 out.punched.extend(now.subtract_from(*r));
             }
             for r in now.ranges() {
-                out.filled.extend(before.subtract_from(*r));
+                out.filled.extend(before.data.subtract_from(*r));
             }
         }
-        self.last.insert(object, now);
+        self.last.insert(
+            object,
+            Extents {
+                data: now,
+                allocated,
+            },
+        );
         out
     }
 
@@ -165,6 +206,12 @@ impl ExtentWatch {
     pub fn retain(&mut self, keep: impl Fn(&ObjectId) -> bool) {
         self.last.retain(|k, _| keep(k));
     }
+}
+
+/// Pages the object has allocated (`st_blocks` is in 512-byte units).
+fn allocated_pages(fd: BorrowedFd<'_>, page: PageSize) -> Option<u64> {
+    let st = rustix::fs::fstat(fd).ok()?;
+    Some(u64::try_from(st.st_blocks).ok()? * 512 / page.get())
 }
 
 /// Processes holding memfd descriptors fsnotify cannot see, and whether
@@ -325,7 +372,7 @@ fn compare(before: &Seen, now: &Seen, exact: bool) -> Option<DescriptorWrite> {
 
 fn mtime(fd: BorrowedFd<'_>) -> Option<(i64, u64)> {
     let st = rustix::fs::fstat(fd).ok()?;
-    Some((st.st_mtime, u64::try_from(st.st_mtime_nsec).unwrap_or(0)))
+    Some((st.st_mtime, st.st_mtime_nsec))
 }
 
 /// `syscw` of `/proc/PID/io` (write-family system calls ever made).

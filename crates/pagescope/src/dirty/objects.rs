@@ -275,14 +275,16 @@ impl ObjectLayer {
                 a.causes.push(describe(why));
             }
             if let (Some(fd), true) = (&w.fd, is_shmem_kind(w.kind)) {
-                let changes = self.extents.changes(*id, fd.as_fd(), hull(&all), self.page);
-                a.add(WriteSource::ObjectPunched, changes.punched);
                 let explained: RangeSet<PageSpan> =
                     [WriteSource::Tracked, WriteSource::SharedWriter]
                         .iter()
                         .filter_map(|s| a.by_source.get(s))
                         .flat_map(|r| r.ranges().iter().copied())
                         .collect();
+                let changes =
+                    self.extents
+                        .changes(*id, fd.as_fd(), hull(&all), self.page, &explained);
+                a.add(WriteSource::ObjectPunched, changes.punched);
                 let unexplained: Vec<PageSpan> = changes
                     .filled
                     .iter()

@@ -45,8 +45,11 @@ impl MapsSnapshot {
         if watched.is_empty() {
             return Self { by_pid };
         }
+        let me = std::process::id();
+        let inodes: HashSet<u64> = watched.iter().map(|o| o.inode).collect();
         for pid in crate::proc::pids() {
-            if pid == target {
+            // pagescope never injects into itself (nor the target twice).
+            if pid == target || pid == me {
                 continue;
             }
             let Ok(buf) = std::fs::read(format!("/proc/{pid}/maps")) else {
@@ -54,6 +57,7 @@ impl MapsSnapshot {
             };
             let entries: Vec<MapsEntry> = buf
                 .split(|&b| b == b'\n')
+                .filter(|l| inode_field(l).is_some_and(|i| inodes.contains(&i)))
                 .filter_map(crate::proc::maps::parse_line)
                 .filter(|e| {
                     e.perms.shared
@@ -82,6 +86,17 @@ impl MapsSnapshot {
             })
             .collect()
     }
+}
+
+/// The inode column of a maps line (the fifth field), parsed without
+/// building the whole entry: most lines of most processes are skipped on
+/// it.
+fn inode_field(line: &[u8]) -> Option<u64> {
+    let field = line
+        .split(|&b| b == b' ')
+        .filter(|f| !f.is_empty())
+        .nth(4)?;
+    std::str::from_utf8(field).ok()?.parse().ok()
 }
 
 fn shares_mm(a: u32, b: u32) -> bool {

@@ -157,12 +157,11 @@ fn program(map_fd: i32) -> Vec<BpfInsn> {
     ]);
     let exit = p.len();
     p.extend([insn(MOV64_K, r0, 0, 0, 0), insn(EXIT, 0, 0, 0, 0)]);
-    let rel = |from: usize, to: usize| i16::try_from(to as isize - from as isize - 1).unwrap_or(0);
-    for i in first_jump..first_jump + n_dx {
-        p[i].off = rel(i, dx);
-    }
-    for i in first_jump + n_dx..first_jump + n_dx + n_di {
-        p[i].off = rel(i, ok);
+    let rel = |from: usize, to: usize| {
+        i16::try_from(to.cast_signed() - from.cast_signed() - 1).unwrap_or(0)
+    };
+    for (i, ins) in p.iter_mut().enumerate().skip(first_jump).take(n_dx + n_di) {
+        ins.off = rel(i, if i < first_jump + n_dx { dx } else { ok });
     }
     p[goto_exit].off = rel(goto_exit, exit);
     p[check_read].off = rel(check_read, exit);
@@ -361,7 +360,7 @@ mod tests {
         let f = std::fs::File::create(&pf).unwrap();
         let g = std::fs::File::create(&pg).unwrap();
         let _ = (std::fs::remove_file(&pf), std::fs::remove_file(&pg));
-        let (fd, other) = (f.as_raw_fd() as u32, g.as_raw_fd() as u32);
+        let (fd, other) = (f.as_raw_fd().cast_unsigned(), g.as_raw_fd().cast_unsigned());
         c.watch(std::process::id(), fd).unwrap();
         assert_eq!(c.count(std::process::id(), fd), Some(0));
         use std::os::unix::fs::FileExt;

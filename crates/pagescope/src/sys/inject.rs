@@ -388,6 +388,13 @@ impl Thread {
 
 /// The helper's whole job; returns its exit code.
 fn helper(plan: &Plan<'_>, sock: BorrowedFd<'_>) -> i32 {
+    // The fork copied every fd of the parent (other userfaultfds among
+    // them, which would stay alive, protections and all, while this runs):
+    // keep only what the helper uses.
+    ptrace::close_all_but(&[
+        std::os::fd::AsRawFd::as_raw_fd(&sock),
+        std::os::fd::AsRawFd::as_raw_fd(&plan.pidfd),
+    ]);
     let mut t = Thread {
         tgid: plan.tgid,
         tid: plan.tid,
@@ -556,7 +563,14 @@ fn dev_userfaultfd(
             saved,
             plan.insn,
             NR_OPENAT,
-            [libc::AT_FDCWD as u64, scratch, open, 0, 0, 0],
+            [
+                i64::from(libc::AT_FDCWD).cast_unsigned(),
+                scratch,
+                open,
+                0,
+                0,
+                0,
+            ],
         )
     });
     for (i, w) in old.iter().enumerate() {

@@ -270,6 +270,28 @@ pub unsafe fn fork_quiet_helper(child: impl FnOnce() -> i32) -> Result<i32, Errn
     if pid < 0 { Err(err) } else { Ok(pid) }
 }
 
+/// Closes every fd above stderr except `keep` (`close_range(2)`, Linux
+/// 5.9+; async-signal-safe). Errors are ignored: it only hastens the
+/// release of what the process would close at exit anyway.
+pub fn close_all_but(keep: &[i32]) {
+    let mut keep_sorted = [i32::MAX; 8];
+    let n = keep.len().min(keep_sorted.len());
+    keep_sorted[..n].copy_from_slice(&keep[..n]);
+    keep_sorted[..n].sort_unstable();
+    let mut from: u32 = 3;
+    for &k in &keep_sorted[..n] {
+        let Ok(k) = u32::try_from(k) else { continue };
+        if k > from {
+            // SAFETY: close_range takes integers only; the closed fds are
+            // copies the forked helper never uses.
+            unsafe { libc::syscall(libc::SYS_close_range, from, k - 1, 0u32) };
+        }
+        from = from.max(k + 1);
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32) };
+}
+
 /// `waitpid(pid, &status, 0)`, retrying on `EINTR`; returns the exit code
 /// (128 + signal if it was killed).
 pub fn reap(pid: i32) -> Result<i32, Errno> {
