@@ -7,26 +7,23 @@ use std::os::fd::BorrowedFd;
 
 use pagescope::ScanCategories as C;
 use pagescope::VirtRange;
-use pagescope::sys::pagemap::pread_u64s;
-use pagescope::sys::pagemap_scan::{ScanRequest, page_region, pagemap_scan};
+use pagescope::raw::pagemap::pread_u64s;
+use pagescope::raw::pagemap_scan::{RegionBuf, ScanRequest, pagemap_scan};
 
 /// PAGEMAP_SCAN over `ranges` with the categories pagescope asks for;
 /// returns the number of regions.
-pub fn pagemap_scan_loop(fd: BorrowedFd<'_>, ranges: &[VirtRange], vec: &mut [page_region]) -> u64 {
+pub fn pagemap_scan_loop(fd: BorrowedFd<'_>, ranges: &[VirtRange], vec: &mut RegionBuf) -> u64 {
     let anyof = C::PRESENT | C::SWAPPED | C::GUARD;
     let ret = anyof | C::PFNZERO | C::HUGE | C::WRITTEN;
     let mut regions = 0;
     for r in ranges {
-        let mut start = r.start().get();
-        while start < r.end().get() {
-            let req = ScanRequest {
-                start,
-                end: r.end().get(),
-                category_anyof_mask: anyof.bits(),
-                return_mask: ret.bits(),
-                ..ScanRequest::default()
+        let mut start = r.start();
+        while start < r.end() {
+            let Some(rest) = VirtRange::new(start, r.end()) else {
+                break;
             };
-            let Ok(reply) = pagemap_scan(fd, &req, vec) else {
+            let req = ScanRequest::new(rest).any_of(anyof).returning(ret);
+            let Ok(reply) = pagemap_scan(fd, &req, Some(&mut *vec)) else {
                 break;
             };
             regions += reply.filled as u64;
@@ -130,7 +127,7 @@ pub enum Bare {
 /// one mincore over the whole object, cachestat bisection per 512 pages,
 /// then a fallocated-count pass. Returns counts per class.
 pub fn bare_shmem_classify(fd: BorrowedFd<'_>, pages: u64) -> anyhow::Result<[u64; 5]> {
-    use pagescope::sys::cachestat::cachestat;
+    use pagescope::raw::cachestat::cachestat;
     use rustix::fs::SeekFrom;
     let page = 4096u64;
     let mut cls = vec![Bare::Hole; pages as usize];
@@ -146,7 +143,7 @@ pub fn bare_shmem_classify(fd: BorrowedFd<'_>, pages: u64) -> anyhow::Result<[u6
         pos = h;
     }
     let mut vec = vec![0u8; pages as usize];
-    pagescope::sys::mincore::mincore_file(fd, 0, page, &mut vec)?;
+    pagescope::raw::mincore::mincore_file(fd, 0, page, &mut vec)?;
     for (c, v) in cls.iter_mut().zip(&vec) {
         if *c == Bare::Resident && v & 1 == 0 {
             *c = Bare::Swapped;
@@ -155,7 +152,7 @@ pub fn bare_shmem_classify(fd: BorrowedFd<'_>, pages: u64) -> anyhow::Result<[u6
     fn bisect(fd: BorrowedFd<'_>, cls: &mut [Bare], lo: usize, hi: usize) -> anyhow::Result<()> {
         let known = cls[lo..hi].iter().filter(|c| **c == Bare::Swapped).count() as u64;
         let ev =
-            pagescope::sys::cachestat::cachestat(fd, lo as u64 * 4096, (hi - lo) as u64 * 4096)?
+            pagescope::raw::cachestat::cachestat(fd, lo as u64 * 4096, (hi - lo) as u64 * 4096)?
                 .nr_evicted;
         if ev == known {
             return Ok(());

@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use pagescope::dirty::track_self;
-use pagescope::sys::pagemap_scan::page_region;
+use pagescope::raw::pagemap_scan::RegionBuf;
 use pagescope::uffd::wp_get_and_reset;
 use pagescope::{Advice, KernelCaps, OwnedMapping, VirtAddr, VirtRange};
 
@@ -103,7 +103,7 @@ fn reset_cost(caps: &KernelCaps, gib: u64, reps: u64) -> anyhow::Result<()> {
     let mut tracker = track_self(&[range], caps)?;
     tracker.collect()?;
     let pagemap = std::fs::File::open("/proc/self/pagemap")?;
-    let mut vec = vec![page_region::default(); 16 * 1024];
+    let mut vec = RegionBuf::new(16 * 1024);
     let mut buf = vec![0u8; 4096];
     let mut hashes: Vec<u64> = (0..pages as usize)
         .map(|p| hash_page(&m, p, &mut buf))

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pagescope::object::view::{ObjectsOptions, objects_view};
-use pagescope::sys::pagemap_scan::page_region;
+use pagescope::raw::pagemap_scan::RegionBuf;
 use pagescope::{KernelCaps, PageState, ScanOptions, Target, VirtAddr, VirtRange, scan_process};
 use pagescope_fixture::FixtureProcess;
 
@@ -53,7 +53,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let pread = time_median(reps, || {
         baseline::pread_loop(fd, &[range], &mut buf);
     });
-    let mut vec = vec![page_region::default(); 16 * 1024];
+    let mut vec = RegionBuf::new(16 * 1024);
     let ioctl = time_median(reps, || {
         baseline::pagemap_scan_loop(fd, &[range], &mut vec);
     });
@@ -64,11 +64,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         let ofd = object.as_fd();
         let mut v = vec![0u8; region.pages as usize];
         let mc = time_median(reps, || {
-            pagescope::sys::mincore::mincore_file(ofd, 0, 4096, &mut v).unwrap()
+            pagescope::raw::mincore::mincore_file(ofd, 0, 4096, &mut v).unwrap()
         });
         let cs = time_median(reps, || {
             for c in (0..region.pages).step_by(65536) {
-                pagescope::sys::cachestat::cachestat(ofd, c * 4096, 65536 * 4096).unwrap();
+                pagescope::raw::cachestat::cachestat(ofd, c * 4096, 65536 * 4096).unwrap();
             }
         });
         let sk = time_median(reps, || {

@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use pagescope::sys::pagemap_scan::page_region;
+use pagescope::raw::pagemap_scan::RegionBuf;
 use pagescope::{KernelCaps, ScanOptions, ScanStrategy, Target, VirtRange, scan_process};
 use pagescope_fixture::FixtureProcess;
 
@@ -32,7 +32,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .collect();
     let pagemap = target.pagemap()?;
     let fd = pagemap.as_fd();
-    let mut vec = vec![page_region::default(); 16 * 1024];
+    let mut vec = RegionBuf::new(16 * 1024);
     let mut buf = vec![0u64; 64 * 1024];
 
     let (target, caps) = (&target, &caps);
@@ -73,7 +73,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         baseline::on_threads(
             cpus,
             &pieces,
-            || vec![page_region::default(); 16 * 1024],
+            || RegionBuf::new(16 * 1024),
             |v, p| {
                 baseline::pagemap_scan_loop(fd, std::slice::from_ref(p), v);
             },
@@ -184,7 +184,7 @@ fn parts(
     caps: &KernelCaps,
     ranges: &[VirtRange],
     fd: std::os::fd::BorrowedFd<'_>,
-    vec: &mut [page_region],
+    vec: &mut RegionBuf,
     buf: &mut [u64],
 ) {
     let mut big: Vec<VirtRange> = ranges.to_vec();

@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
 use pagescope::dirty::{TrackOptions, WriteSource, attach_owned};
-use pagescope::sys::pagemap_scan::page_region;
+use pagescope::raw::pagemap_scan::RegionBuf;
 use pagescope::uffd::wp_get_and_reset;
 use pagescope::{KernelCaps, OwnedMapping, Target, VirtRange};
 
@@ -161,7 +161,7 @@ fn measure(
         .iter()
         .map(|w| memfd_mapping(w.pid))
         .collect::<anyhow::Result<_>>()?;
-    let mut vec = vec![page_region::default(); 16 * 1024];
+    let mut vec = RegionBuf::new(16 * 1024);
     let (mut lib, mut bare) = (Vec::new(), Vec::new());
     for rep in 0..reps {
         let write_round = |writers: &mut [Writer], salt: u64| -> anyhow::Result<()> {

@@ -52,13 +52,13 @@ fn pagemap_snapshot(pid: u32) -> (String, Vec<Vec<u8>>) {
 }
 
 /// cachestat of every object the fixture maps (root: through map_files).
-fn object_cachestats(pid: u32) -> Vec<(String, pagescope::sys::cachestat::cachestat)> {
+fn object_cachestats(pid: u32) -> Vec<(String, pagescope::raw::cachestat::cachestat)> {
     use std::os::fd::AsFd;
     let t = pagescope::Target::open(pid).unwrap();
     let mut out = Vec::new();
     for e in t.maps().unwrap().iter().filter(|e| e.inode != 0) {
         if let Ok(fd) = t.map_file(e.range) {
-            if let Ok(cs) = pagescope::sys::cachestat::cachestat(fd.as_fd(), 0, 0) {
+            if let Ok(cs) = pagescope::raw::cachestat::cachestat(fd.as_fd(), 0, 0) {
                 out.push((e.path.display(), cs));
             }
         }

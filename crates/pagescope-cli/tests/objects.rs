@@ -125,7 +125,7 @@ fn cachestat_agrees_with_object_pages_swapdev() {
             .find(|v| v.vma.inode == obj.inode)
             .expect("vma");
         let fd = target.map_file(v.vma.range).expect("map_files");
-        let cs = pagescope::sys::cachestat::cachestat(fd.as_fd(), 0, 0).expect("cachestat");
+        let cs = pagescope::raw::cachestat::cachestat(fd.as_fd(), 0, 0).expect("cachestat");
         let c = object_counts(&report, &obj.dev, obj.inode);
         let get = |s| c.get(&s).copied().unwrap_or(0);
         let cached = get(PageState::Present) + get(PageState::Resident);

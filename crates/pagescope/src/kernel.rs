@@ -8,11 +8,12 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use serde::Serialize;
 
-use crate::pagemap::{PagemapEntry, PagemapFlags, ScanCategories};
+use crate::addr::{PageSize, VirtAddr, VirtRange};
+use crate::pagemap::{PagemapEntry, PagemapFlags};
 use crate::proc::swaps::SwapTable;
 use crate::sys;
 use crate::sys::mm::{Advice, OwnedMapping};
-use crate::sys::pagemap_scan::{ScanRequest, page_region};
+use crate::sys::pagemap_scan::{RegionBuf, ScanCategories, ScanRequest};
 
 /// userfaultfd support as seen by this caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -34,8 +35,8 @@ pub struct UffdSupport {
 pub struct KernelCaps {
     /// `uname -r`.
     pub release: String,
-    /// Base page size in bytes.
-    pub page_size: u64,
+    /// Base page size (read at run time).
+    pub page_size: PageSize,
     /// pagemap shows PFNs and swap type/offset to us (CAP_SYS_ADMIN).
     pub privileged_pagemap: bool,
     /// `PAGEMAP_SCAN` categories the kernel accepts (`None`: no ioctl).
@@ -79,7 +80,7 @@ fn ser_categories<S: serde::Serializer>(
 impl KernelCaps {
     /// Probes the running kernel.
     pub fn probe() -> Self {
-        let page_size = rustix::param::page_size() as u64;
+        let page_size = PageSize::current();
         let pagemap = rustix::fs::open(
             "/proc/self/pagemap",
             rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
@@ -89,7 +90,7 @@ impl KernelCaps {
         let entry = |addr: u64| {
             pagemap
                 .as_ref()
-                .and_then(|fd| self_entry(fd, addr, page_size))
+                .and_then(|fd| self_entry(fd, addr, page_size.get()))
         };
         let privileged_pagemap = probe_privileged(&entry);
         let (guard_regions, pagemap_guard_bit) = probe_guard(&entry);
@@ -140,18 +141,23 @@ fn self_entry(fd: &OwnedFd, addr: u64, page_size: u64) -> Option<PagemapEntry> {
     (n == 1).then_some(PagemapEntry(buf[0]))
 }
 
+/// One base page, in bytes, for our own scratch mappings.
+fn one_page() -> usize {
+    usize::try_from(PageSize::current().get()).unwrap_or(4096)
+}
+
 fn probe_privileged(entry: &impl Fn(u64) -> Option<PagemapEntry>) -> bool {
-    let Ok(m) = OwnedMapping::anonymous(4096, 4096) else {
+    let Ok(m) = OwnedMapping::anonymous(one_page(), one_page()) else {
         return false;
     };
     m.write_byte(0, 1).is_ok() && entry(m.addr()).and_then(PagemapEntry::pfn).is_some()
 }
 
 fn probe_guard(entry: &impl Fn(u64) -> Option<PagemapEntry>) -> (bool, bool) {
-    let Ok(m) = OwnedMapping::anonymous(8192, 4096) else {
+    let Ok(m) = OwnedMapping::anonymous(2 * one_page(), one_page()) else {
         return (false, false);
     };
-    if m.madvise(0, 4096, Advice::GuardInstall).is_err() {
+    if m.madvise(0, one_page(), Advice::GuardInstall).is_err() {
         return (false, false);
     }
     let bit = entry(m.addr()).is_some_and(|e| e.flags().contains(PagemapFlags::GUARD));
@@ -159,7 +165,7 @@ fn probe_guard(entry: &impl Fn(u64) -> Option<PagemapEntry>) -> (bool, bool) {
 }
 
 fn probe_soft_dirty(entry: &impl Fn(u64) -> Option<PagemapEntry>) -> bool {
-    let Ok(m) = OwnedMapping::anonymous(4096, 4096) else {
+    let Ok(m) = OwnedMapping::anonymous(one_page(), one_page()) else {
         return false;
     };
     m.write_byte(0, 1).is_ok()
@@ -167,8 +173,8 @@ fn probe_soft_dirty(entry: &impl Fn(u64) -> Option<PagemapEntry>) -> bool {
 }
 
 fn probe_zero_pfn(entry: &impl Fn(u64) -> Option<PagemapEntry>) -> Option<u64> {
-    let m = OwnedMapping::anonymous(4096, 4096).ok()?;
-    m.madvise(0, 4096, Advice::NoHugePage).ok()?;
+    let m = OwnedMapping::anonymous(one_page(), one_page()).ok()?;
+    m.madvise(0, one_page(), Advice::NoHugePage).ok()?;
     m.read_byte(0).ok()?;
     entry(m.addr())?.pfn()
 }
@@ -177,9 +183,9 @@ fn probe_huge_zero_pfn(
     entry: &impl Fn(u64) -> Option<PagemapEntry>,
     zero: Option<u64>,
 ) -> Option<u64> {
-    const HUGE: usize = 2 << 20;
-    let m = OwnedMapping::anonymous(HUGE, HUGE).ok()?;
-    m.madvise(0, HUGE, Advice::HugePage).ok()?;
+    let huge = usize::try_from(PageSize::current().pmd().get()).ok()?;
+    let m = OwnedMapping::anonymous(huge, huge).ok()?;
+    m.madvise(0, huge, Advice::HugePage).ok()?;
     m.read_byte(0).ok()?;
     let e = entry(m.addr())?;
     let pfn = e.pfn()?;
@@ -189,17 +195,15 @@ fn probe_huge_zero_pfn(
 /// Tries each category bit alone; the kernel rejects unknown bits with
 /// `EINVAL`, which is the only way to learn which exist.
 fn probe_scan_categories(fd: &OwnedFd) -> Option<ScanCategories> {
-    let m = OwnedMapping::anonymous(4096, 4096).ok()?;
-    let mut vec = [page_region::default(); 1];
+    let page = PageSize::current();
+    let len = usize::try_from(page.get()).ok()?;
+    let m = OwnedMapping::anonymous(len, len).ok()?;
+    let range = VirtRange::from_start_len(VirtAddr::new(m.addr()), page.get())?;
+    let mut buf = RegionBuf::new(1);
     let mut supported = ScanCategories::empty();
     for bit in 0..16 {
-        let req = ScanRequest {
-            start: m.addr(),
-            end: m.addr() + 4096,
-            return_mask: 1 << bit,
-            ..ScanRequest::default()
-        };
-        match sys::pagemap_scan::pagemap_scan(fd.as_fd(), &req, &mut vec) {
+        let req = ScanRequest::new(range).returning(ScanCategories::from_bits_retain(1 << bit));
+        match sys::pagemap_scan::pagemap_scan(fd.as_fd(), &req, Some(&mut buf)) {
             Ok(_) => supported |= ScanCategories::from_bits_retain(1 << bit),
             Err(_) if bit == 0 => return None,
             Err(_) => break,
@@ -227,7 +231,7 @@ fn probe_cachestat() -> bool {
     let Ok(f) = std::fs::File::open("/proc/self/exe") else {
         return false;
     };
-    sys::cachestat::cachestat(f.as_fd(), 0, 4096).is_ok()
+    sys::cachestat::cachestat(f.as_fd(), 0, PageSize::current().get()).is_ok()
 }
 
 fn probe_map_files() -> bool {

@@ -51,7 +51,7 @@ pub mod proc;
 pub mod rangeset;
 pub mod report;
 pub mod scan;
-pub mod sys;
+pub(crate) mod sys;
 pub mod uffd;
 pub mod vma;
 
@@ -59,10 +59,18 @@ pub use addr::{PageSize, PageSpan, VirtAddr, VirtRange};
 pub use error::ErrorKind;
 pub use kernel::KernelCaps;
 pub use page::{PageFlags, PageInfo, PageRun, PageState, SwapSlot, UnknownReason};
-pub use pagemap::{PagemapEntry, PagemapFlags, ScanCategories};
+pub use pagemap::{PagemapEntry, PagemapFlags};
 pub use proc::{ProcError, Target};
 pub use rangeset::RangeSet;
 pub use report::{Counts, ProcessReport, Skipped, VmaReport};
 pub use scan::{BackendChoice, PageScanner, ScanError, ScanOptions, ScanStrategy, scan_process};
 pub use sys::mm::{Advice, OwnedMapping};
+pub use sys::pagemap_scan::ScanCategories;
+
+/// The raw kernel interfaces (`sys`), for pagescope's own benchmarks and
+/// tests: their baselines are the bare system calls. Not a stable API.
+#[doc(hidden)]
+pub mod raw {
+    pub use crate::sys::{cachestat, mincore, pagemap, pagemap_scan};
+}
 pub use vma::{Backing, ObjectId, Vma, VmaKind};

@@ -39,32 +39,6 @@ bitflags! {
     }
 }
 
-bitflags! {
-    /// `PAGE_IS_*` categories of `PAGEMAP_SCAN` (`<linux/fs.h>`).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-    pub struct ScanCategories: u64 {
-        /// `PAGE_IS_WPALLOWED`: VMA registered for uffd-wp async.
-        const WPALLOWED = 1 << 0;
-        /// `PAGE_IS_WRITTEN`: not write-protected (meaningful only in
-        /// uffd-wp VMAs; set for every slot elsewhere).
-        const WRITTEN = 1 << 1;
-        /// `PAGE_IS_FILE`: file-backed page (costs a page lookup).
-        const FILE = 1 << 2;
-        /// `PAGE_IS_PRESENT`.
-        const PRESENT = 1 << 3;
-        /// `PAGE_IS_SWAPPED`: swap entries *and* PTE markers.
-        const SWAPPED = 1 << 4;
-        /// `PAGE_IS_PFNZERO`: the zero page or huge zero page.
-        const PFNZERO = 1 << 5;
-        /// `PAGE_IS_HUGE`: PMD-mapped THP or hugetlb.
-        const HUGE = 1 << 6;
-        /// `PAGE_IS_SOFT_DIRTY`.
-        const SOFT_DIRTY = 1 << 7;
-        /// `PAGE_IS_GUARD` (6.15+).
-        const GUARD = 1 << 8;
-    }
-}
-
 /// One pagemap entry.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct PagemapEntry(pub u64);

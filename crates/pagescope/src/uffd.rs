@@ -16,13 +16,12 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::io::Errno;
 
-use crate::addr::{VirtAddr, VirtRange};
+use crate::ErrorKind;
+use crate::addr::VirtRange;
 use crate::sys::pagemap_scan::{
-    PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, ScanRequest, page_region, pagemap_scan,
-    pagemap_scan_all,
+    RegionBuf, ScanCategories, ScanRequest, pagemap_scan, pagemap_scan_all,
 };
 use crate::sys::uffd as raw;
-use crate::{ErrorKind, ScanCategories};
 
 /// Errors from userfaultfd operations.
 #[derive(Debug, thiserror::Error)]
@@ -211,13 +210,8 @@ fn probe_features() -> Result<u64, UffdError> {
 /// With `CHECK_WPASYNC`, a range touching an unregistered VMA fails with
 /// `EPERM`; earlier VMAs may already be protected (the call is not atomic).
 pub fn wp_arm(pagemap: BorrowedFd<'_>, range: VirtRange) -> Result<(), UffdError> {
-    let req = ScanRequest {
-        flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-        start: range.start().get(),
-        end: range.end().get(),
-        ..ScanRequest::default()
-    };
-    pagemap_scan(pagemap, &req, &mut []).map_err(|e| UffdError::Scan {
+    let req = ScanRequest::new(range).write_protect();
+    pagemap_scan(pagemap, &req, None).map_err(|e| UffdError::Scan {
         range,
         source: e.into(),
     })?;
@@ -227,46 +221,29 @@ pub fn wp_arm(pagemap: BorrowedFd<'_>, range: VirtRange) -> Result<(), UffdError
 /// Reports the pages of `range` written since they were last protected,
 /// and protects them again, atomically per page (`PAGEMAP_SCAN` with
 /// `WP_MATCHING|CHECK_WPASYNC`, `category_mask = return_mask = WRITTEN`).
-/// `vec` is scratch space; larger means fewer calls.
+/// `buf` is scratch space; larger means fewer calls.
 pub fn wp_get_and_reset(
     pagemap: BorrowedFd<'_>,
     range: VirtRange,
-    vec: &mut Vec<page_region>,
+    buf: &mut RegionBuf,
     sink: impl FnMut(VirtRange),
 ) -> Result<(), UffdError> {
-    let req = ScanRequest {
-        flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-        category_mask: ScanCategories::WRITTEN.bits(),
-        return_mask: ScanCategories::WRITTEN.bits(),
-        ..ScanRequest::default()
-    };
-    scan_ranges(pagemap, range, req, vec, sink)
+    let req = ScanRequest::new(range)
+        .write_protect()
+        .all_of(ScanCategories::WRITTEN)
+        .returning(ScanCategories::WRITTEN);
+    scan_ranges(pagemap, &req, buf, sink)
 }
 
-/// `PAGEMAP_SCAN` of `range` with the masks of `req`, every region
-/// reported to `sink` as a range.
+/// `PAGEMAP_SCAN` of `req`, every region reported to `sink` as a range.
 fn scan_ranges(
     pagemap: BorrowedFd<'_>,
-    range: VirtRange,
-    req: ScanRequest,
-    vec: &mut Vec<page_region>,
+    req: &ScanRequest,
+    buf: &mut RegionBuf,
     mut sink: impl FnMut(VirtRange),
 ) -> Result<(), UffdError> {
-    if vec.is_empty() {
-        vec.resize(4096, page_region::default());
-    }
-    let req = ScanRequest {
-        start: range.start().get(),
-        end: range.end().get(),
-        ..req
-    };
-    pagemap_scan_all(pagemap, &req, vec, |r| {
-        if let Some(r) = VirtRange::new(VirtAddr::new(r.start), VirtAddr::new(r.end)) {
-            sink(r);
-        }
-    })
-    .map_err(|e| UffdError::Scan {
-        range,
+    pagemap_scan_all(pagemap, req, buf, |r| sink(r.range)).map_err(|e| UffdError::Scan {
+        range: req.range(),
         source: e.into(),
     })
 }
@@ -278,15 +255,13 @@ fn scan_ranges(
 pub fn unprotected_holes(
     pagemap: BorrowedFd<'_>,
     range: VirtRange,
-    vec: &mut Vec<page_region>,
+    buf: &mut RegionBuf,
     sink: impl FnMut(VirtRange),
 ) -> Result<(), UffdError> {
     let c = ScanCategories::PRESENT | ScanCategories::SWAPPED | ScanCategories::WRITTEN;
-    let req = ScanRequest {
-        category_inverted: c.bits(),
-        category_mask: (c | ScanCategories::WPALLOWED).bits(),
-        return_mask: ScanCategories::WPALLOWED.bits(),
-        ..ScanRequest::default()
-    };
-    scan_ranges(pagemap, range, req, vec, sink)
+    let req = ScanRequest::new(range)
+        .inverted(c)
+        .all_of(c | ScanCategories::WPALLOWED)
+        .returning(ScanCategories::WPALLOWED);
+    scan_ranges(pagemap, &req, buf, sink)
 }

@@ -19,7 +19,7 @@ use crate::addr::{PageSize, VirtAddr, VirtRange};
 use crate::pagemap::{PagemapEntry, PagemapFlags};
 use crate::proc::Target;
 use crate::rangeset::RangeSet;
-use crate::sys::pagemap_scan::page_region;
+use crate::sys::pagemap_scan::RegionBuf;
 use crate::uffd::{UffdError, Userfaultfd, unprotected_holes, wp_arm, wp_get_and_reset};
 use crate::vma::{Backing, Vma};
 
@@ -67,7 +67,7 @@ pub struct UffdWp {
     /// of regular files): nothing can write through them, so they are
     /// reported once, when they appear, and left to the object layer.
     read_only: RangeSet,
-    vec: Vec<page_region>,
+    vec: RegionBuf,
     untracked: Vec<String>,
     collects: u64,
 }
@@ -83,7 +83,7 @@ impl UffdWp {
             pagemap: target.pagemap()?,
             tracked: RangeSet::new(),
             read_only: RangeSet::new(),
-            vec: vec![page_region::default(); 16 * 1024],
+            vec: RegionBuf::new(16 * 1024),
             untracked: Vec::new(),
             collects: 0,
         })
@@ -258,9 +258,9 @@ fn probe_pmd_hole_bug() -> Option<bool> {
     let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
     wp_arm(pagemap.as_fd(), range).ok()?;
     m.madvise(0, huge, Advice::DontNeed).ok()?;
-    let mut vec = Vec::new();
+    let mut buf = RegionBuf::new(64);
     let mut pages = 0;
-    wp_get_and_reset(pagemap.as_fd(), range, &mut vec, |r| pages += r.pages(page)).ok()?;
+    wp_get_and_reset(pagemap.as_fd(), range, &mut buf, |r| pages += r.pages(page)).ok()?;
     Some(pages < range.pages(page))
 }
 

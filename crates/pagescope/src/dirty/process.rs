@@ -211,7 +211,7 @@ fn uffd_backend(target: &Target, caps: &KernelCaps) -> Result<UffdWp, TrackError
 }
 
 fn page_of(caps: &KernelCaps) -> PageSize {
-    PageSize::new(caps.page_size).unwrap_or_else(PageSize::current)
+    caps.page_size
 }
 
 /// A tracker of one process.

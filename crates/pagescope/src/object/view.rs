@@ -121,7 +121,7 @@ struct Entry {
 
 /// Lists the shared objects mapped by `pids`, each once.
 pub fn objects_view(pids: &[u32], caps: &KernelCaps, opts: &ObjectsOptions) -> ObjectsReport {
-    let page = PageSize::new(caps.page_size).unwrap_or_else(PageSize::current);
+    let page = caps.page_size;
     let mut objects: BTreeMap<(DevId, u64), Entry> = BTreeMap::new();
     let mut skipped = Vec::new();
     for &pid in pids {

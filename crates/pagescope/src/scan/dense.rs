@@ -22,7 +22,6 @@ use crate::addr::{PageSize, VirtAddr, VirtRange};
 use crate::pagemap::{PagemapEntry, PagemapFlags};
 
 /// Pages in a PMD (2 MiB / 4 KiB).
-const PMD_PAGES: u64 = 512;
 /// Pages per direct-read step (32 MiB of address space, 64 KiB of entries).
 const READ_STEP_PAGES: u64 = 8 * 1024;
 /// First walk step, in pages; doubled while walks find nothing.
@@ -74,7 +73,7 @@ impl StepPlan {
             let end = self
                 .next
                 .saturating_add(self.page.bytes(pages))
-                .align_down(self.page.bytes(PMD_PAGES));
+                .align_down(self.page.pmd().get());
             if end <= self.next {
                 self.range.end()
             } else {
@@ -121,7 +120,7 @@ impl BlockCounts {
     /// No blocks yet.
     pub(super) fn new(page: PageSize) -> Self {
         Self {
-            block_bytes: page.bytes(PMD_PAGES),
+            block_bytes: page.pmd().get(),
             populated: 0,
             walked: 0,
             last_populated: None,
@@ -156,7 +155,7 @@ fn count_new(last_counted: &mut Option<u64>, first: u64, last: u64) -> u64 {
 
 /// 2 MiB blocks that `r` touches.
 fn blocks_spanned(r: VirtRange, page: PageSize) -> u64 {
-    let bytes = page.bytes(PMD_PAGES);
+    let bytes = page.pmd().get();
     if r.is_empty() {
         return 0;
     }
@@ -170,7 +169,7 @@ pub(super) fn blocks<'a>(
     page: PageSize,
     raw: &'a [u64],
 ) -> impl Iterator<Item = (VirtRange, &'a [u64])> + 'a {
-    let block = page.bytes(PMD_PAGES);
+    let block = page.pmd().get();
     let mut at = step.start();
     let mut used = 0usize;
     std::iter::from_fn(move || {
@@ -217,8 +216,9 @@ fn may_be_pmd_mapped(ctx: &ScanContext<'_>, addr: VirtAddr, entries: &[u64]) -> 
     let Some(head) = entries.first().and_then(|&r| PagemapEntry(r).pfn()) else {
         return true;
     };
-    let offset = addr.page_index(ctx.page) % PMD_PAGES;
-    head % PMD_PAGES == offset
+    let pmd_pages = ctx.page.pages_per_pmd();
+    let offset = addr.page_index(ctx.page) % pmd_pages;
+    head % pmd_pages == offset
         && entries
             .iter()
             .enumerate()

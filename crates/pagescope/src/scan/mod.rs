@@ -213,7 +213,7 @@ pub fn present_ranges(
     range: VirtRange,
     caps: &KernelCaps,
 ) -> Result<Vec<VirtRange>, ScanError> {
-    let page = PageSize::new(caps.page_size).unwrap_or_else(PageSize::current);
+    let page = caps.page_size;
     let mut out: Vec<VirtRange> = Vec::new();
     let mut add = |r: VirtRange| match out.last_mut() {
         Some(last) if last.end() == r.start() => {
@@ -222,22 +222,12 @@ pub fn present_ranges(
         _ => out.push(r),
     };
     if caps.has_pagemap_scan() {
-        use crate::sys::pagemap_scan::{ScanRequest, page_region, pagemap_scan_all};
-        let mut vec = vec![page_region::default(); 4096];
-        let req = ScanRequest {
-            start: range.start().get(),
-            end: range.end().get(),
-            category_anyof_mask: crate::ScanCategories::PRESENT.bits(),
-            return_mask: crate::ScanCategories::PRESENT.bits(),
-            ..ScanRequest::default()
-        };
-        pagemap_scan_all(pagemap, &req, &mut vec, |r| {
-            add(
-                VirtRange::new(crate::VirtAddr::new(r.start), crate::VirtAddr::new(r.end))
-                    .unwrap_or_default(),
-            );
-        })
-        .map_err(|e| match e {
+        use crate::sys::pagemap_scan::{RegionBuf, ScanCategories, ScanRequest, pagemap_scan_all};
+        let mut buf = RegionBuf::new(4096);
+        let req = ScanRequest::new(range)
+            .any_of(ScanCategories::PRESENT)
+            .returning(ScanCategories::PRESENT);
+        pagemap_scan_all(pagemap, &req, &mut buf, |r| add(r.range)).map_err(|e| match e {
             rustix::io::Errno::SRCH => ScanError::TargetExited { pid },
             e => ScanError::Ioctl {
                 pid,

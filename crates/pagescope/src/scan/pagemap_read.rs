@@ -17,7 +17,6 @@ use crate::pagemap::{PagemapEntry, PagemapFlags};
 use crate::vma::{Backing, Vma};
 
 /// Pages in a PMD-mapped THP (2 MiB / 4 KiB).
-const PMD_PAGES: usize = 512;
 
 /// Plain pagemap reads.
 #[derive(Debug, Default)]
@@ -126,12 +125,13 @@ pub(super) fn classify_batch(
             i += n;
             continue;
         }
-        if rules.anon_private && e.is_present() && at(i).is_aligned(page * PMD_PAGES as u64) {
-            if let Some(block) = raw.get(i..i + PMD_PAGES).filter(|b| is_thp_block(ctx, b)) {
+        let pmd_pages = usize::try_from(ctx.page.pages_per_pmd()).unwrap_or(usize::MAX);
+        if rules.anon_private && e.is_present() && at(i).is_aligned(ctx.page.pmd().get()) {
+            if let Some(block) = raw.get(i..i + pmd_pages).filter(|b| is_thp_block(ctx, b)) {
                 for (j, &r) in block.iter().enumerate() {
                     out.push(at(i + j), 1, rules.present(PagemapEntry(r), true));
                 }
-                i += PMD_PAGES;
+                i += pmd_pages;
                 continue;
             }
         }
@@ -173,7 +173,7 @@ fn present_run(rules: &PresentRules, ctx: &ScanContext<'_>, raw: &[u64], addr: V
     let mut n = 1;
     while n < raw.len() {
         let r = raw[n];
-        let aligned = (first_page + n as u64).is_multiple_of(PMD_PAGES as u64);
+        let aligned = (first_page + n as u64).is_multiple_of(ctx.page.pages_per_pmd());
         if r & super::pagemap_scan::FLAG_BITS != key
             || is_zero(r) != zero
             || (thp_checks && aligned)
@@ -193,7 +193,7 @@ fn is_thp_block(ctx: &ScanContext<'_>, block: &[u64]) -> bool {
     let Some(head) = PagemapEntry(block[0]).pfn() else {
         return false;
     };
-    if !head.is_multiple_of(PMD_PAGES as u64) || Some(head) == ctx.caps.zero_pfn {
+    if !head.is_multiple_of(ctx.page.pages_per_pmd()) || Some(head) == ctx.caps.zero_pfn {
         return false;
     }
     let contiguous = block

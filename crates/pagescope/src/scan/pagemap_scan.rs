@@ -26,8 +26,8 @@ use super::{PageScanner, ScanContext, ScanError, ScanStrategy, classify};
 use crate::addr::{VirtAddr, VirtRange};
 use crate::kernel::KernelCaps;
 use crate::page::{PageFlags, PageInfo, PageState, RunBuilder};
-use crate::pagemap::{PagemapEntry, ScanCategories as C};
-use crate::sys::pagemap_scan::{ScanRequest, page_region, pagemap_scan};
+use crate::pagemap::PagemapEntry;
+use crate::sys::pagemap_scan::{Region, RegionBuf, ScanCategories as C, ScanRequest, pagemap_scan};
 use crate::vma::{Backing, Vma};
 
 /// Regions per ioctl call.
@@ -40,7 +40,7 @@ const WINDOW_GAP_PAGES: u64 = 256;
 pub struct PagemapScanBackend {
     anyof: C,
     return_mask: C,
-    vec: Vec<page_region>,
+    vec: RegionBuf,
     buf: Vec<u64>,
     fallback: PagemapReadBackend,
     skip_exclusive: bool,
@@ -63,7 +63,7 @@ impl PagemapScanBackend {
         Some(Self {
             anyof,
             return_mask,
-            vec: vec![page_region::default(); VEC_LEN],
+            vec: RegionBuf::new(VEC_LEN),
             buf: Vec::new(),
             fallback: PagemapReadBackend::new(),
             skip_exclusive,
@@ -223,14 +223,10 @@ impl PagemapScanBackend {
         range: VirtRange,
         implied_file: Option<bool>,
     ) -> Result<(Vec<Segment>, VirtAddr), ScanError> {
-        let req = ScanRequest {
-            start: range.start().get(),
-            end: range.end().get(),
-            category_anyof_mask: self.anyof.bits(),
-            return_mask: self.return_mask.bits(),
-            ..ScanRequest::default()
-        };
-        let reply = pagemap_scan(ctx.pagemap, &req, &mut self.vec).map_err(|e| match e {
+        let req = ScanRequest::new(range)
+            .any_of(self.anyof)
+            .returning(self.return_mask);
+        let reply = pagemap_scan(ctx.pagemap, &req, Some(&mut self.vec)).map_err(|e| match e {
             Errno::SRCH => ScanError::TargetExited { pid: ctx.pid },
             e => ScanError::Ioctl {
                 pid: ctx.pid,
@@ -238,17 +234,17 @@ impl PagemapScanBackend {
                 source: e.into(),
             },
         })?;
-        let segments = self.vec[..reply.filled]
-            .iter()
+        let segments = self
+            .vec
+            .filled(reply.filled)
             .map(|r| segment(r, implied_file))
             .collect();
-        Ok((segments, VirtAddr::new(reply.walk_end)))
+        Ok((segments, reply.walk_end))
     }
 }
 
-fn segment(r: &page_region, implied_file: Option<bool>) -> Segment {
-    let range = VirtRange::new(VirtAddr::new(r.start), VirtAddr::new(r.end)).unwrap_or_default();
-    let cats = C::from_bits_retain(r.categories);
+fn segment(r: Region, implied_file: Option<bool>) -> Segment {
+    let (range, cats) = (r.range, r.categories);
     if cats.contains(C::GUARD) {
         return Segment::Known(range, PageInfo::of(PageState::Guard));
     }

@@ -52,7 +52,7 @@ pub fn scan_process(
     opts: &ScanOptions,
 ) -> Result<ProcessReport, ScanError> {
     target.require_address_space()?;
-    let page = PageSize::new(caps.page_size).unwrap_or_else(PageSize::current);
+    let page = caps.page_size;
     let pagemap = target.pagemap()?;
     let privileged = caps.privileged_pagemap;
     let vmas = read_layout(target, opts.smaps || !privileged || caps.soft_dirty)?;
@@ -187,7 +187,7 @@ const CHUNK_BYTES: u64 = 1 << 30;
 /// Cuts the selected VMAs into chunks of at most [`CHUNK_BYTES`], aligned
 /// to 2 MiB so no huge page is split between two chunks.
 fn chunks(selected: &[(Vma, VirtRange)], page: PageSize) -> Vec<Chunk> {
-    let align = 512 * page.get();
+    let align = page.pmd().get();
     let mut out = Vec::new();
     for (i, (_, range)) in selected.iter().enumerate() {
         let mut start = range.start();

@@ -22,7 +22,7 @@
 //! - `bpf(2)`, <https://docs.kernel.org/bpf/instruction-set.html>,
 //!   `BPF_RAW_TRACEPOINT_OPEN`, `bpf_probe_read_kernel`
 
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use rustix::io::Errno;
 
@@ -329,12 +329,6 @@ impl WriteCounter {
         let mut attr = self.elem(&key, &mut value, 0);
         bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).ok()?;
         Some(value)
-    }
-
-    /// The map's fd (for inspection).
-    pub fn map_fd(&self) -> BorrowedFd<'_> {
-        use std::os::fd::AsFd;
-        self.map.as_fd()
     }
 }
 

@@ -12,21 +12,92 @@
 use std::ffi::c_void;
 use std::os::fd::BorrowedFd;
 
+use bitflags::bitflags;
 use rustix::io::Errno;
 use rustix::ioctl::{Ioctl, IoctlOutput, Opcode, opcode};
+
+use crate::addr::{VirtAddr, VirtRange};
+
+bitflags! {
+    /// `PAGE_IS_*` categories of `PAGEMAP_SCAN` (`<linux/fs.h>`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct ScanCategories: u64 {
+        /// `PAGE_IS_WPALLOWED`: VMA registered for uffd-wp async.
+        const WPALLOWED = 1 << 0;
+        /// `PAGE_IS_WRITTEN`: not write-protected (meaningful only in
+        /// uffd-wp VMAs; set for every slot elsewhere).
+        const WRITTEN = 1 << 1;
+        /// `PAGE_IS_FILE`: file-backed page (costs a page lookup).
+        const FILE = 1 << 2;
+        /// `PAGE_IS_PRESENT`.
+        const PRESENT = 1 << 3;
+        /// `PAGE_IS_SWAPPED`: swap entries *and* PTE markers.
+        const SWAPPED = 1 << 4;
+        /// `PAGE_IS_PFNZERO`: the zero page or huge zero page.
+        const PFNZERO = 1 << 5;
+        /// `PAGE_IS_HUGE`: PMD-mapped THP or hugetlb.
+        const HUGE = 1 << 6;
+        /// `PAGE_IS_SOFT_DIRTY`.
+        const SOFT_DIRTY = 1 << 7;
+        /// `PAGE_IS_GUARD` (6.15+).
+        const GUARD = 1 << 8;
+    }
+}
 
 /// `struct page_region` from `<linux/fs.h>`: one run of pages with equal
 /// (masked) categories.
 #[allow(non_camel_case_types)]
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct page_region {
-    /// First address of the run.
-    pub start: u64,
-    /// First address after the run.
-    pub end: u64,
-    /// `PAGE_IS_*` bits of the run, masked by `return_mask`.
-    pub categories: u64,
+struct page_region {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// One run of pages with equal (masked) categories, as the ioctl reports
+/// it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// The pages.
+    pub range: VirtRange,
+    /// Their categories, masked by the request's `returning`.
+    pub categories: ScanCategories,
+}
+
+impl page_region {
+    /// The one place a kernel region becomes a typed one (the kernel
+    /// never returns `end < start`; such a region would read as empty).
+    fn typed(&self) -> Region {
+        Region {
+            range: VirtRange::new(VirtAddr::new(self.start), VirtAddr::new(self.end))
+                .unwrap_or_default(),
+            categories: ScanCategories::from_bits_retain(self.categories),
+        }
+    }
+}
+
+/// The output buffer of `PAGEMAP_SCAN`: more regions per call means fewer
+/// calls.
+#[derive(Clone, Debug)]
+pub struct RegionBuf {
+    regions: Vec<page_region>,
+}
+
+impl RegionBuf {
+    /// Room for `len` regions (at least one).
+    pub fn new(len: usize) -> Self {
+        Self {
+            regions: vec![page_region::default(); len.max(1)],
+        }
+    }
+
+    /// The first `n` regions the last call filled in.
+    pub fn filled(&self, n: usize) -> impl Iterator<Item = Region> + '_ {
+        self.regions[..n.min(self.regions.len())]
+            .iter()
+            .map(page_region::typed)
+    }
 }
 
 /// `struct pm_scan_arg` from `<linux/fs.h>`.
@@ -52,29 +123,94 @@ const _: () = assert!(std::mem::size_of::<pm_scan_arg>() == 96);
 const _: () = assert!(std::mem::size_of::<page_region>() == 24);
 
 /// `PM_SCAN_WP_MATCHING`: write-protect the pages that match.
-pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 /// `PM_SCAN_CHECK_WPASYNC`: fail with `EPERM` on VMAs not registered WP-async.
-pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 
-/// The request half of `pm_scan_arg` (everything but the output buffer).
-#[derive(Clone, Copy, Debug, Default)]
+/// The request half of `pm_scan_arg` (everything but the output buffer),
+/// built from a range and named category masks.
+#[derive(Clone, Copy, Debug)]
 pub struct ScanRequest {
-    /// `PM_SCAN_*` flags.
-    pub flags: u64,
-    /// First address (page aligned).
-    pub start: u64,
-    /// End address (rounded up by the kernel).
-    pub end: u64,
-    /// Stop after this many matching pages (0 = no limit).
-    pub max_pages: u64,
-    /// Categories to invert before matching.
-    pub category_inverted: u64,
-    /// All of these categories must be set.
-    pub category_mask: u64,
-    /// At least one of these must be set (0 = no condition).
-    pub category_anyof_mask: u64,
-    /// Categories reported (and merged on).
-    pub return_mask: u64,
+    range: VirtRange,
+    flags: u64,
+    max_pages: u64,
+    inverted: ScanCategories,
+    all_of: ScanCategories,
+    any_of: ScanCategories,
+    returning: ScanCategories,
+}
+
+impl ScanRequest {
+    /// Every page of `range` (page aligned; the kernel rounds `end` up),
+    /// no conditions, no categories returned.
+    pub fn new(range: VirtRange) -> Self {
+        Self {
+            range,
+            flags: 0,
+            max_pages: 0,
+            inverted: ScanCategories::empty(),
+            all_of: ScanCategories::empty(),
+            any_of: ScanCategories::empty(),
+            returning: ScanCategories::empty(),
+        }
+    }
+
+    /// Categories to invert before matching (`category_inverted`).
+    pub fn inverted(self, c: ScanCategories) -> Self {
+        Self {
+            inverted: c,
+            ..self
+        }
+    }
+
+    /// All of these must be set (`category_mask`).
+    pub fn all_of(self, c: ScanCategories) -> Self {
+        Self { all_of: c, ..self }
+    }
+
+    /// At least one of these must be set (`category_anyof_mask`).
+    pub fn any_of(self, c: ScanCategories) -> Self {
+        Self { any_of: c, ..self }
+    }
+
+    /// Categories reported, and merged on (`return_mask`).
+    pub fn returning(self, c: ScanCategories) -> Self {
+        Self {
+            returning: c,
+            ..self
+        }
+    }
+
+    /// Stop after this many matching pages (`max_pages`; 0: no limit).
+    pub fn max_pages(self, n: u64) -> Self {
+        Self {
+            max_pages: n,
+            ..self
+        }
+    }
+
+    /// Write-protect the matching pages in the same walk
+    /// (`PM_SCAN_WP_MATCHING`), failing with `EPERM` on a VMA not
+    /// registered for uffd-wp async (`PM_SCAN_CHECK_WPASYNC`).
+    pub fn write_protect(self) -> Self {
+        Self {
+            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            ..self
+        }
+    }
+
+    /// The range asked for.
+    pub fn range(&self) -> VirtRange {
+        self.range
+    }
+
+    /// The same request from `at` on (to resume at `walk_end`).
+    fn from(self, at: VirtAddr) -> Self {
+        Self {
+            range: VirtRange::new(at, self.range.end()).unwrap_or(self.range),
+            ..self
+        }
+    }
 }
 
 /// What one `PAGEMAP_SCAN` call returned.
@@ -82,8 +218,9 @@ pub struct ScanRequest {
 pub struct ScanReply {
     /// Regions written to the front of the buffer.
     pub filled: usize,
-    /// Where the walk stopped; equal to `end` when the range was finished.
-    pub walk_end: u64,
+    /// Where the walk stopped; the request's end when the range was
+    /// finished.
+    pub walk_end: VirtAddr,
 }
 
 const PAGEMAP_SCAN: Opcode = opcode::read_write::<pm_scan_arg>(b'f', 16);
@@ -110,63 +247,62 @@ unsafe impl Ioctl for PagemapScan<'_> {
     }
 }
 
-/// `ioctl(fd, PAGEMAP_SCAN, ...)` with `vec` as the output buffer.
+/// `ioctl(fd, PAGEMAP_SCAN, ...)` with `buf` as the output buffer (`None`:
+/// no output, the "write-protect only" call).
 ///
-/// `fd` must be a `/proc/PID/pagemap` fd. Returns the number of regions
-/// written to `vec` and the `walk_end` address. `ENOTTY` means the kernel
-/// has no PAGEMAP_SCAN (before 6.7); `EINVAL` an unknown category or flag;
+/// `fd` must be a `/proc/PID/pagemap` fd. `ENOTTY` means the kernel has no
+/// PAGEMAP_SCAN (before 6.7); `EINVAL` an unknown category or flag;
 /// `ESRCH` a target whose mm is gone; `EPERM` (with
-/// `PM_SCAN_CHECK_WPASYNC`) a VMA not registered for uffd-wp async.
+/// [`ScanRequest::write_protect`]) a VMA not registered for uffd-wp async.
 pub fn pagemap_scan(
     fd: BorrowedFd<'_>,
     req: &ScanRequest,
-    vec: &mut [page_region],
+    buf: Option<&mut RegionBuf>,
 ) -> Result<ScanReply, Errno> {
+    let (vec, vec_len) = match buf {
+        Some(b) => (b.regions.as_mut_ptr() as u64, b.regions.len() as u64),
+        None => (0, 0),
+    };
     let mut arg = pm_scan_arg {
         size: std::mem::size_of::<pm_scan_arg>() as u64,
         flags: req.flags,
-        start: req.start,
-        end: req.end,
+        start: req.range.start().get(),
+        end: req.range.end().get(),
         walk_end: 0,
-        vec: if vec.is_empty() {
-            0
-        } else {
-            vec.as_mut_ptr() as u64
-        },
-        vec_len: vec.len() as u64,
+        vec,
+        vec_len,
         max_pages: req.max_pages,
-        category_inverted: req.category_inverted,
-        category_mask: req.category_mask,
-        category_anyof_mask: req.category_anyof_mask,
-        return_mask: req.return_mask,
+        category_inverted: req.inverted.bits(),
+        category_mask: req.all_of.bits(),
+        category_anyof_mask: req.any_of.bits(),
+        return_mask: req.returning.bits(),
     };
-    // SAFETY: `arg.vec`/`arg.vec_len` describe `vec`, which is exclusively
-    // borrowed for the call, and the kernel writes at most `vec_len` regions
-    // of the correct layout into it.
+    // SAFETY: `arg.vec`/`arg.vec_len` describe the buffer's regions (or
+    // nothing), exclusively borrowed for the call; the kernel writes at
+    // most `vec_len` regions of the correct layout into it.
     let filled = unsafe { rustix::ioctl::ioctl(fd, PagemapScan(&mut arg)) }?;
     Ok(ScanReply {
         filled,
-        walk_end: arg.walk_end,
+        walk_end: VirtAddr::new(arg.walk_end),
     })
 }
 
-/// Runs `PAGEMAP_SCAN` from `req.start` to `req.end`, resuming at
-/// `walk_end` whenever `vec` fills, and calls `sink` for every region.
-/// `vec` must not be empty.
+/// Runs `PAGEMAP_SCAN` over the whole request, resuming at `walk_end`
+/// whenever `buf` fills, and calls `sink` for every region.
 pub fn pagemap_scan_all(
     fd: BorrowedFd<'_>,
     req: &ScanRequest,
-    vec: &mut [page_region],
-    mut sink: impl FnMut(&page_region),
+    buf: &mut RegionBuf,
+    mut sink: impl FnMut(Region),
 ) -> Result<(), Errno> {
     let mut req = *req;
-    while req.start < req.end {
-        let reply = pagemap_scan(fd, &req, vec)?;
-        vec[..reply.filled].iter().for_each(&mut sink);
-        if reply.walk_end <= req.start {
+    while !req.range.is_empty() {
+        let reply = pagemap_scan(fd, &req, Some(buf))?;
+        buf.filled(reply.filled).for_each(&mut sink);
+        if reply.walk_end <= req.range.start() {
             break;
         }
-        req.start = reply.walk_end;
+        req = req.from(reply.walk_end);
     }
     Ok(())
 }
