@@ -7,7 +7,8 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use anyhow::Context;
-use pagescope::object::view::{ObjectsOptions, objects_view};
+use pagescope::object::view::ObjectsOptions;
+use pagescope::objects_view;
 use pagescope::raw::pagemap_scan::RegionBuf;
 use pagescope::{KernelCaps, PageState, ScanOptions, Target, VirtAddr, VirtRange, scan_process};
 use pagescope_fixture::FixtureProcess;

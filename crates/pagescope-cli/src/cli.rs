@@ -36,6 +36,7 @@ pub enum Command {
     /// files) once: its page states and which processes map which parts.
     Objects {
         /// Processes whose objects to list.
+        #[arg(required_unless_present = "all")]
         pids: Vec<u32>,
         /// Every process on the machine.
         #[arg(long, conflicts_with = "pids")]

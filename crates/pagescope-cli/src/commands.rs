@@ -100,21 +100,11 @@ fn render(report: &ProcessReport, json: bool, how: Render) -> Result<u8> {
 }
 
 fn objects(pids: Vec<u32>, all: bool, files: bool, ranges: bool, json: bool) -> Result<u8> {
-    use pagescope::object::view::{ObjectsOptions, all_pids, objects_view};
-    if pids.is_empty() && !all {
-        anyhow::bail!("objects: name at least one PID, or --all");
-    }
+    use pagescope::ErrorKind;
+    use pagescope::object::view::ObjectsOptions;
     let caps = KernelCaps::probe();
-    let pids = if all { all_pids() } else { pids };
-    if !all {
-        // Fail early, with the usual exit codes, on a PID that cannot be
-        // examined at all.
-        for &pid in &pids {
-            let t = Target::open(pid)?;
-            t.require_address_space()?;
-        }
-    }
-    let mut report = objects_view(
+    let pids = if all { pagescope::proc::pids() } else { pids };
+    let mut report = pagescope::objects_view(
         &pids,
         &caps,
         &ObjectsOptions {
@@ -122,12 +112,23 @@ fn objects(pids: Vec<u32>, all: bool, files: bool, ranges: bool, json: bool) -> 
         },
     );
     if all {
-        // Processes that exited or are kernel threads have no objects.
+        // Processes that exited meanwhile or are kernel threads have no
+        // objects: normal churn, not a gap in the answer.
         report.skipped.retain(|s| {
-            !s.reason.contains("no process")
-                && !s.reason.contains("no user address space")
-                && !s.reason.contains("exited")
+            !matches!(
+                s.kind,
+                ErrorKind::NoSuchProcess | ErrorKind::NoAddressSpace | ErrorKind::TargetExited
+            )
         });
+    } else if report.skipped.len() == pids.len() {
+        // Nothing could be examined: that is the error, with its exit code.
+        if let Some(first) = report.skipped.first() {
+            return Err(crate::exit::CliError::new(
+                crate::exit::for_kind(first.kind),
+                first.reason.clone(),
+            )
+            .into());
+        }
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if json {
@@ -137,7 +138,26 @@ fn objects(pids: Vec<u32>, all: bool, files: bool, ranges: bool, json: bool) -> 
         report.write_text(&mut out)?;
     }
     out.flush()?;
-    Ok(if report.complete() { OK } else { INCOMPLETE })
+    if report.complete() {
+        return Ok(OK);
+    }
+    let what: Vec<String> = report
+        .skipped
+        .iter()
+        .map(|s| format!("process {}", s.pid))
+        .chain(
+            report
+                .objects
+                .iter()
+                .filter(|o| o.error.is_some())
+                .map(|o| format!("object {}", o.path)),
+        )
+        .collect();
+    eprintln!(
+        "pagescope: result incomplete, skipped {} (listed in the output)",
+        what.join(", ")
+    );
+    Ok(INCOMPLETE)
 }
 
 fn kernel(json: bool) -> Result<u8> {

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 
 use common::{caps, fixture, skip};
-use pagescope::object::view::{ObjectsOptions, objects_view};
+use pagescope::object::view::ObjectsOptions;
+use pagescope::objects_view;
 use pagescope::{BackendChoice, PageState, ProcessReport, Target};
 
 const SHMEM: [&str; 4] = ["memfd", "tmpfs", "shared_anon", "sysv"];

@@ -49,7 +49,9 @@ fn target_exiting_mid_scan_is_reported_incomplete() {
                 if !r.complete() {
                     incomplete += 1;
                     assert!(
-                        r.skipped.iter().all(|s| s.reason.contains("exited")),
+                        r.skipped
+                            .iter()
+                            .all(|s| s.reason.describe().contains("exited")),
                         "{:?}",
                         r.skipped
                     );
@@ -84,7 +86,7 @@ fn target_remapping_during_scan_lists_skipped_ranges() {
             assert!(
                 r.skipped
                     .iter()
-                    .all(|s| s.reason.contains("during the scan")),
+                    .all(|s| s.reason.describe().contains("during the scan")),
                 "{:?}",
                 r.skipped
             );

@@ -43,10 +43,12 @@
 pub mod addr;
 pub mod dirty;
 pub mod error;
+pub mod inspect;
 pub mod kernel;
 pub mod object;
 pub mod page;
 pub mod pagemap;
+mod parallel;
 pub mod proc;
 pub mod rangeset;
 pub mod report;
@@ -57,13 +59,14 @@ pub mod vma;
 
 pub use addr::{PageSize, PageSpan, VirtAddr, VirtRange};
 pub use error::ErrorKind;
+pub use inspect::{objects_view, scan_process};
 pub use kernel::KernelCaps;
 pub use page::{PageFlags, PageInfo, PageRun, PageState, SwapSlot, UnknownReason};
 pub use pagemap::{PagemapEntry, PagemapFlags};
 pub use proc::{ProcError, Target};
 pub use rangeset::RangeSet;
 pub use report::{Counts, ProcessReport, Skipped, VmaReport};
-pub use scan::{BackendChoice, PageScanner, ScanError, ScanOptions, ScanStrategy, scan_process};
+pub use scan::{BackendChoice, PageScanner, ScanError, ScanOptions, ScanStrategy};
 pub use sys::mm::{Advice, OwnedMapping};
 pub use sys::pagemap_scan::ScanCategories;
 

@@ -71,7 +71,37 @@ pub struct Skipped {
     /// Addresses.
     pub range: VirtRange,
     /// Why.
-    pub reason: String,
+    pub reason: SkipReason,
+}
+
+/// Why a range was not reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SkipReason {
+    /// The process exited while it was scanned.
+    ProcessExited,
+    /// The mapping changed (moved, resized, protection) while it was
+    /// scanned.
+    MappingChanged,
+    /// The mapping appeared while the process was scanned.
+    MappingAppeared,
+}
+
+impl SkipReason {
+    /// The text reports and JSON use.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::ProcessExited => "the process exited during the scan",
+            Self::MappingChanged => "the mapping changed during the scan",
+            Self::MappingAppeared => "the mapping appeared during the scan",
+        }
+    }
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
 }
 
 /// Page counts per state.
@@ -300,7 +330,7 @@ impl Serialize for SkippedDoc<'_> {
         let mut st = s.serialize_struct("skipped", 3)?;
         st.serialize_field("start", &self.0.range.start())?;
         st.serialize_field("end", &self.0.range.end())?;
-        st.serialize_field("reason", &self.0.reason)?;
+        st.serialize_field("reason", self.0.reason.describe())?;
         st.end()
     }
 }

@@ -11,7 +11,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::addr::{PageSize, PageSpan, VirtAddr, VirtRange};
-use crate::proc::maps::{DevId, MapsEntry, MapsPath, Perms};
+use crate::proc::maps::{DevId, MapsEntry};
 use crate::proc::mountinfo::Mount;
 use crate::proc::smaps::VmFlags;
 
@@ -49,6 +49,15 @@ impl fmt::Display for Backing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// How the object behind a VMA is classified ([`Vma::object_class`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ObjectClass {
+    /// tmpfs/shmem (memfd, /dev/shm, SysV, shared anonymous).
+    Shmem,
+    /// A regular file on a disk filesystem.
+    File,
 }
 
 /// A finer description of the VMA, for reports.
@@ -119,21 +128,15 @@ pub struct ObjectId {
     pub inode: u64,
 }
 
-/// A VMA of the target with its classification.
+/// A VMA of the target: its maps line and what pagescope made of it.
+///
+/// It dereferences to its [`MapsEntry`], so `vma.range`, `vma.perms`,
+/// `vma.offset`, `vma.dev`, `vma.inode` and `vma.path` read the maps line
+/// itself: a VMA *is* that line plus a classification.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vma {
-    /// Address range.
-    pub range: VirtRange,
-    /// Permissions and sharing.
-    pub perms: Perms,
-    /// Offset into the backing object, in bytes.
-    pub offset: u64,
-    /// Device of the backing object.
-    pub dev: DevId,
-    /// Inode of the backing object.
-    pub inode: u64,
-    /// Path column.
-    pub path: MapsPath,
+    /// The maps line.
+    pub entry: MapsEntry,
     /// Backing class.
     pub backing: Backing,
     /// Finer kind.
@@ -142,6 +145,14 @@ pub struct Vma {
     pub vm_flags: Option<VmFlags>,
     /// smaps `Swap:` in kB, when pagescope read smaps.
     pub smaps_swap_kb: Option<u64>,
+}
+
+impl std::ops::Deref for Vma {
+    type Target = MapsEntry;
+
+    fn deref(&self) -> &MapsEntry {
+        &self.entry
+    }
 }
 
 /// `statfs` magic numbers of the filesystems that change the backing.
@@ -154,12 +165,7 @@ impl Vma {
     pub fn classify(e: &MapsEntry, mounts: &MountTable, vm_flags: Option<VmFlags>) -> Self {
         let (backing, kind) = classify_entry(e, mounts, vm_flags.unwrap_or_default());
         Self {
-            range: e.range,
-            perms: e.perms,
-            offset: e.offset,
-            dev: e.dev,
-            inode: e.inode,
-            path: e.path.clone(),
+            entry: e.clone(),
             backing,
             kind,
             vm_flags,
@@ -211,6 +217,18 @@ impl Vma {
                 dev: self.dev,
                 inode: self.inode,
             })
+    }
+
+    /// How the object behind the VMA is classified, if it has one that can
+    /// be (shmem and regular files; not hugetlbfs, anonymous or special
+    /// memory).
+    pub fn object_class(&self) -> Option<ObjectClass> {
+        match (self.backing, self.inode) {
+            (_, 0) => None,
+            (Backing::Shmem, _) => Some(ObjectClass::Shmem),
+            (Backing::File, _) => Some(ObjectClass::File),
+            _ => None,
+        }
     }
 
     /// The object page mapped at `addr` (which must lie in the VMA).

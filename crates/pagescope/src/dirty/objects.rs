@@ -149,7 +149,7 @@ impl ObjectLayer {
             let v = mapped[0];
             let (fd, unopened) = match open_object(target, v, self.map_files) {
                 Ok(o) => (Some(o.fd), None),
-                Err(why) => (None, Some(why)),
+                Err(why) => (None, Some(why.describe())),
             };
             if let Some(fd) = &fd {
                 self.fsnotify.watch(*id, fd.as_fd());

@@ -78,11 +78,10 @@ impl Scope {
 /// The part `r` of `v`, with the object offset moved along.
 fn clip(v: &Vma, r: VirtRange) -> Vma {
     let skip = r.start().checked_offset_from(v.range.start()).unwrap_or(0);
-    Vma {
-        range: r,
-        offset: v.offset + skip,
-        ..v.clone()
-    }
+    let mut part = v.clone();
+    part.entry.range = r;
+    part.entry.offset = v.offset + skip;
+    part
 }
 
 /// Attaches to `target`, with the best backend available (or the one

@@ -30,6 +30,8 @@ use std::os::fd::BorrowedFd;
 
 use rustix::io::Errno;
 
+use crate::addr::{PageSize, PageSpan};
+use crate::rangeset::RangeSet;
 use crate::sys;
 
 /// The state of one page of an object.
@@ -60,86 +62,65 @@ pub struct ObjectRun {
     pub state: ObjectState,
 }
 
-/// What kind of object is classified.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ObjectClass {
-    /// tmpfs/shmem (memfd, /dev/shm, SysV, shared anonymous).
-    Shmem,
-    /// A regular file on a disk filesystem.
-    File,
-}
+pub use crate::vma::ObjectClass;
 
 /// Pages per classification chunk (bounds the mincore buffer).
 const CHUNK_PAGES: u64 = 64 * 1024;
 
-/// Classifies pages `first..first+count` of the object behind `fd`.
+/// What a classification found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Classified {
+    /// The pages, in runs of equal state.
+    pub runs: Vec<ObjectRun>,
+    /// Whether swap-cache and fallocated pages were told apart (`false`
+    /// without `cachestat`: they read as resident and hole).
+    pub precise: bool,
+}
+
+/// Classifies the pages `span` of the object behind `fd`.
 ///
 /// `size_pages` is the object's size; pages beyond it are holes. `known`
-/// lists object pages `(first, count)` known to be in the page cache
-/// because a process maps them (present in its page table, not a private
-/// copy); they are reported resident without being examined. Without
-/// `cachestat` (Linux < 6.5, or refused), shmem swap-cache pages read as
-/// resident and fallocated pages as holes; `precise` in the result says
-/// whether the split was made.
+/// holds object pages known to be in the page cache because a process
+/// maps them (present in its page table, not a private copy); they are
+/// reported resident without being examined. Chunks of the span run on
+/// worker threads ([`crate::parallel`]).
 pub fn classify(
     fd: BorrowedFd<'_>,
     class: ObjectClass,
     size_pages: u64,
-    first: u64,
-    count: u64,
-    page: u64,
-    known: &[(u64, u64)],
-) -> Result<(Vec<ObjectRun>, bool), Errno> {
-    let end = first + count;
-    let chunks: Vec<(u64, u64)> = (first..end)
-        .step_by(CHUNK_PAGES as usize)
-        .map(|lo| (lo, (lo + CHUNK_PAGES).min(end)))
+    span: PageSpan,
+    page: PageSize,
+    known: &RangeSet<PageSpan>,
+) -> Result<Classified, Errno> {
+    let chunks: Vec<PageSpan> = (span.start()..span.end())
+        .step_by(usize::try_from(CHUNK_PAGES).unwrap_or(usize::MAX))
+        .map(|lo| PageSpan::new(lo, (lo + CHUNK_PAGES).min(span.end())).unwrap_or_default())
         .collect();
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8)
-        .min(chunks.len());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    type ChunkResult = Result<(Vec<ObjectState>, bool), Errno>;
-    let results: std::sync::Mutex<Vec<Option<ChunkResult>>> =
-        std::sync::Mutex::new(vec![None; chunks.len()]);
-    let work = || {
-        loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(&(lo, hi)) = chunks.get(i) else {
-                return;
-            };
+    let results = crate::parallel::run(
+        chunks.len(),
+        crate::parallel::workers(0, chunks.len()),
+        || (),
+        |(), i| {
             let mut precise = true;
             let chunk = Chunk {
-                lo,
-                hi,
-                known: known_parts(known, lo, hi),
+                span: chunks[i],
+                known: known_parts(known, chunks[i]),
             };
-            let r = classify_chunk(fd, class, size_pages, &chunk, page, &mut precise)
-                .map(|s| (s, precise));
-            if let Ok(mut v) = results.lock() {
-                v[i] = Some(r);
-            }
-        }
+            classify_chunk(fd, class, size_pages, &chunk, page.get(), &mut precise)
+                .map(|s| (s, precise))
+        },
+        |_| true,
+    );
+    let mut out = Classified {
+        runs: Vec::new(),
+        precise: true,
     };
-    if workers > 1 {
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(work);
-            }
-        });
-    } else {
-        work();
-    }
-    let mut out = Vec::new();
-    let mut precise = true;
-    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
-    for (&(lo, _), r) in chunks.iter().zip(results) {
+    for (c, r) in chunks.iter().zip(results) {
         let (states, p) = r.unwrap_or(Err(Errno::INTR))?;
-        precise &= p;
-        push_states(&mut out, lo, &states);
+        out.precise &= p;
+        push_states(&mut out.runs, c.start(), &states);
     }
-    Ok((out, precise))
+    Ok(out)
 }
 
 fn push_states(out: &mut Vec<ObjectRun>, first: u64, states: &[ObjectState]) {
@@ -156,23 +137,20 @@ fn push_states(out: &mut Vec<ObjectRun>, first: u64, states: &[ObjectState]) {
     }
 }
 
-/// Object pages `lo..hi`, with the parts known resident as index ranges
-/// relative to `lo`.
+/// Object pages of one chunk, with the parts known resident as index
+/// ranges relative to its start.
 struct Chunk {
-    lo: u64,
-    hi: u64,
+    span: PageSpan,
     known: Vec<std::ops::Range<usize>>,
 }
 
-/// The parts of `known` (sorted `(first, count)` spans) inside `lo..hi`,
-/// relative to `lo`.
-fn known_parts(known: &[(u64, u64)], lo: u64, hi: u64) -> Vec<std::ops::Range<usize>> {
-    let from = known.partition_point(|&(f, n)| f + n <= lo);
-    known[from..]
-        .iter()
-        .take_while(|&&(f, _)| f < hi)
-        .map(|&(f, n)| (f.max(lo) - lo) as usize..((f + n).min(hi) - lo) as usize)
-        .filter(|r| !r.is_empty())
+/// The parts of `known` inside `chunk`, relative to its start.
+fn known_parts(known: &RangeSet<PageSpan>, chunk: PageSpan) -> Vec<std::ops::Range<usize>> {
+    let at = |p: u64| usize::try_from(p - chunk.start()).unwrap_or(usize::MAX);
+    known
+        .intersect(chunk)
+        .into_iter()
+        .map(|s| at(s.start())..at(s.end()))
         .collect()
 }
 
@@ -227,9 +205,9 @@ fn classify_chunk(
     page: u64,
     precise: &mut bool,
 ) -> Result<Vec<ObjectState>, Errno> {
-    let lo = chunk.lo;
-    let n = (chunk.hi - lo) as usize;
-    let inside = size_pages.clamp(lo, chunk.hi) - lo;
+    let lo = chunk.span.start();
+    let n = usize::try_from(chunk.span.count()).unwrap_or(usize::MAX);
+    let inside = size_pages.clamp(lo, chunk.span.end()) - lo;
     let mut states = vec![ObjectState::Hole; n];
     if inside == 0 {
         return Ok(states);
@@ -378,10 +356,17 @@ mod tests {
 
     #[test]
     fn known_parts_are_clipped_to_the_chunk() {
-        let known = [(0, 10), (20, 10), (95, 10), (200, 5)];
-        assert_eq!(known_parts(&known, 5, 100), vec![0..5, 15..25, 90..95]);
-        assert_eq!(known_parts(&known, 100, 200), vec![0..5]);
-        assert!(known_parts(&known, 30, 95).is_empty());
+        let s = |a, n| PageSpan::from_start_count(a, n);
+        let known: RangeSet<PageSpan> = [s(0, 10), s(20, 10), s(95, 10), s(200, 5)]
+            .into_iter()
+            .collect();
+        let span = |a, b| PageSpan::new(a, b).unwrap();
+        assert_eq!(
+            known_parts(&known, span(5, 100)),
+            vec![0..5, 15..25, 90..95]
+        );
+        assert_eq!(known_parts(&known, span(100, 200)), vec![0..5]);
+        assert!(known_parts(&known, span(30, 95)).is_empty());
     }
 
     #[test]

@@ -6,11 +6,12 @@
 //! cache, a page resident but not mapped by this process and a hole all
 //! read as an empty PTE; for files, cached and uncached pages do. pagescope
 //! opens the object ([`open`]), classifies its pages from the object itself
-//! ([`classify`]) once per object, and gives every page the target does not
-//! map the object's state ([`apply_objects`]).
+//! ([`classify`], [`classify_spans`]) once per object, and gives every page
+//! the target does not map the object's state ([`join`]). The inspection
+//! driver (`crate::inspect`) decides which objects and pages.
 //!
-//! [`view`] builds the per-object view across processes (`pagescope
-//! objects`).
+//! [`view`] holds the per-object view across processes (`pagescope
+//! objects`) and its renderings.
 
 pub mod classify;
 pub mod extents;
@@ -18,18 +19,16 @@ pub mod open;
 mod render;
 pub mod view;
 
-use std::collections::HashMap;
 use std::os::fd::AsFd;
 
-pub use classify::{ObjectClass, ObjectRun, ObjectState};
+pub use classify::{Classified, ObjectClass, ObjectRun, ObjectState};
 pub use open::{OpenObject, OpenedVia, open_object};
+use rustix::io::Errno;
 
-use crate::kernel::KernelCaps;
+use crate::addr::{PageSize, PageSpan, VirtAddr, VirtRange};
+use crate::error::ErrorKind;
 use crate::page::{PageInfo, PageRun, PageState, RunBuilder, UnknownReason};
-use crate::proc::Target;
-use crate::proc::maps::DevId;
-use crate::report::{ObjectId, ProcessReport};
-use crate::vma::{Backing, Vma};
+use crate::rangeset::RangeSet;
 
 impl From<ObjectState> for PageState {
     fn from(s: ObjectState) -> Self {
@@ -44,187 +43,122 @@ impl From<ObjectState> for PageState {
     }
 }
 
-/// The class of object behind a VMA, if pagescope can classify it.
-pub fn class_of(vma: &Vma) -> Option<ObjectClass> {
-    match vma.backing {
-        Backing::Shmem => Some(ObjectClass::Shmem),
-        Backing::File => Some(ObjectClass::File),
-        _ => None,
+/// Why an object could not be examined.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ObjectError {
+    /// No way of opening it worked.
+    #[error("{tried}")]
+    Open {
+        /// The process whose mapping was followed.
+        pid: u32,
+        /// The mapping.
+        range: VirtRange,
+        /// The object's inode.
+        inode: u64,
+        /// Every way tried, and why it failed.
+        tried: String,
+        /// The broad class of the failure.
+        kind: ErrorKind,
+    },
+    /// mincore and cachestat refuse to tell the page cache of a file the
+    /// caller neither owns nor may write.
+    #[error(
+        "mincore and cachestat report a file's page cache only to its owner, writers or root (Linux 5.2+)"
+    )]
+    PageCacheRefused {
+        /// The object's inode.
+        inode: u64,
+    },
+    /// hugetlbfs objects are not classified.
+    #[error("hugetlbfs objects are not classified")]
+    Hugetlb {
+        /// The object's inode.
+        inode: u64,
+    },
+    /// A system call of the classification failed.
+    #[error("classifying inode {inode} failed")]
+    Classify {
+        /// The object's inode.
+        inode: u64,
+        /// The errno.
+        #[source]
+        source: Errno,
+    },
+}
+
+impl ObjectError {
+    /// The broad class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Open { kind, .. } => *kind,
+            Self::PageCacheRefused { .. } => ErrorKind::PermissionDenied,
+            Self::Hugetlb { .. } => ErrorKind::Unsupported,
+            Self::Classify { .. } => ErrorKind::Other,
+        }
+    }
+
+    /// The message with its cause, on one line (reports carry it).
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Classify { source, .. } => format!("{self}: {source}"),
+            _ => self.to_string(),
+        }
     }
 }
 
 /// Why mincore/cachestat would not tell us the page-cache state of a file
 /// (Linux 5.2+: only to its owner, writers, or the privileged).
-fn page_cache_refused(obj: &OpenObject) -> Option<String> {
+fn page_cache_refused(obj: &OpenObject) -> bool {
     if rustix::process::geteuid().is_root() {
-        return None;
+        return false;
     }
-    let st = rustix::fs::fstat(&obj.fd).ok()?;
+    let Ok(st) = rustix::fs::fstat(&obj.fd) else {
+        return false;
+    };
     if st.st_uid == rustix::process::geteuid().as_raw() {
-        return None;
+        return false;
     }
     let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&obj.fd));
-    let writable = rustix::fs::access(path.as_str(), rustix::fs::Access::WRITE_OK).is_ok();
-    (!writable).then(|| {
-        "mincore and cachestat report a file's page cache only to its owner, writers or root (Linux 5.2+)".to_owned()
-    })
+    rustix::fs::access(path.as_str(), rustix::fs::Access::WRITE_OK).is_err()
 }
 
-/// An object opened for one scan, classified over the page ranges the
-/// scanned VMAs need.
-struct Classified {
-    id: ObjectId,
-    runs: Vec<ObjectRun>,
-}
-
-/// Gives every page of a shared or file mapping that the target does not
-/// map the state of the object behind it. VMAs whose object cannot be
-/// opened get `object_error` and `unknown` pages.
-pub fn apply_objects(target: &Target, caps: &KernelCaps, report: &mut ProcessReport) {
-    let page = report.page_size.get();
-    let mut opened: HashMap<(DevId, u64), Result<OpenObject, String>> = HashMap::new();
-    let mut needs: HashMap<(DevId, u64), Vec<(u64, u64)>> = HashMap::new();
-    for v in &mut report.vmas {
-        if class_of(&v.vma).is_none() || v.vma.inode == 0 {
-            continue;
-        }
-        let key = (v.vma.dev, v.vma.inode);
-        let obj = opened
-            .entry(key)
-            .or_insert_with(|| open_object(target, &v.vma, caps.map_files));
-        if let Ok(o) = obj {
-            v.vma.refine_with_fstype(o.fs_type);
-        }
-        if class_of(&v.vma).is_some() {
-            needs
-                .entry(key)
-                .or_default()
-                .push(object_span(v.scanned, &v.vma, page));
-        }
-    }
-    let mut classified: HashMap<(DevId, u64), Result<Classified, String>> = HashMap::new();
-    for (key, spans) in needs {
-        let result = match opened.get(&key) {
-            Some(Ok(o)) => classify_spans(
-                o,
-                report
-                    .vmas
-                    .iter()
-                    .find(|v| (v.vma.dev, v.vma.inode) == key)
-                    .map(|v| &v.vma),
-                &spans,
-                &mapped_object_pages(report, key),
-                page,
-            ),
-            Some(Err(e)) => Err(e.clone()),
-            None => continue,
-        };
-        classified.insert(key, result);
-    }
-    for v in &mut report.vmas {
-        let Some(result) = classified.get(&(v.vma.dev, v.vma.inode)) else {
-            continue;
-        };
-        if class_of(&v.vma).is_none() {
-            continue;
-        }
-        match result {
-            Ok(c) => {
-                let (first, _) = object_span(v.scanned, &v.vma, page);
-                v.runs = join(&v.runs, &c.runs, first, v.scanned.start(), report.page_size);
-                v.object = Some(c.id);
-            }
-            Err(why) => {
-                v.object_error = Some(why.clone());
-                v.runs = mark_unknown(&v.runs, report.page_size);
-            }
-        }
-    }
-    if !caps.cachestat {
-        report.notes.push("no cachestat (Linux 6.5+): shmem swap-cache pages read as resident, fallocated pages as holes".into());
-    }
-}
-
-/// Object pages `(first, count)` the process maps from object `key`:
-/// present pages with the file bit (page-cache pages, not private copies),
-/// sorted. They are in the page cache, so classifying need not ask.
-fn mapped_object_pages(report: &ProcessReport, key: (DevId, u64)) -> Vec<(u64, u64)> {
-    let page = report.page_size.get();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for v in report
-        .vmas
-        .iter()
-        .filter(|v| (v.vma.dev, v.vma.inode) == key)
-    {
-        let (first, _) = object_span(v.scanned, &v.vma, page);
-        for r in &v.runs {
-            if r.state == PageState::Present && r.flags.contains(crate::PageFlags::FILE) {
-                let off = r.start.checked_offset_from(v.scanned.start()).unwrap_or(0) / page;
-                out.push((first + off, r.pages));
-            }
-        }
-    }
-    out.sort_unstable();
-    out
-}
-
-/// Object pages `(first, count)` behind the scanned part of `vma`.
-fn object_span(scanned: crate::VirtRange, vma: &Vma, page: u64) -> (u64, u64) {
-    let skip = scanned
-        .start()
-        .checked_offset_from(vma.range.start())
-        .unwrap_or(0)
-        / page;
-    (vma.offset / page + skip, scanned.len() / page)
-}
-
-fn classify_spans(
+/// Classifies the pages `spans` of an opened object of class `class`;
+/// `known` are object pages some process maps (in the page cache).
+pub fn classify_spans(
     o: &OpenObject,
-    vma: Option<&Vma>,
-    spans: &[(u64, u64)],
-    known: &[(u64, u64)],
-    page: u64,
-) -> Result<Classified, String> {
-    let class = vma.and_then(class_of).ok_or("not a shmem or file object")?;
-    if class == ObjectClass::File {
-        if let Some(why) = page_cache_refused(o) {
-            return Err(why);
-        }
+    class: Option<ObjectClass>,
+    spans: &RangeSet<PageSpan>,
+    known: &RangeSet<PageSpan>,
+    page: PageSize,
+) -> Result<Classified, ObjectError> {
+    let inode = o.id.inode;
+    let class = class.ok_or(ObjectError::Hugetlb { inode })?;
+    if class == ObjectClass::File && page_cache_refused(o) {
+        return Err(ObjectError::PageCacheRefused { inode });
     }
-    let mut merged: Vec<(u64, u64)> = spans.iter().map(|&(f, n)| (f, f + n)).collect();
-    merged.sort_unstable();
-    let mut union: Vec<(u64, u64)> = Vec::new();
-    for (a, b) in merged {
-        match union.last_mut() {
-            Some(last) if a <= last.1 => last.1 = last.1.max(b),
-            _ => union.push((a, b)),
-        }
+    let size_pages = o.size.div_ceil(page.get());
+    let mut out = Classified {
+        runs: Vec::new(),
+        precise: true,
+    };
+    for span in spans.ranges() {
+        let c = classify::classify(o.fd.as_fd(), class, size_pages, *span, page, known)
+            .map_err(|source| ObjectError::Classify { inode, source })?;
+        out.runs.extend(c.runs);
+        out.precise &= c.precise;
     }
-    let size_pages = o.size.div_ceil(page);
-    let mut runs = Vec::new();
-    for (a, b) in union {
-        let (r, _precise) =
-            classify::classify(o.fd.as_fd(), class, size_pages, a, b - a, page, known)
-                .map_err(|e| format!("classifying inode {} failed: {e}", o.inode))?;
-        runs.extend(r);
-    }
-    Ok(Classified {
-        id: ObjectId {
-            dev: o.dev,
-            inode: o.inode,
-        },
-        runs,
-    })
+    Ok(out)
 }
 
 /// Replaces the page-table holes of `runs` with the object's states.
 /// `first` is the object page at `start`.
-fn join(
+pub fn join(
     runs: &[PageRun],
     obj: &[ObjectRun],
     first: u64,
-    start: crate::VirtAddr,
-    page: crate::PageSize,
+    start: VirtAddr,
+    page: PageSize,
 ) -> Vec<PageRun> {
     let mut out = RunBuilder::new(page, true);
     for r in runs {
@@ -258,14 +192,14 @@ fn push_part(
     from: u64,
     to: u64,
     state: PageState,
-    page: crate::PageSize,
+    page: PageSize,
 ) {
     let addr = r.start.saturating_add((from - idx) * page.get());
     out.push(addr, to - from, PageInfo::with(state, r.flags));
 }
 
 /// Page-table holes become `unknown`: the object could not be examined.
-fn mark_unknown(runs: &[PageRun], page: crate::PageSize) -> Vec<PageRun> {
+pub fn mark_unknown(runs: &[PageRun], page: PageSize) -> Vec<PageRun> {
     let mut out = RunBuilder::new(page, true);
     for r in runs {
         if r.state == PageState::Hole {

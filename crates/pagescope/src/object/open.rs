@@ -14,9 +14,11 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use crate::proc::Target;
+use super::ObjectError;
+use crate::error::ErrorKind;
 use crate::proc::maps::DevId;
-use crate::vma::Vma;
+use crate::proc::{ProcError, Target};
+use crate::vma::{ObjectId, Vma};
 
 /// How an object was opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,10 +36,8 @@ pub enum OpenedVia {
 pub struct OpenObject {
     /// The fd (read-only).
     pub fd: OwnedFd,
-    /// Device.
-    pub dev: DevId,
-    /// Inode.
-    pub inode: u64,
+    /// Device and inode.
+    pub id: ObjectId,
     /// Size in bytes.
     pub size: u64,
     /// `statfs` magic of its filesystem.
@@ -46,72 +46,106 @@ pub struct OpenObject {
     pub via: OpenedVia,
 }
 
-/// Opens the object behind `vma`, or says why it cannot be.
+/// Opens the object behind `vma`, or says why it cannot be (every way
+/// tried, and the broad class of the failure).
 pub fn open_object(
     target: &Target,
     vma: &Vma,
     privileged_map_files: bool,
-) -> Result<OpenObject, String> {
-    let mut why = Vec::new();
+) -> Result<OpenObject, ObjectError> {
+    let mut tried = Vec::new();
+    let mut kinds = Vec::new();
+    let mut failed = |why: String, kind: ErrorKind| {
+        tried.push(why);
+        kinds.push(kind);
+    };
     if privileged_map_files {
         match target
             .map_file(vma.range)
-            .map_err(|e| e.to_string())
+            .map_err(|e| (e.to_string(), e.kind()))
             .and_then(|fd| check(fd, vma, OpenedVia::MapFiles))
         {
             Ok(o) => return Ok(o),
-            Err(e) => why.push(e),
+            Err((why, kind)) => failed(why, kind),
         }
     } else {
-        why.push("map_files needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE".to_owned());
+        failed(
+            "map_files needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE".to_owned(),
+            ErrorKind::PermissionDenied,
+        );
     }
     match open_via_fd(target, vma) {
         Ok(Some(o)) => return Ok(o),
-        Ok(None) => why.push(format!(
-            "process {} holds no fd for inode {}",
-            target.pid(),
-            vma.inode
-        )),
-        Err(e) => why.push(e),
+        Ok(None) => failed(
+            format!(
+                "process {} holds no fd for inode {}",
+                target.pid(),
+                vma.inode
+            ),
+            ErrorKind::PermissionDenied,
+        ),
+        Err((why, kind)) => failed(why, kind),
     }
     if !vma.path.is_deleted() && vma.path.as_bytes().starts_with(b"/") {
         match open_via_path(target, vma) {
             Ok(o) => return Ok(o),
-            Err(e) => why.push(e),
+            Err((why, kind)) => failed(why, kind),
         }
     }
-    Err(why.join("; "))
+    let kind = if kinds.contains(&ErrorKind::TargetExited) {
+        ErrorKind::TargetExited
+    } else if kinds.iter().all(|k| *k == ErrorKind::PermissionDenied) {
+        ErrorKind::PermissionDenied
+    } else {
+        ErrorKind::Other
+    };
+    Err(ObjectError::Open {
+        pid: target.pid(),
+        range: vma.range,
+        inode: vma.inode,
+        tried: tried.join("; "),
+        kind,
+    })
 }
 
-fn open_via_fd(target: &Target, vma: &Vma) -> Result<Option<OpenObject>, String> {
-    let fds = target.fds().map_err(|e| e.to_string())?;
+type Attempt<T> = Result<T, (String, ErrorKind)>;
+
+fn proc_failure(e: ProcError) -> (String, ErrorKind) {
+    (e.to_string(), e.kind())
+}
+
+fn open_via_fd(target: &Target, vma: &Vma) -> Attempt<Option<OpenObject>> {
+    let fds = target.fds().map_err(proc_failure)?;
     for n in fds {
         let name = format!("fd/{n}");
         let Ok(st) = target.stat_file(&name) else {
             continue;
         };
         if st.st_ino == vma.inode && DevId::from_st_dev(st.st_dev) == vma.dev {
-            let fd = target.open_fd(n).map_err(|e| e.to_string())?;
+            let fd = target.open_fd(n).map_err(proc_failure)?;
             return check(fd, vma, OpenedVia::Fd(n)).map(Some);
         }
     }
     Ok(None)
 }
 
-fn open_via_path(target: &Target, vma: &Vma) -> Result<OpenObject, String> {
+fn open_via_path(target: &Target, vma: &Vma) -> Attempt<OpenObject> {
     let fd = target
         .open_in_root(vma.path.as_bytes())
-        .map_err(|e| e.to_string())?;
+        .map_err(proc_failure)?;
     check(fd, vma, OpenedVia::Path)
 }
 
-fn check(fd: OwnedFd, vma: &Vma, via: OpenedVia) -> Result<OpenObject, String> {
-    let st = rustix::fs::fstat(&fd).map_err(|e| format!("fstat: {e}"))?;
+fn check(fd: OwnedFd, vma: &Vma, via: OpenedVia) -> Attempt<OpenObject> {
+    let st = rustix::fs::fstat(&fd).map_err(|e| (format!("fstat: {e}"), ErrorKind::Other))?;
     let dev = DevId::from_st_dev(st.st_dev);
     if st.st_ino != vma.inode || dev != vma.dev {
-        return Err(format!(
-            "{:?} leads to inode {} on {dev}, not the mapped inode {}",
-            via, st.st_ino, vma.inode
+        return Err((
+            format!(
+                "{:?} leads to inode {} on {dev}, not the mapped inode {}",
+                via, st.st_ino, vma.inode
+            ),
+            ErrorKind::Other,
         ));
     }
     let fs_type = rustix::fs::fstatfs(fd.as_fd())
@@ -119,8 +153,10 @@ fn check(fd: OwnedFd, vma: &Vma, via: OpenedVia) -> Result<OpenObject, String> {
         .unwrap_or(0);
     Ok(OpenObject {
         fd,
-        dev,
-        inode: st.st_ino,
+        id: ObjectId {
+            dev,
+            inode: st.st_ino,
+        },
         size: u64::try_from(st.st_size).unwrap_or(0),
         fs_type,
         via,

@@ -16,7 +16,7 @@
 //! could be the case; those are walked with the ioctl anyway, so the result
 //! is the same page for page whichever way a block was read.
 
-use super::pagemap_read::PresentRules;
+use super::entries::PresentRules;
 use super::{ScanContext, ScanStrategy};
 use crate::addr::{PageSize, VirtAddr, VirtRange};
 use crate::pagemap::{PagemapEntry, PagemapFlags};

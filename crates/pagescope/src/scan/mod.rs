@@ -12,24 +12,28 @@
 //!
 //! Both must produce identical runs on every fixture scenario; the test
 //! suite checks that, as the kernel's selftests check pagemap against
-//! PAGEMAP_SCAN. [`scan_process`] drives a backend over a whole process.
+//! PAGEMAP_SCAN. [`Scanner`] runs the chosen backend ([`BackendPlan`])
+//! over a set of VMAs; the inspection driver (`crate::inspect`) decides
+//! which.
 
+mod backend;
 mod classify;
 mod dense;
+mod entries;
 mod kpage;
 mod pagemap_read;
 mod pagemap_scan;
-mod parallel;
-mod process;
-mod reader;
-mod unprivileged;
+pub(crate) mod reader;
+pub(crate) mod unprivileged;
+mod vmas;
 
 use std::os::fd::BorrowedFd;
 
+pub use backend::BackendPlan;
 pub use kpage::KpageFlags;
 pub use pagemap_read::PagemapReadBackend;
 pub use pagemap_scan::PagemapScanBackend;
-pub use process::{read_layout, scan_process};
+pub use vmas::Scanner;
 
 use crate::addr::{PageSize, VirtRange};
 use crate::error::ErrorKind;
@@ -174,7 +178,7 @@ pub enum ScanStrategy {
     Read,
 }
 
-/// Options for [`scan_process`].
+/// Options for a scan (`crate::inspect::scan_process`).
 #[derive(Clone, Debug, Default)]
 pub struct ScanOptions {
     /// Backend selection.
@@ -249,42 +253,4 @@ pub fn present_ranges(
         Ok(())
     })?;
     Ok(out)
-}
-
-/// The name of the backend `choice` resolves to, and whether it reports
-/// `exclusive` everywhere, without building it (its buffers are large).
-pub fn backend_identity(
-    choice: BackendChoice,
-    caps: &KernelCaps,
-    skip_exclusive: bool,
-) -> Result<(&'static str, bool), ScanError> {
-    match choice {
-        BackendChoice::Pagemap => Ok(("pagemap", true)),
-        BackendChoice::Auto if !caps.has_pagemap_scan() => Ok(("pagemap", true)),
-        _ if caps.has_pagemap_scan() => Ok(("pagemap_scan", !skip_exclusive)),
-        _ => Err(ScanError::Unsupported {
-            backend: "pagemap_scan",
-            why: "the kernel has no PAGEMAP_SCAN ioctl (Linux 6.7+)",
-        }),
-    }
-}
-
-/// Builds the backend `opts.backend` asks for.
-pub fn make_backend(
-    opts: &ScanOptions,
-    caps: &KernelCaps,
-) -> Result<Box<dyn PageScanner + Send>, ScanError> {
-    match opts.backend {
-        BackendChoice::Pagemap => Ok(Box::new(PagemapReadBackend::new())),
-        BackendChoice::Auto if !caps.has_pagemap_scan() => Ok(Box::new(PagemapReadBackend::new())),
-        BackendChoice::Auto | BackendChoice::PagemapScan => {
-            match PagemapScanBackend::new(caps, opts.skip_exclusive, opts.strategy) {
-                Some(b) => Ok(Box::new(b)),
-                None => Err(ScanError::Unsupported {
-                    backend: "pagemap_scan",
-                    why: "the kernel has no PAGEMAP_SCAN ioctl (Linux 6.7+)",
-                }),
-            }
-        }
-    }
 }

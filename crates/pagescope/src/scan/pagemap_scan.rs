@@ -20,7 +20,8 @@
 use rustix::io::Errno;
 
 use super::dense::{self, BlockCounts, StepPlan};
-use super::pagemap_read::{PagemapReadBackend, PresentRules, classify_batch, none_run};
+use super::entries::{FLAG_BITS, PresentRules, classify_batch, none_run};
+use super::pagemap_read::PagemapReadBackend;
 use super::reader::{BATCH_ENTRIES, PagemapReader};
 use super::{PageScanner, ScanContext, ScanError, ScanStrategy, classify};
 use crate::addr::{VirtAddr, VirtRange};
@@ -382,9 +383,6 @@ fn push_entries(
         classify_batch(ctx, rules, addr, raw, out);
     }
 }
-
-/// Bits 55..=63 of a pagemap entry: everything but the PFN/swap field.
-pub(super) const FLAG_BITS: u64 = !((1 << 55) - 1);
 
 /// Length of the leading run of entries whose flag bits equal the first's.
 pub(super) fn same_flags_run(raw: &[u64]) -> usize {
