@@ -94,12 +94,7 @@ pub fn attach<'t>(
     caps: &KernelCaps,
     opts: &TrackOptions,
 ) -> Result<Box<dyn DirtyTracker + 't>, TrackError> {
-    Ok(Box::new(ProcessTracker::start(
-        target,
-        caps,
-        opts,
-        Scope::Process,
-    )?))
+    process_tracker(target, caps, opts)
 }
 
 /// [`attach`] for a tracker that owns its target (a child followed
@@ -109,12 +104,16 @@ pub fn attach_owned(
     caps: &KernelCaps,
     opts: &TrackOptions,
 ) -> Result<Box<dyn DirtyTracker>, TrackError> {
-    Ok(Box::new(ProcessTracker::start(
-        target,
-        caps,
-        opts,
-        Scope::Process,
-    )?))
+    process_tracker(target, caps, opts)
+}
+
+fn process_tracker<'t, T: Borrow<Target> + 't>(
+    target: T,
+    caps: &KernelCaps,
+    opts: &TrackOptions,
+) -> Result<Box<dyn DirtyTracker + 't>, TrackError> {
+    let t = ProcessTracker::start(target, caps, opts, Scope::Process)?;
+    Ok(Box::new(t))
 }
 
 /// Tracks `ranges` of the calling process with uffd-wp async (the library

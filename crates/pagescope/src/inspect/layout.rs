@@ -92,7 +92,7 @@ pub fn verify(
             return;
         }
     };
-    let same = |v: &Vma| after.iter().any(|e| *e == v.entry);
+    let same = |v: &Vma| after.contains(&v.entry);
     let (kept, changed): (Vec<_>, Vec<_>) = std::mem::take(&mut report.vmas)
         .into_iter()
         .partition(|v| same(&v.vma));

@@ -133,20 +133,25 @@ pub struct ScanContext<'a> {
     pub kpageflags: Option<&'a KpageFlags>,
 }
 
+/// One VMA, or a part of it, to scan.
+#[derive(Clone, Copy, Debug)]
+pub struct ScanJob<'a> {
+    /// The target and the kernel.
+    pub ctx: &'a ScanContext<'a>,
+    /// The VMA.
+    pub vma: &'a Vma,
+    /// The part of it to scan.
+    pub range: VirtRange,
+}
+
 /// A way to find the state of every page of a VMA.
 pub trait PageScanner {
     /// Short backend name for reports (`"pagemap_scan"`, `"pagemap"`).
     fn name(&self) -> &'static str;
 
-    /// Appends runs covering every page of `range` (a part of `vma`) to
-    /// `out`, in address order.
-    fn scan_vma(
-        &mut self,
-        ctx: &ScanContext<'_>,
-        vma: &Vma,
-        range: VirtRange,
-        out: &mut RunBuilder,
-    ) -> Result<(), ScanError>;
+    /// Appends runs covering every page of the job's range to `out`, in
+    /// address order.
+    fn scan(&mut self, job: &ScanJob<'_>, out: &mut RunBuilder) -> Result<(), ScanError>;
 }
 
 /// Which backend to use.

@@ -10,10 +10,8 @@
 
 use super::entries::{PresentRules, classify_batch};
 use super::reader::PagemapReader;
-use super::{PageScanner, ScanContext, ScanError};
-use crate::addr::VirtRange;
+use super::{PageScanner, ScanError, ScanJob};
 use crate::page::{PageInfo, RunBuilder, UnknownReason};
-use crate::vma::Vma;
 
 /// Plain pagemap reads.
 #[derive(Debug, Default)]
@@ -33,13 +31,8 @@ impl PageScanner for PagemapReadBackend {
         "pagemap"
     }
 
-    fn scan_vma(
-        &mut self,
-        ctx: &ScanContext<'_>,
-        vma: &Vma,
-        range: VirtRange,
-        out: &mut RunBuilder,
-    ) -> Result<(), ScanError> {
+    fn scan(&mut self, job: &ScanJob<'_>, out: &mut RunBuilder) -> Result<(), ScanError> {
+        let ScanJob { ctx, vma, range } = *job;
         if vma.outside_pagemap() {
             let info = PageInfo::unknown(UnknownReason::OutsidePagemap, Default::default());
             out.push(range.start(), range.pages(ctx.page), info);

@@ -23,13 +23,13 @@ use super::dense::{self, BlockCounts, StepPlan};
 use super::entries::{FLAG_BITS, PresentRules, classify_batch, none_run};
 use super::pagemap_read::PagemapReadBackend;
 use super::reader::{BATCH_ENTRIES, PagemapReader};
-use super::{PageScanner, ScanContext, ScanError, ScanStrategy, classify};
+use super::{PageScanner, ScanContext, ScanError, ScanJob, ScanStrategy, classify};
 use crate::addr::{VirtAddr, VirtRange};
 use crate::kernel::KernelCaps;
 use crate::page::{PageFlags, PageInfo, PageState, RunBuilder};
 use crate::pagemap::PagemapEntry;
 use crate::sys::pagemap_scan::{Region, RegionBuf, ScanCategories as C, ScanRequest, pagemap_scan};
-use crate::vma::{Backing, Vma};
+use crate::vma::Backing;
 
 /// Regions per ioctl call.
 const VEC_LEN: usize = 16 * 1024;
@@ -106,19 +106,13 @@ impl PageScanner for PagemapScanBackend {
         "pagemap_scan"
     }
 
-    fn scan_vma(
-        &mut self,
-        ctx: &ScanContext<'_>,
-        vma: &Vma,
-        range: VirtRange,
-        out: &mut RunBuilder,
-    ) -> Result<(), ScanError> {
+    fn scan(&mut self, job: &ScanJob<'_>, out: &mut RunBuilder) -> Result<(), ScanError> {
+        let vma = job.vma;
         // PAGEMAP_SCAN skips VM_PFNMAP/VM_IO VMAs ([vvar], device memory)
         // and cannot see above TASK_SIZE ([vsyscall]).
         if vma.backing == Backing::Special {
-            return self.fallback.scan_vma(ctx, vma, range, out);
+            return self.fallback.scan(job, out);
         }
-        let rules = PresentRules::new(ctx, vma);
         // Without exclusivity, present pages of these VMAs need nothing
         // from pagemap: anon-private pages are never file pages, shared
         // ones always are.
@@ -128,23 +122,76 @@ impl PageScanner for PagemapScanBackend {
             _ if vma.is_shared() => Some(true),
             _ => None,
         };
-        let mut cursor = range.start();
         let strategy = if self.skip_exclusive || vma.backing == Backing::Hugetlb {
             ScanStrategy::Walk
         } else {
             self.strategy
         };
-        let mut steps = StepPlan::new(range, ctx.page, strategy);
+        let mut em = Emitter {
+            job,
+            rules: PresentRules::new(job.ctx, vma),
+            implied_file,
+            cursor: job.range.start(),
+            out,
+        };
+        let mut steps = StepPlan::new(job.range, job.ctx.page, strategy);
         while let Some(step) = steps.next_step() {
             let seen = if steps.reading() {
-                self.read_step(ctx, &rules, step, implied_file, &mut cursor, out)?
+                self.read_step(&mut em, step)?
             } else {
-                self.walk_range(ctx, &rules, step, implied_file, &mut cursor, out)?
+                self.walk_range(&mut em, step)?
             };
             steps.observe(step, seen);
         }
-        push_hole(ctx, cursor, range.end(), out);
+        em.hole_to(job.range.end());
         Ok(())
+    }
+}
+
+/// Pushes runs in address order for one scan job, filling the gaps
+/// between what it is given with holes.
+struct Emitter<'j, 'o> {
+    job: &'j ScanJob<'j>,
+    rules: PresentRules,
+    implied_file: Option<bool>,
+    /// Everything before it has been pushed.
+    cursor: VirtAddr,
+    out: &'o mut RunBuilder,
+}
+
+impl Emitter<'_, '_> {
+    fn ctx(&self) -> &ScanContext<'_> {
+        self.job.ctx
+    }
+
+    /// A hole from the cursor to `to`.
+    fn hole_to(&mut self, to: VirtAddr) {
+        let page = self.job.ctx.page;
+        if let Some(gap) = VirtRange::new(self.cursor, to).filter(|g| !g.is_empty()) {
+            self.out.push(self.cursor, gap.pages(page), PageInfo::HOLE);
+        }
+        self.cursor = self.cursor.max(to);
+    }
+
+    /// `r`, all in one known state.
+    fn known(&mut self, r: VirtRange, info: PageInfo) {
+        self.hole_to(r.start());
+        self.out.push(r.start(), r.pages(self.job.ctx.page), info);
+        self.cursor = r.end();
+    }
+
+    /// `r`, from its pagemap entries `raw` (the walk saw categories `cats`).
+    fn entries(&mut self, r: VirtRange, cats: C, raw: &[u64]) {
+        self.hole_to(r.start());
+        push_entries(self.job.ctx, &self.rules, cats, r.start(), raw, self.out);
+        self.cursor = r.end();
+    }
+
+    /// A block read directly: its entries classified as they are.
+    fn batch(&mut self, block: VirtRange, raw: &[u64]) {
+        self.hole_to(block.start());
+        classify_batch(self.job.ctx, &self.rules, block.start(), raw, self.out);
+        self.cursor = block.end();
     }
 }
 
@@ -153,26 +200,21 @@ impl PagemapScanBackend {
     /// pagemap entries where needed); says how many 2 MiB blocks held pages.
     fn walk_range(
         &mut self,
-        ctx: &ScanContext<'_>,
-        rules: &PresentRules,
+        em: &mut Emitter<'_, '_>,
         range: VirtRange,
-        implied_file: Option<bool>,
-        cursor: &mut VirtAddr,
-        out: &mut RunBuilder,
     ) -> Result<BlockCounts, ScanError> {
+        let ctx = em.ctx();
         let mut seen = BlockCounts::new(ctx.page);
         let mut start = range.start();
         while start < range.end() {
-            let (segments, walk_end) = self.walk(
-                ctx,
-                VirtRange::new(start, range.end()).unwrap_or(range),
-                implied_file,
-            )?;
+            let rest = VirtRange::new(start, range.end()).unwrap_or(range);
+            let (segments, walk_end) = self.walk(em.job.ctx, rest, em.implied_file)?;
             for seg in &segments {
                 seen.add(seg.range(), seg.needs_walk());
             }
+            let ctx = em.job.ctx;
             let mut reader = PagemapReader::new(ctx.pagemap, ctx.pid, ctx.page, &mut self.buf);
-            emit(ctx, rules, &segments, cursor, &mut reader, out)?;
+            emit(em, &segments, &mut reader)?;
             if walk_end <= start {
                 break;
             }
@@ -187,13 +229,10 @@ impl PagemapScanBackend {
     /// with the ioctl instead.
     fn read_step(
         &mut self,
-        ctx: &ScanContext<'_>,
-        rules: &PresentRules,
+        em: &mut Emitter<'_, '_>,
         step: VirtRange,
-        implied_file: Option<bool>,
-        cursor: &mut VirtAddr,
-        out: &mut RunBuilder,
     ) -> Result<BlockCounts, ScanError> {
+        let ctx = em.job.ctx;
         // Its own buffer: blocks that need the walk reuse `self.buf`.
         let mut buf = Vec::new();
         let mut seen = BlockCounts::new(ctx.page);
@@ -203,14 +242,12 @@ impl PagemapScanBackend {
             if none_run(entries) == entries.len() {
                 continue;
             }
-            let walk = dense::needs_walk(ctx, rules, block.start(), entries);
+            let walk = dense::needs_walk(ctx, &em.rules, block.start(), entries);
             seen.add(block, walk);
             if walk {
-                self.walk_range(ctx, rules, block, implied_file, cursor, out)?;
+                self.walk_range(em, block)?;
             } else {
-                push_hole(ctx, *cursor, block.start(), out);
-                classify_batch(ctx, rules, block.start(), entries, out);
-                *cursor = block.end();
+                em.batch(block, entries);
             }
         }
         Ok(seen)
@@ -263,66 +300,45 @@ fn segment(r: Region, implied_file: Option<bool>) -> Segment {
     Segment::Entries(range, cats)
 }
 
-fn push_hole(ctx: &ScanContext<'_>, from: VirtAddr, to: VirtAddr, out: &mut RunBuilder) {
-    if let Some(gap) = VirtRange::new(from, to).filter(|g| !g.is_empty()) {
-        out.push(from, gap.pages(ctx.page), PageInfo::HOLE);
-    }
-}
-
 /// Pushes the segments (and the holes between them) in order, reading
 /// pagemap in windows for the segments that need entries.
 fn emit(
-    ctx: &ScanContext<'_>,
-    rules: &PresentRules,
+    em: &mut Emitter<'_, '_>,
     segments: &[Segment],
-    cursor: &mut VirtAddr,
     reader: &mut PagemapReader<'_, '_>,
-    out: &mut RunBuilder,
 ) -> Result<(), ScanError> {
+    let page = em.job.ctx.page;
     let mut i = 0;
     while i < segments.len() {
         match &segments[i] {
             Segment::Known(r, info) => {
-                push_hole(ctx, *cursor, r.start(), out);
-                out.push(r.start(), r.pages(ctx.page), *info);
-                *cursor = r.end();
+                em.known(*r, *info);
                 i += 1;
             }
-            Segment::Entries(r, _) if r.pages(ctx.page) >= BATCH_ENTRIES as u64 / 2 => {
-                push_hole(ctx, *cursor, r.start(), out);
-                let cats = segment_cats(&segments[i]);
+            Segment::Entries(r, cats) if r.pages(page) >= BATCH_ENTRIES as u64 / 2 => {
                 reader.for_each_batch(*r, |addr, raw| {
-                    push_entries(ctx, rules, cats, addr, raw, out);
+                    let part = VirtRange::from_start_len(addr, raw.len() as u64 * page.get())
+                        .unwrap_or_default();
+                    em.entries(part, *cats, raw);
                     Ok(())
                 })?;
-                *cursor = r.end();
                 i += 1;
             }
-            Segment::Entries(..) => i = emit_window(ctx, rules, segments, i, cursor, reader, out)?,
+            Segment::Entries(..) => i = emit_window(em, segments, i, reader)?,
         }
     }
     Ok(())
 }
 
-fn segment_cats(s: &Segment) -> C {
-    match s {
-        Segment::Entries(_, c) => *c,
-        Segment::Known(..) => C::empty(),
-    }
-}
-
 /// Reads one window starting at `segments[first]` covering the following
 /// small, nearby segments, and pushes them all. Returns the next index.
 fn emit_window(
-    ctx: &ScanContext<'_>,
-    rules: &PresentRules,
+    em: &mut Emitter<'_, '_>,
     segments: &[Segment],
     first: usize,
-    cursor: &mut VirtAddr,
     reader: &mut PagemapReader<'_, '_>,
-    out: &mut RunBuilder,
 ) -> Result<usize, ScanError> {
-    let page = ctx.page.get();
+    let page = em.job.ctx.page.get();
     let start = segments[first].range().start();
     let max_end = start.saturating_add(BATCH_ENTRIES as u64 * page);
     let mut last = first;
@@ -338,18 +354,14 @@ fn emit_window(
     let window = VirtRange::new(start, segments[last].range().end()).unwrap_or_default();
     let raw = reader.read(window)?;
     for seg in &segments[first..=last] {
-        let r = seg.range();
-        push_hole(ctx, *cursor, r.start(), out);
         match seg {
-            Segment::Known(_, info) => out.push(r.start(), r.pages(ctx.page), *info),
-            Segment::Entries(_, cats) => {
+            Segment::Known(r, info) => em.known(*r, *info),
+            Segment::Entries(r, cats) => {
                 let off = (r.start().get() - start.get()) / page;
-                let n = r.pages(ctx.page);
-                let slice = &raw[off as usize..(off + n) as usize];
-                push_entries(ctx, rules, *cats, r.start(), slice, out);
+                let n = r.pages(em.job.ctx.page);
+                em.entries(*r, *cats, &raw[off as usize..(off + n) as usize]);
             }
         }
-        *cursor = r.end();
     }
     Ok(last + 1)
 }

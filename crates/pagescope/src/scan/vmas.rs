@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use super::backend::BackendPlan;
 use super::kpage::KpageFlags;
-use super::{ScanContext, ScanError, ScanOptions};
+use super::{ScanContext, ScanError, ScanJob, ScanOptions};
 use crate::addr::{PageSize, VirtRange};
 use crate::kernel::KernelCaps;
 use crate::page::{PageRun, RunBuilder};
@@ -99,7 +99,12 @@ impl<'c> Scanner<'c> {
             |backend, i| {
                 let c = chunks[i];
                 let mut out = RunBuilder::new(page, self.opts.swap_detail);
-                backend.scan_vma(&ctx, &selected[c.vma].0, c.range, &mut out)?;
+                let job = ScanJob {
+                    ctx: &ctx,
+                    vma: &selected[c.vma].0,
+                    range: c.range,
+                };
+                backend.scan(&job, &mut out)?;
                 Ok(out.finish())
             },
             |e| !matches!(e, ScanError::TargetExited { .. }),

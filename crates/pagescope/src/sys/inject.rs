@@ -50,59 +50,68 @@ pub enum UffdOrigin {
     DevUserfaultfd,
 }
 
-/// The helper's steps, in order (test failpoints name them by number).
+/// The helper's steps, in order (test failpoints name them by number,
+/// from 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(i32)]
 pub enum Step {
     /// `PTRACE_SEIZE`.
-    Seize = 1,
+    Seize,
     /// `PTRACE_INTERRUPT`.
-    Interrupt = 2,
+    Interrupt,
     /// Waiting for the thread to stop.
-    WaitStop = 3,
+    WaitStop,
     /// `PTRACE_GETREGS` of the original registers.
-    SaveRegs = 4,
+    SaveRegs,
     /// `userfaultfd()` in the target.
-    Userfaultfd = 5,
+    Userfaultfd,
     /// `userfaultfd(UFFD_USER_MODE_ONLY)` in the target.
-    UserModeOnly = 6,
+    UserModeOnly,
     /// `open("/dev/userfaultfd")` + `USERFAULTFD_IOC_NEW` in the target.
-    DevUserfaultfd = 7,
+    DevUserfaultfd,
     /// `pidfd_getfd` of the new fd.
-    GetFd = 8,
+    GetFd,
     /// `close()` of the target's copy.
-    CloseInTarget = 9,
+    CloseInTarget,
     /// `PTRACE_SETREGS` of the original registers.
-    Restore = 10,
+    Restore,
     /// `PTRACE_DETACH`.
-    Detach = 11,
+    Detach,
     /// Handing the fd to pagescope.
-    Send = 12,
+    Send,
 }
 
+/// Every step, in order: `ALL[n - 1]` is step number `n`.
+const ALL: [Step; Step::LAST as usize] = [
+    Step::Seize,
+    Step::Interrupt,
+    Step::WaitStop,
+    Step::SaveRegs,
+    Step::Userfaultfd,
+    Step::UserModeOnly,
+    Step::DevUserfaultfd,
+    Step::GetFd,
+    Step::CloseInTarget,
+    Step::Restore,
+    Step::Detach,
+    Step::Send,
+];
+
 impl Step {
-    /// The last step.
-    pub const LAST: i32 = Step::Send as i32;
+    /// The last step's number.
+    pub const LAST: i32 = 12;
+
+    /// The step's number (1 for the first).
+    pub fn number(self) -> i32 {
+        let i = ALL.iter().position(|s| *s == self).unwrap_or(0);
+        i32::try_from(i + 1).unwrap_or(0)
+    }
 
     /// The step numbered `n`.
     pub fn from_raw(n: i32) -> Option<Self> {
-        use Step::*;
-        [
-            Seize,
-            Interrupt,
-            WaitStop,
-            SaveRegs,
-            Userfaultfd,
-            UserModeOnly,
-            DevUserfaultfd,
-            GetFd,
-            CloseInTarget,
-            Restore,
-            Detach,
-            Send,
-        ]
-        .into_iter()
-        .find(|s| *s as i32 == n)
+        usize::try_from(n - 1)
+            .ok()
+            .and_then(|i| ALL.get(i))
+            .copied()
     }
 
     /// What the step does, for error messages.
@@ -311,7 +320,7 @@ impl Thread {
     /// Applies a failpoint at `step`, if one is set there.
     fn at(&self, step: Step) -> Result<(), Errno> {
         match self.failpoint {
-            Some(f) if f.step == step as i32 && !self.fired.replace(true) => {
+            Some(f) if f.step == step.number() && !self.fired.replace(true) => {
                 if f.signal == 0 {
                     return Err(Errno::IO);
                 }
@@ -407,7 +416,7 @@ fn helper(plan: &Plan<'_>, sock: BorrowedFd<'_>) -> i32 {
     let mut ours: Option<OwnedFd> = None;
     if let Err((step, e)) = attach_and_inject(&mut t, plan, &mut out, &mut ours) {
         out.errno = e.raw_os_error();
-        out.step = step as i32;
+        out.step = step.number();
         ours = None;
     }
     if t.at(Step::Send).is_err() {
