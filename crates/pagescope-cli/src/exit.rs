@@ -66,28 +66,13 @@ impl std::fmt::Display for CliError {
 impl std::error::Error for CliError {}
 
 /// The exit code of an error: a [`CliError`]'s own, else that of the
-/// first library error in the chain, else 1.
+/// first pagescope error in the chain, else 1.
 pub fn code_of(e: &anyhow::Error) -> u8 {
     e.chain()
         .find_map(|c| {
             c.downcast_ref::<CliError>()
                 .map(|e| e.code)
-                .or_else(|| {
-                    c.downcast_ref::<pagescope::ScanError>()
-                        .map(|e| for_kind(e.kind()))
-                })
-                .or_else(|| {
-                    c.downcast_ref::<pagescope::ProcError>()
-                        .map(|e| for_kind(e.kind()))
-                })
-                .or_else(|| {
-                    c.downcast_ref::<pagescope::uffd::UffdError>()
-                        .map(|e| for_kind(e.kind()))
-                })
-                .or_else(|| {
-                    c.downcast_ref::<pagescope::dirty::TrackError>()
-                        .map(|e| for_kind(e.kind()))
-                })
+                .or_else(|| ErrorKind::of(c).map(for_kind))
         })
         .unwrap_or(OTHER)
 }

@@ -1,5 +1,5 @@
 //! What every pagescope error has in common: an [`ErrorKind`] the caller can
-//! act on (and the CLI turns into an exit code).
+//! act on (the CLI turns it into an exit code, in one place).
 //!
 //! Each layer has its own error enum carrying the PID, path or address range
 //! it concerns ([`ProcError`](crate::ProcError),
@@ -30,18 +30,28 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    /// The process exit code the `pagescope` CLI uses for this kind (see
-    /// `docs/json.md`, "Exit codes").
-    pub fn exit_code(self) -> i32 {
-        match self {
-            Self::Other => 1,
-            Self::NoSuchProcess => 3,
-            Self::PermissionDenied => 4,
-            Self::NoAddressSpace => 5,
-            Self::Unsupported => 6,
-            Self::BadRange => 7,
-            Self::TargetExited => 9,
-            Self::Busy => 11,
-        }
+    /// The kind of a pagescope error anywhere in a source chain, or `None`
+    /// if `e` is not one of pagescope's error types (the caller then walks
+    /// on to its `source()`).
+    pub fn of(e: &(dyn std::error::Error + 'static)) -> Option<Self> {
+        use crate::{dirty, object, proc, scan, uffd};
+        e.downcast_ref::<scan::ScanError>()
+            .map(scan::ScanError::kind)
+            .or_else(|| {
+                e.downcast_ref::<proc::ProcError>()
+                    .map(proc::ProcError::kind)
+            })
+            .or_else(|| {
+                e.downcast_ref::<dirty::TrackError>()
+                    .map(dirty::TrackError::kind)
+            })
+            .or_else(|| {
+                e.downcast_ref::<uffd::UffdError>()
+                    .map(uffd::UffdError::kind)
+            })
+            .or_else(|| {
+                e.downcast_ref::<object::ObjectError>()
+                    .map(object::ObjectError::kind)
+            })
     }
 }

@@ -61,6 +61,9 @@ pub enum TrackError {
     /// A userfaultfd operation failed.
     #[error(transparent)]
     Uffd(#[from] UffdError),
+    /// Reading the page tables failed.
+    #[error(transparent)]
+    Scan(#[from] crate::scan::ScanError),
     /// Running a system call inside the target failed.
     #[error("cannot {step} in process {pid}")]
     Inject {
@@ -116,6 +119,7 @@ impl TrackError {
         match self {
             Self::Proc(e) => e.kind(),
             Self::Uffd(e) => e.kind(),
+            Self::Scan(e) => e.kind(),
             Self::Inject {
                 source: Errno::PERM | Errno::ACCESS,
                 ..

@@ -19,6 +19,8 @@ use crate::addr::{PageSize, VirtAddr, VirtRange};
 use crate::pagemap::{PagemapEntry, PagemapFlags};
 use crate::proc::Target;
 use crate::rangeset::RangeSet;
+use crate::scan::ScanError;
+use crate::scan::reader::PagemapReader;
 use crate::sys::pagemap_scan::RegionBuf;
 use crate::uffd::{UffdError, Userfaultfd, unprotected_holes, wp_arm, wp_get_and_reset};
 use crate::vma::{Backing, Vma};
@@ -283,7 +285,7 @@ impl SoftDirty {
             pagemap: target.pagemap()?,
             page,
             known: RangeSet::new(),
-            buf: vec![0; 64 * 1024],
+            buf: Vec::new(),
         };
         Self::clear(target)?;
         Ok(t)
@@ -295,36 +297,33 @@ impl SoftDirty {
             .map_err(TrackError::from)
     }
 
-    /// The soft-dirty pages of `r`, read from pagemap in chunks.
-    fn dirty_pages(&mut self, r: VirtRange, out: &mut Vec<Written>) -> Result<(), TrackError> {
-        let p = self.page.get();
-        let mut index = r.start().get() / p;
-        let end = r.end().get() / p;
-        while index < end {
-            let n = usize::try_from(end - index)
-                .unwrap_or(usize::MAX)
-                .min(self.buf.len());
-            let got =
-                crate::sys::pagemap::pread_u64s(self.pagemap.as_fd(), &mut self.buf[..n], index)
-                    .map_err(|e| TrackError::Io {
-                        pid: 0,
-                        what: "read pagemap for soft-dirty bits",
-                        source: e.into(),
-                    })?;
-            for (i, e) in self.buf[..got].iter().enumerate() {
-                if PagemapEntry(*e).flags().contains(PagemapFlags::SOFT_DIRTY) {
-                    let start = VirtAddr::new((index + i as u64) * p);
-                    out.extend(
-                        VirtRange::from_start_len(start, p).map(|r| whole(r, WriteSource::Tracked)),
-                    );
+    /// The soft-dirty pages of `r`, read through the scan's pagemap
+    /// reader.
+    fn dirty_pages(
+        &mut self,
+        pid: u32,
+        r: VirtRange,
+        out: &mut Vec<Written>,
+    ) -> Result<(), TrackError> {
+        let page = self.page;
+        let mut reader = PagemapReader::new(self.pagemap.as_fd(), pid, page, &mut self.buf);
+        reader
+            .for_each_batch(r, |addr, raw| {
+                for (i, e) in raw.iter().enumerate() {
+                    if PagemapEntry(*e).flags().contains(PagemapFlags::SOFT_DIRTY) {
+                        let start = addr.saturating_add(page.bytes(i as u64));
+                        out.extend(
+                            VirtRange::from_start_len(start, page.get())
+                                .map(|r| whole(r, WriteSource::Tracked)),
+                        );
+                    }
                 }
-            }
-            if got < n {
-                break;
-            }
-            index += n as u64;
-        }
-        Ok(())
+                Ok(())
+            })
+            .map_err(|e| match e {
+                ScanError::TargetExited { pid } => TrackError::TargetExited { pid },
+                e => TrackError::Scan(e),
+            })
     }
 }
 
@@ -343,7 +342,7 @@ impl PageTableTracker for SoftDirty {
             for fresh in self.known.subtract_from(v.range) {
                 out.push(whole(fresh, WriteSource::NewMapping));
             }
-            self.dirty_pages(v.range, &mut out)?;
+            self.dirty_pages(target.pid(), v.range, &mut out)?;
             now.insert(v.range);
         }
         Self::clear(target)?;
