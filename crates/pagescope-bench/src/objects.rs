@@ -28,8 +28,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     eprintln!("starting the fixture: {gib} GiB memfd, paging half of it out ...");
     let (g, n) = (gib.to_string(), sharers.to_string());
-    let fx = FixtureProcess::spawn(&exe, &["bench_shmem", "--shmem-gib", &g, "--sharers", &n])
-        .context("fixture")?;
+    let fx = FixtureProcess::spawn(
+        &exe,
+        &["fixture", "bench_shmem", "--shmem-gib", &g, "--sharers", &n],
+    )
+    .context("fixture")?;
     let region = fx
         .truth()
         .region("bench_shmem")

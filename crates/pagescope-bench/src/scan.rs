@@ -20,8 +20,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let (s, d) = (sparse.to_string(), dense.to_string());
     eprintln!("starting the fixture: {sparse} GiB sparse (1% touched), {dense} GiB dense ...");
-    let fx = FixtureProcess::spawn(&exe, &["bench", "--sparse-gib", &s, "--dense-gib", &d])
-        .context("fixture")?;
+    let fx = FixtureProcess::spawn(
+        &exe,
+        &["fixture", "bench", "--sparse-gib", &s, "--dense-gib", &d],
+    )
+    .context("fixture")?;
     let caps = KernelCaps::probe();
     let target = Target::open(fx.pid())?;
     let ranges: Vec<VirtRange> = target

@@ -69,13 +69,6 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Backend::Auto)]
         backend: Backend,
     },
-    /// The fixture target (used by tests, benchmarks and demo).
-    #[command(hide = true)]
-    Fixture {
-        /// Scenario names and options.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
 }
 
 /// Options of `pagescope watch`.

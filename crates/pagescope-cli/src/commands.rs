@@ -36,7 +36,6 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Watch(args) => crate::watch::run(&args),
         Command::Kernel { json } => kernel(json),
         Command::Demo { json, backend } => demo(json, backend.into()),
-        Command::Fixture { .. } => unreachable!("handled in main"),
     }
 }
 
@@ -230,10 +229,9 @@ fn swaps_json(caps: &KernelCaps) -> serde_json::Value {
 }
 
 fn demo(json: bool, backend: pagescope::BackendChoice) -> Result<u8> {
-    let exe =
-        std::env::current_exe().context("cannot find the pagescope binary to start the fixture")?;
-    let fixture =
-        FixtureProcess::spawn(&exe, &["demo"]).context("cannot start the demo fixture")?;
+    let exe = FixtureProcess::locate().context("pagescope demo needs its fixture")?;
+    let fixture = FixtureProcess::spawn(&exe, &["demo"])
+        .with_context(|| format!("cannot start the demo fixture {}", exe.display()))?;
     let caps = KernelCaps::probe();
     let target = Target::open(fixture.pid())?;
     let opts = ScanOptions {

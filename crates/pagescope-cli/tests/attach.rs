@@ -277,9 +277,7 @@ fn unprivileged_targets_are_tracked_with_user_mode_only() {
     }
     let sysctl =
         std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
-    let mut cmd = common::as_nobody(&["fixture", "anon"]);
-    cmd.current_dir("/");
-    let mut fx = FixtureProcess::spawn_command(cmd).expect("fixture as nobody");
+    let mut fx = common::unprivileged_fixture(&["anon"]);
     let truth = fx.truth().clone();
     let mut t = attach_owned(
         Target::open(fx.pid()).unwrap(),

@@ -262,3 +262,23 @@ fn usage_errors_exit_2() {
     let out = cli(&["pages", "notapid"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A target that remaps while it is scanned: the CLI exits 8 for an
+/// incomplete result (saying so on stderr), 0 for a complete one.
+#[test]
+fn pages_of_a_remapping_target_exit_8_when_incomplete() {
+    let fx = common::fixture(&["anon", "--churn"]);
+    // The CLI exits 8 for an incomplete result, 0 for a complete one.
+    let pid = fx.pid().to_string();
+    for _ in 0..10 {
+        let out = common::cli(&["pages", &pid, "--json"]);
+        let code = out.status.code();
+        assert!(matches!(code, Some(0 | 8)), "exit code {code:?}");
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(doc["complete"].as_bool(), Some(code == Some(0)));
+        if code == Some(8) {
+            assert!(!doc["skipped"].as_array().unwrap().is_empty());
+            assert!(String::from_utf8_lossy(&out.stderr).contains("incomplete"));
+        }
+    }
+}

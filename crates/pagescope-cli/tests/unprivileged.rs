@@ -7,24 +7,11 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::skip;
-use pagescope_fixture::{FixtureProcess, Truth};
+use pagescope_fixture::Truth;
 use serde_json::Value;
 
-fn unprivileged_fixture(args: &[&str]) -> FixtureProcess {
-    let mut full = vec!["fixture"];
-    full.extend_from_slice(args);
-    let cmd = if common::is_root() {
-        common::as_nobody(&full)
-    } else {
-        let mut c = Command::new(common::exe());
-        c.args(&full);
-        c
-    };
-    FixtureProcess::spawn_command(cmd).expect("start unprivileged fixture")
-}
+use common::unprivileged_fixture;
 
 fn unprivileged_json(args: &[&str]) -> Value {
     let out = if common::is_root() {

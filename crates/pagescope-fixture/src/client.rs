@@ -1,7 +1,7 @@
 //! Starting a fixture process and talking to it.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,12 +17,32 @@ pub struct FixtureProcess {
 }
 
 impl FixtureProcess {
-    /// Starts `exe fixture ARGS...` (`exe` is a `pagescope` binary) and
-    /// waits for its ground truth.
+    /// Starts the fixture binary `exe` with `args` and waits for its
+    /// ground truth.
     pub fn spawn(exe: &Path, args: &[&str]) -> std::io::Result<Self> {
         let mut cmd = Command::new(exe);
-        cmd.arg("fixture").args(args);
+        cmd.args(args);
         Self::spawn_command(cmd)
+    }
+
+    /// The `pagescope-fixture` binary: `$PAGESCOPE_FIXTURE` if set, else
+    /// next to the running program (or one directory up, where Cargo puts
+    /// the binaries its test executables in `deps/` go with).
+    pub fn locate() -> std::io::Result<PathBuf> {
+        if let Some(p) = std::env::var_os("PAGESCOPE_FIXTURE") {
+            return Ok(PathBuf::from(p));
+        }
+        let me = std::env::current_exe()?;
+        let dir = me.parent().unwrap_or(Path::new("."));
+        [dir.join("pagescope-fixture"), dir.join("../pagescope-fixture")]
+            .into_iter()
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "the pagescope-fixture binary is not next to {} (build it: cargo build --release --workspace)",
+                    me.display()
+                ))
+            })
     }
 
     /// Starts a prepared command that runs the fixture (for example under

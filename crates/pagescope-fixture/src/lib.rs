@@ -3,9 +3,10 @@
 //! must have) as one JSON line, and then serves commands on stdin until it
 //! is told to exit.
 //!
-//! It is run as `pagescope fixture [--churn] SCENARIO...` (a hidden
-//! subcommand, so tests, benchmarks and `pagescope demo` all find it in the
-//! one binary). [`FixtureProcess`] is the client side.
+//! It is its own binary, `pagescope-fixture [--churn] SCENARIO...`
+//! (`pagescope` itself carries none of it); [`FixtureProcess`] starts it
+//! and talks to it, [`FixtureProcess::locate`] finds it next to the
+//! running program. [`testing`] holds what the behaviour tests share.
 //!
 //! Scenarios: see [`SCENARIOS`].
 
@@ -14,6 +15,7 @@ mod client;
 mod scenarios;
 mod serve;
 mod sys;
+pub mod testing;
 pub mod truth;
 
 pub use client::FixtureProcess;

@@ -2,7 +2,7 @@
 //!
 //! A userfaultfd tracks only the mm of the process that created it, so to
 //! track a target the `userfaultfd()` call must run *in* the target. The
-//! raw part ([`crate::sys::inject`]) runs in a short-lived helper process:
+//! raw part (`crate::sys::inject`) runs in a short-lived helper process:
 //! it seizes the target's main thread, runs `userfaultfd()` there with the
 //! `syscall` instruction of its vDSO, copies the new fd out with
 //! `pidfd_getfd`, closes the target's copy, restores every register,

@@ -218,7 +218,7 @@ fn allocated_pages(fd: BorrowedFd<'_>, page: PageSize) -> Option<u64> {
 /// they wrote through them.
 ///
 /// Exact where a BPF counter can be loaded (root): write-family system
-/// calls are counted per (process, fd) ([`crate::sys::bpf`]). A
+/// calls are counted per (process, fd) (`crate::sys::bpf`). A
 /// descriptor that appeared since the last collect (a new holder, a
 /// `dup`, an fd received over a socket) was not counted before, so its
 /// object is reported once. Without BPF: the memfd's mtime moved and a

@@ -83,7 +83,7 @@ pub struct Classified {
 /// holds object pages known to be in the page cache because a process
 /// maps them (present in its page table, not a private copy); they are
 /// reported resident without being examined. Chunks of the span run on
-/// worker threads ([`crate::parallel`]).
+/// worker threads (`crate::parallel`).
 pub fn classify(
     fd: BorrowedFd<'_>,
     class: ObjectClass,

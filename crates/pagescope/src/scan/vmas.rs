@@ -1,6 +1,6 @@
 //! Scanning a set of VMAs of one process: cut into chunks of at most
 //! 1 GiB (aligned to the PMD size, so no huge page is split), scanned on
-//! worker threads ([`crate::parallel`]), each with its own backend. The
+//! worker threads (`crate::parallel`), each with its own backend. The
 //! pagemap fd is shared: `pread` and `PAGEMAP_SCAN` carry their own offsets
 //! and only take the target's mmap lock for reading.
 

@@ -53,14 +53,15 @@ fn dense_and_sparse_blocks_every_strategy_swapdev() {
 
 /// Whether two scans taken one after the other must agree on `v`: not for
 /// the executable and libraries, which other processes (concurrent tests)
-/// map and unmap meanwhile, changing mapcounts and so `exclusive`.
+/// map and unmap meanwhile, changing mapcounts and so `exclusive`; the
+/// fixture's own data files (`pagescope-fixture-PID-...`) only it maps.
 fn stable(v: &pagescope::VmaReport) -> bool {
     v.vma.backing != pagescope::Backing::File
         || v.vma
             .path
             .as_bytes()
-            .windows(17)
-            .any(|w| w == b"pagescope-fixture")
+            .windows(18)
+            .any(|w| w == b"pagescope-fixture-")
 }
 
 /// Compares two reports VMA by VMA, run by run.
