@@ -72,7 +72,7 @@ pub fn code_of(e: &anyhow::Error) -> u8 {
         .find_map(|c| {
             c.downcast_ref::<CliError>()
                 .map(|e| e.code)
-                .or_else(|| ErrorKind::of(c).map(for_kind))
+                .or_else(|| pagescope::error_kind(c).map(for_kind))
         })
         .unwrap_or(OTHER)
 }

@@ -28,30 +28,3 @@ pub enum ErrorKind {
     /// Anything else (I/O errors, unexpected kernel answers).
     Other,
 }
-
-impl ErrorKind {
-    /// The kind of a pagescope error anywhere in a source chain, or `None`
-    /// if `e` is not one of pagescope's error types (the caller then walks
-    /// on to its `source()`).
-    pub fn of(e: &(dyn std::error::Error + 'static)) -> Option<Self> {
-        use crate::{dirty, object, proc, scan, uffd};
-        e.downcast_ref::<scan::ScanError>()
-            .map(scan::ScanError::kind)
-            .or_else(|| {
-                e.downcast_ref::<proc::ProcError>()
-                    .map(proc::ProcError::kind)
-            })
-            .or_else(|| {
-                e.downcast_ref::<dirty::TrackError>()
-                    .map(dirty::TrackError::kind)
-            })
-            .or_else(|| {
-                e.downcast_ref::<uffd::UffdError>()
-                    .map(uffd::UffdError::kind)
-            })
-            .or_else(|| {
-                e.downcast_ref::<object::ObjectError>()
-                    .map(object::ObjectError::kind)
-            })
-    }
-}

@@ -77,3 +77,24 @@ pub mod raw {
     pub use crate::sys::{cachestat, mincore, pagemap, pagemap_scan};
 }
 pub use vma::{Backing, ObjectId, Vma, VmaKind};
+
+/// The [`ErrorKind`] of a pagescope error (any layer's), or `None` if `e`
+/// is not one of pagescope's error types: walk a source chain and take the
+/// first answer (what the CLI does to pick its exit code).
+pub fn error_kind(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+    e.downcast_ref::<ScanError>()
+        .map(ScanError::kind)
+        .or_else(|| e.downcast_ref::<ProcError>().map(ProcError::kind))
+        .or_else(|| {
+            e.downcast_ref::<dirty::TrackError>()
+                .map(dirty::TrackError::kind)
+        })
+        .or_else(|| {
+            e.downcast_ref::<uffd::UffdError>()
+                .map(uffd::UffdError::kind)
+        })
+        .or_else(|| {
+            e.downcast_ref::<object::ObjectError>()
+                .map(object::ObjectError::kind)
+        })
+}

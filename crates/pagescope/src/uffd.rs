@@ -16,8 +16,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::io::Errno;
 
-use crate::ErrorKind;
 use crate::addr::VirtRange;
+use crate::error::ErrorKind;
 use crate::sys::pagemap_scan::{
     RegionBuf, ScanCategories, ScanRequest, pagemap_scan, pagemap_scan_all,
 };

@@ -124,7 +124,7 @@ impl UffdWp {
     /// Turns "the mm is gone" (exit or exec) into [`TrackError::TargetExited`].
     fn gone(&self, r: Result<(), UffdError>) -> Result<(), TrackError> {
         r.map_err(|e| match e.kind() {
-            crate::ErrorKind::TargetExited => TrackError::TargetExited { pid: self.pid },
+            crate::error::ErrorKind::TargetExited => TrackError::TargetExited { pid: self.pid },
             _ => TrackError::Uffd(e),
         })
     }

@@ -253,8 +253,8 @@ fn classify_chunk(
 /// D for pages `lo..lo+n`: whether `SEEK_DATA` counts each as data.
 fn data_map(fd: BorrowedFd<'_>, lo: u64, n: u64, page: u64) -> Result<Vec<bool>, Errno> {
     let mut data = vec![false; n as usize];
-    let page = crate::PageSize::new(page).ok_or(Errno::INVAL)?;
-    let extents = super::extents::data_extents(fd, crate::PageSpan::from_start_count(lo, n), page)?;
+    let page = PageSize::new(page).ok_or(Errno::INVAL)?;
+    let extents = super::extents::data_extents(fd, PageSpan::from_start_count(lo, n), page)?;
     for e in extents.ranges() {
         let (a, b) = ((e.start() - lo) as usize, (e.end() - lo) as usize);
         data[a..b.min(n as usize)]

@@ -250,7 +250,7 @@ pub fn present_ranges(
     let mut reader = reader::PagemapReader::new(pagemap, pid, page, &mut buf);
     reader.for_each_batch(range, |addr, raw| {
         for (i, &e) in raw.iter().enumerate() {
-            if crate::PagemapEntry(e).is_present() {
+            if crate::pagemap::PagemapEntry(e).is_present() {
                 let a = addr.saturating_add(i as u64 * page.get());
                 add(VirtRange::from_start_len(a, page.get()).unwrap_or_default());
             }

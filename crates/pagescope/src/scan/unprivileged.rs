@@ -147,7 +147,7 @@ mod tests {
 
     fn run(start: u64, pages: u64, reason: UnknownReason, flags: PageFlags) -> PageRun {
         PageRun {
-            start: crate::VirtAddr::new(start),
+            start: crate::addr::VirtAddr::new(start),
             pages,
             state: PageState::Unknown,
             flags,
