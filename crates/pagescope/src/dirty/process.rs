@@ -13,7 +13,7 @@ use crate::kernel::KernelCaps;
 use crate::proc::{ProcError, Target};
 use crate::rangeset::RangeSet;
 use crate::uffd::Userfaultfd;
-use crate::vma::{Backing, MountTable, Vma};
+use crate::vma::{Backing, Vma};
 
 /// Options for [`attach`].
 #[derive(Clone, Debug, Default)]
@@ -45,22 +45,21 @@ enum Scope {
 }
 
 impl Scope {
-    /// Reads maps only (no mountinfo, no smaps: a collect must stay cheap;
-    /// a tmpfs file classified as a plain file is tracked all the same).
+    /// The layout as the inspection driver reads it (maps and the mount
+    /// table; no smaps: a collect must stay cheap).
     fn layout(&self, target: &Target) -> Result<Vec<Vma>, TrackError> {
-        let mounts = MountTable::default();
         let gone = |e| match e {
             ProcError::Exited { pid } | ProcError::NoAddressSpace { pid, .. } => {
                 TrackError::TargetExited { pid }
             }
             e => TrackError::Proc(e),
         };
-        let all = target.maps().map_err(gone)?;
+        let all = crate::inspect::read_layout(target, false).map_err(gone)?;
         if all.is_empty() {
             // A zombie has no address space left: it has exited.
             target.require_address_space().map_err(gone)?;
         }
-        let all = all.iter().map(|e| Vma::classify(e, &mounts, None));
+        let all = all.into_iter();
         Ok(match self {
             Scope::Process => all.filter(|v| v.backing != Backing::Special).collect(),
             Scope::Ranges(set) => all
