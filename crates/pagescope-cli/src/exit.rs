@@ -7,8 +7,8 @@ use pagescope::ErrorKind;
 pub const OK: u8 = 0;
 /// Any other error.
 pub const OTHER: u8 = 1;
-/// Bad command line (clap's own code).
-#[allow(dead_code)]
+/// Bad command line (clap's own code), or a request that cannot be done as
+/// asked.
 pub const USAGE: u8 = 2;
 /// No such process.
 pub const NO_SUCH_PROCESS: u8 = 3;
@@ -28,6 +28,8 @@ pub const TARGET_EXITED: u8 = 9;
 pub const DEGRADED: u8 = 10;
 /// The target is already tracked by another userfaultfd.
 pub const BUSY: u8 = 11;
+/// An image is corrupt, truncated, or not the parent a chain names.
+pub const BAD_IMAGE: u8 = 12;
 
 /// The exit code for a library error kind.
 pub fn for_kind(kind: ErrorKind) -> u8 {
@@ -39,6 +41,8 @@ pub fn for_kind(kind: ErrorKind) -> u8 {
         ErrorKind::BadRange => BAD_RANGE,
         ErrorKind::Unsupported => UNSUPPORTED,
         ErrorKind::Busy => BUSY,
+        ErrorKind::BadImage => BAD_IMAGE,
+        ErrorKind::BadInput => USAGE,
         _ => OTHER,
     }
 }

@@ -30,7 +30,7 @@ pub fn run(args: &WatchArgs) -> Result<u8> {
         backend: args.tracker.map(Into::into),
         strict_shared: args.strict_shared,
         no_sharers: args.no_sharers,
-        keep_baseline: false,
+        ..TrackOptions::default()
     };
     let tracker = attach(&target, &caps, &opts)?;
     let mut watcher = Watcher::new(tracker, &target, args.bandwidth);

@@ -25,6 +25,11 @@ pub enum ErrorKind {
     /// Something else already holds what the operation needs (another
     /// userfaultfd registered over the target's memory).
     Busy,
+    /// An image is corrupt, truncated, or not the one a chain names.
+    BadImage,
+    /// The caller asked for something that cannot be done as asked (an
+    /// image into a directory that is not empty, ...).
+    BadInput,
     /// Anything else (I/O errors, unexpected kernel answers).
     Other,
 }

@@ -133,6 +133,17 @@ impl Userfaultfd {
         Self::handshake(fd, available)
     }
 
+    /// Takes a userfaultfd that already went through the handshake (one an
+    /// earlier tracker set up and left in a target). Its features are
+    /// assumed to be what pagescope asks for on this kernel.
+    pub fn adopt(fd: OwnedFd) -> Result<Self, UffdError> {
+        let available = probe_features()?;
+        Ok(Self {
+            fd,
+            features: wanted_features(available),
+        })
+    }
+
     /// Takes a userfaultfd created elsewhere (e.g. inside another process)
     /// and performs the API handshake in WP-async mode.
     pub fn from_fd(fd: OwnedFd) -> Result<Self, UffdError> {

@@ -29,20 +29,55 @@ use std::time::Duration;
 
 use rustix::io::Errno;
 
-pub use crate::sys::inject::{Injected, Step, UffdOrigin};
+pub use crate::sys::inject::{Step, UffdOrigin};
 
 use super::TrackError;
 use crate::proc::Target;
-use crate::sys::inject::{Failed, Failpoint, Plan};
+use crate::sys::inject::{Failed, Failpoint, Injected, Job, Plan};
 use crate::sys::ptrace::SYSCALL_INSN;
 
 /// How long pagescope waits for the helper before giving up on the target
 /// (the helper still finishes restoring it).
 const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A userfaultfd made inside a target: pagescope's copy, how it was
+/// made, and the fd number the target kept (`keep_in_target`).
+#[derive(Debug)]
+pub struct InTarget {
+    /// pagescope's copy.
+    pub fd: std::os::fd::OwnedFd,
+    /// How it was created.
+    pub origin: UffdOrigin,
+    /// The target's own copy, if it keeps one.
+    pub target_fd: Option<i32>,
+}
+
 /// Runs `userfaultfd()` inside `target` (through a helper process) and
-/// returns pagescope's copy of the fd and how it was made.
-pub fn userfaultfd_in(target: &Target) -> Result<Injected, TrackError> {
+/// returns pagescope's copy of the fd and how it was made; with
+/// `keep_in_target` the target keeps its copy open (tracking outlives
+/// pagescope).
+pub fn userfaultfd_in(target: &Target, keep_in_target: bool) -> Result<InTarget, TrackError> {
+    let pid = target.pid();
+    let got = run(target, Job::CreateUffd { keep_in_target })?;
+    let fd = got.fd.ok_or(TrackError::Inject {
+        pid,
+        step: Step::Send.describe(),
+        source: Errno::BADF,
+    })?;
+    Ok(InTarget {
+        fd,
+        origin: got.origin,
+        target_fd: got.target_fd,
+    })
+}
+
+/// Closes fd `fd` inside `target` (a userfaultfd an earlier dump left
+/// there).
+pub fn close_in_target(target: &Target, fd: i32) -> Result<(), TrackError> {
+    run(target, Job::Close { fd }).map(drop)
+}
+
+fn run(target: &Target, job: Job) -> Result<Injected, TrackError> {
     let pid = target.pid();
     let tgid = i32::try_from(pid).map_err(|_| TrackError::Inject {
         pid,
@@ -55,6 +90,7 @@ pub fn userfaultfd_in(target: &Target) -> Result<Injected, TrackError> {
         pidfd: target.pidfd(),
         insn: syscall_insn(target)?,
         failpoint: failpoint_from_env(),
+        job,
     };
     crate::sys::inject::userfaultfd_in(&plan, HELPER_TIMEOUT).map_err(|Failed { step, errno }| {
         TrackError::Inject {

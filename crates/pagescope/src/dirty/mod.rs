@@ -42,7 +42,7 @@ use std::collections::BTreeMap;
 use rustix::io::Errno;
 use serde::Serialize;
 
-pub use process::{TrackOptions, attach, attach_owned, track_self};
+pub use process::{Adopt, TrackOptions, attach, attach_owned, track_self};
 
 use crate::addr::{PageSize, VirtAddr, VirtRange};
 use crate::error::ErrorKind;
@@ -367,5 +367,11 @@ pub trait DirtyTracker {
     /// Notes on what the tracker cannot see or had to fall back on.
     fn notes(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// The fd number of the userfaultfd the target keeps open for the
+    /// next tracker ([`TrackOptions::keep_in_target`]), if it does.
+    fn kept_in_target(&self) -> Option<i32> {
+        None
     }
 }

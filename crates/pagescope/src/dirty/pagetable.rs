@@ -38,6 +38,11 @@ pub trait PageTableTracker {
     fn notes(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// The fd number of a userfaultfd the target keeps for later.
+    fn kept_in_target(&self) -> Option<i32> {
+        None
+    }
 }
 
 /// Whether the mm a pagemap fd was opened on is gone (the process exited
@@ -72,6 +77,7 @@ pub struct UffdWp {
     vec: RegionBuf,
     untracked: Vec<String>,
     collects: u64,
+    kept: Option<i32>,
 }
 
 impl UffdWp {
@@ -88,7 +94,41 @@ impl UffdWp {
             vec: RegionBuf::new(16 * 1024),
             untracked: Vec::new(),
             collects: 0,
+            kept: None,
         })
+    }
+
+    /// Notes that the target keeps its own copy of the uffd as fd `fd`.
+    pub fn kept_at(mut self, fd: Option<i32>) -> Self {
+        self.kept = fd;
+        self
+    }
+
+    /// Takes over the userfaultfd the target keeps as fd `fd` (left by an
+    /// earlier tracker), with `registered` the ranges it covers. Checks it
+    /// is a userfaultfd.
+    pub fn adopt(target: &Target, fd: i32, registered: RangeSet) -> Result<Self, TrackError> {
+        let pid = target.pid();
+        let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
+        if link.as_os_str() != "anon_inode:[userfaultfd]" {
+            return Err(TrackError::Inject {
+                pid,
+                step: "find the userfaultfd an earlier dump left in the process",
+                source: Errno::BADF,
+            });
+        }
+        let ours = rustix::process::pidfd_getfd(target.pidfd(), fd, rustix::process::PidfdGetfdFlags::empty())
+            .map_err(|source| TrackError::Inject {
+                pid,
+                step: "copy the kept userfaultfd out of the process (pidfd_getfd)",
+                source,
+            })?;
+        let uffd = Userfaultfd::adopt(ours)?;
+        let mut me = Self::new(target, uffd, UffdOrigin::Syscall)?;
+        me.tracked = registered;
+        me.collects = 1;
+        me.kept = Some(fd);
+        Ok(me)
     }
 
     /// Get-and-reset over `r`; `Ok(false)` means the VMA changed under us
@@ -221,6 +261,10 @@ impl PageTableTracker for UffdWp {
         self.read_only = read_only;
         self.collects += 1;
         Ok(out)
+    }
+
+    fn kept_in_target(&self) -> Option<i32> {
+        self.kept
     }
 
     fn notes(&self) -> Vec<String> {

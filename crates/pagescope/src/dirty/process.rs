@@ -33,6 +33,23 @@ pub struct TrackOptions {
     /// clean: for a process whose earlier writes matter (a child followed
     /// across fork).
     pub keep_baseline: bool,
+    /// Leave the userfaultfd open inside the target too, so write tracking
+    /// outlives this tracker (`dump --keep-tracking`);
+    /// [`DirtyTracker::kept_in_target`] gives its fd number there.
+    pub keep_in_target: bool,
+    /// Take over a userfaultfd an earlier tracker left in the target: its
+    /// fd number there, and the ranges registered with it. The first
+    /// collect then reports the writes since that tracker's last collect.
+    pub adopt: Option<Adopt>,
+}
+
+/// A userfaultfd left in the target by an earlier tracker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Adopt {
+    /// Its fd number in the target.
+    pub fd: i32,
+    /// The ranges it has registered (and armed).
+    pub registered: RangeSet,
 }
 
 /// What is tracked.
@@ -138,15 +155,12 @@ struct Chosen {
     degraded: Option<String>,
 }
 
-fn choose(
-    target: &Target,
-    caps: &KernelCaps,
-    want: Option<TrackerBackend>,
-) -> Result<Chosen, TrackError> {
+fn choose(target: &Target, caps: &KernelCaps, opts: &TrackOptions) -> Result<Chosen, TrackError> {
+    let want = opts.backend;
     let page = page_of(caps);
     let mut why_not = Vec::new();
     if want.is_none_or(|b| b == TrackerBackend::UffdWpAsync) {
-        match uffd_backend(target, caps) {
+        match uffd_backend(target, caps, opts) {
             Ok(b) => {
                 return Ok(Chosen {
                     backend: Box::new(b),
@@ -185,12 +199,15 @@ fn choose(
     })
 }
 
-fn uffd_backend(target: &Target, caps: &KernelCaps) -> Result<UffdWp, TrackError> {
+fn uffd_backend(target: &Target, caps: &KernelCaps, opts: &TrackOptions) -> Result<UffdWp, TrackError> {
     if !caps.has_pagemap_scan() {
         return Err(TrackError::Unsupported {
             backend: "uffd_wp_async",
             why: "the kernel lacks PAGEMAP_SCAN (Linux 6.7+)".into(),
         });
+    }
+    if let Some(a) = &opts.adopt {
+        return UffdWp::adopt(target, a.fd, a.registered.clone());
     }
     let (uffd, origin) = if target.pid() == std::process::id() {
         let u = Userfaultfd::new_wp_async()?;
@@ -201,8 +218,9 @@ fn uffd_backend(target: &Target, caps: &KernelCaps) -> Result<UffdWp, TrackError
         };
         (u, origin)
     } else {
-        let i = inject::userfaultfd_in(target)?;
-        (Userfaultfd::from_fd(i.fd)?, i.origin)
+        let i = inject::userfaultfd_in(target, opts.keep_in_target)?;
+        let uffd = Userfaultfd::from_fd(i.fd)?;
+        return Ok(UffdWp::new(target, uffd, i.origin)?.kept_at(i.target_fd));
     };
     UffdWp::new(target, uffd, origin)
 }
@@ -215,7 +233,7 @@ fn page_of(caps: &KernelCaps) -> PageSize {
 struct ProcessTracker<T: Borrow<Target>> {
     target: T,
     caps: KernelCaps,
-    want: Option<TrackerBackend>,
+    opts: TrackOptions,
     backend: Box<dyn PageTableTracker>,
     degraded: Option<String>,
     objects: ObjectLayer,
@@ -233,7 +251,7 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
         opts: &TrackOptions,
         scope: Scope,
     ) -> Result<Self, TrackError> {
-        let chosen = choose(target.borrow(), caps, opts.backend)?;
+        let chosen = choose(target.borrow(), caps, opts)?;
         let page = page_of(caps);
         let objects = ObjectLayer::new(
             ObjectOptions {
@@ -246,7 +264,10 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
         let mut t = Self {
             target,
             caps: caps.clone(),
-            want: opts.backend,
+            opts: TrackOptions {
+                adopt: None,
+                ..opts.clone()
+            },
             backend: chosen.backend,
             degraded: chosen.degraded,
             objects,
@@ -260,7 +281,7 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
         // before): run it now so collects start from "clean".
         let first = t.collect()?;
         t.events.clear();
-        if opts.keep_baseline {
+        if opts.keep_baseline || opts.adopt.is_some() {
             t.baseline = Some(first);
         }
         Ok(t)
@@ -272,7 +293,7 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
     fn reattach(&mut self) {
         let target = self.target.borrow();
         let pid = target.pid();
-        match choose(target, &self.caps, self.want) {
+        match choose(target, &self.caps, &self.opts) {
             Ok(c) => {
                 self.backend = c.backend;
                 self.degraded = c.degraded;
@@ -341,6 +362,10 @@ impl<T: Borrow<Target>> DirtyTracker for ProcessTracker<T> {
 
     fn degraded(&self) -> Option<String> {
         self.degraded.clone()
+    }
+
+    fn kept_in_target(&self) -> Option<i32> {
+        self.backend.kept_in_target()
     }
 
     fn notes(&self) -> Vec<String> {

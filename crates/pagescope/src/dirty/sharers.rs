@@ -306,7 +306,7 @@ impl Sharers {
 
 /// A userfaultfd injected into `target` and the backend over it.
 fn start(target: &Target) -> Result<UffdWp, TrackError> {
-    let injected = inject::userfaultfd_in(target)?;
+    let injected = inject::userfaultfd_in(target, false)?;
     let uffd = Userfaultfd::from_fd(injected.fd)?;
     UffdWp::new(target, uffd, injected.origin)
 }

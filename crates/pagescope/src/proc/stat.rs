@@ -17,6 +17,9 @@ pub struct Stat {
     pub ppid: u32,
     /// Kernel `task->flags`.
     pub flags: u64,
+    /// Start time after boot, in clock ticks (field 22): with the PID, it
+    /// names one process across PID reuse.
+    pub start_time: u64,
 }
 
 impl Stat {
@@ -44,6 +47,7 @@ pub fn parse_stat(buf: &[u8]) -> Option<Stat> {
         state: *fields.first()?.as_bytes().first()?,
         ppid: fields.get(1)?.parse().ok()?,
         flags: fields.get(6)?.parse().ok()?,
+        start_time: fields.get(19).and_then(|f| f.parse().ok()).unwrap_or(0),
     })
 }
 

@@ -261,16 +261,27 @@ impl Target {
         .map_err(|e| self.errno_error(&String::from_utf8_lossy(&rel), e))
     }
 
+    /// The IDs of the target's threads (`/proc/PID/task`).
+    pub fn tasks(&self) -> Result<Vec<u32>, ProcError> {
+        self.list_numbers("task")
+    }
+
     /// The numbers of the target's open file descriptors.
     pub fn fds(&self) -> Result<Vec<u32>, ProcError> {
-        let dir = self.open_dir("fd")?;
+        self.list_numbers("fd")
+    }
+
+    /// The numeric entries of the directory `/proc/PID/<name>`.
+    fn list_numbers(&self, name: &str) -> Result<Vec<u32>, ProcError> {
+        let dir = self.open_dir(name)?;
         let mut out = Vec::new();
-        for entry in rustix::fs::Dir::read_from(&dir).map_err(|e| self.errno_error("fd", e))? {
-            let entry = entry.map_err(|e| self.errno_error("fd", e))?;
+        for entry in rustix::fs::Dir::read_from(&dir).map_err(|e| self.errno_error(name, e))? {
+            let entry = entry.map_err(|e| self.errno_error(name, e))?;
             if let Some(n) = entry.file_name().to_str().ok().and_then(|s| s.parse().ok()) {
                 out.push(n);
             }
         }
+        out.sort_unstable();
         Ok(out)
     }
 

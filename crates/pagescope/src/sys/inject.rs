@@ -159,15 +159,36 @@ pub struct Plan<'a> {
     pub insn: u64,
     /// A test-only fault, if any.
     pub failpoint: Option<Failpoint>,
+    /// What to do in the target.
+    pub job: Job,
+}
+
+/// What the helper does inside the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Job {
+    /// Create a userfaultfd and hand pagescope a copy; with
+    /// `keep_in_target`, the target keeps its own copy too (so tracking
+    /// outlives pagescope: `dump --keep-tracking`).
+    CreateUffd {
+        /// Leave the target's copy open.
+        keep_in_target: bool,
+    },
+    /// Close fd `fd` in the target (a userfaultfd left there earlier).
+    Close {
+        /// The fd number.
+        fd: i32,
+    },
 }
 
 /// What the injection produced.
 #[derive(Debug)]
 pub struct Injected {
-    /// pagescope's copy of the fd (the target's was closed).
-    pub fd: OwnedFd,
+    /// pagescope's copy of the fd (none for [`Job::Close`]).
+    pub fd: Option<OwnedFd>,
     /// How it was created.
     pub origin: UffdOrigin,
+    /// The fd number the target kept (`keep_in_target`).
+    pub target_fd: Option<i32>,
 }
 
 /// Why it failed: the step and its errno.
@@ -224,6 +245,8 @@ struct Outcome {
     origin: i32,
     /// The errno of the first `userfaultfd()` attempt, if it failed.
     first_errno: i32,
+    /// The fd number left in the target (`keep_in_target`), else -1.
+    target_fd: i32,
 }
 
 const OUTCOME_LEN: usize = std::mem::size_of::<Outcome>();
@@ -231,8 +254,14 @@ const OUTCOME_LEN: usize = std::mem::size_of::<Outcome>();
 impl Outcome {
     fn to_bytes(self) -> [u8; OUTCOME_LEN] {
         let mut b = [0u8; OUTCOME_LEN];
-        for (i, v) in [self.errno, self.step, self.origin, self.first_errno]
-            .into_iter()
+        for (i, v) in [
+            self.errno,
+            self.step,
+            self.origin,
+            self.first_errno,
+            self.target_fd,
+        ]
+        .into_iter()
             .enumerate()
         {
             b[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
@@ -248,6 +277,7 @@ impl Outcome {
             step: at(1),
             origin: at(2),
             first_errno: at(3),
+            target_fd: at(4),
         }
     }
 }
@@ -297,8 +327,11 @@ fn receive(sock: BorrowedFd<'_>, timeout: Duration) -> Result<Injected, Failed> 
         1 => UffdOrigin::UserModeOnly,
         _ => UffdOrigin::DevUserfaultfd,
     };
-    let fd = fd.ok_or(lost(Errno::BADF))?;
-    Ok(Injected { fd, origin })
+    Ok(Injected {
+        fd,
+        origin,
+        target_fd: (o.target_fd >= 0).then_some(o.target_fd),
+    })
 }
 
 // ---- the helper (runs in the forked child: no allocation below) ----
@@ -412,7 +445,10 @@ fn helper(plan: &Plan<'_>, sock: BorrowedFd<'_>) -> i32 {
         failpoint: plan.failpoint,
         fired: std::cell::Cell::new(false),
     };
-    let mut out = Outcome::default();
+    let mut out = Outcome {
+        target_fd: -1,
+        ..Outcome::default()
+    };
     let mut ours: Option<OwnedFd> = None;
     if let Err((step, e)) = attach_and_inject(&mut t, plan, &mut out, &mut ours) {
         out.errno = e.raw_os_error();
@@ -473,6 +509,10 @@ fn inject(
     out: &mut Outcome,
     ours: &mut Option<OwnedFd>,
 ) -> StepResult<()> {
+    let keep = match plan.job {
+        Job::Close { fd } => return close_in_target(t, plan, saved, i64::from(fd)),
+        Job::CreateUffd { keep_in_target } => keep_in_target,
+    };
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
     let mut fd = inject_call(t, Step::Userfaultfd, |t| {
         t.call(saved, plan.insn, NR_USERFAULTFD, [flags, 0, 0, 0, 0, 0])
@@ -505,8 +545,20 @@ fn inject(
     let got = step(t, Step::GetFd, || {
         rustix::process::pidfd_getfd(plan.pidfd, theirs, PidfdGetfdFlags::empty())
     });
-    // The target must not keep its copy: retry a failed close (the
-    // failpoint fails only the first attempt).
+    if keep && got.is_ok() {
+        out.target_fd = theirs;
+        *ours = Some(got?);
+        return Ok(());
+    }
+    let closed = close_in_target(t, plan, saved, fd);
+    *ours = Some(got?);
+    closed
+}
+
+/// `close(fd)` in the target; the target must not keep a copy it was not
+/// meant to: a failed close is retried (the failpoint fails only the first
+/// attempt).
+fn close_in_target(t: &mut Thread, plan: &Plan<'_>, saved: &Regs, fd: i64) -> StepResult<()> {
     let mut closed = inject_call(t, Step::CloseInTarget, |t| {
         t.call(
             saved,
@@ -528,7 +580,6 @@ fn inject(
             )
             .map_err(|e| (Step::CloseInTarget, e));
     }
-    *ours = Some(got?);
     match closed? {
         0 => Ok(()),
         e => Err((Step::CloseInTarget, Errno::from_raw_os_error((-e) as i32))),

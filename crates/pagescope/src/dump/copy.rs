@@ -1,0 +1,290 @@
+//! Copying pages into an image's stores: a process's own pages with
+//! `process_vm_readv` in large vectors, shared objects' pages with `pread`
+//! on pagescope's fd of the object (never through the target's mappings,
+//! so nothing is mapped into it). Each page copied is checked: all zeros
+//! → `Zero` (not stored); equal to the parent image's → `InParent` (not
+//! stored); else stored at its fixed offset.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+
+use super::DumpError;
+use super::model::{ObjectModel, VmaModel};
+use crate::addr::PageSize;
+use crate::image::format::{DedupRef, PageKind};
+use crate::image::read::{Image, PageFill};
+use crate::image::write::{ImageWriter, Store};
+
+/// Bytes read per `process_vm_readv` / `pread`.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Pages and bytes copied.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Copied {
+    /// Pages read.
+    pub pages: u64,
+    /// Pages stored.
+    pub stored: u64,
+}
+
+impl std::ops::AddAssign for Copied {
+    fn add_assign(&mut self, o: Self) {
+        self.pages += o.pages;
+        self.stored += o.stored;
+    }
+}
+
+/// What a page of the parent image is, to compare a new copy with.
+pub enum Parent<'a> {
+    /// No parent (a full image).
+    None,
+    /// The parent's same mapping of process `pid`.
+    Vma(&'a Image, u32, u64),
+    /// The parent's same object.
+    Object(&'a Image, usize),
+}
+
+impl Parent<'_> {
+    /// Whether the parent holds exactly `bytes` for page `p`.
+    fn same(&self, p: u64, bytes: &[u8], scratch: &mut [u8]) -> bool {
+        let fill = match self {
+            Parent::None => return false,
+            Parent::Vma(img, pid, start) => img.vma_page(*pid, *start, p, scratch),
+            Parent::Object(img, i) => img.object_page(*i, p, scratch),
+        };
+        match fill {
+            Ok(PageFill::Data) => scratch == bytes,
+            Ok(PageFill::Zero | PageFill::Hole) => bytes.iter().all(|&b| b == 0),
+            _ => false,
+        }
+    }
+}
+
+/// A stored page other processes' pages may point at: where it is and
+/// the store holding it.
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// The page.
+    pub at: DedupRef,
+    /// Its store.
+    pub store: Arc<Store>,
+}
+
+/// Dedup state of a forked tree: page frame → the first copy stored of
+/// it, and per stored source page the pages deduplicated against it (to
+/// copy again if the source is rewritten).
+#[derive(Debug, Default)]
+pub struct Frames {
+    by_frame: HashMap<u64, Source>,
+    dependents: HashMap<DedupRef, Vec<DedupRef>>,
+    /// Pages whose source was rewritten: to copy again.
+    pub invalidated: Vec<DedupRef>,
+}
+
+impl Frames {
+    /// Page `at` is being copied again: pages pointing at it must be too.
+    fn rewritten(&mut self, at: DedupRef) {
+        if let Some(deps) = self.dependents.remove(&at) {
+            self.by_frame.retain(|_, s| s.at != at);
+            self.invalidated.extend(deps);
+        }
+    }
+}
+
+/// Where copies go.
+pub struct Sink<'a> {
+    /// The image.
+    pub writer: &'a ImageWriter,
+    /// Base page size.
+    pub page: PageSize,
+    /// Told the pages read after every batch.
+    pub tick: &'a mut dyn FnMut(u64),
+}
+
+/// Copies pages `pages` (sorted indices) of the process's own memory in
+/// mapping `m` of process `pid`.
+pub fn own(
+    pid: u32,
+    m: &mut VmaModel,
+    pages: &[u64],
+    sink: &mut Sink<'_>,
+    parent: &Parent<'_>,
+    frames: Option<(&mut Frames, &[u64])>,
+) -> Result<Copied, DumpError> {
+    if pages.is_empty() {
+        return Ok(Copied::default());
+    }
+    let page = sink.page;
+    let p = usize::try_from(page.get()).unwrap_or(4096);
+    let store = match &m.store {
+        Some(s) => s.clone(),
+        None => {
+            let name = format!("p{pid}-{:x}", m.vma.range.start().get());
+            let s = sink.writer.new_store(&name, m.kinds.len() as u64)?;
+            m.store = Some(s.clone());
+            s
+        }
+    };
+    let tid = i32::try_from(pid).map_err(|_| DumpError::Exited { pid })?;
+    let mut buf = vec![0u8; BATCH_BYTES];
+    let mut scratch = vec![0u8; p];
+    let mut out = Copied::default();
+    let mut frames = frames;
+    let vma_start = m.vma.range.start().get();
+    for batch in pages.chunks(BATCH_BYTES / p) {
+        let remote = ranges(batch, |i| m.addr(i, page).get(), p);
+        let got = crate::sys::process_vm::read(tid, &remote, &mut buf)
+            .map_err(|e| DumpError::Read { pid, source: e.into() })?;
+        let read_pages = got / p;
+        for (k, &i) in batch.iter().enumerate() {
+            let ix = usize::try_from(i).unwrap_or(usize::MAX);
+            let here = DedupRef { pid, vma_start, page: i };
+            if let Some((f, _)) = frames.as_mut() {
+                f.rewritten(here);
+            }
+            if k >= read_pages {
+                // Unmapped meanwhile: the layout check settles it.
+                m.kinds[ix] = PageKind::Hole;
+                store.forget(i, 1);
+                continue;
+            }
+            let bytes = &buf[k * p..(k + 1) * p];
+            out.pages += 1;
+            let kind = if bytes.iter().all(|&b| b == 0) {
+                PageKind::Zero
+            } else if parent.same(i, bytes, &mut scratch) {
+                PageKind::InParent
+            } else if let Some(d) = frames
+                .as_mut()
+                .and_then(|(f, pfns)| dedup(f, pfns.get(ix).copied(), here, bytes, &mut scratch))
+            {
+                m.dedup.retain(|(q, _)| *q != i);
+                m.dedup.push((i, d));
+                PageKind::Dedup
+            } else {
+                store.write(i, bytes)?;
+                out.stored += 1;
+                if let Some((f, pfns)) = frames.as_mut() {
+                    if let Some(&pfn) = pfns.get(ix).filter(|&&f| f != 0) {
+                        f.by_frame.entry(pfn).or_insert_with(|| Source {
+                            at: here,
+                            store: store.clone(),
+                        });
+                    }
+                }
+                PageKind::Data
+            };
+            if kind != PageKind::Data {
+                store.forget(i, 1);
+            }
+            m.kinds[ix] = kind;
+        }
+        (sink.tick)(batch.len() as u64);
+    }
+    Ok(out)
+}
+
+/// A COW-shared page (frame `pfn`, not exclusive) already stored for
+/// another page with the same bytes: where it is (recorded as dependent).
+fn dedup(
+    frames: &mut Frames,
+    pfn: Option<u64>,
+    here: DedupRef,
+    bytes: &[u8],
+    scratch: &mut [u8],
+) -> Option<DedupRef> {
+    let pfn = pfn.filter(|&f| f != 0)?;
+    let src = frames.by_frame.get(&pfn)?;
+    if src.at == here || !src.store.holds(src.at.page) {
+        return None;
+    }
+    src.store.read(src.at.page, scratch).ok()?;
+    if scratch != bytes {
+        return None;
+    }
+    let at = src.at;
+    frames.dependents.entry(at).or_default().push(here);
+    Some(at)
+}
+
+/// Copies object pages `pages` (sorted object page indices) with `pread`.
+pub fn object(
+    o: &mut ObjectModel,
+    pages: &[u64],
+    sink: &mut Sink<'_>,
+    parent: &Parent<'_>,
+) -> Result<Copied, DumpError> {
+    if pages.is_empty() {
+        return Ok(Copied::default());
+    }
+    let page = sink.page;
+    let p = usize::try_from(page.get()).unwrap_or(4096);
+    let store = match &o.store {
+        Some(s) => s.clone(),
+        None => {
+            let name = format!("o{}-{}", o.id.dev.to_string().replace(':', "_"), o.id.inode);
+            let s = sink.writer.new_store(&name, o.pages)?;
+            o.store = Some(s.clone());
+            s
+        }
+    };
+    let mut buf = vec![0u8; p];
+    let mut scratch = vec![0u8; p];
+    let mut out = Copied::default();
+    for &i in pages {
+        let ix = usize::try_from(i).unwrap_or(usize::MAX);
+        if ix >= o.kinds.len() {
+            continue;
+        }
+        let n = pread_page(o.fd.as_fd(), &mut buf, page.bytes(i))
+            .map_err(|source| DumpError::ObjectRead { inode: o.id.inode, source })?;
+        buf[n..].fill(0);
+        out.pages += 1;
+        let kind = if buf.iter().all(|&b| b == 0) {
+            PageKind::Zero
+        } else if parent.same(i, &buf, &mut scratch) {
+            PageKind::InParent
+        } else {
+            store.write(i, &buf)?;
+            out.stored += 1;
+            PageKind::Data
+        };
+        if kind != PageKind::Data {
+            store.forget(i, 1);
+        }
+        o.kinds[ix] = kind;
+        if out.pages % 1024 == 0 {
+            (sink.tick)(1024);
+        }
+    }
+    (sink.tick)(out.pages % 1024);
+    Ok(out)
+}
+
+/// One page at `off` (short at end of file).
+fn pread_page(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pread(fd, &mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(done)
+}
+
+/// Consecutive page indices merged into (address, length) ranges.
+fn ranges(pages: &[u64], addr: impl Fn(u64) -> u64, p: usize) -> Vec<(u64, usize)> {
+    let mut out: Vec<(u64, usize)> = Vec::new();
+    for &i in pages {
+        let a = addr(i);
+        match out.last_mut() {
+            Some((start, len)) if *start + *len as u64 == a => *len += p,
+            _ => out.push((a, p)),
+        }
+    }
+    out
+}

@@ -1,0 +1,260 @@
+//! Dumping a live process (or a forked tree of them) into an image:
+//! a full pass, pre-copy rounds of the pages the dirty tracker reports
+//! written, and a final pass with the process stopped (ptrace interrupt of
+//! every thread: no signal anyone sees) so the image is consistent.
+//!
+//! One pinned [`Target`] serves the scan (the inspection driver says what
+//! every page is), the tracker (which pages changed) and the copy. Zero
+//! pages are recorded, not copied; shared memory is read through the
+//! object (`pread`), never mapped into the target; regular files mapped
+//! are recorded by identity unless `copy_files`; with a parent image, only
+//! pages that differ from it are stored (or, with a userfaultfd the
+//! previous dump left in the target, only pages written since).
+
+mod copy;
+mod model;
+mod passes;
+pub mod stop;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use self::passes::Dump;
+use crate::dirty::TrackError;
+use crate::error::ErrorKind;
+use crate::image::format::KeptTracking;
+use crate::image::{Image, ImageError, ImageWriter};
+use crate::kernel::KernelCaps;
+use crate::object::ObjectError;
+use crate::proc::{ProcError, Target};
+use crate::scan::ScanError;
+
+/// Errors of a dump.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DumpError {
+    /// Scanning failed.
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    /// Tracking failed.
+    #[error(transparent)]
+    Track(#[from] TrackError),
+    /// Writing or reading an image failed.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// A `/proc` file failed.
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    /// A shared object could not be opened.
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    /// Reading the process's memory failed.
+    #[error("cannot read the memory of process {pid}")]
+    Read {
+        /// The process.
+        pid: u32,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading a shared object failed.
+    #[error("cannot read object inode {inode}")]
+    ObjectRead {
+        /// The object's inode.
+        inode: u64,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stopping the process failed.
+    #[error("cannot stop process {pid} for the final pass")]
+    Stop {
+        /// The process.
+        pid: u32,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process exited during the dump.
+    #[error("process {pid} exited during the dump")]
+    Exited {
+        /// The process.
+        pid: u32,
+    },
+}
+
+impl DumpError {
+    /// The broad class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Scan(e) => e.kind(),
+            Self::Track(e) => e.kind(),
+            Self::Image(e) => e.kind(),
+            Self::Proc(e) => e.kind(),
+            Self::Object(e) => e.kind(),
+            Self::Exited { .. } => ErrorKind::TargetExited,
+            Self::Read { source, .. } | Self::Stop { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                ErrorKind::PermissionDenied
+            }
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+/// How to dump.
+#[derive(Clone, Debug)]
+pub struct DumpOptions {
+    /// The image directory (new or empty).
+    pub out: PathBuf,
+    /// The parent image (an incremental dump).
+    pub parent: Option<PathBuf>,
+    /// Leave the userfaultfd in the target for the next incremental dump.
+    pub keep_tracking: bool,
+    /// Also the process's descendants, COW-shared pages stored once.
+    pub tree: bool,
+    /// Pre-copy rounds at most (0: stop at once, one stopped pass).
+    pub max_iterations: u32,
+    /// Pre-copy time at most.
+    pub max_time: Duration,
+    /// Stop pre-copy once the rest is predicted to copy within this.
+    pub max_downtime: Option<Duration>,
+    /// Copy the pages of mapped regular files too (default: recorded by
+    /// identity and read from the file at restore).
+    pub copy_files: bool,
+    /// Leave the process stopped (a `SIGSTOP`) after the dump.
+    pub leave_stopped: bool,
+}
+
+impl DumpOptions {
+    /// Defaults: up to 8 pre-copy rounds in 60 s.
+    pub fn new(out: impl Into<PathBuf>) -> Self {
+        Self {
+            out: out.into(),
+            parent: None,
+            keep_tracking: false,
+            tree: false,
+            max_iterations: 8,
+            max_time: Duration::from_secs(60),
+            max_downtime: None,
+            copy_files: false,
+            leave_stopped: false,
+        }
+    }
+}
+
+/// One pass of a dump.
+#[derive(Clone, Debug, Serialize)]
+pub struct Iteration {
+    /// 0: the full pass; then pre-copy rounds; the last is the stopped one.
+    pub n: u32,
+    /// Whether the process was stopped during it.
+    pub stopped: bool,
+    /// Pages read.
+    pub pages: u64,
+    /// Pages stored (not zero, not as in the parent).
+    pub stored: u64,
+    /// Bytes read.
+    pub bytes: u64,
+    /// Seconds it took.
+    pub seconds: f64,
+    /// Pages reported written since the previous pass.
+    pub written_pages: u64,
+    /// Their rate, MiB/s.
+    pub dirty_rate_mib_s: f64,
+    /// Copying what is written now would take this long, stopped.
+    pub predicted_downtime_s: f64,
+}
+
+/// What a dump did.
+#[derive(Clone, Debug, Serialize)]
+pub struct DumpReport {
+    /// The image directory.
+    pub dir: PathBuf,
+    /// Its id.
+    pub image_id: String,
+    /// Its generation.
+    pub generation: u32,
+    /// The processes dumped.
+    pub pids: Vec<u32>,
+    /// Every pass.
+    pub iterations: Vec<Iteration>,
+    /// How long the processes were stopped.
+    pub stopped_s: f64,
+    /// Pages stored in this image.
+    pub stored_pages: u64,
+    /// Pages of memory it covers (all kinds).
+    pub covered_pages: u64,
+    /// The userfaultfd left in the target (`keep_tracking`).
+    pub kept_tracking: Option<KeptTracking>,
+    /// What limited the dump (a degraded tracker, tracking not kept).
+    pub notes: Vec<String>,
+}
+
+/// Something a dump tells its caller as it goes.
+#[derive(Clone, Copy, Debug)]
+pub enum DumpEvent<'a> {
+    /// Pages read so far in pass `pass`, of about `total`.
+    Progress {
+        /// The pass (0: full).
+        pass: u32,
+        /// Pages read.
+        done: u64,
+        /// Pages the pass will read.
+        total: u64,
+    },
+    /// A pass ended.
+    Iteration(&'a Iteration),
+}
+
+/// Dumps `target` (and, with `tree`, its descendants) into `opts.out`;
+/// `progress` sees every pass as it goes.
+///
+/// Needs ptrace access to every process (`process_vm_readv`, the final
+/// stop) and a write-protect userfaultfd in it (root here: see
+/// `KERNEL.md`) for pre-copy; without one, the dump is one stopped pass.
+pub fn dump(
+    target: &Target,
+    caps: &KernelCaps,
+    opts: &DumpOptions,
+    progress: &mut dyn FnMut(DumpEvent<'_>),
+) -> Result<DumpReport, DumpError> {
+    target.require_address_space()?;
+    let parent = opts.parent.as_deref().map(Image::open).transpose()?;
+    let parent_arg = opts.parent.as_ref().map(|p| relative_to(p, &opts.out));
+    let writer = ImageWriter::create(
+        &opts.out,
+        caps.page_size,
+        parent.as_ref().zip(parent_arg.as_deref()),
+    )?;
+    let mut d = Dump::new(caps, opts.clone(), writer, parent, progress);
+    d.attach_all(target)?;
+    let mut iterations = vec![d.full_pass()?];
+    d.precopy(&mut iterations)?;
+    let (last, stopped_s) = d.final_pass(iterations.len() as u32)?;
+    iterations.push(last);
+    d.finish(iterations, stopped_s)
+}
+
+/// `parent` as seen from `out` (absolute paths stay absolute).
+fn relative_to(parent: &Path, out: &Path) -> String {
+    if parent.is_absolute() {
+        return parent.display().to_string();
+    }
+    let abs = |p: &Path| std::env::current_dir().map(|c| c.join(p)).unwrap_or_else(|_| p.to_owned());
+    let (p, o) = (abs(parent), abs(out));
+    let depth = o.components().count();
+    let common = p.components().zip(o.components()).take_while(|(a, b)| a == b).count();
+    let mut rel = PathBuf::new();
+    for _ in common..depth {
+        rel.push("..");
+    }
+    for c in p.components().skip(common) {
+        rel.push(c);
+    }
+    rel.display().to_string()
+}
+

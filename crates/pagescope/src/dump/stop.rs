@@ -1,0 +1,105 @@
+//! Stopping a process for the final pass without a signal anyone can see:
+//! every thread is seized and interrupted with ptrace (`PTRACE_SEIZE` +
+//! `PTRACE_INTERRUPT`, no `SIGSTOP`, nothing its parent's `waitpid` would
+//! report), threads created meanwhile too, until the set is stable.
+//! Signals that arrive while stopped are handed back at resume.
+//!
+//! If pagescope dies while the threads are stopped, the kernel detaches
+//! them and they simply run on: nothing was changed in them.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use crate::proc::Target;
+use crate::sys::ptrace::{self, Stop};
+
+/// The threads of one process, stopped.
+#[derive(Debug)]
+pub struct Stopped {
+    tgid: i32,
+    /// Thread → signal that arrived while it was stopped (0: none).
+    threads: BTreeMap<i32, i32>,
+    since: Instant,
+    /// Deliver SIGSTOP at resume (`--leave-stopped`).
+    leave_stopped: bool,
+}
+
+impl Stopped {
+    /// Seizes and interrupts every thread of `target`, repeating until no
+    /// new thread appears.
+    pub fn stop(target: &Target) -> std::io::Result<Self> {
+        let tgid = i32::try_from(target.pid()).map_err(|_| std::io::Error::other("pid"))?;
+        let mut s = Self {
+            tgid,
+            threads: BTreeMap::new(),
+            since: Instant::now(),
+            leave_stopped: false,
+        };
+        for _ in 0..100 {
+            let tasks = target.tasks().map_err(std::io::Error::other)?;
+            let new: Vec<i32> = tasks
+                .into_iter()
+                .filter_map(|t| i32::try_from(t).ok())
+                .filter(|t| !s.threads.contains_key(t))
+                .collect();
+            if new.is_empty() {
+                return Ok(s);
+            }
+            for tid in new {
+                if s.stop_thread(tid).is_ok() {
+                    s.threads.insert(tid, 0);
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    fn stop_thread(&mut self, tid: i32) -> Result<(), rustix::io::Errno> {
+        ptrace::seize(tid)?;
+        if let Err(e) = ptrace::interrupt(tid) {
+            let _ = ptrace::detach(tid, 0);
+            return Err(e);
+        }
+        match ptrace::wait_stop(tid) {
+            Ok(Stop::Signal(sig)) => {
+                self.threads.insert(tid, sig);
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Leave the process stopped (a `SIGSTOP` at resume) instead of
+    /// letting it run.
+    pub fn leave_stopped(&mut self) {
+        self.leave_stopped = true;
+    }
+
+    /// How long it has been stopped.
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.since.elapsed()
+    }
+
+    /// Lets every thread run again (signals that arrived are delivered).
+    pub fn resume(mut self) -> std::time::Duration {
+        self.detach_all();
+        self.since.elapsed()
+    }
+
+    fn detach_all(&mut self) {
+        let stop_sig = if self.leave_stopped { libc::SIGSTOP } else { 0 };
+        let threads = std::mem::take(&mut self.threads);
+        for (i, (tid, sig)) in threads.into_iter().enumerate() {
+            let sig = if sig != 0 { sig } else if i == 0 { stop_sig } else { 0 };
+            let _ = ptrace::detach(tid, sig);
+        }
+        let _ = self.tgid;
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}

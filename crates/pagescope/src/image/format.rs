@@ -1,0 +1,336 @@
+//! The on-disk records of an image (see `docs/image-format.md`): the
+//! `HEADER` file, `meta.json` and the per-page checksums. Reading and
+//! writing live in [`read`](super::read) and [`write`](super::write); this
+//! module only says what the bytes are.
+//!
+//! ```text
+//! DIR/HEADER      "PGSCIMG\n" | u32 LE version | u32 LE body length |
+//!                 body (JSON Header) | u64 LE xxh3(body)
+//! DIR/meta.json   JSON Meta (length and xxh3 in the header)
+//! DIR/data/N.pages  page i of store N at byte i * page_size (sparse)
+//! DIR/data/N.sums   u64 LE per page: the page's checksum if this
+//!                   generation stores it, else 0 (length and xxh3 in meta)
+//! ```
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+/// The first bytes of `HEADER`.
+pub const MAGIC: [u8; 8] = *b"PGSCIMG\n";
+/// The format version this code writes and reads.
+pub const VERSION: u32 = 1;
+/// The header file's name.
+pub const HEADER_FILE: &str = "HEADER";
+/// The metadata file's name.
+pub const META_FILE: &str = "meta.json";
+/// The folder holding page data and checksums.
+pub const DATA_DIR: &str = "data";
+
+/// Largest `HEADER` read.
+pub const MAX_HEADER_BYTES: u64 = 64 << 10;
+/// Largest `meta.json` read.
+pub const MAX_META_BYTES: u64 = 1 << 30;
+/// Largest store (pages) a reader accepts: 2^40 bytes of 4 KiB pages.
+pub const MAX_STORE_PAGES: u64 = 1 << 28;
+
+/// The body of `HEADER`: what the image is and how to check the rest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Format version (equal to the binary one).
+    pub format_version: u32,
+    /// Base page size of the machine the image was taken on.
+    pub page_size: u64,
+    /// A random 128-bit id, hex.
+    pub image_id: String,
+    /// 0 for a full image, parent's + 1 for an incremental one.
+    pub generation: u32,
+    /// The image this one builds on.
+    pub parent: Option<ParentRef>,
+    /// When it was committed (Unix time, ns).
+    pub created_unix_ns: u64,
+    /// `meta.json`: its length and xxh3.
+    pub meta_len: u64,
+    /// xxh3-64 of `meta.json`.
+    pub meta_xxh3: u64,
+}
+
+/// A link to the parent image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// Its image id (must match the parent's header).
+    pub image_id: String,
+    /// Where it was (as given to `--parent`; relative paths are taken
+    /// from this image's directory).
+    pub path: String,
+}
+
+/// `meta.json`: the processes, their mappings, the shared objects, and
+/// the stores of page data.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// The dumped processes (the target first).
+    pub processes: Vec<ProcessRec>,
+    /// Shared objects, each once.
+    pub objects: Vec<ObjectRec>,
+    /// Page data files.
+    pub stores: Vec<StoreRec>,
+    /// A userfaultfd left in the target (`--keep-tracking`).
+    pub kept_tracking: Option<KeptTracking>,
+}
+
+/// One process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRec {
+    /// PID at dump time.
+    pub pid: u32,
+    /// Parent PID at dump time.
+    pub ppid: u32,
+    /// Command name.
+    pub comm: String,
+    /// Its mappings, in address order.
+    pub vmas: Vec<VmaRec>,
+}
+
+/// One mapping.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmaRec {
+    /// First address.
+    pub start: u64,
+    /// First address after it.
+    pub end: u64,
+    /// `rwxp` / `rwxs`.
+    pub perms: String,
+    /// Offset into the backing object, bytes.
+    pub offset: u64,
+    /// Backing device, `major:minor`.
+    pub dev: String,
+    /// Backing inode (0: anonymous).
+    pub inode: u64,
+    /// Path as in maps.
+    pub path: String,
+    /// `anon`, `shmem`, `file`, `hugetlb`, `special`.
+    pub backing: String,
+    /// Index in [`Meta::objects`] of the object behind it, if it has one.
+    pub object: Option<usize>,
+    /// Name of the store holding its own pages, if any.
+    pub store: Option<String>,
+    /// Every page, in runs (page indices from the VMA's start).
+    pub runs: Vec<Run>,
+}
+
+/// A shared object (shmem or file), stored once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRec {
+    /// Device, `major:minor`.
+    pub dev: String,
+    /// Inode.
+    pub inode: u64,
+    /// A path it is mapped under.
+    pub path: String,
+    /// `memfd`, `tmpfs`, `sysv`, `shared_anon`, `file`, ...
+    pub kind: String,
+    /// Pages covered (object pages `0..pages`).
+    pub pages: u64,
+    /// Name of the store holding its pages, if any.
+    pub store: Option<String>,
+    /// For regular files not copied: what the file was.
+    pub file: Option<FileIdentity>,
+    /// Its pages, in runs (object page indices).
+    pub runs: Vec<Run>,
+}
+
+/// A regular file whose pages are read from the file itself at restore.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileIdentity {
+    /// Path.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time (ns since the epoch).
+    pub mtime_ns: i128,
+}
+
+/// A file of page data and its checksums.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreRec {
+    /// File name stem under `data/` (`.pages`, `.sums`).
+    pub name: String,
+    /// Pages it can hold.
+    pub pages: u64,
+    /// xxh3-64 of its `.sums` file.
+    pub sums_xxh3: u64,
+}
+
+/// A userfaultfd left in the target for the next incremental dump.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptTracking {
+    /// The target.
+    pub pid: u32,
+    /// The target's start time (`/proc/PID/stat` field 22), so a recycled
+    /// PID is not mistaken for it.
+    pub start_time: u64,
+    /// The fd number in the target.
+    pub fd: i32,
+}
+
+/// A run of pages in one state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    /// First page (index in the VMA or object).
+    pub first: u64,
+    /// Pages.
+    pub count: u64,
+    /// Their state.
+    pub kind: PageKind,
+    /// For [`PageKind::Dedup`]: where the first page's content is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<DedupRef>,
+}
+
+/// Where a deduplicated page's content is stored: another process's VMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DedupRef {
+    /// Its PID.
+    pub pid: u32,
+    /// The VMA's start address.
+    pub vma_start: u64,
+    /// The page index in that VMA.
+    pub page: u64,
+}
+
+/// What an image holds for a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PageKind {
+    /// Its bytes are in this image's store.
+    Data,
+    /// All zeros (not stored).
+    Zero,
+    /// Nothing there (reads as zeros; a restore leaves a hole).
+    Hole,
+    /// Unchanged since the parent image.
+    InParent,
+    /// Swapped out and not copied (`--swap skip`): not restorable from the
+    /// image.
+    Swapped,
+    /// A mapping's page that is its object's page (see the object record).
+    Object,
+    /// An unchanged page of a regular file: read from the file.
+    File,
+    /// The same bytes as another process's page (a COW-shared page of a
+    /// forked tree, stored once).
+    Dedup,
+}
+
+/// The checksum of one page stored by an image with `seed`; never 0 (0
+/// marks a page the store does not hold).
+pub fn page_sum(seed: u64, page: &[u8]) -> u64 {
+    xxh3_64_with_seed(page, seed) | 1
+}
+
+/// The checksum of a whole file's bytes (headers, metadata, sums).
+pub fn file_sum(bytes: &[u8]) -> u64 {
+    xxh3_64(bytes)
+}
+
+/// The page-checksum seed of image `id` (its first 16 hex digits): sums
+/// from another image do not verify here.
+pub fn seed_of(image_id: &str) -> u64 {
+    u64::from_str_radix(image_id.get(..16).unwrap_or("0"), 16).unwrap_or(0)
+}
+
+/// Encodes `HEADER`.
+pub fn encode_header(h: &Header) -> Vec<u8> {
+    let body = serde_json::to_vec(h).unwrap_or_default();
+    let mut out = Vec::with_capacity(body.len() + 24);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&file_sum(&body).to_le_bytes());
+    out
+}
+
+/// Why `HEADER` bytes did not decode: the offset and what was wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderFault {
+    /// Byte offset of the problem.
+    pub offset: u64,
+    /// What.
+    pub what: String,
+}
+
+/// Decodes `HEADER`.
+pub fn decode_header(bytes: &[u8]) -> Result<Header, HeaderFault> {
+    let fault = |offset: usize, what: &str| HeaderFault {
+        offset: offset as u64,
+        what: what.to_owned(),
+    };
+    if bytes.len() < 24 || bytes[..8] != MAGIC {
+        return Err(fault(0, "not a pagescope image (bad magic)"));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
+    if version != VERSION {
+        return Err(fault(8, &format!("format version {version}, this pagescope reads {VERSION}")));
+    }
+    let len = u32::from_le_bytes(bytes[12..16].try_into().unwrap_or_default()) as usize;
+    if bytes.len() != 16 + len + 8 {
+        return Err(fault(12, "header length does not match the file (truncated?)"));
+    }
+    let body = &bytes[16..16 + len];
+    let sum = u64::from_le_bytes(bytes[16 + len..].try_into().unwrap_or_default());
+    if sum != file_sum(body) {
+        return Err(fault(16 + len, "header checksum mismatch"));
+    }
+    let h: Header =
+        serde_json::from_slice(body).map_err(|e| fault(16 + e.column(), &format!("header: {e}")))?;
+    if h.format_version != VERSION || !h.page_size.is_power_of_two() {
+        return Err(fault(16, "header fields out of range"));
+    }
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            format_version: VERSION,
+            page_size: 4096,
+            image_id: "0123456789abcdef0123456789abcdef".into(),
+            generation: 2,
+            parent: Some(ParentRef {
+                image_id: "ff".into(),
+                path: "../g1".into(),
+            }),
+            created_unix_ns: 1,
+            meta_len: 10,
+            meta_xxh3: 7,
+        }
+    }
+
+    #[test]
+    fn headers_round_trip_and_every_bit_flip_is_caught() {
+        let bytes = encode_header(&header());
+        assert_eq!(decode_header(&bytes).unwrap(), header());
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                assert!(decode_header(&b).is_err(), "flip at byte {i} bit {bit} accepted");
+            }
+        }
+        for n in 0..bytes.len() {
+            assert!(decode_header(&bytes[..n]).is_err(), "truncated to {n} accepted");
+        }
+    }
+
+    #[test]
+    fn page_sums_are_never_zero_and_depend_on_the_seed() {
+        let p = vec![0u8; 4096];
+        assert_ne!(page_sum(1, &p), 0);
+        assert_ne!(page_sum(1, &p), page_sum(2, &p));
+        assert_eq!(seed_of("0123456789abcdefXX"), 0x0123_4567_89ab_cdef);
+    }
+}
