@@ -54,6 +54,39 @@ pub enum Command {
     /// Live view of the pages a process writes per interval: dirty rate,
     /// hottest mappings, and whether pre-copy migration would converge.
     Watch(WatchArgs),
+    /// Copy a live process's memory into an image directory: a full
+    /// pass, pre-copy rounds of what it writes meanwhile, and a final pass
+    /// with its threads briefly stopped (no signal its parent sees).
+    Dump(DumpArgs),
+    /// Decode an image (and its parent chain).
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Compare an image with the memory of a stopped or idle process and
+    /// name the first ranges that differ (exit 1 if any).
+    Verify {
+        /// The image directory.
+        dir: std::path::PathBuf,
+        /// The process (the PID the image recorded).
+        pid: u32,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an image's memory as sparse files, one per mapping
+    /// (`pid-PID-START-END.mem`) and per shared object
+    /// (`object-DEV-INODE.mem`), holes kept as holes.
+    Restore {
+        /// The image directory.
+        dir: std::path::PathBuf,
+        /// A new directory for the files.
+        #[arg(long)]
+        to: std::path::PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Which kernel interfaces and privileges are available here.
     Kernel {
         /// Machine-readable output.
@@ -117,6 +150,59 @@ pub struct WatchArgs {
     /// Report every shared object as written on every interval.
     #[arg(long)]
     pub strict_shared: bool,
+}
+
+/// `pagescope image ...`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Header, chain, processes, mappings, objects and page kinds.
+    Show {
+        /// The image directory.
+        dir: std::path::PathBuf,
+        /// The whole metadata as JSON (docs/image-format.md).
+        #[arg(long)]
+        json: bool,
+        /// Also read every stored page and check its checksum.
+        #[arg(long)]
+        check_data: bool,
+    },
+}
+
+/// Options of `pagescope dump`.
+#[derive(Debug, clap::Args)]
+pub struct DumpArgs {
+    /// Target process.
+    pub pid: u32,
+    /// The image directory (new or empty).
+    #[arg(short = 'o', long = "out")]
+    pub out: std::path::PathBuf,
+    /// The previous image: store only what changed since it.
+    #[arg(long)]
+    pub parent: Option<std::path::PathBuf>,
+    /// Leave write tracking in the process for the next `--parent` dump.
+    #[arg(long)]
+    pub keep_tracking: bool,
+    /// Also the process's descendants (COW-shared pages stored once).
+    #[arg(long)]
+    pub tree: bool,
+    /// Pre-copy rounds at most (0: a single stopped pass after the full one).
+    #[arg(long, default_value_t = 8)]
+    pub max_iterations: u32,
+    /// Pre-copy time at most (e.g. 60s, 500ms).
+    #[arg(long, default_value = "60s", value_parser = parse_interval)]
+    pub max_time: std::time::Duration,
+    /// Stop pre-copy once what is left should copy within this.
+    #[arg(long, value_parser = parse_interval)]
+    pub max_downtime: Option<std::time::Duration>,
+    /// Copy mapped regular files too (default: recorded by identity).
+    #[arg(long)]
+    pub copy_files: bool,
+    /// Leave the process stopped (SIGSTOP) after the dump.
+    #[arg(long)]
+    pub leave_stopped: bool,
+    /// The report as JSON on stdout (statistics still on stderr).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]

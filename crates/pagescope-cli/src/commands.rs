@@ -34,6 +34,10 @@ pub fn run(cli: Cli) -> Result<u8> {
             json,
         } => objects(pids, all, files, ranges, json),
         Command::Watch(args) => crate::watch::run(&args),
+        Command::Dump(args) => crate::image_cmds::dump(&args),
+        Command::Image { command } => crate::image_cmds::image(command),
+        Command::Verify { dir, pid, json } => crate::image_cmds::verify(&dir, pid, json),
+        Command::Restore { dir, to, json } => crate::image_cmds::restore(&dir, &to, json),
         Command::Kernel { json } => kernel(json),
         Command::Demo { json, backend } => demo(json, backend.into()),
     }

@@ -7,6 +7,7 @@
 mod cli;
 mod commands;
 mod exit;
+mod image_cmds;
 mod watch;
 mod watch_view;
 

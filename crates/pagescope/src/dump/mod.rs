@@ -15,6 +15,9 @@ mod copy;
 mod model;
 mod passes;
 pub mod stop;
+mod verify;
+
+pub use verify::{Mismatch, VerifyReport, verify};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -16,7 +16,8 @@ use crate::sys::ptrace::{self, Stop};
 /// The threads of one process, stopped.
 #[derive(Debug)]
 pub struct Stopped {
-    tgid: i32,
+    /// The process (to send the `SIGSTOP` of `leave_stopped`).
+    pidfd: std::os::fd::OwnedFd,
     /// Thread → signal that arrived while it was stopped (0: none).
     threads: BTreeMap<i32, i32>,
     since: Instant,
@@ -28,9 +29,8 @@ impl Stopped {
     /// Seizes and interrupts every thread of `target`, repeating until no
     /// new thread appears.
     pub fn stop(target: &Target) -> std::io::Result<Self> {
-        let tgid = i32::try_from(target.pid()).map_err(|_| std::io::Error::other("pid"))?;
         let mut s = Self {
-            tgid,
+            pidfd: target.pidfd().try_clone_to_owned()?,
             threads: BTreeMap::new(),
             since: Instant::now(),
             leave_stopped: false,
@@ -70,7 +70,7 @@ impl Stopped {
         }
     }
 
-    /// Leave the process stopped (a `SIGSTOP` at resume) instead of
+    /// Leave the process stopped (a `SIGSTOP` sent at resume) instead of
     /// letting it run.
     pub fn leave_stopped(&mut self) {
         self.leave_stopped = true;
@@ -88,13 +88,15 @@ impl Stopped {
     }
 
     fn detach_all(&mut self) {
-        let stop_sig = if self.leave_stopped { libc::SIGSTOP } else { 0 };
+        if self.leave_stopped && !self.threads.is_empty() {
+            // Queued now, acted on as the threads are let go: a plain
+            // group stop, as if the process had been sent SIGSTOP.
+            let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::STOP);
+        }
         let threads = std::mem::take(&mut self.threads);
-        for (i, (tid, sig)) in threads.into_iter().enumerate() {
-            let sig = if sig != 0 { sig } else if i == 0 { stop_sig } else { 0 };
+        for (tid, sig) in threads {
             let _ = ptrace::detach(tid, sig);
         }
-        let _ = self.tgid;
     }
 }
 

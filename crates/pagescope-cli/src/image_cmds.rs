@@ -1,0 +1,290 @@
+//! `dump`, `image show`, `verify`, `restore`: options in, library call,
+//! rendering out.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use pagescope::dump::{DumpEvent, DumpOptions, Iteration};
+use pagescope::image::format::Run;
+use pagescope::image::{Image, PageKind};
+use pagescope::{KernelCaps, Target};
+
+use crate::cli::{DumpArgs, ImageCommand};
+use crate::exit::{OK, OTHER};
+
+pub fn dump(args: &DumpArgs) -> Result<u8> {
+    let caps = KernelCaps::probe();
+    let target = Target::open(args.pid)?;
+    let opts = DumpOptions {
+        parent: args.parent.clone(),
+        keep_tracking: args.keep_tracking,
+        tree: args.tree,
+        max_iterations: args.max_iterations,
+        max_time: args.max_time,
+        max_downtime: args.max_downtime,
+        copy_files: args.copy_files,
+        leave_stopped: args.leave_stopped,
+        ..DumpOptions::new(&args.out)
+    };
+    let mut bar = Bar::new(std::io::stderr().is_terminal());
+    let report = pagescope::dump::dump(&target, &caps, &opts, &mut |e| match e {
+        DumpEvent::Progress { pass, done, total } => bar.show(pass, done, total),
+        DumpEvent::Iteration(it) => {
+            bar.clear();
+            let _ = writeln!(std::io::stderr(), "{}", iteration_line(it));
+        }
+    })
+    .with_context(|| format!("dump of process {} into {}", args.pid, args.out.display()))?;
+    let mut err = std::io::stderr().lock();
+    for n in &report.notes {
+        writeln!(err, "note: {n}")?;
+    }
+    writeln!(
+        err,
+        "image {} (generation {}, id {}): {} pages stored of {} covered; stopped {:.1} ms",
+        report.dir.display(),
+        report.generation,
+        &report.image_id[..16.min(report.image_id.len())],
+        report.stored_pages,
+        report.covered_pages,
+        report.stopped_s * 1e3
+    )?;
+    if let Some(k) = &report.kept_tracking {
+        writeln!(err, "tracking kept in process {} as fd {} for the next --parent dump", k.pid, k.fd)?;
+    }
+    if args.json {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    }
+    Ok(OK)
+}
+
+fn iteration_line(it: &Iteration) -> String {
+    let what = match (it.n, it.stopped) {
+        (_, true) => "final (stopped)".to_owned(),
+        (0, _) => "full pass".to_owned(),
+        (n, _) => format!("pre-copy {n}"),
+    };
+    let mut s = format!(
+        "{what}: {} pages read, {} stored, {:.1} MiB in {:.3} s",
+        it.pages,
+        it.stored,
+        it.bytes as f64 / f64::from(1 << 20),
+        it.seconds
+    );
+    if it.n > 0 {
+        s += &format!(
+            "; {} pages written since the last pass ({:.1} MiB/s), predicted downtime {:.1} ms",
+            it.written_pages,
+            it.dirty_rate_mib_s,
+            it.predicted_downtime_s * 1e3
+        );
+    }
+    s
+}
+
+/// A one-line progress bar on a terminal, redrawn at most ten times a
+/// second.
+struct Bar {
+    on: bool,
+    last: Option<Instant>,
+    drawn: bool,
+}
+
+impl Bar {
+    fn new(on: bool) -> Self {
+        Self {
+            on,
+            last: None,
+            drawn: false,
+        }
+    }
+
+    fn show(&mut self, pass: u32, done: u64, total: u64) {
+        if !self.on || self.last.is_some_and(|t| t.elapsed().as_millis() < 100) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let frac = if total == 0 { 1.0 } else { (done as f64 / total as f64).min(1.0) };
+        let filled = (frac * 30.0) as usize;
+        let _ = write!(
+            std::io::stderr(),
+            "\r[{}{}] {:>3.0}% pass {pass}: {done}/{total} pages",
+            "#".repeat(filled),
+            " ".repeat(30 - filled),
+            frac * 100.0
+        );
+        self.drawn = true;
+    }
+
+    fn clear(&mut self) {
+        if self.drawn {
+            let _ = write!(std::io::stderr(), "\r\x1b[2K");
+            self.drawn = false;
+        }
+        self.last = None;
+    }
+}
+
+pub fn image(cmd: ImageCommand) -> Result<u8> {
+    let ImageCommand::Show { dir, json, check_data } = cmd;
+    let image = Image::open(&dir)?;
+    let checked = if check_data { Some(image.verify_data()?) } else { None };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if json {
+        let doc = serde_json::json!({
+            "dir": dir,
+            "header": image.header(),
+            "chain": chain(&image),
+            "meta": image.meta(),
+            "pages_checked": checked,
+        });
+        serde_json::to_writer_pretty(&mut out, &doc)?;
+        writeln!(out)?;
+        return Ok(OK);
+    }
+    show_text(&mut out, &image, checked)?;
+    Ok(OK)
+}
+
+fn chain(image: &Image) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut at = Some(image);
+    while let Some(i) = at {
+        out.push(serde_json::json!({
+            "dir": i.dir(),
+            "image_id": i.header().image_id,
+            "generation": i.header().generation,
+        }));
+        at = i.parent();
+    }
+    out
+}
+
+fn show_text(out: &mut impl Write, image: &Image, checked: Option<u64>) -> Result<()> {
+    let h = image.header();
+    writeln!(out, "image {}", image.dir().display())?;
+    writeln!(
+        out,
+        "  id {} generation {} page size {} format {}",
+        h.image_id, h.generation, h.page_size, h.format_version
+    )?;
+    let mut parent = image.parent();
+    while let Some(p) = parent {
+        writeln!(out, "  parent {} generation {} at {}", p.header().image_id, p.header().generation, p.dir().display())?;
+        parent = p.parent();
+    }
+    let m = image.meta();
+    for p in &m.processes {
+        writeln!(out, "process {} ({}) ppid {}: {} mappings", p.pid, p.comm, p.ppid, p.vmas.len())?;
+        for v in &p.vmas {
+            writeln!(
+                out,
+                "  {:x}-{:x} {} {:<7} {}  {}",
+                v.start,
+                v.end,
+                v.perms,
+                v.backing,
+                kinds_summary(&v.runs),
+                v.path
+            )?;
+        }
+    }
+    for (i, o) in m.objects.iter().enumerate() {
+        writeln!(
+            out,
+            "object {i}: {} inode {} {} {} pages  {}  {}",
+            o.dev,
+            o.inode,
+            o.kind,
+            o.pages,
+            kinds_summary(&o.runs),
+            o.path
+        )?;
+    }
+    let stored: u64 = m
+        .processes
+        .iter()
+        .flat_map(|p| &p.vmas)
+        .flat_map(|v| &v.runs)
+        .chain(m.objects.iter().flat_map(|o| &o.runs))
+        .filter(|r| r.kind == PageKind::Data)
+        .map(|r| r.count)
+        .sum();
+    writeln!(out, "{} stores, {stored} pages stored in this generation", m.stores.len())?;
+    if let Some(k) = &m.kept_tracking {
+        writeln!(out, "tracking kept in process {} as fd {}", k.pid, k.fd)?;
+    }
+    if let Some(n) = checked {
+        writeln!(out, "{n} stored pages checked (this image and its parents): all checksums match")?;
+    }
+    Ok(())
+}
+
+/// `data 3 zero 12 hole 100` for a list of runs.
+fn kinds_summary(runs: &[Run]) -> String {
+    let mut by: BTreeMap<String, u64> = BTreeMap::new();
+    for r in runs {
+        let name = serde_json::to_value(r.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        *by.entry(name).or_default() += r.count;
+    }
+    by.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(" ")
+}
+
+pub fn verify(dir: &Path, pid: u32, json: bool) -> Result<u8> {
+    let caps = KernelCaps::probe();
+    let image = Image::open(dir)?;
+    let target = Target::open(pid)?;
+    let report = pagescope::dump::verify(&target, &caps, &image)
+        .with_context(|| format!("verify of {} against process {pid}", dir.display()))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        for m in &report.missing {
+            writeln!(out, "missing mapping: {m}")?;
+        }
+        for m in &report.mismatches {
+            writeln!(out, "differs: {} ({} pages)", m.what, m.pages)?;
+        }
+        writeln!(
+            out,
+            "{}: {} pages compared, {} differ, {} mappings missing, {} not in the image (swapped, not copied)",
+            if report.matches() { "match" } else { "MISMATCH" },
+            report.compared,
+            report.mismatched_pages,
+            report.missing.len(),
+            report.not_copied
+        )?;
+    }
+    Ok(if report.matches() { OK } else { OTHER })
+}
+
+pub fn restore(dir: &Path, to: &Path, json: bool) -> Result<u8> {
+    let image = Image::open(dir)?;
+    let sum = image.restore_to_dir(to)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &sum)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "{} files in {}: {} data pages, {} holes, {} not in the image",
+            sum.files.len(),
+            to.display(),
+            sum.pages,
+            sum.holes,
+            sum.not_copied
+        )?;
+    }
+    Ok(OK)
+}
