@@ -10,6 +10,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use super::DumpError;
+use super::remote::RemoteMem;
+use crate::pagemap::{PagemapEntry, PagemapFlags};
 use super::model::{ObjectModel, VmaModel};
 use crate::addr::PageSize;
 use crate::image::format::{DedupRef, PageKind};
@@ -110,7 +112,8 @@ pub fn own(
     pages: &[u64],
     sink: &mut Sink<'_>,
     parent: &Parent<'_>,
-    frames: Option<(&mut Frames, &[u64])>,
+    mut frames: Option<&mut Frames>,
+    mem: &RemoteMem,
 ) -> Result<Copied, DumpError> {
     if pages.is_empty() {
         return Ok(Copied::default());
@@ -126,24 +129,21 @@ pub fn own(
             s
         }
     };
-    let tid = i32::try_from(pid).map_err(|_| DumpError::Exited { pid })?;
     let mut buf = vec![0u8; BATCH_BYTES];
     let mut scratch = vec![0u8; p];
     let mut out = Copied::default();
-    let mut frames = frames;
     let vma_start = m.vma.range.start().get();
     for batch in pages.chunks(BATCH_BYTES / p) {
-        let remote = ranges(batch, |i| m.addr(i, page).get(), p);
-        let got = crate::sys::process_vm::read(tid, &remote, &mut buf)
-            .map_err(|e| DumpError::Read { pid, source: e.into() })?;
-        let read_pages = got / p;
+        let addrs: Vec<u64> = batch.iter().map(|&i| m.addr(i, page).get()).collect();
+        let read = mem.read(&addrs, &mut buf[..batch.len() * p])?;
         for (k, &i) in batch.iter().enumerate() {
             let ix = usize::try_from(i).unwrap_or(usize::MAX);
             let here = DedupRef { pid, vma_start, page: i };
-            if let Some((f, _)) = frames.as_mut() {
+            if let Some(f) = frames.as_mut() {
                 f.rewritten(here);
             }
-            if k >= read_pages {
+            let shared_frame = shared_frame(read[k].entry);
+            if !read[k].ok {
                 // Unmapped meanwhile: the layout check settles it.
                 m.kinds[ix] = PageKind::Hole;
                 store.forget(i, 1);
@@ -157,7 +157,7 @@ pub fn own(
                 PageKind::InParent
             } else if let Some(d) = frames
                 .as_mut()
-                .and_then(|(f, pfns)| dedup(f, pfns.get(ix).copied(), here, bytes, &mut scratch))
+                .and_then(|f| dedup(f, shared_frame, here, bytes, &mut scratch))
             {
                 m.dedup.retain(|(q, _)| *q != i);
                 m.dedup.push((i, d));
@@ -165,8 +165,8 @@ pub fn own(
             } else {
                 store.write(i, bytes)?;
                 out.stored += 1;
-                if let Some((f, pfns)) = frames.as_mut() {
-                    if let Some(&pfn) = pfns.get(ix).filter(|&&f| f != 0) {
+                if let Some(f) = frames.as_mut() {
+                    if let Some(pfn) = shared_frame {
                         f.by_frame.entry(pfn).or_insert_with(|| Source {
                             at: here,
                             store: store.clone(),
@@ -185,6 +185,13 @@ pub fn own(
     Ok(out)
 }
 
+/// The page frame of a present page mapped by more than one process (a
+/// COW-shared page of a forked tree); PFNs need CAP_SYS_ADMIN.
+fn shared_frame(e: PagemapEntry) -> Option<u64> {
+    let shared = e.is_present() && !e.flags().contains(PagemapFlags::EXCLUSIVE);
+    e.pfn().filter(|&f| shared && f != 0)
+}
+
 /// A COW-shared page (frame `pfn`, not exclusive) already stored for
 /// another page with the same bytes: where it is (recorded as dependent).
 fn dedup(
@@ -194,7 +201,7 @@ fn dedup(
     bytes: &[u8],
     scratch: &mut [u8],
 ) -> Option<DedupRef> {
-    let pfn = pfn.filter(|&f| f != 0)?;
+    let pfn = pfn?;
     let src = frames.by_frame.get(&pfn)?;
     if src.at == here || !src.store.holds(src.at.page) {
         return None;
@@ -274,17 +281,4 @@ fn pread_page(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> std::io::Result<u
         }
     }
     Ok(done)
-}
-
-/// Consecutive page indices merged into (address, length) ranges.
-fn ranges(pages: &[u64], addr: impl Fn(u64) -> u64, p: usize) -> Vec<(u64, usize)> {
-    let mut out: Vec<(u64, usize)> = Vec::new();
-    for &i in pages {
-        let a = addr(i);
-        match out.last_mut() {
-            Some((start, len)) if *start + *len as u64 == a => *len += p,
-            _ => out.push((a, p)),
-        }
-    }
-    out
 }

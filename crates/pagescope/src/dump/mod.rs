@@ -14,6 +14,7 @@
 mod copy;
 mod model;
 mod passes;
+mod remote;
 pub mod stop;
 mod verify;
 
@@ -237,6 +238,7 @@ pub fn dump(
     d.attach_all(target)?;
     let mut iterations = vec![d.full_pass()?];
     d.precopy(&mut iterations)?;
+    d.release_adopted()?;
     let (last, stopped_s) = d.final_pass(iterations.len() as u32)?;
     iterations.push(last);
     d.finish(iterations, stopped_s)

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::copy::{self, Copied, Frames, Parent, Sink};
 use super::model::{ObjectModel, VmaModel, pages_in};
+use super::remote::RemoteMem;
 use super::stop::Stopped;
 use super::{DumpError, DumpEvent, DumpOptions, DumpReport, Iteration};
 use crate::addr::{PageSize, PageSpan, VirtAddr, VirtRange};
@@ -16,6 +17,7 @@ use crate::dirty::{
     Adopt, DirtyReport, DirtyTracker, TrackOptions, TrackerBackend, WriteSource, attach, attach_owned,
 };
 use crate::image::format::{DedupRef, FileIdentity, KeptTracking, Meta, PageKind, ProcessRec};
+use crate::error::ErrorKind;
 use crate::image::{Image, ImageWriter};
 use crate::kernel::KernelCaps;
 use crate::proc::Target;
@@ -28,6 +30,7 @@ struct Proc<'t> {
     pid: u32,
     target: ProcTarget<'t>,
     tracker: Box<dyn DirtyTracker + 't>,
+    mem: RemoteMem,
     vmas: Vec<VmaModel>,
     adopted: Option<i32>,
 }
@@ -130,23 +133,41 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 adopt: adopt.clone(),
                 ..TrackOptions::default()
             };
-            let tracker = match &t {
-                ProcTarget::Borrowed(b) => attach(b, self.caps, &opts)?,
-                ProcTarget::Owned(o) => attach_owned(Target::open(o.pid())?, self.caps, &opts)?,
+            let tracker = match self.tracker(&t, &opts) {
+                Ok(tr) => tr,
+                Err(e) if matches!(e.kind(), ErrorKind::Busy | ErrorKind::Unsupported | ErrorKind::PermissionDenied) => {
+                    // One stopped pass still makes a consistent image.
+                    self.notes.push(format!("process {pid}: no write tracking ({e}): no pre-copy"));
+                    let all = TrackOptions {
+                        backend: Some(TrackerBackend::AllDirty),
+                        ..TrackOptions::default()
+                    };
+                    self.tracker(&t, &all)?
+                }
+                Err(e) => return Err(e.into()),
             };
             if let Some(why) = tracker.degraded() {
                 self.notes.push(format!("process {pid}: {why}"));
             }
+            let mem = RemoteMem::open(t.get(), self.page)?;
             self.procs.push(Proc {
                 pid,
                 target: t,
                 tracker,
+                mem,
                 vmas: Vec::new(),
                 adopted: adopt.map(|a| a.fd),
             });
         }
         self.last_collect = Instant::now();
         Ok(())
+    }
+
+    fn tracker(&self, t: &ProcTarget<'t>, opts: &TrackOptions) -> Result<Box<dyn DirtyTracker + 't>, crate::dirty::TrackError> {
+        match t {
+            ProcTarget::Borrowed(b) => attach(b, self.caps, opts),
+            ProcTarget::Owned(o) => attach_owned(Target::open(o.pid()).map_err(crate::dirty::TrackError::from)?, self.caps, opts),
+        }
     }
 
     /// The userfaultfd the parent image says the target keeps, if the
@@ -232,6 +253,22 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 break;
             }
             previous = written;
+        }
+        Ok(())
+    }
+
+    /// Without `keep_tracking`, closes the userfaultfd an earlier dump
+    /// left in the target (pagescope's copy keeps tracking to the end).
+    /// Done before the final pass: running code in the target may touch
+    /// its memory (a restarted system call), which that pass then copies.
+    pub(super) fn release_adopted(&mut self) -> Result<(), DumpError> {
+        if self.opts.keep_tracking {
+            return Ok(());
+        }
+        if let Some(first) = self.procs.first_mut() {
+            if let Some(fd) = first.adopted.take() {
+                crate::dirty::inject::close_in_target(first.target.get(), fd)?;
+            }
         }
         Ok(())
     }
@@ -541,10 +578,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         }
         let page = self.page;
         let pid = self.procs[i].pid;
-        let pfns = match (&self.frames, self.procs[i].vmas[k].vma.backing) {
-            (Some(_), Backing::Anon) => Some(frames_of(self.procs[i].target.get(), &self.procs[i].vmas[k], page)),
-            _ => None,
-        };
+        let dedup = self.procs[i].vmas[k].vma.backing == Backing::Anon;
         let Self {
             procs,
             writer,
@@ -553,7 +587,8 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             progress,
             ..
         } = self;
-        let m = &mut procs[i].vmas[k];
+        let Proc { vmas, mem, .. } = &mut procs[i];
+        let m = &mut vmas[k];
         for &p in pages {
             if let Some(kind) = m.kinds.get_mut(usize::try_from(p).unwrap_or(usize::MAX)) {
                 *kind = PageKind::Data;
@@ -568,8 +603,8 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             progress(DumpEvent::Progress { pass, done: *done, total });
         };
         let mut sink = Sink { writer, page, tick: &mut tick };
-        let frames = frames.as_mut().zip(pfns.as_deref());
-        copy::own(pid, m, pages, &mut sink, &parent, frames)
+        let frames = frames.as_mut().filter(|_| dedup);
+        copy::own(pid, m, pages, &mut sink, &parent, frames, mem)
     }
 
     /// Copies object pages `pages` of object `id`.
@@ -700,17 +735,13 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
     }
 
     /// The userfaultfd the target keeps for the next dump
-    /// (`keep_tracking`); without it, one adopted from the parent is
-    /// closed in the target.
+    /// (`keep_tracking`).
     fn kept_tracking(&mut self) -> Result<Option<KeptTracking>, DumpError> {
         let Some(first) = self.procs.first() else {
             return Ok(None);
         };
         let target = first.target.get();
         if !self.opts.keep_tracking {
-            if let Some(fd) = first.adopted {
-                crate::dirty::inject::close_in_target(target, fd)?;
-            }
             return Ok(None);
         }
         match first.tracker.kept_in_target() {
@@ -753,28 +784,6 @@ fn descendants(t: &Target, out: &mut Vec<u32>) {
             descendants(&ct, out);
         }
     }
-}
-
-/// For a forked tree: per page of `m`, the page frame of a present page
-/// that is not exclusively mapped (a COW-shared page), else 0.
-fn frames_of(t: &Target, m: &VmaModel, page: PageSize) -> Vec<u64> {
-    use crate::pagemap::{PagemapEntry, PagemapFlags};
-    let n = m.kinds.len();
-    let mut out = vec![0u64; n];
-    let Ok(pm) = t.pagemap() else {
-        return out;
-    };
-    let first = m.vma.range.start().get() / page.get();
-    if let Ok(got) = crate::sys::pagemap::pread_u64s(pm.as_fd(), &mut out, first) {
-        out.truncate(got);
-        out.resize(n, 0);
-    }
-    for e in &mut out {
-        let entry = PagemapEntry(*e);
-        let shared = entry.is_present() && !entry.flags().contains(PagemapFlags::EXCLUSIVE);
-        *e = if shared { entry.pfn().unwrap_or(0) } else { 0 };
-    }
-    out
 }
 
 /// A regular file's identity (size, mtime), for pages read from it at

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::DumpError;
 use super::model::VmaModel;
-use crate::addr::PageSize;
+use super::remote::RemoteMem;
 use crate::image::Image;
 use crate::image::format::{ObjectRec, VmaRec};
 use crate::image::read::PageFill;
@@ -19,6 +19,9 @@ use crate::kernel::KernelCaps;
 use crate::proc::Target;
 use crate::scan::ScanOptions;
 use crate::vma::Backing;
+
+/// Pages read at once.
+const BATCH: usize = 1024;
 
 /// At most this many mismatching ranges are listed.
 const MAX_LISTED: usize = 16;
@@ -93,6 +96,7 @@ pub fn verify(target: &Target, caps: &KernelCaps, image: &Image) -> Result<Verif
         },
     )?;
     let models: Vec<VmaModel> = live.vmas.iter().map(|v| VmaModel::from_report(v, page)).collect();
+    let mem = RemoteMem::open(target, page)?;
     let mut out = VerifyReport::default();
     let mut objects_done = Vec::new();
     for v in &rec.vmas {
@@ -110,7 +114,7 @@ pub fn verify(target: &Target, caps: &KernelCaps, image: &Image) -> Result<Verif
             }
             continue;
         }
-        verify_own(pid, image, v, m, page, &mut out)?;
+        verify_own(pid, image, v, m, &mem, &mut out)?;
     }
     Ok(out)
 }
@@ -122,47 +126,56 @@ fn same(m: &VmaModel, v: &VmaRec) -> bool {
         && m.vma.offset == v.offset
 }
 
-/// The own pages of one mapping: pages the process holds are read and
-/// compared; the others must be zero in the image.
+/// The own pages of one mapping: pages the process holds are read (see
+/// [`RemoteMem`]: shared pages are not unshared) and compared; the others
+/// must be zero in the image.
 fn verify_own(
     pid: u32,
     image: &Image,
     v: &VmaRec,
     m: &VmaModel,
-    page: PageSize,
+    mem: &RemoteMem,
     out: &mut VerifyReport,
 ) -> Result<(), DumpError> {
+    use crate::image::PageKind;
+    let page = mem.page_size();
     let p = usize::try_from(page.get()).unwrap_or(4096);
-    let tid = i32::try_from(pid).map_err(|_| DumpError::Exited { pid })?;
     let mut want = vec![0u8; p];
-    let mut live = vec![0u8; p];
+    let mut live = vec![0u8; BATCH * p];
     let mut bad = Vec::new();
-    for (i, kind) in m.kinds.iter().enumerate() {
-        let i = i as u64;
-        let fill = image.vma_page(pid, v.start, i, &mut want)?;
-        match fill {
-            PageFill::NotCopied => {
-                out.not_copied += 1;
-                continue;
+    let held: Vec<u64> = (0..m.kinds.len() as u64)
+        .filter(|&i| matches!(m.kinds[i as usize], PageKind::Data | PageKind::Object))
+        .collect();
+    let mut compare = |i: u64, live: &[u8], out: &mut VerifyReport| -> Result<(), DumpError> {
+        match image.vma_page(pid, v.start, i, &mut want)? {
+            PageFill::NotCopied => out.not_copied += 1,
+            fill => {
+                if fill != PageFill::Data {
+                    want.fill(0);
+                }
+                out.compared += 1;
+                if live != want.as_slice() {
+                    bad.push(i);
+                }
             }
-            PageFill::Data => {}
-            PageFill::Zero | PageFill::Hole => want.fill(0),
         }
-        if *kind == crate::image::PageKind::Data || *kind == crate::image::PageKind::Object {
-            let addr = m.addr(i, page).get();
-            let got = crate::sys::process_vm::read(tid, &[(addr, p)], &mut live)
-                .map_err(|e| DumpError::Read { pid, source: e.into() })?;
-            if got < p {
+        Ok(())
+    };
+    for batch in held.chunks(BATCH) {
+        let addrs: Vec<u64> = batch.iter().map(|&i| m.addr(i, page).get()).collect();
+        let read = mem.read(&addrs, &mut live[..batch.len() * p])?;
+        for (k, &i) in batch.iter().enumerate() {
+            if !read[k].ok {
                 return Err(DumpError::Exited { pid });
             }
-        } else {
-            live.fill(0);
-        }
-        out.compared += 1;
-        if live != want {
-            bad.push(i);
+            compare(i, &live[k * p..(k + 1) * p], out)?;
         }
     }
+    let zeros = vec![0u8; p];
+    for i in (0..m.kinds.len() as u64).filter(|i| held.binary_search(i).is_err()) {
+        compare(i, &zeros, out)?;
+    }
+    bad.sort_unstable();
     out.record(|| format!("pid {pid} {:#x}-{:#x}", v.start, v.end), &bad);
     Ok(())
 }

@@ -7,7 +7,8 @@
 //! DIR/HEADER      "PGSCIMG\n" | u32 LE version | u32 LE body length |
 //!                 body (JSON Header) | u64 LE xxh3(body)
 //! DIR/meta.json   JSON Meta (length and xxh3 in the header)
-//! DIR/data/N.pages  page i of store N at byte i * page_size (sparse)
+//! DIR/data/N.pages  page i of store N at byte i * page_size (sparse),
+//!                   then one trailer page naming the image and store
 //! DIR/data/N.sums   u64 LE per page: the page's checksum if this
 //!                   generation stores it, else 0 (length and xxh3 in meta)
 //! ```
@@ -231,6 +232,15 @@ pub fn page_sum(seed: u64, page: &[u8]) -> u64 {
 /// The checksum of a whole file's bytes (headers, metadata, sums).
 pub fn file_sum(bytes: &[u8]) -> u64 {
     xxh3_64(bytes)
+}
+
+/// The last page of every `.pages` file (after its `pages` pages): which
+/// image and store it belongs to, so a data file copied from another
+/// image is rejected even where its pages happen to be equal.
+pub fn data_trailer(image_id: &str, store: &str, page_size: usize) -> Vec<u8> {
+    let mut t = format!("PGSCDATA {image_id} {store}\n").into_bytes();
+    t.resize(page_size, 0);
+    t
 }
 
 /// The page-checksum seed of image `id` (its first 16 hex digits): sums

@@ -299,9 +299,19 @@ fn open_stores(dir: &Path, header: &Header, meta: &Meta) -> Result<HashMap<Strin
         let path = dir.join(DATA_DIR).join(format!("{}.pages", s.name));
         let file = File::open(&path).map_err(ImageError::io("open", &path))?;
         let size = file.metadata().map_err(ImageError::io("stat", &path))?.len();
-        let limit = s.pages * header.page_size;
+        let limit = (s.pages + 1) * header.page_size;
         if size > limit {
             return Err(ImageError::TooLarge { path, size, limit });
+        }
+        if size < limit {
+            return Err(corrupt(&path, size, "shorter than the store (truncated)"));
+        }
+        let p = usize::try_from(header.page_size).unwrap_or(4096);
+        let mut trailer = vec![0u8; p];
+        file.read_exact_at(&mut trailer, s.pages * header.page_size)
+            .map_err(ImageError::io("read", &path))?;
+        if trailer != format::data_trailer(&header.image_id, &s.name, p) {
+            return Err(corrupt(&path, s.pages * header.page_size, "data file of another image or store"));
         }
         let sums_path = path.with_extension("sums");
         let bytes = read_bounded(&sums_path, s.pages * 8)?;

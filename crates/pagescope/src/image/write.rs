@@ -35,6 +35,7 @@ pub struct Store {
     sums: RwLock<Vec<AtomicU64>>,
     page: PageSize,
     seed: u64,
+    image_id: String,
 }
 
 impl Store {
@@ -114,11 +115,20 @@ impl Store {
             return Ok(());
         }
         self.file
-            .set_len(self.page.bytes(pages))
+            .set_len(self.page.bytes(pages + 1))
             .map_err(ImageError::io("size", &self.path))?;
         let more = usize::try_from(pages).unwrap_or(0) - sums.len();
         sums.extend((0..more).map(|_| AtomicU64::new(0)));
-        Ok(())
+        self.write_trailer(pages)
+    }
+
+    /// The identity page after the last page.
+    fn write_trailer(&self, pages: u64) -> Result<(), ImageError> {
+        let p = usize::try_from(self.page.get()).unwrap_or(4096);
+        let t = format::data_trailer(&self.image_id, &self.name, p);
+        self.file
+            .write_all_at(&t, self.page.bytes(pages))
+            .map_err(ImageError::io("write", &self.path))
     }
 
     fn sums(&self) -> std::sync::RwLockReadGuard<'_, Vec<AtomicU64>> {
@@ -206,8 +216,13 @@ impl ImageWriter {
             return Ok(Arc::clone(s));
         }
         let path = self.dir.join(DATA_DIR).join(format!("{name}.pages"));
-        let file = File::create(&path).map_err(ImageError::io("create", &path))?;
-        file.set_len(self.page.bytes(pages))
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(ImageError::io("create", &path))?;
+        file.set_len(self.page.bytes(pages + 1))
             .map_err(ImageError::io("size", &path))?;
         let s = Arc::new(Store {
             name: name.to_owned(),
@@ -216,7 +231,9 @@ impl ImageWriter {
             sums: RwLock::new((0..pages).map(|_| AtomicU64::new(0)).collect()),
             page: self.page,
             seed: format::seed_of(&self.image_id),
+            image_id: self.image_id.clone(),
         });
+        s.write_trailer(pages)?;
         stores.insert(name.to_owned(), Arc::clone(&s));
         Ok(s)
     }

@@ -1,0 +1,152 @@
+//! Reading another process's own pages without changing what it shares.
+//!
+//! `process_vm_readv(2)` pins the pages it reads (`FOLL_PIN`), and since
+//! Linux 5.19 pinning a COW-shared anonymous page, even for reading,
+//! *unshares* it first (`FAULT_FLAG_UNSHARE`): every page a forked tree
+//! still shares would be copied, growing the target's memory by what it
+//! shares and defeating `--tree`'s deduplication. So pages are read with
+//! `process_vm_readv` (one copy, large vectors) only where pagemap says
+//! they are present and exclusively mapped; every other page (shared,
+//! swapped, not present) is read through `/proc/PID/mem`
+//! (`access_remote_vm`, `FOLL_GET`, which leaves sharing alone).
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use super::DumpError;
+use crate::addr::PageSize;
+use crate::pagemap::{PagemapEntry, PagemapFlags};
+use crate::proc::Target;
+
+/// A process's memory, open for copying.
+#[derive(Debug)]
+pub struct RemoteMem {
+    pid: u32,
+    mem: OwnedFd,
+    pagemap: OwnedFd,
+    page: PageSize,
+}
+
+/// What [`RemoteMem::read`] found for one page.
+#[derive(Clone, Copy, Debug)]
+pub struct PageRead {
+    /// Whether the page was read (false: unmapped meanwhile).
+    pub ok: bool,
+    /// Its pagemap entry just before the read.
+    pub entry: PagemapEntry,
+}
+
+impl RemoteMem {
+    /// Opens `/proc/PID/mem` and `pagemap` of `target`.
+    pub fn open(target: &Target, page: PageSize) -> Result<Self, DumpError> {
+        Ok(Self {
+            pid: target.pid(),
+            mem: target.open_file("mem")?,
+            pagemap: target.pagemap()?,
+            page,
+        })
+    }
+
+    /// Base page size.
+    pub fn page_size(&self) -> PageSize {
+        self.page
+    }
+
+    /// Reads the pages at `addrs` (sorted, page aligned) into `buf` (one
+    /// page each, in order).
+    pub fn read(&self, addrs: &[u64], buf: &mut [u8]) -> Result<Vec<PageRead>, DumpError> {
+        let p = usize::try_from(self.page.get()).unwrap_or(4096);
+        let mut out = Vec::with_capacity(addrs.len());
+        let (mut pinned, mut pinned_at) = (Vec::new(), Vec::new());
+        let mut rest = Vec::new();
+        for (first, count) in runs(addrs, self.page.get()) {
+            let entries = self.entries(addrs[first], count)?;
+            for (k, e) in entries.into_iter().enumerate() {
+                let i = first + k;
+                out.push(PageRead { ok: true, entry: e });
+                let safe = e.is_present() && e.flags().contains(PagemapFlags::EXCLUSIVE);
+                if safe {
+                    push_merged(&mut pinned, &mut pinned_at, addrs[i], i * p, p);
+                } else {
+                    rest.push(i);
+                }
+            }
+        }
+        let tid = i32::try_from(self.pid).map_err(|_| DumpError::Exited { pid: self.pid })?;
+        let got = crate::sys::process_vm::read_scattered(tid, &pinned, &pinned_at, buf)
+            .map_err(|e| self.error(e.into()))?;
+        let want: usize = pinned.iter().map(|r| r.1).sum();
+        if got < want {
+            // Something was unmapped meanwhile: the pages not read go the
+            // slow way, one by one.
+            let mut seen = 0;
+            for (&(_, len), &at) in pinned.iter().zip(&pinned_at) {
+                if seen + len > got {
+                    let from = got.saturating_sub(seen) / p;
+                    rest.extend((from..len / p).map(|k| (at / p) + k));
+                }
+                seen += len;
+            }
+        }
+        for i in rest {
+            out[i].ok = self.read_mem(addrs[i], &mut buf[i * p..(i + 1) * p]);
+        }
+        Ok(out)
+    }
+
+    /// Pagemap entries of `count` pages from `addr`.
+    fn entries(&self, addr: u64, count: usize) -> Result<Vec<PagemapEntry>, DumpError> {
+        let mut raw = vec![0u64; count];
+        let got = crate::sys::pagemap::pread_u64s(self.pagemap.as_fd(), &mut raw, addr / self.page.get())
+            .map_err(|e| self.error(e.into()))?;
+        if got < count {
+            return Err(DumpError::Exited { pid: self.pid });
+        }
+        Ok(raw.into_iter().map(PagemapEntry).collect())
+    }
+
+    /// One page through `/proc/PID/mem`; `false` if it is not mapped.
+    fn read_mem(&self, addr: u64, page: &mut [u8]) -> bool {
+        let mut done = 0;
+        while done < page.len() {
+            match rustix::io::pread(self.mem.as_fd(), &mut page[done..], addr + done as u64) {
+                Ok(0) => return false,
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    fn error(&self, source: std::io::Error) -> DumpError {
+        if source.raw_os_error() == Some(libc::ESRCH) {
+            return DumpError::Exited { pid: self.pid };
+        }
+        DumpError::Read { pid: self.pid, source }
+    }
+}
+
+/// Consecutive addresses as (first index, count).
+fn runs(addrs: &[u64], page: u64) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, &a) in addrs.iter().enumerate() {
+        match out.last_mut() {
+            Some((f, n)) if addrs[*f] + (*n as u64) * page == a => *n += 1,
+            _ => out.push((i, 1)),
+        }
+    }
+    out
+}
+
+/// Appends a page to the scatter list, merging with the previous range
+/// when both the remote and local sides are contiguous.
+fn push_merged(remote: &mut Vec<(u64, usize)>, at: &mut Vec<usize>, addr: u64, off: usize, p: usize) {
+    if let (Some((a, len)), Some(&o)) = (remote.last_mut(), at.last()) {
+        if *a + *len as u64 == addr && o + *len == off {
+            *len += p;
+            return;
+        }
+    }
+    remote.push((addr, p));
+    at.push(off);
+}
