@@ -8,6 +8,7 @@
 
 mod baseline;
 mod dirty;
+mod dump;
 mod objects;
 mod scan;
 mod sharers;
@@ -23,9 +24,10 @@ fn main() -> ExitCode {
         Some("objects") => report(objects::run(&args[1..])),
         Some("dirty") => report(dirty::run(&args[1..])),
         Some("sharers") => report(sharers::run(&args[1..])),
+        Some("dump") => report(dump::run(&args[1..])),
         _ => {
             eprintln!(
-                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]\n       pagescope-bench sharers [--gib N] [--reps N]"
+                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]\n       pagescope-bench sharers [--gib N] [--reps N]\n       pagescope-bench dump [--gib N]"
             );
             ExitCode::from(2)
         }

@@ -161,7 +161,8 @@ fn round_trip(scenarios: &[&str]) -> Option<(FixtureProcess, Image, Scratch)> {
         assert!(bad.is_none(), "region {}: page {} differs after restore", r.name, bad.unwrap_or(0));
         compared += 1;
     }
-    assert!(compared > 0, "no region of {scenarios:?} was built");
+    let skipped = fx.truth().regions.iter().filter(|r| r.skip.is_some()).count();
+    assert!(compared > 0 || skipped > 0, "no region of {scenarios:?} was built");
     for r in fx.truth().regions.iter().filter(|r| r.skip.is_some()) {
         skip(&format!("region {}: {}", r.name, r.skip.clone().unwrap_or_default()));
     }

@@ -105,14 +105,16 @@ pub struct Sink<'a> {
 }
 
 /// Copies pages `pages` (sorted indices) of the process's own memory in
-/// mapping `m` of process `pid`.
+/// mapping `m` of process `pid`: in parallel workers (one per CPU, at most
+/// [`MAX_WORKERS`]) writing their pages at their fixed offsets, or in
+/// order for a forked tree (deduplication looks back at stored pages).
 pub fn own(
     pid: u32,
     m: &mut VmaModel,
     pages: &[u64],
     sink: &mut Sink<'_>,
     parent: &Parent<'_>,
-    mut frames: Option<&mut Frames>,
+    frames: Option<&mut Frames>,
     mem: &RemoteMem,
 ) -> Result<Copied, DumpError> {
     if pages.is_empty() {
@@ -129,60 +131,212 @@ pub fn own(
             s
         }
     };
-    let mut buf = vec![0u8; BATCH_BYTES];
-    let mut scratch = vec![0u8; p];
-    let mut out = Copied::default();
-    let vma_start = m.vma.range.start().get();
-    for batch in pages.chunks(BATCH_BYTES / p) {
-        let addrs: Vec<u64> = batch.iter().map(|&i| m.addr(i, page).get()).collect();
-        let read = mem.read(&addrs, &mut buf[..batch.len() * p])?;
+    let job = Job {
+        pid,
+        vma_start: m.vma.range.start().get(),
+        page,
+        store: &store,
+        parent,
+        mem,
+    };
+    let per_batch = BATCH_BYTES / p;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS);
+    let mut done = Done::default();
+    let out = if frames.is_some() || workers < 2 || pages.len() < 4 * per_batch {
+        let mut w = Worker::new(p);
+        let mut frames = frames;
+        for batch in pages.chunks(per_batch) {
+            w.batch(&job, batch, frames.as_deref_mut(), &mut done)?;
+            (sink.tick)(batch.len() as u64);
+        }
+        w.copied
+    } else {
+        parallel(&job, pages, workers, per_batch, sink, &mut done)?
+    };
+    for (i, kind) in done.kinds {
+        if let Some(k) = m.kinds.get_mut(usize::try_from(i).unwrap_or(usize::MAX)) {
+            *k = kind;
+        }
+    }
+    for (i, d) in done.dedup {
+        m.dedup.retain(|(q, _)| *q != i);
+        m.dedup.push((i, d));
+    }
+    Ok(out)
+}
+
+/// Workers at most per mapping.
+pub const MAX_WORKERS: usize = 4;
+
+/// What every worker of one copy shares.
+struct Job<'a> {
+    pid: u32,
+    vma_start: u64,
+    page: PageSize,
+    store: &'a Arc<Store>,
+    parent: &'a Parent<'a>,
+    mem: &'a RemoteMem,
+}
+
+/// What a copy decided, page by page.
+#[derive(Default)]
+struct Done {
+    kinds: Vec<(u64, PageKind)>,
+    dedup: Vec<(u64, DedupRef)>,
+}
+
+/// One worker's buffers and counts.
+struct Worker {
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
+    p: usize,
+    copied: Copied,
+}
+
+/// `pages` cut into one contiguous share per worker; the calling thread
+/// is worker 0 and reports progress for all.
+fn parallel(
+    job: &Job<'_>,
+    pages: &[u64],
+    workers: usize,
+    per_batch: usize,
+    sink: &mut Sink<'_>,
+    done: &mut Done,
+) -> Result<Copied, DumpError> {
+    let p = usize::try_from(job.page.get()).unwrap_or(4096);
+    let share = pages.len().div_ceil(workers).div_ceil(per_batch) * per_batch;
+    let progress = std::sync::atomic::AtomicU64::new(0);
+    let mut parts = pages.chunks(share);
+    let first = parts.next().unwrap_or_default();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .map(|part| {
+                let progress = &progress;
+                s.spawn(move || -> Result<(Copied, Done), DumpError> {
+                    let mut w = Worker::new(p);
+                    let mut d = Done::default();
+                    for batch in part.chunks(per_batch) {
+                        w.batch(job, batch, None, &mut d)?;
+                        progress.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok((w.copied, d))
+                })
+            })
+            .collect();
+        let mut w = Worker::new(p);
+        let mut reported = 0;
+        for batch in first.chunks(per_batch) {
+            w.batch(job, batch, None, done)?;
+            let all = progress.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed) + batch.len() as u64;
+            (sink.tick)(all - reported);
+            reported = all;
+        }
+        let mut copied = w.copied;
+        for h in handles {
+            let (c, d) = h.join().map_err(|_| DumpError::Read {
+                pid: job.pid,
+                source: std::io::Error::other("a copy worker panicked"),
+            })??;
+            copied += c;
+            done.kinds.extend(d.kinds);
+        }
+        let all = progress.load(std::sync::atomic::Ordering::Relaxed);
+        (sink.tick)(all - reported);
+        Ok(copied)
+    })
+}
+
+impl Worker {
+    fn new(p: usize) -> Self {
+        Self {
+            buf: vec![0u8; BATCH_BYTES],
+            scratch: vec![0u8; p],
+            p,
+            copied: Copied::default(),
+        }
+    }
+
+    /// Reads, classifies and stores one batch of pages.
+    fn batch(
+        &mut self,
+        job: &Job<'_>,
+        batch: &[u64],
+        mut frames: Option<&mut Frames>,
+        done: &mut Done,
+    ) -> Result<(), DumpError> {
+        let p = self.p;
+        let store = job.store;
+        let addrs: Vec<u64> = batch.iter().map(|&i| job.vma_start + job.page.bytes(i)).collect();
+        let read = job.mem.read(&addrs, &mut self.buf[..batch.len() * p])?;
+        let mut pending: Option<(u64, usize, u64)> = None;
         for (k, &i) in batch.iter().enumerate() {
-            let ix = usize::try_from(i).unwrap_or(usize::MAX);
-            let here = DedupRef { pid, vma_start, page: i };
-            if let Some(f) = frames.as_mut() {
+            let here = DedupRef {
+                pid: job.pid,
+                vma_start: job.vma_start,
+                page: i,
+            };
+            if let Some(f) = frames.as_deref_mut() {
                 f.rewritten(here);
             }
             let shared_frame = shared_frame(read[k].entry);
             if !read[k].ok {
                 // Unmapped meanwhile: the layout check settles it.
-                m.kinds[ix] = PageKind::Hole;
+                done.kinds.push((i, PageKind::Hole));
                 store.forget(i, 1);
                 continue;
             }
-            let bytes = &buf[k * p..(k + 1) * p];
-            out.pages += 1;
+            let bytes = &self.buf[k * p..(k + 1) * p];
+            self.copied.pages += 1;
             let kind = if bytes.iter().all(|&b| b == 0) {
                 PageKind::Zero
-            } else if parent.same(i, bytes, &mut scratch) {
+            } else if job.parent.same(i, bytes, &mut self.scratch) {
                 PageKind::InParent
             } else if let Some(d) = frames
-                .as_mut()
-                .and_then(|f| dedup(f, shared_frame, here, bytes, &mut scratch))
+                .as_deref_mut()
+                .and_then(|f| dedup(f, shared_frame, here, bytes, &mut self.scratch))
             {
-                m.dedup.retain(|(q, _)| *q != i);
-                m.dedup.push((i, d));
+                done.dedup.push((i, d));
                 PageKind::Dedup
             } else {
-                store.write(i, bytes)?;
-                out.stored += 1;
-                if let Some(f) = frames.as_mut() {
+                // Consecutive pages go out in one write (tree mode writes
+                // at once: a dedup check may read this page back).
+                match pending {
+                    Some((first, from, n)) if first + n == i && from + n as usize == k && frames.is_none() => {
+                        pending = Some((first, from, n + 1));
+                    }
+                    _ => {
+                        flush(store, &self.buf, p, pending.take())?;
+                        pending = Some((i, k, 1));
+                    }
+                }
+                if let Some(f) = frames.as_deref_mut() {
+                    flush(store, &self.buf, p, pending.take())?;
                     if let Some(pfn) = shared_frame {
                         f.by_frame.entry(pfn).or_insert_with(|| Source {
                             at: here,
-                            store: store.clone(),
+                            store: Arc::clone(store),
                         });
                     }
                 }
+                self.copied.stored += 1;
                 PageKind::Data
             };
             if kind != PageKind::Data {
                 store.forget(i, 1);
             }
-            m.kinds[ix] = kind;
+            done.kinds.push((i, kind));
         }
-        (sink.tick)(batch.len() as u64);
+        flush(store, &self.buf, p, pending.take())
     }
-    Ok(out)
+}
+
+/// Writes the run of `n` pages starting at store page `first`, which sit
+/// in `buf` from page `from` on.
+fn flush(store: &Store, buf: &[u8], p: usize, run: Option<(u64, usize, u64)>) -> Result<(), DumpError> {
+    if let Some((first, from, n)) = run {
+        store.write(first, &buf[from * p..(from + n as usize) * p])?;
+    }
+    Ok(())
 }
 
 /// The page frame of a present page mapped by more than one process (a

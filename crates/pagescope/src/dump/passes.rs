@@ -33,6 +33,9 @@ struct Proc<'t> {
     mem: RemoteMem,
     vmas: Vec<VmaModel>,
     adopted: Option<i32>,
+    /// Tracked since the parent image (a kept userfaultfd): pages reported
+    /// written are stored without comparing them with the parent.
+    tracked_since_parent: bool,
 }
 
 enum ProcTarget<'t> {
@@ -156,6 +159,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 tracker,
                 mem,
                 vmas: Vec::new(),
+                tracked_since_parent: adopt.is_some(),
                 adopted: adopt.map(|a| a.fd),
             });
         }
@@ -579,6 +583,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         let page = self.page;
         let pid = self.procs[i].pid;
         let dedup = self.procs[i].vmas[k].vma.backing == Backing::Anon;
+        let compare = !self.procs[i].tracked_since_parent;
         let Self {
             procs,
             writer,
@@ -594,7 +599,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 *kind = PageKind::Data;
             }
         }
-        let parent = match parent.as_ref().filter(|p| find_parent_vma(p, pid, m).is_some()) {
+        let parent = match parent.as_ref().filter(|p| compare && find_parent_vma(p, pid, m).is_some()) {
             Some(p) => Parent::Vma(p, pid, m.vma.range.start().get()),
             None => Parent::None,
         };
