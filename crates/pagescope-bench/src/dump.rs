@@ -103,7 +103,7 @@ fn child(ctl: &Control, len: usize) -> ! {
         let bytes = unsafe { std::slice::from_raw_parts(page.as_ptr().cast::<u8>(), PAGE) };
         let _ = m.write(p * PAGE, bytes);
     }
-    ctl.slot(BASE).store(m.addr() as u64, Ordering::SeqCst);
+    ctl.slot(BASE).store(m.addr(), Ordering::SeqCst);
     ctl.slot(READY).store(1, Ordering::SeqCst);
     let mut value = 1u64;
     let mut write = |p: u64| {
@@ -117,7 +117,8 @@ fn child(ctl: &Control, len: usize) -> ! {
         match ctl.slot(CMD).load(Ordering::SeqCst) {
             RATE => {
                 let rate = ctl.slot(ARG).load(Ordering::SeqCst);
-                let due = (since.elapsed().as_secs_f64() * rate as f64) as u64;
+                let due = u64::try_from(since.elapsed().as_micros() * u128::from(rate) / 1_000_000)
+                    .unwrap_or(u64::MAX);
                 while done < due {
                     x ^= x << 13;
                     x ^= x >> 7;
@@ -128,7 +129,11 @@ fn child(ctl: &Control, len: usize) -> ! {
                 std::thread::sleep(Duration::from_millis(1));
             }
             BURST => {
-                for p in pick(pages, ctl.slot(ARG).load(Ordering::SeqCst), ctl.slot(SEED).load(Ordering::SeqCst)) {
+                for p in pick(
+                    pages,
+                    ctl.slot(ARG).load(Ordering::SeqCst),
+                    ctl.slot(SEED).load(Ordering::SeqCst),
+                ) {
                     write(p);
                 }
                 ctl.slot(CMD).store(IDLE, Ordering::SeqCst);
@@ -174,7 +179,11 @@ fn spawn(ctl: &Control, len: usize) -> anyhow::Result<Child> {
     anyhow::ensure!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
         // CRIU dumps the child: give it no terminal or pipes of ours.
-        if let Ok(null) = std::fs::File::options().read(true).write(true).open("/dev/null") {
+        if let Ok(null) = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
             for fd in 0..3 {
                 // SAFETY: dup2 onto the standard descriptors.
                 unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) };
@@ -225,9 +234,22 @@ fn bare_copy(pid: u32, base: u64, pages: &[u64], file: &Path) -> anyhow::Result<
             };
             // SAFETY: `l` covers part of `buf`; the remote side is checked
             // by the kernel.
-            let n = unsafe { libc::process_vm_readv(pid.cast_signed(), &raw const l, 1, chunk.as_ptr(), chunk.len() as libc::c_ulong, 0) };
-            anyhow::ensure!(n >= 0, "process_vm_readv: {}", std::io::Error::last_os_error());
-            done += n as usize;
+            let n = unsafe {
+                libc::process_vm_readv(
+                    pid.cast_signed(),
+                    &raw const l,
+                    1,
+                    chunk.as_ptr(),
+                    chunk.len() as libc::c_ulong,
+                    0,
+                )
+            };
+            anyhow::ensure!(
+                n >= 0,
+                "process_vm_readv: {}",
+                std::io::Error::last_os_error()
+            );
+            done += n.unsigned_abs();
         }
         let _ = local;
         // Consecutive pages go out in one write, at their fixed offsets.
@@ -245,7 +267,11 @@ fn bare_copy(pid: u32, base: u64, pages: &[u64], file: &Path) -> anyhow::Result<
     Ok(t.elapsed())
 }
 
-fn pagescope_dump(pid: u32, out: &Path, f: impl FnOnce(&mut DumpOptions)) -> anyhow::Result<(DumpReport, Duration)> {
+fn pagescope_dump(
+    pid: u32,
+    out: &Path,
+    f: impl FnOnce(&mut DumpOptions),
+) -> anyhow::Result<(DumpReport, Duration)> {
     let caps = KernelCaps::probe();
     let target = Target::open(pid)?;
     let mut opts = DumpOptions::new(out);
@@ -260,13 +286,25 @@ fn criu_dump(criu: &Path, pid: u32, dir: &Path) -> anyhow::Result<(Duration, Dur
     std::fs::create_dir_all(dir)?;
     let t = Instant::now();
     let out = std::process::Command::new(criu)
-        .args(["dump", "--leave-running", "--display-stats", "-t", &pid.to_string(), "-D"])
+        .args([
+            "dump",
+            "--leave-running",
+            "--display-stats",
+            "-t",
+            &pid.to_string(),
+            "-D",
+        ])
         .arg(dir)
         .args(["-o", "dump.log", "-v2"])
         .output()?;
     let wall = t.elapsed();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    anyhow::ensure!(out.status.success(), "criu dump failed: {text}\n{}", std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default());
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(
+        out.status.success(),
+        "criu dump failed: {text}\n{}",
+        std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default()
+    );
     let frozen = text
         .lines()
         .find(|l| l.contains("Frozen time"))
@@ -298,7 +336,10 @@ fn allocated(dir: &Path) -> u64 {
 /// Where images go: tmpfs, so neither side measures the disk (CRIU does
 /// not fsync its images; pagescope does, which is free on tmpfs).
 fn scratch(name: &str) -> PathBuf {
-    PathBuf::from("/dev/shm").join(format!("pagescope-bench-dump-{}-{name}", std::process::id()))
+    PathBuf::from("/dev/shm").join(format!(
+        "pagescope-bench-dump-{}-{name}",
+        std::process::id()
+    ))
 }
 
 /// Writes and frees `bytes` of tmpfs.
@@ -317,13 +358,20 @@ fn warm_up(bytes: usize) -> anyhow::Result<()> {
 fn criu_path() -> Option<PathBuf> {
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/peers/build-criu.sh");
     let out = std::process::Command::new("bash").arg(here).output().ok()?;
-    let path = String::from_utf8_lossy(&out.stdout).lines().last()?.trim().to_owned();
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()?
+        .trim()
+        .to_owned();
     Some(PathBuf::from(path)).filter(|p| p.exists())
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let gib = arg(args, "--gib", 4);
-    anyhow::ensure!(rustix::process::geteuid().is_root(), "needs root (ptrace, userfaultfd, PFNs)");
+    anyhow::ensure!(
+        rustix::process::geteuid().is_root(),
+        "needs root (ptrace, userfaultfd, PFNs)"
+    );
     let len = (gib << 30) as usize;
     let pages = (len / PAGE) as u64;
     let ctl = Control::new()?;
@@ -333,7 +381,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let criu = criu_path();
     let all: Vec<u64> = (0..pages).collect();
 
-    println!("Target: a child process holding {gib} GiB of written anonymous memory (every page non-zero).\n");
+    println!(
+        "Target: a child process holding {gib} GiB of written anonymous memory (every page non-zero).\n"
+    );
     println!("| measurement | pagescope | baseline | ratio |");
     println!("|---|---:|---:|---:|");
     // Throughput, writer idle.
@@ -396,7 +446,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         criu_frozen = Some(frozen);
         let _ = frozen;
     } else {
-        println!("| criu dump | not run: ../shared/peers/build-criu.sh did not give a binary | | |");
+        println!(
+            "| criu dump | not run: ../shared/peers/build-criu.sh did not give a binary | | |"
+        );
     }
     // Stop time with the writer at 1%/s.
     ctl.set(RATE, pages / 100, 0);
@@ -416,7 +468,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             f.as_secs_f64() * 1e3,
             f.as_secs_f64() / rep.stopped_s
         ),
-        None => println!("| stop time (ms), writer at 1%/s, pre-copy ({its} passes) | {:.1} | | |", rep.stopped_s * 1e3),
+        None => println!(
+            "| stop time (ms), writer at 1%/s, pre-copy ({its} passes) | {:.1} | | |",
+            rep.stopped_s * 1e3
+        ),
     }
     println!(
         "| image size with the writer at 1%/s (MiB allocated) vs memory covered | {:.0} | {:.0} | {:.2}x |",
@@ -511,7 +566,8 @@ fn spawn_pair(ctl: &Control, len: usize) -> anyhow::Result<(Child, Child)> {
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
-        ctl.slot(BASE).store(g as u64, Ordering::SeqCst);
+        ctl.slot(BASE)
+            .store(u64::from(g.unsigned_abs()), Ordering::SeqCst);
         ctl.slot(READY).store(1, Ordering::SeqCst);
         loop {
             std::thread::sleep(Duration::from_secs(1));
@@ -522,7 +578,10 @@ fn spawn_pair(ctl: &Control, len: usize) -> anyhow::Result<(Child, Child)> {
     }
     let g = ctl.slot(BASE).load(Ordering::SeqCst) as u32;
     Ok((
-        Child { pid: pid.cast_unsigned(), base: 0 },
+        Child {
+            pid: pid.cast_unsigned(),
+            base: 0,
+        },
         Child { pid: g, base: 0 },
     ))
 }

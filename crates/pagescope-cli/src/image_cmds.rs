@@ -53,7 +53,11 @@ pub fn dump(args: &DumpArgs) -> Result<u8> {
         report.stopped_s * 1e3
     )?;
     if let Some(k) = &report.kept_tracking {
-        writeln!(err, "tracking kept in process {} as fd {} for the next --parent dump", k.pid, k.fd)?;
+        writeln!(
+            err,
+            "tracking kept in process {} as fd {} for the next --parent dump",
+            k.pid, k.fd
+        )?;
     }
     if args.json {
         let mut out = std::io::stdout().lock();
@@ -109,14 +113,13 @@ impl Bar {
             return;
         }
         self.last = Some(Instant::now());
-        let frac = if total == 0 { 1.0 } else { (done as f64 / total as f64).min(1.0) };
-        let filled = (frac * 30.0) as usize;
+        let percent = (done.min(total) * 100).checked_div(total).unwrap_or(100);
+        let filled = usize::try_from(percent * 30 / 100).unwrap_or(30);
         let _ = write!(
             std::io::stderr(),
-            "\r[{}{}] {:>3.0}% pass {pass}: {done}/{total} pages",
+            "\r[{}{}] {percent:>3}% pass {pass}: {done}/{total} pages",
             "#".repeat(filled),
             " ".repeat(30 - filled),
-            frac * 100.0
         );
         self.drawn = true;
     }
@@ -131,9 +134,17 @@ impl Bar {
 }
 
 pub fn image(cmd: ImageCommand) -> Result<u8> {
-    let ImageCommand::Show { dir, json, check_data } = cmd;
+    let ImageCommand::Show {
+        dir,
+        json,
+        check_data,
+    } = cmd;
     let image = Image::open(&dir)?;
-    let checked = if check_data { Some(image.verify_data()?) } else { None };
+    let checked = if check_data {
+        Some(image.verify_data()?)
+    } else {
+        None
+    };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if json {
         let doc = serde_json::json!({
@@ -175,12 +186,25 @@ fn show_text(out: &mut impl Write, image: &Image, checked: Option<u64>) -> Resul
     )?;
     let mut parent = image.parent();
     while let Some(p) = parent {
-        writeln!(out, "  parent {} generation {} at {}", p.header().image_id, p.header().generation, p.dir().display())?;
+        writeln!(
+            out,
+            "  parent {} generation {} at {}",
+            p.header().image_id,
+            p.header().generation,
+            p.dir().display()
+        )?;
         parent = p.parent();
     }
     let m = image.meta();
     for p in &m.processes {
-        writeln!(out, "process {} ({}) ppid {}: {} mappings", p.pid, p.comm, p.ppid, p.vmas.len())?;
+        writeln!(
+            out,
+            "process {} ({}) ppid {}: {} mappings",
+            p.pid,
+            p.comm,
+            p.ppid,
+            p.vmas.len()
+        )?;
         for v in &p.vmas {
             writeln!(
                 out,
@@ -215,12 +239,19 @@ fn show_text(out: &mut impl Write, image: &Image, checked: Option<u64>) -> Resul
         .filter(|r| r.kind == PageKind::Data)
         .map(|r| r.count)
         .sum();
-    writeln!(out, "{} stores, {stored} pages stored in this generation", m.stores.len())?;
+    writeln!(
+        out,
+        "{} stores, {stored} pages stored in this generation",
+        m.stores.len()
+    )?;
     if let Some(k) = &m.kept_tracking {
         writeln!(out, "tracking kept in process {} as fd {}", k.pid, k.fd)?;
     }
     if let Some(n) = checked {
-        writeln!(out, "{n} stored pages checked (this image and its parents): all checksums match")?;
+        writeln!(
+            out,
+            "{n} stored pages checked (this image and its parents): all checksums match"
+        )?;
     }
     Ok(())
 }
@@ -235,7 +266,10 @@ fn kinds_summary(runs: &[Run]) -> String {
             .unwrap_or_default();
         *by.entry(name).or_default() += r.count;
     }
-    by.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(" ")
+    by.iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub fn verify(dir: &Path, pid: u32, json: bool) -> Result<u8> {
@@ -258,7 +292,11 @@ pub fn verify(dir: &Path, pid: u32, json: bool) -> Result<u8> {
         writeln!(
             out,
             "{}: {} pages compared, {} differ, {} mappings missing, {} not in the image (swapped, not copied)",
-            if report.matches() { "match" } else { "MISMATCH" },
+            if report.matches() {
+                "match"
+            } else {
+                "MISMATCH"
+            },
             report.compared,
             report.mismatched_pages,
             report.missing.len(),

@@ -32,7 +32,7 @@ impl Drop for Proc {
 }
 
 fn signal(pid: u32, sig: rustix::process::Signal) {
-    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+    if let Some(p) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) {
         let _ = rustix::process::kill_process(p, sig);
     }
 }
@@ -47,9 +47,17 @@ fn start(name: &str, args: &[&str]) -> Option<(Proc, String)> {
         .spawn()
         .ok()?;
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take()?).read_line(&mut line).ok()?;
+    std::io::BufReader::new(child.stdout.take()?)
+        .read_line(&mut line)
+        .ok()?;
     let rest = line.trim().strip_prefix("ready")?.trim().to_owned();
-    Some((Proc { child, extra: Vec::new() }, rest))
+    Some((
+        Proc {
+            child,
+            extra: Vec::new(),
+        },
+        rest,
+    ))
 }
 
 fn usable() -> bool {
@@ -64,7 +72,8 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("pagescope-dumpcli-{tag}-{}", std::process::id()));
+        let p =
+            std::env::temp_dir().join(format!("pagescope-dumpcli-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         Self(p)
@@ -120,18 +129,38 @@ fn a_python_writer_dumped_while_writing_restores_byte_for_byte() {
     };
     let pid = p.child.id();
     let dir = Scratch::new("writer");
-    let out = cli(&["dump", &pid.to_string(), "-o", &dir.p("img"), "--leave-stopped", "--json", "--max-iterations", "4"]);
+    let out = cli(&[
+        "dump",
+        &pid.to_string(),
+        "-o",
+        &dir.p("img"),
+        "--leave-stopped",
+        "--json",
+        "--max-iterations",
+        "4",
+    ]);
     let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("pre-copy 1:") && stderr.contains("final (stopped):"), "{stderr}");
+    assert!(
+        stderr.contains("pre-copy 1:") && stderr.contains("final (stopped):"),
+        "{stderr}"
+    );
     let its = report["iterations"].as_array().unwrap();
     assert!(its.len() >= 3, "full, pre-copy, final: {its:?}");
     assert!(its.last().unwrap()["stopped"].as_bool().unwrap());
-    assert!(its[1]["written_pages"].as_u64().unwrap() > 0, "the writer wrote during pre-copy");
+    assert!(
+        its[1]["written_pages"].as_u64().unwrap() > 0,
+        "the writer wrote during pre-copy"
+    );
     // The process is stopped now: the image must be its memory exactly.
     let verify = ok(&cli(&["verify", &dir.p("img"), &pid.to_string()]));
     assert!(verify.contains("match:"), "{verify}");
-    ok(&cli(&["restore", &dir.p("img"), "--to", &dir.p("restored")]));
+    ok(&cli(&[
+        "restore",
+        &dir.p("img"),
+        "--to",
+        &dir.p("restored"),
+    ]));
     let meta = json(&dir.p("img/meta.json"));
     let memfd = meta["objects"]
         .as_array()
@@ -148,9 +177,14 @@ fn a_python_writer_dumped_while_writing_restores_byte_for_byte() {
     let fd = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|f| std::fs::read_link(f).is_ok_and(|l| l.to_string_lossy().contains("memfd:guest-ram")))
+        .find(|f| {
+            std::fs::read_link(f).is_ok_and(|l| l.to_string_lossy().contains("memfd:guest-ram"))
+        })
         .unwrap();
-    assert!(std::fs::read(&file).unwrap() == std::fs::read(&fd).unwrap(), "memfd restored byte for byte");
+    assert!(
+        std::fs::read(&file).unwrap() == std::fs::read(&fd).unwrap(),
+        "memfd restored byte for byte"
+    );
     drop(p);
 }
 
@@ -167,22 +201,66 @@ fn chains_of_three_generations_verify_and_leave_nothing_behind() {
     let dir = Scratch::new("chain");
     ok(&cli(&["dump", &pid, "-o", &dir.p("g0"), "--keep-tracking"]));
     assert!(json(&dir.p("g0/meta.json"))["kept_tracking"].is_object());
-    assert_eq!(uffd_fds(p.child.id()), 1, "one userfaultfd kept in the process");
-    ok(&cli(&["dump", &pid, "-o", &dir.p("g1"), "--parent", &dir.p("g0"), "--keep-tracking"]));
-    assert_eq!(uffd_fds(p.child.id()), 1, "the kept userfaultfd was reused, not duplicated");
-    ok(&cli(&["dump", &pid, "-o", &dir.p("g2"), "--parent", &dir.p("g1"), "--leave-stopped"]));
-    assert_eq!(uffd_fds(p.child.id()), 0, "nothing left in the process without --keep-tracking");
+    assert_eq!(
+        uffd_fds(p.child.id()),
+        1,
+        "one userfaultfd kept in the process"
+    );
+    ok(&cli(&[
+        "dump",
+        &pid,
+        "-o",
+        &dir.p("g1"),
+        "--parent",
+        &dir.p("g0"),
+        "--keep-tracking",
+    ]));
+    assert_eq!(
+        uffd_fds(p.child.id()),
+        1,
+        "the kept userfaultfd was reused, not duplicated"
+    );
+    ok(&cli(&[
+        "dump",
+        &pid,
+        "-o",
+        &dir.p("g2"),
+        "--parent",
+        &dir.p("g1"),
+        "--leave-stopped",
+    ]));
+    assert_eq!(
+        uffd_fds(p.child.id()),
+        0,
+        "nothing left in the process without --keep-tracking"
+    );
     let verify = ok(&cli(&["verify", &dir.p("g2"), &pid]));
     assert!(verify.contains("match:"), "{verify}");
     let show = ok(&cli(&["image", "show", &dir.p("g2"), "--check-data"]));
     assert_eq!(show.matches("  parent ").count(), 2, "{show}");
     // Without kept tracking: pages compared with the parent.
     signal(p.child.id(), rustix::process::Signal::CONT);
-    ok(&cli(&["dump", &pid, "-o", &dir.p("h1"), "--parent", &dir.p("g2")]));
-    ok(&cli(&["dump", &pid, "-o", &dir.p("h2"), "--parent", &dir.p("h1"), "--leave-stopped"]));
+    ok(&cli(&[
+        "dump",
+        &pid,
+        "-o",
+        &dir.p("h1"),
+        "--parent",
+        &dir.p("g2"),
+    ]));
+    ok(&cli(&[
+        "dump",
+        &pid,
+        "-o",
+        &dir.p("h2"),
+        "--parent",
+        &dir.p("h1"),
+        "--leave-stopped",
+    ]));
     let verify = ok(&cli(&["verify", &dir.p("h2"), &pid]));
     assert!(verify.contains("match:"), "{verify}");
-    let g2: serde_json::Value = serde_json::from_str(&ok(&cli(&["image", "show", &dir.p("h2"), "--json"]))).unwrap();
+    let g2: serde_json::Value =
+        serde_json::from_str(&ok(&cli(&["image", "show", &dir.p("h2"), "--json"]))).unwrap();
     assert_eq!(g2["header"]["generation"], 4);
     drop(p);
 }
@@ -200,7 +278,15 @@ fn a_forked_pair_is_dumped_as_a_tree_and_the_stop_is_invisible_to_the_parent() {
     p.extra.push(child);
     let dir = Scratch::new("tree");
     let parent = p.child.id().to_string();
-    let out = cli(&["dump", &parent, "-o", &dir.p("img"), "--tree", "--leave-stopped", "--json"]);
+    let out = cli(&[
+        "dump",
+        &parent,
+        "-o",
+        &dir.p("img"),
+        "--tree",
+        "--leave-stopped",
+        "--json",
+    ]);
     let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
     assert_eq!(report["pids"].as_array().unwrap().len(), 2, "{report}");
     for pid in [p.child.id(), child] {
@@ -214,7 +300,11 @@ fn a_forked_pair_is_dumped_as_a_tree_and_the_stop_is_invisible_to_the_parent() {
         .iter()
         .filter(|o| o["kind"] == "shared_anon")
         .collect();
-    assert_eq!(shared.len(), 1, "the shared region is one object, stored once");
+    assert_eq!(
+        shared.len(),
+        1,
+        "the shared region is one object, stored once"
+    );
     let dedup: u64 = meta["processes"]
         .as_array()
         .unwrap()
@@ -234,13 +324,28 @@ fn the_final_stop_is_not_seen_by_the_targets_parent() {
     }
     // A parent that reports any stop of its child (waitpid WUNTRACED).
     const WATCHER: &str = "import os,sys,time\nc=os.fork()\nif c==0:\n    b=bytearray(8<<20)\n    while True:\n        b[0]=(b[0]+1)%256; time.sleep(0.01)\nprint('ready',c,flush=True)\nwhile True:\n    p,s=os.waitpid(c,os.WUNTRACED|os.WCONTINUED)\n    print('event',s,flush=True)\n";
-    let Ok(mut c) = Command::new("python3").args(["-c", WATCHER]).stdout(Stdio::piped()).spawn() else {
+    let Ok(mut c) = Command::new("python3")
+        .args(["-c", WATCHER])
+        .stdout(Stdio::piped())
+        .spawn()
+    else {
         skip("python3 not available");
         return;
     };
     let mut lines = std::io::BufReader::new(c.stdout.take().unwrap()).lines();
-    let child: u32 = lines.next().unwrap().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let guard = Proc { child: c, extra: vec![child] };
+    let child: u32 = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let guard = Proc {
+        child: c,
+        extra: vec![child],
+    };
     let dir = Scratch::new("invisible");
     ok(&cli(&["dump", &child.to_string(), "-o", &dir.p("img")]));
     // Now a visible stop, to prove the watcher would have said so.
@@ -249,7 +354,10 @@ fn the_final_stop_is_not_seen_by_the_targets_parent() {
     signal(child, rustix::process::Signal::CONT);
     assert!(first.starts_with("event"), "{first}");
     let status: i32 = first.split(' ').nth(1).unwrap().parse().unwrap();
-    assert!(libc::WIFSTOPPED(status) && libc::WSTOPSIG(status) == libc::SIGSTOP, "the first event the parent saw is our explicit SIGSTOP, not the dump: {first}");
+    assert!(
+        libc::WIFSTOPPED(status) && libc::WSTOPSIG(status) == libc::SIGSTOP,
+        "the first event the parent saw is our explicit SIGSTOP, not the dump: {first}"
+    );
     drop(guard);
 }
 
@@ -272,7 +380,11 @@ fn bad_input_and_corrupt_images_have_distinct_exit_codes() {
         let me = std::process::id().to_string();
         std::fs::write(dir.p("full"), b"").unwrap();
         let out = cli(&["dump", &me, "-o", &dir.0.display().to_string()]);
-        assert_eq!(out.status.code(), Some(2), "not an empty directory: {out:?}");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "not an empty directory: {out:?}"
+        );
         let out = cli(&["dump", "999999999", "-o", &dir.p("new")]);
         assert_eq!(out.status.code(), Some(3), "no such process: {out:?}");
     }

@@ -54,7 +54,7 @@ impl Drop for Resume {
     fn drop(&mut self) {
         for &pid in &self.0 {
             let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(pid as i32).unwrap(),
+                rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap(),
                 rustix::process::Signal::CONT,
             );
         }
@@ -89,11 +89,18 @@ fn restored(dir: &Path, pid: u32, addr: u64, len: usize) -> Vec<u8> {
     let mut files = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let name = e.unwrap().file_name().into_string().unwrap();
-        let Some(rest) = name.strip_prefix(&format!("pid-{pid}-")).and_then(|r| r.strip_suffix(".mem")) else {
+        let Some(rest) = name
+            .strip_prefix(&format!("pid-{pid}-"))
+            .and_then(|r| r.strip_suffix(".mem"))
+        else {
             continue;
         };
         let (s, e) = rest.split_once('-').unwrap();
-        files.push((u64::from_str_radix(s, 16).unwrap(), u64::from_str_radix(e, 16).unwrap(), name));
+        files.push((
+            u64::from_str_radix(s, 16).unwrap(),
+            u64::from_str_radix(e, 16).unwrap(),
+            name,
+        ));
     }
     let mut out = vec![0u8; len];
     let mut at = addr;
@@ -104,7 +111,10 @@ fn restored(dir: &Path, pid: u32, addr: u64, len: usize) -> Vec<u8> {
             .unwrap_or_else(|| panic!("no restored mapping of process {pid} covers {at:#x}"));
         let n = (e.min(&(addr + len as u64)) - at) as usize;
         let from = (at - addr) as usize;
-        File::open(dir.join(name)).unwrap().read_exact_at(&mut out[from..from + n], at - s).unwrap();
+        File::open(dir.join(name))
+            .unwrap()
+            .read_exact_at(&mut out[from..from + n], at - s)
+            .unwrap();
         at += n as u64;
     }
     out
@@ -157,14 +167,34 @@ fn round_trip(scenarios: &[&str]) -> Option<(FixtureProcess, Image, Scratch)> {
         let len = (r.pages * page) as usize;
         let want = live(pid, r.start, len);
         let got = restored(&dir.path("restored"), pid, r.start, len);
-        let bad = want.chunks(page as usize).zip(got.chunks(page as usize)).position(|(a, b)| a != b);
-        assert!(bad.is_none(), "region {}: page {} differs after restore", r.name, bad.unwrap_or(0));
+        let bad = want
+            .chunks(page as usize)
+            .zip(got.chunks(page as usize))
+            .position(|(a, b)| a != b);
+        assert!(
+            bad.is_none(),
+            "region {}: page {} differs after restore",
+            r.name,
+            bad.unwrap_or(0)
+        );
         compared += 1;
     }
-    let skipped = fx.truth().regions.iter().filter(|r| r.skip.is_some()).count();
-    assert!(compared > 0 || skipped > 0, "no region of {scenarios:?} was built");
+    let skipped = fx
+        .truth()
+        .regions
+        .iter()
+        .filter(|r| r.skip.is_some())
+        .count();
+    assert!(
+        compared > 0 || skipped > 0,
+        "no region of {scenarios:?} was built"
+    );
     for r in fx.truth().regions.iter().filter(|r| r.skip.is_some()) {
-        skip(&format!("region {}: {}", r.name, r.skip.clone().unwrap_or_default()));
+        skip(&format!(
+            "region {}: {}",
+            r.name,
+            r.skip.clone().unwrap_or_default()
+        ));
     }
     Some((fx, image, dir))
 }
@@ -177,9 +207,16 @@ fn dump_round_trip_swapdev_anon() {
     let pid = fx.pid();
     let t = fx.truth();
     let zero = t.region("anon_zero").unwrap();
-    assert_eq!(kind_pages(&image, pid, zero.start, 16, PageKind::Data), 0, "zero pages must not be stored");
+    assert_eq!(
+        kind_pages(&image, pid, zero.start, 16, PageKind::Data),
+        0,
+        "zero pages must not be stored"
+    );
     let present = t.region("anon_present").unwrap();
-    assert_eq!(kind_pages(&image, pid, present.start, 16, PageKind::Data), 16);
+    assert_eq!(
+        kind_pages(&image, pid, present.start, 16, PageKind::Data),
+        16
+    );
 }
 
 #[test]
@@ -220,13 +257,21 @@ fn dump_tree_stores_cow_shared_pages_once() {
         o.leave_stopped = true;
     });
     let _resume = Resume(vec![pid, child]);
-    assert!(report.pids.contains(&child), "children dumped: {:?}", report.pids);
+    assert!(
+        report.pids.contains(&child),
+        "children dumped: {:?}",
+        report.pids
+    );
     let image = Image::open(&dir.path("img")).unwrap();
     image.restore_to_dir(&dir.path("restored")).unwrap();
     let r = fx.truth().region("fork_shared").unwrap();
     let len = (r.pages * caps().page_size.get()) as usize;
     for p in [pid, child] {
-        assert_eq!(live(p, r.start, len), restored(&dir.path("restored"), p, r.start, len), "process {p}");
+        assert_eq!(
+            live(p, r.start, len),
+            restored(&dir.path("restored"), p, r.start, len),
+            "process {p}"
+        );
     }
     let stored = kind_pages(&image, pid, r.start, 16, PageKind::Data)
         + kind_pages(&image, child, r.start, 16, PageKind::Data);
@@ -247,13 +292,17 @@ fn chain(keep_tracking: bool) {
     let present = fx.truth().region("anon_present").unwrap().clone();
     let g0 = dump_to(pid, &dir.path("g0"), |o| o.keep_tracking = keep_tracking);
     assert_eq!(g0.kept_tracking.is_some(), keep_tracking, "{:?}", g0.notes);
-    fx.command(&format!("write anon_present 2 3")).unwrap();
+    fx.command("write anon_present 2 3").unwrap();
     let g1 = dump_to(pid, &dir.path("g1"), |o| {
         o.parent = Some(dir.path("g0"));
         o.keep_tracking = keep_tracking;
     });
-    assert!(g1.stored_pages >= 3 && g1.stored_pages < 64, "g1 stored {} pages", g1.stored_pages);
-    fx.command(&format!("write anon_present 9 1")).unwrap();
+    assert!(
+        g1.stored_pages >= 3 && g1.stored_pages < 64,
+        "g1 stored {} pages",
+        g1.stored_pages
+    );
+    fx.command("write anon_present 9 1").unwrap();
     let g2 = dump_to(pid, &dir.path("g2"), |o| {
         o.parent = Some(dir.path("g1"));
         o.leave_stopped = true;
@@ -262,8 +311,15 @@ fn chain(keep_tracking: bool) {
     assert_eq!(g2.generation, 2);
     let image = Image::open(&dir.path("g2")).unwrap();
     let v = pagescope::dump::verify(&Target::open(pid).unwrap(), caps(), &image).unwrap();
-    assert!(v.matches(), "{v:?}\n{}", std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap());
-    assert_eq!(kind_pages(&image, pid, present.start, 16, PageKind::Data), 1);
+    assert!(
+        v.matches(),
+        "{v:?}\n{}",
+        std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap()
+    );
+    assert_eq!(
+        kind_pages(&image, pid, present.start, 16, PageKind::Data),
+        1
+    );
     assert!(kind_pages(&image, pid, present.start, 16, PageKind::InParent) >= 14);
     let uffds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -272,7 +328,10 @@ fn chain(keep_tracking: bool) {
                 .is_ok_and(|l| l.as_os_str() == "anon_inode:[userfaultfd]")
         })
         .count();
-    assert_eq!(uffds, 0, "the last dump did not keep tracking: nothing left in the process");
+    assert_eq!(
+        uffds, 0,
+        "the last dump did not keep tracking: nothing left in the process"
+    );
 }
 
 #[test]
@@ -293,14 +352,18 @@ fn small_chain(dir: &Scratch) -> Option<FixtureProcess> {
     let mut fx = fixture(&["anon"]);
     dump_to(fx.pid(), &dir.path("g0"), |_| {});
     fx.command("write anon_present 0 2").unwrap();
-    dump_to(fx.pid(), &dir.path("g1"), |o| o.parent = Some(dir.path("g0")));
+    dump_to(fx.pid(), &dir.path("g1"), |o| {
+        o.parent = Some(dir.path("g0"))
+    });
     Some(fx)
 }
 
 /// Opening and restoring must fail, naming `file`, and leave nothing.
 fn rejected(img: &Path, file: &Path, dir: &Scratch) {
     let out = dir.path("restore-out");
-    let err = Image::open(img).and_then(|i| i.restore_to_dir(&out)).expect_err("corrupt image accepted");
+    let err = Image::open(img)
+        .and_then(|i| i.restore_to_dir(&out))
+        .expect_err("corrupt image accepted");
     let msg = format!("{err}");
     assert!(
         msg.contains(&file.file_name().unwrap().to_string_lossy().to_string()),
@@ -327,7 +390,8 @@ fn truncated_files_are_rejected() {
     };
     for f in files_of(&dir.path("g1")) {
         let bytes = std::fs::read(&f).unwrap();
-        let stored_pages = f.extension().is_some_and(|e| e == "pages") && bytes.iter().any(|&b| b != 0);
+        let stored_pages =
+            f.extension().is_some_and(|e| e == "pages") && bytes.iter().any(|&b| b != 0);
         if f.extension().is_some_and(|e| e == "pages") && !stored_pages {
             continue;
         }
@@ -350,12 +414,21 @@ fn flipped_bits_are_rejected() {
     let Some(_fx) = small_chain(&dir) else {
         return;
     };
-    for f in files_of(&dir.path("g1")).into_iter().chain(files_of(&dir.path("g0"))) {
+    for f in files_of(&dir.path("g1"))
+        .into_iter()
+        .chain(files_of(&dir.path("g0")))
+    {
         let bytes = std::fs::read(&f).unwrap();
         // Where a flip matters: every byte of metadata, the stored pages of
         // data files (the rest is a hole nobody reads).
         let offsets: Vec<usize> = if f.extension().is_some_and(|e| e == "pages") {
-            bytes.iter().enumerate().filter(|(_, b)| **b != 0).map(|(i, _)| i).step_by(97).collect()
+            bytes
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b != 0)
+                .map(|(i, _)| i)
+                .step_by(97)
+                .collect()
         } else {
             (0..bytes.len()).step_by(bytes.len() / 40 + 1).collect()
         };
@@ -391,7 +464,10 @@ fn wrong_or_missing_parents_and_foreign_data_files_are_rejected() {
     let data = std::fs::read_dir(dir.path("g0").join("data"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "pages") && dir.path("other/data").join(p.file_name().unwrap()).exists())
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "pages")
+                && dir.path("other/data").join(p.file_name().unwrap()).exists()
+        })
         .expect("a store both images have");
     let name = data.file_name().unwrap().to_owned();
     let ours = std::fs::read(&data).unwrap();
@@ -399,7 +475,11 @@ fn wrong_or_missing_parents_and_foreign_data_files_are_rejected() {
     rejected(&dir.path("g1"), &data, &dir);
     std::fs::write(&data, ours).unwrap();
     let sums = data.with_extension("sums");
-    std::fs::copy(dir.path("other/data").join(sums.file_name().unwrap()), &sums).unwrap();
+    std::fs::copy(
+        dir.path("other/data").join(sums.file_name().unwrap()),
+        &sums,
+    )
+    .unwrap();
     rejected(&dir.path("g1"), &sums, &dir);
 }
 

@@ -42,8 +42,8 @@
 
 pub mod addr;
 pub mod dirty;
-pub mod error;
 pub mod dump;
+pub mod error;
 pub mod image;
 pub mod inspect;
 pub mod kernel;
@@ -99,6 +99,12 @@ pub fn error_kind(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
             e.downcast_ref::<object::ObjectError>()
                 .map(object::ObjectError::kind)
         })
-        .or_else(|| e.downcast_ref::<dump::DumpError>().map(dump::DumpError::kind))
-        .or_else(|| e.downcast_ref::<image::ImageError>().map(image::ImageError::kind))
+        .or_else(|| {
+            e.downcast_ref::<dump::DumpError>()
+                .map(dump::DumpError::kind)
+        })
+        .or_else(|| {
+            e.downcast_ref::<image::ImageError>()
+                .map(image::ImageError::kind)
+        })
 }

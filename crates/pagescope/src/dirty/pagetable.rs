@@ -117,12 +117,16 @@ impl UffdWp {
                 source: Errno::BADF,
             });
         }
-        let ours = rustix::process::pidfd_getfd(target.pidfd(), fd, rustix::process::PidfdGetfdFlags::empty())
-            .map_err(|source| TrackError::Inject {
-                pid,
-                step: "copy the kept userfaultfd out of the process (pidfd_getfd)",
-                source,
-            })?;
+        let ours = rustix::process::pidfd_getfd(
+            target.pidfd(),
+            fd,
+            rustix::process::PidfdGetfdFlags::empty(),
+        )
+        .map_err(|source| TrackError::Inject {
+            pid,
+            step: "copy the kept userfaultfd out of the process (pidfd_getfd)",
+            source,
+        })?;
         let uffd = Userfaultfd::adopt(ours)?;
         let mut me = Self::new(target, uffd, UffdOrigin::Syscall)?;
         me.tracked = registered;

@@ -199,7 +199,11 @@ fn choose(target: &Target, caps: &KernelCaps, opts: &TrackOptions) -> Result<Cho
     })
 }
 
-fn uffd_backend(target: &Target, caps: &KernelCaps, opts: &TrackOptions) -> Result<UffdWp, TrackError> {
+fn uffd_backend(
+    target: &Target,
+    caps: &KernelCaps,
+    opts: &TrackOptions,
+) -> Result<UffdWp, TrackError> {
     if !caps.has_pagemap_scan() {
         return Err(TrackError::Unsupported {
             backend: "uffd_wp_async",

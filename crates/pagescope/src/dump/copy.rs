@@ -10,13 +10,13 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use super::DumpError;
-use super::remote::RemoteMem;
-use crate::pagemap::{PagemapEntry, PagemapFlags};
 use super::model::{ObjectModel, VmaModel};
+use super::remote::RemoteMem;
 use crate::addr::PageSize;
 use crate::image::format::{DedupRef, PageKind};
 use crate::image::read::{Image, PageFill};
 use crate::image::write::{ImageWriter, Store};
+use crate::pagemap::{PagemapEntry, PagemapFlags};
 
 /// Bytes read per `process_vm_readv` / `pread`.
 const BATCH_BYTES: usize = 4 << 20;
@@ -140,7 +140,9 @@ pub fn own(
         mem,
     };
     let per_batch = BATCH_BYTES / p;
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_WORKERS);
     let mut done = Done::default();
     let out = if frames.is_some() || workers < 2 || pages.len() < 4 * per_batch {
         let mut w = Worker::new(p);
@@ -217,7 +219,8 @@ fn parallel(
                     let mut d = Done::default();
                     for batch in part.chunks(per_batch) {
                         w.batch(job, batch, None, &mut d)?;
-                        progress.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        progress
+                            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     }
                     Ok((w.copied, d))
                 })
@@ -227,7 +230,8 @@ fn parallel(
         let mut reported = 0;
         for batch in first.chunks(per_batch) {
             w.batch(job, batch, None, done)?;
-            let all = progress.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed) + batch.len() as u64;
+            let all = progress.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed)
+                + batch.len() as u64;
             (sink.tick)(all - reported);
             reported = all;
         }
@@ -266,7 +270,10 @@ impl Worker {
     ) -> Result<(), DumpError> {
         let p = self.p;
         let store = job.store;
-        let addrs: Vec<u64> = batch.iter().map(|&i| job.vma_start + job.page.bytes(i)).collect();
+        let addrs: Vec<u64> = batch
+            .iter()
+            .map(|&i| job.vma_start + job.page.bytes(i))
+            .collect();
         let read = job.mem.read(&addrs, &mut self.buf[..batch.len() * p])?;
         let mut pending: Option<(u64, usize, u64)> = None;
         for (k, &i) in batch.iter().enumerate() {
@@ -301,7 +308,9 @@ impl Worker {
                 // Consecutive pages go out in one write (tree mode writes
                 // at once: a dedup check may read this page back).
                 match pending {
-                    Some((first, from, n)) if first + n == i && from + n as usize == k && frames.is_none() => {
+                    Some((first, from, n))
+                        if first + n == i && from + n as usize == k && frames.is_none() =>
+                    {
                         pending = Some((first, from, n + 1));
                     }
                     _ => {
@@ -332,7 +341,12 @@ impl Worker {
 
 /// Writes the run of `n` pages starting at store page `first`, which sit
 /// in `buf` from page `from` on.
-fn flush(store: &Store, buf: &[u8], p: usize, run: Option<(u64, usize, u64)>) -> Result<(), DumpError> {
+fn flush(
+    store: &Store,
+    buf: &[u8],
+    p: usize,
+    run: Option<(u64, usize, u64)>,
+) -> Result<(), DumpError> {
     if let Some((first, from, n)) = run {
         store.write(first, &buf[from * p..(from + n as usize) * p])?;
     }
@@ -398,8 +412,12 @@ pub fn object(
         if ix >= o.kinds.len() {
             continue;
         }
-        let n = pread_page(o.fd.as_fd(), &mut buf, page.bytes(i))
-            .map_err(|source| DumpError::ObjectRead { inode: o.id.inode, source })?;
+        let n = pread_page(o.fd.as_fd(), &mut buf, page.bytes(i)).map_err(|source| {
+            DumpError::ObjectRead {
+                inode: o.id.inode,
+                source,
+            }
+        })?;
         buf[n..].fill(0);
         out.pages += 1;
         let kind = if buf.iter().all(|&b| b == 0) {

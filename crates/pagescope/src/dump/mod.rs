@@ -249,10 +249,18 @@ fn relative_to(parent: &Path, out: &Path) -> String {
     if parent.is_absolute() {
         return parent.display().to_string();
     }
-    let abs = |p: &Path| std::env::current_dir().map(|c| c.join(p)).unwrap_or_else(|_| p.to_owned());
+    let abs = |p: &Path| {
+        std::env::current_dir()
+            .map(|c| c.join(p))
+            .unwrap_or_else(|_| p.to_owned())
+    };
     let (p, o) = (abs(parent), abs(out));
     let depth = o.components().count();
-    let common = p.components().zip(o.components()).take_while(|(a, b)| a == b).count();
+    let common = p
+        .components()
+        .zip(o.components())
+        .take_while(|(a, b)| a == b)
+        .count();
     let mut rel = PathBuf::new();
     for _ in common..depth {
         rel.push("..");
@@ -262,4 +270,3 @@ fn relative_to(parent: &Path, out: &Path) -> String {
     }
     rel.display().to_string()
 }
-

@@ -171,7 +171,9 @@ pub fn runs_of(kinds: &[PageKind]) -> Vec<Run> {
     for (i, &k) in kinds.iter().enumerate() {
         let i = i as u64;
         match out.last_mut() {
-            Some(r) if r.kind == k && r.first + r.count == i && k != PageKind::Dedup => r.count += 1,
+            Some(r) if r.kind == k && r.first + r.count == i && k != PageKind::Dedup => {
+                r.count += 1
+            }
             _ => out.push(Run {
                 first: i,
                 count: 1,
@@ -188,6 +190,10 @@ pub fn pages_in(v: &Vma, r: VirtRange, page: PageSize) -> std::ops::Range<u64> {
     let Some(part) = v.range.intersect(&r) else {
         return 0..0;
     };
-    let first = part.start().checked_offset_from(v.range.start()).unwrap_or(0) / page.get();
+    let first = part
+        .start()
+        .checked_offset_from(v.range.start())
+        .unwrap_or(0)
+        / page.get();
     first..first + part.pages(page)
 }

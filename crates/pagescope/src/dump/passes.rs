@@ -14,10 +14,11 @@ use super::stop::Stopped;
 use super::{DumpError, DumpEvent, DumpOptions, DumpReport, Iteration};
 use crate::addr::{PageSize, PageSpan, VirtAddr, VirtRange};
 use crate::dirty::{
-    Adopt, DirtyReport, DirtyTracker, TrackOptions, TrackerBackend, WriteSource, attach, attach_owned,
+    Adopt, DirtyReport, DirtyTracker, TrackOptions, TrackerBackend, WriteSource, attach,
+    attach_owned,
 };
-use crate::image::format::{DedupRef, FileIdentity, KeptTracking, Meta, PageKind, ProcessRec};
 use crate::error::ErrorKind;
+use crate::image::format::{DedupRef, FileIdentity, KeptTracking, Meta, PageKind, ProcessRec};
 use crate::image::{Image, ImageWriter};
 use crate::kernel::KernelCaps;
 use crate::proc::Target;
@@ -130,7 +131,11 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                     Err(_) => continue, // exited since it was listed
                 }
             };
-            let adopt = if i == 0 { self.adoptable(t.get())? } else { None };
+            let adopt = if i == 0 {
+                self.adoptable(t.get())?
+            } else {
+                None
+            };
             let opts = TrackOptions {
                 keep_in_target: i == 0 && self.opts.keep_tracking,
                 adopt: adopt.clone(),
@@ -138,9 +143,16 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             };
             let tracker = match self.tracker(&t, &opts) {
                 Ok(tr) => tr,
-                Err(e) if matches!(e.kind(), ErrorKind::Busy | ErrorKind::Unsupported | ErrorKind::PermissionDenied) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Busy | ErrorKind::Unsupported | ErrorKind::PermissionDenied
+                    ) =>
+                {
                     // One stopped pass still makes a consistent image.
-                    self.notes.push(format!("process {pid}: no write tracking ({e}): no pre-copy"));
+                    self.notes.push(format!(
+                        "process {pid}: no write tracking ({e}): no pre-copy"
+                    ));
                     let all = TrackOptions {
                         backend: Some(TrackerBackend::AllDirty),
                         ..TrackOptions::default()
@@ -167,10 +179,18 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         Ok(())
     }
 
-    fn tracker(&self, t: &ProcTarget<'t>, opts: &TrackOptions) -> Result<Box<dyn DirtyTracker + 't>, crate::dirty::TrackError> {
+    fn tracker(
+        &self,
+        t: &ProcTarget<'t>,
+        opts: &TrackOptions,
+    ) -> Result<Box<dyn DirtyTracker + 't>, crate::dirty::TrackError> {
         match t {
             ProcTarget::Borrowed(b) => attach(b, self.caps, opts),
-            ProcTarget::Owned(o) => attach_owned(Target::open(o.pid()).map_err(crate::dirty::TrackError::from)?, self.caps, opts),
+            ProcTarget::Owned(o) => attach_owned(
+                Target::open(o.pid()).map_err(crate::dirty::TrackError::from)?,
+                self.caps,
+                opts,
+            ),
         }
     }
 
@@ -195,7 +215,10 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             .filter(|v| v.backing != Backing::Special.name())
             .filter_map(|v| VirtRange::new(VirtAddr::new(v.start), VirtAddr::new(v.end)))
             .collect();
-        Ok(Some(Adopt { fd: k.fd, registered }))
+        Ok(Some(Adopt {
+            fd: k.fd,
+            registered,
+        }))
     }
 
     /// Copies everything: with an adopted tracker, only what changed since
@@ -232,7 +255,11 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
     /// Pre-copy rounds: copy what was written, until the written set stops
     /// shrinking, a limit is hit, or the rest fits in `max_downtime`.
     pub(super) fn precopy(&mut self, its: &mut Vec<Iteration>) -> Result<(), DumpError> {
-        if let Some(p) = self.procs.iter().find(|p| p.tracker.backend() == TrackerBackend::AllDirty) {
+        if let Some(p) = self
+            .procs
+            .iter()
+            .find(|p| p.tracker.backend() == TrackerBackend::AllDirty)
+        {
             self.notes.push(format!(
                 "process {}: no write tracking, so no pre-copy (every page would count as written)",
                 p.pid
@@ -245,7 +272,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             if start.elapsed() >= self.opts.max_time {
                 break;
             }
-            let it = self.copy_written(n as u32, false)?;
+            let it = self.copy_written(n, false)?;
             (self.progress)(DumpEvent::Iteration(&it));
             let written = it.written_pages;
             let fits = self
@@ -284,7 +311,8 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         let t0 = Instant::now();
         let mut stopped = Vec::with_capacity(self.procs.len());
         for p in &self.procs {
-            let s = Stopped::stop(p.target.get()).map_err(|source| DumpError::Stop { pid: p.pid, source })?;
+            let s = Stopped::stop(p.target.get())
+                .map_err(|source| DumpError::Stop { pid: p.pid, source })?;
             stopped.push(s);
         }
         let it = self.copy_written(n, true)?;
@@ -309,10 +337,13 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         let mut written_pages = 0;
         for i in 0..self.procs.len() {
             let pid = self.procs[i].pid;
-            let report = self.procs[i].tracker.collect().map_err(|e| match e.kind() {
-                crate::error::ErrorKind::TargetExited => DumpError::Exited { pid },
-                _ => DumpError::Track(e),
-            })?;
+            let report = self.procs[i]
+                .tracker
+                .collect()
+                .map_err(|e| match e.kind() {
+                    crate::error::ErrorKind::TargetExited => DumpError::Exited { pid },
+                    _ => DumpError::Track(e),
+                })?;
             written_pages += report.pages();
             let fresh = self.reconcile(i, &report)?;
             self.route(i, &report.ranges(), &fresh, &mut plan)?;
@@ -398,7 +429,10 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 }
                 continue;
             }
-            let pages: Vec<u64> = parts.into_iter().flat_map(|r| pages_in(&m.vma, r, page)).collect();
+            let pages: Vec<u64> = parts
+                .into_iter()
+                .flat_map(|r| pages_in(&m.vma, r, page))
+                .collect();
             plan.own.push((i, k, pages));
         }
         Ok(())
@@ -433,14 +467,23 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 return Ok(copied);
             }
             let mut by_vma: BTreeMap<(u32, u64), Vec<u64>> = BTreeMap::new();
-            for DedupRef { pid, vma_start, page } in stale {
+            for DedupRef {
+                pid,
+                vma_start,
+                page,
+            } in stale
+            {
                 by_vma.entry((pid, vma_start)).or_default().push(page);
             }
             for ((pid, start), mut pages) in by_vma {
                 let Some(i) = self.procs.iter().position(|p| p.pid == pid) else {
                     continue;
                 };
-                let Some(k) = self.procs[i].vmas.iter().position(|m| m.vma.range.start().get() == start) else {
+                let Some(k) = self.procs[i]
+                    .vmas
+                    .iter()
+                    .position(|m| m.vma.range.start().get() == start)
+                else {
                     continue;
                 };
                 pages.sort_unstable();
@@ -495,7 +538,8 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 PageSpan::new(p.start, p.end)
             })
             .collect();
-        let (copy, keep): (Vec<u64>, Vec<u64>) = own.into_iter().partition(|&p| written.contains(p));
+        let (copy, keep): (Vec<u64>, Vec<u64>) =
+            own.into_iter().partition(|&p| written.contains(p));
         for p in keep {
             if let Some(k) = m.kinds.get_mut(usize::try_from(p).unwrap_or(usize::MAX)) {
                 *k = PageKind::InParent;
@@ -511,12 +555,20 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         };
         let span = m.vma.object_span(m.vma.range, self.page);
         if !self.objects.contains_key(&id) {
-            let o = crate::object::open_object(self.procs[i].target.get(), &m.vma, self.caps.map_files)?;
+            let o = crate::object::open_object(
+                self.procs[i].target.get(),
+                &m.vma,
+                self.caps.map_files,
+            )?;
             let written_through = m.vma.is_shared() && m.vma.perms.write;
             let by_identity = !self.opts.copy_files
                 && !written_through
                 && m.vma.object_class() == Some(ObjectClass::File);
-            let file = if by_identity { identity(&o.fd, &m.vma.path.display()) } else { None };
+            let file = if by_identity {
+                identity(&o.fd, &m.vma.path.display())
+            } else {
+                None
+            };
             self.objects.insert(
                 id,
                 ObjectModel {
@@ -535,8 +587,13 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             return Ok(());
         };
         if span.end() > o.pages {
-            let fill = if o.file.is_some() { PageKind::File } else { PageKind::Hole };
-            o.kinds.resize(usize::try_from(span.end()).unwrap_or(0), fill);
+            let fill = if o.file.is_some() {
+                PageKind::File
+            } else {
+                PageKind::Hole
+            };
+            o.kinds
+                .resize(usize::try_from(span.end()).unwrap_or(0), fill);
             o.pages = span.end();
             if let Some(s) = &o.store {
                 s.grow(o.pages)?;
@@ -556,15 +613,20 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             return Ok(Vec::new());
         }
         let span = span.unwrap_or_else(|| PageSpan::new(0, o.pages).unwrap_or_default());
-        let data = crate::object::extents::data_extents(o.fd.as_fd(), span, page)
-            .map_err(|e| DumpError::ObjectRead {
+        let data = crate::object::extents::data_extents(o.fd.as_fd(), span, page).map_err(|e| {
+            DumpError::ObjectRead {
                 inode: id.inode,
                 source: e.into(),
-            })?;
+            }
+        })?;
         for p in span.start()..span.end().min(o.pages) {
             o.kinds[usize::try_from(p).unwrap_or(0)] = PageKind::Hole;
         }
-        Ok(data.ranges().iter().flat_map(|r| r.start()..r.end()).collect())
+        Ok(data
+            .ranges()
+            .iter()
+            .flat_map(|r| r.start()..r.end())
+            .collect())
     }
 
     /// Copies own pages `pages` of mapping `k` of process `i`.
@@ -599,15 +661,26 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 *kind = PageKind::Data;
             }
         }
-        let parent = match parent.as_ref().filter(|p| compare && find_parent_vma(p, pid, m).is_some()) {
+        let parent = match parent
+            .as_ref()
+            .filter(|p| compare && find_parent_vma(p, pid, m).is_some())
+        {
             Some(p) => Parent::Vma(p, pid, m.vma.range.start().get()),
             None => Parent::None,
         };
         let mut tick = |n: u64| {
             *done += n;
-            progress(DumpEvent::Progress { pass, done: *done, total });
+            progress(DumpEvent::Progress {
+                pass,
+                done: *done,
+                total,
+            });
         };
-        let mut sink = Sink { writer, page, tick: &mut tick };
+        let mut sink = Sink {
+            writer,
+            page,
+            tick: &mut tick,
+        };
         let frames = frames.as_mut().filter(|_| dedup);
         copy::own(pid, m, pages, &mut sink, &parent, frames, mem)
     }
@@ -642,9 +715,17 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         };
         let mut tick = |n: u64| {
             *done += n;
-            progress(DumpEvent::Progress { pass, done: *done, total });
+            progress(DumpEvent::Progress {
+                pass,
+                done: *done,
+                total,
+            });
         };
-        let mut sink = Sink { writer, page, tick: &mut tick };
+        let mut sink = Sink {
+            writer,
+            page,
+            tick: &mut tick,
+        };
         copy::object(o, pages, &mut sink, &parent)
     }
 
@@ -652,7 +733,10 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
     fn parent_object(&self, id: ObjectId) -> Option<usize> {
         let p = self.parent.as_ref()?;
         let dev = id.dev.to_string();
-        p.meta().objects.iter().position(|o| o.dev == dev && o.inode == id.inode)
+        p.meta()
+            .objects
+            .iter()
+            .position(|o| o.dev == dev && o.inode == id.inode)
     }
 
     /// The statistics of a pass that started at `t0`.
@@ -676,14 +760,26 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             bytes: copied.pages * page,
             seconds: t0.elapsed().as_secs_f64(),
             written_pages,
-            dirty_rate_mib_s: if secs > 0.0 { written_bytes / secs / f64::from(1 << 20) } else { 0.0 },
-            predicted_downtime_s: if self.rate > 0.0 { written_bytes / self.rate } else { 0.0 },
+            dirty_rate_mib_s: if secs > 0.0 {
+                written_bytes / secs / f64::from(1 << 20)
+            } else {
+                0.0
+            },
+            predicted_downtime_s: if self.rate > 0.0 {
+                written_bytes / self.rate
+            } else {
+                0.0
+            },
         }
     }
 
     /// Writes the metadata and commits the image; closes a kept
     /// userfaultfd that is not wanted any more.
-    pub(super) fn finish(mut self, iterations: Vec<Iteration>, stopped_s: f64) -> Result<DumpReport, DumpError> {
+    pub(super) fn finish(
+        mut self,
+        iterations: Vec<Iteration>,
+        stopped_s: f64,
+    ) -> Result<DumpReport, DumpError> {
         let mut index = BTreeMap::new();
         let objects = self
             .objects
@@ -769,7 +865,11 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
 
 /// The parent's record of the mapping `m` of process `pid`, if it is the
 /// same mapping.
-fn find_parent_vma<'i>(parent: &'i Image, pid: u32, m: &VmaModel) -> Option<&'i crate::image::format::VmaRec> {
+fn find_parent_vma<'i>(
+    parent: &'i Image,
+    pid: u32,
+    m: &VmaModel,
+) -> Option<&'i crate::image::format::VmaRec> {
     parent.process(pid)?.vmas.iter().find(|v| {
         v.start == m.vma.range.start().get()
             && v.end == m.vma.range.end().get()

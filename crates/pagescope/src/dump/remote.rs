@@ -96,8 +96,9 @@ impl RemoteMem {
     /// Pagemap entries of `count` pages from `addr`.
     fn entries(&self, addr: u64, count: usize) -> Result<Vec<PagemapEntry>, DumpError> {
         let mut raw = vec![0u64; count];
-        let got = crate::sys::pagemap::pread_u64s(self.pagemap.as_fd(), &mut raw, addr / self.page.get())
-            .map_err(|e| self.error(e.into()))?;
+        let got =
+            crate::sys::pagemap::pread_u64s(self.pagemap.as_fd(), &mut raw, addr / self.page.get())
+                .map_err(|e| self.error(e.into()))?;
         if got < count {
             return Err(DumpError::Exited { pid: self.pid });
         }
@@ -122,7 +123,10 @@ impl RemoteMem {
         if source.raw_os_error() == Some(libc::ESRCH) {
             return DumpError::Exited { pid: self.pid };
         }
-        DumpError::Read { pid: self.pid, source }
+        DumpError::Read {
+            pid: self.pid,
+            source,
+        }
     }
 }
 
@@ -140,7 +144,13 @@ fn runs(addrs: &[u64], page: u64) -> Vec<(usize, usize)> {
 
 /// Appends a page to the scatter list, merging with the previous range
 /// when both the remote and local sides are contiguous.
-fn push_merged(remote: &mut Vec<(u64, usize)>, at: &mut Vec<usize>, addr: u64, off: usize, p: usize) {
+fn push_merged(
+    remote: &mut Vec<(u64, usize)>,
+    at: &mut Vec<usize>,
+    addr: u64,
+    off: usize,
+    p: usize,
+) {
     if let (Some((a, len)), Some(&o)) = (remote.last_mut(), at.last()) {
         if *a + *len as u64 == addr && o + *len == off {
             *len += p;

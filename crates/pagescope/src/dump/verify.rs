@@ -78,7 +78,11 @@ impl VerifyReport {
 }
 
 /// Compares `image`'s record of `target` (same PID) with its memory.
-pub fn verify(target: &Target, caps: &KernelCaps, image: &Image) -> Result<VerifyReport, DumpError> {
+pub fn verify(
+    target: &Target,
+    caps: &KernelCaps,
+    image: &Image,
+) -> Result<VerifyReport, DumpError> {
     let pid = target.pid();
     let page = caps.page_size;
     let rec = image.process(pid).ok_or_else(|| {
@@ -95,13 +99,18 @@ pub fn verify(target: &Target, caps: &KernelCaps, image: &Image) -> Result<Verif
             ..ScanOptions::default()
         },
     )?;
-    let models: Vec<VmaModel> = live.vmas.iter().map(|v| VmaModel::from_report(v, page)).collect();
+    let models: Vec<VmaModel> = live
+        .vmas
+        .iter()
+        .map(|v| VmaModel::from_report(v, page))
+        .collect();
     let mem = RemoteMem::open(target, page)?;
     let mut out = VerifyReport::default();
     let mut objects_done = Vec::new();
     for v in &rec.vmas {
         let Some(m) = models.iter().find(|m| same(m, v)) else {
-            out.missing.push(format!("{:#x}-{:#x} {}", v.start, v.end, v.path));
+            out.missing
+                .push(format!("{:#x}-{:#x} {}", v.start, v.end, v.path));
             continue;
         };
         if m.vma.backing == Backing::Special {
@@ -217,6 +226,9 @@ fn verify_object(
             bad.push(i);
         }
     }
-    out.record(|| format!("object {} inode {} ({})", o.dev, o.inode, o.path), &bad);
+    out.record(
+        || format!("object {} inode {} ({})", o.dev, o.inode, o.path),
+        &bad,
+    );
     Ok(())
 }

@@ -281,19 +281,25 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, HeaderFault> {
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
     if version != VERSION {
-        return Err(fault(8, &format!("format version {version}, this pagescope reads {VERSION}")));
+        return Err(fault(
+            8,
+            &format!("format version {version}, this pagescope reads {VERSION}"),
+        ));
     }
     let len = u32::from_le_bytes(bytes[12..16].try_into().unwrap_or_default()) as usize;
     if bytes.len() != 16 + len + 8 {
-        return Err(fault(12, "header length does not match the file (truncated?)"));
+        return Err(fault(
+            12,
+            "header length does not match the file (truncated?)",
+        ));
     }
     let body = &bytes[16..16 + len];
     let sum = u64::from_le_bytes(bytes[16 + len..].try_into().unwrap_or_default());
     if sum != file_sum(body) {
         return Err(fault(16 + len, "header checksum mismatch"));
     }
-    let h: Header =
-        serde_json::from_slice(body).map_err(|e| fault(16 + e.column(), &format!("header: {e}")))?;
+    let h: Header = serde_json::from_slice(body)
+        .map_err(|e| fault(16 + e.column(), &format!("header: {e}")))?;
     if h.format_version != VERSION || !h.page_size.is_power_of_two() {
         return Err(fault(16, "header fields out of range"));
     }
@@ -328,11 +334,17 @@ mod tests {
             for bit in 0..8 {
                 let mut b = bytes.clone();
                 b[i] ^= 1 << bit;
-                assert!(decode_header(&b).is_err(), "flip at byte {i} bit {bit} accepted");
+                assert!(
+                    decode_header(&b).is_err(),
+                    "flip at byte {i} bit {bit} accepted"
+                );
             }
         }
         for n in 0..bytes.len() {
-            assert!(decode_header(&bytes[..n]).is_err(), "truncated to {n} accepted");
+            assert!(
+                decode_header(&bytes[..n]).is_err(),
+                "truncated to {n} accepted"
+            );
         }
     }
 

@@ -2,8 +2,8 @@
 //! of one process or a tree of them (`pagescope dump`), with a reader that
 //! rejects any corrupt or truncated image before anything is applied.
 //!
-//! * [`format`]: the records and the bytes (`docs/image-format.md`).
-//! * [`write`]: [`ImageWriter`]: page data at fixed offsets per mapping or
+//! * [`mod@format`]: the records and the bytes (`docs/image-format.md`).
+//! * [`mod@write`]: [`ImageWriter`]: page data at fixed offsets per mapping or
 //!   object (sparse files, rewritten in place when a page is written
 //!   again, so an image is never larger than the memory it covers and
 //!   several workers can write at once), committed atomically (temporary

@@ -70,7 +70,11 @@ impl Image {
         let meta_path = dir.join(META_FILE);
         let meta_bytes = read_bounded(&meta_path, MAX_META_BYTES.min(header.meta_len))?;
         if meta_bytes.len() as u64 != header.meta_len {
-            return Err(corrupt(&meta_path, meta_bytes.len() as u64, "shorter than the header says (truncated)"));
+            return Err(corrupt(
+                &meta_path,
+                meta_bytes.len() as u64,
+                "shorter than the header says (truncated)",
+            ));
         }
         if format::file_sum(&meta_bytes) != header.meta_xxh3 {
             return Err(corrupt(&meta_path, 0, "checksum mismatch"));
@@ -144,7 +148,13 @@ impl Image {
 
     /// Page `page` of the VMA starting at `start` in process `pid`, into
     /// `buf` (one page).
-    pub fn vma_page(&self, pid: u32, start: u64, page: u64, buf: &mut [u8]) -> Result<PageFill, ImageError> {
+    pub fn vma_page(
+        &self,
+        pid: u32,
+        start: u64,
+        page: u64,
+        buf: &mut [u8],
+    ) -> Result<PageFill, ImageError> {
         let v = self
             .process(pid)
             .and_then(|p| p.vmas.iter().find(|v| v.start == start))
@@ -154,15 +164,27 @@ impl Image {
         match run_at(&v.runs, page).map(|r| (r.kind, r)) {
             Some((PageKind::InParent, _)) => match &self.parent {
                 Some(parent) => parent.vma_page(pid, start, page, buf),
-                None => Err(corrupt(&self.dir.join(META_FILE), 0, "in-parent page without a parent")),
+                None => Err(corrupt(
+                    &self.dir.join(META_FILE),
+                    0,
+                    "in-parent page without a parent",
+                )),
             },
             Some((PageKind::Object, _)) => {
-                let o = v.object.ok_or_else(|| corrupt(&self.dir.join(META_FILE), 0, "object page of a mapping without an object"))?;
+                let o = v.object.ok_or_else(|| {
+                    corrupt(
+                        &self.dir.join(META_FILE),
+                        0,
+                        "object page of a mapping without an object",
+                    )
+                })?;
                 let first = v.offset / self.header.page_size;
                 self.object_page(o, first + page, buf)
             }
             Some((PageKind::Dedup, r)) => {
-                let from = r.from.ok_or_else(|| corrupt(&self.dir.join(META_FILE), 0, "dedup run without a source"))?;
+                let from = r.from.ok_or_else(|| {
+                    corrupt(&self.dir.join(META_FILE), 0, "dedup run without a source")
+                })?;
                 self.vma_page(from.pid, from.vma_start, from.page + (page - r.first), buf)
             }
             Some((kind, _)) => self.fill(kind, v.store.as_deref(), page, buf),
@@ -171,19 +193,40 @@ impl Image {
     }
 
     /// Page `page` of object `index` (in [`Meta::objects`]), into `buf`.
-    pub fn object_page(&self, index: usize, page: u64, buf: &mut [u8]) -> Result<PageFill, ImageError> {
-        let o = self.meta.objects.get(index).ok_or_else(|| ImageError::NotFound {
-            what: format!("object {index}"),
-        })?;
+    pub fn object_page(
+        &self,
+        index: usize,
+        page: u64,
+        buf: &mut [u8],
+    ) -> Result<PageFill, ImageError> {
+        let o = self
+            .meta
+            .objects
+            .get(index)
+            .ok_or_else(|| ImageError::NotFound {
+                what: format!("object {index}"),
+            })?;
         match run_at(&o.runs, page).map(|r| r.kind) {
             Some(PageKind::InParent) => {
-                let parent = self.parent.as_ref().ok_or_else(|| corrupt(&self.dir.join(META_FILE), 0, "in-parent page without a parent"))?;
+                let parent = self.parent.as_ref().ok_or_else(|| {
+                    corrupt(
+                        &self.dir.join(META_FILE),
+                        0,
+                        "in-parent page without a parent",
+                    )
+                })?;
                 let i = parent
                     .meta
                     .objects
                     .iter()
                     .position(|p| p.dev == o.dev && p.inode == o.inode)
-                    .ok_or_else(|| corrupt(&parent.dir.join(META_FILE), 0, "object missing from the parent"))?;
+                    .ok_or_else(|| {
+                        corrupt(
+                            &parent.dir.join(META_FILE),
+                            0,
+                            "object missing from the parent",
+                        )
+                    })?;
                 parent.object_page(i, page, buf)
             }
             Some(PageKind::File) => read_file_page(o, page, buf),
@@ -193,19 +236,29 @@ impl Image {
     }
 
     /// A page of a store (for `Data`), or what its kind reads as.
-    fn fill(&self, kind: PageKind, store: Option<&str>, page: u64, buf: &mut [u8]) -> Result<PageFill, ImageError> {
+    fn fill(
+        &self,
+        kind: PageKind,
+        store: Option<&str>,
+        page: u64,
+        buf: &mut [u8],
+    ) -> Result<PageFill, ImageError> {
         match kind {
             PageKind::Zero => Ok(PageFill::Zero),
             PageKind::Hole => Ok(PageFill::Hole),
             PageKind::Swapped => Ok(PageFill::NotCopied),
             PageKind::Data => {
-                let s = store
-                    .and_then(|n| self.stores.get(n))
-                    .ok_or_else(|| corrupt(&self.dir.join(META_FILE), 0, "data page without a store"))?;
+                let s = store.and_then(|n| self.stores.get(n)).ok_or_else(|| {
+                    corrupt(&self.dir.join(META_FILE), 0, "data page without a store")
+                })?;
                 let off = page * self.header.page_size;
                 let sum = s.sums.get(page as usize).copied().unwrap_or(0);
                 if sum == 0 {
-                    return Err(corrupt(&s.path, off, "page recorded as data is not in the store"));
+                    return Err(corrupt(
+                        &s.path,
+                        off,
+                        "page recorded as data is not in the store",
+                    ));
                 }
                 s.file
                     .read_exact_at(buf, off)
@@ -215,7 +268,11 @@ impl Image {
                 }
                 Ok(PageFill::Data)
             }
-            _ => Err(corrupt(&self.dir.join(META_FILE), 0, "page kind not valid here")),
+            _ => Err(corrupt(
+                &self.dir.join(META_FILE),
+                0,
+                "page kind not valid here",
+            )),
         }
     }
 }
@@ -265,10 +322,17 @@ fn validate(path: &Path, meta: &Meta) -> Result<(), ImageError> {
     let has_store = |n: &Option<String>| n.as_deref().is_none_or(|n| stores.contains(&n));
     for p in &meta.processes {
         for v in &p.vmas {
-            if v.end <= v.start || !has_store(&v.store) || v.object.is_some_and(|o| o >= meta.objects.len()) {
-                return Err(bad(format!("mapping {:#x}-{:#x} of process {} malformed", v.start, v.end, p.pid)));
+            if v.end <= v.start
+                || !has_store(&v.store)
+                || v.object.is_some_and(|o| o >= meta.objects.len())
+            {
+                return Err(bad(format!(
+                    "mapping {:#x}-{:#x} of process {} malformed",
+                    v.start, v.end, p.pid
+                )));
             }
-            check_runs(&v.runs, u64::MAX).map_err(|w| bad(format!("process {} mapping {:#x}: {w}", p.pid, v.start)))?;
+            check_runs(&v.runs, u64::MAX)
+                .map_err(|w| bad(format!("process {} mapping {:#x}: {w}", p.pid, v.start)))?;
         }
     }
     for o in &meta.objects {
@@ -284,7 +348,10 @@ fn check_runs(runs: &[Run], limit: u64) -> Result<(), String> {
     let mut end = 0;
     for r in runs {
         if r.count == 0 || r.first < end || r.first.checked_add(r.count).is_none_or(|e| e > limit) {
-            return Err(format!("run at page {} overlaps or exceeds its bounds", r.first));
+            return Err(format!(
+                "run at page {} overlaps or exceeds its bounds",
+                r.first
+            ));
         }
         end = r.first + r.count;
     }
@@ -293,12 +360,19 @@ fn check_runs(runs: &[Run], limit: u64) -> Result<(), String> {
 
 /// Opens every store: its pages file (no larger than the store) and its
 /// sums file (exactly 8 bytes a page, checksum as recorded).
-fn open_stores(dir: &Path, header: &Header, meta: &Meta) -> Result<HashMap<String, StoreReader>, ImageError> {
+fn open_stores(
+    dir: &Path,
+    header: &Header,
+    meta: &Meta,
+) -> Result<HashMap<String, StoreReader>, ImageError> {
     let mut out = HashMap::new();
     for s in &meta.stores {
         let path = dir.join(DATA_DIR).join(format!("{}.pages", s.name));
         let file = File::open(&path).map_err(ImageError::io("open", &path))?;
-        let size = file.metadata().map_err(ImageError::io("stat", &path))?.len();
+        let size = file
+            .metadata()
+            .map_err(ImageError::io("stat", &path))?
+            .len();
         let limit = (s.pages + 1) * header.page_size;
         if size > limit {
             return Err(ImageError::TooLarge { path, size, limit });
@@ -311,12 +385,20 @@ fn open_stores(dir: &Path, header: &Header, meta: &Meta) -> Result<HashMap<Strin
         file.read_exact_at(&mut trailer, s.pages * header.page_size)
             .map_err(ImageError::io("read", &path))?;
         if trailer != format::data_trailer(&header.image_id, &s.name, p) {
-            return Err(corrupt(&path, s.pages * header.page_size, "data file of another image or store"));
+            return Err(corrupt(
+                &path,
+                s.pages * header.page_size,
+                "data file of another image or store",
+            ));
         }
         let sums_path = path.with_extension("sums");
         let bytes = read_bounded(&sums_path, s.pages * 8)?;
         if bytes.len() as u64 != s.pages * 8 {
-            return Err(corrupt(&sums_path, bytes.len() as u64, "shorter than the store (truncated)"));
+            return Err(corrupt(
+                &sums_path,
+                bytes.len() as u64,
+                "shorter than the store (truncated)",
+            ));
         }
         if format::file_sum(&bytes) != s.sums_xxh3 {
             return Err(corrupt(&sums_path, 0, "checksum mismatch"));
@@ -330,13 +412,21 @@ fn open_stores(dir: &Path, header: &Header, meta: &Meta) -> Result<HashMap<Strin
     Ok(out)
 }
 
-fn open_parent(dir: &Path, header: &Header, depth: usize) -> Result<Option<Box<Image>>, ImageError> {
+fn open_parent(
+    dir: &Path,
+    header: &Header,
+    depth: usize,
+) -> Result<Option<Box<Image>>, ImageError> {
     let Some(p) = &header.parent else {
         return Ok(None);
     };
     let path = dir.join(&p.path);
     if depth >= MAX_CHAIN {
-        return Err(corrupt(&dir.join(HEADER_FILE), 0, "parent chain too long (a loop?)"));
+        return Err(corrupt(
+            &dir.join(HEADER_FILE),
+            0,
+            "parent chain too long (a loop?)",
+        ));
     }
     if !path.join(HEADER_FILE).exists() {
         return Err(ImageError::ParentMissing {
@@ -353,7 +443,11 @@ fn open_parent(dir: &Path, header: &Header, depth: usize) -> Result<Option<Box<I
         });
     }
     if parent.header.page_size != header.page_size {
-        return Err(corrupt(&path.join(HEADER_FILE), 0, "parent has another page size"));
+        return Err(corrupt(
+            &path.join(HEADER_FILE),
+            0,
+            "parent has another page size",
+        ));
     }
     Ok(Some(Box::new(parent)))
 }

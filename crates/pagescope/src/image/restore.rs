@@ -84,7 +84,11 @@ impl Image {
 
     /// Writes `region` into `dst` (exactly its length): the memory as it
     /// was (zeros where nothing was, or where the page was not copied).
-    pub fn apply_to_slice(&self, region: Region, dst: &mut [u8]) -> Result<RestoreSummary, ImageError> {
+    pub fn apply_to_slice(
+        &self,
+        region: Region,
+        dst: &mut [u8],
+    ) -> Result<RestoreSummary, ImageError> {
         let p = self.page_size();
         let need = usize::try_from(self.region_pages(region)?).unwrap_or(usize::MAX) * p;
         if dst.len() != need {
@@ -105,13 +109,19 @@ impl Image {
 
     /// Writes `region` into the file (a memfd, say) `fd` from byte
     /// `offset`: data pages only, so holes stay holes in a fresh file.
-    pub fn apply_to_fd(&self, region: Region, fd: BorrowedFd<'_>, offset: u64) -> Result<RestoreSummary, ImageError> {
+    pub fn apply_to_fd(
+        &self,
+        region: Region,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+    ) -> Result<RestoreSummary, ImageError> {
         self.verify_data()?;
         let p = self.page_size() as u64;
         let mut sum = RestoreSummary::default();
         self.for_each_page(region, |i, fill, bytes| {
             if fill == PageFill::Data {
-                write_all_at(fd, bytes, offset + i * p).map_err(ImageError::io("write", "the destination fd"))?;
+                write_all_at(fd, bytes, offset + i * p)
+                    .map_err(ImageError::io("write", "the destination fd"))?;
             }
             count(&mut sum, fill);
             Ok(())
@@ -125,7 +135,9 @@ impl Image {
     /// directory first, renamed when complete.
     pub fn restore_to_dir(&self, out: &Path) -> Result<RestoreSummary, ImageError> {
         if out.exists() {
-            return Err(ImageError::NotEmpty { path: out.to_owned() });
+            return Err(ImageError::NotEmpty {
+                path: out.to_owned(),
+            });
         }
         self.verify_data()?;
         let tmp = out.with_extension("partial");
@@ -141,7 +153,8 @@ impl Image {
             let p = self.page_size() as u64;
             self.for_each_page(*region, |i, fill, bytes| {
                 if fill == PageFill::Data && bytes.iter().any(|&b| b != 0) {
-                    f.write_all_at(bytes, i * p).map_err(ImageError::io("write", &path))?;
+                    f.write_all_at(bytes, i * p)
+                        .map_err(ImageError::io("write", &path))?;
                 }
                 count(&mut sum, fill);
                 Ok(())
@@ -160,7 +173,10 @@ impl Image {
             for v in &p.vmas {
                 out.push((
                     format!("pid-{}-{:x}-{:x}.mem", p.pid, v.start, v.end),
-                    Region::Vma { pid: p.pid, start: v.start },
+                    Region::Vma {
+                        pid: p.pid,
+                        start: v.start,
+                    },
                 ));
             }
         }

@@ -49,7 +49,7 @@ impl Store {
         let p = usize::try_from(self.page.get()).unwrap_or(4096);
         let pages = (bytes.len() / p) as u64;
         let sums = self.sums();
-        if bytes.len() % p != 0 || first + pages > sums.len() as u64 {
+        if !bytes.len().is_multiple_of(p) || first + pages > sums.len() as u64 {
             return Err(ImageError::Corrupt {
                 path: self.path.clone(),
                 offset: self.page.bytes(first),
@@ -175,8 +175,7 @@ impl ImageWriter {
         parent: Option<(&Image, &str)>,
     ) -> Result<Self, ImageError> {
         if dir.exists() {
-            let mut entries =
-                std::fs::read_dir(dir).map_err(ImageError::io("list", dir))?;
+            let mut entries = std::fs::read_dir(dir).map_err(ImageError::io("list", dir))?;
             if entries.next().is_some() {
                 return Err(ImageError::NotEmpty {
                     path: dir.to_owned(),
@@ -243,7 +242,13 @@ impl ImageWriter {
     pub fn new_store(&self, prefix: &str, pages: u64) -> Result<Arc<Store>, ImageError> {
         let taken = |n: &str| self.existing(n).is_some();
         let name = (0..)
-            .map(|i| if i == 0 { prefix.to_owned() } else { format!("{prefix}.{i}") })
+            .map(|i| {
+                if i == 0 {
+                    prefix.to_owned()
+                } else {
+                    format!("{prefix}.{i}")
+                }
+            })
             .find(|n| !taken(n))
             .unwrap_or_else(|| prefix.to_owned());
         self.store(&name, pages)
@@ -297,7 +302,10 @@ impl ImageWriter {
 
 /// The stores `meta` refers to.
 fn referenced(meta: &Meta) -> std::collections::BTreeSet<&str> {
-    let vmas = meta.processes.iter().flat_map(|p| p.vmas.iter().map(|v| v.store.as_deref()));
+    let vmas = meta
+        .processes
+        .iter()
+        .flat_map(|p| p.vmas.iter().map(|v| v.store.as_deref()));
     let objects = meta.objects.iter().map(|o| o.store.as_deref());
     vmas.chain(objects).flatten().collect()
 }

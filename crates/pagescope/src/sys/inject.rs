@@ -262,7 +262,7 @@ impl Outcome {
             self.target_fd,
         ]
         .into_iter()
-            .enumerate()
+        .enumerate()
         {
             b[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
         }

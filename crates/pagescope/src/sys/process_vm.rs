@@ -21,8 +21,18 @@ pub const MAX_IOV: usize = 1024;
 /// the matching `at` offsets (one per range, each range in bounds), in as
 /// many calls as `MAX_IOV` requires. Returns the bytes read; fewer than
 /// asked means a range became unmapped (the read stops there).
-pub fn read_scattered(pid: i32, remote: &[(u64, usize)], at: &[usize], local: &mut [u8]) -> Result<usize, Errno> {
-    if remote.len() != at.len() || remote.iter().zip(at).any(|(r, &a)| a.checked_add(r.1).is_none_or(|e| e > local.len())) {
+pub fn read_scattered(
+    pid: i32,
+    remote: &[(u64, usize)],
+    at: &[usize],
+    local: &mut [u8],
+) -> Result<usize, Errno> {
+    if remote.len() != at.len()
+        || remote
+            .iter()
+            .zip(at)
+            .any(|(r, &a)| a.checked_add(r.1).is_none_or(|e| e > local.len()))
+    {
         return Err(Errno::INVAL);
     }
     let mut done = 0;
@@ -50,7 +60,14 @@ pub fn read_scattered(pid: i32, remote: &[(u64, usize)], at: &[usize], local: &m
         // exclusively borrowed; the remote iovecs only name addresses in
         // the other process, which the kernel checks.
         let n = unsafe {
-            libc::process_vm_readv(pid, liov.as_ptr(), liov.len() as libc::c_ulong, riov.as_ptr(), riov.len() as libc::c_ulong, 0)
+            libc::process_vm_readv(
+                pid,
+                liov.as_ptr(),
+                liov.len() as libc::c_ulong,
+                riov.as_ptr(),
+                riov.len() as libc::c_ulong,
+                0,
+            )
         };
         if n < 0 {
             return Err(super::last_errno());
