@@ -110,8 +110,8 @@ impl ImageError {
             Self::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
                 ErrorKind::PermissionDenied
             }
-            Self::Io { .. } | Self::NotFound { .. } => ErrorKind::Other,
-            Self::NotEmpty { .. } => ErrorKind::BadInput,
+            Self::Io { .. } => ErrorKind::Other,
+            Self::NotEmpty { .. } | Self::NotFound { .. } => ErrorKind::BadInput,
             Self::Corrupt { .. }
             | Self::TooLarge { .. }
             | Self::ParentMissing { .. }
