@@ -168,6 +168,30 @@ pub enum ImageCommand {
     },
 }
 
+/// `--swap`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum SwapArg {
+    /// Read swapped pages (swaps them in).
+    Read,
+    /// Record swapped pages as swapped-not-copied.
+    Skip,
+    /// Read them, then page them back out and verify.
+    KeepCold,
+    /// Read anonymous pages from the swap device (root).
+    Direct,
+}
+
+impl From<SwapArg> for pagescope::dump::SwapPolicy {
+    fn from(a: SwapArg) -> Self {
+        match a {
+            SwapArg::Read => Self::Read,
+            SwapArg::Skip => Self::Skip,
+            SwapArg::KeepCold => Self::KeepCold,
+            SwapArg::Direct => Self::Direct,
+        }
+    }
+}
+
 /// Options of `pagescope dump`.
 #[derive(Debug, clap::Args)]
 pub struct DumpArgs {
@@ -200,6 +224,11 @@ pub struct DumpArgs {
     /// Leave the process stopped (SIGSTOP) after the dump.
     #[arg(long)]
     pub leave_stopped: bool,
+    /// Swapped-out pages: read (swaps them in), skip (recorded as
+    /// swapped-not-copied), keep-cold (read, then paged back out and
+    /// checked), direct (read from the swap device, root; nothing swapped in).
+    #[arg(long, value_enum, default_value = "read")]
+    pub swap: SwapArg,
     /// The report as JSON on stdout (statistics still on stderr).
     #[arg(long)]
     pub json: bool,

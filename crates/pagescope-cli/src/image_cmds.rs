@@ -27,6 +27,7 @@ pub fn dump(args: &DumpArgs) -> Result<u8> {
         max_downtime: args.max_downtime,
         copy_files: args.copy_files,
         leave_stopped: args.leave_stopped,
+        swap: args.swap.into(),
         ..DumpOptions::new(&args.out)
     };
     let mut bar = Bar::new(std::io::stderr().is_terminal());
@@ -39,8 +40,16 @@ pub fn dump(args: &DumpArgs) -> Result<u8> {
     })
     .with_context(|| format!("dump of process {} into {}", args.pid, args.out.display()))?;
     let mut err = std::io::stderr().lock();
-    for n in &report.notes {
+    for n in report.notes.iter().chain(&report.swap.notes) {
         writeln!(err, "note: {n}")?;
+    }
+    for (class, c) in [
+        ("anonymous", &report.swap.anon),
+        ("shmem", &report.swap.shmem),
+    ] {
+        if c.swapped > 0 {
+            writeln!(err, "{}", swap_line(report.swap.policy.name(), class, c))?;
+        }
     }
     writeln!(
         err,
@@ -65,6 +74,27 @@ pub fn dump(args: &DumpArgs) -> Result<u8> {
         writeln!(out)?;
     }
     Ok(OK)
+}
+
+fn swap_line(policy: &str, class: &str, c: &pagescope::dump::SwapClassReport) -> String {
+    let mut parts = Vec::new();
+    for (n, what) in [
+        (c.read, "read (swapped in)"),
+        (c.skipped, "skipped (swapped, not copied)"),
+        (c.direct, "read from the swap device"),
+        (c.direct_fallback, "of them not readable from the device"),
+        (c.paged_out, "paged back out"),
+        (c.still_in_ram, "still in RAM after pageout"),
+    ] {
+        if n > 0 {
+            parts.push(format!("{n} {what}"));
+        }
+    }
+    format!(
+        "swap ({policy}): {} swapped {class} pages: {}",
+        c.swapped,
+        parts.join(", ")
+    )
 }
 
 fn iteration_line(it: &Iteration) -> String {

@@ -286,6 +286,11 @@ impl Worker {
                 f.rewritten(here);
             }
             let shared_frame = shared_frame(read[k].entry);
+            if read[k].skipped {
+                done.kinds.push((i, PageKind::Swapped));
+                store.forget(i, 1);
+                continue;
+            }
             if !read[k].ok {
                 // Unmapped meanwhile: the layout check settles it.
                 done.kinds.push((i, PageKind::Hole));
@@ -383,10 +388,12 @@ fn dedup(
     Some(at)
 }
 
-/// Copies object pages `pages` (sorted object page indices) with `pread`.
+/// Copies object pages `pages` (sorted object page indices) with `pread`;
+/// pages in `skip` (swapped out, `--swap skip`) are recorded as swapped.
 pub fn object(
     o: &mut ObjectModel,
     pages: &[u64],
+    skip: &std::collections::BTreeSet<u64>,
     sink: &mut Sink<'_>,
     parent: &Parent<'_>,
 ) -> Result<Copied, DumpError> {
@@ -410,6 +417,11 @@ pub fn object(
     for &i in pages {
         let ix = usize::try_from(i).unwrap_or(usize::MAX);
         if ix >= o.kinds.len() {
+            continue;
+        }
+        if skip.contains(&i) {
+            store.forget(i, 1);
+            o.kinds[ix] = PageKind::Swapped;
             continue;
         }
         let n = pread_page(o.fd.as_fd(), &mut buf, page.bytes(i)).map_err(|source| {

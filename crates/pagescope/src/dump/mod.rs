@@ -11,13 +11,16 @@
 //! pages that differ from it are stored (or, with a userfaultfd the
 //! previous dump left in the target, only pages written since).
 
+mod cold;
 mod copy;
 mod model;
 mod passes;
 mod remote;
 pub mod stop;
+pub mod swap;
 mod verify;
 
+pub use swap::{SwapClassReport, SwapPolicy, SwapReport};
 pub use verify::{Mismatch, VerifyReport, verify};
 
 use std::path::{Path, PathBuf};
@@ -131,6 +134,8 @@ pub struct DumpOptions {
     pub copy_files: bool,
     /// Leave the process stopped (a `SIGSTOP`) after the dump.
     pub leave_stopped: bool,
+    /// What to do with swapped-out pages.
+    pub swap: SwapPolicy,
 }
 
 impl DumpOptions {
@@ -146,6 +151,7 @@ impl DumpOptions {
             max_downtime: None,
             copy_files: false,
             leave_stopped: false,
+            swap: SwapPolicy::Read,
         }
     }
 }
@@ -194,6 +200,8 @@ pub struct DumpReport {
     pub covered_pages: u64,
     /// The userfaultfd left in the target (`keep_tracking`).
     pub kept_tracking: Option<KeptTracking>,
+    /// What the swap policy did, per class of page.
+    pub swap: SwapReport,
     /// What limited the dump (a degraded tracker, tracking not kept).
     pub notes: Vec<String>,
 }

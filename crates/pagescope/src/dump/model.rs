@@ -136,6 +136,9 @@ pub struct ObjectModel {
     pub store: Option<Arc<Store>>,
     /// For a regular file recorded by identity.
     pub file: Option<FileIdentity>,
+    /// Pages that were swapped out and were read (`keep-cold` pages them
+    /// back out).
+    pub cold: Vec<u64>,
 }
 
 impl ObjectModel {

@@ -7,10 +7,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use super::cold;
 use super::copy::{self, Copied, Frames, Parent, Sink};
 use super::model::{ObjectModel, VmaModel, pages_in};
 use super::remote::RemoteMem;
 use super::stop::Stopped;
+use super::swap::{SwapIo, SwapPolicy, SwapReport};
 use super::{DumpError, DumpEvent, DumpOptions, DumpReport, Iteration};
 use crate::addr::{PageSize, PageSpan, VirtAddr, VirtRange};
 use crate::dirty::{
@@ -21,6 +25,7 @@ use crate::error::ErrorKind;
 use crate::image::format::{DedupRef, FileIdentity, KeptTracking, Meta, PageKind, ProcessRec};
 use crate::image::{Image, ImageWriter};
 use crate::kernel::KernelCaps;
+use crate::object::classify::ObjectState;
 use crate::proc::Target;
 use crate::rangeset::RangeSet;
 use crate::scan::ScanOptions;
@@ -89,6 +94,7 @@ pub(super) struct Dump<'t, 'c, 'p> {
     /// Copy throughput of the full pass, bytes/s.
     rate: f64,
     notes: Vec<String>,
+    swap: Arc<SwapIo>,
 }
 
 impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
@@ -103,7 +109,6 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             caps,
             page: caps.page_size,
             frames: opts.tree.then(Frames::default),
-            opts,
             writer,
             parent,
             procs: Vec::new(),
@@ -112,6 +117,12 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             last_collect: Instant::now(),
             rate: 0.0,
             notes: Vec::new(),
+            swap: Arc::new(SwapIo::new(
+                opts.swap,
+                caps.privileged_pagemap,
+                caps.page_size,
+            )),
+            opts,
         }
     }
 
@@ -164,7 +175,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             if let Some(why) = tracker.degraded() {
                 self.notes.push(format!("process {pid}: {why}"));
             }
-            let mem = RemoteMem::open(t.get(), self.page)?;
+            let mem = RemoteMem::open(t.get(), self.page, Arc::clone(&self.swap))?;
             self.procs.push(Proc {
                 pid,
                 target: t,
@@ -580,6 +591,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                     kinds: Vec::new(),
                     store: None,
                     file,
+                    cold: Vec::new(),
                 },
             );
         }
@@ -696,6 +708,11 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
     ) -> Result<Copied, DumpError> {
         let parent_index = self.parent_object(id);
         let page = self.page;
+        let skip = if pass == 0 {
+            self.swapped_object_pages(id, pages)?
+        } else {
+            BTreeSet::new()
+        };
         let Self {
             objects,
             writer,
@@ -726,7 +743,72 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             page,
             tick: &mut tick,
         };
-        copy::object(o, pages, &mut sink, &parent)
+        copy::object(o, pages, &skip, &mut sink, &parent)
+    }
+
+    /// With a swap policy other than `read`, the pages of `pages` of
+    /// object `id` that are swapped out (asked of the object: `mincore`
+    /// and `cachestat` on pagescope's own fd): counted, remembered for
+    /// `keep-cold`, and returned if `skip` leaves them alone.
+    fn swapped_object_pages(
+        &mut self,
+        id: ObjectId,
+        pages: &[u64],
+    ) -> Result<BTreeSet<u64>, DumpError> {
+        let policy = self.swap.policy();
+        let (Some(&lo), Some(&hi)) = (pages.first(), pages.last()) else {
+            return Ok(BTreeSet::new());
+        };
+        let Some(o) = self.objects.get_mut(&id).filter(|o| o.file.is_none()) else {
+            return Ok(BTreeSet::new());
+        };
+        if policy == SwapPolicy::Read {
+            return Ok(BTreeSet::new());
+        }
+        let size = rustix::fs::fstat(&o.fd).map_or(0, |st| u64::try_from(st.st_size).unwrap_or(0));
+        let span = PageSpan::new(lo, hi + 1).unwrap_or_default();
+        let classified = crate::object::classify::classify(
+            o.fd.as_fd(),
+            ObjectClass::Shmem,
+            size.div_ceil(self.page.get()),
+            span,
+            self.page,
+            &RangeSet::default(),
+        )
+        .map_err(|e| DumpError::ObjectRead {
+            inode: id.inode,
+            source: e.into(),
+        })?;
+        let wanted: BTreeSet<u64> = pages.iter().copied().collect();
+        let mut swapped = BTreeSet::new();
+        let mut skip = BTreeSet::new();
+        for r in &classified.runs {
+            for p in r.first..r.first + r.count {
+                if !wanted.contains(&p) {
+                    continue;
+                }
+                match r.state {
+                    // On the device only: `skip` leaves it there.
+                    ObjectState::Swapped => {
+                        swapped.insert(p);
+                        if policy == SwapPolicy::Skip {
+                            skip.insert(p);
+                        }
+                    }
+                    // In RAM too: read (no I/O), paged back out by keep-cold.
+                    ObjectState::SwapCache => {
+                        swapped.insert(p);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.swap
+            .count_shmem(swapped.len() as u64, skip.len() as u64);
+        if policy != SwapPolicy::Skip {
+            o.cold.extend(swapped.iter().copied());
+        }
+        Ok(skip)
     }
 
     /// The index of object `id` in the parent image.
@@ -814,6 +896,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             covered += o.pages;
         }
         let kept_tracking = self.kept_tracking()?;
+        let swap = self.page_back_out();
         let meta = Meta {
             processes,
             objects,
@@ -831,8 +914,63 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             stored_pages: stored,
             covered_pages: covered,
             kept_tracking,
+            swap,
             notes: self.notes,
         })
+    }
+
+    /// `keep-cold` (and `direct`'s fallbacks): pages every swapped page the
+    /// dump read back out, and counts what really left RAM.
+    fn page_back_out(&mut self) -> SwapReport {
+        let mut report = SwapReport {
+            policy: self.swap.policy(),
+            anon: self.swap.anon.report(),
+            shmem: self.swap.shmem.report(),
+            notes: self.swap.notes(),
+        };
+        if matches!(report.policy, SwapPolicy::Read | SwapPolicy::Skip) {
+            return report;
+        }
+        for p in &self.procs {
+            let cold = p.mem.take_cold();
+            match cold::anon(p.target.get(), &p.mem, &cold, self.page) {
+                Ok(o) => {
+                    report.anon.paged_out += o.out;
+                    report.anon.still_in_ram += o.still;
+                }
+                Err(e) => {
+                    report.anon.still_in_ram += cold.len() as u64;
+                    report.notes.push(format!(
+                        "process {}: cannot page {} pages back out: {e}",
+                        p.pid,
+                        cold.len()
+                    ));
+                }
+            }
+        }
+        for o in self.objects.values_mut() {
+            let cold = std::mem::take(&mut o.cold);
+            match cold::object(o.fd.as_fd(), &cold, self.page) {
+                Ok(r) => {
+                    report.shmem.paged_out += r.out;
+                    report.shmem.still_in_ram += r.still;
+                }
+                Err(e) => {
+                    report.shmem.still_in_ram += cold.len() as u64;
+                    report.notes.push(format!(
+                        "object inode {}: cannot page {} pages back out: {e}",
+                        o.id.inode,
+                        cold.len()
+                    ));
+                }
+            }
+        }
+        if report.anon.still_in_ram + report.shmem.still_in_ram > 0 {
+            report.notes.push(
+                "pages still in RAM after MADV_PAGEOUT: on an asynchronous swap device (a swap file) a page stays in the swap cache until its write completes, and the next reclaim frees it; a page mapped by several processes or locked is not paged out".into(),
+            );
+        }
+        report
     }
 
     /// The userfaultfd the target keeps for the next dump

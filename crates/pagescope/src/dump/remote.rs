@@ -11,8 +11,10 @@
 //! (`access_remote_vm`, `FOLL_GET`, which leaves sharing alone).
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 
 use super::DumpError;
+use super::swap::{SwapAction, SwapIo};
 use crate::addr::PageSize;
 use crate::pagemap::{PagemapEntry, PagemapFlags};
 use crate::proc::Target;
@@ -24,26 +26,50 @@ pub struct RemoteMem {
     mem: OwnedFd,
     pagemap: OwnedFd,
     page: PageSize,
+    swap: Arc<SwapIo>,
+    /// Swapped pages read in (to page back out with `keep-cold`).
+    cold: Mutex<Vec<u64>>,
 }
 
 /// What [`RemoteMem::read`] found for one page.
 #[derive(Clone, Copy, Debug)]
 pub struct PageRead {
-    /// Whether the page was read (false: unmapped meanwhile).
+    /// Whether the page was read (false: unmapped meanwhile, or skipped).
     pub ok: bool,
+    /// Swapped out and left alone (`--swap skip`).
+    pub skipped: bool,
     /// Its pagemap entry just before the read.
     pub entry: PagemapEntry,
 }
 
 impl RemoteMem {
     /// Opens `/proc/PID/mem` and `pagemap` of `target`.
-    pub fn open(target: &Target, page: PageSize) -> Result<Self, DumpError> {
+    pub fn open(target: &Target, page: PageSize, swap: Arc<SwapIo>) -> Result<Self, DumpError> {
         Ok(Self {
             pid: target.pid(),
             mem: target.open_file("mem")?,
             pagemap: target.pagemap()?,
             page,
+            swap,
+            cold: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The swapped-out pages this reader swapped in, taken (sorted).
+    pub fn take_cold(&self) -> Vec<u64> {
+        let mut v = std::mem::take(&mut *self.cold.lock().unwrap_or_else(|p| p.into_inner()));
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Pagemap entries of the pages at `addrs` (sorted), now.
+    pub fn entries_at(&self, addrs: &[u64]) -> Result<Vec<PagemapEntry>, DumpError> {
+        let mut out = Vec::with_capacity(addrs.len());
+        for (first, count) in runs(addrs, self.page.get()) {
+            out.extend(self.entries(addrs[first], count)?);
+        }
+        Ok(out)
     }
 
     /// Base page size.
@@ -58,16 +84,32 @@ impl RemoteMem {
         let mut out = Vec::with_capacity(addrs.len());
         let (mut pinned, mut pinned_at) = (Vec::new(), Vec::new());
         let mut rest = Vec::new();
+        let (mut swapped, mut direct) = (Vec::new(), Vec::new());
         for (first, count) in runs(addrs, self.page.get()) {
             let entries = self.entries(addrs[first], count)?;
             for (k, e) in entries.into_iter().enumerate() {
                 let i = first + k;
-                out.push(PageRead { ok: true, entry: e });
-                let safe = e.is_present() && e.flags().contains(PagemapFlags::EXCLUSIVE);
-                if safe {
-                    push_merged(&mut pinned, &mut pinned_at, addrs[i], i * p, p);
-                } else {
-                    rest.push(i);
+                out.push(PageRead {
+                    ok: true,
+                    skipped: false,
+                    entry: e,
+                });
+                match self.swap.action(e) {
+                    SwapAction::Normal => {
+                        let safe = e.is_present() && e.flags().contains(PagemapFlags::EXCLUSIVE);
+                        if safe {
+                            push_merged(&mut pinned, &mut pinned_at, addrs[i], i * p, p);
+                        } else {
+                            rest.push(i);
+                        }
+                    }
+                    SwapAction::Read => swapped.push(i),
+                    SwapAction::Skip => {
+                        self.swap.count_skipped();
+                        out[i].ok = false;
+                        out[i].skipped = true;
+                    }
+                    SwapAction::Direct { ty, offset } => direct.push((i, ty, offset)),
                 }
             }
         }
@@ -90,7 +132,49 @@ impl RemoteMem {
         for i in rest {
             out[i].ok = self.read_mem(addrs[i], &mut buf[i * p..(i + 1) * p]);
         }
+        self.read_direct(addrs, &direct, &mut out, buf, &mut swapped)?;
+        let keep_cold = self.swap.policy() != super::swap::SwapPolicy::Read;
+        let mut cold = Vec::new();
+        for i in swapped {
+            self.swap.count_read();
+            out[i].ok = self.read_mem(addrs[i], &mut buf[i * p..(i + 1) * p]);
+            if out[i].ok && keep_cold {
+                cold.push(addrs[i]);
+            }
+        }
+        if !cold.is_empty() {
+            self.cold
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(cold);
+        }
         Ok(out)
+    }
+
+    /// `--swap direct`: pages `direct` (index, swap type, offset) read from
+    /// the swap device; kept only if the page's entry is unchanged after
+    /// the read. The others join `swapped` (read through the process).
+    fn read_direct(
+        &self,
+        addrs: &[u64],
+        direct: &[(usize, u8, u64)],
+        out: &mut [PageRead],
+        buf: &mut [u8],
+        swapped: &mut Vec<usize>,
+    ) -> Result<(), DumpError> {
+        let p = usize::try_from(self.page.get()).unwrap_or(4096);
+        for &(i, ty, offset) in direct {
+            let page = &mut buf[i * p..(i + 1) * p];
+            let got = self.swap.read_slot(ty, offset, page)
+                && self.entries(addrs[i], 1)?.first() == Some(&out[i].entry);
+            if got {
+                self.swap.count_direct();
+            } else {
+                self.swap.count_fallback();
+                swapped.push(i);
+            }
+        }
+        Ok(())
     }
 
     /// Pagemap entries of `count` pages from `addr`.

@@ -104,7 +104,12 @@ pub fn verify(
         .iter()
         .map(|v| VmaModel::from_report(v, page))
         .collect();
-    let mem = RemoteMem::open(target, page)?;
+    let swap = std::sync::Arc::new(super::swap::SwapIo::new(
+        super::swap::SwapPolicy::Read,
+        false,
+        page,
+    ));
+    let mem = RemoteMem::open(target, page, swap)?;
     let mut out = VerifyReport::default();
     let mut objects_done = Vec::new();
     for v in &rec.vmas {

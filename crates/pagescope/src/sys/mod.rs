@@ -20,6 +20,7 @@ pub mod mm;
 pub mod pagemap;
 pub mod pagemap_scan;
 pub mod pidfd;
+pub mod process_madvise;
 pub mod process_vm;
 pub mod ptrace;
 pub mod uffd;
