@@ -160,6 +160,9 @@ pub fn own(
             *k = kind;
         }
     }
+    for (i, ty, offset) in done.slots {
+        m.swap_slots.insert(i, (ty, offset));
+    }
     for (i, d) in done.dedup {
         m.dedup.retain(|(q, _)| *q != i);
         m.dedup.push((i, d));
@@ -185,6 +188,8 @@ struct Job<'a> {
 struct Done {
     kinds: Vec<(u64, PageKind)>,
     dedup: Vec<(u64, DedupRef)>,
+    /// Pages left swapped (`--swap skip`): (page, swap type, offset).
+    slots: Vec<(u64, u8, u64)>,
 }
 
 /// One worker's buffers and counts.
@@ -243,6 +248,7 @@ fn parallel(
             })??;
             copied += c;
             done.kinds.extend(d.kinds);
+            done.slots.extend(d.slots);
         }
         let all = progress.load(std::sync::atomic::Ordering::Relaxed);
         (sink.tick)(all - reported);
@@ -287,6 +293,8 @@ impl Worker {
             }
             let shared_frame = shared_frame(read[k].entry);
             if read[k].skipped {
+                let (ty, offset) = read[k].entry.swap_raw();
+                done.slots.push((i, ty, offset));
                 done.kinds.push((i, PageKind::Swapped));
                 store.forget(i, 1);
                 continue;

@@ -5,7 +5,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use crate::addr::{PageSize, VirtAddr, VirtRange};
-use crate::image::format::{FileIdentity, ObjectRec, PageKind, Run, VmaRec};
+use crate::image::format::{FileIdentity, ObjectRec, PageKind, Run, SwapSlotRec, VmaRec};
 use crate::image::write::Store;
 use crate::page::{PageFlags, PageState};
 use crate::report::VmaReport;
@@ -22,6 +22,8 @@ pub struct VmaModel {
     pub store: Option<Arc<Store>>,
     /// Where a deduplicated page's content is.
     pub dedup: Vec<(u64, crate::image::format::DedupRef)>,
+    /// Pages left swapped out (`--swap skip`): page → (swap type, offset).
+    pub swap_slots: std::collections::BTreeMap<u64, (u8, u64)>,
 }
 
 impl VmaModel {
@@ -50,6 +52,7 @@ impl VmaModel {
             kinds,
             store: None,
             dedup: Vec::new(),
+            swap_slots: std::collections::BTreeMap::new(),
         }
     }
 
@@ -98,6 +101,14 @@ impl VmaModel {
             object,
             store: self.store.as_ref().map(|s| s.name().to_owned()),
             runs,
+            swap_slots: self
+                .swap_slots
+                .iter()
+                .filter(|(p, _)| {
+                    self.kinds.get(usize::try_from(**p).unwrap_or(usize::MAX)) == Some(&PageKind::Swapped)
+                })
+                .map(|(&page, &(ty, offset))| SwapSlotRec { page, ty, offset })
+                .collect(),
         }
     }
 }

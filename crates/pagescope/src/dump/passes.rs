@@ -902,6 +902,11 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             objects,
             stores: Vec::new(),
             kept_tracking: kept_tracking.clone(),
+            swap_devices: if self.swap.policy() == SwapPolicy::Skip {
+                self.swap.device_paths()
+            } else {
+                Vec::new()
+            },
         };
         let header = self.writer.commit(meta)?;
         Ok(DumpReport {

@@ -317,6 +317,11 @@ impl SwapIo {
         true
     }
 
+    /// The swap devices' paths, by swap type.
+    pub fn device_paths(&self) -> Vec<String> {
+        self.table.devices().iter().map(|d| d.display_path()).collect()
+    }
+
     /// The notes so far.
     pub fn notes(&self) -> Vec<String> {
         self.notes.lock().unwrap_or_else(|p| p.into_inner()).clone()

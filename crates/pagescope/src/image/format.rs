@@ -77,6 +77,10 @@ pub struct Meta {
     pub stores: Vec<StoreRec>,
     /// A userfaultfd left in the target (`--keep-tracking`).
     pub kept_tracking: Option<KeptTracking>,
+    /// The active swap devices at dump time, by swap type (what
+    /// [`SwapSlotRec::ty`] indexes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub swap_devices: Vec<String>,
 }
 
 /// One process.
@@ -117,6 +121,21 @@ pub struct VmaRec {
     pub store: Option<String>,
     /// Every page, in runs (page indices from the VMA's start).
     pub runs: Vec<Run>,
+    /// Where each `swapped` page is on the swap device (`--swap skip`, as
+    /// root): for a destination that shares the device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub swap_slots: Vec<SwapSlotRec>,
+}
+
+/// A page left on the swap device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwapSlotRec {
+    /// Page index in the VMA.
+    pub page: u64,
+    /// Swap type (the device's index in `/proc/swaps` at dump time).
+    pub ty: u8,
+    /// Page offset on that device.
+    pub offset: u64,
 }
 
 /// A shared object (shmem or file), stored once.
