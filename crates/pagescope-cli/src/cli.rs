@@ -87,6 +87,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Page out a process's memory now (process_madvise MADV_PAGEOUT, and
+    /// shmem pages no one maps through pagescope's own mapping), then
+    /// re-scan and report which pages left RAM and why the others stayed.
+    Pageout {
+        /// Target process.
+        pid: u32,
+        /// Only this address range (hex START-END, page aligned).
+        #[arg(long, value_name = "START-END")]
+        range: Option<String>,
+        /// Only pages in these states (present: mapped by the process;
+        /// resident: shmem in the page cache the process does not map).
+        #[arg(long, value_delimiter = ',', default_value = "present,resident",
+              value_parser = ["present", "resident"])]
+        state: Vec<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Which kernel interfaces and privileges are available here.
     Kernel {
         /// Machine-readable output.

@@ -38,6 +38,15 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Image { command } => crate::image_cmds::image(command),
         Command::Verify { dir, pid, json } => crate::image_cmds::verify(&dir, pid, json),
         Command::Restore { dir, to, json } => crate::image_cmds::restore(&dir, &to, json),
+        Command::Pageout {
+            pid,
+            range,
+            state,
+            json,
+        } => {
+            let range = range.map(|r| parse_range(pid, &r)).transpose()?;
+            crate::pageout_cmd::run(pid, range, &state, json)
+        }
         Command::Kernel { json } => kernel(json),
         Command::Demo { json, backend } => demo(json, backend.into()),
     }

@@ -8,6 +8,7 @@ mod cli;
 mod commands;
 mod exit;
 mod image_cmds;
+mod pageout_cmd;
 mod watch;
 mod watch_view;
 

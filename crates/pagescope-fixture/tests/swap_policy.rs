@@ -319,7 +319,10 @@ fn skip_policy_reads_nothing_swapped_swapdev() {
         r.swapins
     );
     let img = Image::open(&r.dir.0.join("img")).unwrap();
-    assert!(!img.meta().swap_devices.is_empty(), "skip: swap devices not recorded");
+    assert!(
+        !img.meta().swap_devices.is_empty(),
+        "skip: swap devices not recorded"
+    );
     let page = caps().page_size.get();
     for a in anon_pages(&r.fx) {
         let v = img

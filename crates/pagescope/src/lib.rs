@@ -50,6 +50,7 @@ pub mod kernel;
 pub mod object;
 pub mod page;
 pub mod pagemap;
+pub mod pageout;
 mod parallel;
 pub mod proc;
 pub mod rangeset;
@@ -106,5 +107,9 @@ pub fn error_kind(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
         .or_else(|| {
             e.downcast_ref::<image::ImageError>()
                 .map(image::ImageError::kind)
+        })
+        .or_else(|| {
+            e.downcast_ref::<pageout::PageoutError>()
+                .map(pageout::PageoutError::kind)
         })
 }

@@ -13,7 +13,7 @@ impl Fixture {
             ["pageout", region, first, count] => self.pageout_command(region, first, count),
             [
                 op @ ("write" | "read" | "readinto" | "dontneed" | "remove" | "pwrite" | "punch"
-                | "ro" | "rw"),
+                | "ro" | "rw" | "lock" | "unlock"),
                 region,
                 first,
                 count,
@@ -86,8 +86,8 @@ impl Fixture {
         serde_json::to_string(&states).map_err(|e| e.to_string())
     }
 
-    /// `write|read|readinto|dontneed|remove|pwrite|punch|ro|rw REGION FIRST
-    /// COUNT`
+    /// `write|read|readinto|dontneed|remove|pwrite|punch|ro|rw|lock|unlock
+    /// REGION FIRST COUNT`
     /// (`remove`: `MADV_REMOVE` through the mapping; `pwrite`/`punch`:
     /// `pwrite`/`fallocate(PUNCH_HOLE)` through the region's object fd).
     pub(super) fn page_command(
@@ -127,6 +127,9 @@ impl Fixture {
             "ro" | "rw" => m
                 .mprotect(off, len, op == "rw")
                 .map_err(|e| e.to_string())?,
+            "lock" | "unlock" => m
+                .lock(off, len, op == "lock")
+                .map_err(|e| format!("mlock: {e}"))?,
             _ => {
                 let i = *self
                     .region_fds

@@ -105,7 +105,8 @@ impl VmaModel {
                 .swap_slots
                 .iter()
                 .filter(|(p, _)| {
-                    self.kinds.get(usize::try_from(**p).unwrap_or(usize::MAX)) == Some(&PageKind::Swapped)
+                    self.kinds.get(usize::try_from(**p).unwrap_or(usize::MAX))
+                        == Some(&PageKind::Swapped)
                 })
                 .map(|(&page, &(ty, offset))| SwapSlotRec { page, ty, offset })
                 .collect(),

@@ -319,7 +319,11 @@ impl SwapIo {
 
     /// The swap devices' paths, by swap type.
     pub fn device_paths(&self) -> Vec<String> {
-        self.table.devices().iter().map(|d| d.display_path()).collect()
+        self.table
+            .devices()
+            .iter()
+            .map(|d| d.display_path())
+            .collect()
     }
 
     /// The notes so far.

@@ -1,4 +1,5 @@
-//! `/proc/kpageflags` (root only): page flags by PFN.
+//! `/proc/kpageflags` and `/proc/kpagecount` (root only): page flags and
+//! map counts by PFN.
 //!
 //! # References
 //! - <https://docs.kernel.org/admin-guide/mm/pagemap.html> ("kpageflags")
@@ -11,6 +12,16 @@ use crate::sys;
 const KPF_COMPOUND_HEAD: u64 = 1 << 15;
 /// `KPF_THP`.
 const KPF_THP: u64 = 1 << 22;
+/// `KPF_DIRTY`.
+pub const KPF_DIRTY: u64 = 1 << 4;
+/// `KPF_LRU`.
+pub const KPF_LRU: u64 = 1 << 5;
+/// `KPF_UNEVICTABLE`.
+pub const KPF_UNEVICTABLE: u64 = 1 << 18;
+/// `KPF_THP` (also set on tail pages).
+pub const KPF_THP_ANY: u64 = KPF_THP;
+/// `KPF_COMPOUND_TAIL`.
+pub const KPF_COMPOUND_TAIL: u64 = 1 << 16;
 
 /// An open `/proc/kpageflags`.
 #[derive(Debug)]
@@ -21,8 +32,19 @@ pub struct KpageFlags {
 impl KpageFlags {
     /// Opens `/proc/kpageflags`; `None` without the privilege.
     pub fn open() -> Option<Self> {
+        Self::open_file("/proc/kpageflags")
+    }
+
+    /// Opens `/proc/kpagecount` (read with [`Self::flags`]: the value is
+    /// the number of times the page is mapped); `None` without the
+    /// privilege.
+    pub fn open_counts() -> Option<Self> {
+        Self::open_file("/proc/kpagecount")
+    }
+
+    fn open_file(path: &str) -> Option<Self> {
         let fd = rustix::fs::open(
-            "/proc/kpageflags",
+            path,
             rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )

@@ -31,6 +31,10 @@ use std::os::fd::BorrowedFd;
 
 pub use backend::BackendPlan;
 pub use kpage::KpageFlags;
+/// The `/proc/kpageflags` bits pagescope reads.
+pub mod kpage_bits {
+    pub use super::kpage::{KPF_COMPOUND_TAIL, KPF_DIRTY, KPF_LRU, KPF_THP_ANY, KPF_UNEVICTABLE};
+}
 pub use pagemap_read::PagemapReadBackend;
 pub use pagemap_scan::PagemapScanBackend;
 pub use vmas::Scanner;

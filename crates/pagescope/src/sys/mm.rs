@@ -315,6 +315,21 @@ impl OwnedMapping {
         Ok(Self { ptr, len: new_len })
     }
 
+    /// `mlock(addr + off, len)` (`lock`) or `munlock`.
+    pub fn lock(&self, off: usize, len: usize, lock: bool) -> Result<(), Errno> {
+        self.check(off, len)?;
+        // SAFETY: the range is inside our mapping (checked); mlock/munlock
+        // change no byte of it.
+        unsafe {
+            let p = self.ptr.as_ptr().add(off).cast();
+            if lock {
+                rustix::mm::mlock(p, len)
+            } else {
+                rustix::mm::munlock(p, len)
+            }
+        }
+    }
+
     /// `mincore` of part of this mapping: one byte per page.
     pub fn mincore(&self, off: usize, len: usize, out: &mut [u8]) -> Result<(), Errno> {
         self.check(off, len)?;
