@@ -186,6 +186,15 @@ pub enum ImageCommand {
     },
 }
 
+/// `--snapshot`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SnapshotArg {
+    /// Pre-copy, then a stopped final pass.
+    Stop,
+    /// Copy-before-write from one moment (userfaultfd write-protect).
+    Cow,
+}
+
 /// `--swap`.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum SwapArg {
@@ -247,6 +256,11 @@ pub struct DumpArgs {
     /// checked), direct (read from the swap device, root; nothing swapped in).
     #[arg(long, value_enum, default_value = "read")]
     pub swap: SwapArg,
+    /// How the image is made consistent: stop (pre-copy, then a short
+    /// stopped final pass) or cow (a point-in-time snapshot: stop only to
+    /// write-protect, then copy each page before the process writes it).
+    #[arg(long, value_enum, default_value = "stop")]
+    pub snapshot: SnapshotArg,
     /// The report as JSON on stdout (statistics still on stderr).
     #[arg(long)]
     pub json: bool,

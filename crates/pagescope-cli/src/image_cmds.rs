@@ -28,6 +28,7 @@ pub fn dump(args: &DumpArgs) -> Result<u8> {
         copy_files: args.copy_files,
         leave_stopped: args.leave_stopped,
         swap: args.swap.into(),
+        cow: args.snapshot == crate::cli::SnapshotArg::Cow,
         ..DumpOptions::new(&args.out)
     };
     let mut bar = Bar::new(std::io::stderr().is_terminal());
@@ -61,6 +62,17 @@ pub fn dump(args: &DumpArgs) -> Result<u8> {
         report.covered_pages,
         report.stopped_s * 1e3
     )?;
+    if let Some(c) = &report.snapshot {
+        writeln!(
+            err,
+            "snapshot (cow): stopped {:.1} ms to write-protect {} mappings; {} writes waited for their page to be copied, longest {:.3} ms, {:.1} ms in all",
+            c.stop_s * 1e3,
+            c.protected_mappings,
+            c.faults,
+            c.longest_stall_s * 1e3,
+            c.total_stall_s * 1e3
+        )?;
+    }
     if let Some(k) = &report.kept_tracking {
         writeln!(
             err,

@@ -389,3 +389,74 @@ fn bad_input_and_corrupt_images_have_distinct_exit_codes() {
         assert_eq!(out.status.code(), Some(3), "no such process: {out:?}");
     }
 }
+
+fn uw_mappings(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "uw"))
+        .count()
+}
+
+/// pagescope killed (SIGKILL) in the middle of a copy-before-write
+/// snapshot: the kernel releases its userfaultfd (the target never held
+/// a copy), so the target's writer threads go on, no mapping stays
+/// write-protected, and no image is left behind.
+#[test]
+fn a_cow_snapshot_killed_midway_leaves_the_process_running_and_unprotected() {
+    if !usable() {
+        return;
+    }
+    let mut fx = common::fixture(&["anon"]);
+    fx.command("mmap big 131072").unwrap();
+    let pid = fx.pid();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = fx.command("cowwriters big 4 4000");
+        let _ = tx.send((fx, r));
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let dir = Scratch::new("cowkill");
+    let mut dumper = Command::new(common::exe())
+        .args([
+            "dump",
+            &pid.to_string(),
+            "-o",
+            &dir.p("img"),
+            "--snapshot",
+            "cow",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while uw_mappings(pid) == 0 && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    assert!(
+        uw_mappings(pid) > 0,
+        "the snapshot never write-protected the process"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let _ = dumper.kill();
+    let _ = dumper.wait();
+    let t1 = std::time::Instant::now();
+    while uw_mappings(pid) > 0 && t1.elapsed() < std::time::Duration::from_secs(2) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        uw_mappings(pid),
+        0,
+        "still write-protected after pagescope died"
+    );
+    let (_fx, done) = rx
+        .recv_timeout(std::time::Duration::from_secs(15))
+        .expect("the writer threads are stuck: the process stayed write-protected");
+    let total: u64 = done.unwrap().parse().unwrap();
+    assert!(total > 0);
+    assert!(
+        !std::path::Path::new(&dir.p("img")).join("HEADER").exists(),
+        "a killed dump left something that looks like an image"
+    );
+}

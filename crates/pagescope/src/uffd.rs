@@ -64,6 +64,22 @@ pub enum UffdError {
         #[source]
         source: std::io::Error,
     },
+    /// `UFFDIO_WRITEPROTECT` failed.
+    #[error("cannot change the write protection of {range}")]
+    WriteProtect {
+        /// The range.
+        range: VirtRange,
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading fault messages failed.
+    #[error("cannot read userfaultfd messages")]
+    Read {
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
     /// `PAGEMAP_SCAN` (arming or get-and-reset) failed.
     #[error("PAGEMAP_SCAN write-protect of {range} failed")]
     Scan {
@@ -84,6 +100,8 @@ impl UffdError {
             | Self::Api { source, .. }
             | Self::Register { source, .. }
             | Self::Unregister { source, .. }
+            | Self::WriteProtect { source, .. }
+            | Self::Read { source }
             | Self::Scan { source, .. } => Errno::from_io_error(source),
         }
     }
@@ -96,6 +114,8 @@ impl UffdError {
             | Self::Api { source, .. }
             | Self::Register { source, .. }
             | Self::Unregister { source, .. }
+            | Self::WriteProtect { source, .. }
+            | Self::Read { source }
             | Self::Scan { source, .. } => Errno::from_io_error(source),
         };
         match errno {
@@ -200,6 +220,61 @@ impl Userfaultfd {
     /// The raw fd.
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// Takes a userfaultfd created elsewhere and performs the handshake
+    /// for *synchronous* write-protect: every write to a protected page
+    /// blocks the writer until [`Self::write_protect`] lifts the
+    /// protection of that page (what a copy-before-write snapshot needs).
+    /// Unpopulated pages are protected too (`WP_UNPOPULATED`, 6.4+), and
+    /// shmem when the kernel can (`WP_HUGETLBFS_SHMEM`, 5.19+).
+    pub fn from_fd_sync_wp(fd: OwnedFd) -> Result<Self, UffdError> {
+        let available = probe_features()?;
+        let want =
+            raw::UFFD_FEATURE_WP_UNPOPULATED | (available & raw::UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+        let features = raw::uffdio_api(fd.as_fd(), want).map_err(|e| UffdError::Api {
+            features: want,
+            source: e.into(),
+        })?;
+        Ok(Self { fd, features })
+    }
+
+    /// `UFFDIO_WRITEPROTECT` of `range`: protect, or unprotect and wake
+    /// the writers waiting in it.
+    pub fn write_protect(&self, range: VirtRange, protect: bool) -> Result<(), UffdError> {
+        raw::uffdio_writeprotect(self.fd.as_fd(), range.start().get(), range.len(), protect)
+            .map_err(|e| UffdError::WriteProtect {
+                range,
+                source: e.into(),
+            })
+    }
+
+    /// Waits up to `timeout` for fault messages and returns the addresses
+    /// of the write-protect faults among them.
+    pub fn wp_faults(&self, timeout: std::time::Duration) -> Result<Vec<u64>, UffdError> {
+        let mut pfd = [rustix::event::PollFd::new(
+            &self.fd,
+            rustix::event::PollFlags::IN,
+        )];
+        let ts = rustix::event::Timespec {
+            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        match rustix::event::poll(&mut pfd, Some(&ts)) {
+            Ok(0) | Err(Errno::INTR) => return Ok(Vec::new()),
+            Ok(_) => {}
+            Err(e) => return Err(UffdError::Read { source: e.into() }),
+        }
+        let mut msgs = Vec::new();
+        raw::read_msgs(self.fd.as_fd(), &mut msgs)
+            .map_err(|e| UffdError::Read { source: e.into() })?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| {
+                m.event == raw::UFFD_EVENT_PAGEFAULT && m.flags & raw::UFFD_PAGEFAULT_FLAG_WP != 0
+            })
+            .map(|m| m.address)
+            .collect())
     }
 }
 

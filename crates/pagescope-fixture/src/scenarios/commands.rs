@@ -28,6 +28,9 @@ impl Fixture {
                 })
                 .map_err(|e| e.to_string()),
             ["writers", region, threads, millis] => self.writers_command(region, threads, millis),
+            ["cowwriters", region, threads, millis] => {
+                self.cow_writers_command(region, threads, millis)
+            }
             ["sharer", "start"] => self.start_sharer(),
             ["sharer", "stop"] => self.stop_sharer(),
             ["sharer", rest @ ..] => self.sharer_command(&rest.join(" ")),
@@ -300,6 +303,52 @@ impl Fixture {
                         n += 1;
                     }
                     total.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                });
+            }
+        });
+        Ok(total.into_inner().to_string())
+    }
+
+    /// `cowwriters REGION THREADS MILLIS`: THREADS threads, each owning an
+    /// equal slice of REGION, write for MILLIS ms. Iteration k (from 1) of
+    /// a thread stores k in data page `1 + k % (slice - 1)` of its slice,
+    /// then in its control page (page 0 of the slice), both at byte 8 in
+    /// one store. Any point-in-time copy of the memory is then
+    /// self-checking: with control value K, data page j holds the last
+    /// k <= K that maps to j (or K+1 if the copy caught the thread between
+    /// its two stores). Replies with the iterations done in all.
+    pub(super) fn cow_writers_command(
+        &mut self,
+        region: &str,
+        threads: &str,
+        millis: &str,
+    ) -> Result<String, String> {
+        let (r, threads, millis) = self.region_args(region, threads, millis)?;
+        let (m, base) = self
+            .mapping_of(r.start)
+            .ok_or("region has no live mapping")?;
+        let per = r.pages / threads.max(1);
+        if per < 2 {
+            return Err("region too small for that many threads".into());
+        }
+        let page = self.page as usize;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(millis);
+        let total = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (m, total) = (&m, &total);
+                s.spawn(move || {
+                    let slice = (base + t * per) as usize;
+                    let mut k = 0u64;
+                    while std::time::Instant::now() < deadline {
+                        for _ in 0..64 {
+                            k += 1;
+                            let data = slice + 1 + (k % (per - 1)) as usize;
+                            let _ = m.write_u64(data * page + 8, k);
+                            let _ = m.write_u64(slice * page + 8, k);
+                        }
+                    }
+                    total.fetch_add(k, std::sync::atomic::Ordering::Relaxed);
                 });
             }
         });

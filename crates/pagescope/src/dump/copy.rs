@@ -462,7 +462,7 @@ pub fn object(
 }
 
 /// One page at `off` (short at end of file).
-fn pread_page(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+pub(super) fn pread_page(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match rustix::io::pread(fd, &mut buf[done..], off + done as u64) {

@@ -13,6 +13,7 @@
 
 mod cold;
 mod copy;
+mod cow;
 mod model;
 mod passes;
 mod remote;
@@ -20,6 +21,7 @@ pub mod stop;
 pub mod swap;
 mod verify;
 
+pub use cow::CowStats;
 pub use swap::{SwapClassReport, SwapPolicy, SwapReport};
 pub use verify::{Mismatch, VerifyReport, verify};
 
@@ -75,6 +77,23 @@ pub enum DumpError {
         #[source]
         source: std::io::Error,
     },
+    /// The options cannot be combined, or the snapshot cannot be taken.
+    #[error("process {pid}: {what}")]
+    Snapshot {
+        /// The process.
+        pid: u32,
+        /// Why.
+        what: String,
+    },
+    /// Write-protecting the process failed.
+    #[error("process {pid}: write protection for the snapshot failed")]
+    Protect {
+        /// The process.
+        pid: u32,
+        /// The error.
+        #[source]
+        source: crate::uffd::UffdError,
+    },
     /// Stopping the process failed.
     #[error("cannot stop process {pid} for the final pass")]
     Stop {
@@ -102,6 +121,8 @@ impl DumpError {
             Self::Proc(e) => e.kind(),
             Self::Object(e) => e.kind(),
             Self::Exited { .. } => ErrorKind::TargetExited,
+            Self::Snapshot { .. } => ErrorKind::BadInput,
+            Self::Protect { source, .. } => source.kind(),
             Self::Read { source, .. } | Self::Stop { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {
@@ -136,6 +157,9 @@ pub struct DumpOptions {
     pub leave_stopped: bool,
     /// What to do with swapped-out pages.
     pub swap: SwapPolicy,
+    /// A point-in-time copy-before-write snapshot (`--snapshot cow`)
+    /// instead of pre-copy and a stopped final pass.
+    pub cow: bool,
 }
 
 impl DumpOptions {
@@ -152,6 +176,7 @@ impl DumpOptions {
             copy_files: false,
             leave_stopped: false,
             swap: SwapPolicy::Read,
+            cow: false,
         }
     }
 }
@@ -202,6 +227,8 @@ pub struct DumpReport {
     pub kept_tracking: Option<KeptTracking>,
     /// What the swap policy did, per class of page.
     pub swap: SwapReport,
+    /// The copy-before-write snapshot's stop and stalls (`cow`).
+    pub snapshot: Option<CowStats>,
     /// What limited the dump (a degraded tracker, tracking not kept).
     pub notes: Vec<String>,
 }
@@ -243,13 +270,25 @@ pub fn dump(
         parent.as_ref().zip(parent_arg.as_deref()),
     )?;
     let mut d = Dump::new(caps, opts.clone(), writer, parent, progress);
+    if opts.cow {
+        if opts.tree || opts.parent.is_some() || opts.keep_tracking {
+            return Err(DumpError::Snapshot {
+                pid: target.pid(),
+                what: "--snapshot cow takes one process and a full image: not with --tree, --parent or --keep-tracking".into(),
+            });
+        }
+        d.attach_all(target)?;
+        let (it, stats) = d.cow_snapshot(target)?;
+        let stopped_s = stats.stop_s;
+        return d.finish(vec![it], stopped_s, Some(stats));
+    }
     d.attach_all(target)?;
     let mut iterations = vec![d.full_pass()?];
     d.precopy(&mut iterations)?;
     d.release_adopted()?;
     let (last, stopped_s) = d.final_pass(iterations.len() as u32)?;
     iterations.push(last);
-    d.finish(iterations, stopped_s)
+    d.finish(iterations, stopped_s, None)
 }
 
 /// `parent` as seen from `out` (absolute paths stay absolute).

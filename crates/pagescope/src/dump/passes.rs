@@ -32,12 +32,12 @@ use crate::scan::ScanOptions;
 use crate::vma::{Backing, ObjectClass, ObjectId};
 
 /// One process being dumped.
-struct Proc<'t> {
-    pid: u32,
+pub(super) struct Proc<'t> {
+    pub(super) pid: u32,
     target: ProcTarget<'t>,
     tracker: Box<dyn DirtyTracker + 't>,
-    mem: RemoteMem,
-    vmas: Vec<VmaModel>,
+    pub(super) mem: RemoteMem,
+    pub(super) vmas: Vec<VmaModel>,
     adopted: Option<i32>,
     /// Tracked since the parent image (a kept userfaultfd): pages reported
     /// written are stored without comparing them with the parent.
@@ -82,19 +82,19 @@ impl Plan {
 /// Everything a dump works with.
 pub(super) struct Dump<'t, 'c, 'p> {
     caps: &'c KernelCaps,
-    opts: DumpOptions,
-    page: PageSize,
-    writer: ImageWriter,
+    pub(super) opts: DumpOptions,
+    pub(super) page: PageSize,
+    pub(super) writer: ImageWriter,
     parent: Option<Image>,
-    procs: Vec<Proc<'t>>,
-    objects: BTreeMap<ObjectId, ObjectModel>,
+    pub(super) procs: Vec<Proc<'t>>,
+    pub(super) objects: BTreeMap<ObjectId, ObjectModel>,
     frames: Option<Frames>,
-    progress: &'p mut dyn FnMut(DumpEvent<'_>),
+    pub(super) progress: &'p mut dyn FnMut(DumpEvent<'_>),
     last_collect: Instant,
     /// Copy throughput of the full pass, bytes/s.
     rate: f64,
-    notes: Vec<String>,
-    swap: Arc<SwapIo>,
+    pub(super) notes: Vec<String>,
+    pub(super) swap: Arc<SwapIo>,
 }
 
 impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
@@ -150,6 +150,9 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             let opts = TrackOptions {
                 keep_in_target: i == 0 && self.opts.keep_tracking,
                 adopt: adopt.clone(),
+                // A copy-before-write snapshot tracks nothing between
+                // passes: it has one.
+                backend: self.opts.cow.then_some(TrackerBackend::AllDirty),
                 ..TrackOptions::default()
             };
             let tracker = match self.tracker(&t, &opts) {
@@ -172,7 +175,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            if let Some(why) = tracker.degraded() {
+            if let Some(why) = tracker.degraded().filter(|_| !self.opts.cow) {
                 self.notes.push(format!("process {pid}: {why}"));
             }
             let mem = RemoteMem::open(t.get(), self.page, Arc::clone(&self.swap))?;
@@ -507,7 +510,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
 
     /// Scans process `i` and models its mappings; opens (or grows) the
     /// objects behind them.
-    fn build_models(&mut self, i: usize) -> Result<Vec<VmaModel>, DumpError> {
+    pub(super) fn build_models(&mut self, i: usize) -> Result<Vec<VmaModel>, DumpError> {
         let report = crate::inspect::scan_process(
             self.procs[i].target.get(),
             self.caps,
@@ -616,7 +619,11 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
 
     /// The data pages (`SEEK_DATA`) of copied object `id` within `span`
     /// (all of it by default); its other pages there become holes.
-    fn object_data(&mut self, id: ObjectId, span: Option<PageSpan>) -> Result<Vec<u64>, DumpError> {
+    pub(super) fn object_data(
+        &mut self,
+        id: ObjectId,
+        span: Option<PageSpan>,
+    ) -> Result<Vec<u64>, DumpError> {
         let page = self.page;
         let Some(o) = self.objects.get_mut(&id) else {
             return Ok(Vec::new());
@@ -822,7 +829,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
     }
 
     /// The statistics of a pass that started at `t0`.
-    fn iteration(
+    pub(super) fn iteration(
         &self,
         n: u32,
         stopped: bool,
@@ -861,6 +868,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         mut self,
         iterations: Vec<Iteration>,
         stopped_s: f64,
+        snapshot: Option<super::CowStats>,
     ) -> Result<DumpReport, DumpError> {
         let mut index = BTreeMap::new();
         let objects = self
@@ -920,6 +928,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             covered_pages: covered,
             kept_tracking,
             swap,
+            snapshot,
             notes: self.notes,
         })
     }

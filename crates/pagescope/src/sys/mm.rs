@@ -315,6 +315,26 @@ impl OwnedMapping {
         Ok(Self { ptr, len: new_len })
     }
 
+    /// Writes `value` at `off` (8-byte aligned) in one store: a thread
+    /// stopped at any instruction leaves either the old or the new value.
+    pub fn write_u64(&self, off: usize, value: u64) -> Result<(), Errno> {
+        self.check(off, 8)?;
+        if !off.is_multiple_of(8) {
+            return Err(Errno::INVAL);
+        }
+        // SAFETY: inside our mapping (checked), 8-byte aligned (mappings
+        // are page aligned and `off` is a multiple of 8); a volatile store
+        // of plain memory.
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .add(off)
+                .cast::<u64>()
+                .write_volatile(value)
+        };
+        Ok(())
+    }
+
     /// `mlock(addr + off, len)` (`lock`) or `munlock`.
     pub fn lock(&self, off: usize, len: usize, lock: bool) -> Result<(), Errno> {
         self.check(off, len)?;

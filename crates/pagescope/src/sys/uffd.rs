@@ -57,6 +57,26 @@ struct uffdio_register {
 const _: () = assert!(std::mem::size_of::<uffdio_api>() == 24);
 const _: () = assert!(std::mem::size_of::<uffdio_register>() == 32);
 
+/// `UFFD_EVENT_PAGEFAULT`.
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFD_PAGEFAULT_FLAG_WP`: a write to a write-protected page.
+pub const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+/// `UFFDIO_WRITEPROTECT_MODE_WP`.
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+/// Bytes of one `struct uffd_msg`.
+pub const UFFD_MSG_BYTES: usize = 32;
+
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct uffdio_writeprotect {
+    range: uffdio_range,
+    mode: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<uffdio_writeprotect>() == 24);
+
+const UFFDIO_WRITEPROTECT: Opcode = opcode::read_write::<uffdio_writeprotect>(0xAA, 0x06);
 const UFFDIO_API: Opcode = opcode::read_write::<uffdio_api>(0xAA, 0x3F);
 const UFFDIO_REGISTER: Opcode = opcode::read_write::<uffdio_register>(0xAA, 0x00);
 const UFFDIO_UNREGISTER: Opcode = opcode::read::<uffdio_range>(0xAA, 0x01);
@@ -145,4 +165,62 @@ pub fn uffdio_unregister(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<(
             Updater::<UFFDIO_UNREGISTER, uffdio_range>::new(&mut range),
         )
     }
+}
+
+/// `ioctl(uffd, UFFDIO_WRITEPROTECT, {start, len, mode})`: write-protect
+/// the range (`protect`), or remove the protection and wake the threads
+/// waiting on a fault in it (5.7+ anonymous, 5.19+ shmem).
+pub fn uffdio_writeprotect(
+    uffd: BorrowedFd<'_>,
+    start: u64,
+    len: u64,
+    protect: bool,
+) -> Result<(), Errno> {
+    let mut wp = uffdio_writeprotect {
+        range: uffdio_range { start, len },
+        mode: if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        },
+    };
+    // SAFETY: UFFDIO_WRITEPROTECT reads one `uffdio_writeprotect`; it
+    // changes the page tables of the uffd's mm, never our memory.
+    unsafe {
+        rustix::ioctl::ioctl(
+            uffd,
+            Updater::<UFFDIO_WRITEPROTECT, uffdio_writeprotect>::new(&mut wp),
+        )
+    }
+}
+
+/// One `uffd_msg`: the event, and for a page fault its flags and address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultMsg {
+    /// `msg.event`.
+    pub event: u8,
+    /// `msg.arg.pagefault.flags`.
+    pub flags: u64,
+    /// `msg.arg.pagefault.address`.
+    pub address: u64,
+}
+
+/// Reads the pending messages (`read(2)` of whole `uffd_msg`s) into
+/// `out`; nothing when none is pending (`EAGAIN` on a non-blocking fd).
+pub fn read_msgs(uffd: BorrowedFd<'_>, out: &mut Vec<FaultMsg>) -> Result<(), Errno> {
+    let mut buf = [0u8; UFFD_MSG_BYTES * 64];
+    let n = match rustix::io::read(uffd, &mut buf) {
+        Ok(n) => n,
+        Err(Errno::AGAIN | Errno::INTR) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for m in buf[..n].chunks_exact(UFFD_MSG_BYTES) {
+        let u64_at = |o: usize| u64::from_ne_bytes(m[o..o + 8].try_into().unwrap_or_default());
+        out.push(FaultMsg {
+            event: m[0],
+            flags: u64_at(8),
+            address: u64_at(16),
+        });
+    }
+    Ok(())
 }
