@@ -26,7 +26,7 @@ use crate::util::{arg, median};
 const PAGE: usize = 4096;
 
 /// Shared with the child: command, argument, seed, acknowledgement, ready.
-struct Control {
+pub(crate) struct Control {
     map: OwnedMapping,
 }
 
@@ -37,16 +37,16 @@ const ACK: usize = 3;
 const READY: usize = 4;
 const BASE: usize = 5;
 
-const IDLE: u64 = 0;
+pub(crate) const IDLE: u64 = 0;
 /// Write ARG pages per second at pseudo-random places.
-const RATE: u64 = 1;
+pub(crate) const RATE: u64 = 1;
 /// Write ARG pages chosen by SEED once, then ACK.
 const BURST: u64 = 2;
 /// Write the first ARG pages again and again, 1000 per ms.
 const HOT: u64 = 3;
 
 impl Control {
-    fn new() -> anyhow::Result<Self> {
+    pub(crate) fn new() -> anyhow::Result<Self> {
         Ok(Self {
             map: OwnedMapping::shared_anonymous(PAGE, 0)?,
         })
@@ -59,7 +59,7 @@ impl Control {
         unsafe { &*(self.map.addr() as *const AtomicU64).add(i) }
     }
 
-    fn set(&self, cmd: u64, argument: u64, seed: u64) {
+    pub(crate) fn set(&self, cmd: u64, argument: u64, seed: u64) {
         self.slot(ARG).store(argument, Ordering::SeqCst);
         self.slot(SEED).store(seed, Ordering::SeqCst);
         self.slot(CMD).store(cmd, Ordering::SeqCst);
@@ -156,9 +156,9 @@ fn child(ctl: &Control, len: usize) -> ! {
     }
 }
 
-struct Child {
-    pid: u32,
-    base: u64,
+pub(crate) struct Child {
+    pub(crate) pid: u32,
+    pub(crate) base: u64,
 }
 
 impl Drop for Child {
@@ -172,7 +172,7 @@ impl Drop for Child {
 }
 
 /// Forks the child (before this process starts any thread).
-fn spawn(ctl: &Control, len: usize) -> anyhow::Result<Child> {
+pub(crate) fn spawn(ctl: &Control, len: usize) -> anyhow::Result<Child> {
     // SAFETY: single-threaded here (first thing this subcommand does); the
     // child only runs `child`, which never returns.
     let pid = unsafe { libc::fork() };
@@ -267,7 +267,7 @@ fn bare_copy(pid: u32, base: u64, pages: &[u64], file: &Path) -> anyhow::Result<
     Ok(t.elapsed())
 }
 
-fn pagescope_dump(
+pub(crate) fn pagescope_dump(
     pid: u32,
     out: &Path,
     f: impl FnOnce(&mut DumpOptions),
@@ -282,7 +282,7 @@ fn pagescope_dump(
 }
 
 /// `criu dump --leave-running` of `pid`; its wall time and frozen time.
-fn criu_dump(criu: &Path, pid: u32, dir: &Path) -> anyhow::Result<(Duration, Duration)> {
+pub(crate) fn criu_dump(criu: &Path, pid: u32, dir: &Path) -> anyhow::Result<(Duration, Duration)> {
     std::fs::create_dir_all(dir)?;
     let t = Instant::now();
     let out = std::process::Command::new(criu)
@@ -335,7 +335,7 @@ fn allocated(dir: &Path) -> u64 {
 
 /// Where images go: tmpfs, so neither side measures the disk (CRIU does
 /// not fsync its images; pagescope does, which is free on tmpfs).
-fn scratch(name: &str) -> PathBuf {
+pub(crate) fn scratch(name: &str) -> PathBuf {
     PathBuf::from("/dev/shm").join(format!(
         "pagescope-bench-dump-{}-{name}",
         std::process::id()
@@ -355,7 +355,7 @@ fn warm_up(bytes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn criu_path() -> Option<PathBuf> {
+pub(crate) fn criu_path() -> Option<PathBuf> {
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/peers/build-criu.sh");
     let out = std::process::Command::new("bash").arg(here).output().ok()?;
     let path = String::from_utf8_lossy(&out.stdout)

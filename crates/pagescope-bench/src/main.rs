@@ -12,6 +12,7 @@ mod dump;
 mod objects;
 mod scan;
 mod sharers;
+mod swap;
 mod util;
 
 use std::process::ExitCode;
@@ -25,9 +26,10 @@ fn main() -> ExitCode {
         Some("dirty") => report(dirty::run(&args[1..])),
         Some("sharers") => report(sharers::run(&args[1..])),
         Some("dump") => report(dump::run(&args[1..])),
+        Some("swap") => report(swap::run(&args[1..])),
         _ => {
             eprintln!(
-                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]\n       pagescope-bench sharers [--gib N] [--reps N]\n       pagescope-bench dump [--gib N]"
+                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]\n       pagescope-bench sharers [--gib N] [--reps N]\n       pagescope-bench dump [--gib N]\n       pagescope-bench swap [--gib N] [--swapped-gib N]"
             );
             ExitCode::from(2)
         }

@@ -97,11 +97,18 @@ struct Registration<'u> {
     ranges: Vec<VirtRange>,
 }
 
+impl Registration<'_> {
+    /// Unregisters everything now.
+    fn release(&mut self) {
+        for r in self.ranges.drain(..) {
+            let _ = self.uffd.unregister(r);
+        }
+    }
+}
+
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        for r in &self.ranges {
-            let _ = self.uffd.unregister(*r);
-        }
+        self.release();
     }
 }
 
@@ -125,19 +132,32 @@ impl Dump<'_, '_, '_> {
             .map_err(|source| DumpError::Protect { pid, source })?;
         let hmem = RemoteMem::open(target, self.page, std::sync::Arc::clone(&self.swap))?;
         let mut stats = CowStats::default();
-        let side: Side = Mutex::new(HashMap::new());
-        let (registration, regions) = self.protect(target, &uffd, &hmem, &side, &mut stats)?;
-        let done = AtomicBool::new(false);
-        let faults = Mutex::new(FaultStats::default());
+        let handler = Handler::default();
+        let mut registration = Registration {
+            uffd: &uffd,
+            ranges: Vec::new(),
+        };
         let copied = std::thread::scope(|s| {
-            let handler = s.spawn(|| handle_faults(&uffd, &hmem, &regions, &side, &done, &faults));
-            let result = self.copy_all(&uffd, &registration.ranges, &side);
-            drop(registration);
-            done.store(true, Ordering::Release);
-            let _ = handler.join();
+            let h = s.spawn(|| handler.run(&uffd, &hmem));
+            let result = self
+                .protect(
+                    target,
+                    &uffd,
+                    &mut registration,
+                    &hmem,
+                    &handler,
+                    &mut stats,
+                )
+                .and_then(|()| self.copy_all(&uffd, &registration.ranges, &handler.side));
+            registration.release();
+            handler.done.store(true, Ordering::Release);
+            let _ = h.join();
             result
         })?;
-        let f = faults.into_inner().unwrap_or_else(|p| p.into_inner());
+        let f = handler
+            .stats
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
         stats.faults = f.faults;
         stats.longest_stall_s = f.longest.as_secs_f64();
         stats.total_stall_s = f.total.as_secs_f64();
@@ -146,47 +166,70 @@ impl Dump<'_, '_, '_> {
         Ok((it, stats))
     }
 
-    /// The stop: register and protect every writable mapping, capture the
-    /// writable ones the kernel refuses, resume.
-    fn protect<'u>(
+    /// Write-protects every writable mapping in two phases, so the stop
+    /// lasts only as long as the pages written meanwhile take:
+    ///
+    /// 1. while the process runs: register and protect everything (for a
+    ///    large process this takes a while); a write meanwhile is let
+    ///    through at once and its page remembered;
+    /// 2. stopped (the snapshot's moment): protect again the pages let
+    ///    through, register and protect mappings that appeared, capture
+    ///    the writable mappings the kernel refuses; resume.
+    fn protect(
         &mut self,
         target: &Target,
-        uffd: &'u Userfaultfd,
+        uffd: &Userfaultfd,
+        registration: &mut Registration<'_>,
         hmem: &RemoteMem,
-        side: &Side,
+        handler: &Handler,
         stats: &mut CowStats,
-    ) -> Result<(Registration<'u>, Vec<Region>), DumpError> {
+    ) -> Result<(), DumpError> {
         let pid = target.pid();
-        let stopped = Stopped::stop(target).map_err(|source| DumpError::Stop { pid, source })?;
-        let mut registration = Registration {
-            uffd,
-            ranges: Vec::new(),
-        };
-        let maps = target.maps()?;
-        let mut regions = Vec::new();
+        let protect_err = |source| DumpError::Protect { pid, source };
         let mut refused = Vec::new();
-        for m in maps.iter().filter(|m| m.perms.write && !is_special(m)) {
-            regions.push(Region {
-                range: m.range,
-                shared: m.perms.shared,
-            });
+        for m in target
+            .maps()?
+            .iter()
+            .filter(|m| m.perms.write && !is_special(m))
+        {
             if uffd.register_wp(m.range).is_ok() {
                 registration.ranges.push(m.range);
+                uffd.write_protect(m.range, true).map_err(protect_err)?;
             } else {
                 refused.push(m.range);
             }
         }
-        for r in &registration.ranges {
-            uffd.write_protect(*r, true)
-                .map_err(|source| DumpError::Protect { pid, source })?;
+        let stopped = Stopped::stop(target).map_err(|source| DumpError::Stop { pid, source })?;
+        let maps = target.maps()?;
+        let let_through = handler.moment(regions_of(&maps));
+        for a in let_through {
+            if let Some(r) = VirtRange::from_start_len(VirtAddr::new(a), self.page.get()) {
+                // A page unmapped meanwhile has nothing to protect.
+                let _ = uffd.write_protect(r, true);
+            }
         }
-        for r in &refused {
-            capture_range(hmem, *r, self.page, side)?;
+        for m in maps.iter().filter(|m| m.perms.write && !is_special(m)) {
+            let known = registration.ranges.contains(&m.range) || refused.contains(&m.range);
+            if known {
+                continue;
+            }
+            if uffd.register_wp(m.range).is_ok() {
+                registration.ranges.push(m.range);
+                uffd.write_protect(m.range, true).map_err(protect_err)?;
+            } else {
+                refused.push(m.range);
+            }
+        }
+        for r in refused
+            .iter()
+            .filter(|r| maps.iter().any(|m| m.range == **r))
+        {
+            capture_range(hmem, *r, self.page, &handler.side)?;
         }
         stats.protected_mappings = registration.ranges.len();
         stats.captured_while_stopped = refused.len();
         stats.stop_s = stopped.resume().as_secs_f64();
-        Ok((registration, regions))
+        Ok(())
     }
 
     /// Scans (after the resume: every write since then was captured
@@ -475,51 +518,102 @@ struct FaultStats {
     total: Duration,
 }
 
-/// The handler thread: for every write fault, capture the page, then lift
-/// its protection (waking the writer). Runs until `done`.
-fn handle_faults(
-    uffd: &Userfaultfd,
-    mem: &RemoteMem,
-    regions: &[Region],
-    side: &Side,
-    done: &AtomicBool,
-    stats: &Mutex<FaultStats>,
-) {
-    let page = mem.page_size();
-    let p = usize::try_from(page.get()).unwrap_or(4096);
-    let mut buf = vec![0u8; p];
-    while !done.load(Ordering::Acquire) {
-        let Ok(faults) = uffd.wp_faults(Duration::from_millis(20)) else {
-            return;
-        };
-        for addr in faults {
-            let t = Instant::now();
-            let a = addr / page.get() * page.get();
-            let shared = regions
-                .iter()
-                .find(|r| r.range.contains(VirtAddr::new(a)))
-                .is_some_and(|r| r.shared);
-            let known = side
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&a);
-            if !known {
-                let c = capture_page(mem, a, shared, &mut buf);
-                side.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(a)
-                    .or_insert(c);
-            }
-            if let Some(r) = VirtRange::from_start_len(VirtAddr::new(a), page.get()) {
-                let _ = uffd.write_protect(r, false);
-            }
-            let d = t.elapsed();
-            let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
-            s.faults += 1;
-            s.total += d;
-            s.longest = s.longest.max(d);
+/// Before the moment: the pages whose write was let through. After it:
+/// the mappings (to tell shared from private).
+enum Phase {
+    Before(Vec<u64>),
+    After(Vec<Region>),
+}
+
+impl Default for Phase {
+    fn default() -> Self {
+        Self::Before(Vec::new())
+    }
+}
+
+/// The fault handler's state, shared with the copy.
+#[derive(Default)]
+struct Handler {
+    phase: Mutex<Phase>,
+    side: Side,
+    done: AtomicBool,
+    stats: Mutex<FaultStats>,
+}
+
+impl Handler {
+    /// The snapshot's moment (the process is stopped): from now on faults
+    /// capture before they let the write through. Returns the pages let
+    /// through before.
+    fn moment(&self, regions: Vec<Region>) -> Vec<u64> {
+        let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        match std::mem::replace(&mut *phase, Phase::After(regions)) {
+            Phase::Before(pages) => pages,
+            Phase::After(_) => Vec::new(),
         }
     }
+
+    /// The handler thread: for every write fault, (after the moment)
+    /// capture the page, then lift its protection, which lets the write
+    /// proceed. Runs until `done`.
+    fn run(&self, uffd: &Userfaultfd, mem: &RemoteMem) {
+        let page = mem.page_size();
+        let p = usize::try_from(page.get()).unwrap_or(4096);
+        let mut buf = vec![0u8; p];
+        while !self.done.load(Ordering::Acquire) {
+            let Ok(faults) = uffd.wp_faults(Duration::from_millis(20)) else {
+                return;
+            };
+            for addr in faults {
+                let t = Instant::now();
+                let a = addr / page.get() * page.get();
+                // Held until the write is let through: the moment cannot
+                // fall between the decision and the unprotect.
+                let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+                match &mut *phase {
+                    Phase::Before(pages) => pages.push(a),
+                    Phase::After(regions) => {
+                        let shared = regions
+                            .iter()
+                            .find(|r| r.range.contains(VirtAddr::new(a)))
+                            .is_some_and(|r| r.shared);
+                        let known = self
+                            .side
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .contains_key(&a);
+                        if !known {
+                            let c = capture_page(mem, a, shared, &mut buf);
+                            self.side
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .entry(a)
+                                .or_insert(c);
+                        }
+                    }
+                }
+                if let Some(r) = VirtRange::from_start_len(VirtAddr::new(a), page.get()) {
+                    let _ = uffd.write_protect(r, false);
+                }
+                drop(phase);
+                let d = t.elapsed();
+                let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+                s.faults += 1;
+                s.total += d;
+                s.longest = s.longest.max(d);
+            }
+        }
+    }
+}
+
+/// The writable mappings of `maps`, as the handler needs them.
+fn regions_of(maps: &[MapsEntry]) -> Vec<Region> {
+    maps.iter()
+        .filter(|m| m.perms.write && !is_special(m))
+        .map(|m| Region {
+            range: m.range,
+            shared: m.perms.shared,
+        })
+        .collect()
 }
 
 /// The snapshot's bytes of page `a` (still write-protected): a page of a
