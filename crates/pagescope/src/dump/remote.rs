@@ -163,16 +163,40 @@ impl RemoteMem {
         swapped: &mut Vec<usize>,
     ) -> Result<(), DumpError> {
         let p = usize::try_from(self.page.get()).unwrap_or(4096);
-        for &(i, ty, offset) in direct {
-            let page = &mut buf[i * p..(i + 1) * p];
-            let got = self.swap.read_slot(ty, offset, page)
-                && self.entries(addrs[i], 1)?.first() == Some(&out[i].entry);
-            if got {
-                self.swap.count_direct();
-            } else {
-                self.swap.count_fallback();
-                swapped.push(i);
+        let page = self.page.get();
+        // Runs of pages next to each other in the batch, in memory and on
+        // the device: one read and one pagemap check each.
+        let mut k = 0;
+        while k < direct.len() {
+            let (i0, ty, off0) = direct[k];
+            let mut n = 1;
+            while let Some(&(i, t, off)) = direct.get(k + n) {
+                let next = i == i0 + n
+                    && t == ty
+                    && off == off0 + n as u64
+                    && addrs[i] == addrs[i0] + n as u64 * page;
+                if !next {
+                    break;
+                }
+                n += 1;
             }
+            let got = self
+                .swap
+                .read_slot(ty, off0, &mut buf[i0 * p..(i0 + n) * p]);
+            let now = if got {
+                self.entries(addrs[i0], n)?
+            } else {
+                Vec::new()
+            };
+            for j in 0..n {
+                if got && now.get(j) == Some(&out[i0 + j].entry) {
+                    self.swap.count_direct();
+                } else {
+                    self.swap.count_fallback();
+                    swapped.push(i0 + j);
+                }
+            }
+            k += n;
         }
         Ok(())
     }

@@ -164,6 +164,9 @@ pub struct SwapIo {
 /// of a swap device; `O_DIRECT` needs aligned buffers and offsets).
 const BLOCK: usize = 4096;
 
+/// Blocks per `preadv` of consecutive slots (256 KiB).
+const READ_BLOCKS: usize = 64;
+
 /// One `O_DIRECT`-aligned block.
 #[repr(C, align(4096))]
 struct Block([u8; BLOCK]);
@@ -288,13 +291,15 @@ impl SwapIo {
         Counters::add(&self.anon.skipped, 1);
     }
 
-    /// Reads swap slot `offset` of device `ty` into `out` (one page).
+    /// Reads swap slots from `offset` of device `ty` into `out` (one page
+    /// per slot, consecutive slots).
     /// `false`: not possible (device unknown or busy writing, which could
     /// mean the slot's write is still in flight); the caller reads
     /// normally.
     pub fn read_slot(&self, ty: u8, offset: u64, out: &mut [u8]) -> bool {
         let page = self.page.get();
-        if self.table.device(ty, offset, page).is_none() {
+        let pages = (out.len() as u64).div_ceil(page).max(1);
+        if self.table.device(ty, offset + pages - 1, page).is_none() {
             return false;
         }
         let Some(Some(dev)) = self.devices.get(usize::from(ty)) else {
@@ -306,13 +311,23 @@ impl SwapIo {
             );
             return false;
         }
-        let mut block = Box::new(Block([0; BLOCK]));
-        for (k, chunk) in out.chunks_mut(BLOCK).enumerate() {
-            let at = offset * page + (k * BLOCK) as u64;
-            match rustix::io::pread(&dev.fd, &mut block.0, at) {
-                Ok(n) if n == BLOCK => chunk.copy_from_slice(&block.0[..chunk.len()]),
+        // Consecutive slots in one `preadv` of aligned blocks.
+        let mut blocks: Vec<Block> = (0..READ_BLOCKS).map(|_| Block([0; BLOCK])).collect();
+        let mut at = offset * page;
+        for chunk in out.chunks_mut(BLOCK * READ_BLOCKS) {
+            let n = chunk.len().div_ceil(BLOCK);
+            let mut iov: Vec<std::io::IoSliceMut<'_>> = blocks[..n]
+                .iter_mut()
+                .map(|b| std::io::IoSliceMut::new(&mut b.0))
+                .collect();
+            match rustix::io::preadv(&dev.fd, &mut iov, at) {
+                Ok(got) if got == n * BLOCK => {}
                 _ => return false,
             }
+            for (dst, b) in chunk.chunks_mut(BLOCK).zip(&blocks) {
+                dst.copy_from_slice(&b.0[..dst.len()]);
+            }
+            at += (n * BLOCK) as u64;
         }
         true
     }
