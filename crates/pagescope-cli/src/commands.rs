@@ -54,12 +54,11 @@ pub fn run(cli: Cli) -> Result<u8> {
 
 fn parse_range(pid: u32, s: &str) -> Result<VirtRange> {
     s.parse::<VirtRange>().map_err(|e| {
-        anyhow::Error::new(pagescope::ScanError::BadRange {
+        anyhow::Error::new(pagescope::ScanError::MalformedRange {
             pid,
-            range: VirtRange::default(),
-            what: "malformed",
+            text: s.to_owned(),
+            why: e.to_string(),
         })
-        .context(e.to_string())
     })
 }
 
@@ -100,6 +99,13 @@ fn render(report: &ProcessReport, json: bool, how: Render) -> Result<u8> {
         writeln!(out)?;
     }
     out.flush()?;
+    if !json {
+        // Notes qualify the answer; they go to stderr, so the listing on
+        // stdout stays the listing.
+        for n in &report.notes {
+            eprintln!("note: {n}");
+        }
+    }
     if !report.complete() {
         eprintln!(
             "pagescope: process {}: result incomplete, {} range(s) skipped (listed in the output)",

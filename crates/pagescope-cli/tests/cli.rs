@@ -145,7 +145,10 @@ fn map_json_matches_schema_and_counts_add_up() {
             "counts of {} do not add up",
             v["path"]
         );
-        total += counted;
+        // The kernel's special mappings are listed but not totalled.
+        if v["backing"] != "special" {
+            total += counted;
+        }
     }
     let totals: u64 = doc["totals"]
         .as_object()
@@ -168,11 +171,47 @@ fn text_outputs_name_states() {
         text.contains("[heap]") && text.contains("total kB"),
         "{text}"
     );
+    assert!(!text.contains("note:"), "notes belong on stderr: {text}");
     let pages = cli(&["pages", &pid]);
     let text = String::from_utf8(pages.stdout).unwrap();
     assert!(
         text.contains(" zero") && text.contains(" present"),
         "{text}"
+    );
+    assert!(!text.contains("note:"), "notes belong on stderr: {text}");
+    assert!(
+        !String::from_utf8_lossy(&pages.stderr).contains("soft-dirty"),
+        "the soft-dirty note changes no answer of `pages`"
+    );
+}
+
+#[test]
+fn special_mappings_are_listed_but_not_totalled() {
+    let fx = fixture(&[]);
+    let pid = fx.pid().to_string();
+    let doc = json_of(&["map", &pid, "--json"]);
+    let specials: Vec<&Value> = doc["vmas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["backing"] == "special")
+        .collect();
+    assert!(!specials.is_empty(), "no [vdso]/[vvar] listed");
+    let unknown_in_specials: u64 = specials
+        .iter()
+        .map(|v| v["counts"]["unknown"].as_u64().unwrap())
+        .sum();
+    let others_unknown: u64 = doc["vmas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["backing"] != "special")
+        .map(|v| v["counts"]["unknown"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        doc["totals"]["unknown"].as_u64().unwrap(),
+        others_unknown,
+        "[vsyscall] ({unknown_in_specials} unknown pages) must not count in the totals"
     );
 }
 
@@ -229,7 +268,16 @@ fn kernel_thread_exits_5() {
 fn bad_range_exits_7() {
     let fx = fixture(&[]);
     let pid = fx.pid().to_string();
-    assert_fails(&["pages", &pid, "--range", "zzz"], 7, "zzz");
+    assert_fails(
+        &["pages", &pid, "--range", "zzz"],
+        7,
+        "range \"zzz\" is malformed",
+    );
+    let out = cli(&["pages", &pid, "--range", "zzz"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("0x0-0x0"),
+        "a malformed range must be quoted, not shown as 0x0-0x0"
+    );
     assert_fails(
         &["pages", &pid, "--range", "1000-1800"],
         7,

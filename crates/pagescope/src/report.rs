@@ -163,7 +163,13 @@ impl ProcessReport {
     /// Totals over all VMAs.
     pub fn totals(&self) -> Counts {
         let mut c = Counts::default();
-        for v in &self.vmas {
+        // `[vsyscall]`, `[vvar]`, `[vdso]`: the kernel's pages, the same in
+        // every process, not the process's memory.
+        for v in self
+            .vmas
+            .iter()
+            .filter(|v| v.vma.backing != crate::vma::Backing::Special)
+        {
             c.merge(&v.counts());
         }
         c
@@ -428,9 +434,6 @@ impl ProcessReport {
     fn write_footer(&self, w: &mut dyn Write) -> io::Result<()> {
         for s in &self.skipped {
             writeln!(w, "skipped {}: {}", s.range, s.reason)?;
-        }
-        for n in &self.notes {
-            writeln!(w, "note: {n}")?;
         }
         if !self.complete() {
             writeln!(w, "INCOMPLETE: {} range(s) skipped", self.skipped.len())?;

@@ -119,8 +119,5 @@ fn notes(caps: &KernelCaps, privileged: bool) -> Vec<String> {
             n.push("no PAGEMAP_SCAN and no PFNs: zero pages and COW-shared pages are unknown, THPs are not flagged".into());
         }
     }
-    if !caps.soft_dirty {
-        n.push("kernel without soft-dirty: the soft_dirty flag is never set".into());
-    }
     n
 }

@@ -85,6 +85,16 @@ pub enum ScanError {
         /// `"not page aligned"` or `"not mapped"`.
         what: &'static str,
     },
+    /// The `--range` text does not parse.
+    #[error("process {pid}: range {text:?} is malformed: {why}")]
+    MalformedRange {
+        /// The target.
+        pid: u32,
+        /// The text given.
+        text: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The requested backend is not available on this kernel.
     #[error("scan backend {backend} is unavailable: {why}")]
     Unsupported {
@@ -106,7 +116,7 @@ impl ScanError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Proc(e) => e.kind(),
-            Self::BadRange { .. } => ErrorKind::BadRange,
+            Self::BadRange { .. } | Self::MalformedRange { .. } => ErrorKind::BadRange,
             Self::Unsupported { .. } => ErrorKind::Unsupported,
             Self::TargetExited { .. } => ErrorKind::TargetExited,
             Self::Ioctl { source, .. } | Self::Pagemap { source, .. } => {
