@@ -105,6 +105,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell) generated from these definitions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), generated from these definitions:
+    /// `pagescope manpage > pagescope.1`.
+    Manpage,
     /// Which kernel interfaces and privileges are available here.
     Kernel {
         /// Machine-readable output.

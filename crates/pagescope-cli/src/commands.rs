@@ -47,6 +47,16 @@ pub fn run(cli: Cli) -> Result<u8> {
             let range = range.map(|r| parse_range(pid, &r)).transpose()?;
             crate::pageout_cmd::run(pid, range, &state, json)
         }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "pagescope", &mut std::io::stdout().lock());
+            Ok(OK)
+        }
+        Command::Manpage => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout().lock())?;
+            Ok(OK)
+        }
         Command::Kernel { json } => kernel(json),
         Command::Demo { json, backend } => demo(json, backend.into()),
     }

@@ -330,3 +330,92 @@ fn pages_of_a_remapping_target_exit_8_when_incomplete() {
         }
     }
 }
+
+/// Shared libraries `pid` maps (`.so` files in its maps).
+fn shared_libraries(pid: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.contains(".so"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The libraries a running `pagescope watch` of a fixture maps.
+fn libraries_while_watching(exe: &std::path::Path) -> Vec<String> {
+    let fx = fixture(&["anon"]);
+    let mut w = std::process::Command::new(exe)
+        .args([
+            "watch",
+            &fx.pid().to_string(),
+            "--interval",
+            "200ms",
+            "--json",
+            "--allow-fallback",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert!(
+        w.try_wait().unwrap().is_none(),
+        "{} watch exited early: nothing to look at",
+        exe.display()
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", w.id())).unwrap_or_default();
+    assert!(
+        maps.lines().count() > 3,
+        "no maps read for {}",
+        exe.display()
+    );
+    let libs = shared_libraries(w.id());
+    let _ = w.kill();
+    let _ = w.wait();
+    libs
+}
+
+/// A statically linked pagescope maps no shared library, so the pages of
+/// libc or libgcc_s it inspects in a target are not mapped twice (which
+/// would take `exclusive` away from them) while it runs. The build is made
+/// by `scripts/test` (`PAGESCOPE_STATIC_BIN`); the dynamic build, for
+/// contrast, does map libraries.
+#[test]
+fn the_static_binary_maps_no_shared_library() {
+    let Some(bin) = std::env::var_os("PAGESCOPE_STATIC_BIN") else {
+        skip("PAGESCOPE_STATIC_BIN not set (scripts/test builds the static binary)");
+        return;
+    };
+    if !common::is_root() {
+        skip("watch injects a userfaultfd into the target (root)");
+        return;
+    }
+    let dynamic = libraries_while_watching(common::exe());
+    assert!(
+        !dynamic.is_empty(),
+        "the dynamic build should map libc: the check is blind"
+    );
+    let libs = libraries_while_watching(std::path::Path::new(&bin));
+    assert!(libs.is_empty(), "the static build maps {libs:?}");
+}
+
+#[test]
+fn completions_and_manpage_are_generated() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = cli(&["completions", shell]);
+        assert!(out.status.success(), "completions {shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("pageout") && text.contains("dump"),
+            "{shell}: {text}"
+        );
+    }
+    let man = cli(&["manpage"]);
+    assert!(man.status.success());
+    let text = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        text.contains(".TH pagescope 1") && text.contains("watch"),
+        "{text}"
+    );
+}
