@@ -12,14 +12,57 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// One line per mapping (like pmap -X): page counts per state, totals.
+    /// One line per mapping, like pmap -X: Size, Rss, Pss, Swap and the
+    /// page states pmap cannot see (swap cache, in RAM but not mapped
+    /// here, file pages not in RAM), totals last.
+    #[command(disable_help_flag = true)]
     Map {
-        /// Target process.
-        pid: u32,
+        #[command(flatten)]
+        targets: Targets,
+        #[command(flatten)]
+        view: ViewArgs,
+        /// Size and state columns to show, comma-separated (`all`: every
+        /// one). Names: size, rss, pss, swap and the page states.
+        #[arg(long, value_delimiter = ',', value_parser = parse_map_column)]
+        columns: Vec<ColumnArg>,
+        /// Sort mappings by this column (numbers largest first).
+        #[arg(long, value_parser = parse_sort_column)]
+        sort: Option<pagescope::render::MapColumn>,
+        /// Do not shorten paths to fit 120 columns.
+        #[arg(long)]
+        wide: bool,
+        /// Draw the address space as an SVG picture into FILE.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<std::path::PathBuf>,
         #[command(flatten)]
         scan: ScanArgs,
     },
+    /// One line per process: Rss, Pss, and swap and shared memory divided
+    /// among the processes that hold them (which process holds my swap,
+    /// my shmem).
+    #[command(disable_help_flag = true)]
+    Top {
+        /// Only these processes (all are scanned, so shared pages are
+        /// divided among every holder).
+        pids: Vec<u32>,
+        /// Only processes whose command name matches this glob.
+        #[arg(long, value_name = "COMM")]
+        name: Option<String>,
+        /// Sort by this column (numbers largest first).
+        #[arg(long, default_value = "swap",
+              value_parser = pagescope::render::summary::SORT_COLUMNS)]
+        sort: String,
+        /// Show only the first N lines.
+        #[arg(long, short = 'n', value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        #[command(flatten)]
+        units: UnitArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// One line per run of pages with equal state and flags.
+    #[command(disable_help_flag = true)]
     Pages {
         /// Target process.
         pid: u32,
@@ -30,29 +73,31 @@ pub enum Command {
         #[arg(long)]
         swap_detail: bool,
         #[command(flatten)]
+        view: ViewArgs,
+        #[command(flatten)]
         scan: ScanArgs,
     },
     /// Each shared object (memfd, tmpfs, SysV, shared anonymous, shared
     /// files) once: its page states and which processes map which parts.
+    #[command(disable_help_flag = true)]
     Objects {
-        /// Processes whose objects to list.
-        #[arg(required_unless_present = "all")]
-        pids: Vec<u32>,
-        /// Every process on the machine.
-        #[arg(long, conflicts_with = "pids")]
-        all: bool,
+        #[command(flatten)]
+        targets: Targets,
         /// Also list regular files mapped only privately (libraries).
         #[arg(long)]
         files: bool,
         /// Include every object's page runs (JSON).
         #[arg(long)]
         ranges: bool,
+        #[command(flatten)]
+        view: ViewArgs,
         /// Machine-readable output (see docs/json.md).
         #[arg(long)]
         json: bool,
     },
     /// Live view of the pages a process writes per interval: dirty rate,
     /// hottest mappings, and whether pre-copy migration would converge.
+    #[command(disable_help_flag = true)]
     Watch(WatchArgs),
     /// Copy a live process's memory into an image directory: a full
     /// pass, pre-copy rounds of what it writes meanwhile, and a final pass
@@ -166,6 +211,8 @@ pub struct WatchArgs {
     /// page as written (otherwise exit code 10).
     #[arg(long)]
     pub allow_fallback: bool,
+    #[command(flatten)]
+    pub units: UnitArgs,
     /// Do not track other processes that map the target's shared memory
     /// writable; report such objects whole every interval instead.
     #[arg(long)]
@@ -273,6 +320,157 @@ pub struct DumpArgs {
     /// The report as JSON on stdout (statistics still on stderr).
     #[arg(long)]
     pub json: bool,
+}
+
+/// Which processes: PIDs, a command name, or all.
+#[derive(Debug, clap::Args)]
+pub struct Targets {
+    /// Target processes.
+    #[arg(required_unless_present_any = ["name", "all"])]
+    pub pids: Vec<u32>,
+    /// Processes whose command name (/proc/PID/comm) matches this glob.
+    #[arg(long, value_name = "COMM", conflicts_with = "all")]
+    pub name: Option<String>,
+    /// Every process on the machine (kernel threads and processes that
+    /// exit meanwhile are left out).
+    #[arg(long, conflicts_with = "pids")]
+    pub all: bool,
+}
+
+impl Targets {
+    /// Whether one explicit PID was named (errors are then the command's).
+    pub fn single(&self) -> Option<u32> {
+        match (self.pids.as_slice(), &self.name, self.all) {
+            ([pid], None, false) => Some(*pid),
+            _ => None,
+        }
+    }
+}
+
+/// `-h/--human`, `--bytes` (and `--help`, which gives up `-h`).
+#[derive(Debug, clap::Args)]
+pub struct UnitArgs {
+    /// Sizes in KiB, MiB, GiB as fits (default: KiB).
+    #[arg(short = 'h', long, conflicts_with = "bytes")]
+    pub human: bool,
+    /// Sizes in bytes.
+    #[arg(long)]
+    pub bytes: bool,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
+}
+
+impl UnitArgs {
+    /// The chosen unit.
+    pub fn unit(&self) -> pagescope::render::SizeUnit {
+        use pagescope::render::SizeUnit;
+        match (self.human, self.bytes) {
+            (true, _) => SizeUnit::Human,
+            (_, true) => SizeUnit::Bytes,
+            _ => SizeUnit::Kib,
+        }
+    }
+}
+
+/// Units and filters of the listings.
+#[derive(Debug, clap::Args)]
+pub struct ViewArgs {
+    #[command(flatten)]
+    pub units: UnitArgs,
+    /// Only mappings (objects) with pages in one of these states; `pages`
+    /// lists only runs in them.
+    #[arg(long, value_delimiter = ',', value_parser = parse_state)]
+    pub state: Vec<pagescope::PageState>,
+    /// Only mappings (objects) with one of these backings.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub backing: Vec<BackingArg>,
+    /// Only mappings (objects) whose path matches this glob (`*libc*`,
+    /// `/memfd:*`).
+    #[arg(long, value_name = "GLOB")]
+    pub path: Option<String>,
+}
+
+impl ViewArgs {
+    /// The library filter.
+    pub fn filter(&self) -> pagescope::render::Filter {
+        pagescope::render::Filter {
+            states: self.state.clone(),
+            backings: self.backing.iter().map(|&b| b.into()).collect(),
+            path: self.path.as_deref().map(pagescope::render::Glob::new),
+        }
+    }
+}
+
+/// `--backing`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BackingArg {
+    /// Private anonymous memory.
+    Anon,
+    /// memfd, tmpfs, SysV and shared anonymous memory.
+    Shmem,
+    /// Regular files.
+    File,
+    /// hugetlbfs.
+    Hugetlb,
+    /// [vdso], [vvar], [vsyscall], device mappings.
+    Special,
+}
+
+impl From<BackingArg> for pagescope::Backing {
+    fn from(b: BackingArg) -> Self {
+        match b {
+            BackingArg::Anon => Self::Anon,
+            BackingArg::Shmem => Self::Shmem,
+            BackingArg::File => Self::File,
+            BackingArg::Hugetlb => Self::Hugetlb,
+            BackingArg::Special => Self::Special,
+        }
+    }
+}
+
+/// One `--columns` entry: a column, or `all`.
+#[derive(Clone, Debug)]
+pub enum ColumnArg {
+    /// One column.
+    One(pagescope::render::MapColumn),
+    /// Every selectable column.
+    All,
+}
+
+fn parse_state(s: &str) -> Result<pagescope::PageState, String> {
+    pagescope::PageState::from_name(s.trim()).ok_or_else(|| {
+        let names: Vec<_> = pagescope::PageState::ALL.iter().map(|s| s.name()).collect();
+        format!("no page state {s:?} (one of: {})", names.join(", "))
+    })
+}
+
+fn column_names() -> String {
+    let names: Vec<_> = pagescope::render::MapColumn::selectable()
+        .iter()
+        .map(|c| c.name().to_ascii_lowercase())
+        .collect();
+    names.join(", ")
+}
+
+fn parse_map_column(s: &str) -> Result<ColumnArg, String> {
+    use pagescope::render::MapColumn;
+    if s.trim().eq_ignore_ascii_case("all") {
+        return Ok(ColumnArg::All);
+    }
+    match MapColumn::parse(s) {
+        Some(c) if MapColumn::selectable().contains(&c) => Ok(ColumnArg::One(c)),
+        _ => Err(format!("no column {s:?} (one of: all, {})", column_names())),
+    }
+}
+
+fn parse_sort_column(s: &str) -> Result<pagescope::render::MapColumn, String> {
+    pagescope::render::MapColumn::parse(s).ok_or_else(|| {
+        format!(
+            "no column {s:?} (one of: address, perm, backing, path, {})",
+            column_names()
+        )
+    })
 }
 
 #[derive(Debug, clap::Args)]

@@ -12,27 +12,42 @@ use crate::exit::{INCOMPLETE, OK};
 
 pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {
-        Command::Map { pid, scan } => {
-            let report = scan_pid(pid, &scan, options(&scan, None, false))?;
-            render(&report, scan.json, Render::Map)
-        }
+        Command::Map {
+            targets,
+            view,
+            columns,
+            sort,
+            wide,
+            svg,
+            scan,
+        } => crate::listing::map(&targets, &view, &columns, sort, wide, svg.as_deref(), &scan),
+        Command::Top {
+            pids,
+            name,
+            sort,
+            limit,
+            units,
+            json,
+        } => crate::listing::top(&pids, name.as_deref(), &sort, limit, &units, json),
         Command::Pages {
             pid,
             range,
             swap_detail,
+            view,
             scan,
         } => {
             let range = range.map(|r| parse_range(pid, &r)).transpose()?;
-            let report = scan_pid(pid, &scan, options(&scan, range, swap_detail))?;
-            render(&report, scan.json, Render::Pages)
+            let mut report = scan_pid(pid, options(&scan, range, swap_detail))?;
+            view.filter().apply(&mut report, true);
+            render(&report, scan.json, Render::Pages(view.units.unit()))
         }
         Command::Objects {
-            pids,
-            all,
+            targets,
             files,
             ranges,
+            view,
             json,
-        } => objects(pids, all, files, ranges, json),
+        } => objects(&targets, files, ranges, &view, json),
         Command::Watch(args) => crate::watch::run(&args),
         Command::Dump(args) => crate::image_cmds::dump(&args),
         Command::Image { command } => crate::image_cmds::image(command),
@@ -72,7 +87,7 @@ fn parse_range(pid: u32, s: &str) -> Result<VirtRange> {
     })
 }
 
-fn options(scan: &ScanArgs, range: Option<VirtRange>, swap_detail: bool) -> ScanOptions {
+pub fn options(scan: &ScanArgs, range: Option<VirtRange>, swap_detail: bool) -> ScanOptions {
     ScanOptions {
         backend: scan.backend.into(),
         range,
@@ -85,25 +100,27 @@ fn options(scan: &ScanArgs, range: Option<VirtRange>, swap_detail: bool) -> Scan
     }
 }
 
-fn scan_pid(pid: u32, _scan: &ScanArgs, opts: ScanOptions) -> Result<ProcessReport> {
+pub fn scan_pid(pid: u32, opts: ScanOptions) -> Result<ProcessReport> {
     let caps = KernelCaps::probe();
     let target = Target::open(pid)?;
     Ok(scan_process(&target, &caps, &opts)?)
 }
 
 #[derive(Clone, Copy)]
-enum Render {
-    Map,
-    Pages,
+pub enum Render<'a> {
+    Map(&'a pagescope::render::MapView),
+    Pages(pagescope::render::SizeUnit),
 }
 
-fn render(report: &ProcessReport, json: bool, how: Render) -> Result<u8> {
+pub fn render(report: &ProcessReport, json: bool, how: Render) -> Result<u8> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match (json, how) {
-        (true, Render::Map) => serde_json::to_writer(&mut out, &report.map_json())?,
-        (true, Render::Pages) => serde_json::to_writer(&mut out, &report.pages_json())?,
-        (false, Render::Map) => report.write_map(&mut out)?,
-        (false, Render::Pages) => report.write_pages(&mut out)?,
+        (true, Render::Map(_)) => serde_json::to_writer(&mut out, &report.map_json())?,
+        (true, Render::Pages(_)) => serde_json::to_writer(&mut out, &report.pages_json())?,
+        (false, Render::Map(view)) => view.write(report, &mut out)?,
+        (false, Render::Pages(unit)) => {
+            report.write_pages_with(unit, &pagescope::render::Filter::default(), &mut out)?
+        }
     }
     if json {
         writeln!(out)?;
@@ -127,11 +144,18 @@ fn render(report: &ProcessReport, json: bool, how: Render) -> Result<u8> {
     Ok(OK)
 }
 
-fn objects(pids: Vec<u32>, all: bool, files: bool, ranges: bool, json: bool) -> Result<u8> {
+fn objects(
+    targets: &crate::cli::Targets,
+    files: bool,
+    ranges: bool,
+    view: &crate::cli::ViewArgs,
+    json: bool,
+) -> Result<u8> {
     use pagescope::ErrorKind;
     use pagescope::object::view::ObjectsOptions;
     let caps = KernelCaps::probe();
-    let pids = if all { pagescope::proc::pids() } else { pids };
+    let pids = crate::listing::resolve(targets);
+    let all = targets.all || targets.name.is_some();
     let mut report = pagescope::objects_view(
         &pids,
         &caps,
@@ -148,7 +172,7 @@ fn objects(pids: Vec<u32>, all: bool, files: bool, ranges: bool, json: bool) -> 
                 ErrorKind::NoSuchProcess | ErrorKind::NoAddressSpace | ErrorKind::TargetExited
             )
         });
-    } else if report.skipped.len() == pids.len() {
+    } else if report.skipped.len() == pids.len() || pids.is_empty() {
         // Nothing could be examined: that is the error, with its exit code.
         if let Some(first) = report.skipped.first() {
             return Err(crate::exit::CliError::new(
@@ -158,12 +182,13 @@ fn objects(pids: Vec<u32>, all: bool, files: bool, ranges: bool, json: bool) -> 
             .into());
         }
     }
+    view.filter().apply_objects(&mut report);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if json {
         serde_json::to_writer(&mut out, &report.json(ranges))?;
         writeln!(out)?;
     } else {
-        report.write_text(&mut out)?;
+        report.write_text(view.units.unit(), &mut out)?;
     }
     out.flush()?;
     if report.complete() {
@@ -270,7 +295,11 @@ fn demo(json: bool, backend: pagescope::BackendChoice) -> Result<u8> {
     };
     let report = scan_process(&target, &caps, &opts)?;
     if json {
-        return render(&report, true, Render::Pages);
+        return render(
+            &report,
+            true,
+            Render::Pages(pagescope::render::SizeUnit::Kib),
+        );
     }
     let truth = fixture.truth();
     let mut out = std::io::stdout().lock();

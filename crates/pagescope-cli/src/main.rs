@@ -8,7 +8,9 @@ mod cli;
 mod commands;
 mod exit;
 mod image_cmds;
+mod listing;
 mod pageout_cmd;
+mod svg_cmd;
 mod watch;
 mod watch_view;
 

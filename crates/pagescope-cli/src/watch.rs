@@ -40,13 +40,26 @@ pub fn run(args: &WatchArgs) -> Result<u8> {
     refuse_silent_fallback(args, &watcher)?;
     let mut out = std::io::stdout().lock();
     let header = header(args, &watcher);
-    let mut view = View::choose(args.json, args.lines, args.pid, header.clone())?;
+    let mut view = View::choose(
+        args.json,
+        args.lines,
+        args.pid,
+        header.clone(),
+        args.units.unit(),
+    )?;
     view.start(&mut out)?;
     let result = sample_loop(args, &mut watcher, &mut view, &mut out, &stop);
     view.finish(&mut out)?;
     drop(watcher); // closes the userfaultfds: the targets are unprotected again
     let (why, totals) = result?;
-    summary(&mut out, args.json, args.pid, why, totals)?;
+    summary(
+        &mut out,
+        args.json,
+        args.pid,
+        why,
+        totals,
+        args.units.unit(),
+    )?;
     if why == End::ExitedBeforeFirst {
         return Err(CliError::new(
             exit::TARGET_EXITED,
@@ -168,12 +181,20 @@ fn sample_loop(
     Ok((End::Detached, totals))
 }
 
-fn summary(out: &mut dyn Write, json: bool, pid: u32, why: End, t: Totals) -> Result<()> {
-    let rate = if t.secs > 0.0 {
-        t.bytes as f64 / t.secs / (1024.0 * 1024.0)
+fn summary(
+    out: &mut dyn Write,
+    json: bool,
+    pid: u32,
+    why: End,
+    t: Totals,
+    unit: pagescope::render::SizeUnit,
+) -> Result<()> {
+    let bytes_s = if t.secs > 0.0 {
+        t.bytes as f64 / t.secs
     } else {
         0.0
     };
+    let rate = bytes_s / (1024.0 * 1024.0);
     if json {
         serde_json::to_writer(
             &mut *out,
@@ -183,8 +204,9 @@ fn summary(out: &mut dyn Write, json: bool, pid: u32, why: End, t: Totals) -> Re
     } else {
         writeln!(
             out,
-            "{}: process {pid}, mean dirty rate {rate:.2} MiB/s over {:.1} s ({} complete intervals)",
+            "{}: process {pid}, mean dirty rate {} over {:.1} s ({} complete intervals)",
             why.text(),
+            unit.format_rate(bytes_s),
             t.secs,
             t.intervals
         )?;

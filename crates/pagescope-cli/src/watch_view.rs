@@ -9,6 +9,7 @@ use std::os::fd::AsFd;
 
 use anyhow::Result;
 use pagescope::dirty::stats::Interval;
+use pagescope::render::SizeUnit;
 
 /// Intervals kept for the rate history.
 const HISTORY: usize = 60;
@@ -22,7 +23,7 @@ pub enum View {
     /// One JSON object per interval.
     Json,
     /// One text line per interval.
-    Lines(Vec<String>),
+    Lines(Vec<String>, SizeUnit),
     /// A screen redrawn every interval.
     Live(Box<Live>),
 }
@@ -34,15 +35,22 @@ impl View {
     }
 
     /// The mode for these flags and this stdout.
-    pub fn choose(json: bool, lines: bool, pid: u32, header: Vec<String>) -> Result<Self> {
+    pub fn choose(
+        json: bool,
+        lines: bool,
+        pid: u32,
+        header: Vec<String>,
+        unit: SizeUnit,
+    ) -> Result<Self> {
         use std::io::IsTerminal;
         Ok(if json {
             Self::Json
         } else if lines || !std::io::stdout().is_terminal() {
-            Self::Lines(header)
+            Self::Lines(header, unit)
         } else {
             Self::Live(Box::new(Live {
                 pid,
+                unit,
                 header,
                 rates: VecDeque::with_capacity(HISTORY),
                 last: None,
@@ -56,7 +64,7 @@ impl View {
     pub fn start(&mut self, out: &mut dyn Write) -> Result<()> {
         match self {
             Self::Json => {}
-            Self::Lines(header) => {
+            Self::Lines(header, _) => {
                 for h in header.iter() {
                     writeln!(out, "{h}")?;
                 }
@@ -87,7 +95,7 @@ impl View {
                 serde_json::to_writer(&mut *out, s)?;
                 writeln!(out)?;
             }
-            Self::Lines(_) => writeln!(out, "{}", line(s))?,
+            Self::Lines(_, unit) => writeln!(out, "{}", line(s, *unit))?,
             Self::Live(live) => {
                 live.push(s.clone());
                 live.draw(out)?;
@@ -120,6 +128,7 @@ fn terminal_size() -> (usize, usize) {
 /// State of the live view.
 pub struct Live {
     pid: u32,
+    unit: SizeUnit,
     header: Vec<String>,
     rates: VecDeque<f64>,
     last: Option<Interval>,
@@ -165,18 +174,22 @@ impl Live {
             return (head, Vec::new());
         };
         let peak = self.rates.iter().copied().fold(0.0, f64::max);
+        let u = self.unit;
         head.push(format!(
-            "dirty rate  {:>10.2} MiB/s   {:>9} pages in {:.2} s   peak {:.2} MiB/s",
-            s.dirty_rate_mib_s, s.written_pages, s.interval_s, peak
+            "dirty rate  {:>12}   {:>9} pages in {:.2} s   peak {}",
+            rate(u, s.dirty_rate_mib_s),
+            s.written_pages,
+            s.interval_s,
+            rate(u, peak)
         ));
         head.push(format!(
             "history     {}",
             sparkline(self.rates.iter().copied(), peak)
         ));
         head.push(format!(
-            "written since start: {} distinct pages ({:.1} MiB)",
+            "written since start: {} distinct pages ({})",
             s.unique_pages,
-            mib(s.unique_pages * page_bytes(s))
+            u.format(s.unique_pages * page_bytes(s))
         ));
         head.push(format!(
             "pre-copy at {} MiB/s: {}",
@@ -191,17 +204,17 @@ impl Live {
                 .collect();
             head.push(format!("sources: {}", sources.join(", ")));
         }
-        (head, body(s))
+        (head, body(s, self.unit))
     }
 }
 
 /// The tables: hottest mappings, shared objects, followed children.
-fn body(s: &Interval) -> Vec<String> {
+fn body(s: &Interval, unit: SizeUnit) -> Vec<String> {
     let mut b = vec![
         String::new(),
         format!(
-            "{:<29} {:>10} {:>10} {:>6}  mapping",
-            "hottest mappings", "pages", "MiB/s", "share"
+            "{:<29} {:>10} {:>12} {:>6}  mapping",
+            "hottest mappings", "pages", "rate", "share"
         ),
     ];
     for v in &s.vmas {
@@ -210,12 +223,12 @@ fn body(s: &Interval) -> Vec<String> {
         } else {
             0.0
         };
-        let rate = mib(v.written_pages * page_bytes(s)) / s.interval_s.max(1e-9);
+        let bytes_s = (v.written_pages * page_bytes(s)) as f64 / s.interval_s.max(1e-9);
         b.push(format!(
-            "{:<29} {:>10} {:>10.2} {:>5.1}%  {}",
+            "{:<29} {:>10} {:>12} {:>5.1}%  {}",
             format!("{}-{}", v.start, v.end),
             v.written_pages,
-            rate,
+            unit.format_rate(bytes_s),
             share,
             if v.path.is_empty() { "[anon]" } else { &v.path }
         ));
@@ -254,8 +267,9 @@ fn page_bytes(s: &Interval) -> u64 {
         .unwrap_or_else(|| pagescope::PageSize::current().get())
 }
 
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
+/// A rate given in MiB/s, in `unit`.
+fn rate(unit: SizeUnit, mib_s: f64) -> String {
+    unit.format_rate(mib_s * 1024.0 * 1024.0)
 }
 
 fn verdict(s: &Interval) -> &'static str {
@@ -293,7 +307,7 @@ fn sparkline(values: impl Iterator<Item = f64>, peak: f64) -> String {
 }
 
 /// The one-line form of an interval.
-fn line(s: &Interval) -> String {
+fn line(s: &Interval, unit: SizeUnit) -> String {
     let top: Vec<String> = s
         .vmas
         .iter()
@@ -306,11 +320,11 @@ fn line(s: &Interval) -> String {
         ""
     };
     format!(
-        "t={:7.2}s  {:>9} pages {:>9.2} MiB  {:>9.2} MiB/s  pre-copy@{}MiB/s: {}{degraded}  | {}",
+        "t={:7.2}s  {:>9} pages {:>9}  {:>12}  pre-copy@{}MiB/s: {}{degraded}  | {}",
         s.t,
         s.written_pages,
-        mib(s.written_bytes),
-        s.dirty_rate_mib_s,
+        unit.format(s.written_bytes),
+        rate(unit, s.dirty_rate_mib_s),
         s.precopy_bandwidth_mib_s,
         verdict(s),
         top.join(", ")

@@ -267,7 +267,7 @@ fn watch_detaches_on_ctrl_c() {
         !has_uw(w.0.id()),
         "write protection left behind after Ctrl-C"
     );
-    assert!(text.lines().any(|l| l.contains("MiB/s")), "{text}");
+    assert!(text.lines().any(|l| l.contains("KiB/s")), "{text}");
 }
 
 /// Starts `python3 tests/programs/SCRIPT ARGS` and waits for its first

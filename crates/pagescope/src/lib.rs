@@ -54,6 +54,7 @@ pub mod pageout;
 mod parallel;
 pub mod proc;
 pub mod rangeset;
+pub mod render;
 pub mod report;
 pub mod scan;
 pub(crate) mod sys;

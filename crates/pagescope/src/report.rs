@@ -19,6 +19,8 @@ use crate::vma::Vma;
 pub struct ProcessReport {
     /// The target.
     pub pid: u32,
+    /// Its command name (`/proc/PID/comm`), empty if unreadable.
+    pub comm: String,
     /// Base page size.
     pub page_size: PageSize,
     /// Whether pagemap showed PFNs and swap entries (CAP_SYS_ADMIN).
@@ -220,8 +222,9 @@ struct Doc<'a> {
 impl Serialize for Doc<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let r = self.report;
-        let mut st = s.serialize_struct("report", 12)?;
+        let mut st = s.serialize_struct("report", 13)?;
         st.serialize_field("pid", &r.pid)?;
+        st.serialize_field("comm", &r.comm)?;
         st.serialize_field("page_size", &r.page_size.get())?;
         st.serialize_field("privileged", &r.privileged)?;
         st.serialize_field("complete", &r.complete())?;
@@ -257,7 +260,7 @@ struct VmaDoc<'a> {
 impl Serialize for VmaDoc<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let (v, vma) = (self.v, &self.v.vma);
-        let mut st = s.serialize_struct("vma", 14)?;
+        let mut st = s.serialize_struct("vma", 17)?;
         st.serialize_field("start", &vma.range.start())?;
         st.serialize_field("end", &vma.range.end())?;
         st.serialize_field("perms", &vma.perms.to_string())?;
@@ -279,7 +282,16 @@ impl Serialize for VmaDoc<'_> {
                 let ranges: Vec<_> = v.runs.iter().map(|run| RunDoc { run, r: self.r }).collect();
                 st.serialize_field("ranges", &ranges)?;
             }
-            Mode::Map => st.serialize_field("counts", &v.counts())?,
+            Mode::Map => {
+                st.serialize_field("counts", &v.counts())?;
+                if let Some((rss, pss)) = vma.smaps_rss_pss_kb {
+                    st.serialize_field("rss_kb", &rss)?;
+                    st.serialize_field("pss_kb", &pss)?;
+                }
+                if let Some(swap) = vma.smaps_swap_kb {
+                    st.serialize_field("swap_kb", &swap)?;
+                }
+            }
         }
         st.end()
     }
@@ -341,60 +353,38 @@ impl Serialize for SkippedDoc<'_> {
     }
 }
 
-/// Columns of the `map` table.
-const MAP_COLUMNS: [PageState; 10] = PageState::ALL;
-
 impl ProcessReport {
-    /// Writes the `pagescope map` table: one line per VMA, totals last.
+    /// Writes the `pagescope map` table with the default columns (see
+    /// [`crate::render::MapView`] for the choices).
     pub fn write_map(&self, w: &mut dyn Write) -> io::Result<()> {
-        let kb = |pages: u64| pages * self.page_size.get() / 1024;
-        writeln!(
-            w,
-            "process {}: kB per page state (backend {})",
-            self.pid, self.backend
-        )?;
-        write!(
-            w,
-            "{:>16} {:>16} {:4} {:>8} {:7}",
-            "Address", "End", "Perm", "Offset", "Backing"
-        )?;
-        for st in MAP_COLUMNS {
-            write!(w, " {:>10}", short_name(st))?;
-        }
-        writeln!(w, " Path")?;
-        for v in &self.vmas {
-            let c = v.counts();
-            let vma = &v.vma;
-            write!(
-                w,
-                "{:>16x} {:>16x} {} {:>8x} {:7}",
-                vma.range.start(),
-                vma.range.end(),
-                vma.perms,
-                vma.offset,
-                vma.backing.name()
-            )?;
-            for st in MAP_COLUMNS {
-                write!(w, " {:>10}", kb(c.get(st)))?;
-            }
-            writeln!(w, " {}", vma.path.display())?;
-        }
-        let t = self.totals();
-        write!(
-            w,
-            "{:>16} {:>16} {:4} {:>8} {:7}",
-            "total kB", "", "", "", ""
-        )?;
-        for st in MAP_COLUMNS {
-            write!(w, " {:>10}", kb(t.get(st)))?;
-        }
-        writeln!(w)?;
-        self.write_footer(w)
+        crate::render::MapView::default().write(self, w)
     }
 
     /// Writes the `pagescope pages` listing: one line per run.
     pub fn write_pages(&self, w: &mut dyn Write) -> io::Result<()> {
-        for v in &self.vmas {
+        self.write_pages_with(
+            crate::render::SizeUnit::Kib,
+            &crate::render::Filter::default(),
+            w,
+        )
+    }
+
+    /// Writes the `pagescope pages` listing: one line per run of the kept
+    /// mappings and states, with pages and size in `unit`.
+    pub fn write_pages_with(
+        &self,
+        unit: crate::render::SizeUnit,
+        filter: &crate::render::Filter,
+        w: &mut dyn Write,
+    ) -> io::Result<()> {
+        writeln!(
+            w,
+            "process {} ({}): runs of pages, sizes in {}",
+            self.pid,
+            self.comm,
+            unit.name()
+        )?;
+        for v in self.vmas.iter().filter(|v| filter.keeps_vma(v)) {
             let vma = &v.vma;
             writeln!(
                 w,
@@ -407,12 +397,13 @@ impl ProcessReport {
             if let Some(e) = &v.object_error {
                 writeln!(w, "    object: {e}")?;
             }
-            for run in &v.runs {
+            for run in v.runs.iter().filter(|r| filter.keeps_run(r)) {
                 write!(
                     w,
-                    "    {} {:>9} {:<12}",
+                    "    {} {:>9} pages {:>9} {:<12}",
                     run.range(self.page_size),
                     run.pages,
+                    unit.format(run.pages * self.page_size.get()),
                     run.state.name()
                 )?;
                 let flags: Vec<_> = run.flags.names().collect();
@@ -431,7 +422,7 @@ impl ProcessReport {
         self.write_footer(w)
     }
 
-    fn write_footer(&self, w: &mut dyn Write) -> io::Result<()> {
+    pub(crate) fn write_footer(&self, w: &mut dyn Write) -> io::Result<()> {
         for s in &self.skipped {
             writeln!(w, "skipped {}: {}", s.range, s.reason)?;
         }
@@ -439,14 +430,5 @@ impl ProcessReport {
             writeln!(w, "INCOMPLETE: {} range(s) skipped", self.skipped.len())?;
         }
         Ok(())
-    }
-}
-
-fn short_name(s: PageState) -> &'static str {
-    match s {
-        PageState::NotResident => "NotResid",
-        PageState::Fallocated => "Falloc",
-        PageState::SwapCache => "SwapCache",
-        _ => s.name(),
     }
 }

@@ -145,6 +145,9 @@ pub struct Vma {
     pub vm_flags: Option<VmFlags>,
     /// smaps `Swap:` in kB, when pagescope read smaps.
     pub smaps_swap_kb: Option<u64>,
+    /// smaps `Rss:` and `Pss:` in kB, when pagescope read smaps (the
+    /// kernel's accounting, as `pmap -X` shows it).
+    pub smaps_rss_pss_kb: Option<(u64, u64)>,
 }
 
 impl std::ops::Deref for Vma {
@@ -170,6 +173,7 @@ impl Vma {
             kind,
             vm_flags,
             smaps_swap_kb: None,
+            smaps_rss_pss_kb: None,
         }
     }
 

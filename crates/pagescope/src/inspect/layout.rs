@@ -24,6 +24,7 @@ pub fn read(target: &Target, smaps: bool) -> Result<Vec<Vma>, ProcError> {
             .map(|s| {
                 let mut v = Vma::classify(&s.vma, &mounts, Some(s.vm_flags));
                 v.smaps_swap_kb = s.field_kb("Swap");
+                v.smaps_rss_pss_kb = s.field_kb("Rss").zip(s.field_kb("Pss"));
                 v
             })
             .collect())

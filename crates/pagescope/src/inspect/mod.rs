@@ -48,6 +48,10 @@ pub fn scan_process(
     let scanned = scanner.scan(&selected)?;
     let mut report = ProcessReport {
         pid: target.pid(),
+        comm: target
+            .stat()
+            .map(|s| String::from_utf8_lossy(&s.comm).into_owned())
+            .unwrap_or_default(),
         page_size: page,
         privileged,
         backend: scanner.plan().name(),

@@ -7,6 +7,7 @@ use serde::ser::{SerializeStruct, Serializer};
 
 use super::view::{ObjectReport, ObjectsReport, Sharer, SharerMapping};
 use crate::page::PageState;
+use crate::render::SizeUnit;
 
 impl ObjectsReport {
     /// The `objects --json` document; `ranges` adds every object's runs.
@@ -14,13 +15,14 @@ impl ObjectsReport {
         Doc { r: self, ranges }
     }
 
-    /// Writes the `pagescope objects` listing.
-    pub fn write_text(&self, w: &mut dyn Write) -> io::Result<()> {
-        let kb = |p: u64| p * self.page_size.get() / 1024;
+    /// Writes the `pagescope objects` listing, sizes in `unit`.
+    pub fn write_text(&self, unit: SizeUnit, w: &mut dyn Write) -> io::Result<()> {
+        let kb = |p: u64| unit.format(p * self.page_size.get());
+        writeln!(w, "shared objects: sizes in {}", unit.name())?;
         for o in &self.objects {
             writeln!(
                 w,
-                "{} {} inode {} ({}), {} kB: {}",
+                "{} {} inode {} ({}), size {}: {}",
                 o.kind_name(),
                 o.id.dev,
                 o.id.inode,
@@ -35,7 +37,7 @@ impl ObjectsReport {
                 for m in &s.mappings {
                     writeln!(
                         w,
-                        "    pid {:>7} {:<16} {} {} pages {}..{} ({} kB present)",
+                        "    pid {:>7} {:<16} {} {} pages {}..{} ({} present)",
                         s.pid,
                         s.comm,
                         m.range,
@@ -62,13 +64,13 @@ impl ObjectReport {
             .unwrap_or_default()
     }
 
-    fn state_summary(&self, kb: impl Fn(u64) -> u64) -> String {
+    fn state_summary(&self, kb: impl Fn(u64) -> String) -> String {
         let mut parts: Vec<String> = PageState::ALL
             .iter()
             .filter(|&&s| self.counts.get(s) > 0)
-            .map(|&s| format!("{} {} kB", s, kb(self.counts.get(s))))
+            .map(|&s| format!("{} {}", s, kb(self.counts.get(s))))
             .collect();
-        parts.push(format!("mapped {} kB", kb(self.mapped_pages)));
+        parts.push(format!("mapped {}", kb(self.mapped_pages)));
         parts.join(", ")
     }
 }
