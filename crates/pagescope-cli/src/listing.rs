@@ -198,6 +198,7 @@ pub fn top(
     let opts = ScanOptions {
         smaps: true,
         swap_detail: true,
+        objects: true,
         skip_exclusive: true,
         ..ScanOptions::default()
     };
