@@ -173,6 +173,9 @@ pub enum Command {
         /// Scan backend.
         #[arg(long, value_enum, default_value_t = Backend::Auto)]
         backend: Backend,
+        /// Also draw the fixture's address space as an SVG picture.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<std::path::PathBuf>,
     },
 }
 

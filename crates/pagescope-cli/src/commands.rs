@@ -73,7 +73,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             Ok(OK)
         }
         Command::Kernel { json } => kernel(json),
-        Command::Demo { json, backend } => demo(json, backend.into()),
+        Command::Demo { json, backend, svg } => demo(json, backend.into(), svg.as_deref()),
     }
 }
 
@@ -282,7 +282,11 @@ fn swaps_json(caps: &KernelCaps) -> serde_json::Value {
         .collect()
 }
 
-fn demo(json: bool, backend: pagescope::BackendChoice) -> Result<u8> {
+fn demo(
+    json: bool,
+    backend: pagescope::BackendChoice,
+    svg: Option<&std::path::Path>,
+) -> Result<u8> {
     let exe = FixtureProcess::locate().context("pagescope demo needs its fixture")?;
     let fixture = FixtureProcess::spawn(&exe, &["demo"])
         .with_context(|| format!("cannot start the demo fixture {}", exe.display()))?;
@@ -294,6 +298,9 @@ fn demo(json: bool, backend: pagescope::BackendChoice) -> Result<u8> {
         ..ScanOptions::default()
     };
     let report = scan_process(&target, &caps, &opts)?;
+    if let Some(path) = svg {
+        crate::svg_cmd::write(&[&report], path)?;
+    }
     if json {
         return render(
             &report,

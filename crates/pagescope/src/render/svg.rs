@@ -73,7 +73,7 @@ fn esc(s: &str) -> String {
 /// The SVG document for `reports` (one block of rows per process).
 pub fn render(reports: &[&ProcessReport]) -> String {
     let rows: usize = reports.iter().map(|r| r.vmas.len() + 2).sum();
-    let legend_h = 3.0 * ROW_H;
+    let legend_h = 2.0 * ROW_H;
     let height = PAD * 2.0 + legend_h + rows as f64 * ROW_H;
     let width = PAD * 2.0 + LABEL_W + BAND_W;
     let mut s = String::new();
@@ -120,6 +120,20 @@ fn legend(s: &mut String) {
     }
 }
 
+/// `path` cut to `max` characters in the middle, keeping the file name.
+fn shorten(path: &str, max: usize) -> String {
+    let chars: Vec<char> = path.chars().collect();
+    if chars.len() <= max {
+        return path.to_owned();
+    }
+    let tail = (max - 3) * 2 / 3;
+    let head = max - 3 - tail;
+    let mut s: String = chars[..head].iter().collect();
+    s.push_str("...");
+    s.extend(&chars[chars.len() - tail..]);
+    s
+}
+
 fn row(s: &mut String, v: &VmaReport, page: u64, y: f64) {
     let vma = &v.vma;
     let kib = vma.range.len() / 1024;
@@ -129,9 +143,8 @@ fn row(s: &mut String, v: &VmaReport, page: u64, y: f64) {
         vma.perms,
         kib,
         vma.backing.name(),
-        vma.path.display()
+        shorten(&vma.path.display(), 36)
     );
-    let label: String = label.chars().take(64).collect();
     let _ = writeln!(
         s,
         r#"<g class="vma" data-start="{}" data-end="{}"><text x="{PAD}" y="{}" xml:space="preserve">{}</text>"#,
