@@ -493,3 +493,49 @@ fn attr(s: &str, name: &str) -> String {
     let i = s.find(&key).unwrap_or_else(|| panic!("{name} in {s}")) + key.len();
     s[i..i + s[i..].find('"').unwrap()].to_owned()
 }
+
+#[test]
+fn objects_take_the_same_units_and_filters() {
+    let fx = fixture(&["memfd", "tmpfs", "file"]);
+    let pid = fx.pid().to_string();
+    let objects = |extra: &[&str]| -> Vec<Value> {
+        let mut args = vec!["objects", pid.as_str(), "--json"];
+        args.extend_from_slice(extra);
+        let doc: Value = serde_json::from_str(&stdout_of(&args)).unwrap();
+        doc["objects"].as_array().unwrap().clone()
+    };
+    let all = objects(&[]);
+    let memfds = objects(&["--path", "/memfd:*"]);
+    assert!(
+        !memfds.is_empty() && memfds.len() < all.len(),
+        "{} of {}",
+        memfds.len(),
+        all.len()
+    );
+    assert!(
+        memfds
+            .iter()
+            .all(|o| o["path"].as_str().unwrap().starts_with("/memfd:"))
+    );
+    let holes = objects(&["--state", "hole"]);
+    assert!(!holes.is_empty());
+    assert!(
+        holes
+            .iter()
+            .all(|o| o["counts"]["hole"].as_u64().unwrap() > 0)
+    );
+    assert!(
+        objects(&["--backing", "file"])
+            .iter()
+            .all(|o| o["backing"] == "file")
+    );
+
+    let page = fx.truth().page_size;
+    let text = stdout_of(&["objects", &pid, "--bytes"]);
+    assert!(text.starts_with("shared objects: sizes in bytes"), "{text}");
+    let size = all[0]["size_pages"].as_u64().unwrap() * page;
+    assert!(
+        text.contains(&format!("size {size}:")),
+        "{size} bytes in {text}"
+    );
+}
