@@ -89,15 +89,32 @@ pub fn finish(reports_len: usize, failed: &[Failed], all: bool) -> Result<u8> {
     if failed.is_empty() {
         return Ok(OK);
     }
-    let pids: Vec<String> = failed.iter().map(|f| f.pid.to_string()).collect();
-    for f in failed {
-        eprintln!("pagescope: skipped process {}: {}", f.pid, f.reason);
-    }
-    eprintln!(
-        "pagescope: result incomplete, skipped process(es) {}",
-        pids.join(", ")
-    );
+    eprintln!("pagescope: result incomplete, skipped {}", describe(failed));
     Ok(INCOMPLETE)
+}
+
+/// One line naming the skipped processes: each with its reason when
+/// there are few, else grouped by kind (the JSON lists every reason).
+fn describe(failed: &[Failed]) -> String {
+    if failed.len() <= 3 {
+        let each: Vec<String> = failed
+            .iter()
+            .map(|f| format!("process {} ({})", f.pid, f.reason))
+            .collect();
+        return each.join("; ");
+    }
+    let mut kinds: Vec<(ErrorKind, Vec<String>)> = Vec::new();
+    for f in failed {
+        match kinds.iter_mut().find(|(k, _)| *k == f.kind) {
+            Some((_, pids)) => pids.push(f.pid.to_string()),
+            None => kinds.push((f.kind, vec![f.pid.to_string()])),
+        }
+    }
+    let groups: Vec<String> = kinds
+        .iter()
+        .map(|(k, pids)| format!("{} processes ({k:?}): {}", pids.len(), pids.join(", ")))
+        .collect();
+    groups.join("; ")
 }
 
 /// `pagescope map`.
