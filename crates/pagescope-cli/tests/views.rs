@@ -335,7 +335,7 @@ fn top_divides_shared_swap_among_the_processes_holding_it() {
         "/tests/programs/fork_shared_swapped.py"
     );
     let mut child = Command::new("python3")
-        .args([script, "1024", "16384"])
+        .args([script, "1024", "16384", "256"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3");
@@ -408,6 +408,11 @@ fn top_divides_shared_swap_among_the_processes_holding_it() {
         child_swap >= all / 2 - page && child_swap < all * 3 / 4,
         "child swap {child_swap} of {all}"
     );
+    // 256 shared pages in RAM mapped by no one: half each; the 256 the
+    // parent maps are in its Rss, in no one's UNMAPPED.
+    for r in [&p, &k] {
+        assert_eq!(r["unmapped_bytes"].as_u64().unwrap(), 128 * page, "{r}");
+    }
     let text = stdout_of(&[
         "top",
         &parent.to_string(),

@@ -5,9 +5,11 @@
 //! A swapped anonymous page is identified by its swap slot (root: the
 //! slot is in pagemap), so a page a fork shares counts half in each
 //! process; a shmem page by its object and page offset, divided among the
-//! processes whose mappings cover it. Rss and Pss are smaps'.
+//! processes whose mappings cover it. Shmem pages in RAM that no process
+//! maps (in no one's Rss or Pss) are divided the same way. Rss and Pss are
+//! smaps'.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 
 use super::table::{Cell, Column, Table};
@@ -33,8 +35,8 @@ pub struct ProcessSummary {
     /// Shmem pages in swap within its mappings, divided among the
     /// processes that map them, bytes.
     pub shmem_swap: f64,
-    /// Shmem and file pages in RAM within its mappings that it does not
-    /// map itself, divided the same way, bytes.
+    /// Shmem pages in RAM within its mappings that no process maps (so
+    /// no one's Rss or Pss has them), divided the same way, bytes.
     pub unmapped: f64,
 }
 
@@ -50,6 +52,9 @@ enum Class {
     Swap,
     ShmemSwap,
     Unmapped,
+    /// A shmem page this process maps (only its key matters: it makes the
+    /// page mapped for everyone).
+    Mapped,
 }
 
 /// Every counted page of one process: (class, key or None when unshared).
@@ -66,7 +71,8 @@ fn pages_of(r: &ProcessReport) -> Vec<(Class, Option<PageKey>, u64)> {
             let class = match (swapped, run.state, vma.backing) {
                 (true, _, Backing::Shmem) => Class::ShmemSwap,
                 (true, _, _) => Class::Swap,
-                (false, PageState::Resident, _) => Class::Unmapped,
+                (false, PageState::Resident, Backing::Shmem) => Class::Unmapped,
+                (false, PageState::Present | PageState::Zero, Backing::Shmem) => Class::Mapped,
                 _ => continue,
             };
             let first_obj_page =
@@ -76,7 +82,7 @@ fn pages_of(r: &ProcessReport) -> Vec<(Class, Option<PageKey>, u64)> {
                     (Class::Swap, Some(s), _) if !shared_object => {
                         Some(PageKey::Slot(s.ty, s.offset + i))
                     }
-                    (Class::ShmemSwap | Class::Unmapped, _, Some(id)) => {
+                    (Class::ShmemSwap | Class::Unmapped | Class::Mapped, _, Some(id)) => {
                         Some(PageKey::Object(id, first_obj_page + i))
                     }
                     _ => None,
@@ -93,10 +99,13 @@ fn pages_of(r: &ProcessReport) -> Vec<(Class, Option<PageKey>, u64)> {
 pub fn summarize(reports: &[ProcessReport]) -> Vec<ProcessSummary> {
     let per_process: Vec<_> = reports.iter().map(pages_of).collect();
     let mut holders: HashMap<PageKey, u32> = HashMap::new();
+    let mut mapped: HashSet<PageKey> = HashSet::new();
     for pages in &per_process {
-        let mut seen = std::collections::HashSet::new();
-        for key in pages.iter().filter_map(|p| p.1) {
-            if seen.insert(key) {
+        let mut seen = HashSet::new();
+        for (class, key) in pages.iter().filter_map(|p| Some((p.0, p.1?))) {
+            if class == Class::Mapped {
+                mapped.insert(key);
+            } else if seen.insert(key) {
                 *holders.entry(key).or_default() += 1;
             }
         }
@@ -117,11 +126,16 @@ pub fn summarize(reports: &[ProcessReport]) -> Vec<ProcessSummary> {
                 }
             }
             for &(class, key, bytes) in pages {
+                let mapped_by_someone = key.is_some_and(|k| mapped.contains(&k));
+                if class == Class::Mapped || (class == Class::Unmapped && mapped_by_someone) {
+                    continue;
+                }
                 let share = bytes as f64 / key.map_or(1, |k| holders[&k]) as f64;
                 match class {
                     Class::Swap => s.swap += share,
                     Class::ShmemSwap => s.shmem_swap += share,
                     Class::Unmapped => s.unmapped += share,
+                    Class::Mapped => {}
                 }
             }
             s
