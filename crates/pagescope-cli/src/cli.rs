@@ -332,7 +332,7 @@ pub struct Targets {
     #[arg(required_unless_present_any = ["name", "all"])]
     pub pids: Vec<u32>,
     /// Processes whose command name (/proc/PID/comm) matches this glob.
-    #[arg(long, value_name = "COMM", conflicts_with = "all")]
+    #[arg(long, value_name = "COMM", conflicts_with_all = ["all", "pids"])]
     pub name: Option<String>,
     /// Every process on the machine (kernel threads and processes that
     /// exit meanwhile are left out).

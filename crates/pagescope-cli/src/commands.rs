@@ -3,7 +3,9 @@
 use std::io::Write;
 
 use anyhow::{Context, Result};
-use pagescope::{KernelCaps, ProcessReport, ScanOptions, Target, VirtRange, scan_process};
+use pagescope::{
+    KernelCaps, PageState, ProcessReport, ScanOptions, Target, VirtRange, scan_process,
+};
 use pagescope_fixture::FixtureProcess;
 
 use crate::cli::{Cli, Command, ScanArgs};
@@ -295,6 +297,7 @@ fn demo(
     let opts = ScanOptions {
         backend,
         objects: true,
+        smaps: true,
         ..ScanOptions::default()
     };
     let report = scan_process(&target, &caps, &opts)?;
@@ -316,7 +319,26 @@ fn demo(
         fixture.pid(),
         report.backend
     )?;
-    report.write_map(&mut out)?;
+    // The fixture shows off page states: their columns instead of Pss
+    // (Rss is what is present).
+    use pagescope::render::{MapColumn, MapView};
+    let states = [
+        PageState::Zero,
+        PageState::Swapped,
+        PageState::SwapCache,
+        PageState::Resident,
+        PageState::Fallocated,
+        PageState::Hole,
+        PageState::Guard,
+    ];
+    let view = MapView {
+        columns: [MapColumn::Size, MapColumn::Rss, MapColumn::Swap]
+            .into_iter()
+            .chain(states.map(MapColumn::State))
+            .collect(),
+        ..MapView::default()
+    };
+    view.write(&report, &mut out)?;
     writeln!(
         out,
         "\nfixture regions, checked page by page against the fixture's ground truth:"
