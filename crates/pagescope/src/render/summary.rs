@@ -211,7 +211,10 @@ pub fn write_top(
         size(total.swap),
         size(total.shmem_swap),
         size(total.unmapped),
-        Cell::text(format!("total of {} processes", sums.len())),
+        Cell::text(match sums.len() {
+            1 => "total of 1 process".to_owned(),
+            n => format!("total of {n} processes"),
+        }),
     ]);
     writeln!(
         w,
