@@ -128,7 +128,7 @@ pub fn map(
     svg: Option<&std::path::Path>,
     scan: &ScanArgs,
 ) -> Result<u8> {
-    let mut opts = crate::commands::options(scan, None, false);
+    let mut opts = crate::scanning::options(scan, None, false);
     opts.smaps = true;
     let mv = MapView {
         unit: view.units.unit(),
@@ -138,12 +138,12 @@ pub fn map(
         filter: view.filter(),
     };
     if let Some(pid) = targets.single() {
-        let mut report = crate::commands::scan_pid(pid, opts)?;
+        let mut report = crate::scanning::scan_pid(pid, opts)?;
         mv.filter.apply(&mut report, false);
         if let Some(path) = svg {
             crate::svg_cmd::write(&[&report], path)?;
         }
-        return crate::commands::render(&report, scan.json, crate::commands::Render::Map(&mv));
+        return crate::scanning::render(&report, scan.json, crate::scanning::Render::Map(&mv));
     }
     let pids = resolve(targets);
     let churn = targets.all || targets.name.is_some();

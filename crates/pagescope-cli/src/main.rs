@@ -10,6 +10,7 @@ mod exit;
 mod image_cmds;
 mod listing;
 mod pageout_cmd;
+mod scanning;
 mod svg_cmd;
 mod watch;
 mod watch_view;
