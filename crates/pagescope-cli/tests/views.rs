@@ -473,7 +473,15 @@ fn the_svg_bands_match_the_scan() {
                 )
             })
             .collect();
-        assert_eq!(got, want, "bands of {start:x}");
+        // File pages can change state between the two scans (another
+        // process faulting the same file in makes them `resident` here):
+        // for those only the coverage must agree.
+        if v["backing"] == "file" {
+            let pages = |b: &[(String, u64, u64)]| b.iter().map(|x| x.2).sum::<u64>();
+            assert_eq!(pages(&got), pages(&want), "pages of {start:x}");
+        } else {
+            assert_eq!(got, want, "bands of {start:x}");
+        }
         let widths: Vec<f64> = row
             .split(r#"<rect class="band""#)
             .skip(1)
