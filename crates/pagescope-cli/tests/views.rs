@@ -108,22 +108,32 @@ fn smaps_kb(pid: u32, start: u64, field: &str) -> u64 {
     panic!("no {field} for {start:x} in smaps of {pid}");
 }
 
+/// The fixture's `anon` scenario: one 64-page mapping, 16 pages each
+/// present, zero, untouched and paged out.
+struct AnonLayout {
+    page: u64,
+    /// Start of the mapping (its present pages).
+    start: u64,
+    /// The pageout could not happen (no swap): those 16 pages are present.
+    pageout_failed: bool,
+}
+
+fn anon_fixture() -> (pagescope_fixture::FixtureProcess, AnonLayout) {
+    let fx = fixture(&["anon"]);
+    let truth = fx.truth();
+    let region = |name: &str| truth.regions.iter().find(|r| r.name == name).unwrap();
+    let anon = AnonLayout {
+        page: truth.page_size,
+        start: region("anon_present").start,
+        pageout_failed: region("anon_swapped").skip.is_some(),
+    };
+    (fx, anon)
+}
+
 #[test]
 fn map_has_pmap_columns_in_one_unit_and_fits_120_columns() {
-    let fx = fixture(&["anon"]);
-    let pid = fx.pid().to_string();
-    let truth = fx.truth();
-    let page = truth.page_size;
-    let present = truth
-        .regions
-        .iter()
-        .find(|r| r.name == "anon_present")
-        .unwrap();
-    let swapped = truth
-        .regions
-        .iter()
-        .find(|r| r.name == "anon_swapped")
-        .unwrap();
+    let (fx, anon) = anon_fixture();
+    let (pid, page) = (fx.pid().to_string(), anon.page);
 
     let text = stdout_of(&["map", &pid, "--bytes"]);
     for l in text.lines() {
@@ -134,12 +144,12 @@ fn map_has_pmap_columns_in_one_unit_and_fits_120_columns() {
         t.header.join(" "),
         "ADDRESS PERM BACKING SIZE RSS PSS SWAP SWAPCACHE RESIDENT NOT_RESIDENT PATH"
     );
-    let row = row_at(&t, present.start);
+    let row = row_at(&t, anon.start);
     let start = u64::from_str_radix(&row["ADDRESS"], 16).unwrap();
     assert_eq!(num(row, "SIZE"), 64 * page, "the 64-page mapping: {row:?}");
     // Rss counts mapped pages: 16 written (and 16 more when the pageout
     // could not happen); the zero page and holes are not in Rss.
-    let swap_pages = if swapped.skip.is_some() { 0 } else { 16 };
+    let swap_pages = if anon.pageout_failed { 0 } else { 16 };
     assert_eq!(num(row, "RSS"), (32 - swap_pages) * page, "{row:?}");
     assert_eq!(num(row, "SWAP"), swap_pages * page, "{row:?}");
     assert_eq!(num(row, "RSS"), smaps_kb(fx.pid(), start, "Rss") * 1024);
@@ -158,7 +168,7 @@ fn map_has_pmap_columns_in_one_unit_and_fits_120_columns() {
 
     // The same table in KiB (the default) and human units.
     let kib = parse_map(&stdout_of(&["map", &pid]));
-    assert_eq!(num(row_at(&kib, present.start), "SIZE"), 64 * page / 1024);
+    assert_eq!(num(row_at(&kib, anon.start), "SIZE"), 64 * page / 1024);
     let human = stdout_of(&["map", &pid, "-h"]);
     assert!(
         human.lines().next().unwrap().contains("KiB/MiB/GiB"),
@@ -176,20 +186,8 @@ fn map_has_pmap_columns_in_one_unit_and_fits_120_columns() {
 
 #[test]
 fn columns_sort_and_filters_select_what_is_shown() {
-    let fx = fixture(&["anon"]);
-    let pid = fx.pid().to_string();
-    let truth = fx.truth();
-    let page = truth.page_size;
-    let present = truth
-        .regions
-        .iter()
-        .find(|r| r.name == "anon_present")
-        .unwrap();
-    let swapped = truth
-        .regions
-        .iter()
-        .find(|r| r.name == "anon_swapped")
-        .unwrap();
+    let (fx, anon) = anon_fixture();
+    let (pid, page) = (fx.pid().to_string(), anon.page);
 
     let t = parse_map(&stdout_of(&[
         "map",
@@ -210,8 +208,8 @@ fn columns_sort_and_filters_select_what_is_shown() {
         sizes.windows(2).all(|w| w[0] >= w[1]),
         "sorted by size: {sizes:?}"
     );
-    let row = row_at(&t, present.start);
-    let extra = if swapped.skip.is_some() { 16 } else { 0 };
+    let row = row_at(&t, anon.start);
+    let extra = if anon.pageout_failed { 16 } else { 0 };
     assert_eq!(num(row, "PRESENT"), (16 + extra) * page, "{row:?}");
     assert_eq!(num(row, "ZERO"), 16 * page);
     assert_eq!(num(row, "HOLE"), 16 * page);
@@ -228,7 +226,7 @@ fn columns_sort_and_filters_select_what_is_shown() {
     for r in &t.rows {
         assert_eq!(r["BACKING"], "anon", "{r:?}");
     }
-    row_at(&t, present.start);
+    row_at(&t, anon.start);
     let t = parse_map(&stdout_of(&["map", &pid, "--path", "[[]heap]"]));
     assert_eq!(t.rows.len(), 1, "only [heap]");
     assert_eq!(t.rows[0]["PATH"], "[heap]");

@@ -14,7 +14,9 @@ use std::io::{self, Write};
 
 use super::table::{Cell, Column, Table};
 use super::units::SizeUnit;
+use crate::addr::PageSpan;
 use crate::page::PageState;
+use crate::rangeset::RangeSet;
 use crate::report::ProcessReport;
 use crate::vma::{Backing, ObjectId};
 
@@ -52,68 +54,85 @@ enum Class {
     Swap,
     ShmemSwap,
     Unmapped,
-    /// A shmem page this process maps (only its key matters: it makes the
-    /// page mapped for everyone).
-    Mapped,
 }
 
-/// Every counted page of one process: (class, key or None when unshared).
-fn pages_of(r: &ProcessReport) -> Vec<(Class, Option<PageKey>, u64)> {
+/// What one process holds: counted pages (class, key or None when
+/// unshared), and the shmem pages it maps, as page spans per object (kept
+/// as spans: a VM's mapped guest RAM is millions of pages).
+#[derive(Default)]
+struct Held {
+    pages: Vec<(Class, Option<PageKey>)>,
+    mapped: HashMap<ObjectId, RangeSet<PageSpan>>,
+}
+
+fn held_by(r: &ProcessReport) -> Held {
     let page = r.page_size.get();
-    let mut out = Vec::new();
+    let mut held = Held::default();
     for v in &r.vmas {
         let vma = &v.vma;
-        let shared_object = matches!(vma.backing, Backing::Shmem | Backing::File)
-            && vma.perms.shared
-            || vma.backing == Backing::Shmem;
+        let shared_object =
+            vma.backing == Backing::Shmem || (vma.backing == Backing::File && vma.perms.shared);
         for run in &v.runs {
             let swapped = matches!(run.state, PageState::Swapped | PageState::SwapCache);
+            let first = vma.offset / page + (run.start.get() - vma.range.start().get()) / page;
             let class = match (swapped, run.state, vma.backing) {
                 (true, _, Backing::Shmem) => Class::ShmemSwap,
                 (true, _, _) => Class::Swap,
                 (false, PageState::Resident, Backing::Shmem) => Class::Unmapped,
-                (false, PageState::Present | PageState::Zero, Backing::Shmem) => Class::Mapped,
+                (false, PageState::Present | PageState::Zero, Backing::Shmem) => {
+                    if let Some(id) = v.object {
+                        let span = PageSpan::from_start_count(first, run.pages);
+                        held.mapped.entry(id).or_default().insert(span);
+                    }
+                    continue;
+                }
                 _ => continue,
             };
-            let first_obj_page =
-                vma.offset / page + (run.start.get() - vma.range.start().get()) / page;
             for i in 0..run.pages {
                 let key = match (class, run.swap, v.object) {
                     (Class::Swap, Some(s), _) if !shared_object => {
                         Some(PageKey::Slot(s.ty, s.offset + i))
                     }
-                    (Class::ShmemSwap | Class::Unmapped | Class::Mapped, _, Some(id)) => {
-                        Some(PageKey::Object(id, first_obj_page + i))
+                    (Class::ShmemSwap | Class::Unmapped, _, Some(id)) => {
+                        Some(PageKey::Object(id, first + i))
                     }
                     _ => None,
                 };
-                out.push((class, key, page));
+                held.pages.push((class, key));
             }
         }
     }
-    out
+    held
 }
 
 /// The summaries of `reports`, dividing shared pages among the reports
 /// that hold them.
 pub fn summarize(reports: &[ProcessReport]) -> Vec<ProcessSummary> {
-    let per_process: Vec<_> = reports.iter().map(pages_of).collect();
+    let held: Vec<Held> = reports.iter().map(held_by).collect();
     let mut holders: HashMap<PageKey, u32> = HashMap::new();
-    let mut mapped: HashSet<PageKey> = HashSet::new();
-    for pages in &per_process {
+    let mut mapped: HashMap<ObjectId, RangeSet<PageSpan>> = HashMap::new();
+    for h in &held {
         let mut seen = HashSet::new();
-        for (class, key) in pages.iter().filter_map(|p| Some((p.0, p.1?))) {
-            if class == Class::Mapped {
-                mapped.insert(key);
-            } else if seen.insert(key) {
+        for key in h.pages.iter().filter_map(|p| p.1) {
+            if seen.insert(key) {
                 *holders.entry(key).or_default() += 1;
             }
         }
+        for (id, spans) in &h.mapped {
+            mapped
+                .entry(*id)
+                .or_default()
+                .extend(spans.ranges().iter().copied());
+        }
     }
+    let mapped_by_someone = |key: Option<PageKey>| match key {
+        Some(PageKey::Object(id, p)) => mapped.get(&id).is_some_and(|m| m.contains(p)),
+        _ => false,
+    };
     reports
         .iter()
-        .zip(&per_process)
-        .map(|(r, pages)| {
+        .zip(&held)
+        .map(|(r, h)| {
             let mut s = ProcessSummary {
                 pid: r.pid,
                 comm: r.comm.clone(),
@@ -125,17 +144,17 @@ pub fn summarize(reports: &[ProcessReport]) -> Vec<ProcessSummary> {
                     s.pss += pss * 1024;
                 }
             }
-            for &(class, key, bytes) in pages {
-                let mapped_by_someone = key.is_some_and(|k| mapped.contains(&k));
-                if class == Class::Mapped || (class == Class::Unmapped && mapped_by_someone) {
+            let page = r.page_size.get() as f64;
+            for &(class, key) in &h.pages {
+                if class == Class::Unmapped && mapped_by_someone(key) {
+                    // In the Pss of whoever maps it.
                     continue;
                 }
-                let share = bytes as f64 / key.map_or(1, |k| holders[&k]) as f64;
+                let share = page / f64::from(key.map_or(1, |k| holders[&k]));
                 match class {
                     Class::Swap => s.swap += share,
                     Class::ShmemSwap => s.shmem_swap += share,
                     Class::Unmapped => s.unmapped += share,
-                    Class::Mapped => {}
                 }
             }
             s
