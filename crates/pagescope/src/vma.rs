@@ -216,7 +216,7 @@ impl Vma {
         (matches!(
             self.backing,
             Backing::Shmem | Backing::File | Backing::Hugetlb
-        ) && self.inode != 0)
+        ) && (self.inode != 0 || self.kind == VmaKind::Sysv))
             .then_some(ObjectId {
                 dev: self.dev,
                 inode: self.inode,
@@ -277,7 +277,9 @@ fn classify_entry(e: &MapsEntry, mounts: &MountTable, vmf: VmFlags) -> (Backing,
     if e.path.is_deleted() && p.starts_with(b"/memfd:") {
         return (Backing::Shmem, VmaKind::Memfd);
     }
-    if p.starts_with(b"/SYSV") && e.inode != 0 && e.dev.major == 0 && e.perms.shared {
+    // The inode number of a SysV segment is its shm id, and the first
+    // segment created after boot has id 0.
+    if p.starts_with(b"/SYSV") && e.dev.major == 0 && e.perms.shared {
         return (Backing::Shmem, VmaKind::Sysv);
     }
     if p == b"/dev/zero" {
@@ -363,6 +365,14 @@ mod tests {
                 m
             ),
             (Backing::Shmem, VmaKind::Sysv)
+        );
+        assert_eq!(
+            class(
+                b"1000-2000 rw-s 00000000 00:01 0 /SYSV00000000 (deleted)",
+                m
+            ),
+            (Backing::Shmem, VmaKind::Sysv),
+            "shm id 0, the first segment after boot"
         );
         assert_eq!(
             class(b"1000-2000 rw-s 00000000 00:16 9 /dev/shm/x", m),
