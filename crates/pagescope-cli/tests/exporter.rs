@@ -455,7 +455,14 @@ fn a_real_prometheus_scrapes_the_exporter() {
             ] {
                 let got = series(&format!("pagescope_{metric}{{job=\"root\",pid=\"{pid}\"}}"));
                 let want = row[field].as_f64();
-                if got != want {
+                // Pss moves with every process mapping a library page at
+                // that instant (`pagescope top` itself maps libc).
+                let slack = if field == "pss_bytes" {
+                    want.unwrap_or(0.0) / 100.0
+                } else {
+                    0.0
+                };
+                if got.zip(want).is_none_or(|(g, w)| (g - w).abs() > slack) {
                     return Err(format!(
                         "{metric} of {pid}: prometheus {got:?}, top {want:?}"
                     ));
