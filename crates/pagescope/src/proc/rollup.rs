@@ -15,7 +15,7 @@
 pub fn field_bytes(text: &[u8], field: &str) -> Option<u64> {
     text.split(|&b| b == b'\n').find_map(|line| {
         let rest = line.strip_prefix(field.as_bytes())?.strip_prefix(b":")?;
-        let mut words = rest.split(|&b| b == b' ').filter(|w| !w.is_empty());
+        let mut words = rest.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty());
         let value: u64 = std::str::from_utf8(words.next()?).ok()?.parse().ok()?;
         match words.next() {
             Some(b"kB") => value.checked_mul(1024),
@@ -80,10 +80,11 @@ Locked:                0 kB
 
     #[test]
     fn meminfo_fields_and_prefixes_are_not_confused() {
-        let m = b"MemTotal:       24684000 kB\nSwapCached:          12 kB\nSwapTotal:       2097148 kB\nHugePages_Total:       0\n";
+        let m = b"MemTotal:       24684000 kB\nSwapCached:          12 kB\nVmRSS:\t    5412 kB\nSwapTotal:       2097148 kB\nHugePages_Total:       0\n";
         assert_eq!(field_bytes(m, "SwapCached"), Some(12 * 1024));
         assert_eq!(field_bytes(m, "SwapTotal"), Some(2097148 * 1024));
         assert_eq!(field_bytes(m, "Swap"), None);
         assert_eq!(field_bytes(m, "HugePages_Total"), Some(0));
+        assert_eq!(field_bytes(m, "VmRSS"), Some(5412 * 1024));
     }
 }
