@@ -594,3 +594,69 @@ fn a_real_prometheus_scrapes_the_exporter() {
     assert!(queries >= 10, "{queries} dashboard queries");
     drop(nobody_fx);
 }
+
+/// Without their own series, processes are divided from a cheaper scan
+/// (holdings only; a process whose swap is all its own, by smaps SwapPss,
+/// is not walked at all): the sums must still be `top`'s, with the python
+/// pair and a process with unshared swap on the machine.
+#[test]
+fn aggregated_processes_divide_like_top() {
+    if !common::is_root() || common::caps().swaps.is_empty() {
+        return skip("exporter aggregate vs top: needs root and a swap device");
+    }
+    let (_pair, _, _) = python_pair();
+    let mut solo = Command::new("python3")
+        .args([
+            "-c",
+            "import mmap,time\nm=mmap.mmap(-1,8<<20,flags=mmap.MAP_PRIVATE|mmap.MAP_ANONYMOUS)\nfor i in range(0,8<<20,4096): m[i]=1\nm.madvise(21,0,4<<20)\nprint('ready',flush=True)\ntime.sleep(600)",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map(Killed)
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(solo.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    eventually("exporter aggregates equal top's sums", || {
+        let out = cli(&["exporter", "--once", "--top", "0", "--pid", "999999999"]);
+        let text = String::from_utf8(out.stdout).unwrap();
+        let top = json_of(&["top", "--json"]);
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+                .parse()
+                .unwrap()
+        };
+        for (metric, field) in [
+            ("pagescope_other_processes_swap_bytes", "swap_bytes"),
+            (
+                "pagescope_other_processes_shmem_swap_bytes",
+                "shmem_swap_bytes",
+            ),
+            (
+                "pagescope_other_processes_shmem_unmapped_bytes",
+                "unmapped_bytes",
+            ),
+        ] {
+            let want: f64 = top["processes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p[field].as_f64().unwrap())
+                .sum();
+            let got = value(metric);
+            // Rounding: each process's share is rounded to whole bytes.
+            if (got - want).abs() > 64.0 {
+                return Err(format!("{metric} {got}, top sums {want}"));
+            }
+        }
+        if value("pagescope_other_processes_swap_bytes")
+            < 16384.0 * common::caps().page_size.get() as f64
+        {
+            return Err("the pair's swap is missing".into());
+        }
+        Ok(())
+    });
+}

@@ -23,7 +23,7 @@ use crate::proc::rollup::{Rollup, field_bytes};
 use crate::render::summary::{ProcessSummary, summarize};
 use crate::report::ProcessReport;
 use crate::scan::{ScanError, ScanOptions};
-use crate::vma::{Backing, ObjectClass, ObjectId, VmaKind};
+use crate::vma::{Backing, MountTable, ObjectClass, ObjectId, VmaKind};
 
 /// A process with its own series.
 #[derive(Clone, Debug)]
@@ -253,7 +253,25 @@ fn select(cands: &[Candidate], sel: &Selection, top: usize, snap: &mut Snapshot)
 /// How a candidate was scanned.
 enum Row {
     Selected(Rollup, String),
-    Other(Rollup),
+    /// Its rollup, and the swap it holds alone (not in its report).
+    Other(Rollup, u64),
+}
+
+/// Mount tables by mount namespace (every process of a namespace has the
+/// same; reading it per process would cost as much as its maps).
+#[derive(Default)]
+struct Mounts(std::collections::HashMap<u64, MountTable>);
+
+impl Mounts {
+    fn of(&mut self, target: &Target) -> &MountTable {
+        let ns = target.stat_file("ns/mnt").map_or(0, |s| s.st_ino);
+        self.0.entry(ns).or_insert_with(|| {
+            target
+                .mountinfo()
+                .map(|m| MountTable::new(&m))
+                .unwrap_or_default()
+        })
+    }
 }
 
 /// Scans every candidate: selected ones fully (as `map` and `top` do),
@@ -273,22 +291,28 @@ fn scan_all(
         ..ScanOptions::default()
     };
     let holdings_work = caps.privileged_pagemap && caps.has_pagemap_scan();
+    let mut mounts = Mounts::default();
     let mut reports = Vec::with_capacity(cands.len());
     let mut rows = Vec::with_capacity(cands.len());
     for (c, &sel) in cands.into_iter().zip(selected) {
+        // SwapPss below Swap: some slot has other holders, or shmem swap
+        // is in the mappings. Otherwise every swap entry is this
+        // process's alone (swap count 1): its share is all of smaps Swap,
+        // no one else's share changes, and its page tables need no walk.
+        let shared_swap = c.rollup.swap > c.rollup.swap_pss;
         let result: Result<ProcessReport, ScanError> = if sel || !holdings_work {
             scan_process(&c.target, caps, &full)
         } else {
-            scan_holdings(&c.target, caps, c.rollup.swap > 0)
+            scan_holdings(&c.target, caps, mounts.of(&c.target), shared_swap)
         };
         match result {
             Ok(mut r) if r.complete() => {
                 r.comm.clone_from(&c.comm);
                 reports.push(r);
-                rows.push(if sel {
-                    Row::Selected(c.rollup, c.comm)
-                } else {
-                    Row::Other(c.rollup)
+                rows.push(match (sel, holdings_work && !shared_swap) {
+                    (true, _) => Row::Selected(c.rollup, c.comm),
+                    (false, true) => Row::Other(c.rollup, c.rollup.swap),
+                    (false, false) => Row::Other(c.rollup, 0),
                 });
             }
             Ok(_) => note_failure(snap, c.target.pid(), ErrorKind::TargetExited),
@@ -322,13 +346,13 @@ fn account(report: &ProcessReport, row: Row, sum: ProcessSummary, snap: &mut Sna
                 states,
             });
         }
-        Row::Other(rollup) => {
+        Row::Other(rollup, alone) => {
             let o = &mut snap.others;
             o.processes += 1;
             o.rss += rollup.rss;
             o.pss += rollup.pss;
             o.smaps_swap += rollup.swap;
-            o.swap += sum.swap;
+            o.swap += sum.swap + alone as f64;
             o.shmem_swap += sum.shmem_swap;
             o.unmapped += sum.unmapped;
         }

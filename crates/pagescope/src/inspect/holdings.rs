@@ -10,12 +10,12 @@
 //! the full treatment (page tables joined with their object), since which
 //! object pages someone maps decides who holds the unmapped ones.
 
-use super::{layout, objects};
+use super::objects;
 use crate::kernel::KernelCaps;
 use crate::proc::Target;
 use crate::report::{ProcessReport, VmaReport};
 use crate::scan::{ScanError, ScanOptions, Scanner, swapped};
-use crate::vma::{Backing, Vma};
+use crate::vma::{Backing, MountTable, Vma};
 
 /// The holdings of `target` as a partial [`ProcessReport`] (needs
 /// `PAGEMAP_SCAN`, Linux 6.7+, and root for the swap slots): every
@@ -23,13 +23,20 @@ use crate::vma::{Backing, Vma};
 /// other private VMA with runs of its swap-type entries only (none when
 /// `private_swap` is false: the caller knows from `smaps_rollup` that the
 /// process has no swap). Not for rendering: private VMAs are not covered
-/// page by page.
+/// page by page. `mounts` is the target's mount table (the same for every
+/// process of a mount namespace, so the caller reads it once per
+/// namespace).
 pub fn scan_holdings(
     target: &Target,
     caps: &KernelCaps,
+    mounts: &MountTable,
     private_swap: bool,
 ) -> Result<ProcessReport, ScanError> {
-    let vmas = layout::read(target, false)?;
+    let vmas: Vec<Vma> = target
+        .maps()?
+        .iter()
+        .map(|e| Vma::classify(e, mounts, None))
+        .collect();
     let (mut shmem, private): (Vec<Vma>, Vec<Vma>) = vmas
         .into_iter()
         .filter(|v| v.backing != Backing::Special)

@@ -15,7 +15,9 @@
 pub fn field_bytes(text: &[u8], field: &str) -> Option<u64> {
     text.split(|&b| b == b'\n').find_map(|line| {
         let rest = line.strip_prefix(field.as_bytes())?.strip_prefix(b":")?;
-        let mut words = rest.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty());
+        let mut words = rest
+            .split(u8::is_ascii_whitespace)
+            .filter(|w| !w.is_empty());
         let value: u64 = std::str::from_utf8(words.next()?).ok()?.parse().ok()?;
         match words.next() {
             Some(b"kB") => value.checked_mul(1024),
