@@ -9,6 +9,7 @@
 mod baseline;
 mod dirty;
 mod dump;
+mod exporter;
 mod objects;
 mod scan;
 mod sharers;
@@ -27,9 +28,10 @@ fn main() -> ExitCode {
         Some("sharers") => report(sharers::run(&args[1..])),
         Some("dump") => report(dump::run(&args[1..])),
         Some("swap") => report(swap::run(&args[1..])),
+        Some("exporter") => report(exporter::run(&args[1..])),
         _ => {
             eprintln!(
-                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]\n       pagescope-bench sharers [--gib N] [--reps N]\n       pagescope-bench dump [--gib N]\n       pagescope-bench swap [--gib N] [--swapped-gib N]"
+                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]\n       pagescope-bench sharers [--gib N] [--reps N]\n       pagescope-bench dump [--gib N]\n       pagescope-bench swap [--gib N] [--swapped-gib N]\n       pagescope-bench exporter [--small N] [--large N] [--reps N]"
             );
             ExitCode::from(2)
         }

@@ -103,6 +103,10 @@ pub enum Command {
     /// pass, pre-copy rounds of what it writes meanwhile, and a final pass
     /// with its threads briefly stopped (no signal its parent sees).
     Dump(DumpArgs),
+    /// Serve Prometheus metrics of true page states: per process (swap
+    /// and shared memory divided among holders, beside smaps), per shared
+    /// object, machine totals against /proc/meminfo.
+    Exporter(crate::exporter_cmd::ExporterArgs),
     /// Decode an image (and its parent chain).
     Image {
         #[command(subcommand)]
@@ -565,7 +569,7 @@ impl From<Tracker> for pagescope::dirty::TrackerBackend {
 }
 
 /// Parses `1s`, `500ms`, `2.5s` or plain seconds; at least 10 ms.
-fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
     let (num, scale) = if let Some(ms) = s.strip_suffix("ms") {
         (ms, 1e-3)
     } else if let Some(sec) = s.strip_suffix('s') {

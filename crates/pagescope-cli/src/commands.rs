@@ -51,6 +51,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         } => objects(&targets, files, ranges, &view, json),
         Command::Watch(args) => crate::watch::run(&args),
         Command::Dump(args) => crate::image_cmds::dump(&args),
+        Command::Exporter(args) => crate::exporter_cmd::run(&args),
         Command::Image { command } => crate::image_cmds::image(command),
         Command::Verify { dir, pid, json } => crate::image_cmds::verify(&dir, pid, json),
         Command::Restore { dir, to, json } => crate::image_cmds::restore(&dir, &to, json),

@@ -7,6 +7,7 @@
 mod cli;
 mod commands;
 mod exit;
+mod exporter_cmd;
 mod image_cmds;
 mod listing;
 mod pageout_cmd;

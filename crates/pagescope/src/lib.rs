@@ -44,6 +44,7 @@ pub mod addr;
 pub mod dirty;
 pub mod dump;
 pub mod error;
+pub mod exporter;
 pub mod image;
 pub mod inspect;
 pub mod kernel;

@@ -13,8 +13,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 /// Workers for `items` items: `requested`, or one per CPU up to 8 when 0;
 /// never more than the items.
 pub(crate) fn workers(requested: usize, items: usize) -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Asked once: std reads the cgroup's CPU quota files every time, which
+    // costs more than a small scan (the exporter scans hundreds).
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let want = if requested == 0 {
+        let cpus =
+            *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         cpus.min(8)
     } else {
         requested

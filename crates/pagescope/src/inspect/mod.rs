@@ -12,10 +12,12 @@
 //! processes (`objects`). `scan/` and `object/` do not know each other:
 //! everything that needs both lives here.
 
+mod holdings;
 mod layout;
 mod objects;
 mod view;
 
+pub use holdings::scan_holdings;
 pub use layout::read as read_layout;
 pub use view::objects_view;
 

@@ -1,5 +1,6 @@
 //! `/proc` access: a pinned [`Target`] handle and pure byte parsers for the
-//! files pagescope reads (`maps`, `smaps`, `stat`, `mountinfo`, `swaps`).
+//! files pagescope reads (`maps`, `smaps`, `smaps_rollup`, `meminfo`, `stat`,
+//! `mountinfo`, `swaps`).
 //!
 //! Parsers never do I/O and are tested on captured text; the [`Target`]
 //! opens files relative to the pinned `/proc/PID` directory and hands the
@@ -7,6 +8,7 @@
 
 pub mod maps;
 pub mod mountinfo;
+pub mod rollup;
 pub mod smaps;
 pub mod stat;
 pub mod swaps;

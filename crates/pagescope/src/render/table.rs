@@ -153,7 +153,7 @@ impl Table {
 }
 
 /// `text` shortened in the middle to `room` characters (at least 12).
-fn elide(text: &str, room: Option<usize>) -> String {
+pub(crate) fn elide(text: &str, room: Option<usize>) -> String {
     let n = text.chars().count();
     let room = match room {
         Some(r) if n > r.max(12) => r.max(12),

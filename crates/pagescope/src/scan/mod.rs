@@ -24,6 +24,7 @@ mod kpage;
 mod pagemap_read;
 mod pagemap_scan;
 pub(crate) mod reader;
+pub(crate) mod swapped;
 pub(crate) mod unprivileged;
 mod vmas;
 
