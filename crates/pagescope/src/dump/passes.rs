@@ -95,6 +95,8 @@ pub(super) struct Dump<'t, 'c, 'p> {
     rate: f64,
     pub(super) notes: Vec<String>,
     pub(super) swap: Arc<SwapIo>,
+    /// Per process, its threads' rseq areas (read while stopped).
+    pub(super) rseq: BTreeMap<u32, Vec<crate::image::format::RseqRec>>,
 }
 
 impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
@@ -122,6 +124,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 caps.privileged_pagemap,
                 caps.page_size,
             )),
+            rseq: BTreeMap::new(),
             opts,
         }
     }
@@ -328,6 +331,9 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             let s = Stopped::stop(p.target.get())
                 .map_err(|source| DumpError::Stop { pid: p.pid, source })?;
             stopped.push(s);
+        }
+        for (p, s) in self.procs.iter().zip(&stopped) {
+            self.rseq.insert(p.pid, s.rseq_areas());
         }
         let it = self.copy_written(n, true)?;
         for s in &mut stopped {
@@ -897,6 +903,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                     .iter()
                     .map(|m| m.record(m.vma.object_id().and_then(|id| index.get(&id).copied())))
                     .collect(),
+                rseq: self.rseq.get(&p.pid).cloned().unwrap_or_default(),
             });
         }
         for o in self.objects.values() {

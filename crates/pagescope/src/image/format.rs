@@ -94,7 +94,36 @@ pub struct ProcessRec {
     pub comm: String,
     /// Its mappings, in address order.
     pub vmas: Vec<VmaRec>,
+    /// The rseq area of every thread that registered one (read at the
+    /// stopped final pass): fields the kernel rewrites whenever the thread
+    /// runs ([`RSEQ_KERNEL_FIELDS`]) may differ from the image afterwards.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rseq: Vec<RseqRec>,
 }
+
+/// One thread's registered rseq area (`rseq(2)`,
+/// `PTRACE_GET_RSEQ_CONFIGURATION`, Linux 5.13+).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RseqRec {
+    /// The thread.
+    pub tid: u32,
+    /// Address of its `struct rseq`.
+    pub address: u64,
+    /// Registered length in bytes.
+    pub length: u32,
+    /// The abort signature.
+    pub signature: u32,
+}
+
+/// The fields of `struct rseq` (`linux/rseq.h`) the kernel writes when the
+/// thread runs, as (name, byte offset, length): they follow the CPU the
+/// thread last ran on, not the program.
+pub const RSEQ_KERNEL_FIELDS: [(&str, u64, u64); 4] = [
+    ("cpu_id_start", 0, 4),
+    ("cpu_id", 4, 4),
+    ("node_id", 20, 4),
+    ("mm_cid", 24, 4),
+];
 
 /// One mapping.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
