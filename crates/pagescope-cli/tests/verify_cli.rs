@@ -378,3 +378,88 @@ fn scopeguard(pid: u64) -> impl Drop {
     }
     K(i32::try_from(pid).unwrap())
 }
+
+/// Every file of an image (and of its parent) removed in turn: `image
+/// show`, `verify` and `restore` all exit 12 with one line naming it.
+#[test]
+fn a_missing_image_file_is_exit_12_from_every_command() {
+    if !usable() {
+        return;
+    }
+    let dir = Scratch::new("missing");
+    let sleeper = Proc(Command::new("sleep").arg("1000").spawn().unwrap());
+    let pid = sleeper.0.id().to_string();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let g0 = dir.p("g0");
+    let g1 = dir.p("g1");
+    // Relative paths: the copies below name their own parent.
+    for (out, parent) in [("g0", None), ("g1", Some("g0"))] {
+        let mut args = vec!["dump", pid.as_str(), "-o", out];
+        if let Some(p) = parent {
+            args.extend(["--parent", p]);
+        }
+        let d = Command::new(common::exe())
+            .args(&args)
+            .current_dir(&dir.0)
+            .output()
+            .unwrap();
+        assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    }
+    let data_file = |img: &str, ext: &str| {
+        std::fs::read_dir(format!("{img}/data"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == ext))
+            .map(|p| format!("data/{}", p.file_name().unwrap().to_string_lossy()))
+    };
+    let files = |img: &str| {
+        let mut v = vec![
+            "HEADER".to_owned(),
+            "meta.json".to_owned(),
+            "data".to_owned(),
+        ];
+        v.extend(data_file(img, "pages"));
+        v.extend(data_file(img, "sums"));
+        v
+    };
+    assert_eq!(files(&g0).len(), 5, "the full image stores pages");
+    let mut cases = files(&g1);
+    cases.extend(files(&g0).into_iter().map(|f| format!("../g0/{f}")));
+    for case in &cases {
+        let copy = dir.p("copy");
+        let _ = std::fs::remove_dir_all(&copy);
+        std::fs::create_dir_all(&copy).unwrap();
+        for g in ["g0", "g1"] {
+            let ok = Command::new("cp")
+                .args(["-a", &dir.p(g), &copy])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+        }
+        let gone = std::path::Path::new(&copy).join("g1").join(case);
+        if gone.is_dir() {
+            std::fs::remove_dir_all(&gone).unwrap();
+        } else {
+            std::fs::remove_file(&gone).unwrap();
+        }
+        let img = format!("{copy}/g1");
+        let to = format!("{copy}/restored");
+        for args in [
+            vec!["image", "show", img.as_str()],
+            vec!["image", "show", img.as_str(), "--check-data"],
+            vec!["verify", img.as_str(), pid.as_str()],
+            vec!["restore", img.as_str(), "--to", to.as_str()],
+        ] {
+            let out = cli(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(12),
+                "{case} missing: {args:?}: {err}"
+            );
+            assert_eq!(err.lines().count(), 1, "{case}: one line: {err}");
+            assert!(!std::path::Path::new(&to).exists(), "{case}: restored");
+        }
+    }
+}

@@ -43,6 +43,18 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    /// A file of the image is missing or cannot be read (a missing
+    /// `HEADER` means the directory is no image).
+    #[error("cannot {what} {path}: a file of the image is missing or unreadable")]
+    Unreadable {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A file's bytes are not what the image says they must be.
     #[error("{path}: corrupt at byte {offset}: {what}")]
     Corrupt {
@@ -113,11 +125,20 @@ impl ImageError {
             Self::Io { .. } => ErrorKind::Other,
             Self::NotEmpty { .. } | Self::NotFound { .. } => ErrorKind::BadInput,
             Self::Corrupt { .. }
+            | Self::Unreadable { .. }
             | Self::TooLarge { .. }
             | Self::ParentMissing { .. }
             | Self::ParentMismatch { .. }
             | Self::FileChanged { .. } => ErrorKind::BadImage,
         }
+    }
+
+    fn unreadable(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Unreadable { what, path, source }
     }
 
     fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {

@@ -293,8 +293,11 @@ fn corrupt(path: &Path, offset: u64, what: &str) -> ImageError {
 
 /// The whole of `path`, refusing more than `limit` bytes.
 fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, ImageError> {
-    let f = File::open(path).map_err(ImageError::io("open", path))?;
-    let size = f.metadata().map_err(ImageError::io("stat", path))?.len();
+    let f = File::open(path).map_err(ImageError::unreadable("open", path))?;
+    let size = f
+        .metadata()
+        .map_err(ImageError::unreadable("stat", path))?
+        .len();
     if size > limit {
         return Err(ImageError::TooLarge {
             path: path.to_owned(),
@@ -305,7 +308,7 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, ImageError> {
     let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     f.take(limit)
         .read_to_end(&mut out)
-        .map_err(ImageError::io("read", path))?;
+        .map_err(ImageError::unreadable("read", path))?;
     Ok(out)
 }
 
@@ -368,10 +371,10 @@ fn open_stores(
     let mut out = HashMap::new();
     for s in &meta.stores {
         let path = dir.join(DATA_DIR).join(format!("{}.pages", s.name));
-        let file = File::open(&path).map_err(ImageError::io("open", &path))?;
+        let file = File::open(&path).map_err(ImageError::unreadable("open", &path))?;
         let size = file
             .metadata()
-            .map_err(ImageError::io("stat", &path))?
+            .map_err(ImageError::unreadable("stat", &path))?
             .len();
         let limit = (s.pages + 1) * header.page_size;
         if size > limit {
@@ -383,7 +386,7 @@ fn open_stores(
         let p = usize::try_from(header.page_size).unwrap_or(4096);
         let mut trailer = vec![0u8; p];
         file.read_exact_at(&mut trailer, s.pages * header.page_size)
-            .map_err(ImageError::io("read", &path))?;
+            .map_err(ImageError::unreadable("read", &path))?;
         if trailer != format::data_trailer(&header.image_id, &s.name, p) {
             return Err(corrupt(
                 &path,
