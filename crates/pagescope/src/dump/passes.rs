@@ -22,7 +22,7 @@ use crate::dirty::{
     attach_owned,
 };
 use crate::error::ErrorKind;
-use crate::image::format::{DedupRef, FileIdentity, KeptTracking, Meta, PageKind, ProcessRec};
+use crate::image::format::{DedupRef, KeptTracking, Meta, PageKind, ProcessRec};
 use crate::image::{Image, ImageWriter};
 use crate::kernel::KernelCaps;
 use crate::object::classify::ObjectState;
@@ -584,8 +584,9 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             let by_identity = !self.opts.copy_files
                 && !written_through
                 && m.vma.object_class() == Some(ObjectClass::File);
+            // A deleted file has no identity to reopen: copied instead.
             let file = if by_identity {
-                identity(&o.fd, &m.vma.path.display())
+                crate::image::identity::of_fd(o.fd.as_fd())
             } else {
                 None
             };
@@ -1048,15 +1049,4 @@ fn descendants(t: &Target, out: &mut Vec<u32>) {
             descendants(&ct, out);
         }
     }
-}
-
-/// A regular file's identity (size, mtime), for pages read from it at
-/// restore.
-fn identity(fd: &std::os::fd::OwnedFd, path: &str) -> Option<FileIdentity> {
-    let st = rustix::fs::fstat(fd).ok()?;
-    Some(FileIdentity {
-        path: path.to_owned(),
-        size: u64::try_from(st.st_size).ok()?,
-        mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
-    })
 }

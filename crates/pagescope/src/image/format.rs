@@ -19,7 +19,7 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 /// The first bytes of `HEADER`.
 pub const MAGIC: [u8; 8] = *b"PGSCIMG\n";
 /// The format version this code writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The header file's name.
 pub const HEADER_FILE: &str = "HEADER";
 /// The metadata file's name.
@@ -188,16 +188,31 @@ pub struct ObjectRec {
     pub runs: Vec<Run>,
 }
 
-/// A regular file whose pages are read from the file itself at restore.
+/// A regular file whose pages are read from the file itself at restore
+/// (see `image/identity.rs`): opened by its raw path only if device,
+/// inode, size, modification time (and the content hash, when recorded)
+/// all match.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileIdentity {
-    /// Path.
+    /// Path, for people (non-UTF-8 bytes as `\xNN`).
     pub path: String,
+    /// The path's raw bytes, hex: what is opened.
+    pub path_hex: String,
+    /// Device (`st_dev`), `major:minor` in hex as in maps.
+    pub dev: String,
+    /// Inode.
+    pub inode: u64,
     /// Size in bytes.
     pub size: u64,
     /// Modification time (ns since the epoch).
     pub mtime_ns: i128,
+    /// xxh3-64 of the whole content, for files of at most
+    /// [`HASHED_FILE_BYTES`].
+    pub content_xxh3: Option<u64>,
 }
+
+/// Files up to this size get a content hash in their identity.
+pub const HASHED_FILE_BYTES: u64 = 4 << 20;
 
 /// A file of page data and its checksums.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

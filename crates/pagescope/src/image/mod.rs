@@ -15,6 +15,7 @@
 //!   object), or into a buffer or a memfd of the caller's.
 
 pub mod format;
+pub mod identity;
 pub mod read;
 pub mod restore;
 pub mod write;
