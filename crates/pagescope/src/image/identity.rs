@@ -28,7 +28,8 @@ use super::format::{FileIdentity, HASHED_FILE_BYTES, file_sum};
 /// must be copied).
 pub fn of_fd(fd: BorrowedFd<'_>) -> Option<FileIdentity> {
     let st = rustix::fs::fstat(fd).ok()?;
-    let regular = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
+    let regular =
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
     if !regular || st.st_nlink == 0 {
         return None;
     }
@@ -169,7 +170,10 @@ mod tests {
             .set_modified(mtime)
             .unwrap();
         std::fs::rename(&other, &name).unwrap();
-        assert!(matches!(open_checked(&id), Err(ImageError::FileChanged { .. })));
+        assert!(matches!(
+            open_checked(&id),
+            Err(ImageError::FileChanged { .. })
+        ));
         // A symlink at the recorded path is not followed.
         std::fs::remove_file(&name).unwrap();
         std::os::unix::fs::symlink("/etc/hostname", &name).unwrap();
