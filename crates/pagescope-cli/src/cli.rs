@@ -113,12 +113,16 @@ pub enum Command {
         command: ImageCommand,
     },
     /// Compare an image with the memory of a stopped or idle process and
-    /// name the first ranges that differ (exit 1 if any).
+    /// name the ranges that differ (exit 1 if any), without swapping
+    /// anything in.
     Verify {
         /// The image directory.
         dir: std::path::PathBuf,
         /// The process (the PID the image recorded).
         pid: u32,
+        /// List at most N differing ranges (all are counted).
+        #[arg(long, value_name = "N", default_value_t = 16)]
+        limit: usize,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,

@@ -53,7 +53,12 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Dump(args) => crate::image_cmds::dump(&args),
         Command::Exporter(args) => crate::exporter_cmd::run(&args),
         Command::Image { command } => crate::image_cmds::image(command),
-        Command::Verify { dir, pid, json } => crate::image_cmds::verify(&dir, pid, json),
+        Command::Verify {
+            dir,
+            pid,
+            json,
+            limit,
+        } => crate::verify_cmd::verify(&dir, pid, json, limit),
         Command::Restore { dir, to, json } => crate::image_cmds::restore(&dir, &to, json),
         Command::Pageout {
             pid,

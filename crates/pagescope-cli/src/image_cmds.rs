@@ -13,7 +13,7 @@ use pagescope::image::{Image, PageKind};
 use pagescope::{KernelCaps, Target};
 
 use crate::cli::{DumpArgs, ImageCommand};
-use crate::exit::{OK, OTHER};
+use crate::exit::OK;
 
 pub fn dump(args: &DumpArgs) -> Result<u8> {
     let caps = KernelCaps::probe();
@@ -312,40 +312,6 @@ fn kinds_summary(runs: &[Run]) -> String {
         .map(|(k, n)| format!("{k} {n}"))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-pub fn verify(dir: &Path, pid: u32, json: bool) -> Result<u8> {
-    let caps = KernelCaps::probe();
-    let image = Image::open(dir)?;
-    let target = Target::open(pid)?;
-    let report = pagescope::dump::verify(&target, &caps, &image)
-        .with_context(|| format!("verify of {} against process {pid}", dir.display()))?;
-    let mut out = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
-        for m in &report.missing {
-            writeln!(out, "missing mapping: {m}")?;
-        }
-        for m in &report.mismatches {
-            writeln!(out, "differs: {} ({} pages)", m.what, m.pages)?;
-        }
-        writeln!(
-            out,
-            "{}: {} pages compared, {} differ, {} mappings missing, {} not in the image (swapped, not copied)",
-            if report.matches() {
-                "match"
-            } else {
-                "MISMATCH"
-            },
-            report.compared,
-            report.mismatched_pages,
-            report.missing.len(),
-            report.not_copied
-        )?;
-    }
-    Ok(if report.matches() { OK } else { OTHER })
 }
 
 pub fn restore(dir: &Path, to: &Path, json: bool) -> Result<u8> {

@@ -13,6 +13,7 @@ mod listing;
 mod pageout_cmd;
 mod scanning;
 mod svg_cmd;
+mod verify_cmd;
 mod watch;
 mod watch_view;
 

@@ -372,7 +372,7 @@ fn bad_input_and_corrupt_images_have_distinct_exit_codes() {
     assert!(err.contains("HEADER") && err.contains("byte"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     let out = cli(&["restore", &dir.p("missing"), "--to", &dir.p("x")]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(12), "no image there: {out:?}");
     assert!(!Path::new(&dir.p("x")).exists());
     let out = cli(&["verify", &dir.p("notimage"), "999999999"]);
     assert_eq!(out.status.code(), Some(12), "{out:?}");

@@ -200,6 +200,7 @@ impl Dump<'_, '_, '_> {
             }
         }
         let stopped = Stopped::stop(target).map_err(|source| DumpError::Stop { pid, source })?;
+        self.rseq.insert(pid, stopped.rseq_areas());
         let maps = target.maps()?;
         let let_through = handler.moment(regions_of(&maps));
         for a in let_through {

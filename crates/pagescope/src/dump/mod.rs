@@ -23,7 +23,10 @@ mod verify;
 
 pub use cow::CowStats;
 pub use swap::{SwapClassReport, SwapPolicy, SwapReport};
-pub use verify::{Mismatch, VerifyReport, verify};
+pub use verify::{
+    KernelOwned, Memory, Mismatch, NotCompared, OtherWriters, VerifyOptions, VerifyReport, verify,
+    verify_with,
+};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

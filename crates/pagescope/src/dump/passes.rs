@@ -22,7 +22,7 @@ use crate::dirty::{
     attach_owned,
 };
 use crate::error::ErrorKind;
-use crate::image::format::{DedupRef, FileIdentity, KeptTracking, Meta, PageKind, ProcessRec};
+use crate::image::format::{DedupRef, KeptTracking, Meta, PageKind, ProcessRec};
 use crate::image::{Image, ImageWriter};
 use crate::kernel::KernelCaps;
 use crate::object::classify::ObjectState;
@@ -95,6 +95,8 @@ pub(super) struct Dump<'t, 'c, 'p> {
     rate: f64,
     pub(super) notes: Vec<String>,
     pub(super) swap: Arc<SwapIo>,
+    /// Per process, its threads' rseq areas (read while stopped).
+    pub(super) rseq: BTreeMap<u32, Vec<crate::image::format::RseqRec>>,
 }
 
 impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
@@ -122,6 +124,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 caps.privileged_pagemap,
                 caps.page_size,
             )),
+            rseq: BTreeMap::new(),
             opts,
         }
     }
@@ -328,6 +331,9 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             let s = Stopped::stop(p.target.get())
                 .map_err(|source| DumpError::Stop { pid: p.pid, source })?;
             stopped.push(s);
+        }
+        for (p, s) in self.procs.iter().zip(&stopped) {
+            self.rseq.insert(p.pid, s.rseq_areas());
         }
         let it = self.copy_written(n, true)?;
         for s in &mut stopped {
@@ -578,8 +584,9 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             let by_identity = !self.opts.copy_files
                 && !written_through
                 && m.vma.object_class() == Some(ObjectClass::File);
+            // A deleted file has no identity to reopen: copied instead.
             let file = if by_identity {
-                identity(&o.fd, &m.vma.path.display())
+                crate::image::identity::of_fd(o.fd.as_fd())
             } else {
                 None
             };
@@ -897,6 +904,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                     .iter()
                     .map(|m| m.record(m.vma.object_id().and_then(|id| index.get(&id).copied())))
                     .collect(),
+                rseq: self.rseq.get(&p.pid).cloned().unwrap_or_default(),
             });
         }
         for o in self.objects.values() {
@@ -1041,15 +1049,4 @@ fn descendants(t: &Target, out: &mut Vec<u32>) {
             descendants(&ct, out);
         }
     }
-}
-
-/// A regular file's identity (size, mtime), for pages read from it at
-/// restore.
-fn identity(fd: &std::os::fd::OwnedFd, path: &str) -> Option<FileIdentity> {
-    let st = rustix::fs::fstat(fd).ok()?;
-    Some(FileIdentity {
-        path: path.to_owned(),
-        size: u64::try_from(st.st_size).ok()?,
-        mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
-    })
 }

@@ -136,6 +136,13 @@ impl RemoteMem {
         let keep_cold = self.swap.policy() != super::swap::SwapPolicy::Read;
         let mut cold = Vec::new();
         for i in swapped {
+            if self.swap.never_swap_in() {
+                // `verify`: not readable from the device, so not read.
+                self.swap.count_skipped();
+                out[i].ok = false;
+                out[i].skipped = true;
+                continue;
+            }
             self.swap.count_read();
             out[i].ok = self.read_mem(addrs[i], &mut buf[i * p..(i + 1) * p]);
             if out[i].ok && keep_cold {

@@ -70,6 +70,24 @@ impl Stopped {
         }
     }
 
+    /// The rseq area of every stopped thread
+    /// (`PTRACE_GET_RSEQ_CONFIGURATION`, Linux 5.13+); address 0 for a
+    /// thread that registered none (or an older kernel).
+    pub fn rseq_areas(&self) -> Vec<crate::image::format::RseqRec> {
+        self.threads
+            .keys()
+            .filter_map(|&tid| {
+                let c = ptrace::rseq_configuration(tid).ok().flatten();
+                Some(crate::image::format::RseqRec {
+                    tid: u32::try_from(tid).ok()?,
+                    address: c.map_or(0, |c| c.address),
+                    length: c.map_or(0, |c| c.length),
+                    signature: c.map_or(0, |c| c.signature),
+                })
+            })
+            .collect()
+    }
+
     /// Leave the process stopped (a `SIGSTOP` sent at resume) instead of
     /// letting it run.
     pub fn leave_stopped(&mut self) {

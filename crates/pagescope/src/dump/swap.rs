@@ -158,6 +158,9 @@ pub struct SwapIo {
     /// Shmem pages.
     pub shmem: Counters,
     notes: Mutex<Vec<String>>,
+    /// `verify`: a swapped page is read from the device or not at all
+    /// (never swapped in).
+    never_swap_in: bool,
 }
 
 /// Reads are done in blocks of this size (the largest logical block size
@@ -185,6 +188,7 @@ impl SwapIo {
             anon: Counters::default(),
             shmem: Counters::default(),
             notes: Mutex::new(Vec::new()),
+            never_swap_in: false,
         };
         if policy == SwapPolicy::Direct {
             io.open_devices();
@@ -196,6 +200,24 @@ impl SwapIo {
             ));
         }
         io
+    }
+
+    /// For `verify`, which must not swap anything in: swapped pages are
+    /// read from the swap device where it can be (root, see `direct`),
+    /// else left alone ([`SwapAction::Skip`]: not compared).
+    pub fn never_swapping_in(privileged: bool, page: PageSize) -> Self {
+        let mut io = Self::new(SwapPolicy::Direct, privileged, page);
+        io.notes
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|n| !n.contains("hidden without CAP_SYS_ADMIN"));
+        io.never_swap_in = true;
+        io
+    }
+
+    /// Whether swapped pages must never be swapped in (`verify`).
+    pub fn never_swap_in(&self) -> bool {
+        self.never_swap_in
     }
 
     /// The policy.
@@ -249,12 +271,20 @@ impl SwapIo {
     /// entry is `e`. Without CAP_SYS_ADMIN swap entries and PTE markers
     /// look alike: such pages are read normally (and not counted).
     pub fn action(&self, e: PagemapEntry) -> SwapAction {
-        let Some(SwapEntryKind::Typed { ty, offset }) = e.swap_kind(self.privileged) else {
+        let typed = match e.swap_kind(self.privileged) {
+            Some(SwapEntryKind::Typed { ty, offset }) if self.table.is_plausible_device(ty) => {
+                Some((ty, offset))
+            }
+            _ => None,
+        };
+        let Some((ty, offset)) = typed else {
+            // `verify`: a swap entry it cannot read from the device (slot
+            // hidden without CAP_SYS_ADMIN, or a marker) is not read.
+            if self.never_swap_in && e.is_swap() {
+                return SwapAction::Skip;
+            }
             return SwapAction::Normal;
         };
-        if !self.table.is_plausible_device(ty) {
-            return SwapAction::Normal;
-        }
         Counters::add(&self.anon.swapped, 1);
         match self.policy {
             SwapPolicy::Read | SwapPolicy::KeepCold => SwapAction::Read,

@@ -19,7 +19,7 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 /// The first bytes of `HEADER`.
 pub const MAGIC: [u8; 8] = *b"PGSCIMG\n";
 /// The format version this code writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The header file's name.
 pub const HEADER_FILE: &str = "HEADER";
 /// The metadata file's name.
@@ -94,7 +94,36 @@ pub struct ProcessRec {
     pub comm: String,
     /// Its mappings, in address order.
     pub vmas: Vec<VmaRec>,
+    /// The rseq area of every thread that registered one (read at the
+    /// stopped final pass): fields the kernel rewrites whenever the thread
+    /// runs ([`RSEQ_KERNEL_FIELDS`]) may differ from the image afterwards.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rseq: Vec<RseqRec>,
 }
+
+/// One thread's registered rseq area (`rseq(2)`,
+/// `PTRACE_GET_RSEQ_CONFIGURATION`, Linux 5.13+).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RseqRec {
+    /// The thread.
+    pub tid: u32,
+    /// Address of its `struct rseq`.
+    pub address: u64,
+    /// Registered length in bytes.
+    pub length: u32,
+    /// The abort signature.
+    pub signature: u32,
+}
+
+/// The fields of `struct rseq` (`linux/rseq.h`) the kernel writes when the
+/// thread runs, as (name, byte offset, length): they follow the CPU the
+/// thread last ran on, not the program.
+pub const RSEQ_KERNEL_FIELDS: [(&str, u64, u64); 4] = [
+    ("cpu_id_start", 0, 4),
+    ("cpu_id", 4, 4),
+    ("node_id", 20, 4),
+    ("mm_cid", 24, 4),
+];
 
 /// One mapping.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,16 +188,31 @@ pub struct ObjectRec {
     pub runs: Vec<Run>,
 }
 
-/// A regular file whose pages are read from the file itself at restore.
+/// A regular file whose pages are read from the file itself at restore
+/// (see `image/identity.rs`): opened by its raw path only if device,
+/// inode, size, modification time (and the content hash, when recorded)
+/// all match.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileIdentity {
-    /// Path.
+    /// Path, for people (non-UTF-8 bytes as `\xNN`).
     pub path: String,
+    /// The path's raw bytes, hex: what is opened.
+    pub path_hex: String,
+    /// Device (`st_dev`), `major:minor` in hex as in maps.
+    pub dev: String,
+    /// Inode.
+    pub inode: u64,
     /// Size in bytes.
     pub size: u64,
     /// Modification time (ns since the epoch).
     pub mtime_ns: i128,
+    /// xxh3-64 of the whole content, for files of at most
+    /// [`HASHED_FILE_BYTES`].
+    pub content_xxh3: Option<u64>,
 }
+
+/// Files up to this size get a content hash in their identity.
+pub const HASHED_FILE_BYTES: u64 = 4 << 20;
 
 /// A file of page data and its checksums.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

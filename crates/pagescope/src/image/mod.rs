@@ -15,6 +15,7 @@
 //!   object), or into a buffer or a memfd of the caller's.
 
 pub mod format;
+pub mod identity;
 pub mod read;
 pub mod restore;
 pub mod write;
@@ -35,6 +36,18 @@ pub enum ImageError {
     /// A file could not be read, written or created.
     #[error("cannot {what} {path}")]
     Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file of the image is missing or cannot be read (a missing
+    /// `HEADER` means the directory is no image).
+    #[error("cannot {what} {path}: a file of the image is missing or unreadable")]
+    Unreadable {
         /// What was being done.
         what: &'static str,
         /// The file.
@@ -113,11 +126,20 @@ impl ImageError {
             Self::Io { .. } => ErrorKind::Other,
             Self::NotEmpty { .. } | Self::NotFound { .. } => ErrorKind::BadInput,
             Self::Corrupt { .. }
+            | Self::Unreadable { .. }
             | Self::TooLarge { .. }
             | Self::ParentMissing { .. }
             | Self::ParentMismatch { .. }
             | Self::FileChanged { .. } => ErrorKind::BadImage,
         }
+    }
+
+    fn unreadable(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Unreadable { what, path, source }
     }
 
     fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {

@@ -49,6 +49,8 @@ pub struct Image {
     seed: u64,
     stores: HashMap<String, StoreReader>,
     parent: Option<Box<Image>>,
+    /// Files recorded by identity, opened and checked once.
+    files: std::sync::Mutex<HashMap<String, std::sync::Arc<File>>>,
 }
 
 impl Image {
@@ -92,6 +94,7 @@ impl Image {
             seed,
             stores,
             parent,
+            files: std::sync::Mutex::default(),
         })
     }
 
@@ -229,7 +232,7 @@ impl Image {
                     })?;
                 parent.object_page(i, page, buf)
             }
-            Some(PageKind::File) => read_file_page(o, page, buf),
+            Some(PageKind::File) => self.read_file_page(o, page, buf),
             Some(kind) => self.fill(kind, o.store.as_deref(), page, buf),
             None => Ok(PageFill::Hole),
         }
@@ -293,8 +296,11 @@ fn corrupt(path: &Path, offset: u64, what: &str) -> ImageError {
 
 /// The whole of `path`, refusing more than `limit` bytes.
 fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, ImageError> {
-    let f = File::open(path).map_err(ImageError::io("open", path))?;
-    let size = f.metadata().map_err(ImageError::io("stat", path))?.len();
+    let f = File::open(path).map_err(ImageError::unreadable("open", path))?;
+    let size = f
+        .metadata()
+        .map_err(ImageError::unreadable("stat", path))?
+        .len();
     if size > limit {
         return Err(ImageError::TooLarge {
             path: path.to_owned(),
@@ -305,7 +311,7 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, ImageError> {
     let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     f.take(limit)
         .read_to_end(&mut out)
-        .map_err(ImageError::io("read", path))?;
+        .map_err(ImageError::unreadable("read", path))?;
     Ok(out)
 }
 
@@ -315,7 +321,7 @@ fn validate(path: &Path, meta: &Meta) -> Result<(), ImageError> {
     let bad = |what: String| corrupt(path, 0, &what);
     let stores: Vec<&str> = meta.stores.iter().map(|s| s.name.as_str()).collect();
     for s in &meta.stores {
-        if s.pages > MAX_STORE_PAGES || s.name.contains('/') || s.name.is_empty() {
+        if s.pages > MAX_STORE_PAGES || !plain_name(&s.name) {
             return Err(bad(format!("store {:?} out of bounds", s.name)));
         }
     }
@@ -336,12 +342,29 @@ fn validate(path: &Path, meta: &Meta) -> Result<(), ImageError> {
         }
     }
     for o in &meta.objects {
-        if !has_store(&o.store) || o.pages > MAX_STORE_PAGES {
+        let dev_ok = dev_name(&o.dev) && o.file.as_ref().is_none_or(|f| dev_name(&f.dev));
+        if !has_store(&o.store) || o.pages > MAX_STORE_PAGES || !dev_ok {
             return Err(bad(format!("object {} malformed", o.inode)));
         }
         check_runs(&o.runs, o.pages).map_err(|w| bad(format!("object {}: {w}", o.inode)))?;
     }
     Ok(())
+}
+
+/// A file name an image may use under `data/`: no path separator, no
+/// NUL, not `.` or `..`, not hidden.
+fn plain_name(n: &str) -> bool {
+    !n.is_empty() && !n.starts_with('.') && !n.contains(['/', '\0']) && n.len() <= 200
+}
+
+/// `major:minor` in hex, as maps prints a device (restore names files
+/// after it).
+fn dev_name(d: &str) -> bool {
+    d.split_once(':').is_some_and(|(a, b)| {
+        [a, b]
+            .iter()
+            .all(|x| !x.is_empty() && x.len() <= 8 && x.bytes().all(|c| c.is_ascii_hexdigit()))
+    })
 }
 
 fn check_runs(runs: &[Run], limit: u64) -> Result<(), String> {
@@ -368,10 +391,10 @@ fn open_stores(
     let mut out = HashMap::new();
     for s in &meta.stores {
         let path = dir.join(DATA_DIR).join(format!("{}.pages", s.name));
-        let file = File::open(&path).map_err(ImageError::io("open", &path))?;
+        let file = File::open(&path).map_err(ImageError::unreadable("open", &path))?;
         let size = file
             .metadata()
-            .map_err(ImageError::io("stat", &path))?
+            .map_err(ImageError::unreadable("stat", &path))?
             .len();
         let limit = (s.pages + 1) * header.page_size;
         if size > limit {
@@ -383,7 +406,7 @@ fn open_stores(
         let p = usize::try_from(header.page_size).unwrap_or(4096);
         let mut trailer = vec![0u8; p];
         file.read_exact_at(&mut trailer, s.pages * header.page_size)
-            .map_err(ImageError::io("read", &path))?;
+            .map_err(ImageError::unreadable("read", &path))?;
         if trailer != format::data_trailer(&header.image_id, &s.name, p) {
             return Err(corrupt(
                 &path,
@@ -452,22 +475,52 @@ fn open_parent(
     Ok(Some(Box::new(parent)))
 }
 
-/// A page of a regular file recorded by identity, read from the file.
-fn read_file_page(o: &ObjectRec, page: u64, buf: &mut [u8]) -> Result<PageFill, ImageError> {
-    let id = o.file.as_ref().ok_or_else(|| ImageError::NotFound {
-        what: format!("file identity of object {}", o.inode),
-    })?;
-    let path = PathBuf::from(&id.path);
-    let f = File::open(&path).map_err(ImageError::io("open", &path))?;
-    let st = f.metadata().map_err(ImageError::io("stat", &path))?;
-    use std::os::unix::fs::MetadataExt;
-    let mtime = i128::from(st.mtime()) * 1_000_000_000 + i128::from(st.mtime_nsec());
-    if st.len() != id.size || mtime != id.mtime_ns {
-        return Err(ImageError::FileChanged {
-            path,
-            what: "size or modification time".into(),
-        });
+impl Image {
+    /// Opens and checks every file recorded by identity in this image and
+    /// its parents (a restore does this before writing anything).
+    pub fn check_files(&self) -> Result<(), ImageError> {
+        for o in self.meta.objects.iter().filter(|o| o.file.is_some()) {
+            self.checked_file(o)?;
+        }
+        self.parent.as_ref().map_or(Ok(()), |p| p.check_files())
     }
+
+    fn checked_file(&self, o: &ObjectRec) -> Result<std::sync::Arc<File>, ImageError> {
+        let id = o.file.as_ref().ok_or_else(|| ImageError::NotFound {
+            what: format!("file identity of object {}", o.inode),
+        })?;
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let key = format!("{id:?}");
+        if let Some(f) = files.get(&key) {
+            return Ok(std::sync::Arc::clone(f));
+        }
+        let f = std::sync::Arc::new(super::identity::open_checked(id)?);
+        files.insert(key, std::sync::Arc::clone(&f));
+        Ok(f)
+    }
+
+    /// A page of a regular file recorded by identity, read from the file
+    /// (opened once, and only if it is that file: `identity.rs`).
+    fn read_file_page(
+        &self,
+        o: &ObjectRec,
+        page: u64,
+        buf: &mut [u8],
+    ) -> Result<PageFill, ImageError> {
+        let f = self.checked_file(o)?;
+        let id = o.file.as_ref().ok_or_else(|| ImageError::NotFound {
+            what: format!("file identity of object {}", o.inode),
+        })?;
+        read_page_at(&f, id, page, buf)
+    }
+}
+
+fn read_page_at(
+    f: &File,
+    id: &super::format::FileIdentity,
+    page: u64,
+    buf: &mut [u8],
+) -> Result<PageFill, ImageError> {
     buf.fill(0);
     let off = page * buf.len() as u64;
     let mut done = 0;
@@ -475,7 +528,8 @@ fn read_file_page(o: &ObjectRec, page: u64, buf: &mut [u8]) -> Result<PageFill, 
         match f.read_at(&mut buf[done..], off + done as u64) {
             Ok(0) => break,
             Ok(n) => done += n,
-            Err(e) => return Err(ImageError::io("read", &path)(e)),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ImageError::io("read", &id.path)(e)),
         }
     }
     Ok(PageFill::Data)

@@ -140,14 +140,42 @@ impl Image {
             });
         }
         self.verify_data()?;
+        self.check_files()?;
         let tmp = out.with_extension("partial");
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(ImageError::io("create", &tmp))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&tmp)
+                .map_err(ImageError::io("create", &tmp))?;
+        }
+        let written = self.write_regions(&tmp, out);
+        if written.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        let sum = written?;
+        std::fs::rename(&tmp, out).map_err(ImageError::io("rename into place", out))?;
+        Ok(sum)
+    }
+
+    /// Every region as a file in `tmp` (named for `out`).
+    fn write_regions(&self, tmp: &Path, out: &Path) -> Result<RestoreSummary, ImageError> {
         let mut sum = RestoreSummary::default();
         let regions = self.regions();
         for (name, region) in &regions {
+            // Names are built from numbers and validated devices; never a
+            // path out of the directory.
+            if name.contains('/') || name.starts_with('.') {
+                return Err(ImageError::Corrupt {
+                    path: self.dir().join(super::format::META_FILE),
+                    offset: 0,
+                    what: format!("restore file name {name:?}"),
+                });
+            }
             let path = tmp.join(name);
-            let f = File::create(&path).map_err(ImageError::io("create", &path))?;
+            let f = create_private(&path)?;
             let len = self.region_pages(*region)? * self.page_size() as u64;
             f.set_len(len).map_err(ImageError::io("size", &path))?;
             let p = self.page_size() as u64;
@@ -162,7 +190,6 @@ impl Image {
             f.sync_all().map_err(ImageError::io("fsync", &path))?;
             sum.files.push(out.join(name));
         }
-        std::fs::rename(&tmp, out).map_err(ImageError::io("rename into place", out))?;
         Ok(sum)
     }
 
@@ -188,6 +215,20 @@ impl Image {
         }
         out
     }
+}
+
+/// A new file readable and writable by its owner only (0600): memory
+/// contents are as private as the process's.
+fn create_private(path: &Path) -> Result<File, ImageError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(ImageError::io("create", path))
 }
 
 fn count(sum: &mut RestoreSummary, fill: PageFill) {

@@ -23,7 +23,8 @@
 //! # References
 //! - `ptrace(2)`: `PTRACE_SEIZE`, `PTRACE_INTERRUPT`, `PTRACE_GETREGS`,
 //!   `PTRACE_SETREGS`, `PTRACE_SINGLESTEP`, `PTRACE_PEEKDATA`,
-//!   `PTRACE_POKEDATA`, `PTRACE_DETACH`
+//!   `PTRACE_POKEDATA`, `PTRACE_DETACH`, `PTRACE_GET_RSEQ_CONFIGURATION`
+//!   (5.13+)
 //! - `fork(2)`, `signal-safety(7)`
 
 use rustix::io::Errno;
@@ -217,6 +218,54 @@ impl Regs {
     pub fn stack_pointer(&self) -> u64 {
         0
     }
+}
+
+/// `PTRACE_GET_RSEQ_CONFIGURATION` (`linux/ptrace.h`, Linux 5.13+).
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+
+/// `struct ptrace_rseq_configuration` (`linux/ptrace.h`).
+#[repr(C)]
+#[derive(Default)]
+struct RawRseqConfiguration {
+    rseq_abi_pointer: u64,
+    rseq_abi_size: u32,
+    signature: u32,
+    flags: u32,
+    pad: u32,
+}
+
+/// A thread's registered rseq area (`rseq(2)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RseqConfiguration {
+    /// Address of its `struct rseq`.
+    pub address: u64,
+    /// Registered length in bytes (32 with glibc 2.35+).
+    pub length: u32,
+    /// The abort signature.
+    pub signature: u32,
+}
+
+/// `ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, sizeof conf, &conf)`: the
+/// rseq area `tid` registered, `None` if it registered none. The thread
+/// must be in a ptrace stop (`EINVAL` before Linux 5.13, `ESRCH` when it
+/// is not stopped).
+pub fn rseq_configuration(tid: i32) -> Result<Option<RseqConfiguration>, Errno> {
+    let mut conf = RawRseqConfiguration::default();
+    // SAFETY: the kernel writes at most `size_of::<RawRseqConfiguration>()`
+    // bytes (the size passed as `addr`) into `conf`, a live local.
+    check(unsafe {
+        libc::ptrace(
+            PTRACE_GET_RSEQ_CONFIGURATION,
+            tid,
+            std::mem::size_of::<RawRseqConfiguration>(),
+            &raw mut conf,
+        )
+    })?;
+    Ok((conf.rseq_abi_pointer != 0).then_some(RseqConfiguration {
+        address: conf.rseq_abi_pointer,
+        length: conf.rseq_abi_size,
+        signature: conf.signature,
+    }))
 }
 
 /// `tgkill(tgid, tid, sig)`: re-raises a signal pagescope intercepted.
