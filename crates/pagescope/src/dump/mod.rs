@@ -305,7 +305,12 @@ pub fn dump(
             Ok((iterations, stopped_s, cow)) => d.finish(iterations, stopped_s, cow),
             Err(e) => {
                 d.abandon();
-                Err(e)
+                match d.gone() {
+                    Some(pid) if !matches!(e, DumpError::Interrupted { .. }) => {
+                        Err(DumpError::Exited { pid })
+                    }
+                    _ => Err(e),
+                }
             }
         }
     });

@@ -1055,6 +1055,15 @@ impl Dump<'_, '_, '_> {
         }
     }
 
+    /// A dumped process that exited or became a zombie (after a failure,
+    /// to report that rather than the step that noticed it).
+    pub(super) fn gone(&self) -> Option<u32> {
+        self.procs
+            .iter()
+            .find(|p| p.target.get().require_address_space().is_err())
+            .map(|p| p.pid)
+    }
+
     /// After a failure: closes the userfaultfd `keep_tracking` left in the
     /// process (nothing stays write-protected; pagescope's own copies
     /// close as the trackers drop). Stopped threads were resumed already.
