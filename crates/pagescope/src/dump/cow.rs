@@ -247,6 +247,7 @@ impl Dump<'_, '_, '_> {
         for m in &mut vmas {
             let pages = m.own_pages();
             for batch in pages.chunks(BATCH_PAGES) {
+                self.cancelled()?;
                 copied += self.own_batch(m, batch, side)?;
                 unprotect(uffd, protected, m, batch, self.page);
                 done += batch.len() as u64;

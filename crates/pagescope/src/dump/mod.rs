@@ -330,6 +330,7 @@ fn passes<'t>(d: &mut Dump<'t, '_, '_>, target: &'t Target) -> Result<Passes, Du
     if d.opts.cow {
         d.attach_all(target)?;
         let (it, stats) = d.cow_snapshot(target)?;
+        d.cancelled()?;
         let stopped_s = stats.stop_s;
         return Ok((vec![it], stopped_s, Some(stats)));
     }
