@@ -110,13 +110,14 @@ fn a_signal_stops_the_dump_and_leaves_the_target_as_it_was() {
     let mut fx = big_fixture(65536);
     let pid = fx.pid();
     let dir = Scratch::new("sig");
-    for (sig, code) in [
-        (rustix::process::Signal::INT, 130),
-        (rustix::process::Signal::TERM, 143),
-        (rustix::process::Signal::HUP, 129),
+    for (sig, code, how) in [
+        (rustix::process::Signal::INT, 130, "--keep-tracking"),
+        (rustix::process::Signal::TERM, 143, "--keep-tracking"),
+        (rustix::process::Signal::HUP, 129, "--keep-tracking"),
+        (rustix::process::Signal::TERM, 143, "--snapshot=cow"),
     ] {
-        let out = dir.p(&format!("img{code}"));
-        let child = dump_cmd(pid, &out, &["--keep-tracking"]);
+        let out = dir.p(&format!("img{code}{how}"));
+        let child = dump_cmd(pid, &out, &[how]);
         wait_for("the dump writes its first store", || {
             std::fs::read_dir(Path::new(&out).join("data")).is_ok_and(|mut d| d.next().is_some())
         });

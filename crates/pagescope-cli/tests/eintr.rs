@@ -251,3 +251,29 @@ fn a_real_signal_during_the_stop_still_interrupts() {
         }
     }
 }
+
+/// `dump --leave-stopped`: the thread is rewound before the `SIGSTOP`, so
+/// the `SIGCONT` that lets it go finds it issuing the call again.
+#[test]
+fn leave_stopped_then_sigcont_does_not_interrupt() {
+    if !usable() {
+        return;
+    }
+    for call in ["epoll_wait", "semop", "recv_timeo"] {
+        let t = Target::start(call, -1);
+        let dir = std::env::temp_dir().join(format!("pagescope-eintr-ls-{}", t.pid()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = common::cli(&[
+            "dump",
+            &t.pid().to_string(),
+            "-o",
+            &dir.display().to_string(),
+            "--leave-stopped",
+        ]);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(out.status.success(), "{out:?}");
+        let pid = rustix::process::Pid::from_raw(t.pid().cast_signed()).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+        assert_eq!(t.returned(Duration::from_millis(300)), None, "{call}");
+    }
+}
