@@ -7,42 +7,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{cli, skip};
+use common::{Scratch, can_dump, cli, skip, status_field, uffd_fds, vmflag_mappings};
 use pagescope_fixture::FixtureProcess;
-
-fn usable() -> bool {
-    if !common::is_root() {
-        skip("dumping another process needs ptrace rights and userfaultfd (root)");
-        return false;
-    }
-    true
-}
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let p =
-            std::env::temp_dir().join(format!("pagescope-dumpexit-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-
-    fn p(&self, name: &str) -> String {
-        self.0.join(name).display().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A fixture holding `pages` written pages (a dump of it takes a while).
 fn big_fixture(pages: u64) -> FixtureProcess {
@@ -70,46 +40,18 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-fn vmflag_mappings(pid: u32, flag: &str) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == flag))
-        .count()
-}
-
-fn uffd_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter(|e| {
-                std::fs::read_link(e.as_ref().unwrap().path())
-                    .is_ok_and(|l| l.as_os_str() == "anon_inode:[userfaultfd]")
-            })
-            .count()
-        })
-        .unwrap_or(0)
-}
-
-fn status_field(pid: u32, key: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
-        .unwrap_or_default()
-}
-
 /// SIGINT, SIGTERM, SIGHUP in the middle of a dump (with pre-copy
 /// tracking kept in the target, the case with the most to undo): exit
 /// 130/143/129, one line, no image left, the target running, untraced,
 /// with no userfaultfd and nothing write-protected.
 #[test]
 fn a_signal_stops_the_dump_and_leaves_the_target_as_it_was() {
-    if !usable() {
+    if !can_dump() {
         return;
     }
     let mut fx = big_fixture(65536);
     let pid = fx.pid();
-    let dir = Scratch::new("sig");
+    let dir = Scratch::new("dumpexit-sig");
     for (sig, code, how) in [
         (rustix::process::Signal::INT, 130, "--keep-tracking"),
         (rustix::process::Signal::TERM, 143, "--keep-tracking"),
@@ -156,10 +98,10 @@ fn a_signal_stops_the_dump_and_leaves_the_target_as_it_was() {
 /// dump completed first, never 5 or 1.
 #[test]
 fn a_target_that_exits_or_turns_zombie_mid_dump_is_exit_9() {
-    if !usable() {
+    if !can_dump() {
         return;
     }
-    let dir = Scratch::new("exit");
+    let dir = Scratch::new("dumpexit-exit");
     let mut nines = 0;
     for (round, delay_ms) in [0u64, 5, 20, 50, 100, 200].into_iter().enumerate() {
         let fx = big_fixture(32768);
@@ -189,10 +131,10 @@ fn a_target_that_exits_or_turns_zombie_mid_dump_is_exit_9() {
 /// exit 2; neither leaves an image directory behind.
 #[test]
 fn refusals_happen_before_the_image_directory_exists() {
-    if !usable() {
+    if !can_dump() {
         return;
     }
-    let dir = Scratch::new("refuse");
+    let dir = Scratch::new("dumpexit-refuse");
     let mut fx = common::fixture(&["anon"]);
     let pid = fx.pid().to_string();
     let out = cli(&[
@@ -238,12 +180,12 @@ fn refusals_happen_before_the_image_directory_exists() {
 /// else is still refused (exit 2), and left alone.
 #[test]
 fn a_directory_left_by_an_interrupted_dump_is_reused() {
-    if !usable() {
+    if !can_dump() {
         return;
     }
     let mut fx = big_fixture(32768);
     let pid = fx.pid();
-    let dir = Scratch::new("reuse");
+    let dir = Scratch::new("dumpexit-reuse");
     let out = dir.p("img");
     let mut child = dump_cmd(pid, &out, &[]);
     wait_for("the dump writes its first store", || {
@@ -291,7 +233,7 @@ fn with_closed_stdout(args: &[&str], read_first: bool) -> Option<i32> {
 fn a_closed_stdout_exits_0_for_every_command() {
     let mut fx = common::fixture(&["anon", "shmem"]);
     let pid = fx.pid().to_string();
-    let dir = Scratch::new("pipe");
+    let dir = Scratch::new("dumpexit-pipe");
     let img = dir.p("img");
     let mut commands: Vec<Vec<String>> = vec![
         vec!["pages".into(), pid.clone(), "--json".into()],
@@ -303,7 +245,7 @@ fn a_closed_stdout_exits_0_for_every_command() {
         vec!["objects".into(), "--all".into(), "--json".into()],
         vec!["kernel".into()],
     ];
-    if usable() {
+    if can_dump() {
         assert_eq!(cli(&["dump", &pid, "-o", &img]).status.code(), Some(0));
         commands.extend([
             vec![

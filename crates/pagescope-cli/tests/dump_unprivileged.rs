@@ -29,14 +29,6 @@ print("ready %x" % addr, flush=True)
 sys.stdin.read()
 "#;
 
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn unprivileged_dump_copies_python_shared_anonymous_mmap_through_the_mapping() {
     if !common::is_root() {
@@ -48,10 +40,7 @@ fn unprivileged_dump_copies_python_shared_anonymous_mmap_through_the_mapping() {
         skip("no /usr/bin/python3 (a python nobody can run)");
         return;
     }
-    let dir =
-        Dir(std::env::temp_dir().join(format!("pagescope-dumpunpriv-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = common::Scratch::new("dumpunpriv");
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
     let script = dir.0.join("shared_anon.py");
     std::fs::write(&script, SCRIPT).unwrap();
