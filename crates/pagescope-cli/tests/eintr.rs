@@ -65,7 +65,7 @@ fn blocking() -> Option<&'static PathBuf> {
         let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs/blocking.c");
         let out = std::env::temp_dir().join(format!("pagescope-blocking-{}", std::process::id()));
         let ok = Command::new("cc")
-            .args(["-O1", "-o"])
+            .args(["-O1", "-pthread", "-o"])
             .arg(&out)
             .arg(src)
             .status()
@@ -276,4 +276,29 @@ fn leave_stopped_then_sigcont_does_not_interrupt() {
         rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
         assert_eq!(t.returned(Duration::from_millis(300)), None, "{call}");
     }
+}
+
+/// `watch` injects into a thread that is not in such a call when there is
+/// one: the main thread's finite `epoll_wait` is not even restarted (it
+/// ends on time, not later by the time it had waited).
+#[test]
+fn injection_prefers_a_thread_outside_never_restarted_calls() {
+    if !usable() {
+        return;
+    }
+    const TIMEOUT_MS: f64 = 1000.0;
+    let t = Target::start("epoll_wait_threaded", TIMEOUT_MS as i64);
+    // Restarted whole, it would end 500 ms late.
+    std::thread::sleep(Duration::from_millis(500));
+    watch(t.pid());
+    let line = t.returned(Duration::from_secs(5)).unwrap_or_default();
+    let elapsed: f64 = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("elapsed_ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        line.contains("rc=0") && (TIMEOUT_MS - 5.0..TIMEOUT_MS + 300.0).contains(&elapsed),
+        "{line}"
+    );
 }

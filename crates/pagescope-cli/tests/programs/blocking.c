@@ -14,6 +14,7 @@
 #include <fcntl.h>
 #include <linux/aio_abi.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -34,6 +35,12 @@
 
 static volatile sig_atomic_t usr1;
 static void on_usr1(int s) { (void)s; usr1++; }
+
+static void *reader(void *arg) {
+    char b;
+    (void)!read(*(int *)arg, &b, 1);
+    return NULL;
+}
 
 static double now_ms(void) {
     struct timespec t;
@@ -67,7 +74,18 @@ int main(int argc, char **argv) {
     struct timespec *tp = ms < 0 ? NULL : &t;
     double t0;
 #define READY() do { puts("ready"); t0 = now_ms(); } while (0)
-    if (!strcmp(call, "epoll_wait") || !strcmp(call, "epoll_pwait") || !strcmp(call, "epoll_pwait2")) {
+    if (!strcmp(call, "epoll_wait_threaded")) {
+        /* A second thread blocked in read(): an injection should pick it. */
+        static int p[2];
+        pthread_t th;
+        pipe(p);
+        pthread_create(&th, NULL, reader, &p[0]);
+        usleep(50000);
+        int ep = epoll_create1(0);
+        struct epoll_event ev[1];
+        READY();
+        rc = epoll_wait(ep, ev, 1, (int)ms);
+    } else if (!strcmp(call, "epoll_wait") || !strcmp(call, "epoll_pwait") || !strcmp(call, "epoll_pwait2")) {
         int ep = epoll_create1(0);
         struct epoll_event ev[1];
         READY();
