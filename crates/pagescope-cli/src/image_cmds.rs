@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -29,17 +31,32 @@ pub fn dump(args: &DumpArgs) -> Result<u8> {
         leave_stopped: args.leave_stopped,
         swap: args.swap.into(),
         cow: args.snapshot == crate::cli::SnapshotArg::Cow,
+        cancel: Some(cancel_on_signals()?),
         ..DumpOptions::new(&args.out)
     };
     let mut bar = Bar::new(std::io::stderr().is_terminal());
-    let report = pagescope::dump::dump(&target, &caps, &opts, &mut |e| match e {
+    let report = match pagescope::dump::dump(&target, &caps, &opts, &mut |e| match e {
         DumpEvent::Progress { pass, done, total } => bar.show(pass, done, total),
         DumpEvent::Iteration(it) => {
             bar.clear();
             let _ = writeln!(std::io::stderr(), "{}", iteration_line(it));
         }
-    })
-    .with_context(|| format!("dump of process {} into {}", args.pid, args.out.display()))?;
+    }) {
+        Err(pagescope::dump::DumpError::Interrupted { signal, .. }) => {
+            bar.clear();
+            writeln!(
+                std::io::stderr(),
+                "pagescope: dump of process {} interrupted by {}: the process runs on as before, the incomplete image {} was removed",
+                args.pid,
+                signal_name(signal),
+                args.out.display()
+            )?;
+            return Ok(u8::try_from(128 + signal).unwrap_or(OTHER));
+        }
+        r => {
+            r.with_context(|| format!("dump of process {} into {}", args.pid, args.out.display()))?
+        }
+    };
     let mut err = std::io::stderr().lock();
     for n in report.notes.iter().chain(&report.swap.notes) {
         writeln!(err, "note: {n}")?;
@@ -86,6 +103,31 @@ pub fn dump(args: &DumpArgs) -> Result<u8> {
         writeln!(out)?;
     }
     Ok(OK)
+}
+
+/// SIGINT, SIGTERM and SIGHUP set the returned flag to their number
+/// (the dump then stops at its next step and cleans up); a second one ends
+/// pagescope at once (the kernel then detaches a stopped process as it is,
+/// and releases every userfaultfd only pagescope held).
+fn cancel_on_signals() -> Result<Arc<AtomicUsize>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicUsize::new(0));
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        let seen = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&seen))?;
+        signal_hook::flag::register(sig, seen)?;
+        signal_hook::flag::register_usize(sig, Arc::clone(&flag), sig.unsigned_abs() as usize)?;
+    }
+    Ok(flag)
+}
+
+fn signal_name(sig: usize) -> String {
+    match i32::try_from(sig).unwrap_or(0) {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        n => format!("signal {n}"),
+    }
 }
 
 fn swap_line(policy: &str, class: &str, c: &pagescope::dump::SwapClassReport) -> String {

@@ -9,7 +9,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{caps, fixture, skip};
+use common::{caps, fixture, skip, status_field};
 use pagescope::dirty::{DirtyReport, TrackOptions, TrackerBackend, WriteSource, attach_owned};
 use pagescope::{Target, VirtAddr};
 use pagescope_fixture::{FixtureProcess, Truth};
@@ -26,14 +26,6 @@ fn usable() -> bool {
         return false;
     }
     true
-}
-
-fn status_field(pid: u32, key: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
-        .unwrap_or_default()
 }
 
 /// The system call the fixture sleeps in, with its arguments, stack

@@ -6,10 +6,10 @@
 mod common;
 
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use common::{cli, skip};
+use common::{Scratch, can_dump, cli, skip, uffd_fds, vmflag_mappings};
 
 const PROGRAMS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs");
 
@@ -60,36 +60,6 @@ fn start(name: &str, args: &[&str]) -> Option<(Proc, String)> {
     ))
 }
 
-fn usable() -> bool {
-    if !common::is_root() {
-        skip("dumping another process needs ptrace rights and userfaultfd (root)");
-        return false;
-    }
-    true
-}
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let p =
-            std::env::temp_dir().join(format!("pagescope-dumpcli-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-
-    fn p(&self, name: &str) -> String {
-        self.0.join(name).display().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn ok(out: &std::process::Output) -> String {
     assert!(
         out.status.success(),
@@ -105,21 +75,9 @@ fn json(path: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-fn uffd_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter(|e| {
-                std::fs::read_link(e.as_ref().unwrap().path())
-                    .is_ok_and(|l| l.as_os_str() == "anon_inode:[userfaultfd]")
-            })
-            .count()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_python_writer_dumped_while_writing_restores_byte_for_byte() {
-    if !usable() {
+    if !can_dump() {
         return;
     }
     // 4000 pages/s over a 64 MiB buffer and a 64 MiB memfd.
@@ -190,7 +148,7 @@ fn a_python_writer_dumped_while_writing_restores_byte_for_byte() {
 
 #[test]
 fn chains_of_three_generations_verify_and_leave_nothing_behind() {
-    if !usable() {
+    if !can_dump() {
         return;
     }
     let Some((p, _)) = start("anon_memfd_writer.py", &["300", "120"]) else {
@@ -267,7 +225,7 @@ fn chains_of_three_generations_verify_and_leave_nothing_behind() {
 
 #[test]
 fn a_forked_pair_is_dumped_as_a_tree_and_the_stop_is_invisible_to_the_parent() {
-    if !usable() {
+    if !can_dump() {
         return;
     }
     let Some((mut p, child)) = start("fork_shared_writer.py", &["500", "120"]) else {
@@ -319,7 +277,7 @@ fn a_forked_pair_is_dumped_as_a_tree_and_the_stop_is_invisible_to_the_parent() {
 
 #[test]
 fn the_final_stop_is_not_seen_by_the_targets_parent() {
-    if !usable() {
+    if !can_dump() {
         return;
     }
     // A parent that reports any stop of its child (waitpid WUNTRACED).
@@ -376,7 +334,7 @@ fn bad_input_and_corrupt_images_have_distinct_exit_codes() {
     assert!(!Path::new(&dir.p("x")).exists());
     let out = cli(&["verify", &dir.p("notimage"), "999999999"]);
     assert_eq!(out.status.code(), Some(12), "{out:?}");
-    if usable() {
+    if can_dump() {
         let me = std::process::id().to_string();
         std::fs::write(dir.p("full"), b"").unwrap();
         let out = cli(&["dump", &me, "-o", &dir.0.display().to_string()]);
@@ -390,21 +348,13 @@ fn bad_input_and_corrupt_images_have_distinct_exit_codes() {
     }
 }
 
-fn uw_mappings(pid: u32) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "uw"))
-        .count()
-}
-
 /// pagescope killed (SIGKILL) in the middle of a copy-before-write
 /// snapshot: the kernel releases its userfaultfd (the target never held
 /// a copy), so the target's writer threads go on, no mapping stays
 /// write-protected, and no image is left behind.
 #[test]
 fn a_cow_snapshot_killed_midway_leaves_the_process_running_and_unprotected() {
-    if !usable() {
+    if !can_dump() {
         return;
     }
     let mut fx = common::fixture(&["anon"]);
@@ -431,22 +381,22 @@ fn a_cow_snapshot_killed_midway_leaves_the_process_running_and_unprotected() {
         .spawn()
         .unwrap();
     let t0 = std::time::Instant::now();
-    while uw_mappings(pid) == 0 && t0.elapsed() < std::time::Duration::from_secs(10) {
+    while vmflag_mappings(pid, "uw") == 0 && t0.elapsed() < std::time::Duration::from_secs(10) {
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
     assert!(
-        uw_mappings(pid) > 0,
+        vmflag_mappings(pid, "uw") > 0,
         "the snapshot never write-protected the process"
     );
     std::thread::sleep(std::time::Duration::from_millis(20));
     let _ = dumper.kill();
     let _ = dumper.wait();
     let t1 = std::time::Instant::now();
-    while uw_mappings(pid) > 0 && t1.elapsed() < std::time::Duration::from_secs(2) {
+    while vmflag_mappings(pid, "uw") > 0 && t1.elapsed() < std::time::Duration::from_secs(2) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     assert_eq!(
-        uw_mappings(pid),
+        vmflag_mappings(pid, "uw"),
         0,
         "still write-protected after pagescope died"
     );

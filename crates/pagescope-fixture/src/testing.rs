@@ -212,3 +212,76 @@ pub fn check_scenario(scenario: &str, why_root: &str) {
         assert_matches_truth(fx.truth(), &report, Some(scenario));
     }
 }
+
+/// A scratch directory under the temporary directory, removed at the end.
+#[derive(Debug)]
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// `pagescope-TAG-PID`, empty.
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("pagescope-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create a scratch directory");
+        Self(p)
+    }
+
+    /// The path of `name` inside.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// The same, as a string (a command-line argument).
+    pub fn p(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether this test may dump another process (ptrace rights and a
+/// userfaultfd in it: root); skips otherwise.
+pub fn can_dump() -> bool {
+    if !is_root() {
+        skip("dumping another process needs ptrace rights and userfaultfd (root)");
+        return false;
+    }
+    true
+}
+
+/// The value of `key` (`"TracerPid:"`) in `/proc/PID/status`.
+pub fn status_field(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+        .unwrap_or_default()
+}
+
+/// How many userfaultfds process `pid` holds.
+pub fn uffd_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| l.as_os_str() == "anon_inode:[userfaultfd]")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// How many mappings of `pid` carry `flag` (`"uw"`) in their smaps
+/// `VmFlags`.
+pub fn vmflag_mappings(pid: u32, flag: &str) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == flag))
+        .count()
+}

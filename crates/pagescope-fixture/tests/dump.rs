@@ -8,44 +8,12 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{caps, fixture, skip};
+use common::{Scratch, can_dump, caps, fixture, skip};
 use pagescope::Target;
 use pagescope::dump::{DumpOptions, DumpReport, dump};
 use pagescope::image::format::{PageKind, VmaRec};
 use pagescope::image::{Image, ImageError};
 use pagescope_fixture::FixtureProcess;
-
-/// Dumping needs ptrace rights and (for pre-copy) a userfaultfd in the
-/// target.
-fn can_dump() -> bool {
-    if !common::is_root() {
-        skip("dumping another process needs ptrace rights and userfaultfd (root)");
-        return false;
-    }
-    true
-}
-
-/// A scratch directory removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("pagescope-dump-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Lets stopped processes run again when the test ends (pass or fail).
 struct Resume(Vec<u32>);

@@ -8,8 +8,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 pub use pagescope_fixture::testing::{
-    assert_matches_truth, backends, caps, check_scenario, checkable, fixture, fixture_exe, is_root,
-    scan, scan_with, skip, unprivileged_fixture,
+    Scratch, assert_matches_truth, backends, can_dump, caps, check_scenario, checkable, fixture,
+    fixture_exe, is_root, scan, scan_with, skip, status_field, uffd_fds, unprivileged_fixture,
+    vmflag_mappings,
 };
 
 /// The `pagescope` binary under test.

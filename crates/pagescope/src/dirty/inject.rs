@@ -7,7 +7,10 @@
 //! `syscall` instruction of its vDSO, copies the new fd out with
 //! `pidfd_getfd`, closes the target's copy, restores every register,
 //! detaches and hands the fd over. The target sees no signal and keeps no
-//! fd; a thread blocked in a system call simply restarts it.
+//! fd; a thread blocked in a system call simply restarts it (one in a
+//! call the kernel never restarts after a stop, `epoll_wait` and the like,
+//! is rewound to issue it again: `crate::sys::restart`; a thread outside
+//! such calls is preferred).
 //!
 //! Why a helper: while the thread runs injected registers, a tracer that
 //! dies makes the kernel detach it *as it is*, and the target resumes at
@@ -84,21 +87,57 @@ fn run(target: &Target, job: Job) -> Result<Injected, TrackError> {
         step: "name the process",
         source: Errno::INVAL,
     })?;
+    let tid = quiet_thread(target, tgid);
     let plan = Plan {
         tgid,
-        tid: tgid,
+        tid,
         pidfd: target.pidfd(),
         insn: syscall_insn(target)?,
         failpoint: failpoint_from_env(),
         job,
     };
-    crate::sys::inject::userfaultfd_in(&plan, HELPER_TIMEOUT).map_err(|Failed { step, errno }| {
-        TrackError::Inject {
-            pid,
-            step: step.describe(),
-            source: errno,
-        }
+    let mut got = crate::sys::inject::userfaultfd_in(&plan, HELPER_TIMEOUT);
+    if tid != tgid
+        && matches!(
+            got,
+            Err(Failed {
+                step: Step::Seize,
+                errno: Errno::SRCH
+            })
+        )
+    {
+        // The chosen thread exited meanwhile: the main thread then.
+        got = crate::sys::inject::userfaultfd_in(&Plan { tid: tgid, ..plan }, HELPER_TIMEOUT);
+    }
+    got.map_err(|Failed { step, errno }| TrackError::Inject {
+        pid,
+        step: step.describe(),
+        source: errno,
     })
+}
+
+/// The thread to inject into: the main thread unless it sits in a system
+/// call the interrupt would cut short for good (`epoll_wait`, ...: it is
+/// re-issued, but a finite timeout then starts again), and another thread
+/// does not (`/proc/PID/task/TID/syscall`; `running` or any other call).
+fn quiet_thread(target: &Target, tgid: i32) -> i32 {
+    let in_never_restarted = |tid: u32| {
+        std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<i64>().ok())
+            .is_some_and(|nr| crate::sys::restart::NEVER_RESTARTED.contains(&nr))
+    };
+    let main = tgid.unsigned_abs();
+    if !in_never_restarted(main) {
+        return tgid;
+    }
+    target
+        .tasks()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|&t| t != main && !in_never_restarted(t))
+        .and_then(|t| i32::try_from(t).ok())
+        .unwrap_or(tgid)
 }
 
 /// `PAGESCOPE_FAILPOINT=inject:STEP:fail` makes that step fail as if its

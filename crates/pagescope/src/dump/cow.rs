@@ -123,7 +123,7 @@ impl Dump<'_, '_, '_> {
         let pid = target.pid();
         let injected = crate::dirty::inject::userfaultfd_in(target, false)?;
         if injected.origin == UffdOrigin::UserModeOnly {
-            return Err(DumpError::Snapshot {
+            return Err(DumpError::Refused {
                 pid,
                 what: "only a user-mode-only userfaultfd could be created in the process (vm.unprivileged_userfaultfd = 0): its kernel-mode writes would fail with EFAULT during a snapshot; run as root".into(),
             });
@@ -248,6 +248,7 @@ impl Dump<'_, '_, '_> {
         for m in &mut vmas {
             let pages = m.own_pages();
             for batch in pages.chunks(BATCH_PAGES) {
+                self.cancelled()?;
                 copied += self.own_batch(m, batch, side)?;
                 unprotect(uffd, protected, m, batch, self.page);
                 done += batch.len() as u64;

@@ -15,10 +15,12 @@ mod cold;
 mod copy;
 mod cow;
 mod model;
+mod out_dir;
 mod passes;
 mod remote;
 pub mod stop;
 pub mod swap;
+mod unopened;
 mod verify;
 
 pub use cow::CowStats;
@@ -112,6 +114,23 @@ pub enum DumpError {
         /// The process.
         pid: u32,
     },
+    /// The request needs a privilege the caller or the process lacks.
+    #[error("process {pid}: {what}")]
+    Refused {
+        /// The process.
+        pid: u32,
+        /// What is missing and what would help.
+        what: String,
+    },
+    /// [`DumpOptions::cancel`] was set (a signal): the process was let go
+    /// as it was, the incomplete image removed.
+    #[error("dump of process {pid} interrupted by signal {signal}")]
+    Interrupted {
+        /// The process.
+        pid: u32,
+        /// The value [`DumpOptions::cancel`] was set to (a signal number).
+        signal: usize,
+    },
 }
 
 impl DumpError {
@@ -124,6 +143,7 @@ impl DumpError {
             Self::Proc(e) => e.kind(),
             Self::Object(e) => e.kind(),
             Self::Exited { .. } => ErrorKind::TargetExited,
+            Self::Refused { .. } => ErrorKind::PermissionDenied,
             Self::Snapshot { .. } => ErrorKind::BadInput,
             Self::Protect { source, .. } => source.kind(),
             Self::Read { source, .. } | Self::Stop { source, .. }
@@ -163,6 +183,11 @@ pub struct DumpOptions {
     /// A point-in-time copy-before-write snapshot (`--snapshot cow`)
     /// instead of pre-copy and a stopped final pass.
     pub cow: bool,
+    /// Set to non-zero (e.g. by a signal handler, to the signal's number)
+    /// to stop the dump at its next step: the process is resumed and
+    /// released, the incomplete image removed, and the dump fails with
+    /// [`DumpError::Interrupted`].
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl DumpOptions {
@@ -180,6 +205,7 @@ impl DumpOptions {
             leave_stopped: false,
             swap: SwapPolicy::Read,
             cow: false,
+            cancel: None,
         }
     }
 }
@@ -265,25 +291,51 @@ pub fn dump(
     progress: &mut dyn FnMut(DumpEvent<'_>),
 ) -> Result<DumpReport, DumpError> {
     target.require_address_space()?;
+    validate(target, opts)?;
     let parent = opts.parent.as_deref().map(Image::open).transpose()?;
     let parent_arg = opts.parent.as_ref().map(|p| relative_to(p, &opts.out));
-    let writer = ImageWriter::create(
+    let prepared = out_dir::prepare(&opts.out);
+    let result = ImageWriter::create(
         &opts.out,
         caps.page_size,
         parent.as_ref().zip(parent_arg.as_deref()),
-    )?;
-    let mut d = Dump::new(caps, opts.clone(), writer, parent, progress);
-    if opts.cow {
-        if opts.tree || opts.parent.is_some() || opts.keep_tracking {
-            return Err(DumpError::Snapshot {
-                pid: target.pid(),
-                what: "--snapshot cow takes one process and a full image: not with --tree, --parent or --keep-tracking".into(),
-            });
+    )
+    .map_err(DumpError::from)
+    .and_then(|writer| {
+        let mut d = Dump::new(caps, opts.clone(), writer, parent, progress);
+        d.notes.extend(prepared.note.clone());
+        match passes(&mut d, target) {
+            Ok((iterations, stopped_s, cow)) => d.finish(iterations, stopped_s, cow),
+            Err(e) => {
+                d.abandon();
+                match d.gone() {
+                    Some(pid) if !matches!(e, DumpError::Interrupted { .. }) => {
+                        Err(DumpError::Exited { pid })
+                    }
+                    _ => Err(e),
+                }
+            }
         }
+    });
+    result.map_err(|e| {
+        if !matches!(e, DumpError::Image(ImageError::NotEmpty { .. })) {
+            out_dir::discard(&opts.out, &prepared);
+        }
+        exited_or(e, target)
+    })
+}
+
+/// Every pass of the dump: the iterations, how long the process was
+/// stopped, the snapshot's statistics.
+type Passes = (Vec<Iteration>, f64, Option<CowStats>);
+
+fn passes<'t>(d: &mut Dump<'t, '_, '_>, target: &'t Target) -> Result<Passes, DumpError> {
+    if d.opts.cow {
         d.attach_all(target)?;
         let (it, stats) = d.cow_snapshot(target)?;
+        d.cancelled()?;
         let stopped_s = stats.stop_s;
-        return d.finish(vec![it], stopped_s, Some(stats));
+        return Ok((vec![it], stopped_s, Some(stats)));
     }
     d.attach_all(target)?;
     let mut iterations = vec![d.full_pass()?];
@@ -291,7 +343,58 @@ pub fn dump(
     d.release_adopted()?;
     let (last, stopped_s) = d.final_pass(iterations.len() as u32)?;
     iterations.push(last);
-    d.finish(iterations, stopped_s, None)
+    d.cancelled()?;
+    Ok((iterations, stopped_s, None))
+}
+
+/// Options that cannot be combined, and a snapshot the process could not
+/// take part in: refused before anything is created.
+fn validate(target: &Target, opts: &DumpOptions) -> Result<(), DumpError> {
+    let pid = target.pid();
+    if !opts.cow {
+        return Ok(());
+    }
+    if opts.tree || opts.parent.is_some() || opts.keep_tracking {
+        return Err(DumpError::Snapshot {
+            pid,
+            what: "--snapshot cow takes one process and a full image: not with --tree, --parent or --keep-tracking".into(),
+        });
+    }
+    // The snapshot's userfaultfd must handle kernel-mode faults: the
+    // process needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd = 1.
+    let sysctl =
+        std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    const CAP_SYS_PTRACE: u32 = 19;
+    let has_ptrace_cap = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_owned();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0);
+    if sysctl.trim() == "0" && !has_ptrace_cap {
+        return Err(DumpError::Refused {
+            pid,
+            what: "--snapshot cow needs a userfaultfd that handles kernel-mode faults in the process: it lacks CAP_SYS_PTRACE and vm.unprivileged_userfaultfd = 0 (run the process with CAP_SYS_PTRACE, set the sysctl to 1, or use --snapshot stop)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A failure caused by the process exiting (or becoming a zombie) mid-run
+/// is reported as that, whatever step noticed it first.
+fn exited_or(e: DumpError, target: &Target) -> DumpError {
+    let pid = target.pid();
+    match e.kind() {
+        ErrorKind::TargetExited | ErrorKind::NoAddressSpace => DumpError::Exited { pid },
+        _ if matches!(e, DumpError::Interrupted { .. }) => e,
+        _ if target.require_address_space().is_err() => DumpError::Exited { pid },
+        _ => e,
+    }
 }
 
 /// `parent` as seen from `out` (absolute paths stay absolute).

@@ -24,6 +24,10 @@ pub struct VmaModel {
     pub dedup: Vec<(u64, crate::image::format::DedupRef)>,
     /// Pages left swapped out (`--swap skip`): page → (swap type, offset).
     pub swap_slots: std::collections::BTreeMap<u64, (u8, u64)>,
+    /// Its object could not be opened (no descriptor, no privilege for
+    /// `map_files`): its pages are copied through the process's mapping
+    /// as if they were its own.
+    pub through_mapping: bool,
 }
 
 impl VmaModel {
@@ -53,6 +57,31 @@ impl VmaModel {
             store: None,
             dedup: Vec::new(),
             swap_slots: std::collections::BTreeMap::new(),
+            through_mapping: false,
+        }
+    }
+
+    /// Copies every page of the mapping through the process (its object
+    /// could not be opened): all its pages become `Data` candidates but
+    /// the zero pages and guard regions the scan found.
+    pub fn read_through_mapping(&mut self, v: &VmaReport, page: PageSize) {
+        self.through_mapping = true;
+        self.kinds.fill(PageKind::Data);
+        let n = self.kinds.len();
+        for r in &v.runs {
+            let kind = match r.state {
+                PageState::Zero => PageKind::Zero,
+                PageState::Guard => PageKind::Hole,
+                _ => continue,
+            };
+            let at = r
+                .start
+                .checked_offset_from(self.vma.range.start())
+                .unwrap_or(0)
+                / page.get();
+            let from = usize::try_from(at).unwrap_or(n).min(n);
+            let to = usize::try_from(at + r.pages).unwrap_or(n).min(n);
+            self.kinds[from..to].fill(kind);
         }
     }
 
@@ -74,11 +103,12 @@ impl VmaModel {
 
     /// Whether its pages live in an object (a shared mapping of one).
     pub fn is_object_view(&self) -> bool {
-        self.vma.is_shared() && self.vma.object_id().is_some()
+        !self.through_mapping && self.vma.is_shared() && self.vma.object_id().is_some()
     }
 
     /// The record.
     pub fn record(&self, object: Option<usize>) -> VmaRec {
+        let object = object.filter(|_| !self.through_mapping);
         let mut runs = runs_of(&self.kinds);
         for r in &mut runs {
             if r.kind == PageKind::Dedup {

@@ -97,6 +97,8 @@ pub(super) struct Dump<'t, 'c, 'p> {
     pub(super) swap: Arc<SwapIo>,
     /// Per process, its threads' rseq areas (read while stopped).
     pub(super) rseq: BTreeMap<u32, Vec<crate::image::format::RseqRec>>,
+    /// Objects copied through the process's mappings (not openable).
+    unopened: super::unopened::UnopenedObjects,
 }
 
 impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
@@ -119,6 +121,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             last_collect: Instant::now(),
             rate: 0.0,
             notes: Vec::new(),
+            unopened: super::unopened::UnopenedObjects::default(),
             swap: Arc::new(SwapIo::new(
                 opts.swap,
                 caps.privileged_pagemap,
@@ -286,6 +289,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         let start = Instant::now();
         let mut previous = u64::MAX;
         for n in 1..=self.opts.max_iterations {
+            self.cancelled()?;
             if start.elapsed() >= self.opts.max_time {
                 break;
             }
@@ -464,9 +468,11 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         let mut done = 0;
         let mut copied = Copied::default();
         for (i, k, pages) in &plan.own {
+            self.cancelled()?;
             copied += self.copy_own(*i, *k, pages, pass, total, &mut done)?;
         }
         for (id, pages) in &plan.objects {
+            self.cancelled()?;
             let pages: Vec<u64> = pages.iter().copied().collect();
             copied += self.copy_object(*id, &pages, pass, total, &mut done)?;
         }
@@ -525,13 +531,15 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 ..ScanOptions::default()
             },
         )?;
-        let models: Vec<VmaModel> = report
+        let mut models: Vec<VmaModel> = report
             .vmas
             .iter()
             .map(|v| VmaModel::from_report(v, self.page))
             .collect();
-        for m in &models {
-            self.add_object(i, m)?;
+        for (m, v) in models.iter_mut().zip(&report.vmas) {
+            if !self.add_object(i, m)? {
+                m.read_through_mapping(v, self.page);
+            }
         }
         Ok(models)
     }
@@ -568,18 +576,31 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         copy
     }
 
-    /// Opens (once) the object behind `m`, growing it to cover `m`.
-    fn add_object(&mut self, i: usize, m: &VmaModel) -> Result<(), DumpError> {
+    /// Opens (once) the object behind `m`, growing it to cover `m`;
+    /// `false` if it cannot be opened (then `m` is read through the
+    /// process's mapping, and a note says what that leaves out).
+    fn add_object(&mut self, i: usize, m: &VmaModel) -> Result<bool, DumpError> {
         let Some(id) = m.vma.object_id() else {
-            return Ok(());
+            return Ok(true);
         };
         let span = m.vma.object_span(m.vma.range, self.page);
         if !self.objects.contains_key(&id) {
-            let o = crate::object::open_object(
+            let o = match crate::object::open_object(
                 self.procs[i].target.get(),
                 &m.vma,
                 self.caps.map_files,
-            )?;
+            ) {
+                Ok(o) => o,
+                Err(e) if e.kind() != ErrorKind::TargetExited => {
+                    let why = match &e {
+                        crate::object::ObjectError::Open { tried, .. } => tried.clone(),
+                        other => other.to_string(),
+                    };
+                    self.unopened.add(id, &m.vma, why, self.page);
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            };
             let written_through = m.vma.is_shared() && m.vma.perms.write;
             let by_identity = !self.opts.copy_files
                 && !written_through
@@ -606,7 +627,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             );
         }
         let Some(o) = self.objects.get_mut(&id) else {
-            return Ok(());
+            return Ok(true);
         };
         if span.end() > o.pages {
             let fill = if o.file.is_some() {
@@ -621,7 +642,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 s.grow(o.pages)?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The data pages (`SEEK_DATA`) of copied object `id` within `span`
@@ -912,6 +933,8 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             covered += o.pages;
         }
         let kept_tracking = self.kept_tracking()?;
+        let unopened = self.unopened.notes(self.page);
+        self.notes.extend(unopened);
         let swap = self.page_back_out();
         let meta = Meta {
             processes,
@@ -1018,6 +1041,51 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                     first.tracker.backend().name()
                 ));
                 Ok(None)
+            }
+        }
+    }
+}
+
+impl Dump<'_, '_, '_> {
+    /// Fails with [`DumpError::Interrupted`] once `opts.cancel` is set.
+    pub(super) fn cancelled(&self) -> Result<(), DumpError> {
+        let signal = self
+            .opts
+            .cancel
+            .as_ref()
+            .map_or(0, |c| c.load(std::sync::atomic::Ordering::SeqCst));
+        match (signal, self.procs.first()) {
+            (0, _) => Ok(()),
+            (signal, first) => Err(DumpError::Interrupted {
+                pid: first.map_or(0, |p| p.pid),
+                signal,
+            }),
+        }
+    }
+
+    /// A dumped process that exited or became a zombie (after a failure,
+    /// to report that rather than the step that noticed it).
+    pub(super) fn gone(&self) -> Option<u32> {
+        self.procs
+            .iter()
+            .find(|p| p.target.get().require_address_space().is_err())
+            .map(|p| p.pid)
+    }
+
+    /// After a failure: closes the userfaultfd `keep_tracking` left in the
+    /// process (nothing stays write-protected; pagescope's own copies
+    /// close as the trackers drop). Stopped threads were resumed already.
+    pub(super) fn abandon(&mut self) {
+        let Some(first) = self.procs.first() else {
+            return;
+        };
+        if let Some(fd) = first
+            .tracker
+            .kept_in_target()
+            .filter(|_| self.opts.keep_tracking)
+        {
+            if first.adopted != Some(fd) {
+                let _ = crate::dirty::inject::close_in_target(first.target.get(), fd);
             }
         }
     }

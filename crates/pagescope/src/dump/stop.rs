@@ -6,18 +6,26 @@
 //!
 //! If pagescope dies while the threads are stopped, the kernel detaches
 //! them and they simply run on: nothing was changed in them.
+//!
+//! A thread the stop pulled out of a call the kernel never restarts
+//! (`epoll_wait` and the others of `crate::sys::restart`) is rewound at
+//! resume to issue it again, unless a signal is pending that would have
+//! interrupted it anyway: the stop causes no `EINTR`.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::proc::Target;
-use crate::sys::ptrace::{self, Stop};
+use crate::sys::ptrace::{self, Regs, Stop};
+use crate::sys::restart;
 
 /// The threads of one process, stopped.
 #[derive(Debug)]
 pub struct Stopped {
     /// The process (to send the `SIGSTOP` of `leave_stopped`).
     pidfd: std::os::fd::OwnedFd,
+    /// The process's PID (for `/proc/PID/task/TID/status`).
+    tgid: i32,
     /// Thread → signal that arrived while it was stopped (0: none).
     threads: BTreeMap<i32, i32>,
     since: Instant,
@@ -31,6 +39,7 @@ impl Stopped {
     pub fn stop(target: &Target) -> std::io::Result<Self> {
         let mut s = Self {
             pidfd: target.pidfd().try_clone_to_owned()?,
+            tgid: i32::try_from(target.pid()).unwrap_or(0),
             threads: BTreeMap::new(),
             since: Instant::now(),
             leave_stopped: false,
@@ -106,6 +115,8 @@ impl Stopped {
     }
 
     fn detach_all(&mut self) {
+        // Before a `leave_stopped` SIGSTOP, which would count as pending.
+        self.reissue_interrupted();
         if self.leave_stopped && !self.threads.is_empty() {
             // Queued now, acted on as the threads are let go: a plain
             // group stop, as if the process had been sent SIGSTOP.
@@ -114,6 +125,19 @@ impl Stopped {
         let threads = std::mem::take(&mut self.threads);
         for (tid, sig) in threads {
             let _ = ptrace::detach(tid, sig);
+        }
+    }
+}
+
+impl Stopped {
+    /// Rewinds the threads the stop interrupted in a never-restarted
+    /// system call (no signal of their own seen or pending).
+    fn reissue_interrupted(&self) {
+        for (&tid, &sig) in &self.threads {
+            let Ok(regs) = Regs::get(tid) else { continue };
+            if let Some(again) = restart::reissue(self.tgid, tid, &regs, sig != 0) {
+                let _ = again.set(tid);
+            }
         }
     }
 }

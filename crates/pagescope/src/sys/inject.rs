@@ -486,7 +486,9 @@ fn attach_and_inject(
         }
     };
     let injected = inject(t, plan, &saved, out, ours);
-    let restored = t.restore(&saved).map_err(|e| (Step::Restore, e));
+    // A never-restarted call the interrupt cut short is issued again.
+    let back = super::restart::reissue(t.tgid, tid, &saved, t.npending > 0).unwrap_or(saved);
+    let restored = t.restore(&back).map_err(|e| (Step::Restore, e));
     let detached = t.detach().map_err(|e| (Step::Detach, e));
     injected.and(restored).and(detached)
 }

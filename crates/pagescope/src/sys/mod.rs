@@ -23,6 +23,7 @@ pub mod pidfd;
 pub mod process_madvise;
 pub mod process_vm;
 pub mod ptrace;
+pub mod restart;
 pub mod uffd;
 
 use rustix::io::Errno;

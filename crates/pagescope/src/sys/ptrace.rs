@@ -194,6 +194,29 @@ impl Regs {
     pub fn stack_pointer(&self) -> u64 {
         self.0.rsp
     }
+
+    /// The instruction pointer.
+    pub fn instruction_pointer(&self) -> u64 {
+        self.0.rip
+    }
+
+    /// The system call the thread was stopped in or just returned from
+    /// (`orig_rax`), if any; only for 64-bit code (`cs` = `__USER_CS`).
+    pub fn syscall_nr(&self) -> Option<i64> {
+        let nr = self.0.orig_rax.cast_signed();
+        (nr >= 0 && self.0.cs == 0x33).then_some(nr)
+    }
+
+    /// These registers rewound to issue the interrupted system call again:
+    /// `rip` back over the 2-byte `syscall` instruction and `rax` = the
+    /// number (`orig_rax`); the argument registers are unchanged. What the
+    /// kernel's own restart does for `-ERESTARTSYS`.
+    pub fn reissued(&self) -> Self {
+        let mut r = self.0;
+        r.rax = r.orig_rax;
+        r.rip = r.rip.wrapping_sub(SYSCALL_INSN.len() as u64);
+        Self(r)
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -217,6 +240,18 @@ impl Regs {
     /// Syscall injection is implemented for x86_64 only.
     pub fn stack_pointer(&self) -> u64 {
         0
+    }
+    /// Syscall injection is implemented for x86_64 only.
+    pub fn instruction_pointer(&self) -> u64 {
+        0
+    }
+    /// Syscall injection is implemented for x86_64 only.
+    pub fn syscall_nr(&self) -> Option<i64> {
+        None
+    }
+    /// Syscall injection is implemented for x86_64 only.
+    pub fn reissued(&self) -> Self {
+        *self
     }
 }
 
