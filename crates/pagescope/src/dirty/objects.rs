@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 
+use super::family::{Family, FamilyReport};
 use super::notify::{DescriptorHolders, DescriptorWrite, ExtentWatch, FsNotify};
 use super::sharers::{MapsSnapshot, Sharers};
 use super::{ObjectWrites, TrackEvent, WriteSource, Written};
@@ -75,6 +76,8 @@ pub struct ObjectLayer {
     holders: DescriptorHolders,
     sharers: Sharers,
     collects: u64,
+    /// Processes whose writes the target's family sees (forked children).
+    in_family: HashSet<u32>,
 }
 
 /// Object pages per source, writers and causes, for one object.
@@ -108,6 +111,7 @@ impl ObjectLayer {
             holders: DescriptorHolders::default(),
             sharers: Sharers::new(page),
             collects: 0,
+            in_family: HashSet::new(),
         }
     }
 
@@ -120,15 +124,27 @@ impl ObjectLayer {
     }
 
     /// Writes to the objects behind `vmas` (the tracked process's layout)
-    /// since the last collect; `own` is what its page tables recorded.
-    pub fn collect(&mut self, target: &Target, vmas: &[Vma], own: &[Written]) -> ObjectReport {
+    /// since the last collect; `own` is what its page tables recorded,
+    /// `family` what its synchronously tracked shared mappings and its
+    /// children's recorded ([`super::family`]).
+    pub fn collect(
+        &mut self,
+        target: &Target,
+        vmas: &[Vma],
+        own: &[Written],
+        family: Option<(&Family, FamilyReport)>,
+    ) -> ObjectReport {
         let first = self.collects == 0;
         self.collects += 1;
         let by_object = group(vmas);
         self.refresh(target, &by_object);
         let mut acc: HashMap<ObjectId, Acc> = HashMap::new();
         self.own_writes(target.pid(), vmas, own, &mut acc);
-        let events = self.sharer_writes(target.pid(), first, &by_object, &mut acc);
+        let fam = family.map(|(f, r)| {
+            family_writes(target.pid(), r, &by_object, self.page, &mut acc);
+            f
+        });
+        let events = self.sharer_writes(target.pid(), first, &by_object, &mut acc, fam);
         let mut report = ObjectReport {
             events,
             ..ObjectReport::default()
@@ -209,9 +225,25 @@ impl ObjectLayer {
         first: bool,
         by_object: &BTreeMap<ObjectId, Vec<&Vma>>,
         acc: &mut HashMap<ObjectId, Acc>,
+        family: Option<&Family>,
     ) -> Vec<TrackEvent> {
         let watched: HashSet<ObjectId> = by_object.keys().copied().collect();
-        let snapshot = MapsSnapshot::take(pid, &watched);
+        let mut snapshot = MapsSnapshot::take(pid, &watched);
+        if let Some(f) = family {
+            // Children forked since tracking began carry the family's
+            // registration: their writes arrive as faults, no injection.
+            self.in_family.retain(|p| snapshot.by_pid.contains_key(p));
+            snapshot.by_pid.retain(|p, entries| {
+                let covered = self.in_family.contains(p)
+                    || f.knows(*p)
+                    || (descends_from(*p, pid)
+                        && super::family::inherited(*p, &shared_writable(entries)));
+                if covered {
+                    self.in_family.insert(*p);
+                }
+                !covered
+            });
+        }
         if self.opts.no_sharers {
             for id in snapshot.writable_objects() {
                 let a = acc.entry(id).or_default();
@@ -356,6 +388,67 @@ impl ObjectLayer {
             });
         }
     }
+}
+
+/// The family's writes: the target's own (tracked) and its children's
+/// (shared writers), page by page.
+fn family_writes(
+    pid: u32,
+    r: FamilyReport,
+    by_object: &BTreeMap<ObjectId, Vec<&Vma>>,
+    page: PageSize,
+    acc: &mut HashMap<ObjectId, Acc>,
+) {
+    for (id, writers) in r.pages {
+        let a = acc.entry(id).or_default();
+        for (w, spans) in writers {
+            let source = if w == pid {
+                WriteSource::Tracked
+            } else {
+                WriteSource::SharedWriter
+            };
+            a.add(source, spans.ranges().iter().copied());
+            a.writers
+                .entry(w)
+                .or_default()
+                .extend(spans.ranges().iter().copied());
+        }
+    }
+    for (id, why) in r.whole {
+        let Some(mapped) = by_object.get(&id) else {
+            continue;
+        };
+        let a = acc.entry(id).or_default();
+        a.add(WriteSource::ObjectSharerUntracked, whole(mapped, page));
+        a.causes.push(why);
+    }
+}
+
+/// The shared writable mappings among `entries`.
+fn shared_writable(entries: &[crate::proc::maps::MapsEntry]) -> Vec<crate::addr::VirtRange> {
+    entries
+        .iter()
+        .filter(|e| e.perms.shared && e.perms.write)
+        .map(|e| e.range)
+        .collect()
+}
+
+/// Whether `pid` is a descendant of `ancestor` (parent links in
+/// `/proc/PID/stat`, a few generations up).
+fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let mut p = pid;
+    for _ in 0..16 {
+        let parent = std::fs::read(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|b| crate::proc::stat::parse_stat(&b))
+            .map(|s| s.ppid);
+        match parent {
+            Some(pp) if pp == ancestor => return true,
+            Some(pp) if pp > 1 => p = pp,
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// The process's VMAs per object.

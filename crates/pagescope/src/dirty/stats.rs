@@ -17,6 +17,12 @@ use crate::kernel::KernelCaps;
 use crate::proc::Target;
 use crate::rangeset::RangeSet;
 
+/// `CLOCK_MONOTONIC` now, in seconds.
+fn monotonic_s() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+}
+
 /// Writes to one mapping during an interval.
 #[derive(Clone, Debug, Serialize)]
 pub struct VmaWrites {
@@ -52,6 +58,9 @@ pub struct Interval {
     pub t: f64,
     /// Length of this interval in seconds.
     pub interval_s: f64,
+    /// `CLOCK_MONOTONIC` at the end of the interval, in seconds (to line
+    /// intervals up with other tools' timestamps).
+    pub clock_monotonic_s: f64,
     /// Distinct pages written.
     pub written_pages: u64,
     /// `written_pages` in bytes.
@@ -75,6 +84,15 @@ pub struct Interval {
     pub events: Vec<TrackEvent>,
     /// The process's live children.
     pub children: Vec<u32>,
+    /// Forks by the process and its descendants during the interval
+    /// (every one counted; `events` lists at most 256 `fork` events per
+    /// interval, those whose PID is known: alive at the collect, or named
+    /// by a write).
+    pub forks: u64,
+    /// Whether shared memory is tracked across fork, synchronously (every
+    /// write of every descendant seen, however short-lived); `false`: see
+    /// the notes.
+    pub forks_tracked: bool,
     /// Followed children's writes (`--follow-forks`).
     pub followed: Vec<ChildWrites>,
     /// Link bandwidth assumed for the pre-copy estimate, MiB/s.
@@ -182,6 +200,7 @@ impl<'t> Watcher<'t> {
             pid: self.target.pid(),
             t: now.duration_since(self.start).as_secs_f64(),
             interval_s,
+            clock_monotonic_s: monotonic_s(),
             written_pages,
             written_bytes,
             dirty_rate_mib_s: rate,
@@ -193,6 +212,8 @@ impl<'t> Watcher<'t> {
             degraded: self.tracker.degraded(),
             events: report.events,
             children: report.children,
+            forks: report.forks,
+            forks_tracked: report.forks_tracked,
             followed,
             precopy_bandwidth_mib_s: self.bandwidth_mib_s,
             precopy_converges: rate < self.bandwidth_mib_s,
