@@ -91,6 +91,41 @@ struct Ctx {
     /// Faults pagescope could not resolve yet (`EAGAIN` while a fork or
     /// mremap of this mm is in flight): retried until they are.
     pending: Vec<VirtRange>,
+    /// A process pagescope injected the uffd into (the target, a sharer),
+    /// not a child received at fork.
+    root: bool,
+    /// Its mm is gone (exit or exec).
+    dead: bool,
+}
+
+impl Ctx {
+    fn new(uffd: Userfaultfd, pid: Option<u32>, parent: Option<u32>, root: bool) -> Self {
+        Self {
+            uffd: Arc::new(uffd),
+            pid,
+            parent,
+            map: Vec::new(),
+            unprotected: RangeSet::new(),
+            retained: RangeSet::new(),
+            pending: Vec::new(),
+            root,
+            dead: false,
+        }
+    }
+
+    /// The object pages behind the retained ranges, for `who`.
+    fn carried(&self, page: PageSize) -> Vec<(ObjectId, u32, PageSpan)> {
+        let who = self.pid.or(self.parent).unwrap_or(0);
+        let mut out = Vec::new();
+        for r in self.retained.ranges() {
+            for m in &self.map {
+                if let Some(part) = r.intersect(&m.range) {
+                    out.push((m.object, who, m.span(part, page)));
+                }
+            }
+        }
+        out
+    }
 }
 
 impl Ctx {
@@ -129,7 +164,7 @@ impl State {
     fn add(&mut self, ctx: Ctx) -> u64 {
         let id = self.next;
         self.next += 1;
-        if let Some(p) = ctx.pid {
+        if let (Some(p), false) = (ctx.pid, ctx.root) {
             self.known.insert(p);
         }
         self.ctxs.insert(id, ctx);
@@ -161,19 +196,24 @@ impl Shared {
     }
 }
 
-/// The synchronous tracker of a process's shared mappings and of every
-/// process forked from it.
+/// A process pagescope injected a synchronous uffd into (the target or a
+/// sharer): the root of a tree of tracked processes.
+pub type RootId = u64;
+
+/// The synchronous tracker of processes' shared mappings and of every
+/// process forked from them: one fault-handling thread for all.
 #[derive(Debug)]
 pub struct Family {
     shared: Arc<Shared>,
-    root: u64,
+    root: RootId,
     pid: u32,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Family {
-    /// Starts with `uffd` (created inside process `pid`, handshaken with
-    /// [`Userfaultfd::from_fd_sync_family`]); nothing is registered yet.
+    /// Starts with `uffd` (created inside process `pid`, the tracked
+    /// process, handshaken with [`Userfaultfd::from_fd_sync_family`]);
+    /// nothing is registered yet.
     pub fn start(uffd: Userfaultfd, pid: u32, page: PageSize) -> Result<Self, TrackError> {
         let io = |what: &'static str| {
             move |e: Errno| TrackError::Io {
@@ -201,19 +241,8 @@ impl Family {
             wake,
             page,
         });
-        let root = add_ctx(
-            &shared,
-            Ctx {
-                uffd: Arc::new(uffd),
-                pid: Some(pid),
-                parent: None,
-                map: Vec::new(),
-                unprotected: RangeSet::new(),
-                retained: RangeSet::new(),
-                pending: Vec::new(),
-            },
-        )
-        .map_err(io("watch the userfaultfd"))?;
+        let root = add_ctx(&shared, Ctx::new(uffd, Some(pid), None, true))
+            .map_err(io("watch the userfaultfd"))?;
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("pagescope-uffd".into())
@@ -236,10 +265,43 @@ impl Family {
     /// away. Returns the ranges new this time (to report whole: their
     /// earlier contents are unknown) and the mappings that could not be
     /// registered (left to the caller).
-    pub fn sync_root<'v>(&self, vmas: &[&'v Vma]) -> (Vec<Written>, Vec<&'v Vma>) {
+    pub fn sync_target<'v>(&self, vmas: &[&'v Vma]) -> (Vec<Written>, Vec<&'v Vma>) {
+        self.sync_root(self.root, vmas)
+    }
+
+    /// Adds another process (a sharer) whose uffd `uffd` pagescope
+    /// created inside it.
+    pub fn add_root(&self, uffd: Userfaultfd, pid: u32) -> Result<RootId, TrackError> {
+        add_ctx(&self.shared, Ctx::new(uffd, Some(pid), None, true)).map_err(|e| TrackError::Io {
+            pid,
+            what: "watch the userfaultfd",
+            source: e.into(),
+        })
+    }
+
+    /// Stops tracking a sharer (gone, or no longer mapping a watched
+    /// object). Its writes were recorded as they happened; pages a collect
+    /// could not protect again are reported once more.
+    pub fn remove_root(&self, root: RootId) {
         let page = self.shared.page;
         let mut st = self.shared.lock();
-        let Some(root) = st.ctxs.get_mut(&self.root) else {
+        if let Some(c) = st.ctxs.remove(&root) {
+            for (o, who, span) in c.carried(page) {
+                st.record(o, who, span);
+            }
+        }
+    }
+
+    /// Whether a root's mm is gone (exit or exec), as of the last collect.
+    pub fn is_dead(&self, root: RootId) -> bool {
+        self.shared.lock().ctxs.get(&root).is_none_or(|c| c.dead)
+    }
+
+    /// [`Self::sync_target`] for any root.
+    pub fn sync_root<'v>(&self, root: RootId, vmas: &[&'v Vma]) -> (Vec<Written>, Vec<&'v Vma>) {
+        let page = self.shared.page;
+        let mut st = self.shared.lock();
+        let Some(root) = st.ctxs.get_mut(&root) else {
             return (Vec::new(), vmas.to_vec());
         };
         let mut fresh = Vec::new();
@@ -281,19 +343,15 @@ impl Family {
     pub fn collect(&self) -> FamilyReport {
         let page = self.shared.page;
         let mut st = self.shared.lock();
-        let mut dead = Vec::new();
+        let mut ended = Vec::new();
         let mut carried = Vec::new();
         for (&id, c) in st.ctxs.iter_mut() {
+            if c.dead {
+                continue;
+            }
             // Pages a previous collect left unprotected may have been
             // written since without a fault: report them again.
-            let who = c.pid.or(c.parent).unwrap_or(0);
-            for r in c.retained.ranges() {
-                if let Some(m) = c.find(r.start()) {
-                    if let Some(part) = r.intersect(&m.range) {
-                        carried.push((m.object, who, m.span(part, page)));
-                    }
-                }
-            }
+            carried.extend(c.carried(page));
             let mut retained = RangeSet::new();
             let mut gone = false;
             for r in c.unprotected.ranges() {
@@ -304,22 +362,22 @@ impl Family {
                     Err(_) => {} // unmapped since: nothing left to protect
                 }
             }
-            if c.unprotected.is_empty() && Some(self.root) != Some(id) {
+            if c.unprotected.is_empty() {
                 gone = !alive(c);
             }
             c.unprotected = retained.clone();
             c.retained = retained;
             if gone {
-                dead.push(id);
+                c.dead = true;
+                if !c.root {
+                    ended.push(id);
+                }
             }
         }
         for (o, who, span) in carried {
             st.record(o, who, span);
         }
-        for id in dead {
-            if id == self.root {
-                continue;
-            }
+        for id in ended {
             if let Some(c) = st.ctxs.remove(&id) {
                 if let Some(p) = c.pid {
                     st.known.remove(&p);
@@ -330,6 +388,18 @@ impl Family {
         std::mem::take(&mut st.report)
     }
 
+    /// The processes pagescope injected into (the target, the sharers):
+    /// their descendants born since are tracked from birth.
+    pub fn root_pids(&self) -> HashSet<u32> {
+        self.shared
+            .lock()
+            .ctxs
+            .values()
+            .filter(|c| c.root)
+            .filter_map(|c| c.pid)
+            .collect()
+    }
+
     /// Whether `pid` is a process of the family (a child whose writes the
     /// family sees).
     pub fn knows(&self, pid: u32) -> bool {
@@ -338,7 +408,7 @@ impl Family {
 
     /// Live mms of the family besides the target's.
     pub fn children_tracked(&self) -> usize {
-        self.shared.lock().ctxs.len().saturating_sub(1)
+        self.shared.lock().ctxs.values().filter(|c| !c.root).count()
     }
 }
 
@@ -473,17 +543,12 @@ fn forked(shared: &Shared, parent: u64, parent_uffd: &Userfaultfd, m: &FaultMsg)
         let Some(p) = st.ctxs.get(&parent) else {
             return;
         };
-        Ctx {
-            uffd: Arc::new(child),
-            pid: None,
-            parent: p.pid,
-            map: p.map.clone(),
-            // The child's copies of pages the parent had unprotected are
-            // unprotected too: protect them at the next collect.
-            unprotected: p.unprotected.clone(),
-            retained: RangeSet::new(),
-            pending: Vec::new(),
-        }
+        let mut c = Ctx::new(child, None, p.pid, false);
+        c.map = p.map.clone();
+        // The child's copies of pages the parent had unprotected are
+        // unprotected too: protect them at the next collect.
+        c.unprotected = p.unprotected.clone();
+        c
     };
     // An epoll failure drops the child's uffd: the kernel then lifts its
     // registration, so its writes would be unseen; make that loud.

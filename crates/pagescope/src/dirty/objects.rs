@@ -62,6 +62,10 @@ pub struct ObjectReport {
     pub objects: Vec<ObjectWrites>,
     /// Sharers that came and went.
     pub events: Vec<TrackEvent>,
+    /// Forks in the family (see [`FamilyReport::forks`]).
+    pub forks: u64,
+    /// Children named by their first write.
+    pub children: Vec<u32>,
 }
 
 /// The object layer of one tracker.
@@ -132,7 +136,7 @@ impl ObjectLayer {
         target: &Target,
         vmas: &[Vma],
         own: &[Written],
-        family: Option<(&Family, FamilyReport)>,
+        family: Option<&Family>,
     ) -> ObjectReport {
         let first = self.collects == 0;
         self.collects += 1;
@@ -140,15 +144,18 @@ impl ObjectLayer {
         self.refresh(target, &by_object);
         let mut acc: HashMap<ObjectId, Acc> = HashMap::new();
         self.own_writes(target.pid(), vmas, own, &mut acc);
-        let fam = family.map(|(f, r)| {
-            family_writes(target.pid(), r, &by_object, self.page, &mut acc);
-            f
-        });
-        let events = self.sharer_writes(target.pid(), first, &by_object, &mut acc, fam);
+        let events = self.sharer_writes(target.pid(), first, &by_object, &mut acc, family);
         let mut report = ObjectReport {
             events,
             ..ObjectReport::default()
         };
+        if let Some(f) = family {
+            // After every sharer's registration is up to date.
+            let r = f.collect();
+            report.forks = r.forks;
+            report.children.clone_from(&r.children);
+            family_writes(target.pid(), r, &by_object, self.page, &mut acc);
+        }
         if !first {
             self.object_writes(&by_object, &mut acc);
         }
@@ -233,10 +240,14 @@ impl ObjectLayer {
             // Children forked since tracking began carry the family's
             // registration: their writes arrive as faults, no injection.
             self.in_family.retain(|p| snapshot.by_pid.contains_key(p));
+            let roots = f.root_pids();
             snapshot.by_pid.retain(|p, entries| {
+                if roots.contains(p) {
+                    return true; // a sharer, tracked as such
+                }
                 let covered = self.in_family.contains(p)
                     || f.knows(*p)
-                    || (descends_from(*p, pid)
+                    || (descends_from(*p, &roots)
                         && super::family::inherited(*p, &shared_writable(entries)));
                 if covered {
                     self.in_family.insert(*p);
@@ -255,7 +266,7 @@ impl ObjectLayer {
             }
             return Vec::new();
         }
-        let got = self.sharers.collect(&snapshot, first);
+        let got = self.sharers.collect(&snapshot, first, family);
         for (id, writers) in got.pages {
             let a = acc.entry(id).or_default();
             for (w, spans) in writers {
@@ -433,9 +444,9 @@ fn shared_writable(entries: &[crate::proc::maps::MapsEntry]) -> Vec<crate::addr:
         .collect()
 }
 
-/// Whether `pid` is a descendant of `ancestor` (parent links in
+/// Whether `pid` is a descendant of one of `ancestors` (parent links in
 /// `/proc/PID/stat`, a few generations up).
-fn descends_from(pid: u32, ancestor: u32) -> bool {
+fn descends_from(pid: u32, ancestors: &HashSet<u32>) -> bool {
     let mut p = pid;
     for _ in 0..16 {
         let parent = std::fs::read(format!("/proc/{p}/stat"))
@@ -443,7 +454,7 @@ fn descends_from(pid: u32, ancestor: u32) -> bool {
             .and_then(|b| crate::proc::stat::parse_stat(&b))
             .map(|s| s.ppid);
         match parent {
-            Some(pp) if pp == ancestor => return true,
+            Some(pp) if ancestors.contains(&pp) => return true,
             Some(pp) if pp > 1 => p = pp,
             _ => return false,
         }

@@ -4,7 +4,7 @@
 use std::borrow::Borrow;
 use std::collections::BTreeSet;
 
-use super::family::{Family, FamilyReport};
+use super::family::Family;
 use super::inject::{self, UffdOrigin};
 use super::objects::{ObjectLayer, ObjectOptions};
 use super::pagetable::{AllDirty, PageTableTracker, SoftDirty, UffdWp};
@@ -402,14 +402,11 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
 
     /// The target's writes through page tables: the async backend over
     /// its private mappings, the family over its shared ones.
-    fn own_writes(
-        &mut self,
-        layout: &[Vma],
-    ) -> Result<(Vec<super::Written>, Option<FamilyReport>), TrackError> {
+    fn own_writes(&mut self, layout: &[Vma]) -> Result<Vec<super::Written>, TrackError> {
         let (mut fresh, rest): (Vec<super::Written>, Vec<Vma>) = match &self.family {
             Some(f) => {
                 let shared: Vec<&Vma> = layout.iter().filter(|v| syncable(v)).collect();
-                let (fresh, refused) = f.sync_root(&shared);
+                let (fresh, refused) = f.sync_target(&shared);
                 let refused: Vec<VirtRange> = refused.iter().map(|v| v.range).collect();
                 let rest = layout
                     .iter()
@@ -422,8 +419,7 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
         };
         let mut own = self.backend.collect(self.target.borrow(), &rest)?;
         own.append(&mut fresh);
-        let fam = self.family.as_ref().map(Family::collect);
-        Ok((own, fam))
+        Ok(own)
     }
 }
 
@@ -437,7 +433,7 @@ impl<T: Borrow<Target>> DirtyTracker for ProcessTracker<T> {
             return Ok(first);
         }
         let mut layout = self.scope.layout(self.target.borrow())?;
-        let (own, fam) = match self.own_writes(&layout) {
+        let own = match self.own_writes(&layout) {
             Err(TrackError::TargetExited { .. }) if self.target.borrow().is_alive() => {
                 self.reattach();
                 layout = self.scope.layout(self.target.borrow())?;
@@ -445,13 +441,11 @@ impl<T: Borrow<Target>> DirtyTracker for ProcessTracker<T> {
             }
             r => r?,
         };
-        let forks = fam.as_ref().map_or(0, |f| f.forks);
-        let learned = fam.as_ref().map(|f| f.children.clone()).unwrap_or_default();
-        let family = self.family.as_ref().zip(fam);
-        let objects = self
-            .objects
-            .collect(self.target.borrow(), &layout, &own, family);
-        let children = self.look_for_children(&learned);
+        let objects =
+            self.objects
+                .collect(self.target.borrow(), &layout, &own, self.family.as_ref());
+        let forks = objects.forks;
+        let children = self.look_for_children(&objects.children);
         let mut written = own;
         written.extend(objects.written);
         let mut events = std::mem::take(&mut self.events);

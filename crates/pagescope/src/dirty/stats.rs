@@ -58,8 +58,10 @@ pub struct Interval {
     pub t: f64,
     /// Length of this interval in seconds.
     pub interval_s: f64,
-    /// `CLOCK_MONOTONIC` at the end of the interval, in seconds (to line
-    /// intervals up with other tools' timestamps).
+    /// `CLOCK_MONOTONIC` when the interval's collect began, in seconds (to
+    /// line intervals up with other tools' timestamps): a write before it
+    /// is reported in this interval or an earlier one; a collect takes
+    /// milliseconds, and a write during it may fall on either side.
     pub clock_monotonic_s: f64,
     /// Distinct pages written.
     pub written_pages: u64,
@@ -185,6 +187,7 @@ impl<'t> Watcher<'t> {
 
     /// Collects the writes since the previous sample.
     pub fn sample(&mut self) -> Result<Interval, TrackError> {
+        let clock_monotonic_s = monotonic_s();
         let report = self.tracker.collect()?;
         let now = Instant::now();
         let interval_s = now.duration_since(self.last).as_secs_f64().max(1e-9);
@@ -200,7 +203,7 @@ impl<'t> Watcher<'t> {
             pid: self.target.pid(),
             t: now.duration_since(self.start).as_secs_f64(),
             interval_s,
-            clock_monotonic_s: monotonic_s(),
+            clock_monotonic_s,
             written_pages,
             written_bytes,
             dirty_rate_mib_s: rate,
