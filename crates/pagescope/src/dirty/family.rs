@@ -312,7 +312,9 @@ impl Family {
                 refused.push(*v);
                 continue;
             };
-            if root.map.contains(&m) {
+            if covered(&root.map, &m, page) {
+                // Registered already (VMAs split or merged by mprotect or
+                // madvise keep their registration).
                 now.push(m);
                 continue;
             }
@@ -438,6 +440,28 @@ fn add_ctx(shared: &Shared, ctx: Ctx) -> Result<u64, Errno> {
         shared.lock().ctxs.remove(&id);
     })?;
     Ok(id)
+}
+
+/// Whether `m` lies entirely within registered entries of `map` for the
+/// same object at the same offsets.
+fn covered(map: &[Mapped], m: &Mapped, page: PageSize) -> bool {
+    let linear = |e: &Mapped| (e.first as i128) - i128::from(e.range.start().get() / page.get());
+    let mut left: RangeSet = [m.range].into_iter().collect();
+    for e in map
+        .iter()
+        .filter(|e| e.object == m.object && linear(e) == linear(m))
+    {
+        let rest: Vec<VirtRange> = left
+            .ranges()
+            .iter()
+            .flat_map(|r| {
+                let cut: RangeSet = [e.range].into_iter().collect();
+                cut.subtract_from(*r)
+            })
+            .collect();
+        left = rest.into_iter().collect();
+    }
+    left.is_empty()
 }
 
 /// Write-protects `range`, retrying while a fork or mremap of the mm is

@@ -242,7 +242,7 @@ impl ObjectLayer {
             self.in_family.retain(|p| snapshot.by_pid.contains_key(p));
             let roots = f.root_pids();
             snapshot.by_pid.retain(|p, entries| {
-                if roots.contains(p) {
+                if roots.contains(p) || self.sharers.tracks(*p) {
                     return true; // a sharer, tracked as such
                 }
                 let covered = self.in_family.contains(p)

@@ -259,10 +259,13 @@ struct ProcessTracker<T: Borrow<Target>> {
 pub const FORKS_LISTED: usize = 256;
 
 /// Whether a mapping is tracked by the family (synchronous write-protect):
-/// shared memory mapped shared.
-fn syncable(v: &Vma) -> bool {
+/// shared memory mapped shared. SysV segments are refused by
+/// `UFFDIO_WRITEPROTECT` (measured on 6.18): they stay with the async
+/// backend.
+pub(super) fn syncable(v: &Vma) -> bool {
     v.is_shared()
         && matches!(v.backing, Backing::Shmem | Backing::Hugetlb)
+        && v.kind != crate::vma::VmaKind::Sysv
         && v.object_id().is_some()
 }
 

@@ -169,6 +169,11 @@ impl Sharers {
         }
     }
 
+    /// Whether `pid` is tracked as a sharer.
+    pub fn tracks(&self, pid: u32) -> bool {
+        self.procs.contains_key(&pid)
+    }
+
     /// Collects every sharer's writes into watched objects. `first`: the
     /// tracker's first collect, which reports everything anyway (no
     /// sharer is reported whole for appearing).
@@ -194,7 +199,12 @@ impl Sharers {
                 continue; // read-only mappers cannot write
             }
             if !known {
-                self.attach(pid, first, &mut out, family);
+                // The family only where every writable mapping can be
+                // tracked synchronously (SysV segments cannot).
+                let sync = entries.iter().filter(|e| e.perms.write).all(|e| {
+                    super::process::syncable(&Vma::classify(e, &MountTable::default(), None))
+                });
+                self.attach(pid, first, &mut out, family.filter(|_| sync));
             }
             self.collect_one(pid, entries, first, &mut out, family);
         }

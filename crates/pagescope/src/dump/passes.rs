@@ -95,6 +95,8 @@ pub(super) struct Dump<'t, 'c, 'p> {
     rate: f64,
     pub(super) notes: Vec<String>,
     pub(super) swap: Arc<SwapIo>,
+    /// Other writers of the shared memory in the final pass.
+    pub(super) shared_writers: super::SharedWriters,
 }
 
 impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
@@ -117,6 +119,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             last_collect: Instant::now(),
             rate: 0.0,
             notes: Vec::new(),
+            shared_writers: super::SharedWriters::default(),
             swap: Arc::new(SwapIo::new(
                 opts.swap,
                 caps.privileged_pagemap,
@@ -329,6 +332,10 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 .map_err(|source| DumpError::Stop { pid: p.pid, source })?;
             stopped.push(s);
         }
+        let dumped: Vec<&Target> = self.procs.iter().map(|p| p.target.get()).collect();
+        let (others, writers) = super::sharers::stop_writers(&dumped, self.opts.stop_sharers);
+        stopped.extend(others);
+        self.shared_writers = writers;
         let it = self.copy_written(n, true)?;
         for s in &mut stopped {
             if self.opts.leave_stopped {
@@ -930,6 +937,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             swap,
             snapshot,
             notes: self.notes,
+            shared_writers: self.shared_writers,
         })
     }
 
