@@ -223,3 +223,172 @@ fn watch_sees_every_write_of_short_lived_children() {
         }
     }
 }
+
+/// Sends `sig` to `pid` (the test's own processes only).
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status();
+}
+
+/// A scratch directory for images, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("pagescope-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    fn p(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `dump --leave-stopped` of the server while its children write, then
+/// `verify` against the stopped server: no difference, 20 times over
+/// (the children's writes are in the image, and children alive at the
+/// final pass were stopped with the server).
+#[test]
+fn dumps_of_a_prefork_server_match_the_stopped_server() {
+    let Some(server) = Server::start(150, 300) else {
+        return;
+    };
+    let dir = Scratch::new("prefork-dump");
+    let pid = server.pid().to_string();
+    for round in 0..20 {
+        let img = dir.p(&format!("img{round}"));
+        let report: serde_json::Value = serde_json::from_str(&ok(&common::cli(&[
+            "dump",
+            &pid,
+            "-o",
+            &img,
+            "--leave-stopped",
+            "--json",
+        ])))
+        .unwrap();
+        assert_eq!(report["shared_writers"]["stop_sharers"], true, "{report}");
+        assert_eq!(
+            report["shared_writers"]["inconsistent"],
+            serde_json::json!([]),
+            "{report}"
+        );
+        let verify = common::cli(&["verify", &img, &pid]);
+        let text = ok(&verify);
+        assert!(text.contains("match:"), "round {round}: {text}");
+        for p in descendants(server.pid()) {
+            signal(p, "CONT");
+        }
+        signal(server.pid(), "CONT");
+        let _ = std::fs::remove_dir_all(&img);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A group sharing a segment every member writes: `dump` of one member
+/// stops the others for the final pass (and leaves them stopped), so
+/// `verify` against the stopped group finds no difference; with
+/// `--no-stop-sharers` the report names the segment and its writers.
+#[test]
+fn dump_of_one_member_of_a_writing_group_stops_the_others() {
+    if !common::is_root() {
+        skip("dumping another process needs ptrace rights (root)");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/group_writers.py");
+    let Ok(mut child) = Command::new("python3")
+        .arg(script)
+        .arg("4")
+        .stdout(Stdio::piped())
+        .spawn()
+    else {
+        skip("python3 not available");
+        return;
+    };
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let group: Vec<u32> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let server = Server {
+        child,
+        log: std::env::temp_dir().join("pagescope-group-unused"),
+    };
+    assert_eq!(group.len(), 4, "{line}");
+    let dir = Scratch::new("group-dump");
+    let member = group[2].to_string();
+    let loose: serde_json::Value = serde_json::from_str(&ok(&common::cli(&[
+        "dump",
+        &member,
+        "-o",
+        &dir.p("loose"),
+        "--no-stop-sharers",
+        "--json",
+    ])))
+    .unwrap();
+    let inconsistent = &loose["shared_writers"]["inconsistent"];
+    assert_eq!(inconsistent.as_array().unwrap().len(), 1, "{loose}");
+    let writers: BTreeSet<u64> = inconsistent[0]["writers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    let others: BTreeSet<u64> = group
+        .iter()
+        .filter(|p| p.to_string() != member)
+        .map(|p| u64::from(*p))
+        .collect();
+    assert_eq!(writers, others, "{loose}");
+    for round in 0..3 {
+        let img = dir.p(&format!("img{round}"));
+        let report: serde_json::Value = serde_json::from_str(&ok(&common::cli(&[
+            "dump",
+            &member,
+            "-o",
+            &img,
+            "--leave-stopped",
+            "--json",
+        ])))
+        .unwrap();
+        let stopped: BTreeSet<u64> = report["shared_writers"]["writers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["stopped"] == true)
+            .filter_map(|w| w["pid"].as_u64())
+            .collect();
+        assert_eq!(stopped, others, "{report}");
+        let text = ok(&common::cli(&["verify", &img, &member]));
+        assert!(text.contains("match:"), "round {round}: {text}");
+        for p in &group {
+            signal(*p, "CONT");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(server);
+}

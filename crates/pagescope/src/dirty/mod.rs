@@ -314,6 +314,11 @@ pub struct DirtyReport {
     /// Whether shared mappings are tracked synchronously across fork
     /// (every write by every descendant seen, however short-lived).
     pub forks_tracked: bool,
+    /// The process exited since the last collect: this is what could
+    /// still be collected (the writes to its shared memory, by it and by
+    /// others; its private writes since the last collect are lost with its
+    /// page tables). Only with [`TrackOptions::report_exit`].
+    pub partial: bool,
 }
 
 impl DirtyReport {

@@ -183,7 +183,8 @@ impl ObjectLayer {
                     fd,
                     unopened,
                     kind: v.kind,
-                    path: v.path.display(),
+                    path: shared_label(&v.path.display(), v.is_shared(), id.inode)
+                        .unwrap_or_else(|| v.path.display()),
                 },
             );
         }
@@ -460,6 +461,20 @@ fn descends_from(pid: u32, ancestors: &HashSet<u32>) -> bool {
         }
     }
     false
+}
+
+/// A readable name for shared memory maps shows under a made-up path:
+/// `shared anon` (`MAP_SHARED|MAP_ANONYMOUS`, shown as `/dev/zero
+/// (deleted)`, with its inode) and `SysV key 0x… id N` (shown as
+/// `/SYSVkkkkkkkk (deleted)`; the inode is the segment id). `None` for
+/// anything else.
+pub fn shared_label(path: &str, shared: bool, inode: u64) -> Option<String> {
+    if shared && (path == "/dev/zero (deleted)" || path.starts_with("[anon_shmem:")) {
+        return Some(format!("shared anon (inode {inode})"));
+    }
+    let key = path.strip_prefix("/SYSV")?.strip_suffix(" (deleted)")?;
+    (key.len() == 8 && key.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| format!("SysV key 0x{key} id {inode}"))
 }
 
 /// The process's VMAs per object.

@@ -38,6 +38,10 @@ pub struct TrackOptions {
     /// outlives this tracker (`dump --keep-tracking`);
     /// [`DirtyTracker::kept_in_target`] gives its fd number there.
     pub keep_in_target: bool,
+    /// When the process exits, return one last report (flagged
+    /// [`DirtyReport::partial`]) with what can still be collected, the
+    /// writes to its shared memory, before [`TrackError::TargetExited`].
+    pub report_exit: bool,
     /// Take over a userfaultfd an earlier tracker left in the target: its
     /// fd number there, and the ranges registered with it. The first
     /// collect then reports the writes since that tracker's last collect.
@@ -253,6 +257,10 @@ struct ProcessTracker<T: Borrow<Target>> {
     family_note: Option<String>,
     /// Children already listed in a `Fork` event.
     announced: BTreeSet<u32>,
+    /// The layout of the last collect (for the last report at exit).
+    last_layout: Vec<Vma>,
+    /// The last report at exit was given.
+    exited: bool,
 }
 
 /// Fork events listed per collect at most (all are counted in `forks`).
@@ -317,6 +325,8 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
             family,
             family_note,
             announced: BTreeSet::new(),
+            last_layout: Vec::new(),
+            exited: false,
             target,
             caps: caps.clone(),
             opts: TrackOptions {
@@ -403,6 +413,34 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
         self.children.iter().copied().collect()
     }
 
+    fn can_report_exit(&self) -> bool {
+        self.opts.report_exit && !self.exited && !self.last_layout.is_empty()
+    }
+
+    /// The last report of a process that exited: the writes to its shared
+    /// memory (its own, recorded synchronously, and every other writer's)
+    /// over the layout it had.
+    fn exit_report(&mut self) -> DirtyReport {
+        self.exited = true;
+        let layout = std::mem::take(&mut self.last_layout);
+        let objects =
+            self.objects
+                .collect(self.target.borrow(), &layout, &[], self.family.as_ref());
+        let mut events = std::mem::take(&mut self.events);
+        events.extend(objects.events);
+        DirtyReport {
+            written: objects.written,
+            page_size: self.page,
+            tracked: layout.iter().map(|v| v.range).collect(),
+            objects: objects.objects,
+            events,
+            children: Vec::new(),
+            forks: objects.forks,
+            forks_tracked: self.family.is_some(),
+            partial: true,
+        }
+    }
+
     /// The target's writes through page tables: the async backend over
     /// its private mappings, the family over its shared ones.
     fn own_writes(&mut self, layout: &[Vma]) -> Result<Vec<super::Written>, TrackError> {
@@ -435,12 +473,20 @@ impl<T: Borrow<Target>> DirtyTracker for ProcessTracker<T> {
         if let Some(first) = self.baseline.take() {
             return Ok(first);
         }
-        let mut layout = self.scope.layout(self.target.borrow())?;
+        let mut layout = match self.scope.layout(self.target.borrow()) {
+            Err(TrackError::TargetExited { .. }) if self.can_report_exit() => {
+                return Ok(self.exit_report());
+            }
+            r => r?,
+        };
         let own = match self.own_writes(&layout) {
             Err(TrackError::TargetExited { .. }) if self.target.borrow().is_alive() => {
                 self.reattach();
                 layout = self.scope.layout(self.target.borrow())?;
                 self.own_writes(&layout)?
+            }
+            Err(TrackError::TargetExited { .. }) if self.can_report_exit() => {
+                return Ok(self.exit_report());
             }
             r => r?,
         };
@@ -462,7 +508,9 @@ impl<T: Borrow<Target>> DirtyTracker for ProcessTracker<T> {
             children,
             forks,
             forks_tracked: self.family.is_some(),
+            partial: false,
         })
+        .inspect(|_| self.last_layout = layout)
     }
 
     fn degraded(&self) -> Option<String> {
