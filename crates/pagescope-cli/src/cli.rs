@@ -315,9 +315,16 @@ pub struct DumpArgs {
     /// Copy mapped regular files too (default: recorded by identity).
     #[arg(long)]
     pub copy_files: bool,
-    /// Leave the process stopped (SIGSTOP) after the dump.
+    /// Leave the process stopped (SIGSTOP) after the dump, and every other
+    /// writer of its shared memory stopped for the final pass with it.
     #[arg(long)]
     pub leave_stopped: bool,
+    /// Do not stop the other processes that map the dumped shared memory
+    /// writable for the final pass (they are by default, so the image is a
+    /// consistent snapshot); the objects they could write are then named
+    /// as not consistent.
+    #[arg(long)]
+    pub no_stop_sharers: bool,
     /// Swapped-out pages: read (swaps them in), skip (recorded as
     /// swapped-not-copied), keep-cold (read, then paged back out and
     /// checked), direct (read from the swap device, root; nothing swapped in).

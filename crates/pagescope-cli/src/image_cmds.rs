@@ -29,6 +29,7 @@ pub fn dump(args: &DumpArgs) -> Result<u8> {
         max_downtime: args.max_downtime,
         copy_files: args.copy_files,
         leave_stopped: args.leave_stopped,
+        stop_sharers: !args.no_stop_sharers,
         swap: args.swap.into(),
         cow: args.snapshot == crate::cli::SnapshotArg::Cow,
         cancel: Some(cancel_on_signals()?),
@@ -61,6 +62,7 @@ pub fn dump(args: &DumpArgs) -> Result<u8> {
     for n in report.notes.iter().chain(&report.swap.notes) {
         writeln!(err, "note: {n}")?;
     }
+    shared_writer_lines(&mut err, &report.shared_writers)?;
     for (class, c) in [
         ("anonymous", &report.swap.anon),
         ("shmem", &report.swap.shmem),
@@ -128,6 +130,43 @@ fn signal_name(sig: usize) -> String {
         libc::SIGHUP => "SIGHUP".into(),
         n => format!("signal {n}"),
     }
+}
+
+/// The other writers of the dumped shared memory: how many were stopped,
+/// and the objects that are not a consistent snapshot.
+fn shared_writer_lines(
+    err: &mut dyn Write,
+    w: &pagescope::dump::SharedWriters,
+) -> std::io::Result<()> {
+    let stopped = w.writers.iter().filter(|s| s.stopped).count();
+    if stopped > 0 {
+        let pids: Vec<String> = w
+            .writers
+            .iter()
+            .filter(|s| s.stopped)
+            .map(|s| s.pid.to_string())
+            .collect();
+        writeln!(
+            err,
+            "stopped {stopped} other writer(s) of the shared memory for the final pass: {}",
+            pids.join(" ")
+        )?;
+    }
+    for o in &w.inconsistent {
+        let pids: Vec<String> = o.writers.iter().map(u32::to_string).collect();
+        writeln!(
+            err,
+            "warning: {} is not a consistent snapshot: process(es) {} could write it while it was copied{}",
+            o.path,
+            pids.join(" "),
+            if w.stop_sharers {
+                " (they could not be stopped)"
+            } else {
+                " (--no-stop-sharers)"
+            }
+        )?;
+    }
+    Ok(())
 }
 
 fn swap_line(policy: &str, class: &str, c: &pagescope::dump::SwapClassReport) -> String {

@@ -30,6 +30,7 @@ pub fn run(args: &WatchArgs) -> Result<u8> {
         backend: args.tracker.map(Into::into),
         strict_shared: args.strict_shared,
         no_sharers: args.no_sharers,
+        report_exit: true,
         ..TrackOptions::default()
     };
     let tracker = attach(&target, &caps, &opts)?;
@@ -157,10 +158,25 @@ fn sample_loop(
             std::thread::sleep(TICK.min(args.interval));
         }
         if quit {
-            // A partial interval would distort the peak and the mean.
+            // The writes since the last interval are shown, flagged
+            // partial: they would distort the peak and the mean.
+            if let Ok(mut last) = watcher.sample() {
+                last.mark_partial();
+                view.show(out, &last)?;
+            }
             return Ok((End::Detached, totals));
         }
         let sample = match watcher.sample() {
+            Ok(s) if s.partial => {
+                // The target exited: what its shared memory received.
+                view.show(out, &s)?;
+                let end = if totals.intervals == 0 {
+                    End::ExitedBeforeFirst
+                } else {
+                    End::Exited
+                };
+                return Ok((end, totals));
+            }
             Ok(s) => s,
             Err(TrackError::TargetExited { .. })
             | Err(TrackError::Proc(pagescope::ProcError::Exited { .. })) => {

@@ -137,10 +137,13 @@ pub struct Live {
 
 impl Live {
     fn push(&mut self, s: Interval) {
-        if self.rates.len() == HISTORY {
-            self.rates.pop_front();
+        // A partial interval is shown, not counted in the peak.
+        if !s.partial {
+            if self.rates.len() == HISTORY {
+                self.rates.pop_front();
+            }
+            self.rates.push_back(s.dirty_rate_mib_s);
         }
-        self.rates.push_back(s.dirty_rate_mib_s);
         self.last = Some(s);
     }
 
@@ -272,11 +275,11 @@ fn rate(unit: SizeUnit, mib_s: f64) -> String {
     unit.format_rate(mib_s * 1024.0 * 1024.0)
 }
 
-fn verdict(s: &Interval) -> &'static str {
-    if s.precopy_converges {
-        "converges"
-    } else {
-        "DOES NOT CONVERGE"
+fn verdict(s: &Interval) -> String {
+    match s.precopy_verdict {
+        "converges" => "converges".into(),
+        "unknown" => format!("unknown ({} conservative pages)", s.conservative_pages),
+        _ => "DOES NOT CONVERGE".into(),
     }
 }
 
@@ -314,10 +317,10 @@ fn line(s: &Interval, unit: SizeUnit) -> String {
         .take(3)
         .map(|v| format!("{} {}", short(&v.path, v.start), v.written_pages))
         .collect();
-    let degraded = if s.degraded.is_some() {
-        "  DEGRADED"
-    } else {
-        ""
+    let degraded = match (s.degraded.is_some(), s.partial) {
+        (true, _) => "  DEGRADED",
+        (false, true) => "  (partial)",
+        _ => "",
     };
     format!(
         "t={:7.2}s  {:>9} pages {:>9}  {:>12}  pre-copy@{}MiB/s: {}{degraded}  | {}",
@@ -334,6 +337,8 @@ fn line(s: &Interval, unit: SizeUnit) -> String {
 fn short(path: &str, start: pagescope::VirtAddr) -> String {
     if path.is_empty() {
         format!("anon@{start}")
+    } else if path.starts_with("shared anon") || path.starts_with("SysV ") {
+        path.to_owned()
     } else {
         path.rsplit('/').next().unwrap_or(path).to_owned()
     }

@@ -80,7 +80,8 @@ fn writes_by_either_process_are_reported_exactly() {
             assert_eq!(
                 reported(&truth, kind, &quiet),
                 Vec::<u64>::new(),
-                "{kind}: nothing written yet"
+                "{kind}: nothing written yet: {:?}",
+                quiet.objects
             );
         }
         for kind in KINDS {
@@ -216,11 +217,12 @@ fn a_writer_that_came_and_went_is_caught_by_the_data_extents() {
     );
 }
 
-/// A writer that starts mapping the object after attach is reported whole
-/// once (its earlier writes are unknown), then page by page; one that
-/// goes away is reported whole once.
+/// A child forked after attach inherits the synchronous write-protection
+/// of the shared memory (`UFFD_EVENT_FORK`): it is tracked from birth, so
+/// nothing is reported whole when it appears or goes; its writes are
+/// reported page by page, attributed to it.
 #[test]
-fn sharers_that_come_and_go() {
+fn children_are_tracked_from_birth() {
     if !usable() {
         return;
     }
@@ -230,24 +232,38 @@ fn sharers_that_come_and_go() {
     t.collect().unwrap();
     let sharer: u32 = cmd(&mut fx, "sharer start").parse().unwrap();
     let r = t.collect().unwrap();
-    assert_eq!(reported(&truth, "shared_anon", &r).len(), 64);
-    assert!(sources(&truth, "shared_anon", 0, &r).contains(&WriteSource::ObjectNewSharer));
+    assert!(r.forks_tracked, "synchronous tracking across fork (root)");
+    assert_eq!(r.forks, 1, "{:?}", r.events);
     assert!(
-        r.events
-            .contains(&TrackEvent::SharerAttached { pid: sharer }),
+        reported(&truth, "shared_anon", &r).is_empty(),
+        "{:?} {:?}",
+        sources(&truth, "shared_anon", 0, &r),
+        r.objects
+    );
+    assert!(
+        r.events.contains(&TrackEvent::Fork { child: sharer }),
         "{:?}",
         r.events
     );
     assert!(r.children.contains(&sharer), "{:?}", r.children);
     cmd(&mut fx, "sharer write shared_anon 5 1");
-    assert_eq!(
-        reported(&truth, "shared_anon", &t.collect().unwrap()),
-        vec![5]
+    let r = t.collect().unwrap();
+    assert_eq!(reported(&truth, "shared_anon", &r), vec![5]);
+    assert_eq!(writers(&r, &truth, "shared_anon"), vec![(sharer, 1)]);
+    assert!(
+        sources(&truth, "shared_anon", 5, &r)
+            .iter()
+            .all(|s| s.is_exact())
     );
+    cmd(&mut fx, "sharer write shared_anon 9 2");
     cmd(&mut fx, "sharer stop");
     let r = t.collect().unwrap();
-    assert_eq!(reported(&truth, "shared_anon", &r).len(), 64);
-    assert!(sources(&truth, "shared_anon", 0, &r).contains(&WriteSource::ObjectSharerGone));
+    assert_eq!(
+        reported(&truth, "shared_anon", &r),
+        vec![9, 10],
+        "its last writes, and nothing more: {:?}",
+        r.objects
+    );
     assert!(reported(&truth, "shared_anon", &t.collect().unwrap()).is_empty());
 }
 

@@ -239,6 +239,44 @@ impl Userfaultfd {
         Ok(Self { fd, features })
     }
 
+    /// Takes a userfaultfd created inside a tracked process and performs
+    /// the handshake for *synchronous* write-protect of its shared
+    /// mappings, followed across fork: `UFFD_FEATURE_EVENT_FORK` (4.11)
+    /// gives every child its own copy of the registration (and the reader
+    /// the child's uffd), `EVENT_REMAP` (4.11) keeps it across `mremap`,
+    /// `THREAD_ID` (4.14) names the faulting thread, `WP_UNPOPULATED`
+    /// (6.4) protects empty slots, `WP_HUGETLBFS_SHMEM` (5.19) shmem.
+    pub fn from_fd_sync_family(fd: OwnedFd) -> Result<Self, UffdError> {
+        let available = probe_features()?;
+        let need = raw::UFFD_FEATURE_EVENT_FORK
+            | raw::UFFD_FEATURE_EVENT_REMAP
+            | raw::UFFD_FEATURE_THREAD_ID
+            | raw::UFFD_FEATURE_WP_UNPOPULATED
+            | raw::UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+        if available & need != need {
+            return Err(UffdError::Api {
+                features: need & !available,
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        let features = raw::uffdio_api(fd.as_fd(), need).map_err(|e| UffdError::Api {
+            features: need,
+            source: e.into(),
+        })?;
+        Ok(Self { fd, features })
+    }
+
+    /// A child's userfaultfd received in a `UFFD_EVENT_FORK` message: the
+    /// kernel copied its parent's features, no handshake is needed.
+    pub fn forked(fd: OwnedFd, features: u64) -> Self {
+        Self { fd, features }
+    }
+
+    /// Reads the pending messages (none if nothing is pending).
+    pub fn read_msgs(&self, out: &mut Vec<raw::FaultMsg>) -> Result<(), UffdError> {
+        raw::read_msgs(self.fd.as_fd(), out).map_err(|e| UffdError::Read { source: e.into() })
+    }
+
     /// `UFFDIO_WRITEPROTECT` of `range`: protect, or unprotect and wake
     /// the writers waiting in it.
     pub fn write_protect(&self, range: VirtRange, protect: bool) -> Result<(), UffdError> {

@@ -29,6 +29,7 @@
 //! over-reported range carries its cause ([`WriteSource`]); missing a write
 //! is not allowed.
 
+pub mod family;
 pub mod inject;
 pub mod notify;
 pub mod objects;
@@ -306,6 +307,18 @@ pub struct DirtyReport {
     pub events: Vec<TrackEvent>,
     /// The process's live children.
     pub children: Vec<u32>,
+    /// Forks by the process and its descendants since the last collect,
+    /// counted from `UFFD_EVENT_FORK` (0 when shared mappings are not
+    /// tracked synchronously: then only `children` and `Fork` events).
+    pub forks: u64,
+    /// Whether shared mappings are tracked synchronously across fork
+    /// (every write by every descendant seen, however short-lived).
+    pub forks_tracked: bool,
+    /// The process exited since the last collect: this is what could
+    /// still be collected (the writes to its shared memory, by it and by
+    /// others; its private writes since the last collect are lost with its
+    /// page tables). Only with [`TrackOptions::report_exit`].
+    pub partial: bool,
 }
 
 impl DirtyReport {

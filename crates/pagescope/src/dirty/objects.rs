@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 
+use super::family::{Family, FamilyReport};
 use super::notify::{DescriptorHolders, DescriptorWrite, ExtentWatch, FsNotify};
 use super::sharers::{MapsSnapshot, Sharers};
 use super::{ObjectWrites, TrackEvent, WriteSource, Written};
@@ -61,6 +62,10 @@ pub struct ObjectReport {
     pub objects: Vec<ObjectWrites>,
     /// Sharers that came and went.
     pub events: Vec<TrackEvent>,
+    /// Forks in the family (see [`FamilyReport::forks`]).
+    pub forks: u64,
+    /// Children named by their first write.
+    pub children: Vec<u32>,
 }
 
 /// The object layer of one tracker.
@@ -75,6 +80,8 @@ pub struct ObjectLayer {
     holders: DescriptorHolders,
     sharers: Sharers,
     collects: u64,
+    /// Processes whose writes the target's family sees (forked children).
+    in_family: HashSet<u32>,
 }
 
 /// Object pages per source, writers and causes, for one object.
@@ -108,6 +115,7 @@ impl ObjectLayer {
             holders: DescriptorHolders::default(),
             sharers: Sharers::new(page),
             collects: 0,
+            in_family: HashSet::new(),
         }
     }
 
@@ -120,19 +128,34 @@ impl ObjectLayer {
     }
 
     /// Writes to the objects behind `vmas` (the tracked process's layout)
-    /// since the last collect; `own` is what its page tables recorded.
-    pub fn collect(&mut self, target: &Target, vmas: &[Vma], own: &[Written]) -> ObjectReport {
+    /// since the last collect; `own` is what its page tables recorded,
+    /// `family` what its synchronously tracked shared mappings and its
+    /// children's recorded ([`super::family`]).
+    pub fn collect(
+        &mut self,
+        target: &Target,
+        vmas: &[Vma],
+        own: &[Written],
+        family: Option<&Family>,
+    ) -> ObjectReport {
         let first = self.collects == 0;
         self.collects += 1;
         let by_object = group(vmas);
         self.refresh(target, &by_object);
         let mut acc: HashMap<ObjectId, Acc> = HashMap::new();
         self.own_writes(target.pid(), vmas, own, &mut acc);
-        let events = self.sharer_writes(target.pid(), first, &by_object, &mut acc);
+        let events = self.sharer_writes(target.pid(), first, &by_object, &mut acc, family);
         let mut report = ObjectReport {
             events,
             ..ObjectReport::default()
         };
+        if let Some(f) = family {
+            // After every sharer's registration is up to date.
+            let r = f.collect();
+            report.forks = r.forks;
+            report.children.clone_from(&r.children);
+            family_writes(target.pid(), r, &by_object, self.page, &mut acc);
+        }
         if !first {
             self.object_writes(&by_object, &mut acc);
         }
@@ -160,7 +183,8 @@ impl ObjectLayer {
                     fd,
                     unopened,
                     kind: v.kind,
-                    path: v.path.display(),
+                    path: shared_label(&v.path.display(), v.is_shared(), id.inode)
+                        .unwrap_or_else(|| v.path.display()),
                 },
             );
         }
@@ -209,9 +233,29 @@ impl ObjectLayer {
         first: bool,
         by_object: &BTreeMap<ObjectId, Vec<&Vma>>,
         acc: &mut HashMap<ObjectId, Acc>,
+        family: Option<&Family>,
     ) -> Vec<TrackEvent> {
         let watched: HashSet<ObjectId> = by_object.keys().copied().collect();
-        let snapshot = MapsSnapshot::take(pid, &watched);
+        let mut snapshot = MapsSnapshot::take(pid, &watched);
+        if let Some(f) = family {
+            // Children forked since tracking began carry the family's
+            // registration: their writes arrive as faults, no injection.
+            self.in_family.retain(|p| snapshot.by_pid.contains_key(p));
+            let roots = f.root_pids();
+            snapshot.by_pid.retain(|p, entries| {
+                if roots.contains(p) || self.sharers.tracks(*p) {
+                    return true; // a sharer, tracked as such
+                }
+                let covered = self.in_family.contains(p)
+                    || f.knows(*p)
+                    || (descends_from(*p, &roots)
+                        && super::family::inherited(*p, &shared_writable(entries)));
+                if covered {
+                    self.in_family.insert(*p);
+                }
+                !covered
+            });
+        }
         if self.opts.no_sharers {
             for id in snapshot.writable_objects() {
                 let a = acc.entry(id).or_default();
@@ -223,7 +267,7 @@ impl ObjectLayer {
             }
             return Vec::new();
         }
-        let got = self.sharers.collect(&snapshot, first);
+        let got = self.sharers.collect(&snapshot, first, family);
         for (id, writers) in got.pages {
             let a = acc.entry(id).or_default();
             for (w, spans) in writers {
@@ -356,6 +400,81 @@ impl ObjectLayer {
             });
         }
     }
+}
+
+/// The family's writes: the target's own (tracked) and its children's
+/// (shared writers), page by page.
+fn family_writes(
+    pid: u32,
+    r: FamilyReport,
+    by_object: &BTreeMap<ObjectId, Vec<&Vma>>,
+    page: PageSize,
+    acc: &mut HashMap<ObjectId, Acc>,
+) {
+    for (id, writers) in r.pages {
+        let a = acc.entry(id).or_default();
+        for (w, spans) in writers {
+            let source = if w == pid {
+                WriteSource::Tracked
+            } else {
+                WriteSource::SharedWriter
+            };
+            a.add(source, spans.ranges().iter().copied());
+            a.writers
+                .entry(w)
+                .or_default()
+                .extend(spans.ranges().iter().copied());
+        }
+    }
+    for (id, why) in r.whole {
+        let Some(mapped) = by_object.get(&id) else {
+            continue;
+        };
+        let a = acc.entry(id).or_default();
+        a.add(WriteSource::ObjectSharerUntracked, whole(mapped, page));
+        a.causes.push(why);
+    }
+}
+
+/// The shared writable mappings among `entries`.
+fn shared_writable(entries: &[crate::proc::maps::MapsEntry]) -> Vec<crate::addr::VirtRange> {
+    entries
+        .iter()
+        .filter(|e| e.perms.shared && e.perms.write)
+        .map(|e| e.range)
+        .collect()
+}
+
+/// Whether `pid` is a descendant of one of `ancestors` (parent links in
+/// `/proc/PID/stat`, a few generations up).
+fn descends_from(pid: u32, ancestors: &HashSet<u32>) -> bool {
+    let mut p = pid;
+    for _ in 0..16 {
+        let parent = std::fs::read(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|b| crate::proc::stat::parse_stat(&b))
+            .map(|s| s.ppid);
+        match parent {
+            Some(pp) if ancestors.contains(&pp) => return true,
+            Some(pp) if pp > 1 => p = pp,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// A readable name for shared memory maps shows under a made-up path:
+/// `shared anon` (`MAP_SHARED|MAP_ANONYMOUS`, shown as `/dev/zero
+/// (deleted)`, with its inode) and `SysV key 0x… id N` (shown as
+/// `/SYSVkkkkkkkk (deleted)`; the inode is the segment id). `None` for
+/// anything else.
+pub fn shared_label(path: &str, shared: bool, inode: u64) -> Option<String> {
+    if shared && (path == "/dev/zero (deleted)" || path.starts_with("[anon_shmem:")) {
+        return Some(format!("shared anon (inode {inode})"));
+    }
+    let key = path.strip_prefix("/SYSV")?.strip_suffix(" (deleted)")?;
+    (key.len() == 8 && key.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| format!("SysV key 0x{key} id {inode}"))
 }
 
 /// The process's VMAs per object.

@@ -4,6 +4,7 @@
 use std::borrow::Borrow;
 use std::collections::BTreeSet;
 
+use super::family::Family;
 use super::inject::{self, UffdOrigin};
 use super::objects::{ObjectLayer, ObjectOptions};
 use super::pagetable::{AllDirty, PageTableTracker, SoftDirty, UffdWp};
@@ -37,6 +38,10 @@ pub struct TrackOptions {
     /// outlives this tracker (`dump --keep-tracking`);
     /// [`DirtyTracker::kept_in_target`] gives its fd number there.
     pub keep_in_target: bool,
+    /// When the process exits, return one last report (flagged
+    /// [`DirtyReport::partial`]) with what can still be collected, the
+    /// writes to its shared memory, before [`TrackError::TargetExited`].
+    pub report_exit: bool,
     /// Take over a userfaultfd an earlier tracker left in the target: its
     /// fd number there, and the ranges registered with it. The first
     /// collect then reports the writes since that tracker's last collect.
@@ -246,6 +251,48 @@ struct ProcessTracker<T: Borrow<Target>> {
     children: BTreeSet<u32>,
     events: Vec<TrackEvent>,
     baseline: Option<DirtyReport>,
+    /// Shared mappings tracked synchronously across fork, if possible.
+    family: Option<Family>,
+    /// Why they are not, if they are not.
+    family_note: Option<String>,
+    /// Children already listed in a `Fork` event.
+    announced: BTreeSet<u32>,
+    /// The layout of the last collect (for the last report at exit).
+    last_layout: Vec<Vma>,
+    /// The last report at exit was given.
+    exited: bool,
+}
+
+/// Fork events listed per collect at most (all are counted in `forks`).
+pub const FORKS_LISTED: usize = 256;
+
+/// Whether a mapping is tracked by the family (synchronous write-protect):
+/// shared memory mapped shared. SysV segments are refused by
+/// `UFFDIO_WRITEPROTECT` (measured on 6.18): they stay with the async
+/// backend.
+pub(super) fn syncable(v: &Vma) -> bool {
+    v.is_shared()
+        && matches!(v.backing, Backing::Shmem | Backing::Hugetlb)
+        && v.kind != crate::vma::VmaKind::Sysv
+        && v.object_id().is_some()
+}
+
+/// Sets up the family of `target` (a second userfaultfd injected into it,
+/// synchronous, following forks), or says why not.
+fn start_family(
+    target: &Target,
+    backend: TrackerBackend,
+    page: PageSize,
+) -> Result<Family, String> {
+    if backend != TrackerBackend::UffdWpAsync {
+        return Err("no userfaultfd tracking".into());
+    }
+    let i = inject::userfaultfd_in(target, false).map_err(|e| e.to_string())?;
+    if i.origin == UffdOrigin::UserModeOnly {
+        return Err("the process may only create a UFFD_USER_MODE_ONLY userfaultfd, with which synchronous write-protect would make kernel-mode writes (read() into shared memory) fail".into());
+    }
+    let uffd = Userfaultfd::from_fd_sync_family(i.fd).map_err(|e| e.to_string())?;
+    Family::start(uffd, target.pid(), page).map_err(|e| e.to_string())
 }
 
 impl<T: Borrow<Target>> ProcessTracker<T> {
@@ -265,7 +312,21 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
             caps.map_files,
             page,
         );
+        let remote = matches!(scope, Scope::Process) && target.borrow().pid() != std::process::id();
+        let (family, family_note) = if remote && !opts.no_sharers {
+            match start_family(target.borrow(), chosen.backend.backend(), page) {
+                Ok(f) => (Some(f), None),
+                Err(why) => (None, Some(why)),
+            }
+        } else {
+            (None, None)
+        };
         let mut t = Self {
+            family,
+            family_note,
+            announced: BTreeSet::new(),
+            last_layout: Vec::new(),
+            exited: false,
             target,
             caps: caps.clone(),
             opts: TrackOptions {
@@ -297,10 +358,17 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
     fn reattach(&mut self) {
         let target = self.target.borrow();
         let pid = target.pid();
+        self.family = None;
         match choose(target, &self.caps, &self.opts) {
             Ok(c) => {
                 self.backend = c.backend;
                 self.degraded = c.degraded;
+                if self.family_note.is_none() {
+                    match start_family(target, self.backend.backend(), self.page) {
+                        Ok(f) => self.family = Some(f),
+                        Err(why) => self.family_note = Some(why),
+                    }
+                }
                 self.events.push(TrackEvent::Exec {
                     pid,
                     reattached: self.degraded.is_none(),
@@ -319,14 +387,80 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
         }
     }
 
-    /// New children since the last look (from `/proc/PID/task/*/children`).
-    fn look_for_children(&mut self) -> Vec<u32> {
+    /// New children since the last look (from `/proc/PID/task/*/children`,
+    /// and the family's children named by their first write, however
+    /// short-lived), listed once each, at most [`FORKS_LISTED`] a collect.
+    fn look_for_children(&mut self, family: &[u32]) -> Vec<u32> {
         let now: BTreeSet<u32> = self.target.borrow().children().into_iter().collect();
-        for &c in now.difference(&self.children) {
-            self.events.push(TrackEvent::Fork { child: c });
+        let new: Vec<u32> = now
+            .iter()
+            .chain(family)
+            .filter(|c| !self.announced.contains(c))
+            .copied()
+            .collect();
+        let mut listed = 0;
+        for c in new {
+            if self.announced.insert(c) && listed < FORKS_LISTED {
+                self.events.push(TrackEvent::Fork { child: c });
+                listed += 1;
+            }
         }
+        // Forget children that are gone (their PIDs may be reused).
+        let alive: BTreeSet<u32> = family.iter().chain(now.iter()).copied().collect();
+        self.announced
+            .retain(|p| alive.contains(p) || std::path::Path::new(&format!("/proc/{p}")).exists());
         self.children = now;
         self.children.iter().copied().collect()
+    }
+
+    fn can_report_exit(&self) -> bool {
+        self.opts.report_exit && !self.exited && !self.last_layout.is_empty()
+    }
+
+    /// The last report of a process that exited: the writes to its shared
+    /// memory (its own, recorded synchronously, and every other writer's)
+    /// over the layout it had.
+    fn exit_report(&mut self) -> DirtyReport {
+        self.exited = true;
+        let layout = std::mem::take(&mut self.last_layout);
+        let objects =
+            self.objects
+                .collect(self.target.borrow(), &layout, &[], self.family.as_ref());
+        let mut events = std::mem::take(&mut self.events);
+        events.extend(objects.events);
+        DirtyReport {
+            written: objects.written,
+            page_size: self.page,
+            tracked: layout.iter().map(|v| v.range).collect(),
+            objects: objects.objects,
+            events,
+            children: Vec::new(),
+            forks: objects.forks,
+            forks_tracked: self.family.is_some(),
+            partial: true,
+        }
+    }
+
+    /// The target's writes through page tables: the async backend over
+    /// its private mappings, the family over its shared ones.
+    fn own_writes(&mut self, layout: &[Vma]) -> Result<Vec<super::Written>, TrackError> {
+        let (mut fresh, rest): (Vec<super::Written>, Vec<Vma>) = match &self.family {
+            Some(f) => {
+                let shared: Vec<&Vma> = layout.iter().filter(|v| syncable(v)).collect();
+                let (fresh, refused) = f.sync_target(&shared);
+                let refused: Vec<VirtRange> = refused.iter().map(|v| v.range).collect();
+                let rest = layout
+                    .iter()
+                    .filter(|v| !syncable(v) || refused.contains(&v.range))
+                    .cloned()
+                    .collect();
+                (fresh, rest)
+            }
+            None => (Vec::new(), layout.to_vec()),
+        };
+        let mut own = self.backend.collect(self.target.borrow(), &rest)?;
+        own.append(&mut fresh);
+        Ok(own)
     }
 }
 
@@ -339,17 +473,28 @@ impl<T: Borrow<Target>> DirtyTracker for ProcessTracker<T> {
         if let Some(first) = self.baseline.take() {
             return Ok(first);
         }
-        let layout = self.scope.layout(self.target.borrow())?;
-        let own = match self.backend.collect(self.target.borrow(), &layout) {
-            Err(TrackError::TargetExited { .. }) if self.target.borrow().is_alive() => {
-                self.reattach();
-                let layout = self.scope.layout(self.target.borrow())?;
-                self.backend.collect(self.target.borrow(), &layout)?
+        let mut layout = match self.scope.layout(self.target.borrow()) {
+            Err(TrackError::TargetExited { .. }) if self.can_report_exit() => {
+                return Ok(self.exit_report());
             }
             r => r?,
         };
-        let objects = self.objects.collect(self.target.borrow(), &layout, &own);
-        let children = self.look_for_children();
+        let own = match self.own_writes(&layout) {
+            Err(TrackError::TargetExited { .. }) if self.target.borrow().is_alive() => {
+                self.reattach();
+                layout = self.scope.layout(self.target.borrow())?;
+                self.own_writes(&layout)?
+            }
+            Err(TrackError::TargetExited { .. }) if self.can_report_exit() => {
+                return Ok(self.exit_report());
+            }
+            r => r?,
+        };
+        let objects =
+            self.objects
+                .collect(self.target.borrow(), &layout, &own, self.family.as_ref());
+        let forks = objects.forks;
+        let children = self.look_for_children(&objects.children);
         let mut written = own;
         written.extend(objects.written);
         let mut events = std::mem::take(&mut self.events);
@@ -361,7 +506,11 @@ impl<T: Borrow<Target>> DirtyTracker for ProcessTracker<T> {
             objects: objects.objects,
             events,
             children,
+            forks,
+            forks_tracked: self.family.is_some(),
+            partial: false,
         })
+        .inspect(|_| self.last_layout = layout)
     }
 
     fn degraded(&self) -> Option<String> {
@@ -375,6 +524,9 @@ impl<T: Borrow<Target>> DirtyTracker for ProcessTracker<T> {
     fn notes(&self) -> Vec<String> {
         let mut n = self.backend.notes();
         n.extend(self.degraded.iter().cloned());
+        if let Some(why) = &self.family_note {
+            n.push(format!("shared memory is tracked in async mode, not across fork: children that write it and exit between two intervals are not seen ({why})"));
+        }
         for u in self.objects.unopened() {
             n.push(format!("object not opened (system-call writes to it are reported as the whole object where they are possible): {u}"));
         }

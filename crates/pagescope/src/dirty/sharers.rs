@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use super::family::{Family, RootId};
 use super::pagetable::{PageTableTracker, UffdWp};
 use super::{TrackError, TrackEvent, WriteSource, inject};
 use crate::addr::{PageSize, PageSpan};
@@ -133,11 +134,22 @@ impl SharerWrites {
     }
 }
 
+/// How a sharer's writes are seen.
+#[derive(Debug)]
+enum Tracking {
+    /// Write-protect async: its page tables, read at every collect (its
+    /// last writes die with it).
+    Async(UffdWp),
+    /// Synchronous write-protect in the tracker's family: every write
+    /// recorded as it happens, its children tracked from birth.
+    Sync(RootId),
+}
+
 /// One other process mapping watched objects.
 #[derive(Debug)]
 struct Sharer {
     target: Target,
-    tracker: Result<UffdWp, String>,
+    tracker: Result<Tracking, String>,
     objects: HashSet<ObjectId>,
 }
 
@@ -157,10 +169,20 @@ impl Sharers {
         }
     }
 
+    /// Whether `pid` is tracked as a sharer.
+    pub fn tracks(&self, pid: u32) -> bool {
+        self.procs.contains_key(&pid)
+    }
+
     /// Collects every sharer's writes into watched objects. `first`: the
     /// tracker's first collect, which reports everything anyway (no
     /// sharer is reported whole for appearing).
-    pub fn collect(&mut self, snapshot: &MapsSnapshot, first: bool) -> SharerWrites {
+    pub fn collect(
+        &mut self,
+        snapshot: &MapsSnapshot,
+        first: bool,
+        family: Option<&Family>,
+    ) -> SharerWrites {
         let mut out = SharerWrites::default();
         let gone: Vec<u32> = self
             .procs
@@ -169,7 +191,7 @@ impl Sharers {
             .copied()
             .collect();
         for pid in gone {
-            self.drop_sharer(pid, &mut out, "stopped mapping the object");
+            self.drop_sharer(pid, &mut out, "stopped mapping the object", family);
         }
         for (&pid, entries) in &snapshot.by_pid {
             let known = self.procs.contains_key(&pid);
@@ -177,19 +199,24 @@ impl Sharers {
                 continue; // read-only mappers cannot write
             }
             if !known {
-                self.attach(pid, first, &mut out);
+                // The family only where every writable mapping can be
+                // tracked synchronously (SysV segments cannot).
+                let sync = entries.iter().filter(|e| e.perms.write).all(|e| {
+                    super::process::syncable(&Vma::classify(e, &MountTable::default(), None))
+                });
+                self.attach(pid, first, &mut out, family.filter(|_| sync));
             }
-            self.collect_one(pid, entries, first, &mut out);
+            self.collect_one(pid, entries, first, &mut out, family);
         }
         out
     }
 
-    fn attach(&mut self, pid: u32, first: bool, out: &mut SharerWrites) {
+    fn attach(&mut self, pid: u32, first: bool, out: &mut SharerWrites, family: Option<&Family>) {
         let target = match Target::open(pid) {
             Ok(t) => t,
             Err(_) => return, // exited between the maps walk and now
         };
-        let tracker = start(&target).map_err(|e| e.to_string());
+        let tracker = start(&target, family).map_err(|e| e.to_string());
         if tracker.is_ok() && !first {
             out.events.push(TrackEvent::SharerAttached { pid });
         }
@@ -203,9 +230,19 @@ impl Sharers {
         );
     }
 
-    fn drop_sharer(&mut self, pid: u32, out: &mut SharerWrites, what: &str) {
+    fn drop_sharer(
+        &mut self,
+        pid: u32,
+        out: &mut SharerWrites,
+        what: &str,
+        family: Option<&Family>,
+    ) {
         if let Some(s) = self.procs.remove(&pid) {
-            if s.tracker.is_ok() {
+            if let (Ok(Tracking::Sync(root)), Some(f)) = (&s.tracker, family) {
+                // Every write was recorded as it happened: nothing unknown.
+                f.remove_root(*root);
+                out.events.push(TrackEvent::SharerGone { pid });
+            } else if s.tracker.is_ok() {
                 let why =
                     format!("process {pid} {what}; its writes since the last collect are unknown");
                 out.whole(s.objects, WriteSource::ObjectSharerGone, &why);
@@ -220,6 +257,7 @@ impl Sharers {
         entries: &[MapsEntry],
         first: bool,
         out: &mut SharerWrites,
+        family: Option<&Family>,
     ) {
         let page = self.page;
         let Some(s) = self.procs.get_mut(&pid) else {
@@ -236,7 +274,24 @@ impl Sharers {
             .filter_map(Vma::object_id)
             .collect();
         let tracker = match &mut s.tracker {
-            Ok(t) => t,
+            Ok(Tracking::Async(t)) => t,
+            Ok(Tracking::Sync(root)) => {
+                let root = *root;
+                let Some(f) = family else { return };
+                if f.is_dead(root) {
+                    // Exited or executed a new program: its writes up to
+                    // then were recorded; a new image is a new sharer.
+                    let what = if s.target.is_alive() {
+                        "executed a new program"
+                    } else {
+                        "exited"
+                    };
+                    self.drop_sharer(pid, out, what, family);
+                    return;
+                }
+                sync_one(f, root, pid, s, &vmas, first, out);
+                return;
+            }
             Err(why) => {
                 let why =
                     format!("process {pid} maps the object writable but cannot be tracked: {why}");
@@ -253,7 +308,7 @@ impl Sharers {
                 } else {
                     "exited"
                 };
-                self.drop_sharer(pid, out, what);
+                self.drop_sharer(pid, out, what, family);
                 return;
             }
             Err(e) => {
@@ -304,9 +359,68 @@ impl Sharers {
     }
 }
 
-/// A userfaultfd injected into `target` and the backend over it.
-fn start(target: &Target) -> Result<UffdWp, TrackError> {
+/// A sharer in the family: its new mappings registered (reported whole
+/// when it was already tracked: its writes to them before are unknown).
+fn sync_one(
+    f: &Family,
+    root: RootId,
+    pid: u32,
+    s: &mut Sharer,
+    vmas: &[Vma],
+    first: bool,
+    out: &mut SharerWrites,
+) {
+    let now: HashSet<ObjectId> = vmas.iter().filter_map(Vma::object_id).collect();
+    let lost: Vec<ObjectId> = s.objects.difference(&now).copied().collect();
+    let known_before = !s.objects.is_empty();
+    s.objects = now;
+    // Unmapped objects: its writes up to the munmap were recorded.
+    drop(lost);
+    let refs: Vec<&Vma> = vmas.iter().filter(|v| v.perms.write).collect();
+    let (fresh, refused) = f.sync_root(root, &refs);
+    for v in refused {
+        if let Some(id) = v.object_id() {
+            out.whole(
+                [id],
+                WriteSource::ObjectSharerUntracked,
+                &format!("a mapping of the object in process {pid} cannot be write-protected"),
+            );
+        }
+    }
+    if first {
+        return;
+    }
+    for w in fresh {
+        let Some(id) = vmas
+            .iter()
+            .find(|v| v.range == w.range)
+            .and_then(Vma::object_id)
+        else {
+            continue;
+        };
+        let why = if known_before {
+            format!(
+                "process {pid} mapped the object again; its writes before tracking began are unknown"
+            )
+        } else {
+            format!(
+                "process {pid} started mapping the object; its writes before tracking began are unknown"
+            )
+        };
+        out.whole([id], WriteSource::ObjectNewSharer, &why);
+    }
+}
+
+/// A userfaultfd injected into `target`: synchronous in `family` when
+/// there is one and the uffd is not user-mode only, else async.
+fn start(target: &Target, family: Option<&Family>) -> Result<Tracking, TrackError> {
     let injected = inject::userfaultfd_in(target, false)?;
+    if let Some(f) = family {
+        if injected.origin != inject::UffdOrigin::UserModeOnly {
+            let uffd = Userfaultfd::from_fd_sync_family(injected.fd)?;
+            return Ok(Tracking::Sync(f.add_root(uffd, target.pid())?));
+        }
+    }
     let uffd = Userfaultfd::from_fd(injected.fd)?;
-    UffdWp::new(target, uffd, injected.origin)
+    Ok(Tracking::Async(UffdWp::new(target, uffd, injected.origin)?))
 }

@@ -17,6 +17,12 @@ use crate::kernel::KernelCaps;
 use crate::proc::Target;
 use crate::rangeset::RangeSet;
 
+/// `CLOCK_MONOTONIC` now, in seconds.
+fn monotonic_s() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+}
+
 /// Writes to one mapping during an interval.
 #[derive(Clone, Debug, Serialize)]
 pub struct VmaWrites {
@@ -52,6 +58,11 @@ pub struct Interval {
     pub t: f64,
     /// Length of this interval in seconds.
     pub interval_s: f64,
+    /// `CLOCK_MONOTONIC` when the interval's collect began, in seconds (to
+    /// line intervals up with other tools' timestamps): a write before it
+    /// is reported in this interval or an earlier one; a collect takes
+    /// milliseconds, and a write during it may fall on either side.
+    pub clock_monotonic_s: f64,
     /// Distinct pages written.
     pub written_pages: u64,
     /// `written_pages` in bytes.
@@ -75,6 +86,15 @@ pub struct Interval {
     pub events: Vec<TrackEvent>,
     /// The process's live children.
     pub children: Vec<u32>,
+    /// Forks by the process and its descendants during the interval
+    /// (every one counted; `events` lists at most 256 `fork` events per
+    /// interval, those whose PID is known: alive at the collect, or named
+    /// by a write).
+    pub forks: u64,
+    /// Whether shared memory is tracked across fork, synchronously (every
+    /// write of every descendant seen, however short-lived); `false`: see
+    /// the notes.
+    pub forks_tracked: bool,
     /// Followed children's writes (`--follow-forks`).
     pub followed: Vec<ChildWrites>,
     /// Link bandwidth assumed for the pre-copy estimate, MiB/s.
@@ -82,6 +102,84 @@ pub struct Interval {
     /// Whether pre-copy at that bandwidth outpaces this interval's dirty
     /// rate (the remaining set shrinks every round).
     pub precopy_converges: bool,
+    /// Pages reported only by an over-reporting source (a whole object or
+    /// mapping with a named cause, `degraded` tracking): what was
+    /// possibly, not certainly, written.
+    pub conservative_pages: u64,
+    /// Why those pages are reported (one line each).
+    pub conservative_reasons: Vec<String>,
+    /// `converges`, `does_not_converge`, or `unknown` when conservative
+    /// pages outnumber the pages seen written page by page (the rate is
+    /// then mostly a bound, not a measure).
+    pub precopy_verdict: &'static str,
+    /// Why the verdict is `unknown`.
+    pub precopy_unknown_reason: Option<String>,
+    /// A partial interval: the last one, cut short by the target's exit
+    /// (then only the writes to its shared memory are known) or by
+    /// detaching. Left out of the peak and the mean.
+    pub partial: bool,
+}
+
+impl Interval {
+    /// Marks the interval partial (cut short by exit or detach).
+    pub fn mark_partial(&mut self) {
+        self.partial = true;
+    }
+}
+
+/// Pages only over-reporting sources report, and their causes.
+fn conservative(report: &DirtyReport, degraded: Option<&str>) -> (u64, Vec<String>) {
+    let exact: RangeSet = report
+        .written
+        .iter()
+        .filter(|w| w.source.is_exact())
+        .map(|w| w.range)
+        .collect();
+    let mut over = RangeSet::new();
+    for w in report.written.iter().filter(|w| !w.source.is_exact()) {
+        over.extend(exact.subtract_from(w.range));
+    }
+    let pages = over.pages(report.page_size);
+    let mut why: Vec<String> = Vec::new();
+    if pages > 0 {
+        for (src, n) in report.pages_by_source() {
+            if !src.is_exact() && n > 0 {
+                let name = serde_json::to_value(src)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                why.push(format!("{name}: {n} pages"));
+            }
+        }
+        for o in &report.objects {
+            why.extend(o.causes.iter().map(|c| format!("{}: {c}", o.path)));
+        }
+        why.extend(degraded.map(str::to_owned));
+    }
+    why.dedup();
+    (pages, why)
+}
+
+/// The pre-copy verdict and, when unknown, why.
+fn verdict(
+    rate: f64,
+    bandwidth: f64,
+    conservative: u64,
+    exact: u64,
+) -> (&'static str, Option<String>) {
+    if conservative > exact {
+        return (
+            "unknown",
+            Some(format!(
+                "{conservative} of the pages reported are a conservative bound (see conservative_reasons), more than the {exact} seen written page by page"
+            )),
+        );
+    }
+    if rate < bandwidth {
+        ("converges", None)
+    } else {
+        ("does_not_converge", None)
+    }
 }
 
 /// A child attached because the watched process forked it.
@@ -167,6 +265,7 @@ impl<'t> Watcher<'t> {
 
     /// Collects the writes since the previous sample.
     pub fn sample(&mut self) -> Result<Interval, TrackError> {
+        let clock_monotonic_s = monotonic_s();
         let report = self.tracker.collect()?;
         let now = Instant::now();
         let interval_s = now.duration_since(self.last).as_secs_f64().max(1e-9);
@@ -178,10 +277,19 @@ impl<'t> Watcher<'t> {
         let written_bytes = page.bytes(written_pages);
         let rate = written_bytes as f64 / interval_s / (1024.0 * 1024.0);
         let followed = self.sample_children(&report);
+        let degraded = self.tracker.degraded();
+        let (conservative_pages, conservative_reasons) = conservative(&report, degraded.as_deref());
+        let (precopy_verdict, precopy_unknown_reason) = verdict(
+            rate,
+            self.bandwidth_mib_s,
+            conservative_pages,
+            written_pages.saturating_sub(conservative_pages),
+        );
         Ok(Interval {
             pid: self.target.pid(),
             t: now.duration_since(self.start).as_secs_f64(),
             interval_s,
+            clock_monotonic_s,
             written_pages,
             written_bytes,
             dirty_rate_mib_s: rate,
@@ -190,12 +298,19 @@ impl<'t> Watcher<'t> {
             vmas: self.per_vma(&ranges, page),
             objects: report.objects,
             backend: self.tracker.backend(),
-            degraded: self.tracker.degraded(),
+            degraded,
             events: report.events,
             children: report.children,
+            forks: report.forks,
+            forks_tracked: report.forks_tracked,
             followed,
             precopy_bandwidth_mib_s: self.bandwidth_mib_s,
             precopy_converges: rate < self.bandwidth_mib_s,
+            conservative_pages,
+            conservative_reasons,
+            precopy_verdict,
+            precopy_unknown_reason,
+            partial: report.partial,
         })
     }
 
@@ -244,7 +359,8 @@ impl<'t> Watcher<'t> {
                 (pages > 0).then(|| VmaWrites {
                     start: e.range.start(),
                     end: e.range.end(),
-                    path: e.path.display(),
+                    path: super::objects::shared_label(&e.path.display(), e.perms.shared, e.inode)
+                        .unwrap_or_else(|| e.path.display()),
                     written_pages: pages,
                 })
             })

@@ -18,12 +18,14 @@ mod model;
 mod out_dir;
 mod passes;
 mod remote;
+mod sharers;
 pub mod stop;
 pub mod swap;
 mod unopened;
 mod verify;
 
 pub use cow::CowStats;
+pub use sharers::{InconsistentObject, SharedWriter, SharedWriters};
 pub use swap::{SwapClassReport, SwapPolicy, SwapReport};
 pub use verify::{
     KernelOwned, Memory, Mismatch, NotCompared, OtherWriters, VerifyOptions, VerifyReport, verify,
@@ -176,8 +178,14 @@ pub struct DumpOptions {
     /// Copy the pages of mapped regular files too (default: recorded by
     /// identity and read from the file at restore).
     pub copy_files: bool,
-    /// Leave the process stopped (a `SIGSTOP`) after the dump.
+    /// Leave the process stopped (a `SIGSTOP`) after the dump (and every
+    /// other writer stopped for the final pass, see `stop_sharers`).
     pub leave_stopped: bool,
+    /// Stop every other process that maps a dumped shared object writable
+    /// for the final pass too, so the image of shared memory is a
+    /// consistent snapshot (default). Off: such objects and their writers
+    /// are named in [`DumpReport::shared_writers`].
+    pub stop_sharers: bool,
     /// What to do with swapped-out pages.
     pub swap: SwapPolicy,
     /// A point-in-time copy-before-write snapshot (`--snapshot cow`)
@@ -203,6 +211,7 @@ impl DumpOptions {
             max_downtime: None,
             copy_files: false,
             leave_stopped: false,
+            stop_sharers: true,
             swap: SwapPolicy::Read,
             cow: false,
             cancel: None,
@@ -260,6 +269,10 @@ pub struct DumpReport {
     pub snapshot: Option<CowStats>,
     /// What limited the dump (a degraded tracker, tracking not kept).
     pub notes: Vec<String>,
+    /// Other processes writing the dumped shared memory during the final
+    /// pass: stopped with the dumped ones, or named with the objects that
+    /// are therefore not a consistent snapshot.
+    pub shared_writers: SharedWriters,
 }
 
 /// Something a dump tells its caller as it goes.

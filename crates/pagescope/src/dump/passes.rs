@@ -99,6 +99,8 @@ pub(super) struct Dump<'t, 'c, 'p> {
     pub(super) rseq: BTreeMap<u32, Vec<crate::image::format::RseqRec>>,
     /// Objects copied through the process's mappings (not openable).
     unopened: super::unopened::UnopenedObjects,
+    /// Other writers of the shared memory in the final pass.
+    pub(super) shared_writers: super::SharedWriters,
 }
 
 impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
@@ -122,6 +124,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             rate: 0.0,
             notes: Vec::new(),
             unopened: super::unopened::UnopenedObjects::default(),
+            shared_writers: super::SharedWriters::default(),
             swap: Arc::new(SwapIo::new(
                 opts.swap,
                 caps.privileged_pagemap,
@@ -339,6 +342,10 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         for (p, s) in self.procs.iter().zip(&stopped) {
             self.rseq.insert(p.pid, s.rseq_areas());
         }
+        let dumped: Vec<&Target> = self.procs.iter().map(|p| p.target.get()).collect();
+        let (others, writers) = super::sharers::stop_writers(&dumped, self.opts.stop_sharers);
+        stopped.extend(others);
+        self.shared_writers = writers;
         let it = self.copy_written(n, true)?;
         for s in &mut stopped {
             if self.opts.leave_stopped {
@@ -961,6 +968,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             swap,
             snapshot,
             notes: self.notes,
+            shared_writers: self.shared_writers,
         })
     }
 

@@ -23,6 +23,15 @@ pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 /// `UFFD_FEATURE_WP_ASYNC` (6.7).
 pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// `UFFD_FEATURE_EVENT_FORK` (4.11): a fork by the uffd's mm copies the
+/// registration into the child and hands the reader the child's uffd.
+pub const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
+/// `UFFD_FEATURE_EVENT_REMAP` (4.11): `mremap` of a registered range keeps
+/// the registration and is reported.
+pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+/// `UFFD_FEATURE_THREAD_ID` (4.14): fault messages carry the faulting
+/// thread's id.
+pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 /// `UFFD_USER_MODE_ONLY` (5.11): only user-mode faults are handled.
 pub const UFFD_USER_MODE_ONLY: u32 = 1;
 /// `UFFDIO_REGISTER_MODE_WP`.
@@ -59,6 +68,10 @@ const _: () = assert!(std::mem::size_of::<uffdio_register>() == 32);
 
 /// `UFFD_EVENT_PAGEFAULT`.
 pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFD_EVENT_FORK`.
+pub const UFFD_EVENT_FORK: u8 = 0x13;
+/// `UFFD_EVENT_REMAP`.
+pub const UFFD_EVENT_REMAP: u8 = 0x14;
 /// `UFFD_PAGEFAULT_FLAG_WP`: a write to a write-protected page.
 pub const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 /// `UFFDIO_WRITEPROTECT_MODE_WP`.
@@ -195,14 +208,35 @@ pub fn uffdio_writeprotect(
 }
 
 /// One `uffd_msg`: the event, and for a page fault its flags and address.
+/// The three argument words are kept raw: for `UFFD_EVENT_FORK` the low
+/// half of `flags` is the child's uffd (installed in the reader's fd table
+/// by the `read()`), for `UFFD_EVENT_REMAP` they are `from`, `to`, `len`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FaultMsg {
     /// `msg.event`.
     pub event: u8,
-    /// `msg.arg.pagefault.flags`.
+    /// `msg.arg.pagefault.flags` (`arg.fork.ufd`, `arg.remap.from`).
     pub flags: u64,
-    /// `msg.arg.pagefault.address`.
+    /// `msg.arg.pagefault.address` (`arg.remap.to`).
     pub address: u64,
+    /// `msg.arg.pagefault.feat.ptid` (`UFFD_FEATURE_THREAD_ID`;
+    /// `arg.remap.len`).
+    pub third: u64,
+}
+
+impl FaultMsg {
+    /// For `UFFD_EVENT_FORK`: the child's userfaultfd, now owned by the
+    /// caller of [`read_msgs`].
+    pub fn take_fork_fd(&self) -> Option<OwnedFd> {
+        if self.event != UFFD_EVENT_FORK {
+            return None;
+        }
+        let fd = i32::try_from(self.flags & 0xffff_ffff).ok()?;
+        // SAFETY: the kernel installed this fd in our table when the
+        // message was read (`resolve_userfault_fork`); nobody else knows
+        // it, and each message is taken once by its reader.
+        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    }
 }
 
 /// Reads the pending messages (`read(2)` of whole `uffd_msg`s) into
@@ -220,6 +254,7 @@ pub fn read_msgs(uffd: BorrowedFd<'_>, out: &mut Vec<FaultMsg>) -> Result<(), Er
             event: m[0],
             flags: u64_at(8),
             address: u64_at(16),
+            third: u64_at(24),
         });
     }
     Ok(())
