@@ -15,7 +15,7 @@ use pagescope::image::{Image, PageKind};
 use pagescope::{KernelCaps, Target};
 
 use crate::cli::{DumpArgs, ImageCommand};
-use crate::exit::OK;
+use crate::exit::{OK, OTHER};
 
 pub fn dump(args: &DumpArgs) -> Result<u8> {
     let caps = KernelCaps::probe();
