@@ -108,3 +108,58 @@ fn unprivileged_dump_copies_python_shared_anonymous_mmap_through_the_mapping() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The fixture's SysV segment and shared anonymous region (resident,
+/// swapped and hole pages, no descriptor held) dumped and restored as
+/// `nobody`: every shared mapping restores to exactly the process's
+/// memory, and the SysV note says no page of the segment was left out.
+#[test]
+fn unprivileged_dump_of_sysv_and_shared_anonymous_restores_exactly_swapdev() {
+    if !common::is_root() {
+        skip("needs root to run the fixture and pagescope as nobody");
+        return;
+    }
+    let mut fx = common::unprivileged_fixture(&["sysv", "shared_anon"]);
+    for s in &fx.truth().skipped {
+        skip(&format!("scenario {}: {}", s.scenario, s.reason));
+    }
+    let pid = fx.pid();
+    let dir = common::Scratch::new("dumpunpriv-fx");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let img = dir.p("img");
+    let out = common::as_nobody(&["dump", &pid.to_string(), "-o", &img, "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let notes = report["notes"].to_string();
+    assert!(
+        notes.contains("SYSV") && notes.contains("no mapping leaves any of its pages out"),
+        "{notes}"
+    );
+    let to = dir.p("restored");
+    let restored = common::as_nobody(&["restore", &img, "--to", &to])
+        .output()
+        .unwrap();
+    assert_eq!(restored.status.code(), Some(0), "{restored:?}");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut compared = 0;
+    for l in maps.lines().filter(|l| l.contains(" rw-s ")) {
+        let (range, _) = l.split_once(' ').unwrap();
+        let (s, e) = range.split_once('-').unwrap();
+        let (s, e) = (
+            u64::from_str_radix(s, 16).unwrap(),
+            u64::from_str_radix(e, 16).unwrap(),
+        );
+        let name = format!("pid-{pid}-{s:x}-{e:x}.mem");
+        let got = std::fs::read(std::path::Path::new(&to).join(&name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut want = vec![0u8; usize::try_from(e - s).unwrap()];
+        std::os::unix::fs::FileExt::read_exact_at(&mem, &mut want, s).unwrap();
+        assert!(got == want, "{l}: restored bytes differ from the process's");
+        compared += 1;
+    }
+    assert!(compared >= 2, "no shared mappings compared:\n{maps}");
+    assert_eq!(fx.command("ping").unwrap(), "pong");
+}

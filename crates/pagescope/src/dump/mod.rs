@@ -11,6 +11,7 @@
 //! pages that differ from it are stored (or, with a userfaultfd the
 //! previous dump left in the target, only pages written since).
 
+mod abort;
 mod cold;
 mod copy;
 mod cow;

@@ -34,23 +34,23 @@ use crate::vma::{Backing, ObjectClass, ObjectId};
 /// One process being dumped.
 pub(super) struct Proc<'t> {
     pub(super) pid: u32,
-    target: ProcTarget<'t>,
-    tracker: Box<dyn DirtyTracker + 't>,
+    pub(super) target: ProcTarget<'t>,
+    pub(super) tracker: Box<dyn DirtyTracker + 't>,
     pub(super) mem: RemoteMem,
     pub(super) vmas: Vec<VmaModel>,
-    adopted: Option<i32>,
+    pub(super) adopted: Option<i32>,
     /// Tracked since the parent image (a kept userfaultfd): pages reported
     /// written are stored without comparing them with the parent.
     tracked_since_parent: bool,
 }
 
-enum ProcTarget<'t> {
+pub(super) enum ProcTarget<'t> {
     Borrowed(&'t Target),
     Owned(Box<Target>),
 }
 
 impl ProcTarget<'_> {
-    fn get(&self) -> &Target {
+    pub(super) fn get(&self) -> &Target {
         match self {
             Self::Borrowed(t) => t,
             Self::Owned(t) => t,
@@ -1049,51 +1049,6 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                     first.tracker.backend().name()
                 ));
                 Ok(None)
-            }
-        }
-    }
-}
-
-impl Dump<'_, '_, '_> {
-    /// Fails with [`DumpError::Interrupted`] once `opts.cancel` is set.
-    pub(super) fn cancelled(&self) -> Result<(), DumpError> {
-        let signal = self
-            .opts
-            .cancel
-            .as_ref()
-            .map_or(0, |c| c.load(std::sync::atomic::Ordering::SeqCst));
-        match (signal, self.procs.first()) {
-            (0, _) => Ok(()),
-            (signal, first) => Err(DumpError::Interrupted {
-                pid: first.map_or(0, |p| p.pid),
-                signal,
-            }),
-        }
-    }
-
-    /// A dumped process that exited or became a zombie (after a failure,
-    /// to report that rather than the step that noticed it).
-    pub(super) fn gone(&self) -> Option<u32> {
-        self.procs
-            .iter()
-            .find(|p| p.target.get().require_address_space().is_err())
-            .map(|p| p.pid)
-    }
-
-    /// After a failure: closes the userfaultfd `keep_tracking` left in the
-    /// process (nothing stays write-protected; pagescope's own copies
-    /// close as the trackers drop). Stopped threads were resumed already.
-    pub(super) fn abandon(&mut self) {
-        let Some(first) = self.procs.first() else {
-            return;
-        };
-        if let Some(fd) = first
-            .tracker
-            .kept_in_target()
-            .filter(|_| self.opts.keep_tracking)
-        {
-            if first.adopted != Some(fd) {
-                let _ = crate::dirty::inject::close_in_target(first.target.get(), fd);
             }
         }
     }

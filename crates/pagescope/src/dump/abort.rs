@@ -1,0 +1,55 @@
+//! What a dump that fails or is interrupted (`DumpOptions::cancel`, set
+//! by a signal) checks and undoes: the cancel flag between steps, a
+//! process that exited (reported as that, exit 9, whatever step noticed
+//! it), the userfaultfd `keep_tracking` left in the process. Stopped
+//! threads are resumed by `Stopped`'s drop, pagescope's own userfaultfds
+//! close with the trackers, the incomplete image goes with
+//! `out_dir::discard`.
+
+use super::DumpError;
+use super::passes::Dump;
+
+impl Dump<'_, '_, '_> {
+    /// Fails with [`DumpError::Interrupted`] once `opts.cancel` is set.
+    pub(super) fn cancelled(&self) -> Result<(), DumpError> {
+        let signal = self
+            .opts
+            .cancel
+            .as_ref()
+            .map_or(0, |c| c.load(std::sync::atomic::Ordering::SeqCst));
+        match (signal, self.procs.first()) {
+            (0, _) => Ok(()),
+            (signal, first) => Err(DumpError::Interrupted {
+                pid: first.map_or(0, |p| p.pid),
+                signal,
+            }),
+        }
+    }
+
+    /// A dumped process that exited or became a zombie (after a failure,
+    /// to report that rather than the step that noticed it).
+    pub(super) fn gone(&self) -> Option<u32> {
+        self.procs
+            .iter()
+            .find(|p| p.target.get().require_address_space().is_err())
+            .map(|p| p.pid)
+    }
+
+    /// After a failure: closes the userfaultfd `keep_tracking` left in the
+    /// process (nothing stays write-protected; pagescope's own copies
+    /// close as the trackers drop). Stopped threads were resumed already.
+    pub(super) fn abandon(&mut self) {
+        let Some(first) = self.procs.first() else {
+            return;
+        };
+        if let Some(fd) = first
+            .tracker
+            .kept_in_target()
+            .filter(|_| self.opts.keep_tracking)
+        {
+            if first.adopted != Some(fd) {
+                let _ = crate::dirty::inject::close_in_target(first.target.get(), fd);
+            }
+        }
+    }
+}
