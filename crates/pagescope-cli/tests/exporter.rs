@@ -151,6 +151,31 @@ fn the_exposition_passes_promtool_in_both_formats() {
         "{missing:?}"
     );
     drop(server);
+
+    // A collection slower than --scrape-timeout never holds the scrape:
+    // it is served the previous snapshot (here: none yet), said late.
+    let (_slow, addr) = serve(exporter_cmd(&["--scrape-timeout", "10ms", "--pid", &pid]));
+    let url = format!("http://{addr}/metrics");
+    let start = Instant::now();
+    let (first, _) = get(&url, None);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(first.contains("pagescope_late_scrapes_total 1"), "{first}");
+    assert!(!first.contains(&format!("pid=\"{pid}\"")), "{first}");
+    promtool_check(&first);
+    // Later scrapes get the collection the first one started.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (text, _) = get(&url, None);
+        if text.contains(&format!("pagescope_process_rss_bytes{{pid=\"{pid}\"")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no snapshot arrived: {text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A Prometheus server scraping `targets` (job name → address) every

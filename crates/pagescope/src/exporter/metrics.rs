@@ -302,6 +302,11 @@ fn health(f: &mut Families, state: &State<'_>) {
             "scrapes served, from a fresh or cached snapshot",
             t.scrapes,
         ),
+        (
+            "late_scrapes",
+            "scrapes served the previous snapshot because the collection they asked for outlasted --scrape-timeout",
+            t.late,
+        ),
     ] {
         f.counter(name, help, None).get_or_create(&vec![]).inc_by(v);
     }
