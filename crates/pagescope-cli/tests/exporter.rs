@@ -354,19 +354,7 @@ fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
 
 /// The python pair of `fork_shared_swapped.py`: (parent, child).
 fn python_pair() -> (Killed, u32, u32) {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/programs/fork_shared_swapped.py"
-    );
-    let mut child = Command::new("python3")
-        .args([script, "1024", "16384", "256"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (child, line) = common::fork_shared_swapped();
     let parent = child.id();
     let kid: u32 = line
         .split_whitespace()
