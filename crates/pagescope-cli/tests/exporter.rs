@@ -128,6 +128,21 @@ fn the_exposition_passes_promtool_in_both_formats() {
     }
     assert!(text.contains(&format!("pagescope_process_rss_bytes{{pid=\"{pid}\"")));
 
+    for bad in [
+        &["exporter"][..],
+        &["exporter", "--listen", "256.0.0.1:80"],
+        &["exporter", "--once", "--listen", "127.0.0.1:0"],
+        &["exporter", "--once", "--object-min-size", "lots"],
+    ] {
+        let out = cli(bad);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{bad:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     let (server, addr) = serve(exporter_cmd(&["--pid", &pid]));
     let url = format!("http://{addr}/metrics");
     let (plain, ctype) = get(&url, None);
