@@ -238,6 +238,8 @@ fn a_real_prometheus_scrapes_the_exporter() {
         "500ms",
         "--pid",
         &pids[4],
+        "--pid",
+        &pids[0],
     ]));
     let prom = Prometheus::start(&[("root", &root_addr), ("nobody", &nobody_addr)]);
     let series = |expr: &str| prom.value(expr);
@@ -350,6 +352,14 @@ fn a_real_prometheus_scrapes_the_exporter() {
     prom.wait_for(
         "pagescope_processes_skipped{job=\"nobody\",reason=\"permission\"} > 0",
         Duration::from_secs(10),
+    );
+    // The root fixture, named by --pid, is missing for `nobody`, and why.
+    assert_eq!(
+        series(&format!(
+            "pagescope_process_missing{{job=\"nobody\",pid=\"{}\",reason=\"permission\"}}",
+            pids[0]
+        )),
+        Some(1.0)
     );
     assert!(
         series(&format!(
