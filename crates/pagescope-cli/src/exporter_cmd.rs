@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use pagescope::exporter::serve::Background;
 use pagescope::exporter::{Exporter, ExporterOptions, Format, Selection, WatchSpec};
 use pagescope::render::Glob;
 
@@ -50,6 +51,10 @@ pub struct ExporterArgs {
     /// listed (bytes; K, M, G suffixes).
     #[arg(long, default_value = "1M", value_parser = parse_size, value_name = "BYTES")]
     pub object_min_size: u64,
+    /// A scrape waits at most this long for a fresh collection, then gets
+    /// the previous one (keep it below Prometheus's scrape_timeout).
+    #[arg(long, default_value = "8s", value_parser = crate::cli::parse_interval)]
+    pub scrape_timeout: Duration,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -88,8 +93,8 @@ fn options(args: &ExporterArgs) -> ExporterOptions {
 }
 
 pub fn run(args: &ExporterArgs) -> Result<u8> {
-    let mut exporter = Exporter::new(options(args));
     let Some(addr) = &args.listen else {
+        let mut exporter = Exporter::new(options(args));
         let format = if args.openmetrics {
             Format::OpenMetrics
         } else {
@@ -103,6 +108,7 @@ pub fn run(args: &ExporterArgs) -> Result<u8> {
     };
     let server = tiny_http::Server::http(addr.as_str())
         .map_err(|e| CliError::new(USAGE, format!("cannot listen on {addr}: {e}")))?;
+    let exporter = Background::start(options(args), args.scrape_timeout);
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
@@ -118,12 +124,12 @@ pub fn run(args: &ExporterArgs) -> Result<u8> {
             continue;
         };
         // A client that goes away mid-response is its problem, not ours.
-        let _ = respond(&mut exporter, req);
+        let _ = respond(&exporter, req);
     }
     Ok(OK)
 }
 
-fn respond(exporter: &mut Exporter, req: tiny_http::Request) -> std::io::Result<()> {
+fn respond(exporter: &Background, req: tiny_http::Request) -> std::io::Result<()> {
     let header = |name: &str, value: &str| {
         tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("a valid header")
     };

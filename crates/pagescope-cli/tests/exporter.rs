@@ -12,92 +12,15 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{cli, exe, fixture, skip};
+use common::exporter::{
+    Killed, Prometheus, eventually, exporter_cmd, get, have, json_of, promtool_check, serve,
+};
+use common::{cli, fixture, skip};
 use serde_json::Value;
-
-/// Kills a child (by its PID, through `Child`) on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn promtool_check(text: &str) {
-    let mut c = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    std::io::Write::write_all(&mut c.stdin.take().unwrap(), text.as_bytes()).unwrap();
-    let out = c.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Starts `pagescope exporter --listen 127.0.0.1:0 ARGS` (through `cmd`)
-/// and returns it with the address it serves.
-fn serve(mut cmd: Command) -> (Killed, String) {
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the exporter");
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|s| s.strip_suffix("/metrics\n"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    // Keep draining stderr so the exporter never blocks on it.
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    (Killed(child), addr)
-}
-
-fn exporter_cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(exe());
-    c.args(["exporter", "--listen", "127.0.0.1:0"]).args(args);
-    c
-}
-
-fn get(url: &str, accept: Option<&str>) -> (String, String) {
-    let mut req = ureq::get(url);
-    if let Some(a) = accept {
-        req = req.header("Accept", a);
-    }
-    let mut resp = req.call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let ctype = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    (resp.body_mut().read_to_string().unwrap(), ctype)
-}
 
 #[test]
 fn the_exposition_passes_promtool_in_both_formats() {
@@ -128,6 +51,21 @@ fn the_exposition_passes_promtool_in_both_formats() {
     }
     assert!(text.contains(&format!("pagescope_process_rss_bytes{{pid=\"{pid}\"")));
 
+    for bad in [
+        &["exporter"][..],
+        &["exporter", "--listen", "256.0.0.1:80"],
+        &["exporter", "--once", "--listen", "127.0.0.1:0"],
+        &["exporter", "--once", "--object-min-size", "lots"],
+    ] {
+        let out = cli(bad);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{bad:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     let (server, addr) = serve(exporter_cmd(&["--pid", &pid]));
     let url = format!("http://{addr}/metrics");
     let (plain, ctype) = get(&url, None);
@@ -151,128 +89,31 @@ fn the_exposition_passes_promtool_in_both_formats() {
         "{missing:?}"
     );
     drop(server);
-}
 
-/// A Prometheus server scraping `targets` (job name → address) every
-/// second, with its data in a temporary directory.
-struct Prometheus {
-    child: Killed,
-    base: String,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.0.kill();
-        let _ = self.child.0.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-impl Prometheus {
-    fn start(targets: &[(&str, &str)]) -> Self {
-        let dir = std::env::temp_dir().join(format!("pagescope-prometheus-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("data")).unwrap();
-        let mut config =
-            String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n");
-        for (job, addr) in targets {
-            config +=
-                &format!("  - job_name: {job}\n    static_configs:\n      - targets: ['{addr}']\n");
-        }
-        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-        let port = free_port();
-        let child = Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("log")).unwrap())
-            .spawn()
-            .expect("start prometheus");
-        let p = Self {
-            child: Killed(child),
-            base: format!("http://127.0.0.1:{port}"),
-            dir,
-        };
-        p.wait_for(
-            &format!("count(up == 1) == {}", targets.len()),
-            Duration::from_secs(60),
-        );
-        p
-    }
-
-    /// The result vector of an instant query.
-    fn query(&self, expr: &str) -> Vec<Value> {
-        let url = format!("{}/api/v1/query", self.base);
-        let mut resp = match ureq::get(&url).query("query", expr).call() {
-            Ok(r) => r,
-            Err(e) => panic!("query {expr}: {e}"),
-        };
-        let doc: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
-        assert_eq!(doc["status"], "success", "{expr}: {doc}");
-        doc["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    /// The single value of `expr` (None when it has no series).
-    fn value(&self, expr: &str) -> Option<f64> {
-        let r = self.query(expr);
-        assert!(r.len() <= 1, "{expr}: several series {r:?}");
-        r.first()
-            .and_then(|s| s["value"][1].as_str())
-            .map(|v| v.parse().unwrap())
-    }
-
-    fn wait_for(&self, expr: &str, limit: Duration) {
-        let start = Instant::now();
-        loop {
-            let ready = ureq::get(&format!("{}/api/v1/query", self.base))
-                .query("query", expr)
-                .call()
-                .ok()
-                .and_then(|mut r| r.body_mut().read_to_string().ok())
-                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                .is_some_and(|d| {
-                    d["data"]["result"]
-                        .as_array()
-                        .is_some_and(|a| !a.is_empty())
-                });
-            if ready {
-                return;
-            }
-            if start.elapsed() > limit {
-                let mut log = String::new();
-                let _ = std::fs::File::open(self.dir.join("log"))
-                    .map(|mut f| f.read_to_string(&mut log));
-                panic!("prometheus: {expr} not true after {limit:?}; log: {log}");
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-}
-
-fn json_of(args: &[&str]) -> Value {
-    let out = cli(args);
+    // A collection slower than --scrape-timeout never holds the scrape:
+    // it is served the previous snapshot (here: none yet), said late.
+    let (_slow, addr) = serve(exporter_cmd(&["--scrape-timeout", "10ms", "--pid", &pid]));
+    let url = format!("http://{addr}/metrics");
+    let start = Instant::now();
+    let (first, _) = get(&url, None);
     assert!(
-        matches!(out.status.code(), Some(0 | 8)),
-        "pagescope {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    assert!(first.contains("pagescope_late_scrapes_total 1"), "{first}");
+    assert!(!first.contains(&format!("pid=\"{pid}\"")), "{first}");
+    promtool_check(&first);
+    // Later scrapes get the collection the first one started.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (text, _) = get(&url, None);
+        if text.contains(&format!("pagescope_process_rss_bytes{{pid=\"{pid}\"")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no snapshot arrived: {text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// `map --json` of `pid`: bytes per (backing, state), special mappings
@@ -312,36 +153,9 @@ fn prom_states(p: &Prometheus, pid: u32) -> BTreeMap<(String, String), f64> {
     .collect()
 }
 
-/// Runs `check` until it returns `Ok`, a few times: a DAMON pageout or a
-/// page-cache change may land between pagescope's own scan and the
-/// exporter's; what it did must then be seen by both on the next try.
-fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
-    let mut last = String::new();
-    for _ in 0..5 {
-        match check() {
-            Ok(()) => return,
-            Err(e) => last = e,
-        }
-        std::thread::sleep(Duration::from_millis(2500));
-    }
-    panic!("{what}: {last}");
-}
-
 /// The python pair of `fork_shared_swapped.py`: (parent, child).
 fn python_pair() -> (Killed, u32, u32) {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/programs/fork_shared_swapped.py"
-    );
-    let mut child = Command::new("python3")
-        .args([script, "1024", "16384", "256"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (child, line) = common::fork_shared_swapped();
     let parent = child.id();
     let kid: u32 = line
         .split_whitespace()
@@ -424,6 +238,8 @@ fn a_real_prometheus_scrapes_the_exporter() {
         "500ms",
         "--pid",
         &pids[4],
+        "--pid",
+        &pids[0],
     ]));
     let prom = Prometheus::start(&[("root", &root_addr), ("nobody", &nobody_addr)]);
     let series = |expr: &str| prom.value(expr);
@@ -536,6 +352,14 @@ fn a_real_prometheus_scrapes_the_exporter() {
     prom.wait_for(
         "pagescope_processes_skipped{job=\"nobody\",reason=\"permission\"} > 0",
         Duration::from_secs(10),
+    );
+    // The root fixture, named by --pid, is missing for `nobody`, and why.
+    assert_eq!(
+        series(&format!(
+            "pagescope_process_missing{{job=\"nobody\",pid=\"{}\",reason=\"permission\"}}",
+            pids[0]
+        )),
+        Some(1.0)
     );
     assert!(
         series(&format!(

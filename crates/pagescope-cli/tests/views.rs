@@ -5,8 +5,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
-use std::process::{Command, Stdio};
 
 use common::{cli, fixture, skip};
 use serde_json::Value;
@@ -328,19 +326,7 @@ fn top_divides_shared_swap_among_the_processes_holding_it() {
     if common::caps().swaps.is_empty() {
         return skip("top swap division: no swap device active");
     }
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/programs/fork_shared_swapped.py"
-    );
-    let mut child = Command::new("python3")
-        .args([script, "1024", "16384", "256"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (child, line) = common::fork_shared_swapped();
     let py = Python(child);
     let parent = py.0.id();
     let fields: Vec<&str> = line.split_whitespace().collect();

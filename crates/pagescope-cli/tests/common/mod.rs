@@ -4,6 +4,8 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod exporter;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -29,4 +31,25 @@ pub fn cli(args: &[&str]) -> Output {
 /// A command that runs `pagescope ARGS` as user `nobody`.
 pub fn as_nobody(args: &[&str]) -> Command {
     pagescope_fixture::testing::as_nobody(exe(), args)
+}
+
+/// Starts `tests/programs/fork_shared_swapped.py` (shared 1024 pages,
+/// private 16384, unmapped 256): the parent and the line it printed,
+/// `<child pid> <shared addr> <private addr>`.
+pub fn fork_shared_swapped() -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/programs/fork_shared_swapped.py"
+    );
+    let mut child = Command::new("python3")
+        .args([script, "1024", "16384", "256"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the program's line");
+    (child, line)
 }

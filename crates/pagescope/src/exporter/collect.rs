@@ -306,7 +306,9 @@ fn scan_all(
             scan_holdings(&c.target, caps, mounts.of(&c.target), shared_swap)
         };
         match result {
-            Ok(mut r) if r.complete() => {
+            // A mapping that changed during the scan is left out of the
+            // report (as `top` keeps it); a process that exited is gone.
+            Ok(mut r) if !exited(&r) => {
                 r.comm.clone_from(&c.comm);
                 reports.push(r);
                 rows.push(match (sel, holdings_work && !shared_swap) {
@@ -320,6 +322,12 @@ fn scan_all(
         }
     }
     (reports, rows)
+}
+
+fn exited(r: &ProcessReport) -> bool {
+    r.skipped
+        .iter()
+        .any(|s| s.reason == crate::report::SkipReason::ProcessExited)
 }
 
 /// Adds one scanned process to the snapshot.

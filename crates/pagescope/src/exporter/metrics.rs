@@ -73,6 +73,11 @@ impl Families {
         g
     }
 
+    /// A gauge without labels, set to `v` (a count).
+    fn count(&mut self, name: &str, help: &str, v: u64) {
+        set(&self.gauge(name, help, None), vec![], v as f64);
+    }
+
     fn bytes(&mut self, name: &str, help: &str) -> Gauges {
         self.gauge(name, help, Some(Unit::Bytes))
     }
@@ -162,12 +167,11 @@ fn processes(f: &mut Families, state: &State<'_>) {
         }
     }
     let o = &s.others;
-    let count = f.gauge(
+    f.count(
         "other_processes",
         "processes without their own series (summed in pagescope_other_processes_*)",
-        None,
+        o.processes,
     );
-    set(&count, vec![], o.processes as f64);
     for (name, help, v) in [
         (
             "other_processes_rss",
@@ -240,12 +244,11 @@ fn objects(f: &mut Families, s: &Snapshot) {
         set(&sharers, label(), o.sharers as f64);
     }
     let small = &s.small_objects;
-    let count = f.gauge(
+    f.count(
         "small_objects",
         "shared objects below the size threshold (summed in pagescope_small_objects_memory_bytes)",
-        None,
+        small.objects,
     );
-    set(&count, vec![], small.objects as f64);
     let mem = f.bytes(
         "small_objects_memory",
         "bytes per state of the shared objects below the size threshold, summed",
@@ -302,17 +305,20 @@ fn health(f: &mut Families, state: &State<'_>) {
             "scrapes served, from a fresh or cached snapshot",
             t.scrapes,
         ),
+        (
+            "late_scrapes",
+            "scrapes served the previous snapshot because the collection they asked for outlasted --scrape-timeout",
+            t.late,
+        ),
     ] {
         f.counter(name, help, None).get_or_create(&vec![]).inc_by(v);
     }
-    let selected = f.gauge(
+    f.count(
         "processes_selected",
         "processes with their own series",
-        None,
+        s.processes.len() as u64,
     );
-    set(&selected, vec![], s.processes.len() as f64);
-    let truncated = f.gauge("processes_truncated", "processes left out of the per-process series by the --top limit (summed in pagescope_other_processes_*)", None);
-    set(&truncated, vec![], s.truncated as f64);
+    f.count("processes_truncated", "processes left out of the per-process series by the --top limit (summed in pagescope_other_processes_*)", s.truncated);
     let skipped = f.gauge("processes_skipped", "processes left out of every number, by reason: permission (not readable with the exporter's privileges), exited (during the collection), error", None);
     for why in ["permission", "exited", "error"] {
         let n = s.skipped.get(why).copied().unwrap_or(0);
@@ -330,10 +336,9 @@ fn health(f: &mut Families, state: &State<'_>) {
             1.0,
         );
     }
-    let watch_failed = f.gauge(
+    f.count(
         "watch_failed",
         "processes named by --watch whose writes cannot be tracked",
-        None,
+        state.watch_failed as u64,
     );
-    set(&watch_failed, vec![], state.watch_failed as f64);
 }

@@ -18,9 +18,12 @@
 //! * [`Exporter`]: the cache. A collection runs at most every
 //!   `min_interval`; scrapes in between are served the cached snapshot,
 //!   so concurrent or frequent scrapes do not multiply the work.
+//! * [`serve::Background`]: the exporter on a collector thread, for a
+//!   server: a slow collection never holds a scrape past its deadline.
 
 pub mod collect;
 pub mod metrics;
+pub mod serve;
 pub mod watch;
 
 use std::sync::Arc;
@@ -106,6 +109,9 @@ pub struct Totals {
     pub errors: u64,
     /// Scrapes served (from a fresh or a cached snapshot).
     pub scrapes: u64,
+    /// Scrapes served an older snapshot because the collection they asked
+    /// for took longer than the deadline.
+    pub late: u64,
 }
 
 /// The exporter: options, kernel capabilities, the cached snapshot and
