@@ -167,9 +167,9 @@ fn rewrite_meta(f: &mut BTreeMap<String, Vec<u8>>, meta: &Meta) {
 
 #[derive(Clone, Debug)]
 enum Mutation {
-    Truncate { file: usize, keep: f64 },
+    Truncate { file: usize, keep: usize },
     Extend { file: usize, by: usize },
-    Flip { file: usize, at: f64, bit: u8 },
+    Flip { file: usize, at: usize, bit: u8 },
     Swap { a: usize, b: usize },
     Meta(MetaEdit),
 }
@@ -203,9 +203,9 @@ fn hostile_name() -> impl Strategy<Value = String> {
 
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
-        (0..8usize, 0.0..1.0f64).prop_map(|(file, keep)| Mutation::Truncate { file, keep }),
+        (0..8usize, 0..1000usize).prop_map(|(file, keep)| Mutation::Truncate { file, keep }),
         (0..8usize, 1..5000usize).prop_map(|(file, by)| Mutation::Extend { file, by }),
-        (0..8usize, 0.0..1.0f64, 0..8u8).prop_map(|(file, at, bit)| Mutation::Flip {
+        (0..8usize, 0..1000usize, 0..8u8).prop_map(|(file, at, bit)| Mutation::Flip {
             file,
             at,
             bit
@@ -292,7 +292,7 @@ fn apply(f: &mut BTreeMap<String, Vec<u8>>, m: &Mutation) {
     match m {
         Mutation::Truncate { file, keep } => {
             let b = f.get_mut(&pick(*file)).unwrap();
-            let n = (b.len() as f64 * keep) as usize;
+            let n = b.len() * keep / 1000;
             b.truncate(n);
         }
         Mutation::Extend { file, by } => {
@@ -303,7 +303,7 @@ fn apply(f: &mut BTreeMap<String, Vec<u8>>, m: &Mutation) {
         Mutation::Flip { file, at, bit } => {
             let b = f.get_mut(&pick(*file)).unwrap();
             if !b.is_empty() {
-                let i = ((b.len() as f64 * at) as usize).min(b.len() - 1);
+                let i = (b.len() * at / 1000).min(b.len() - 1);
                 b[i] ^= 1 << bit;
             }
         }
