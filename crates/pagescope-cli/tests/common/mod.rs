@@ -4,6 +4,8 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod programs;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
