@@ -63,12 +63,6 @@ fn render(out: &mut impl Write, r: &VerifyReport) -> Result<()> {
     for (reason, pages) in by_reason {
         writeln!(out, "not compared: {pages} pages: {reason}")?;
     }
-    if !r.process_stopped && !r.matches() {
-        writeln!(
-            out,
-            "note: the process is running (not stopped): its writes since the dump show as differences"
-        )?;
-    }
     for w in &r.other_writers {
         let pids: Vec<String> = w.pids.iter().map(u32::to_string).collect();
         writeln!(

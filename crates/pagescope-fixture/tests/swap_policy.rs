@@ -412,3 +412,58 @@ fn keep_cold_policy_pages_exactly_the_swapped_pages_back_out_swapdev() {
     );
     assert_content(&r);
 }
+
+/// `verify` never swaps anything in: after `--swap keep-cold`, the
+/// swapped anonymous pages are compared from the swap device (root) and
+/// the swapped memfd pages (no swap slot exposed) are counted as not
+/// compared; `pswpin`, the target's page table and the memfd's page
+/// states stay as they were.
+#[test]
+fn verify_after_keep_cold_swaps_nothing_in_swapdev() {
+    let _serial = serial();
+    let Some(r) = run(SwapPolicy::KeepCold) else {
+        return;
+    };
+    let image = Image::open(&r.dir.0.join("img")).unwrap();
+    let anon_before = entries(r.fx.pid(), &anon_pages(&r.fx));
+    let shm_before = memfd_states(&r.fx);
+    let swapped_anon = anon_before
+        .iter()
+        .filter(|e| *e & SWAP != 0 && *e & PRESENT == 0)
+        .count() as u64;
+    let swapped_shm = shm_before
+        .iter()
+        .filter(|s| **s == PageState::Swapped)
+        .count() as u64;
+    assert!(
+        swapped_anon + swapped_shm >= 16,
+        "keep-cold left too little swapped to test: {anon_before:x?} {shm_before:?}"
+    );
+    let target = Target::open(r.fx.pid()).unwrap();
+    let in0 = pswpin();
+    let v = pagescope::dump::verify(&target, caps(), &image).expect("verify");
+    assert_eq!(pswpin() - in0, 0, "verify swapped pages in: {v:?}");
+    assert_eq!(
+        entries(r.fx.pid(), &anon_pages(&r.fx)),
+        anon_before,
+        "the page table changed"
+    );
+    let shm_after = memfd_states(&r.fx);
+    for (i, (b, a)) in shm_before.iter().zip(&shm_after).enumerate() {
+        if *b == PageState::Swapped {
+            assert_eq!(*a, PageState::Swapped, "memfd page {i} was swapped in");
+        }
+    }
+    assert!(v.matches(), "{v:#?}");
+    let not_compared = |prefix: &str| -> u64 {
+        v.not_compared
+            .iter()
+            .filter(|n| n.reason.starts_with(prefix))
+            .map(|n| n.pages)
+            .sum()
+    };
+    assert_eq!(not_compared("swapped out (shmem)"), swapped_shm, "{v:#?}");
+    // Anonymous ones come from the swap device (not compared only when
+    // the device could not be read).
+    assert!(not_compared("swapped out,") < swapped_anon.max(1), "{v:#?}");
+}

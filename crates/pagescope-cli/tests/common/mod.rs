@@ -5,6 +5,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod exporter;
+pub mod programs;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -206,11 +206,20 @@ impl SwapIo {
     /// read from the swap device where it can be (root, see `direct`),
     /// else left alone ([`SwapAction::Skip`]: not compared).
     pub fn never_swapping_in(privileged: bool, page: PageSize) -> Self {
-        let mut io = Self::new(SwapPolicy::Direct, privileged, page);
-        io.notes
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|n| !n.contains("hidden without CAP_SYS_ADMIN"));
+        // Without CAP_SYS_ADMIN no slot is visible: nothing to open.
+        let policy = if privileged {
+            SwapPolicy::Direct
+        } else {
+            SwapPolicy::Skip
+        };
+        let mut io = Self::new(policy, privileged, page);
+        let notes = io.notes.get_mut().unwrap_or_else(|p| p.into_inner());
+        notes.retain(|n| !n.contains("hidden without CAP_SYS_ADMIN"));
+        for n in notes.iter_mut() {
+            *n = n
+                .replace("--swap direct: ", "swap device: ")
+                .replace("are read normally", "are not compared");
+        }
         io.never_swap_in = true;
         io
     }
@@ -226,6 +235,12 @@ impl SwapIo {
     }
 
     fn note(&self, s: String) {
+        let s = if self.never_swap_in {
+            s.replace("--swap direct: ", "swap device: ")
+                .replace("were read normally", "were not compared")
+        } else {
+            s
+        };
         let mut n = self.notes.lock().unwrap_or_else(|p| p.into_inner());
         if !n.contains(&s) {
             n.push(s);
