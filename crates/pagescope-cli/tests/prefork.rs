@@ -392,3 +392,49 @@ fn dump_of_one_member_of_a_writing_group_stops_the_others() {
     }
     drop(server);
 }
+
+/// A process that writes its shared segment and exits mid-interval: the
+/// last interval is reported, flagged partial, with those writes (its
+/// shared memory's writes were recorded as they happened), and left out
+/// of the mean.
+#[test]
+fn the_last_partial_interval_is_reported_when_the_target_exits() {
+    if !common::is_root() || !caps().has_uffd_wp_async() {
+        skip("watching another process needs root and userfaultfd WP_ASYNC");
+        return;
+    }
+    const EXITING: &str = "import mmap,sys,time\nP=mmap.PAGESIZE\nseg=mmap.mmap(-1,4<<20,flags=mmap.MAP_SHARED|mmap.MAP_ANONYMOUS)\nprint('ready',flush=True)\ntime.sleep(1.5)\nfor i in range(300): seg[i*P]=7\ntime.sleep(0.05)\n";
+    let Ok(mut child) = Command::new("python3")
+        .args(["-c", EXITING])
+        .stdout(Stdio::piped())
+        .spawn()
+    else {
+        skip("python3 not available");
+        return;
+    };
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let pid = child.id().to_string();
+    let out = common::cli(&["watch", &pid, "--interval", "1s", "--json"]);
+    let _ = child.wait();
+    let text = ok(&out);
+    let all: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary = all.last().unwrap();
+    assert_eq!(summary["end"], "the process exited", "{text}");
+    let last = &all[all.len() - 2];
+    assert_eq!(last["partial"], true, "{text}");
+    let seg = segment(last).unwrap_or_else(|| panic!("no segment writes: {text}"));
+    assert_eq!(seg["written_pages"], 300, "{seg}");
+    assert_eq!(
+        summary["intervals"],
+        all.len() as u64 - 2,
+        "the partial interval is not counted: {text}"
+    );
+}
