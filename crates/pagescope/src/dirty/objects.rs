@@ -82,6 +82,9 @@ pub struct ObjectLayer {
     collects: u64,
     /// Processes whose writes the target's family sees (forked children).
     in_family: HashSet<u32>,
+    /// Children that ran and exited unseen since the last collect (no
+    /// family to track them from birth): why their writes are unknown.
+    unseen_children: Option<String>,
 }
 
 /// Object pages per source, writers and causes, for one object.
@@ -116,7 +119,15 @@ impl ObjectLayer {
             sharers: Sharers::new(page),
             collects: 0,
             in_family: HashSet::new(),
+            unseen_children: None,
         }
+    }
+
+    /// Children of the process ran and exited since the last collect
+    /// without being tracked: the next collect reports the objects it
+    /// maps shared and writable whole, with `why`.
+    pub fn children_unseen(&mut self, why: String) {
+        self.unseen_children = Some(why);
     }
 
     /// Objects that could not be opened (for notes).
@@ -145,6 +156,15 @@ impl ObjectLayer {
         let mut acc: HashMap<ObjectId, Acc> = HashMap::new();
         self.own_writes(target.pid(), vmas, own, &mut acc);
         let events = self.sharer_writes(target.pid(), first, &by_object, &mut acc, family);
+        if let Some(why) = self.unseen_children.take() {
+            for (id, mapped) in &by_object {
+                if mapped.iter().any(|v| v.is_shared() && v.perms.write) {
+                    let a = acc.entry(*id).or_default();
+                    a.add(WriteSource::ObjectSharerGone, whole(mapped, self.page));
+                    a.causes.push(why.clone());
+                }
+            }
+        }
         let mut report = ObjectReport {
             events,
             ..ObjectReport::default()
