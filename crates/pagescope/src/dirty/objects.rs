@@ -96,6 +96,15 @@ struct Acc {
 }
 
 impl Acc {
+    /// Pages `w` wrote, page by page.
+    fn add_writer(&mut self, source: WriteSource, w: u32, spans: &RangeSet<PageSpan>) {
+        self.add(source, spans.ranges().iter().copied());
+        self.writers
+            .entry(w)
+            .or_default()
+            .extend(spans.ranges().iter().copied());
+    }
+
     fn add(&mut self, source: WriteSource, spans: impl IntoIterator<Item = PageSpan>) {
         let mut spans = spans.into_iter().filter(|s| !s.is_empty()).peekable();
         if spans.peek().is_some() {
@@ -291,11 +300,7 @@ impl ObjectLayer {
         for (id, writers) in got.pages {
             let a = acc.entry(id).or_default();
             for (w, spans) in writers {
-                a.add(WriteSource::SharedWriter, spans.ranges().iter().copied());
-                a.writers
-                    .entry(w)
-                    .or_default()
-                    .extend(spans.ranges().iter().copied());
+                a.add_writer(WriteSource::SharedWriter, w, &spans);
             }
         }
         for (id, causes) in got.whole {
@@ -439,11 +444,7 @@ fn family_writes(
             } else {
                 WriteSource::SharedWriter
             };
-            a.add(source, spans.ranges().iter().copied());
-            a.writers
-                .entry(w)
-                .or_default()
-                .extend(spans.ranges().iter().copied());
+            a.add_writer(source, w, &spans);
         }
     }
     for (id, why) in r.whole {
