@@ -183,7 +183,18 @@ impl ObjectLayer {
             let r = f.collect();
             report.forks = r.forks;
             report.children.clone_from(&r.children);
+            let kids = f.children_tracked() as u64 + r.forks;
             family_writes(target.pid(), r, &by_object, self.page, &mut acc);
+            if kids > 0 {
+                for id in unsyncable_writable(&by_object) {
+                    let a = acc.entry(id).or_default();
+                    a.add(
+                        WriteSource::ObjectSharerUntracked,
+                        whole(&by_object[&id], self.page),
+                    );
+                    a.causes.push(format!("{kids} processes forked in the family map this SysV segment, which cannot be write-protected synchronously: their writes to it are unknown"));
+                }
+            }
         }
         if !first {
             self.object_writes(&by_object, &mut acc);
@@ -461,8 +472,28 @@ fn family_writes(
 fn shared_writable(entries: &[crate::proc::maps::MapsEntry]) -> Vec<crate::addr::VirtRange> {
     entries
         .iter()
-        .filter(|e| e.perms.shared && e.perms.write)
+        .filter(|e| e.perms.shared && e.perms.write && syncable_entry(e))
         .map(|e| e.range)
+        .collect()
+}
+
+/// Whether a maps entry is shared memory the family tracks synchronously.
+fn syncable_entry(e: &crate::proc::maps::MapsEntry) -> bool {
+    super::process::syncable(&Vma::classify(e, &crate::vma::MountTable::default(), None))
+}
+
+/// Objects the family cannot track synchronously (SysV segments) that the
+/// process maps shared and writable: a child of the family inherits them
+/// untracked, so a fork makes them conservative.
+fn unsyncable_writable(by_object: &BTreeMap<ObjectId, Vec<&Vma>>) -> Vec<ObjectId> {
+    by_object
+        .iter()
+        .filter(|(_, m)| {
+            m.iter()
+                .any(|v| v.is_shared() && v.perms.write && !super::process::syncable(v))
+                && m.iter().all(|v| v.kind == VmaKind::Sysv)
+        })
+        .map(|(id, _)| *id)
         .collect()
 }
 
