@@ -245,8 +245,37 @@ pub fn top(
             });
         }
     }
-    if !pids.is_empty() {
-        failed.retain(|f| pids.contains(&f.pid));
+    // With a selection, only a selected process that could not be read
+    // makes the result incomplete; other unreadable processes only make
+    // the division of shared memory less precise (a note).
+    let mut notes = Vec::new();
+    if !pids.is_empty() || glob.is_some() {
+        let selected = |pid: u32| {
+            pids.contains(&pid)
+                || glob.as_ref().is_some_and(|g| {
+                    let comm =
+                        std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                    g.matches(comm.trim_end())
+                })
+        };
+        let (mine, others): (Vec<Failed>, Vec<Failed>) =
+            failed.into_iter().partition(|f| selected(f.pid));
+        if !others.is_empty() {
+            notes.push(format!(
+                "{} other process(es) could not be read ({}): shared memory they hold is divided among the readable holders only, so shared shares are approximate",
+                others.len(),
+                others
+                    .iter()
+                    .take(8)
+                    .map(|f| f.pid.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        failed = mine;
+    }
+    for n in &notes {
+        eprintln!("note: {n}");
     }
     sort_sums(&mut sums, sort);
     if let Some(n) = limit {
@@ -272,7 +301,7 @@ pub fn top(
             .collect();
         serde_json::to_writer(
             &mut out,
-            &serde_json::json!({"processes": rows, "skipped": skipped}),
+            &serde_json::json!({"processes": rows, "skipped": skipped, "notes": notes}),
         )?;
         writeln!(out)?;
     } else {

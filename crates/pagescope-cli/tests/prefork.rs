@@ -76,25 +76,12 @@ impl Server {
         ));
         let _ = std::fs::remove_file(&log);
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/prefork_server.py");
-        let mut child = match Command::new("python3")
-            .arg(script)
-            .args([&rate.to_string(), &seconds.to_string()])
-            .arg(&log)
-            .stdout(Stdio::piped())
-            .spawn()
-        {
-            Ok(c) => c,
-            Err(_) => {
-                skip("python3 not available");
-                return None;
-            }
-        };
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take()?),
-            &mut line,
-        )
-        .ok()?;
+        let (child, line) = spawn_ready(
+            Command::new("python3")
+                .arg(script)
+                .args([&rate.to_string(), &seconds.to_string()])
+                .arg(&log),
+        )?;
         assert_eq!(line.trim(), "ready");
         Some(Self { child, log })
     }
@@ -224,6 +211,22 @@ fn watch_sees_every_write_of_short_lived_children() {
     }
 }
 
+/// Starts `cmd` with a piped stdout and returns it with its first line
+/// (the "ready" line); `None` (skipped) without python3.
+fn spawn_ready(cmd: &mut Command) -> Option<(Child, String)> {
+    let Ok(mut child) = cmd.stdout(Stdio::piped()).spawn() else {
+        skip("python3 not available");
+        return None;
+    };
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take()?),
+        &mut line,
+    )
+    .ok()?;
+    Some((child, line))
+}
+
 /// Sends `sig` to `pid` (the test's own processes only).
 fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
@@ -231,26 +234,13 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
-/// A scratch directory for images, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("pagescope-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-
-    fn p(&self, name: &str) -> String {
-        self.0.join(name).display().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A scratch directory for images (emptied first; removed at the end of
+/// each test by [`Drop`] of the server's guard or explicitly).
+fn scratch(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("pagescope-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
 }
 
 fn ok(out: &std::process::Output) -> String {
@@ -272,10 +262,10 @@ fn dumps_of_a_prefork_server_match_the_stopped_server() {
     let Some(server) = Server::start(150, 300) else {
         return;
     };
-    let dir = Scratch::new("prefork-dump");
+    let dir = scratch("prefork-dump");
     let pid = server.pid().to_string();
     for round in 0..20 {
-        let img = dir.p(&format!("img{round}"));
+        let img = dir.join(format!("img{round}")).display().to_string();
         let report: serde_json::Value = serde_json::from_str(&ok(&common::cli(&[
             "dump",
             &pid,
@@ -301,6 +291,7 @@ fn dumps_of_a_prefork_server_match_the_stopped_server() {
         let _ = std::fs::remove_dir_all(&img);
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A group sharing a segment every member writes: `dump` of one member
@@ -314,21 +305,9 @@ fn dump_of_one_member_of_a_writing_group_stops_the_others() {
         return;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/group_writers.py");
-    let Ok(mut child) = Command::new("python3")
-        .arg(script)
-        .arg("4")
-        .stdout(Stdio::piped())
-        .spawn()
-    else {
-        skip("python3 not available");
+    let Some((child, line)) = spawn_ready(Command::new("python3").arg(script).arg("4")) else {
         return;
     };
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
     let group: Vec<u32> = line
         .split_whitespace()
         .skip(1)
@@ -339,13 +318,13 @@ fn dump_of_one_member_of_a_writing_group_stops_the_others() {
         log: std::env::temp_dir().join("pagescope-group-unused"),
     };
     assert_eq!(group.len(), 4, "{line}");
-    let dir = Scratch::new("group-dump");
+    let dir = scratch("group-dump");
     let member = group[2].to_string();
     let loose: serde_json::Value = serde_json::from_str(&ok(&common::cli(&[
         "dump",
         &member,
         "-o",
-        &dir.p("loose"),
+        &dir.join("loose").display().to_string(),
         "--no-stop-sharers",
         "--json",
     ])))
@@ -365,7 +344,7 @@ fn dump_of_one_member_of_a_writing_group_stops_the_others() {
         .collect();
     assert_eq!(writers, others, "{loose}");
     for round in 0..3 {
-        let img = dir.p(&format!("img{round}"));
+        let img = dir.join(format!("img{round}")).display().to_string();
         let report: serde_json::Value = serde_json::from_str(&ok(&common::cli(&[
             "dump",
             &member,
@@ -391,4 +370,40 @@ fn dump_of_one_member_of_a_writing_group_stops_the_others() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A process that writes its shared segment and exits mid-interval: the
+/// last interval is reported, flagged partial, with those writes (its
+/// shared memory's writes were recorded as they happened), and left out
+/// of the mean.
+#[test]
+fn the_last_partial_interval_is_reported_when_the_target_exits() {
+    if !common::is_root() || !caps().has_uffd_wp_async() {
+        skip("watching another process needs root and userfaultfd WP_ASYNC");
+        return;
+    }
+    const EXITING: &str = "import mmap,sys,time\nP=mmap.PAGESIZE\nseg=mmap.mmap(-1,4<<20,flags=mmap.MAP_SHARED|mmap.MAP_ANONYMOUS)\nprint('ready',flush=True)\ntime.sleep(1.5)\nfor i in range(300): seg[i*P]=7\ntime.sleep(0.05)\n";
+    let Some((mut child, _)) = spawn_ready(Command::new("python3").args(["-c", EXITING])) else {
+        return;
+    };
+    let pid = child.id().to_string();
+    let out = common::cli(&["watch", &pid, "--interval", "1s", "--json"]);
+    let _ = child.wait();
+    let text = ok(&out);
+    let all: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary = all.last().unwrap();
+    assert_eq!(summary["end"], "the process exited", "{text}");
+    let last = &all[all.len() - 2];
+    assert_eq!(last["partial"], true, "{text}");
+    let seg = segment(last).unwrap_or_else(|| panic!("no segment writes: {text}"));
+    assert_eq!(seg["written_pages"], 300, "{seg}");
+    assert_eq!(
+        summary["intervals"],
+        all.len() as u64 - 2,
+        "the partial interval is not counted: {text}"
+    );
 }

@@ -222,6 +222,7 @@ impl Family {
                 source: e.into(),
             }
         };
+        raise_fd_limit();
         let ep = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(io("create an epoll"))?;
         let wake = rustix::event::eventfd(
             0,
@@ -462,6 +463,18 @@ fn covered(map: &[Mapped], m: &Mapped, page: PageSize) -> bool {
         left = rest.into_iter().collect();
     }
     left.is_empty()
+}
+
+/// Every live child holds one of pagescope's fds until the collect after
+/// its exit, and a fork whose event cannot get an fd would fail: raise the
+/// soft limit on open files to the hard one.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current != l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
+    }
 }
 
 /// Write-protects `range`, retrying while a fork or mremap of the mm is

@@ -82,6 +82,9 @@ pub struct ObjectLayer {
     collects: u64,
     /// Processes whose writes the target's family sees (forked children).
     in_family: HashSet<u32>,
+    /// Children that ran and exited unseen since the last collect (no
+    /// family to track them from birth): why their writes are unknown.
+    unseen_children: Option<String>,
 }
 
 /// Object pages per source, writers and causes, for one object.
@@ -93,6 +96,15 @@ struct Acc {
 }
 
 impl Acc {
+    /// Pages `w` wrote, page by page.
+    fn add_writer(&mut self, source: WriteSource, w: u32, spans: &RangeSet<PageSpan>) {
+        self.add(source, spans.ranges().iter().copied());
+        self.writers
+            .entry(w)
+            .or_default()
+            .extend(spans.ranges().iter().copied());
+    }
+
     fn add(&mut self, source: WriteSource, spans: impl IntoIterator<Item = PageSpan>) {
         let mut spans = spans.into_iter().filter(|s| !s.is_empty()).peekable();
         if spans.peek().is_some() {
@@ -116,7 +128,15 @@ impl ObjectLayer {
             sharers: Sharers::new(page),
             collects: 0,
             in_family: HashSet::new(),
+            unseen_children: None,
         }
+    }
+
+    /// Children of the process ran and exited since the last collect
+    /// without being tracked: the next collect reports the objects it
+    /// maps shared and writable whole, with `why`.
+    pub fn children_unseen(&mut self, why: String) {
+        self.unseen_children = Some(why);
     }
 
     /// Objects that could not be opened (for notes).
@@ -145,6 +165,15 @@ impl ObjectLayer {
         let mut acc: HashMap<ObjectId, Acc> = HashMap::new();
         self.own_writes(target.pid(), vmas, own, &mut acc);
         let events = self.sharer_writes(target.pid(), first, &by_object, &mut acc, family);
+        if let Some(why) = self.unseen_children.take() {
+            for (id, mapped) in &by_object {
+                if mapped.iter().any(|v| v.is_shared() && v.perms.write) {
+                    let a = acc.entry(*id).or_default();
+                    a.add(WriteSource::ObjectSharerGone, whole(mapped, self.page));
+                    a.causes.push(why.clone());
+                }
+            }
+        }
         let mut report = ObjectReport {
             events,
             ..ObjectReport::default()
@@ -154,7 +183,18 @@ impl ObjectLayer {
             let r = f.collect();
             report.forks = r.forks;
             report.children.clone_from(&r.children);
+            let kids = f.children_tracked() as u64 + r.forks;
             family_writes(target.pid(), r, &by_object, self.page, &mut acc);
+            if kids > 0 {
+                for id in unsyncable_writable(&by_object) {
+                    let a = acc.entry(id).or_default();
+                    a.add(
+                        WriteSource::ObjectSharerUntracked,
+                        whole(&by_object[&id], self.page),
+                    );
+                    a.causes.push(format!("{kids} processes forked in the family map this SysV segment, which cannot be write-protected synchronously: their writes to it are unknown"));
+                }
+            }
         }
         if !first {
             self.object_writes(&by_object, &mut acc);
@@ -271,11 +311,7 @@ impl ObjectLayer {
         for (id, writers) in got.pages {
             let a = acc.entry(id).or_default();
             for (w, spans) in writers {
-                a.add(WriteSource::SharedWriter, spans.ranges().iter().copied());
-                a.writers
-                    .entry(w)
-                    .or_default()
-                    .extend(spans.ranges().iter().copied());
+                a.add_writer(WriteSource::SharedWriter, w, &spans);
             }
         }
         for (id, causes) in got.whole {
@@ -419,11 +455,7 @@ fn family_writes(
             } else {
                 WriteSource::SharedWriter
             };
-            a.add(source, spans.ranges().iter().copied());
-            a.writers
-                .entry(w)
-                .or_default()
-                .extend(spans.ranges().iter().copied());
+            a.add_writer(source, w, &spans);
         }
     }
     for (id, why) in r.whole {
@@ -440,8 +472,28 @@ fn family_writes(
 fn shared_writable(entries: &[crate::proc::maps::MapsEntry]) -> Vec<crate::addr::VirtRange> {
     entries
         .iter()
-        .filter(|e| e.perms.shared && e.perms.write)
+        .filter(|e| e.perms.shared && e.perms.write && syncable_entry(e))
         .map(|e| e.range)
+        .collect()
+}
+
+/// Whether a maps entry is shared memory the family tracks synchronously.
+fn syncable_entry(e: &crate::proc::maps::MapsEntry) -> bool {
+    super::process::syncable(&Vma::classify(e, &crate::vma::MountTable::default(), None))
+}
+
+/// Objects the family cannot track synchronously (SysV segments) that the
+/// process maps shared and writable: a child of the family inherits them
+/// untracked, so a fork makes them conservative.
+fn unsyncable_writable(by_object: &BTreeMap<ObjectId, Vec<&Vma>>) -> Vec<ObjectId> {
+    by_object
+        .iter()
+        .filter(|(_, m)| {
+            m.iter()
+                .any(|v| v.is_shared() && v.perms.write && !super::process::syncable(v))
+                && m.iter().all(|v| v.kind == VmaKind::Sysv)
+        })
+        .map(|(id, _)| *id)
         .collect()
 }
 

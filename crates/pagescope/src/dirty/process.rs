@@ -261,6 +261,29 @@ struct ProcessTracker<T: Borrow<Target>> {
     last_layout: Vec<Vma>,
     /// The last report at exit was given.
     exited: bool,
+    /// Without a family: the target's `cminflt` (minor faults of its
+    /// reaped children) at the last collect.
+    reaped_faults: Option<u64>,
+}
+
+/// `cminflt` of `pid` and how many of its children are zombies.
+fn reaped_children(pid: u32, children: Vec<u32>) -> Option<(u64, usize)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Fields after the command: state ppid pgrp session tty tpgid flags
+    // minflt cminflt (fields 3..11 of proc_pid_stat(5)).
+    let cminflt = rest.split_whitespace().nth(8)?.parse().ok()?;
+    let zombies = children
+        .into_iter()
+        .filter(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/stat")).is_ok_and(|s| {
+                s.rfind(')')
+                    .and_then(|i| s[i + 1..].split_whitespace().next())
+                    .is_some_and(|st| st == "Z")
+            })
+        })
+        .count();
+    Some((cminflt, zombies))
 }
 
 /// Fork events listed per collect at most (all are counted in `forks`).
@@ -327,6 +350,7 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
             announced: BTreeSet::new(),
             last_layout: Vec::new(),
             exited: false,
+            reaped_faults: None,
             target,
             caps: caps.clone(),
             opts: TrackOptions {
@@ -413,6 +437,32 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
         self.children.iter().copied().collect()
     }
 
+    /// Without a family, children are not tracked from birth: one that
+    /// writes shared memory and exits between two collects leaves no
+    /// trace in any page table. Its exit leaves one in the parent: the
+    /// minor faults of reaped children add up in `cminflt`, and an
+    /// unreaped one is a zombie child. Either makes the shared objects
+    /// conservative (never under-reported).
+    fn unseen_children(&mut self) {
+        if self.family.is_some() || !matches!(self.scope, Scope::Process) {
+            return;
+        }
+        let pid = self.target.borrow().pid();
+        let children = self.target.borrow().children();
+        let Some((cminflt, zombies)) = reaped_children(pid, children) else {
+            return;
+        };
+        let before = self.reaped_faults.replace(cminflt);
+        let reaped = before.is_some_and(|b| b != cminflt);
+        if reaped || zombies > 0 {
+            self.objects.children_unseen(format!(
+                "children of process {pid} exited since the last collect ({}); shared memory is not tracked across fork here ({}), so their writes are unknown",
+                if reaped { "its cminflt moved" } else { "zombie children" },
+                self.family_note.as_deref().unwrap_or("no synchronous tracking")
+            ));
+        }
+    }
+
     fn can_report_exit(&self) -> bool {
         self.opts.report_exit && !self.exited && !self.last_layout.is_empty()
     }
@@ -490,6 +540,7 @@ impl<T: Borrow<Target>> DirtyTracker for ProcessTracker<T> {
             }
             r => r?,
         };
+        self.unseen_children();
         let objects =
             self.objects
                 .collect(self.target.borrow(), &layout, &own, self.family.as_ref());

@@ -281,11 +281,7 @@ impl Sharers {
                 if f.is_dead(root) {
                     // Exited or executed a new program: its writes up to
                     // then were recorded; a new image is a new sharer.
-                    let what = if s.target.is_alive() {
-                        "executed a new program"
-                    } else {
-                        "exited"
-                    };
+                    let what = mm_end(&s.target);
                     self.drop_sharer(pid, out, what, family);
                     return;
                 }
@@ -303,11 +299,7 @@ impl Sharers {
             Ok(w) => w,
             Err(TrackError::TargetExited { .. }) => {
                 // Exited, or executed a new program (its mm is gone).
-                let what = if s.target.is_alive() {
-                    "executed a new program"
-                } else {
-                    "exited"
-                };
+                let what = mm_end(&s.target);
                 self.drop_sharer(pid, out, what, family);
                 return;
             }
@@ -356,6 +348,15 @@ impl Sharers {
                 _ => {}
             }
         }
+    }
+}
+
+/// How a process's mm ended: it exited or executed a new program.
+fn mm_end(t: &Target) -> &'static str {
+    if t.is_alive() {
+        "executed a new program"
+    } else {
+        "exited"
     }
 }
 
