@@ -24,6 +24,10 @@
 //!   object writable, each tracked with its own injected userfaultfd
 //!   ([`sharers`]). Writes no page table records (`write()`, `fallocate()`,
 //!   hole punching) are found through the object itself ([`notify`]).
+//!   Where the userfaultfds may be synchronous (not `UFFD_USER_MODE_ONLY`),
+//!   shared memory is write-protected synchronously and followed across
+//!   fork ([`family`]): a write is recorded before the writer can go on, so
+//!   no short-lived child or exiting sharer is ever missed.
 //!
 //! Over-reporting is allowed where nothing better exists, and every
 //! over-reported range carries its cause ([`WriteSource`]); missing a write
