@@ -138,11 +138,23 @@ fn segment(l: &serde_json::Value) -> Option<&serde_json::Value> {
 /// either interval.
 const SLACK: f64 = 0.05;
 
+/// The tests of this file run one at a time: each needs the CPU time of a
+/// server forking 150 children a second (on a 2-CPU machine, two at once
+/// halve each other's fork rate).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// `watch` of the parent reports, per interval, the union of the pages
 /// its children wrote (within 1.0-1.25x), page by page, with no
 /// whole-object over-report, and lists every fork.
 #[test]
 fn watch_sees_every_write_of_short_lived_children() {
+    let _serial = one_at_a_time();
     let Some(server) = Server::start(150, 60) else {
         return;
     };
@@ -259,6 +271,7 @@ fn ok(out: &std::process::Output) -> String {
 /// final pass were stopped with the server).
 #[test]
 fn dumps_of_a_prefork_server_match_the_stopped_server() {
+    let _serial = one_at_a_time();
     let Some(server) = Server::start(150, 300) else {
         return;
     };
@@ -300,6 +313,7 @@ fn dumps_of_a_prefork_server_match_the_stopped_server() {
 /// `--no-stop-sharers` the report names the segment and its writers.
 #[test]
 fn dump_of_one_member_of_a_writing_group_stops_the_others() {
+    let _serial = one_at_a_time();
     if !common::is_root() {
         skip("dumping another process needs ptrace rights (root)");
         return;
@@ -379,6 +393,7 @@ fn dump_of_one_member_of_a_writing_group_stops_the_others() {
 /// of the mean.
 #[test]
 fn the_last_partial_interval_is_reported_when_the_target_exits() {
+    let _serial = one_at_a_time();
     if !common::is_root() || !caps().has_uffd_wp_async() {
         skip("watching another process needs root and userfaultfd WP_ASYNC");
         return;
