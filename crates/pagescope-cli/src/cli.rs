@@ -49,9 +49,8 @@ pub enum Command {
         #[arg(long, value_name = "COMM")]
         name: Option<String>,
         /// Sort by this column (numbers largest first).
-        #[arg(long, default_value = "swap",
-              value_parser = pagescope::render::summary::SORT_COLUMNS)]
-        sort: String,
+        #[arg(long, default_value = "swap", value_parser = parse_top_column)]
+        sort: pagescope::render::summary::TopColumn,
         /// Show only the first N lines.
         #[arg(long, short = 'n', value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
@@ -152,8 +151,8 @@ pub enum Command {
         /// Only pages in these states (present: mapped by the process;
         /// resident: shmem in the page cache the process does not map).
         #[arg(long, value_delimiter = ',', default_value = "present,resident",
-              value_parser = ["present", "resident"])]
-        state: Vec<String>,
+              value_parser = parse_pageout_state)]
+        state: Vec<pagescope::PageState>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -461,6 +460,27 @@ fn parse_state(s: &str) -> Result<pagescope::PageState, String> {
         let names: Vec<_> = pagescope::PageState::ALL.iter().map(|s| s.name()).collect();
         format!("no page state {s:?} (one of: {})", names.join(", "))
     })
+}
+
+fn parse_top_column(s: &str) -> Result<pagescope::render::summary::TopColumn, String> {
+    use pagescope::render::summary::TopColumn;
+    TopColumn::from_name(s.trim()).ok_or_else(|| {
+        let names: Vec<_> = TopColumn::ALL.iter().map(|c| c.name()).collect();
+        format!("no column {s:?} (one of: {})", names.join(", "))
+    })
+}
+
+/// A page state `pageout` can act on: the ones in RAM (`present`,
+/// `resident`); any other name is refused with the list.
+fn parse_pageout_state(s: &str) -> Result<pagescope::PageState, String> {
+    use pagescope::PageState::{Present, Resident};
+    match parse_state(s)? {
+        st @ (Present | Resident) => Ok(st),
+        st => Err(format!(
+            "pageout acts on pages in RAM: {} is not one (one of: present, resident)",
+            st.name()
+        )),
+    }
 }
 
 fn column_names() -> String {

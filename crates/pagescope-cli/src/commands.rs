@@ -29,7 +29,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             limit,
             units,
             json,
-        } => crate::listing::top(&pids, name.as_deref(), &sort, limit, &units, json),
+        } => crate::listing::top(&pids, name.as_deref(), sort, limit, &units, json),
         Command::Pages {
             pid,
             range,

@@ -207,7 +207,7 @@ fn map_columns(columns: &[ColumnArg]) -> Vec<pagescope::render::MapColumn> {
 pub fn top(
     pids: &[u32],
     name: Option<&str>,
-    sort: &str,
+    sort: pagescope::render::summary::TopColumn,
     limit: Option<u64>,
     units: &UnitArgs,
     json: bool,
@@ -277,7 +277,7 @@ pub fn top(
     for n in &notes {
         eprintln!("note: {n}");
     }
-    sort_sums(&mut sums, sort);
+    sort.sort(&mut sums);
     if let Some(n) = limit {
         sums.truncate(n as usize);
     }
@@ -309,21 +309,4 @@ pub fn top(
     }
     out.flush()?;
     finish(sums.len(), &failed, pids.is_empty())
-}
-
-fn sort_sums(sums: &mut [pagescope::render::summary::ProcessSummary], sort: &str) {
-    let key = |s: &pagescope::render::summary::ProcessSummary| match sort {
-        "rss" => s.rss as f64,
-        "pss" => s.pss as f64,
-        "swap" => s.swap,
-        "shmem_swap" => s.shmem_swap,
-        "unmapped" => s.unmapped,
-        _ => 0.0,
-    };
-    sums.sort_by_key(|s| std::cmp::Reverse(s.pss));
-    match sort {
-        "pid" => sums.sort_by_key(|s| s.pid),
-        "comm" => sums.sort_by(|a, b| a.comm.cmp(&b.comm)),
-        _ => sums.sort_by(|a, b| key(b).total_cmp(&key(a))),
-    }
 }

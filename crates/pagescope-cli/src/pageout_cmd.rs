@@ -8,17 +8,12 @@ use pagescope::{KernelCaps, PageState, Target, VirtRange};
 
 use crate::exit::OK;
 
-pub fn run(pid: u32, range: Option<VirtRange>, states: &[String], json: bool) -> Result<u8> {
-    // clap allows only "present" and "resident".
-    let wanted: Vec<PageState> = states
-        .iter()
-        .filter_map(|s| PageState::from_name(s))
-        .collect();
+pub fn run(pid: u32, range: Option<VirtRange>, states: &[PageState], json: bool) -> Result<u8> {
     let caps = KernelCaps::probe();
     let target = Target::open(pid)?;
     let opts = PageoutOptions {
         range,
-        states: wanted,
+        states: states.to_vec(),
     };
     let report =
         pageout(&target, &caps, &opts).with_context(|| format!("pageout of process {pid}"))?;

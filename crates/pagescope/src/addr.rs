@@ -289,6 +289,12 @@ impl PageSize {
         self.0
     }
 
+    /// Bytes per page, as a buffer length.
+    pub fn as_usize(self) -> usize {
+        // A page size is a few KiB to a few MiB: it fits every usize.
+        usize::try_from(self.0).unwrap_or(4096)
+    }
+
     /// The size one page-middle-directory entry maps (a PMD-sized THP):
     /// a page-table page holds `page / 8` entries, so 2 MiB for 4 KiB
     /// pages, 32 MiB for 16 KiB, 512 MiB for 64 KiB.

@@ -143,7 +143,7 @@ fn self_entry(fd: &OwnedFd, addr: u64, page_size: u64) -> Option<PagemapEntry> {
 
 /// One base page, in bytes, for our own scratch mappings.
 fn one_page() -> usize {
-    usize::try_from(PageSize::current().get()).unwrap_or(4096)
+    PageSize::current().as_usize()
 }
 
 fn probe_privileged(entry: &impl Fn(u64) -> Option<PagemapEntry>) -> bool {

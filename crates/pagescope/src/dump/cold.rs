@@ -22,7 +22,7 @@ pub fn anon(
     if addrs.is_empty() {
         return Ok(Outcome::default());
     }
-    let p = usize::try_from(page.get()).unwrap_or(4096);
+    let p = page.as_usize();
     let ranges = merge(addrs, p);
     crate::sys::mm::drain_lru_batches()?;
     crate::sys::process_madvise::advise(target.pidfd(), &ranges, Advice::PageOut.raw())?;

@@ -121,7 +121,7 @@ pub fn own(
         return Ok(Copied::default());
     }
     let page = sink.page;
-    let p = usize::try_from(page.get()).unwrap_or(4096);
+    let p = page.as_usize();
     let store = match &m.store {
         Some(s) => s.clone(),
         None => {
@@ -210,7 +210,7 @@ fn parallel(
     sink: &mut Sink<'_>,
     done: &mut Done,
 ) -> Result<Copied, DumpError> {
-    let p = usize::try_from(job.page.get()).unwrap_or(4096);
+    let p = job.page.as_usize();
     let share = pages.len().div_ceil(workers).div_ceil(per_batch) * per_batch;
     let progress = std::sync::atomic::AtomicU64::new(0);
     let mut parts = pages.chunks(share);
@@ -409,7 +409,7 @@ pub fn object(
         return Ok(Copied::default());
     }
     let page = sink.page;
-    let p = usize::try_from(page.get()).unwrap_or(4096);
+    let p = page.as_usize();
     let store = match &o.store {
         Some(s) => s.clone(),
         None => {

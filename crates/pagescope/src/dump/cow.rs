@@ -284,7 +284,7 @@ impl Dump<'_, '_, '_> {
         batch: &[u64],
         side: &Side,
     ) -> Result<super::copy::Copied, DumpError> {
-        let p = usize::try_from(self.page.get()).unwrap_or(4096);
+        let p = self.page.as_usize();
         let store = self.store_for(m)?;
         let addrs: Vec<u64> = batch.iter().map(|&i| m.addr(i, self.page).get()).collect();
         let mut buf = vec![0u8; batch.len() * p];
@@ -352,7 +352,7 @@ impl Dump<'_, '_, '_> {
         side: &Side,
     ) -> Result<super::copy::Copied, DumpError> {
         let page = self.page;
-        let p = usize::try_from(page.get()).unwrap_or(4096);
+        let p = page.as_usize();
         let views: Vec<&VmaModel> = vmas
             .iter()
             .filter(|m| m.is_object_view() && m.vma.object_id() == Some(id))
@@ -484,7 +484,7 @@ fn capture_range(
     page: PageSize,
     side: &Side,
 ) -> Result<(), DumpError> {
-    let p = usize::try_from(page.get()).unwrap_or(4096);
+    let p = page.as_usize();
     let addrs: Vec<u64> = (0..range.pages(page))
         .map(|i| range.start().get() + i * page.get())
         .collect();
@@ -559,7 +559,7 @@ impl Handler {
     /// proceed. Runs until `done`.
     fn run(&self, uffd: &Userfaultfd, mem: &RemoteMem) {
         let page = mem.page_size();
-        let p = usize::try_from(page.get()).unwrap_or(4096);
+        let p = page.as_usize();
         let mut buf = vec![0u8; p];
         while !self.done.load(Ordering::Acquire) {
             let Ok(faults) = uffd.wp_faults(Duration::from_millis(20)) else {

@@ -80,7 +80,7 @@ impl RemoteMem {
     /// Reads the pages at `addrs` (sorted, page aligned) into `buf` (one
     /// page each, in order).
     pub fn read(&self, addrs: &[u64], buf: &mut [u8]) -> Result<Vec<PageRead>, DumpError> {
-        let p = usize::try_from(self.page.get()).unwrap_or(4096);
+        let p = self.page.as_usize();
         let mut out = Vec::with_capacity(addrs.len());
         let (mut pinned, mut pinned_at) = (Vec::new(), Vec::new());
         let mut rest = Vec::new();
@@ -169,7 +169,7 @@ impl RemoteMem {
         buf: &mut [u8],
         swapped: &mut Vec<usize>,
     ) -> Result<(), DumpError> {
-        let p = usize::try_from(self.page.get()).unwrap_or(4096);
+        let p = self.page.as_usize();
         let page = self.page.get();
         // Runs of pages next to each other in the batch, in memory and on
         // the device: one read and one pagemap check each.

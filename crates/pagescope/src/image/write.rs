@@ -46,7 +46,7 @@ impl Store {
 
     /// Writes whole pages from `first` on.
     pub fn write(&self, first: u64, bytes: &[u8]) -> Result<(), ImageError> {
-        let p = usize::try_from(self.page.get()).unwrap_or(4096);
+        let p = self.page.as_usize();
         let pages = (bytes.len() / p) as u64;
         let sums = self.sums();
         if !bytes.len().is_multiple_of(p) || first + pages > sums.len() as u64 {
@@ -124,7 +124,7 @@ impl Store {
 
     /// The identity page after the last page.
     fn write_trailer(&self, pages: u64) -> Result<(), ImageError> {
-        let p = usize::try_from(self.page.get()).unwrap_or(4096);
+        let p = self.page.as_usize();
         let t = format::data_trailer(&self.image_id, &self.name, p);
         self.file
             .write_all_at(&t, self.page.bytes(pages))

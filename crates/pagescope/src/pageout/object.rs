@@ -87,7 +87,7 @@ fn page_out_run(
     count: usize,
     page: PageSize,
 ) -> std::io::Result<()> {
-    let p = usize::try_from(page.get()).unwrap_or(4096);
+    let p = page.as_usize();
     let len = count * p;
     let m = OwnedMapping::file(fd, first * page.get(), len, false, true)?;
     for k in 0..count {

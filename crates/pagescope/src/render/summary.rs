@@ -169,23 +169,80 @@ pub fn whole_bytes(b: f64) -> u64 {
     b.max(0.0).round() as u64
 }
 
-/// The columns `--sort` takes.
-pub const SORT_COLUMNS: [&str; 7] = [
-    "pid",
-    "comm",
-    "rss",
-    "pss",
-    "swap",
-    "shmem_swap",
-    "unmapped",
-];
+/// A column of `top`, as `--sort` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopColumn {
+    /// The process id (ascending).
+    Pid,
+    /// The command name (ascending).
+    Comm,
+    /// smaps Rss.
+    Rss,
+    /// smaps Pss.
+    Pss,
+    /// Divided swap.
+    Swap,
+    /// Divided shmem swap.
+    ShmemSwap,
+    /// Divided shmem in RAM that no process maps.
+    Unmapped,
+}
 
-/// Writes the table, sorted by `sort` (one of [`SORT_COLUMNS`]), with a
-/// total line.
+impl TopColumn {
+    /// Every column, in the table's order of names.
+    pub const ALL: [Self; 7] = [
+        Self::Pid,
+        Self::Comm,
+        Self::Rss,
+        Self::Pss,
+        Self::Swap,
+        Self::ShmemSwap,
+        Self::Unmapped,
+    ];
+
+    /// The name `--sort` takes (the header, lower-case).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pid => "pid",
+            Self::Comm => "comm",
+            Self::Rss => "rss",
+            Self::Pss => "pss",
+            Self::Swap => "swap",
+            Self::ShmemSwap => "shmem_swap",
+            Self::Unmapped => "unmapped",
+        }
+    }
+
+    /// The column named `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// Sorts `sums` by this column: numbers largest first, PID and name
+    /// ascending, ties by Pss (largest first).
+    pub fn sort(self, sums: &mut [ProcessSummary]) {
+        sums.sort_by_key(|s| std::cmp::Reverse(s.pss));
+        let key = |s: &ProcessSummary| match self {
+            Self::Rss => s.rss as f64,
+            Self::Pss => s.pss as f64,
+            Self::Swap => s.swap,
+            Self::ShmemSwap => s.shmem_swap,
+            Self::Unmapped => s.unmapped,
+            Self::Pid | Self::Comm => 0.0,
+        };
+        match self {
+            Self::Pid => sums.sort_by_key(|s| s.pid),
+            Self::Comm => sums.sort_by(|a, b| a.comm.cmp(&b.comm)),
+            _ => sums.sort_by(|a, b| key(b).total_cmp(&key(a))),
+        }
+    }
+}
+
+/// Writes the table, sorted by `sort`, with a total line.
 pub fn write_top(
     sums: &[ProcessSummary],
     unit: SizeUnit,
-    sort: &str,
+    sort: TopColumn,
     w: &mut dyn Write,
 ) -> io::Result<()> {
     let mut t = Table::new(vec![
@@ -220,7 +277,7 @@ pub fn write_top(
     }
     // Largest Pss first among equals, then the chosen column.
     t.sort_by(2);
-    if let Some(i) = t.column(sort) {
+    if let Some(i) = t.column(sort.name()) {
         t.sort_by(i);
     }
     t.footer.push(vec![

@@ -189,7 +189,7 @@ impl Own<'_> {
 fn verify_own(o: &Own<'_>, out: &mut VerifyReport) -> Result<(), DumpError> {
     let (m, mem) = (o.m, o.mem);
     let page = mem.page_size();
-    let p = usize::try_from(page.get()).unwrap_or(4096);
+    let p = page.as_usize();
     let mut want = vec![0u8; p];
     let mut live = vec![0u8; BATCH * p];
     let mut bad = Vec::new();

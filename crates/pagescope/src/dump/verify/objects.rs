@@ -107,7 +107,7 @@ fn through_fd(
     out: &mut VerifyReport,
     what: &str,
 ) -> Result<LivePages, DumpError> {
-    let p = usize::try_from(page.get()).unwrap_or(4096);
+    let p = page.as_usize();
     let size = rustix::fs::fstat(fd).map_or(0, |st| u64::try_from(st.st_size).unwrap_or(0));
     let swapped = swapped_pages(fd, o, size.div_ceil(page.get()), page)?;
     out.not_compared(what, swapped.len() as u64, SWAPPED);
@@ -176,7 +176,7 @@ fn through_mappings(
     what: &str,
 ) -> Result<LivePages, DumpError> {
     let page = mem.page_size();
-    let p = usize::try_from(page.get()).unwrap_or(4096);
+    let p = page.as_usize();
     let mut live = LivePages::new();
     for m in maps {
         let first = m.vma.offset / page.get();
