@@ -110,8 +110,7 @@ pub fn run(args: &ExporterArgs) -> Result<u8> {
         .map_err(|e| CliError::new(USAGE, format!("cannot listen on {addr}: {e}")))?;
     let exporter = Background::start(options(args), args.scrape_timeout);
     let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
+    crate::signals::stop_on_termination(&stop)?;
     eprintln!(
         "pagescope exporter: serving http://{}/metrics",
         server.server_addr()

@@ -12,6 +12,7 @@ mod image_cmds;
 mod listing;
 mod pageout_cmd;
 mod scanning;
+mod signals;
 mod svg_cmd;
 mod verify_cmd;
 mod watch;

@@ -24,8 +24,7 @@ pub fn run(args: &WatchArgs) -> Result<u8> {
     let target = Target::open(args.pid)?;
     target.require_address_space()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
+    crate::signals::stop_on_termination(&stop)?;
     let opts = TrackOptions {
         backend: args.tracker.map(Into::into),
         strict_shared: args.strict_shared,
