@@ -322,8 +322,13 @@ fn line(s: &Interval, unit: SizeUnit) -> String {
         (false, true) => "  (partial)",
         _ => "",
     };
+    // Forks are counted where children are tracked from birth.
+    let forks = match s.forks {
+        0 => String::new(),
+        n => format!("  {n} forks"),
+    };
     format!(
-        "t={:7.2}s  {:>9} pages {:>9}  {:>12}  pre-copy@{}MiB/s: {}{degraded}  | {}",
+        "t={:7.2}s  {:>9} pages {:>9}  {:>12}  pre-copy@{}MiB/s: {}{degraded}{forks}  | {}",
         s.t,
         s.written_pages,
         unit.format(s.written_bytes),
