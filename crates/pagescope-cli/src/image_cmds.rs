@@ -2,11 +2,10 @@
 //! rendering out.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use pagescope::dump::{DumpEvent, DumpOptions, Iteration};
@@ -16,6 +15,7 @@ use pagescope::{KernelCaps, Target};
 
 use crate::cli::{DumpArgs, ImageCommand};
 use crate::exit::{OK, OTHER};
+use crate::progress::Progress;
 
 pub fn dump(args: &DumpArgs) -> Result<u8> {
     let caps = KernelCaps::probe();
@@ -35,9 +35,9 @@ pub fn dump(args: &DumpArgs) -> Result<u8> {
         cancel: Some(cancel_on_signals()?),
         ..DumpOptions::new(&args.out)
     };
-    let mut bar = Bar::new(std::io::stderr().is_terminal());
+    let mut bar = Progress::passes(args.json);
     let report = match pagescope::dump::dump(&target, &caps, &opts, &mut |e| match e {
-        DumpEvent::Progress { pass, done, total } => bar.show(pass, done, total),
+        DumpEvent::Progress { pass, done, total } => bar.show(pass, done, total, ""),
         DumpEvent::Iteration(it) => {
             bar.clear();
             let _ = writeln!(std::io::stderr(), "{}", iteration_line(it));
@@ -212,48 +212,6 @@ fn iteration_line(it: &Iteration) -> String {
         );
     }
     s
-}
-
-/// A one-line progress bar on a terminal, redrawn at most ten times a
-/// second.
-struct Bar {
-    on: bool,
-    last: Option<Instant>,
-    drawn: bool,
-}
-
-impl Bar {
-    fn new(on: bool) -> Self {
-        Self {
-            on,
-            last: None,
-            drawn: false,
-        }
-    }
-
-    fn show(&mut self, pass: u32, done: u64, total: u64) {
-        if !self.on || self.last.is_some_and(|t| t.elapsed().as_millis() < 100) {
-            return;
-        }
-        self.last = Some(Instant::now());
-        let percent = (done.min(total) * 100).checked_div(total).unwrap_or(100);
-        let filled = usize::try_from(percent * 30 / 100).unwrap_or(30);
-        let _ = write!(
-            std::io::stderr(),
-            "\r[{}{}] {percent:>3}% pass {pass}: {done}/{total} pages",
-            "#".repeat(filled),
-            " ".repeat(30 - filled),
-        );
-        self.drawn = true;
-    }
-
-    fn clear(&mut self) {
-        if self.drawn {
-            let _ = write!(std::io::stderr(), "\r\x1b[2K");
-            self.drawn = false;
-        }
-        self.last = None;
-    }
 }
 
 pub fn image(cmd: ImageCommand) -> Result<u8> {

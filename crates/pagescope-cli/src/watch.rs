@@ -14,7 +14,7 @@ use pagescope::{KernelCaps, Target};
 
 use crate::cli::WatchArgs;
 use crate::exit::{self, CliError};
-use crate::watch_view::{Keys, View};
+use crate::watch_view::View;
 
 /// How often the loop wakes to check keys, signals and the terminal size.
 const TICK: Duration = Duration::from_millis(20);
@@ -49,7 +49,7 @@ pub fn run(args: &WatchArgs) -> Result<u8> {
     )?;
     view.start(&mut out)?;
     let result = sample_loop(args, &mut watcher, &mut view, &mut out, &stop);
-    view.finish(&mut out)?;
+    view.finish();
     drop(watcher); // closes the userfaultfds: the targets are unprotected again
     let (why, totals) = result?;
     summary(
@@ -143,17 +143,11 @@ fn sample_loop(
     stop: &AtomicBool,
 ) -> Result<(End, Totals)> {
     let mut totals = Totals::default();
-    let mut keys = if view.is_live() {
-        Keys::new()
-    } else {
-        Keys::none()
-    };
     while args.count.is_none_or(|c| totals.intervals < c) {
         let deadline = Instant::now() + args.interval;
         let mut quit = false;
         while Instant::now() < deadline && !quit {
-            quit = stop.load(Ordering::SeqCst) || keys.quit_pressed();
-            view.tick(out)?;
+            quit = view.tick()? || stop.load(Ordering::SeqCst);
             std::thread::sleep(TICK.min(args.interval));
         }
         if quit {

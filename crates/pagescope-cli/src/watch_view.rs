@@ -1,22 +1,29 @@
 //! How `pagescope watch` shows intervals: a full-screen live view on a
-//! terminal (redrawn in place like `top`, fitted to the terminal's size and
-//! redrawn when it changes), one line per interval when the output is a
-//! pipe or file, NDJSON with `--json`.
+//! terminal (a [`Screen`]: ratatui on crossterm, redrawn in place like
+//! `top`, fitted to the terminal's size and redrawn when it changes), one
+//! line per interval when the output is a pipe or file, NDJSON with
+//! `--json`.
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::os::fd::AsFd;
 
 use anyhow::Result;
 use pagescope::dirty::stats::Interval;
 use pagescope::render::SizeUnit;
+use ratatui::Frame;
+use ratatui::layout::Rect;
+use ratatui::text::Line;
+use ratatui::widgets::{Paragraph, Sparkline};
+
+use crate::screen::Screen;
 
 /// Intervals kept for the rate history.
 const HISTORY: usize = 60;
-/// Sparkline glyphs, lowest to highest.
-const SPARKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
-/// Clears the screen and homes the cursor: starts every frame.
-const NEW_FRAME: &str = "\x1b[H\x1b[2J";
+/// Sparkline levels (eighths of a cell): 1 (the lowest bar, for zero) to
+/// 8 (a full cell, the peak).
+const SPARK_LEVELS: u64 = 8;
+/// The label before the sparkline; the sparkline starts right after it.
+const HISTORY_LABEL: &str = "history     ";
 
 /// The output mode.
 pub enum View {
@@ -29,11 +36,6 @@ pub enum View {
 }
 
 impl View {
-    /// Whether this is the live view (which reads keys).
-    pub fn is_live(&self) -> bool {
-        matches!(self, Self::Live(_))
-    }
-
     /// The mode for these flags and this stdout.
     pub fn choose(
         json: bool,
@@ -54,7 +56,7 @@ impl View {
                 header,
                 rates: VecDeque::with_capacity(HISTORY),
                 last: None,
-                size: terminal_size(),
+                screen: Some(Screen::enter()?),
             }))
         })
     }
@@ -69,23 +71,26 @@ impl View {
                     writeln!(out, "{h}")?;
                 }
             }
-            Self::Live(live) => live.draw(out)?,
+            Self::Live(live) => live.draw()?,
         }
         out.flush()?;
         Ok(())
     }
 
     /// Called between intervals: redraws the live view if the terminal
-    /// was resized.
-    pub fn tick(&mut self, out: &mut dyn Write) -> Result<()> {
-        if let Self::Live(live) = self {
-            let now = terminal_size();
-            if now != live.size {
-                live.size = now;
-                live.draw(out)?;
-            }
+    /// was resized, and tells whether `q` or Ctrl-C was typed in it.
+    pub fn tick(&mut self) -> Result<bool> {
+        let Self::Live(live) = self else {
+            return Ok(false);
+        };
+        let Some(screen) = &mut live.screen else {
+            return Ok(false);
+        };
+        let quit = screen.quit_pressed()?;
+        if screen.resized() {
+            live.draw()?;
         }
-        Ok(())
+        Ok(quit)
     }
 
     /// Shows one interval.
@@ -98,31 +103,20 @@ impl View {
             Self::Lines(_, unit) => writeln!(out, "{}", line(s, *unit))?,
             Self::Live(live) => {
                 live.push(s.clone());
-                live.draw(out)?;
+                live.draw()?;
             }
         }
         out.flush()?;
         Ok(())
     }
 
-    /// Leaves the screen ready for the summary line.
-    pub fn finish(&mut self, out: &mut dyn Write) -> Result<()> {
-        if let Self::Live(_) = self {
-            writeln!(out)?;
-            out.flush()?;
+    /// Leaves the full screen (the terminal as it was) for the summary
+    /// line. Dropping the view does the same on the other ways out.
+    pub fn finish(&mut self) {
+        if let Self::Live(live) = self {
+            live.screen = None;
         }
-        Ok(())
     }
-}
-
-/// The terminal's (columns, rows), or 120 x 40 if unknown.
-fn terminal_size() -> (usize, usize) {
-    rustix::termios::tcgetwinsize(std::io::stdout().as_fd())
-        .ok()
-        .filter(|w| w.ws_col > 0 && w.ws_row > 0)
-        .map_or((120, 40), |w| {
-            (usize::from(w.ws_col), usize::from(w.ws_row))
-        })
 }
 
 /// State of the live view.
@@ -132,7 +126,8 @@ pub struct Live {
     header: Vec<String>,
     rates: VecDeque<f64>,
     last: Option<Interval>,
-    size: (usize, usize),
+    /// The terminal session; `None` once finished.
+    screen: Option<Screen>,
 }
 
 impl Live {
@@ -149,16 +144,14 @@ impl Live {
 
     /// Draws the frame fitted to the terminal: lines cut at its width;
     /// the header always shown, the tables cut to the rows left.
-    fn draw(&self, out: &mut dyn Write) -> Result<()> {
-        let (cols, rows) = self.size;
+    fn draw(&mut self) -> Result<()> {
         let (head, body) = self.frame();
-        let room = rows.saturating_sub(1);
-        let mut lines: Vec<&str> = head.iter().map(String::as_str).take(room).collect();
-        let left = room.saturating_sub(lines.len());
-        lines.extend(body.iter().map(String::as_str).take(left));
-        write!(out, "{NEW_FRAME}")?;
-        for l in lines {
-            writeln!(out, "{}", fit(l, cols.saturating_sub(1)))?;
+        let history_row = head.iter().position(|l| l.starts_with(HISTORY_LABEL));
+        let peak = self.rates.iter().copied().fold(0.0, f64::max);
+        let levels = spark_levels(self.rates.iter().copied(), peak);
+        let lines: Vec<String> = head.into_iter().chain(body).collect();
+        if let Some(screen) = &mut self.screen {
+            screen.draw(|f| render(f, lines, history_row, &levels))?;
         }
         Ok(())
     }
@@ -185,19 +178,18 @@ impl Live {
             s.interval_s,
             rate(u, peak)
         ));
-        head.push(format!(
-            "history     {}",
-            sparkline(self.rates.iter().copied(), peak)
-        ));
+        // The sparkline is drawn after the label (see `render`).
+        head.push(HISTORY_LABEL.to_owned());
         head.push(format!(
             "written since start: {} distinct pages ({})",
             s.unique_pages,
             u.format(s.unique_pages * page_bytes(s))
         ));
         head.push(format!(
-            "pre-copy at {} MiB/s: {}",
+            "pre-copy at {} MiB/s: {}{}",
             s.precopy_bandwidth_mib_s,
-            verdict(s)
+            verdict(s),
+            flags(s)
         ));
         if !s.sources.is_empty() {
             let sources: Vec<String> = s
@@ -258,9 +250,26 @@ fn body(s: &Interval, unit: SizeUnit) -> Vec<String> {
     b
 }
 
-/// `s` cut to `width` characters.
-fn fit(s: &str, width: usize) -> String {
-    s.chars().take(width).collect()
+/// Draws `lines` from the top (cut to the frame: lines at its width,
+/// the last ones at its height) and the rate history as a sparkline after
+/// the label on `history_row`.
+fn render(f: &mut Frame<'_>, lines: Vec<String>, history_row: Option<usize>, levels: &[u64]) {
+    let area = f.area();
+    let text: Vec<Line<'_>> = lines.into_iter().map(Line::from).collect();
+    f.render_widget(Paragraph::new(text), area);
+    let label = u16::try_from(HISTORY_LABEL.len()).unwrap_or(u16::MAX);
+    let Some(row) = history_row.and_then(|r| u16::try_from(r).ok()) else {
+        return;
+    };
+    if row < area.height && label < area.width {
+        let spark = Rect::new(area.x + label, area.y + row, area.width - label, 1);
+        f.render_widget(sparkline(levels), spark);
+    }
+}
+
+/// The history widget: one cell per level of [`spark_levels`].
+fn sparkline(levels: &[u64]) -> Sparkline<'_> {
+    Sparkline::default().data(levels).max(SPARK_LEVELS)
 }
 
 /// Bytes per page, from the interval's own numbers.
@@ -290,21 +299,22 @@ fn source_name(s: pagescope::dirty::WriteSource) -> String {
         .unwrap_or_default()
 }
 
-/// One glyph per value, scaled to `peak`.
-fn sparkline(values: impl Iterator<Item = f64>, peak: f64) -> String {
+/// One sparkline level per value, scaled to `peak`: zero is the lowest
+/// bar (1), the peak a full cell ([`SPARK_LEVELS`]).
+fn spark_levels(values: impl Iterator<Item = f64>, peak: f64) -> Vec<u64> {
+    let steps = SPARK_LEVELS - 1;
     values
         .map(|v| {
             let level = if peak > 0.0 {
-                v / peak * (SPARKS.len() - 1) as f64
+                v / peak * steps as f64
             } else {
                 0.0
             };
-            // The highest glyph whose level the value reaches (rounded).
-            let i = (0..SPARKS.len())
+            // The highest level the value reaches (rounded).
+            1 + (0..=steps)
                 .rev()
                 .find(|&k| level + 0.5 >= k as f64)
-                .unwrap_or(0);
-            SPARKS[i]
+                .unwrap_or(0)
         })
         .collect()
 }
@@ -317,26 +327,33 @@ fn line(s: &Interval, unit: SizeUnit) -> String {
         .take(3)
         .map(|v| format!("{} {}", short(&v.path, v.start), v.written_pages))
         .collect();
-    let degraded = match (s.degraded.is_some(), s.partial) {
-        (true, _) => "  DEGRADED",
-        (false, true) => "  (partial)",
-        _ => "",
-    };
-    // Forks are counted where children are tracked from birth.
-    let forks = match s.forks {
-        0 => String::new(),
-        n => format!("  {n} forks"),
-    };
     format!(
-        "t={:7.2}s  {:>9} pages {:>9}  {:>12}  pre-copy@{}MiB/s: {}{degraded}{forks}  | {}",
+        "t={:7.2}s  {:>9} pages {:>9}  {:>12}  pre-copy@{}MiB/s: {}{}  | {}",
         s.t,
         s.written_pages,
         unit.format(s.written_bytes),
         rate(unit, s.dirty_rate_mib_s),
         s.precopy_bandwidth_mib_s,
         verdict(s),
+        flags(s),
         top.join(", ")
     )
+}
+
+/// What is special about an interval: degraded tracking or a partial
+/// interval, and the forks in it (counted where children are tracked
+/// from birth); empty for a plain one.
+fn flags(s: &Interval) -> String {
+    let degraded = match (s.degraded.is_some(), s.partial) {
+        (true, _) => "  DEGRADED",
+        (false, true) => "  (partial)",
+        _ => "",
+    };
+    let forks = match s.forks {
+        0 => String::new(),
+        n => format!("  {n} forks"),
+    };
+    format!("{degraded}{forks}")
 }
 
 fn short(path: &str, start: pagescope::VirtAddr) -> String {
@@ -349,77 +366,37 @@ fn short(path: &str, start: pagescope::VirtAddr) -> String {
     }
 }
 
-/// Keys typed on the terminal (`q` quits): stdin in non-canonical,
-/// no-echo mode while watching, restored on drop. Nothing when stdin is
-/// not a terminal.
-pub struct Keys {
-    saved: Option<rustix::termios::Termios>,
-}
-
-impl Keys {
-    /// No key handling.
-    pub fn none() -> Self {
-        Self { saved: None }
-    }
-
-    /// Puts a terminal stdin into key-at-a-time mode.
-    pub fn new() -> Self {
-        use rustix::termios::{
-            LocalModes, OptionalActions, SpecialCodeIndex, tcgetattr, tcsetattr,
-        };
-        let stdin = std::io::stdin();
-        let Ok(saved) = tcgetattr(stdin.as_fd()) else {
-            return Self { saved: None };
-        };
-        let mut raw = saved.clone();
-        raw.local_modes
-            .remove(LocalModes::ICANON | LocalModes::ECHO);
-        raw.special_codes[SpecialCodeIndex::VMIN] = 0;
-        raw.special_codes[SpecialCodeIndex::VTIME] = 0;
-        if tcsetattr(stdin.as_fd(), OptionalActions::Now, &raw).is_err() {
-            return Self { saved: None };
-        }
-        Self { saved: Some(saved) }
-    }
-
-    /// Whether `q` was typed since the last call.
-    pub fn quit_pressed(&mut self) -> bool {
-        if self.saved.is_none() {
-            return false;
-        }
-        let mut buf = [0u8; 64];
-        match rustix::io::read(std::io::stdin().as_fd(), &mut buf) {
-            Ok(n) => buf[..n].iter().any(|&b| b == b'q' || b == b'Q'),
-            Err(_) => false,
-        }
-    }
-}
-
-impl Drop for Keys {
-    fn drop(&mut self) {
-        if let Some(saved) = &self.saved {
-            let _ = rustix::termios::tcsetattr(
-                std::io::stdin().as_fd(),
-                rustix::termios::OptionalActions::Now,
-                saved,
-            );
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use ratatui::buffer::Buffer;
+    use ratatui::widgets::Widget;
+
+    /// The glyphs `widget` draws in one row of `width` cells, trailing
+    /// blanks dropped.
+    fn drawn(widget: impl Widget, width: u16) -> String {
+        let area = Rect::new(0, 0, width, 1);
+        let mut buf = Buffer::empty(area);
+        widget.render(area, &mut buf);
+        let row: String = (0..width).map(|x| buf[(x, 0)].symbol()).collect();
+        row.trim_end().to_owned()
+    }
+
+    fn sparkline_of(values: &[f64], peak: f64) -> String {
+        let levels = spark_levels(values.iter().copied(), peak);
+        drawn(sparkline(&levels), 10)
+    }
+
     #[test]
     fn sparkline_scales_to_peak() {
-        assert_eq!(sparkline([0.0, 5.0, 10.0].into_iter(), 10.0), "▁▅█");
-        assert_eq!(sparkline([0.0, 0.0].into_iter(), 0.0), "▁▁");
+        assert_eq!(sparkline_of(&[0.0, 5.0, 10.0], 10.0), "▁▅█");
+        assert_eq!(sparkline_of(&[0.0, 0.0], 0.0), "▁▁");
     }
 
     #[test]
     fn lines_are_cut_to_the_width() {
-        assert_eq!(fit("ñandú▁▂▃", 5), "ñandú");
-        assert_eq!(fit("ab", 5), "ab");
+        assert_eq!(drawn(Paragraph::new("ñandú▁▂▃"), 5), "ñandú");
+        assert_eq!(drawn(Paragraph::new("ab"), 5), "ab");
     }
 }

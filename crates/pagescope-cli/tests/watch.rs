@@ -161,6 +161,34 @@ fn run_on_pty(args: &[&str]) -> (std::process::ExitStatus, String) {
     (status, String::from_utf8_lossy(&out).into_owned())
 }
 
+/// The live view's frames in `output`: what a `rows` x `cols` terminal
+/// (a VT100 emulator) shows at the end of each frame (each is one
+/// synchronized update), one string per frame, a line per row up to the
+/// last one written, trailing blanks dropped.
+fn frames(output: &str, rows: u16, cols: u16) -> Vec<String> {
+    use std::num::NonZeroU16;
+    const FRAME_END: &str = "\x1b[?2026l";
+    let size = |n| NonZeroU16::new(n).expect("a terminal size");
+    let mut terminal = vt100::Parser::new(size(rows), size(cols), 0);
+    let mut frames = Vec::new();
+    let mut rest = output;
+    while let Some(at) = rest.find(FRAME_END) {
+        let (frame, next) = rest.split_at(at + FRAME_END.len());
+        terminal.process(frame.as_bytes());
+        let mut lines: Vec<String> = terminal
+            .screen()
+            .rows(0, cols)
+            .map(|l| l.trim_end().to_owned())
+            .collect();
+        while lines.last().is_some_and(String::is_empty) {
+            lines.pop();
+        }
+        frames.push(lines.join("\n"));
+        rest = next;
+    }
+    frames
+}
+
 /// On a terminal, watch redraws one screen per interval (a live view with
 /// the rate, its history and the hottest mappings) instead of printing
 /// lines.
@@ -172,7 +200,8 @@ fn watch_on_a_terminal_redraws_a_live_view() {
     let pid = w.0.id().to_string();
     let (status, screen) = run_on_pty(&["watch", &pid, "--interval", "300ms", "--count", "3"]);
     assert!(status.success(), "{screen}");
-    let frames: Vec<&str> = screen.split("\x1b[H\x1b[2J").skip(1).collect();
+    // The pseudo-terminal reports no size: the view assumes 120 x 40.
+    let frames = frames(&screen, 40, 120);
     assert_eq!(
         frames.len(),
         4,
@@ -183,7 +212,7 @@ fn watch_on_a_terminal_redraws_a_live_view() {
         "{}",
         frames[0]
     );
-    let last = frames[3];
+    let last = &frames[3];
     for want in [
         "dirty rate",
         "history",
@@ -543,8 +572,10 @@ fn live_view_fits_a_resized_terminal_and_quits_on_q() {
     let screen = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
     assert!(status.success(), "{screen}");
     assert!(screen.contains("detached: process"), "{screen}");
-    let frames: Vec<&str> = screen.split("\x1b[H\x1b[2J").skip(1).collect();
-    let fits = |f: &&str| {
+    // Read on a terminal of the first size: a frame still drawn for it
+    // after the resize spills past 50 x 12.
+    let frames = frames(&screen, 40, 120);
+    let fits = |f: &String| {
         let lines: Vec<&str> = f
             .lines()
             .take_while(|l| !l.starts_with("detached"))
