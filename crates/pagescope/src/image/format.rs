@@ -16,6 +16,9 @@
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+use crate::addr::{VirtAddr, VirtRange};
+use crate::proc::maps::{DevId, MappingKey, Perms};
+
 /// The first bytes of `HEADER`.
 pub const MAGIC: [u8; 8] = *b"PGSCIMG\n";
 /// The format version this code writes and reads.
@@ -156,6 +159,20 @@ pub struct VmaRec {
     pub swap_slots: Vec<SwapSlotRec>,
 }
 
+impl VmaRec {
+    /// What identifies the recorded mapping in a process's maps (see
+    /// [`MappingKey`]); `None` if the record is malformed.
+    pub fn mapping_key(&self) -> Option<MappingKey> {
+        Some(MappingKey {
+            range: VirtRange::new(VirtAddr::new(self.start), VirtAddr::new(self.end))?,
+            offset: self.offset,
+            dev: DevId::parse(self.dev.as_bytes(), 16)?,
+            inode: self.inode,
+            shared: Perms::parse(self.perms.as_bytes())?.shared,
+        })
+    }
+}
+
 /// A page left on the swap device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwapSlotRec {
@@ -209,6 +226,16 @@ pub struct FileIdentity {
     /// xxh3-64 of the whole content, for files of at most
     /// [`HASHED_FILE_BYTES`].
     pub content_xxh3: Option<u64>,
+}
+
+impl FileIdentity {
+    /// The device and inode recorded (`None` if the device is malformed).
+    pub fn object_id(&self) -> Option<crate::vma::ObjectId> {
+        Some(crate::vma::ObjectId {
+            dev: DevId::parse(self.dev.as_bytes(), 16)?,
+            inode: self.inode,
+        })
+    }
 }
 
 /// Files up to this size get a content hash in their identity.

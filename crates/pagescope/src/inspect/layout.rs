@@ -93,7 +93,7 @@ pub fn verify(
             return;
         }
     };
-    let same = |v: &Vma| after.contains(&v.entry);
+    let same = |v: &Vma| after.iter().any(|e| e.same_mapping(v));
     let (kept, changed): (Vec<_>, Vec<_>) = std::mem::take(&mut report.vmas)
         .into_iter()
         .partition(|v| same(&v.vma));

@@ -150,11 +150,10 @@ pub fn verify_with(
     Ok(out)
 }
 
+/// Whether the live mapping `m` is the one `v` records
+/// ([`MapsEntry::same_mapping`](crate::proc::maps::MapsEntry::same_mapping)).
 fn same(m: &VmaModel, v: &VmaRec) -> bool {
-    m.vma.range.start().get() == v.start
-        && m.vma.range.end().get() == v.end
-        && m.vma.inode == v.inode
-        && m.vma.offset == v.offset
+    v.mapping_key() == Some(m.vma.mapping_key())
 }
 
 /// What comparing one mapping's own pages needs.
