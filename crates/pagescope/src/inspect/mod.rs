@@ -12,11 +12,13 @@
 //! processes (`objects`). `scan/` and `object/` do not know each other:
 //! everything that needs both lives here.
 
+mod acting;
 mod holdings;
 mod layout;
 mod objects;
 mod view;
 
+pub use acting::{open_object, scan_for_pageout, scan_page_tables};
 pub use holdings::scan_holdings;
 pub use layout::read as read_layout;
 pub use view::objects_view;

@@ -35,7 +35,6 @@ use crate::image::format::VmaRec;
 use crate::image::read::PageFill;
 use crate::kernel::KernelCaps;
 use crate::proc::Target;
-use crate::scan::ScanOptions;
 use crate::vma::Backing;
 use rseq::RseqAreas;
 
@@ -83,14 +82,7 @@ pub fn verify_with(
     image.verify_data()?;
     let mut out = VerifyReport::new(opts.limit);
     out.process_stopped = matches!(target.stat()?.state, b'T' | b't');
-    let live = crate::inspect::scan_process(
-        target,
-        caps,
-        &ScanOptions {
-            objects: false,
-            ..ScanOptions::default()
-        },
-    )?;
+    let live = crate::inspect::scan_page_tables(target, caps)?;
     let models: Vec<VmaModel> = live
         .vmas
         .iter()

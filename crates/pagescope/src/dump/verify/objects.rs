@@ -53,7 +53,7 @@ pub(super) fn verify_object(
     let Some(first) = maps.first() else {
         return Ok(());
     };
-    let live = match crate::object::open_object(target, &first.vma, caps.map_files) {
+    let live = match crate::inspect::open_object(target, caps, &first.vma) {
         Ok(obj) => through_fd(obj.fd.as_fd(), o, caps.page_size, out, &what)?,
         Err(e) => {
             out.note(format!(
