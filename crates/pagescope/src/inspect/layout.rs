@@ -1,7 +1,9 @@
 //! The target's layout: read once before the scan, checked again after.
 //!
-//! A VMA that changed or appeared while it was scanned is dropped from the
-//! report and listed as skipped; the report then says `complete: false`.
+//! A VMA that changed while it was scanned (no longer the same mapping:
+//! [`MapsEntry::same_mapping`](crate::proc::maps::MapsEntry::same_mapping))
+//! or appeared is dropped from the report and listed as skipped; the
+//! report then says `complete: false`.
 //! It never passes off a partial result as whole.
 
 use crate::addr::{PageSize, VirtRange};
