@@ -445,4 +445,57 @@ mod tests {
         assert_ne!(page_sum(1, &p), page_sum(2, &p));
         assert_eq!(seed_of("0123456789abcdefXX"), 0x0123_4567_89ab_cdef);
     }
+
+    #[test]
+    fn a_recorded_mapping_is_the_same_mapping_as_its_maps_line() {
+        let line = b"7f00-8f00 rw-s 00002000 00:1f 77 /memfd:x (deleted)";
+        let e = crate::proc::maps::parse_line(line).unwrap();
+        // As the dump records it (dump/model.rs).
+        let rec = VmaRec {
+            start: e.range.start().get(),
+            end: e.range.end().get(),
+            perms: e.perms.to_string(),
+            offset: e.offset,
+            dev: e.dev.to_string(),
+            inode: e.inode,
+            path: e.path.display(),
+            backing: "shmem".into(),
+            object: None,
+            store: None,
+            runs: Vec::new(),
+            swap_slots: Vec::new(),
+        };
+        assert_eq!(rec.mapping_key(), Some(e.mapping_key()));
+        let other = VmaRec {
+            perms: "rw-p".into(),
+            ..rec.clone()
+        };
+        assert_ne!(other.mapping_key(), Some(e.mapping_key()));
+        let malformed = VmaRec {
+            dev: "x".into(),
+            ..rec
+        };
+        assert_eq!(malformed.mapping_key(), None);
+    }
+
+    #[test]
+    fn a_file_identity_names_its_object() {
+        let id = FileIdentity {
+            path: "/f".into(),
+            path_hex: "2f66".into(),
+            dev: "fd:01".into(),
+            inode: 9,
+            size: 1,
+            mtime_ns: 0,
+            content_xxh3: None,
+        };
+        let want = crate::vma::ObjectId {
+            dev: DevId {
+                major: 0xfd,
+                minor: 1,
+            },
+            inode: 9,
+        };
+        assert_eq!(id.object_id(), Some(want));
+    }
 }

@@ -366,3 +366,27 @@ fn new_image_id() -> String {
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::VirtAddr;
+
+    #[test]
+    fn a_replaced_mapping_gets_the_next_store_name() {
+        let dir = std::env::temp_dir().join(format!("pagescope-stores-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let w = ImageWriter::create(&dir, PageSize::new(4096).unwrap(), None).unwrap();
+        let name = StoreName::mapping(7, VirtAddr::new(0x1000));
+        let first = w.new_store_named(&name, 2).unwrap();
+        let again = w.new_store_named(&name, 2).unwrap();
+        assert_eq!(first.name(), "p7-1000");
+        assert_eq!(again.name(), "p7-1000.1");
+        assert!(name.nth(1).pages_path(&dir).exists());
+        assert_eq!(w.new_store("p7-1000", 1).unwrap().name(), "p7-1000.2");
+        for bad in ["../x", ".hidden", "a/b"] {
+            assert!(w.store(bad, 1).is_err(), "{bad}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
