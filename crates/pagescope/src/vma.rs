@@ -129,6 +129,15 @@ pub struct ObjectId {
 }
 
 impl ObjectId {
+    /// The device and inode a maps line names, whatever backs it (see
+    /// [`Vma::object_id`] for the VMAs that have an object).
+    pub fn of_entry(e: &MapsEntry) -> Self {
+        Self {
+            dev: e.dev,
+            inode: e.inode,
+        }
+    }
+
     /// The identity of the file `st` describes (from `stat`/`fstat`).
     pub fn of_stat(st: &rustix::fs::Stat) -> Self {
         Self {
@@ -233,10 +242,7 @@ impl Vma {
             self.backing,
             Backing::Shmem | Backing::File | Backing::Hugetlb
         ) && (self.inode != 0 || self.kind == VmaKind::Sysv))
-            .then_some(ObjectId {
-                dev: self.dev,
-                inode: self.inode,
-            })
+            .then(|| ObjectId::of_entry(&self.entry))
     }
 
     /// How the object behind the VMA is classified, if it has one that can

@@ -18,6 +18,7 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::addr::{VirtAddr, VirtRange};
 use crate::proc::maps::{DevId, MappingKey, Perms};
+use crate::vma::ObjectId;
 
 /// The first bytes of `HEADER`.
 pub const MAGIC: [u8; 8] = *b"PGSCIMG\n";
@@ -230,12 +231,24 @@ pub struct FileIdentity {
 
 impl FileIdentity {
     /// The device and inode recorded (`None` if the device is malformed).
-    pub fn object_id(&self) -> Option<crate::vma::ObjectId> {
-        Some(crate::vma::ObjectId {
-            dev: DevId::parse(self.dev.as_bytes(), 16)?,
-            inode: self.inode,
-        })
+    pub fn object_id(&self) -> Option<ObjectId> {
+        object_id(&self.dev, self.inode)
     }
+}
+
+impl ObjectRec {
+    /// The device and inode recorded (`None` if the device is malformed).
+    pub fn object_id(&self) -> Option<ObjectId> {
+        object_id(&self.dev, self.inode)
+    }
+}
+
+/// A recorded device (`major:minor` in hex, as maps prints it) and inode.
+fn object_id(dev: &str, inode: u64) -> Option<ObjectId> {
+    Some(ObjectId {
+        dev: DevId::parse(dev.as_bytes(), 16)?,
+        inode,
+    })
 }
 
 /// Files up to this size get a content hash in their identity.
@@ -489,7 +502,7 @@ mod tests {
             mtime_ns: 0,
             content_xxh3: None,
         };
-        let want = crate::vma::ObjectId {
+        let want = ObjectId {
             dev: DevId {
                 major: 0xfd,
                 minor: 1,

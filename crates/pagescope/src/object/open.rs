@@ -107,14 +107,6 @@ pub fn open_object(
     })
 }
 
-/// The object the maps line names (device and inode).
-fn mapped_id(vma: &Vma) -> ObjectId {
-    ObjectId {
-        dev: vma.dev,
-        inode: vma.inode,
-    }
-}
-
 type Attempt<T> = Result<T, (String, ErrorKind)>;
 
 fn proc_failure(e: ProcError) -> (String, ErrorKind) {
@@ -128,7 +120,7 @@ fn open_via_fd(target: &Target, vma: &Vma) -> Attempt<Option<OpenObject>> {
         let Ok(st) = target.stat_file(&name) else {
             continue;
         };
-        if ObjectId::of_stat(&st) == mapped_id(vma) {
+        if ObjectId::of_stat(&st) == ObjectId::of_entry(vma) {
             let fd = target.open_fd(n).map_err(proc_failure)?;
             return check(fd, vma, OpenedVia::Fd(n)).map(Some);
         }
@@ -146,7 +138,7 @@ fn open_via_path(target: &Target, vma: &Vma) -> Attempt<OpenObject> {
 fn check(fd: OwnedFd, vma: &Vma, via: OpenedVia) -> Attempt<OpenObject> {
     let st = rustix::fs::fstat(&fd).map_err(|e| (format!("fstat: {e}"), ErrorKind::Other))?;
     let id = ObjectId::of_stat(&st);
-    if id != mapped_id(vma) {
+    if id != ObjectId::of_entry(vma) {
         return Err((
             format!(
                 "{:?} leads to inode {} on {}, not the mapped inode {}",
