@@ -1,4 +1,9 @@
-//! Decoding `/proc/PID/pagemap` entries and `PAGEMAP_SCAN` categories.
+//! Decoding `/proc/PID/pagemap` entries: the flag bits, the PFN, and the
+//! swap type and offset of a non-present entry, telling a PTE marker
+//! (uffd-wp, guard, poison: the kernel's `SWP_PTE_MARKER` type) from a
+//! real swap entry. Pure: the reads are in `sys/pagemap.rs`, and
+//! `PAGEMAP_SCAN`'s categories in `sys/pagemap_scan.rs` (`ScanCategories`);
+//! `scan/classify.rs` turns an entry into a page state.
 //!
 //! | bits  | meaning |
 //! |-------|---------|

@@ -108,17 +108,10 @@ impl UffdError {
 
     /// The broad class of this error.
     pub fn kind(&self) -> ErrorKind {
-        let errno = match self {
-            Self::NoWpAsync => return ErrorKind::Unsupported,
-            Self::Create { source }
-            | Self::Api { source, .. }
-            | Self::Register { source, .. }
-            | Self::Unregister { source, .. }
-            | Self::WriteProtect { source, .. }
-            | Self::Read { source }
-            | Self::Scan { source, .. } => Errno::from_io_error(source),
-        };
-        match errno {
+        if matches!(self, Self::NoWpAsync) {
+            return ErrorKind::Unsupported;
+        }
+        match self.errno() {
             Some(Errno::PERM | Errno::ACCESS) => ErrorKind::PermissionDenied,
             Some(Errno::NOSYS | Errno::NOTTY) => ErrorKind::Unsupported,
             Some(Errno::SRCH) => ErrorKind::TargetExited,

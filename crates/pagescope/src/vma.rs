@@ -128,6 +128,25 @@ pub struct ObjectId {
     pub inode: u64,
 }
 
+impl ObjectId {
+    /// The device and inode a maps line names, whatever backs it (see
+    /// [`Vma::object_id`] for the VMAs that have an object).
+    pub fn of_entry(e: &MapsEntry) -> Self {
+        Self {
+            dev: e.dev,
+            inode: e.inode,
+        }
+    }
+
+    /// The identity of the file `st` describes (from `stat`/`fstat`).
+    pub fn of_stat(st: &rustix::fs::Stat) -> Self {
+        Self {
+            dev: DevId::from_st_dev(st.st_dev),
+            inode: st.st_ino,
+        }
+    }
+}
+
 /// A VMA of the target: its maps line and what pagescope made of it.
 ///
 /// It dereferences to its [`MapsEntry`], so `vma.range`, `vma.perms`,
@@ -204,6 +223,12 @@ impl Vma {
         !self.perms.shared && matches!(self.backing, Backing::Anon | Backing::File | Backing::Shmem)
     }
 
+    /// Whether the VMA is one of the kernel's own mappings (`[vdso]`,
+    /// `[vvar]`, ...: [`is_kernel_mapping`]).
+    pub fn is_kernel_mapping(&self) -> bool {
+        is_kernel_mapping(&self.entry)
+    }
+
     /// Whether the VMA is above the user address space (`[vsyscall]`),
     /// where pagemap reports nothing.
     pub fn outside_pagemap(&self) -> bool {
@@ -217,10 +242,7 @@ impl Vma {
             self.backing,
             Backing::Shmem | Backing::File | Backing::Hugetlb
         ) && (self.inode != 0 || self.kind == VmaKind::Sysv))
-            .then_some(ObjectId {
-                dev: self.dev,
-                inode: self.inode,
-            })
+            .then(|| ObjectId::of_entry(&self.entry))
     }
 
     /// How the object behind the VMA is classified, if it has one that can
@@ -298,13 +320,33 @@ fn classify_entry(e: &MapsEntry, mounts: &MountTable, vmf: VmFlags) -> (Backing,
     (Backing::Special, VmaKind::Special)
 }
 
+/// Whether `e` is one of the kernel's own mappings: `[vdso]`, `[vvar]`
+/// (`[vvar_vclock]`), `[vsyscall]`, `[uprobes]` (the uprobes XOL area),
+/// `[sigpage]` and `[vectors]` (arm). Their pages are the kernel's, the
+/// same in every process: a dump copies nothing of them and a
+/// userfaultfd cannot register them.
+pub fn is_kernel_mapping(e: &MapsEntry) -> bool {
+    e.path.is_pseudo() && kernel_mapping_kind(e.path.as_bytes()).is_some()
+}
+
+/// The kind of a kernel mapping's pseudo-path (see [`is_kernel_mapping`]).
+fn kernel_mapping_kind(p: &[u8]) -> Option<VmaKind> {
+    match p {
+        b"[vdso]" => Some(VmaKind::Vdso),
+        b"[vsyscall]" => Some(VmaKind::Vsyscall),
+        b"[uprobes]" | b"[sigpage]" | b"[vectors]" => Some(VmaKind::Special),
+        _ if p.starts_with(b"[vvar") => Some(VmaKind::Vvar),
+        _ => None,
+    }
+}
+
 fn classify_pseudo(p: &[u8]) -> (Backing, VmaKind) {
+    if let Some(kind) = kernel_mapping_kind(p) {
+        return (Backing::Special, kind);
+    }
     match p {
         b"[heap]" => (Backing::Anon, VmaKind::Heap),
         b"[stack]" => (Backing::Anon, VmaKind::Stack),
-        b"[vdso]" => (Backing::Special, VmaKind::Vdso),
-        b"[vsyscall]" => (Backing::Special, VmaKind::Vsyscall),
-        _ if p.starts_with(b"[vvar") => (Backing::Special, VmaKind::Vvar),
         _ if p.starts_with(b"[anon_shmem:") => (Backing::Shmem, VmaKind::SharedAnon),
         _ if p.starts_with(b"[anon:") || p.starts_with(b"[stack:") => {
             (Backing::Anon, VmaKind::Anon)
@@ -401,6 +443,34 @@ mod tests {
             class(b"1000-2000 rw-s 00000000 00:01 9 [anon_shmem:guest]", m),
             (Backing::Shmem, VmaKind::SharedAnon)
         );
+    }
+
+    #[test]
+    fn kernel_mappings_are_known_by_their_pseudo_path() {
+        let kernel = |line: &[u8]| is_kernel_mapping(&parse_line(line).unwrap());
+        for p in [
+            "[vdso]",
+            "[vvar]",
+            "[vvar_vclock]",
+            "[vsyscall]",
+            "[uprobes]",
+        ] {
+            assert!(
+                kernel(format!("1000-2000 r-xp 00000000 00:00 0 {p}").as_bytes()),
+                "{p}"
+            );
+        }
+        for p in ["[heap]", "[stack]", "[anon:vdso]", "/usr/lib/[vdso]", ""] {
+            assert!(
+                !kernel(format!("1000-2000 rw-p 00000000 00:00 0 {p}").as_bytes()),
+                "{p}"
+            );
+        }
+        let m = MountTable::default();
+        let e = parse_line(b"1000-2000 r-xp 00000000 00:00 0 [uprobes]").unwrap();
+        let v = Vma::classify(&e, &m, None);
+        assert!(v.is_kernel_mapping());
+        assert_eq!(v.backing, Backing::Special);
     }
 
     #[test]

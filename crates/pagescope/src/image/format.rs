@@ -16,6 +16,10 @@
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+use crate::addr::{VirtAddr, VirtRange};
+use crate::proc::maps::{DevId, MappingKey, Perms};
+use crate::vma::ObjectId;
+
 /// The first bytes of `HEADER`.
 pub const MAGIC: [u8; 8] = *b"PGSCIMG\n";
 /// The format version this code writes and reads.
@@ -156,6 +160,20 @@ pub struct VmaRec {
     pub swap_slots: Vec<SwapSlotRec>,
 }
 
+impl VmaRec {
+    /// What identifies the recorded mapping in a process's maps (see
+    /// [`MappingKey`]); `None` if the record is malformed.
+    pub fn mapping_key(&self) -> Option<MappingKey> {
+        Some(MappingKey {
+            range: VirtRange::new(VirtAddr::new(self.start), VirtAddr::new(self.end))?,
+            offset: self.offset,
+            dev: DevId::parse(self.dev.as_bytes(), 16)?,
+            inode: self.inode,
+            shared: Perms::parse(self.perms.as_bytes())?.shared,
+        })
+    }
+}
+
 /// A page left on the swap device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwapSlotRec {
@@ -209,6 +227,28 @@ pub struct FileIdentity {
     /// xxh3-64 of the whole content, for files of at most
     /// [`HASHED_FILE_BYTES`].
     pub content_xxh3: Option<u64>,
+}
+
+impl FileIdentity {
+    /// The device and inode recorded (`None` if the device is malformed).
+    pub fn object_id(&self) -> Option<ObjectId> {
+        object_id(&self.dev, self.inode)
+    }
+}
+
+impl ObjectRec {
+    /// The device and inode recorded (`None` if the device is malformed).
+    pub fn object_id(&self) -> Option<ObjectId> {
+        object_id(&self.dev, self.inode)
+    }
+}
+
+/// A recorded device (`major:minor` in hex, as maps prints it) and inode.
+fn object_id(dev: &str, inode: u64) -> Option<ObjectId> {
+    Some(ObjectId {
+        dev: DevId::parse(dev.as_bytes(), 16)?,
+        inode,
+    })
 }
 
 /// Files up to this size get a content hash in their identity.
@@ -417,5 +457,58 @@ mod tests {
         assert_ne!(page_sum(1, &p), 0);
         assert_ne!(page_sum(1, &p), page_sum(2, &p));
         assert_eq!(seed_of("0123456789abcdefXX"), 0x0123_4567_89ab_cdef);
+    }
+
+    #[test]
+    fn a_recorded_mapping_is_the_same_mapping_as_its_maps_line() {
+        let line = b"7f00-8f00 rw-s 00002000 00:1f 77 /memfd:x (deleted)";
+        let e = crate::proc::maps::parse_line(line).unwrap();
+        // As the dump records it (dump/model.rs).
+        let rec = VmaRec {
+            start: e.range.start().get(),
+            end: e.range.end().get(),
+            perms: e.perms.to_string(),
+            offset: e.offset,
+            dev: e.dev.to_string(),
+            inode: e.inode,
+            path: e.path.display(),
+            backing: "shmem".into(),
+            object: None,
+            store: None,
+            runs: Vec::new(),
+            swap_slots: Vec::new(),
+        };
+        assert_eq!(rec.mapping_key(), Some(e.mapping_key()));
+        let other = VmaRec {
+            perms: "rw-p".into(),
+            ..rec.clone()
+        };
+        assert_ne!(other.mapping_key(), Some(e.mapping_key()));
+        let malformed = VmaRec {
+            dev: "x".into(),
+            ..rec
+        };
+        assert_eq!(malformed.mapping_key(), None);
+    }
+
+    #[test]
+    fn a_file_identity_names_its_object() {
+        let id = FileIdentity {
+            path: "/f".into(),
+            path_hex: "2f66".into(),
+            dev: "fd:01".into(),
+            inode: 9,
+            size: 1,
+            mtime_ns: 0,
+            content_xxh3: None,
+        };
+        let want = ObjectId {
+            dev: DevId {
+                major: 0xfd,
+                minor: 1,
+            },
+            inode: 9,
+        };
+        assert_eq!(id.object_id(), Some(want));
     }
 }

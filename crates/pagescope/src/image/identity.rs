@@ -21,6 +21,7 @@ use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 use super::ImageError;
 use super::format::{FileIdentity, HASHED_FILE_BYTES, file_sum};
+use crate::vma::ObjectId;
 
 /// The identity of the regular file open as `fd` (pagescope's own fd of
 /// a mapped file). `None` for a file that is not a regular file or was
@@ -52,10 +53,10 @@ pub fn of_fd(fd: BorrowedFd<'_>) -> Option<FileIdentity> {
     Some(FileIdentity {
         path: crate::proc::maps::escape_bytes(raw),
         path_hex: hex(raw),
-        dev: dev_name(st.st_dev),
+        dev: ObjectId::of_stat(&st).dev.to_string(),
         inode: st.st_ino,
         size,
-        mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+        mtime_ns: mtime_ns(&st),
         content_xxh3,
     })
 }
@@ -88,11 +89,10 @@ pub fn open_checked(id: &FileIdentity) -> Result<File, ImageError> {
         },
     })?;
     let st = rustix::fs::fstat(&fd).map_err(|e| changed(&path, &format!("fstat: {e}")))?;
-    let mtime = i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec);
-    if dev_name(st.st_dev) != id.dev || st.st_ino != id.inode {
+    if Some(ObjectId::of_stat(&st)) != id.object_id() {
         return Err(changed(&path, "another file (device or inode differ)"));
     }
-    if u64::try_from(st.st_size).ok() != Some(id.size) || mtime != id.mtime_ns {
+    if u64::try_from(st.st_size).ok() != Some(id.size) || mtime_ns(&st) != id.mtime_ns {
         return Err(changed(&path, "size or modification time"));
     }
     if let Some(want) = id.content_xxh3 {
@@ -110,9 +110,10 @@ fn changed(path: &Path, what: &str) -> ImageError {
     }
 }
 
-/// `major:minor` as maps prints it.
-fn dev_name(dev: u64) -> String {
-    crate::proc::maps::DevId::from_st_dev(dev).to_string()
+/// A file's modification time in nanoseconds since the epoch, as
+/// [`FileIdentity::mtime_ns`] records it.
+pub fn mtime_ns(st: &rustix::fs::Stat) -> i128 {
+    i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec)
 }
 
 /// xxh3-64 of the first `size` bytes of `fd`.

@@ -11,6 +11,10 @@
 //! * [`read`]: [`Image`]: opens and checks an image and its parent chain
 //!   (every size bounded, every byte of metadata checksummed), and reads
 //!   pages through the chain.
+//! * [`store_name`]: [`StoreName`]: what a store of page data is called
+//!   (after the mapping or the object whose pages it holds) and its files.
+//! * [`identity`]: regular files recorded by identity, reopened only if
+//!   they are the same file.
 //! * [`restore`]: memory as sparse files (one per mapping and per shared
 //!   object), or into a buffer or a memfd of the caller's.
 
@@ -18,12 +22,14 @@ pub mod format;
 pub mod identity;
 pub mod read;
 pub mod restore;
+pub mod store_name;
 pub mod write;
 
 use std::path::PathBuf;
 
 pub use format::{PageKind, Run};
 pub use read::Image;
+pub use store_name::{StoreName, StoreOwner};
 pub use write::ImageWriter;
 
 use crate::error::ErrorKind;

@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 
 use super::ImageError;
 use super::format::{
-    self, DATA_DIR, HEADER_FILE, Header, MAX_HEADER_BYTES, MAX_META_BYTES, MAX_STORE_PAGES,
-    META_FILE, Meta, ObjectRec, PageKind, ProcessRec, Run, VmaRec,
+    self, HEADER_FILE, Header, MAX_HEADER_BYTES, MAX_META_BYTES, MAX_STORE_PAGES, META_FILE, Meta,
+    ObjectRec, PageKind, ProcessRec, Run, VmaRec,
 };
+use super::store_name::StoreName;
 
 /// Parent chains longer than this are refused (a loop, or a mistake).
 const MAX_CHAIN: usize = 256;
@@ -321,7 +322,7 @@ fn validate(path: &Path, meta: &Meta) -> Result<(), ImageError> {
     let bad = |what: String| corrupt(path, 0, &what);
     let stores: Vec<&str> = meta.stores.iter().map(|s| s.name.as_str()).collect();
     for s in &meta.stores {
-        if s.pages > MAX_STORE_PAGES || !plain_name(&s.name) {
+        if s.pages > MAX_STORE_PAGES || StoreName::new(&s.name).is_none() {
             return Err(bad(format!("store {:?} out of bounds", s.name)));
         }
     }
@@ -349,12 +350,6 @@ fn validate(path: &Path, meta: &Meta) -> Result<(), ImageError> {
         check_runs(&o.runs, o.pages).map_err(|w| bad(format!("object {}: {w}", o.inode)))?;
     }
     Ok(())
-}
-
-/// A file name an image may use under `data/`: no path separator, no
-/// NUL, not `.` or `..`, not hidden.
-fn plain_name(n: &str) -> bool {
-    !n.is_empty() && !n.starts_with('.') && !n.contains(['/', '\0']) && n.len() <= 200
 }
 
 /// `major:minor` in hex, as maps prints a device (restore names files
@@ -390,7 +385,9 @@ fn open_stores(
 ) -> Result<HashMap<String, StoreReader>, ImageError> {
     let mut out = HashMap::new();
     for s in &meta.stores {
-        let path = dir.join(DATA_DIR).join(format!("{}.pages", s.name));
+        let name = StoreName::new(&s.name)
+            .ok_or_else(|| corrupt(&dir.join(META_FILE), 0, &format!("store {:?}", s.name)))?;
+        let path = name.pages_path(dir);
         let file = File::open(&path).map_err(ImageError::unreadable("open", &path))?;
         let size = file
             .metadata()
@@ -414,7 +411,7 @@ fn open_stores(
                 "data file of another image or store",
             ));
         }
-        let sums_path = path.with_extension("sums");
+        let sums_path = name.sums_path(dir);
         let bytes = read_bounded(&sums_path, s.pages * 8)?;
         if bytes.len() as u64 != s.pages * 8 {
             return Err(corrupt(

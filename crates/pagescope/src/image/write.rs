@@ -24,12 +24,13 @@ use super::format::{
     self, DATA_DIR, HEADER_FILE, Header, META_FILE, Meta, ParentRef, StoreRec, VERSION,
 };
 use super::read::Image;
+use super::store_name::StoreName;
 use crate::addr::PageSize;
 
 /// One file of page data being written.
 #[derive(Debug)]
 pub struct Store {
-    name: String,
+    name: StoreName,
     path: PathBuf,
     file: File,
     sums: RwLock<Vec<AtomicU64>>,
@@ -41,6 +42,11 @@ pub struct Store {
 impl Store {
     /// The store's name (under `data/`).
     pub fn name(&self) -> &str {
+        self.name.as_str()
+    }
+
+    /// The store's name, typed.
+    pub fn store_name(&self) -> &StoreName {
         &self.name
     }
 
@@ -125,7 +131,7 @@ impl Store {
     /// The identity page after the last page.
     fn write_trailer(&self, pages: u64) -> Result<(), ImageError> {
         let p = self.page.as_usize();
-        let t = format::data_trailer(&self.image_id, &self.name, p);
+        let t = format::data_trailer(&self.image_id, self.name.as_str(), p);
         self.file
             .write_all_at(&t, self.page.bytes(pages))
             .map_err(ImageError::io("write", &self.path))
@@ -147,7 +153,7 @@ impl Store {
             .sync_all()
             .map_err(ImageError::io("fsync", &self.path))?;
         Ok(StoreRec {
-            name: self.name.clone(),
+            name: self.name.to_string(),
             pages: sums.len() as u64,
             sums_xxh3: format::file_sum(&bytes),
         })
@@ -162,7 +168,7 @@ pub struct ImageWriter {
     image_id: String,
     generation: u32,
     parent: Option<ParentRef>,
-    stores: Mutex<BTreeMap<String, Arc<Store>>>,
+    stores: Mutex<BTreeMap<StoreName, Arc<Store>>>,
 }
 
 impl ImageWriter {
@@ -208,13 +214,18 @@ impl ImageWriter {
     }
 
     /// The store `name` holding up to `pages` pages (created, sparse, on
-    /// first use).
+    /// first use); `name` must be a [`StoreName`].
     pub fn store(&self, name: &str, pages: u64) -> Result<Arc<Store>, ImageError> {
+        self.store_named(&self.checked_name(name)?, pages)
+    }
+
+    /// [`store`](Self::store), typed.
+    pub fn store_named(&self, name: &StoreName, pages: u64) -> Result<Arc<Store>, ImageError> {
         let mut stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = stores.get(name) {
             return Ok(Arc::clone(s));
         }
-        let path = self.dir.join(DATA_DIR).join(format!("{name}.pages"));
+        let path = name.pages_path(&self.dir);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -224,7 +235,7 @@ impl ImageWriter {
         file.set_len(self.page.bytes(pages + 1))
             .map_err(ImageError::io("size", &path))?;
         let s = Arc::new(Store {
-            name: name.to_owned(),
+            name: name.clone(),
             path,
             file,
             sums: RwLock::new((0..pages).map(|_| AtomicU64::new(0)).collect()),
@@ -233,31 +244,41 @@ impl ImageWriter {
             image_id: self.image_id.clone(),
         });
         s.write_trailer(pages)?;
-        stores.insert(name.to_owned(), Arc::clone(&s));
+        stores.insert(name.clone(), Arc::clone(&s));
         Ok(s)
     }
 
-    /// A new store named after `prefix` (with a suffix if that name is
-    /// taken: a mapping replaced at the same address during the dump).
+    /// A new store named after `prefix` (a [`StoreName`]; with a suffix
+    /// if that name is taken: a mapping replaced at the same address
+    /// during the dump).
     pub fn new_store(&self, prefix: &str, pages: u64) -> Result<Arc<Store>, ImageError> {
-        let taken = |n: &str| self.existing(n).is_some();
-        let name = (0..)
-            .map(|i| {
-                if i == 0 {
-                    prefix.to_owned()
-                } else {
-                    format!("{prefix}.{i}")
-                }
-            })
-            .find(|n| !taken(n))
-            .unwrap_or_else(|| prefix.to_owned());
-        self.store(&name, pages)
+        self.new_store_named(&self.checked_name(prefix)?, pages)
+    }
+
+    /// [`new_store`](Self::new_store), typed: the first of `name`,
+    /// `name.nth(1)`, ... not taken yet.
+    pub fn new_store_named(&self, name: &StoreName, pages: u64) -> Result<Arc<Store>, ImageError> {
+        let free = (0..)
+            .map(|n| name.nth(n))
+            .find(|n| self.existing(n.as_str()).is_none())
+            .unwrap_or_else(|| name.clone());
+        self.store_named(&free, pages)
     }
 
     /// The store `name`, if it was created.
     pub fn existing(&self, name: &str) -> Option<Arc<Store>> {
+        let name = StoreName::new(name)?;
         let stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
-        stores.get(name).cloned()
+        stores.get(&name).cloned()
+    }
+
+    /// `name` as a [`StoreName`], or an error naming the file it would be.
+    fn checked_name(&self, name: &str) -> Result<StoreName, ImageError> {
+        StoreName::new(name).ok_or_else(|| ImageError::Io {
+            what: "name a store",
+            path: self.dir.join(DATA_DIR).join(name),
+            source: std::io::ErrorKind::InvalidInput.into(),
+        })
     }
 
     /// Makes it an image: writes the sums and `meta` (whose `stores` are
@@ -344,4 +365,28 @@ fn new_image_id() -> String {
         b[..8].copy_from_slice(&t.to_le_bytes());
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::VirtAddr;
+
+    #[test]
+    fn a_replaced_mapping_gets_the_next_store_name() {
+        let dir = std::env::temp_dir().join(format!("pagescope-stores-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let w = ImageWriter::create(&dir, PageSize::new(4096).unwrap(), None).unwrap();
+        let name = StoreName::mapping(7, VirtAddr::new(0x1000));
+        let first = w.new_store_named(&name, 2).unwrap();
+        let again = w.new_store_named(&name, 2).unwrap();
+        assert_eq!(first.name(), "p7-1000");
+        assert_eq!(again.name(), "p7-1000.1");
+        assert!(name.nth(1).pages_path(&dir).exists());
+        assert_eq!(w.new_store("p7-1000", 1).unwrap().name(), "p7-1000.2");
+        for bad in ["../x", ".hidden", "a/b"] {
+            assert!(w.store(bad, 1).is_err(), "{bad}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -1,7 +1,9 @@
 //! The target's layout: read once before the scan, checked again after.
 //!
-//! A VMA that changed or appeared while it was scanned is dropped from the
-//! report and listed as skipped; the report then says `complete: false`.
+//! A VMA that changed while it was scanned (no longer the same mapping:
+//! [`MapsEntry::same_mapping`](crate::proc::maps::MapsEntry::same_mapping))
+//! or appeared is dropped from the report and listed as skipped; the
+//! report then says `complete: false`.
 //! It never passes off a partial result as whole.
 
 use crate::addr::{PageSize, VirtRange};
@@ -93,7 +95,7 @@ pub fn verify(
             return;
         }
     };
-    let same = |v: &Vma| after.contains(&v.entry);
+    let same = |v: &Vma| after.iter().any(|e| e.same_mapping(v));
     let (kept, changed): (Vec<_>, Vec<_>) = std::mem::take(&mut report.vmas)
         .into_iter()
         .partition(|v| same(&v.vma));

@@ -8,15 +8,21 @@
 //! ```
 //!
 //! [`scan_process`] runs the pipeline for one process (`pages`, `map`,
-//! and, later, `dump`); [`objects_view`] runs its object half for a set of
-//! processes (`objects`). `scan/` and `object/` do not know each other:
+//! the exporter's full scans); [`scan_page_tables`], [`scan_for_pageout`]
+//! and [`open_object`] are what the commands that act on pages get their
+//! page states and objects from (`dump`, `verify`, `pageout`: `acting.rs`);
+//! [`objects_view`] runs the object half for a set of processes
+//! (`objects`); [`scan_holdings`] reads only swap slots and shmem pages
+//! (the exporter). `scan/` and `object/` do not know each other:
 //! everything that needs both lives here.
 
+mod acting;
 mod holdings;
 mod layout;
 mod objects;
 mod view;
 
+pub use acting::{open_object, scan_for_pageout, scan_page_tables};
 pub use holdings::scan_holdings;
 pub use layout::read as read_layout;
 pub use view::objects_view;

@@ -31,12 +31,18 @@ pub fn open_all(target: &Target, caps: &KernelCaps, vmas: &mut [Vma]) -> Opened 
         let o = opened
             .objects
             .entry(id)
-            .or_insert_with(|| object::open_object(target, v, caps.map_files));
+            .or_insert_with(|| open_one(target, caps, v));
         if let Ok(o) = o {
             v.refine_with_fstype(o.fs_type);
         }
     }
     opened
+}
+
+/// Opens the object behind `vma`: `map_files` only where `caps` say it
+/// works (the one place that decides how the driver opens objects).
+pub fn open_one(target: &Target, caps: &KernelCaps, vma: &Vma) -> Result<OpenObject, ObjectError> {
+    object::open_object(target, vma, caps.map_files)
 }
 
 /// Gives every page-table hole of a shared or file mapping the state of

@@ -1,7 +1,13 @@
-//! The per-object view (`pagescope objects`): every shared object of a set
-//! of processes once, its page states, and which processes map which parts
-//! of it. Each object is opened and classified once, however many
-//! processes map it.
+//! Building the objects view ([`objects_view`], `pagescope objects`) for a
+//! set of processes: per process, stage 1 of the pipeline (the layout from
+//! `/proc/PID/maps`) and stage 2 (the object behind each shared or file
+//! mapping, opened through `/proc/PID/map_files` or an fd the process
+//! holds, the first time a process maps it), plus only the present ranges
+//! of each mapping (`PAGEMAP_SCAN`, else pagemap reads:
+//! [`present_ranges`]), not a full scan. Once every sharer is known, each
+//! object is classified whole, once ([`object::classify_spans`]:
+//! `SEEK_DATA`, `mincore`, `cachestat`). The types it fills in are in
+//! [`crate::object::view`].
 
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
@@ -75,7 +81,7 @@ fn add_process(
         let Some(id) = vma.object_id() else { continue };
         let entry = objects.entry(id).or_insert_with(|| new_entry(&vma, id));
         if entry.opened.is_none() {
-            match object::open_object(&target, &vma, caps.map_files) {
+            match super::objects::open_one(&target, caps, &vma) {
                 Ok(o) => entry.opened = Some(o),
                 Err(e) => entry.errors.push(format!("via process {pid}: {e}")),
             }

@@ -16,7 +16,6 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use super::ObjectError;
 use crate::error::ErrorKind;
-use crate::proc::maps::DevId;
 use crate::proc::{ProcError, Target};
 use crate::vma::{ObjectId, Vma};
 
@@ -121,7 +120,7 @@ fn open_via_fd(target: &Target, vma: &Vma) -> Attempt<Option<OpenObject>> {
         let Ok(st) = target.stat_file(&name) else {
             continue;
         };
-        if st.st_ino == vma.inode && DevId::from_st_dev(st.st_dev) == vma.dev {
+        if ObjectId::of_stat(&st) == ObjectId::of_entry(vma) {
             let fd = target.open_fd(n).map_err(proc_failure)?;
             return check(fd, vma, OpenedVia::Fd(n)).map(Some);
         }
@@ -138,12 +137,12 @@ fn open_via_path(target: &Target, vma: &Vma) -> Attempt<OpenObject> {
 
 fn check(fd: OwnedFd, vma: &Vma, via: OpenedVia) -> Attempt<OpenObject> {
     let st = rustix::fs::fstat(&fd).map_err(|e| (format!("fstat: {e}"), ErrorKind::Other))?;
-    let dev = DevId::from_st_dev(st.st_dev);
-    if st.st_ino != vma.inode || dev != vma.dev {
+    let id = ObjectId::of_stat(&st);
+    if id != ObjectId::of_entry(vma) {
         return Err((
             format!(
-                "{:?} leads to inode {} on {dev}, not the mapped inode {}",
-                via, st.st_ino, vma.inode
+                "{:?} leads to inode {} on {}, not the mapped inode {}",
+                via, id.inode, id.dev, vma.inode
             ),
             ErrorKind::Other,
         ));
@@ -153,10 +152,7 @@ fn check(fd: OwnedFd, vma: &Vma, via: OpenedVia) -> Attempt<OpenObject> {
         .unwrap_or(0);
     Ok(OpenObject {
         fd,
-        id: ObjectId {
-            dev,
-            inode: st.st_ino,
-        },
+        id,
         size: u64::try_from(st.st_size).unwrap_or(0),
         fs_type,
         via,

@@ -1,10 +1,12 @@
-//! The per-object view: every shared object once, its page states, and
-//! which processes map which parts of it (`pagescope objects`).
+//! The objects view's types ([`ObjectsReport`], `pagescope objects`): each
+//! shared object once with its page states and its sharers, the processes
+//! that map it and which parts. They answer what live migration and
+//! checkpoint/restore need of shared memory: properties of the object for
+//! all its sharers, not per-process page-table hints.
 //!
-//! This answers what live migration and checkpoint/restore need for shared
-//! memory: properties of the object for all its sharers, not per-process
-//! page-table hints. Each object is opened and classified once, however
-//! many processes map it.
+//! `crate::inspect::objects_view` fills them in (the inspection driver
+//! wires layout, objects and page tables); `object/render.rs` renders
+//! them as text and JSON.
 
 use super::classify::ObjectRun;
 use crate::addr::{PageSize, VirtRange};

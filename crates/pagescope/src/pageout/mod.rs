@@ -29,7 +29,7 @@ use crate::page::PageState;
 use crate::proc::smaps::VmFlags;
 use crate::proc::{ProcError, Target};
 use crate::report::{ProcessReport, VmaReport};
-use crate::scan::{ScanError, ScanOptions};
+use crate::scan::ScanError;
 use crate::sys::mm::Advice;
 use crate::vma::{Backing, ObjectId};
 
@@ -154,19 +154,13 @@ pub fn pageout(
     caps: &KernelCaps,
     opts: &PageoutOptions,
 ) -> Result<PageoutReport, PageoutError> {
-    let scan = ScanOptions {
-        range: opts.range,
-        objects: true,
-        smaps: true,
-        ..ScanOptions::default()
-    };
-    let before = crate::inspect::scan_process(target, caps, &scan)?;
+    let before = crate::inspect::scan_for_pageout(target, caps, opts.range)?;
     let chosen = choose(&before, opts);
     let t0 = Instant::now();
     let mut notes = Vec::new();
     advise_mapped(target, &before, &chosen)?;
     page_out_unmapped(target, &before, &chosen, caps, &mut notes);
-    let after = crate::inspect::scan_process(target, caps, &scan)?;
+    let after = crate::inspect::scan_for_pageout(target, caps, opts.range)?;
     let seconds = t0.elapsed().as_secs_f64();
     let mut report = PageoutReport {
         pid: target.pid(),
@@ -289,7 +283,7 @@ fn page_out_unmapped(
     for (id, (vma, mut pages)) in by_object {
         pages.sort_unstable();
         pages.dedup();
-        let opened = crate::object::open_object(target, &report.vmas[vma].vma, caps.map_files);
+        let opened = crate::inspect::open_object(target, caps, &report.vmas[vma].vma);
         let result = opened.map_err(|e| e.to_string()).and_then(|o| {
             object::object(std::os::fd::AsFd::as_fd(&o.fd), &pages, page).map_err(|e| e.to_string())
         });

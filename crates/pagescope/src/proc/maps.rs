@@ -30,6 +30,58 @@ pub struct MapsEntry {
     pub path: MapsPath,
 }
 
+/// What identifies a mapping across two reads of maps
+/// ([`MapsEntry::same_mapping`]): the range, the backing object (device
+/// and inode) and the offset into it, and whether it is shared.
+///
+/// Left out on purpose:
+/// * the `rwx` protection: `mprotect` over a whole VMA keeps its pages
+///   (one over part of it splits the VMA, which changes the range);
+/// * the path: a file unlinked meanwhile gains ` (deleted)`, a renamed one
+///   shows its new name, `prctl(PR_SET_VMA_ANON_NAME)` renames anonymous
+///   memory; device and inode still name the same object.
+///
+/// Anonymous private memory has no object (device `0:0`, inode 0); its
+/// offset is the `vm_pgoff` the kernel gave it at `mmap` (its first
+/// address in pages, kept by `mremap`). A mapping unmapped and mapped
+/// again with the same range, offset and object therefore reads as the
+/// same: maps cannot tell, a dirty tracker can (it reports a new mapping).
+/// Shared anonymous memory and SysV segments have an inode of their own,
+/// so a new one differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MappingKey {
+    /// Address range.
+    pub range: VirtRange,
+    /// Offset into the backing object, bytes.
+    pub offset: u64,
+    /// Device of the backing object.
+    pub dev: DevId,
+    /// Inode of the backing object.
+    pub inode: u64,
+    /// `MAP_SHARED` (no `mprotect` changes it).
+    pub shared: bool,
+}
+
+impl MapsEntry {
+    /// What identifies this mapping across two reads of maps.
+    pub fn mapping_key(&self) -> MappingKey {
+        MappingKey {
+            range: self.range,
+            offset: self.offset,
+            dev: self.dev,
+            inode: self.inode,
+            shared: self.perms.shared,
+        }
+    }
+
+    /// Whether `other` (from another read of maps) is the same mapping:
+    /// equal [`MappingKey`]s (range, offset, device, inode, shared), the
+    /// protection and the path left out (see [`MappingKey`] for why).
+    pub fn same_mapping(&self, other: &MapsEntry) -> bool {
+        self.mapping_key() == other.mapping_key()
+    }
+}
+
 /// The `rwxp`/`rwxs` column.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Perms {
@@ -44,7 +96,8 @@ pub struct Perms {
 }
 
 impl Perms {
-    fn parse(b: &[u8]) -> Option<Self> {
+    /// From the four characters of the column (`rw-p`).
+    pub fn parse(b: &[u8]) -> Option<Self> {
         let [r, w, x, s] = <[u8; 4]>::try_from(b).ok()?;
         Some(Self {
             read: r == b'r',
@@ -283,6 +336,41 @@ mod tests {
 7ffd1a5e0000-7ffd1a601000 rw-p 00000000 00:00 0                          [stack]
 ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]
 ";
+
+    fn entry(line: &str) -> MapsEntry {
+        parse_line(line.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn same_mapping_ignores_protection_and_path() {
+        let a = entry("7f00-8f00 rw-p 00002000 fd:00 131 /usr/lib/x.so");
+        // mprotect of the whole VMA; the file unlinked, then renamed.
+        assert!(a.same_mapping(&entry("7f00-8f00 r--p 00002000 fd:00 131 /usr/lib/x.so")));
+        assert!(a.same_mapping(&entry(
+            "7f00-8f00 rw-p 00002000 fd:00 131 /usr/lib/x.so (deleted)"
+        )));
+        assert!(a.same_mapping(&entry("7f00-8f00 rw-p 00002000 fd:00 131 /usr/lib/y.so")));
+        // Another range (a split), offset, file, device or sharing: another mapping.
+        assert!(!a.same_mapping(&entry("7f00-8000 rw-p 00002000 fd:00 131 /usr/lib/x.so")));
+        assert!(!a.same_mapping(&entry("7f00-8f00 rw-p 00003000 fd:00 131 /usr/lib/x.so")));
+        assert!(!a.same_mapping(&entry("7f00-8f00 rw-p 00002000 fd:00 132 /usr/lib/x.so")));
+        assert!(!a.same_mapping(&entry("7f00-8f00 rw-p 00002000 fd:01 131 /usr/lib/x.so")));
+        assert!(!a.same_mapping(&entry("7f00-8f00 rw-s 00002000 fd:00 131 /usr/lib/x.so")));
+    }
+
+    #[test]
+    fn same_mapping_of_anonymous_memory() {
+        let anon = entry("7f00-8f00 rw-p 0007f000 00:00 0 ");
+        assert!(anon.same_mapping(&entry("7f00-8f00 rw-p 0007f000 00:00 0 [anon:cache]")));
+        // Moved by mremap to where it is now: another offset.
+        assert!(!anon.same_mapping(&entry("7f00-8f00 rw-p 00010000 00:00 0 ")));
+        // A new shared anonymous region has an inode of its own.
+        let shared = entry("7f00-8f00 rw-s 00000000 00:01 5 /dev/zero (deleted)");
+        assert!(!shared.same_mapping(&entry(
+            "7f00-8f00 rw-s 00000000 00:01 6 /dev/zero (deleted)"
+        )));
+        assert!(!shared.same_mapping(&anon));
+    }
 
     #[test]
     fn parses_captured_maps() {

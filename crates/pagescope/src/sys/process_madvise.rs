@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use rustix::io::Errno;
 
-use super::process_vm::MAX_IOV;
+use super::process_vm::{MAX_IOV, remote_iovecs};
 
 /// Applies `advice` (a raw `MADV_*`) to the target's `ranges` (address,
 /// length; page aligned) through its pidfd, in as many calls as `MAX_IOV`
@@ -25,13 +25,7 @@ pub fn advise(pidfd: BorrowedFd<'_>, ranges: &[(u64, usize)], advice: i32) -> Re
     let mut rest: Vec<(u64, usize)> = ranges.to_vec();
     while !rest.is_empty() {
         let in_batch = rest.len().min(MAX_IOV);
-        let iov: Vec<libc::iovec> = rest[..in_batch]
-            .iter()
-            .map(|&(addr, len)| libc::iovec {
-                iov_base: addr as *mut libc::c_void,
-                iov_len: len,
-            })
-            .collect();
+        let iov = remote_iovecs(&rest[..in_batch]);
         // SAFETY: the iovecs name addresses in the *target's* address
         // space; the kernel only reads the iovec array (which lives until
         // the call returns) and never dereferences the ranges in ours.

@@ -17,6 +17,19 @@ use rustix::io::Errno;
 /// Most iovecs per call (`IOV_MAX`).
 pub const MAX_IOV: usize = 1024;
 
+/// iovecs naming `ranges` (address, length) in *another* process's
+/// address space: the kernel checks them there; they are never
+/// dereferenced in ours.
+pub(crate) fn remote_iovecs(ranges: &[(u64, usize)]) -> Vec<libc::iovec> {
+    ranges
+        .iter()
+        .map(|&(addr, len)| libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        })
+        .collect()
+}
+
 /// Reads the target's `remote` ranges (address, length) into `local` at
 /// the matching `at` offsets (one per range, each range in bounds), in as
 /// many calls as `MAX_IOV` requires. Returns the bytes read; fewer than
@@ -49,13 +62,7 @@ pub fn read_scattered(
                 iov_len: len,
             })
             .collect();
-        let riov: Vec<libc::iovec> = batch
-            .iter()
-            .map(|&(addr, len)| libc::iovec {
-                iov_base: addr as *mut libc::c_void,
-                iov_len: len,
-            })
-            .collect();
+        let riov = remote_iovecs(batch);
         // SAFETY: every local iovec lies inside `local`, which is
         // exclusively borrowed; the remote iovecs only name addresses in
         // the other process, which the kernel checks.

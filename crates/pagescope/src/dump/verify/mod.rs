@@ -35,7 +35,6 @@ use crate::image::format::VmaRec;
 use crate::image::read::PageFill;
 use crate::kernel::KernelCaps;
 use crate::proc::Target;
-use crate::scan::ScanOptions;
 use crate::vma::Backing;
 use rseq::RseqAreas;
 
@@ -83,14 +82,7 @@ pub fn verify_with(
     image.verify_data()?;
     let mut out = VerifyReport::new(opts.limit);
     out.process_stopped = matches!(target.stat()?.state, b'T' | b't');
-    let live = crate::inspect::scan_process(
-        target,
-        caps,
-        &ScanOptions {
-            objects: false,
-            ..ScanOptions::default()
-        },
-    )?;
+    let live = crate::inspect::scan_page_tables(target, caps)?;
     let models: Vec<VmaModel> = live
         .vmas
         .iter()
@@ -150,11 +142,10 @@ pub fn verify_with(
     Ok(out)
 }
 
+/// Whether the live mapping `m` is the one `v` records
+/// ([`MapsEntry::same_mapping`](crate::proc::maps::MapsEntry::same_mapping)).
 fn same(m: &VmaModel, v: &VmaRec) -> bool {
-    m.vma.range.start().get() == v.start
-        && m.vma.range.end().get() == v.end
-        && m.vma.inode == v.inode
-        && m.vma.offset == v.offset
+    v.mapping_key() == Some(m.vma.mapping_key())
 }
 
 /// What comparing one mapping's own pages needs.

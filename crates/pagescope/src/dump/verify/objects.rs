@@ -23,6 +23,7 @@ use crate::kernel::KernelCaps;
 use crate::object::classify::{ObjectClass, ObjectState};
 use crate::proc::Target;
 use crate::rangeset::RangeSet;
+use crate::vma::ObjectId;
 
 const SWAPPED: &str = "swapped out (shmem): the kernel exposes no swap slot for a shmem page, and reading it would swap it in";
 const UNMAPPED: &str = "no descriptor of the object (map_files needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, and the process holds no fd of it) and the process does not map this page";
@@ -53,7 +54,7 @@ pub(super) fn verify_object(
     let Some(first) = maps.first() else {
         return Ok(());
     };
-    let live = match crate::object::open_object(target, &first.vma, caps.map_files) {
+    let live = match crate::inspect::open_object(target, caps, &first.vma) {
         Ok(obj) => through_fd(obj.fd.as_fd(), o, caps.page_size, out, &what)?,
         Err(e) => {
             out.note(format!(
@@ -227,11 +228,8 @@ pub(super) fn other_writers(pid: u32, image: &Image, out: &mut VerifyReport) {
             continue;
         };
         for e in entries.iter().filter(|e| e.perms.shared && e.perms.write) {
-            let dev = e.dev.to_string();
-            if let Some(k) = objects
-                .iter()
-                .position(|o| o.inode == e.inode && o.dev == dev)
-            {
+            let id = ObjectId::of_entry(e);
+            if let Some(k) = objects.iter().position(|o| o.object_id() == Some(id)) {
                 let pids = found.entry(k).or_default();
                 if !pids.contains(&other) {
                     pids.push(other);
