@@ -276,6 +276,9 @@ impl PageTableTracker for UffdWp {
         if self.origin == UffdOrigin::UserModeOnly {
             n.push(format!("process {}: userfaultfd created with UFFD_USER_MODE_ONLY (vm.unprivileged_userfaultfd = 0); write-protect async mode still sees kernel-mode writes", self.pid));
         }
+        if self.origin == UffdOrigin::HandedDevice {
+            n.push(format!("process {}: may not create a full userfaultfd itself; pagescope handed it /dev/userfaultfd to create one", self.pid));
+        }
         if pmd_hole_bug() {
             n.push("this kernel's PAGEMAP_SCAN misses PMD holes (MADV_DONTNEED of write-protected THPs); pagescope finds unprotected empty pages itself".into());
         }
