@@ -163,7 +163,7 @@ fn signals_to_pagescope_during_attach_never_harm_the_target() {
         // The failpoint really fired: SIGQUIT and SIGKILL killed pagescope
         // at every step the helper reached (SIGINT, SIGTERM and SIGHUP are
         // handled, SIGPIPE ignored).
-        let reached = Step::LAST - unreached(unprivileged).len() as i32;
+        let reached = Step::LAST - i32::try_from(unreached(unprivileged).len()).unwrap();
         assert!(
             killed >= 2 * reached,
             "only {killed} kills (unprivileged: {unprivileged})"

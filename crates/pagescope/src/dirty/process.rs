@@ -13,7 +13,7 @@ use crate::addr::{PageSize, VirtRange};
 use crate::kernel::KernelCaps;
 use crate::proc::{ProcError, Target};
 use crate::rangeset::RangeSet;
-use crate::uffd::Userfaultfd;
+use crate::uffd::{SyncUserfaultfd, Userfaultfd};
 use crate::vma::{Backing, Vma};
 
 /// Options for [`attach`].
@@ -321,7 +321,7 @@ fn start_family(
     if i.origin.user_mode_only() {
         return Err("the process may only create a UFFD_USER_MODE_ONLY userfaultfd, with which synchronous write-protect would make kernel-mode writes (read() into shared memory) fail".into());
     }
-    let uffd = Userfaultfd::from_fd_sync_family(i.fd).map_err(|e| e.to_string())?;
+    let uffd = SyncUserfaultfd::from_fd_sync_family(i.fd).map_err(|e| e.to_string())?;
     Family::start(uffd, target.pid(), page).map_err(|e| e.to_string())
 }
 

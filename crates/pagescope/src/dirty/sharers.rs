@@ -27,7 +27,7 @@ use crate::addr::{PageSize, PageSpan};
 use crate::proc::Target;
 use crate::proc::maps::MapsEntry;
 use crate::rangeset::RangeSet;
-use crate::uffd::Userfaultfd;
+use crate::uffd::{SyncUserfaultfd, Userfaultfd};
 use crate::vma::{MountTable, ObjectId, Vma};
 
 /// Every other process's shared mappings of the watched objects, read from
@@ -424,7 +424,7 @@ fn start(
     let injected = inject::userfaultfd_in_with(target, false, device)?;
     if let Some(f) = family {
         if !injected.origin.user_mode_only() {
-            let uffd = Userfaultfd::from_fd_sync_family(injected.fd)?;
+            let uffd = SyncUserfaultfd::from_fd_sync_family(injected.fd)?;
             return Ok(Tracking::Sync(f.add_root(uffd, target.pid())?));
         }
     }

@@ -160,8 +160,8 @@ fn hand_over(
         .read(tid, SV)
         .map_err(|e| (Step::HandSocketpair, e))?;
     let (send_end, recv_end) = (
-        i64::from(sv as u32 as i32),
-        i64::from((sv >> 32) as u32 as i32),
+        i64::from((sv as u32).cast_signed()),
+        i64::from(((sv >> 32) as u32).cast_signed()),
     );
     opened.add(send_end);
     opened.add(recv_end);
@@ -242,7 +242,7 @@ fn device_received(tid: i32, scratch: &Scratch) -> Result<i64, Errno> {
     if len < 20 || level_type != want {
         return Err(Errno::PROTO);
     }
-    let fd = scratch.read(tid, CMSG + 16)? as u32 as i32;
+    let fd = (scratch.read(tid, CMSG + 16)? as u32).cast_signed();
     Ok(i64::from(fd))
 }
 
