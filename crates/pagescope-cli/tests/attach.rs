@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{caps, fixture, skip, status_field};
+use pagescope::dirty::inject::{Device, Step};
 use pagescope::dirty::{DirtyReport, TrackOptions, TrackerBackend, WriteSource, attach_owned};
 use pagescope::{Target, VirtAddr};
 use pagescope_fixture::{FixtureProcess, Truth};
@@ -45,13 +46,20 @@ fn sleeping_syscall(pid: u32) -> String {
 
 /// Runs `attach_attempt` against the sleeping fixture and checks that
 /// nothing changed: the same read() with the same registers, no tracer,
-/// no userfaultfd fd, no write-protected VMA, the same memory.
+/// no userfaultfd fd, no write-protected VMA, the same memory, the same
+/// fds.
 fn assert_untouched(fx: &mut FixtureProcess, what: &str, attach_attempt: impl FnOnce()) {
     let pid = fx.pid();
     let view = fx.command("selfview").unwrap();
+    let fds = Target::open(pid).unwrap().fds().unwrap();
     let before = sleeping_syscall(pid);
     attach_attempt();
     let after = sleeping_syscall(pid);
+    assert_eq!(
+        Target::open(pid).unwrap().fds().unwrap(),
+        fds,
+        "{what}: fds changed"
+    );
     assert_eq!(status_field(pid, "TracerPid:"), "0", "{what}: still traced");
     assert_eq!(
         after, before,
@@ -97,6 +105,31 @@ fn watch_once(pid: u32, failpoint: &str) -> std::process::ExitStatus {
         .unwrap()
 }
 
+/// The steps the helper does not reach for `fx`: for a root-owned
+/// target the system call succeeds (no device handed, no fallback); for
+/// an unprivileged one pagescope (root) hands it `/dev/userfaultfd`
+/// (no `UFFD_USER_MODE_ONLY` or in-target `open` fallback).
+fn unreached(unprivileged: bool) -> Vec<Step> {
+    let mut skipped = vec![Step::UserModeOnly, Step::DevUserfaultfd];
+    if !unprivileged {
+        skipped.extend(
+            (1..=Step::LAST)
+                .filter_map(Step::from_raw)
+                .filter(|s| s.hands_device()),
+        );
+    }
+    skipped
+}
+
+/// The targets every failpoint runs against: root-owned, and unprivileged
+/// (`nobody`: the device is handed to it).
+fn attach_targets() -> [(bool, FixtureProcess); 2] {
+    [
+        (false, fixture(&["anon"])),
+        (true, common::unprivileged_fixture(&["anon"])),
+    ]
+}
+
 /// Every step of the injection, every signal that ends or interrupts
 /// pagescope (SIGKILL included): the helper finishes restoring the
 /// target, which never notices.
@@ -105,33 +138,37 @@ fn signals_to_pagescope_during_attach_never_harm_the_target() {
     if !usable() {
         return;
     }
-    let mut fx = fixture(&["anon"]);
-    let pid = fx.pid();
-    let mut killed = 0;
-    for step in 1..=pagescope::dirty::inject::Step::LAST {
-        for sig in [
-            libc::SIGINT,
-            libc::SIGTERM,
-            libc::SIGHUP,
-            libc::SIGQUIT,
-            libc::SIGPIPE,
-            libc::SIGKILL,
-        ] {
-            let what = format!("signal {sig} at step {step}");
-            assert_untouched(&mut fx, &what, || {
-                let status = watch_once(pid, &format!("inject:{step}:signal-parent:{sig}"));
-                use std::os::unix::process::ExitStatusExt;
-                if status.signal() == Some(sig) {
-                    killed += 1;
-                }
-            });
+    for (unprivileged, mut fx) in attach_targets() {
+        let pid = fx.pid();
+        let mut killed = 0;
+        for step in 1..=Step::LAST {
+            for sig in [
+                libc::SIGINT,
+                libc::SIGTERM,
+                libc::SIGHUP,
+                libc::SIGQUIT,
+                libc::SIGPIPE,
+                libc::SIGKILL,
+            ] {
+                let what = format!("signal {sig} at step {step} (unprivileged: {unprivileged})");
+                assert_untouched(&mut fx, &what, || {
+                    let status = watch_once(pid, &format!("inject:{step}:signal-parent:{sig}"));
+                    use std::os::unix::process::ExitStatusExt;
+                    if status.signal() == Some(sig) {
+                        killed += 1;
+                    }
+                });
+            }
         }
+        // The failpoint really fired: SIGQUIT and SIGKILL killed pagescope
+        // at every step the helper reached (SIGINT, SIGTERM and SIGHUP are
+        // handled, SIGPIPE ignored).
+        let reached = Step::LAST - i32::try_from(unreached(unprivileged).len()).unwrap();
+        assert!(
+            killed >= 2 * reached,
+            "only {killed} kills (unprivileged: {unprivileged})"
+        );
     }
-    // The failpoint really fired: SIGQUIT and SIGKILL killed pagescope at
-    // every step the helper reached (all but the two fallbacks; SIGINT,
-    // SIGTERM and SIGHUP are handled, SIGPIPE ignored).
-    let reached = pagescope::dirty::inject::Step::LAST - 2;
-    assert!(killed >= 2 * reached, "only {killed} kills");
 }
 
 /// A failure at any step is reported as an error (never a crash), and
@@ -141,22 +178,31 @@ fn a_failure_at_any_attach_step_leaves_the_target_intact() {
     if !usable() {
         return;
     }
-    let mut fx = fixture(&["anon"]);
-    let pid = fx.pid();
-    for step in 1..=pagescope::dirty::inject::Step::LAST {
-        let mut status = None;
-        assert_untouched(&mut fx, &format!("failure at step {step}"), || {
-            status = Some(watch_once(pid, &format!("inject:{step}:fail")));
-        });
-        // A failure up to creating and copying the fd, or handing it over,
-        // fails the attach; closing the target's copy, restoring its
-        // registers and detaching are retried and recover (6 and 7 are
-        // fallbacks the helper does not reach here).
-        if [1, 2, 3, 4, 5, 8, 12].contains(&step) {
-            assert!(
-                !status.unwrap().success(),
-                "step {step}: a failed attach must not exit 0"
-            );
+    for (unprivileged, mut fx) in attach_targets() {
+        let pid = fx.pid();
+        for n in 1..=Step::LAST {
+            let step = Step::from_raw(n).unwrap();
+            let mut status = None;
+            let what = format!("failure at step {n} {step:?} (unprivileged: {unprivileged})");
+            assert_untouched(&mut fx, &what, || {
+                status = Some(watch_once(pid, &format!("inject:{n}:fail")));
+            });
+            // A failure up to creating and copying the fd, or handing it
+            // over, fails the attach; closing fds in the target, restoring
+            // its registers and detaching are retried and recover (steps
+            // not reached for this target cannot fail it).
+            let recovers = [
+                Step::HandClose,
+                Step::CloseInTarget,
+                Step::Restore,
+                Step::Detach,
+            ];
+            if !recovers.contains(&step) && !unreached(unprivileged).contains(&step) {
+                assert!(
+                    !status.unwrap().success(),
+                    "{what}: a failed attach must not exit 0"
+                );
+            }
         }
     }
 }
@@ -258,10 +304,10 @@ fn pages(truth: &Truth, region: &str, r: &DirtyReport) -> Vec<u64> {
         .collect()
 }
 
-/// An unprivileged target where `vm.unprivileged_userfaultfd = 0`: the
-/// injected userfaultfd() gets EPERM, pagescope retries with
-/// UFFD_USER_MODE_ONLY, and a kernel-mode write (read() into a tracked
-/// page) is still reported.
+/// An unprivileged target where `vm.unprivileged_userfaultfd = 0`, and
+/// pagescope does not hand it `/dev/userfaultfd`: the injected
+/// userfaultfd() gets EPERM, pagescope retries with UFFD_USER_MODE_ONLY,
+/// and a kernel-mode write (read() into a tracked page) is still reported.
 #[test]
 fn unprivileged_targets_are_tracked_with_user_mode_only() {
     if !usable() {
@@ -271,12 +317,13 @@ fn unprivileged_targets_are_tracked_with_user_mode_only() {
         std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
     let mut fx = common::unprivileged_fixture(&["anon"]);
     let truth = fx.truth().clone();
-    let mut t = attach_owned(
-        Target::open(fx.pid()).unwrap(),
-        caps(),
-        &TrackOptions::default(),
-    )
-    .expect("attach");
+    // pagescope (root) would hand the target its /dev/userfaultfd; here it
+    // must not.
+    let opts = TrackOptions {
+        device: Device::Keep,
+        ..TrackOptions::default()
+    };
+    let mut t = attach_owned(Target::open(fx.pid()).unwrap(), caps(), &opts).expect("attach");
     assert_eq!(t.backend(), TrackerBackend::UffdWpAsync);
     assert_eq!(t.degraded(), None);
     if sysctl.trim() == "0" {
@@ -299,6 +346,57 @@ fn unprivileged_targets_are_tracked_with_user_mode_only() {
                 .page_addr(6, truth.page_size)
         )) == vec![WriteSource::Tracked]
     );
+}
+
+/// An unprivileged target, pagescope root: it hands the target its
+/// `/dev/userfaultfd` and the target's uffd is a full one, so its shared
+/// memory is tracked synchronously across fork, and a kernel-mode write
+/// (read() into a tracked shared page) succeeds and is reported exactly.
+#[test]
+fn unprivileged_targets_get_a_full_userfaultfd_from_pagescope() {
+    if !usable() {
+        return;
+    }
+    let mut fx = common::unprivileged_fixture(&["anon", "shared_anon"]);
+    let truth = fx.truth().clone();
+    let mut t = attach_owned(
+        Target::open(fx.pid()).unwrap(),
+        caps(),
+        &TrackOptions::default(),
+    )
+    .expect("attach");
+    assert_eq!(t.backend(), TrackerBackend::UffdWpAsync);
+    assert_eq!(t.degraded(), None);
+    let notes = t.notes();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("handed it /dev/userfaultfd"))
+            && !notes.iter().any(|n| n.contains("UFFD_USER_MODE_ONLY")),
+        "{notes:?}"
+    );
+    assert!(t.collect().unwrap().forks_tracked, "{notes:?}");
+    let sharer: u32 = fx.command("sharer start").unwrap().parse().unwrap();
+    t.collect().unwrap();
+    fx.command("readinto shared_anon 6 2")
+        .expect("a kernel-mode write into a synchronously protected page");
+    fx.command("write anon_present 1 1").unwrap();
+    fx.command("sharer write shared_anon 3 1").unwrap();
+    let r = t.collect().unwrap();
+    assert!(r.forks_tracked);
+    assert_eq!(pages(&truth, "anon_present", &r), vec![1]);
+    assert_eq!(pages(&truth, "shared_anon", &r), vec![3, 6, 7]);
+    for p in [3, 6, 7] {
+        let at = VirtAddr::new(
+            truth
+                .region("shared_anon")
+                .unwrap()
+                .page_addr(p, truth.page_size),
+        );
+        assert!(r.sources_at(at).iter().all(|s| s.is_exact()), "page {p}");
+    }
+    assert!(r.children.contains(&sharer), "{:?}", r.children);
+    fx.command("sharer stop").unwrap();
 }
 
 /// `watch` on a process that exits before the first interval ends says

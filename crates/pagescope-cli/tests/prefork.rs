@@ -61,6 +61,13 @@ struct Request {
 
 impl Server {
     fn start(rate: u32, seconds: u32) -> Option<Self> {
+        Self::start_as(rate, seconds, false)
+    }
+
+    /// The server, run as `nobody` when `unprivileged` (as PostgreSQL runs
+    /// as `postgres`: it may create only a `UFFD_USER_MODE_ONLY`
+    /// userfaultfd itself).
+    fn start_as(rate: u32, seconds: u32, unprivileged: bool) -> Option<Self> {
         if !common::is_root() {
             skip("watching another process needs ptrace rights and userfaultfd (root)");
             return None;
@@ -76,9 +83,23 @@ impl Server {
         ));
         let _ = std::fs::remove_file(&log);
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/prefork_server.py");
-        let (child, line) = spawn_ready(
+        let mut cmd = if unprivileged {
+            // pyenv's shim is not reachable by nobody: the system python.
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+                "/usr/bin/python3",
+            ]);
+            c.current_dir("/");
+            c
+        } else {
             Command::new("python3")
-                .arg(script)
+        };
+        let (child, line) = spawn_ready(
+            cmd.arg(script)
                 .args([&rate.to_string(), &seconds.to_string()])
                 .arg(&log),
         )?;
@@ -158,6 +179,25 @@ fn watch_sees_every_write_of_short_lived_children() {
     let Some(server) = Server::start(150, 60) else {
         return;
     };
+    check_every_write_seen(&server);
+}
+
+/// The same for a server run as `nobody`: pagescope (root) hands it
+/// `/dev/userfaultfd`, so its segment is tracked synchronously too.
+#[test]
+fn watch_sees_every_write_of_short_lived_children_of_an_unprivileged_server() {
+    let _serial = one_at_a_time();
+    if !Path::new("/usr/bin/python3").exists() {
+        skip("no /usr/bin/python3 to run as nobody");
+        return;
+    }
+    let Some(server) = Server::start_as(150, 60, true) else {
+        return;
+    };
+    check_every_write_seen(&server);
+}
+
+fn check_every_write_seen(server: &Server) {
     let lines = watch_json(server.pid(), &["--interval", "1s", "--count", "5"]);
     let requests = server.requests();
     assert!(requests.len() > 400, "the server forked too few children");

@@ -1,5 +1,12 @@
-//! userfaultfd write-protect in async mode, and `PAGEMAP_SCAN` arming and
-//! get-and-reset on top of it.
+//! userfaultfd write-protect, in two modes that are two types:
+//!
+//! * [`Userfaultfd`]: *async* (`UFFD_FEATURE_WP_ASYNC`), with
+//!   `PAGEMAP_SCAN` arming and get-and-reset on top of it (the only type
+//!   with those operations);
+//! * [`SyncUserfaultfd`]: *synchronous*: every first write to a protected
+//!   page is a fault message a reader must answer with
+//!   `UFFDIO_WRITEPROTECT` (the only type with those operations; a
+//!   `PAGEMAP_SCAN` collect would find nothing on it).
 //!
 //! With `UFFD_FEATURE_WP_ASYNC` (Linux 6.7) the kernel resolves write
 //! faults on protected pages by itself (no fault reader is needed) and
@@ -120,12 +127,47 @@ impl UffdError {
     }
 }
 
-/// A userfaultfd set up for write-protect async tracking.
+/// A userfaultfd after its handshake: what both modes share.
 #[derive(Debug)]
-pub struct Userfaultfd {
+struct Handshaken {
     fd: OwnedFd,
     features: u64,
 }
+
+impl Handshaken {
+    fn register_wp(&self, range: VirtRange) -> Result<(), UffdError> {
+        raw::uffdio_register(
+            self.fd.as_fd(),
+            range.start().get(),
+            range.len(),
+            raw::UFFDIO_REGISTER_MODE_WP,
+        )
+        .map_err(|e| UffdError::Register {
+            range,
+            source: e.into(),
+        })
+    }
+
+    fn unregister(&self, range: VirtRange) -> Result<(), UffdError> {
+        raw::uffdio_unregister(self.fd.as_fd(), range.start().get(), range.len()).map_err(|e| {
+            UffdError::Unregister {
+                range,
+                source: e.into(),
+            }
+        })
+    }
+}
+
+/// A userfaultfd set up for write-protect *async* tracking: writes are
+/// resolved by the kernel and found later with `PAGEMAP_SCAN`.
+#[derive(Debug)]
+pub struct Userfaultfd(Handshaken);
+
+/// A userfaultfd set up for *synchronous* write-protect: every write to a
+/// protected page blocks the writer until [`Self::write_protect`] lifts the
+/// protection.
+#[derive(Debug)]
+pub struct SyncUserfaultfd(Handshaken);
 
 /// The features pagescope asks for.
 fn wanted_features(available: u64) -> u64 {
@@ -151,10 +193,10 @@ impl Userfaultfd {
     /// assumed to be what pagescope asks for on this kernel.
     pub fn adopt(fd: OwnedFd) -> Result<Self, UffdError> {
         let available = probe_features()?;
-        Ok(Self {
+        Ok(Self(Handshaken {
             fd,
             features: wanted_features(available),
-        })
+        }))
     }
 
     /// Takes a userfaultfd created elsewhere (e.g. inside another process)
@@ -173,48 +215,74 @@ impl Userfaultfd {
             features: want,
             source: e.into(),
         })?;
-        Ok(Self { fd, features })
+        Ok(Self(Handshaken { fd, features }))
     }
 
-    /// The features enabled on this fd.
-    pub fn features(&self) -> u64 {
-        self.features
+    /// Write-protects every page of `range` (arming; see [`wp_arm`]).
+    /// `pagemap` is the pagemap of the process that created this uffd.
+    pub fn arm(&self, pagemap: BorrowedFd<'_>, range: VirtRange) -> Result<(), UffdError> {
+        wp_arm(pagemap, range)
     }
 
-    /// Whether shmem and hugetlbfs VMAs can be write-protected.
-    pub fn supports_shmem(&self) -> bool {
-        self.features & raw::UFFD_FEATURE_WP_HUGETLBFS_SHMEM != 0
+    /// The pages of `range` written since they were last protected,
+    /// protected again (see [`wp_get_and_reset`]).
+    pub fn get_and_reset(
+        &self,
+        pagemap: BorrowedFd<'_>,
+        range: VirtRange,
+        buf: &mut RegionBuf,
+        sink: impl FnMut(VirtRange),
+    ) -> Result<(), UffdError> {
+        wp_get_and_reset(pagemap, range, buf, sink)
     }
 
-    /// `UFFDIO_REGISTER` with `MODE_WP` on `range`.
-    pub fn register_wp(&self, range: VirtRange) -> Result<(), UffdError> {
-        raw::uffdio_register(
-            self.fd.as_fd(),
-            range.start().get(),
-            range.len(),
-            raw::UFFDIO_REGISTER_MODE_WP,
-        )
-        .map_err(|e| UffdError::Register {
-            range,
-            source: e.into(),
-        })
+    /// Empty unprotected slots of `range` (see [`unprotected_holes`]).
+    pub fn unprotected_holes(
+        &self,
+        pagemap: BorrowedFd<'_>,
+        range: VirtRange,
+        buf: &mut RegionBuf,
+        sink: impl FnMut(VirtRange),
+    ) -> Result<(), UffdError> {
+        unprotected_holes(pagemap, range, buf, sink)
     }
+}
 
-    /// `UFFDIO_UNREGISTER` of `range`.
-    pub fn unregister(&self, range: VirtRange) -> Result<(), UffdError> {
-        raw::uffdio_unregister(self.fd.as_fd(), range.start().get(), range.len()).map_err(|e| {
-            UffdError::Unregister {
-                range,
-                source: e.into(),
+/// What both modes offer: the features, registration, the fd.
+macro_rules! common_ops {
+    ($t:ty) => {
+        impl $t {
+            /// The features enabled on this fd.
+            pub fn features(&self) -> u64 {
+                self.0.features
             }
-        })
-    }
 
-    /// The raw fd.
-    pub fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
+            /// Whether shmem and hugetlbfs VMAs can be write-protected.
+            pub fn supports_shmem(&self) -> bool {
+                self.0.features & raw::UFFD_FEATURE_WP_HUGETLBFS_SHMEM != 0
+            }
 
+            /// `UFFDIO_REGISTER` with `MODE_WP` on `range`.
+            pub fn register_wp(&self, range: VirtRange) -> Result<(), UffdError> {
+                self.0.register_wp(range)
+            }
+
+            /// `UFFDIO_UNREGISTER` of `range`.
+            pub fn unregister(&self, range: VirtRange) -> Result<(), UffdError> {
+                self.0.unregister(range)
+            }
+
+            /// The raw fd.
+            pub fn as_fd(&self) -> BorrowedFd<'_> {
+                self.0.fd.as_fd()
+            }
+        }
+    };
+}
+common_ops!(Userfaultfd);
+common_ops!(SyncUserfaultfd);
+
+impl SyncUserfaultfd {
     /// Takes a userfaultfd created elsewhere and performs the handshake
     /// for *synchronous* write-protect: every write to a protected page
     /// blocks the writer until [`Self::write_protect`] lifts the
@@ -229,7 +297,7 @@ impl Userfaultfd {
             features: want,
             source: e.into(),
         })?;
-        Ok(Self { fd, features })
+        Ok(Self(Handshaken { fd, features }))
     }
 
     /// Takes a userfaultfd created inside a tracked process and performs
@@ -256,24 +324,24 @@ impl Userfaultfd {
             features: need,
             source: e.into(),
         })?;
-        Ok(Self { fd, features })
+        Ok(Self(Handshaken { fd, features }))
     }
 
     /// A child's userfaultfd received in a `UFFD_EVENT_FORK` message: the
     /// kernel copied its parent's features, no handshake is needed.
     pub fn forked(fd: OwnedFd, features: u64) -> Self {
-        Self { fd, features }
+        Self(Handshaken { fd, features })
     }
 
     /// Reads the pending messages (none if nothing is pending).
     pub fn read_msgs(&self, out: &mut Vec<raw::FaultMsg>) -> Result<(), UffdError> {
-        raw::read_msgs(self.fd.as_fd(), out).map_err(|e| UffdError::Read { source: e.into() })
+        raw::read_msgs(self.0.fd.as_fd(), out).map_err(|e| UffdError::Read { source: e.into() })
     }
 
     /// `UFFDIO_WRITEPROTECT` of `range`: protect, or unprotect and wake
     /// the writers waiting in it.
     pub fn write_protect(&self, range: VirtRange, protect: bool) -> Result<(), UffdError> {
-        raw::uffdio_writeprotect(self.fd.as_fd(), range.start().get(), range.len(), protect)
+        raw::uffdio_writeprotect(self.0.fd.as_fd(), range.start().get(), range.len(), protect)
             .map_err(|e| UffdError::WriteProtect {
                 range,
                 source: e.into(),
@@ -284,7 +352,7 @@ impl Userfaultfd {
     /// of the write-protect faults among them.
     pub fn wp_faults(&self, timeout: std::time::Duration) -> Result<Vec<u64>, UffdError> {
         let mut pfd = [rustix::event::PollFd::new(
-            &self.fd,
+            &self.0.fd,
             rustix::event::PollFlags::IN,
         )];
         let ts = rustix::event::Timespec {
@@ -297,7 +365,7 @@ impl Userfaultfd {
             Err(e) => return Err(UffdError::Read { source: e.into() }),
         }
         let mut msgs = Vec::new();
-        raw::read_msgs(self.fd.as_fd(), &mut msgs)
+        raw::read_msgs(self.0.fd.as_fd(), &mut msgs)
             .map_err(|e| UffdError::Read { source: e.into() })?;
         Ok(msgs
             .into_iter()
@@ -320,12 +388,16 @@ fn probe_features() -> Result<u64, UffdError> {
     })
 }
 
+// The bare `PAGEMAP_SCAN` calls below are hidden: the API is the methods
+// of [`Userfaultfd`] (async mode only); benchmarks call them directly.
+
 /// Write-protects every page of `range` (arming): `PAGEMAP_SCAN` with
 /// `WP_MATCHING|CHECK_WPASYNC` and no output buffer. `pagemap` is the
 /// pagemap of the process whose uffd registered the range.
 ///
 /// With `CHECK_WPASYNC`, a range touching an unregistered VMA fails with
 /// `EPERM`; earlier VMAs may already be protected (the call is not atomic).
+#[doc(hidden)]
 pub fn wp_arm(pagemap: BorrowedFd<'_>, range: VirtRange) -> Result<(), UffdError> {
     let req = ScanRequest::new(range).write_protect();
     pagemap_scan(pagemap, &req, None).map_err(|e| UffdError::Scan {
@@ -339,6 +411,7 @@ pub fn wp_arm(pagemap: BorrowedFd<'_>, range: VirtRange) -> Result<(), UffdError
 /// and protects them again, atomically per page (`PAGEMAP_SCAN` with
 /// `WP_MATCHING|CHECK_WPASYNC`, `category_mask = return_mask = WRITTEN`).
 /// `buf` is scratch space; larger means fewer calls.
+#[doc(hidden)]
 pub fn wp_get_and_reset(
     pagemap: BorrowedFd<'_>,
     range: VirtRange,
@@ -369,6 +442,7 @@ fn scan_ranges(
 /// (no marker) and are not reported written: what kernels before the 2026
 /// PMD-hole fix leave after `MADV_DONTNEED` of a write-protected THP.
 /// Calls `sink` for each such range (read only; nothing is re-armed).
+#[doc(hidden)]
 pub fn unprotected_holes(
     pagemap: BorrowedFd<'_>,
     range: VirtRange,

@@ -21,12 +21,17 @@
 //! aimed at the helper itself, e.g. at the whole process group, still
 //! could: it lives about a millisecond.)
 //!
-//! When `userfaultfd()` is refused with `EPERM` (an unprivileged target
-//! and `vm.unprivileged_userfaultfd = 0`), the helper retries with
-//! `UFFD_USER_MODE_ONLY`: in write-protect async mode the kernel resolves
-//! kernel-mode writes (`read()` into a tracked page) itself, so nothing is
-//! lost. If the system call is refused altogether (a seccomp filter), it
-//! tries `/dev/userfaultfd` inside the target.
+//! When `userfaultfd()` is refused (an unprivileged target and
+//! `vm.unprivileged_userfaultfd = 0`, or a seccomp filter) and pagescope
+//! can open `/dev/userfaultfd` itself (root), it hands the device to the
+//! target with every thread of it stopped, and the target creates a full
+//! uffd from it (`USERFAULTFD_IOC_NEW`): an unprivileged target is then
+//! tracked like a root-owned one, synchronously where that matters. Else
+//! the helper retries with `UFFD_USER_MODE_ONLY` on `EPERM` (in
+//! write-protect async mode the kernel resolves kernel-mode writes,
+//! `read()` into a tracked page, itself, so nothing is lost; synchronous
+//! mode is impossible with it), then tries `/dev/userfaultfd` inside the
+//! target.
 
 use std::time::Duration;
 
@@ -55,13 +60,39 @@ pub struct InTarget {
     pub target_fd: Option<i32>,
 }
 
+/// Whether pagescope may hand its own `/dev/userfaultfd` to a target that
+/// cannot create a full userfaultfd itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// When pagescope can open it (root).
+    #[default]
+    Hand,
+    /// Never (the target then gets what it may create itself).
+    Keep,
+}
+
 /// Runs `userfaultfd()` inside `target` (through a helper process) and
 /// returns pagescope's copy of the fd and how it was made; with
 /// `keep_in_target` the target keeps its copy open (tracking outlives
 /// pagescope).
 pub fn userfaultfd_in(target: &Target, keep_in_target: bool) -> Result<InTarget, TrackError> {
+    userfaultfd_in_with(target, keep_in_target, Device::Hand)
+}
+
+/// [`userfaultfd_in`], handing pagescope's `/dev/userfaultfd` to the
+/// target only as `device` allows.
+pub fn userfaultfd_in_with(
+    target: &Target,
+    keep_in_target: bool,
+    device: Device,
+) -> Result<InTarget, TrackError> {
     let pid = target.pid();
-    let got = run(target, Job::CreateUffd { keep_in_target })?;
+    // Opened per injection, so pagescope holds no device fd between them.
+    let dev = match device {
+        Device::Hand => crate::sys::uffd::open_device().ok(),
+        Device::Keep => None,
+    };
+    let got = run(target, Job::CreateUffd { keep_in_target }, dev.as_ref())?;
     let fd = got.fd.ok_or(TrackError::Inject {
         pid,
         step: Step::Send.describe(),
@@ -77,10 +108,14 @@ pub fn userfaultfd_in(target: &Target, keep_in_target: bool) -> Result<InTarget,
 /// Closes fd `fd` inside `target` (a userfaultfd an earlier dump left
 /// there).
 pub fn close_in_target(target: &Target, fd: i32) -> Result<(), TrackError> {
-    run(target, Job::Close { fd }).map(drop)
+    run(target, Job::Close { fd }, None).map(drop)
 }
 
-fn run(target: &Target, job: Job) -> Result<Injected, TrackError> {
+fn run(
+    target: &Target,
+    job: Job,
+    device: Option<&std::os::fd::OwnedFd>,
+) -> Result<Injected, TrackError> {
     let pid = target.pid();
     let tgid = i32::try_from(pid).map_err(|_| TrackError::Inject {
         pid,
@@ -94,6 +129,7 @@ fn run(target: &Target, job: Job) -> Result<Injected, TrackError> {
         pidfd: target.pidfd(),
         insn: syscall_insn(target)?,
         failpoint: failpoint_from_env(),
+        device: device.map(std::os::fd::AsFd::as_fd),
         job,
     };
     let mut got = crate::sys::inject::userfaultfd_in(&plan, HELPER_TIMEOUT);

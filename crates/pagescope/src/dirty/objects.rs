@@ -42,6 +42,8 @@ pub struct ObjectOptions {
     pub no_sharers: bool,
     /// Report every shared object whole every collect.
     pub strict: bool,
+    /// Whether a sharer may get pagescope's `/dev/userfaultfd`.
+    pub device: super::inject::Device,
 }
 
 /// What pagescope holds for one object the process maps.
@@ -125,7 +127,7 @@ impl ObjectLayer {
             fsnotify: FsNotify::default(),
             extents: ExtentWatch::default(),
             holders: DescriptorHolders::default(),
-            sharers: Sharers::new(page),
+            sharers: Sharers::new(page, opts.device),
             collects: 0,
             in_family: HashSet::new(),
             unseen_children: None,

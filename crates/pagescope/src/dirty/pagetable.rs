@@ -22,7 +22,7 @@ use crate::rangeset::RangeSet;
 use crate::scan::ScanError;
 use crate::scan::reader::PagemapReader;
 use crate::sys::pagemap_scan::RegionBuf;
-use crate::uffd::{UffdError, Userfaultfd, unprotected_holes, wp_arm, wp_get_and_reset};
+use crate::uffd::{UffdError, Userfaultfd};
 use crate::vma::{Backing, Vma};
 
 /// A mechanism that records writes in one mm's page tables.
@@ -143,18 +143,21 @@ impl UffdWp {
             // Zapped PMDs carry neither protection nor WRITTEN here: report
             // and re-protect them before the get-and-reset.
             let mut holes = Vec::new();
-            let found =
-                unprotected_holes(self.pagemap.as_fd(), r, &mut self.vec, |h| holes.push(h));
+            let found = self
+                .uffd
+                .unprotected_holes(self.pagemap.as_fd(), r, &mut self.vec, |h| holes.push(h));
             self.gone(found)?;
             for h in holes {
-                self.gone(wp_arm(self.pagemap.as_fd(), h))?;
+                self.gone(self.uffd.arm(self.pagemap.as_fd(), h))?;
                 out.push(tracked(h));
             }
         }
         let mark = out.len();
-        let scan = wp_get_and_reset(self.pagemap.as_fd(), r, &mut self.vec, |w| {
-            out.push(tracked(w))
-        });
+        let scan = self
+            .uffd
+            .get_and_reset(self.pagemap.as_fd(), r, &mut self.vec, |w| {
+                out.push(tracked(w))
+            });
         match self.gone(scan) {
             Ok(()) => Ok(true),
             Err(TrackError::TargetExited { pid }) => Err(TrackError::TargetExited { pid }),
@@ -185,7 +188,7 @@ impl UffdWp {
                 _ => TrackError::Uffd(e),
             });
         }
-        self.gone(wp_arm(self.pagemap.as_fd(), v.range))
+        self.gone(self.uffd.arm(self.pagemap.as_fd(), v.range))
     }
 
     fn needs_feature(&self, v: &Vma) -> bool {
@@ -276,6 +279,9 @@ impl PageTableTracker for UffdWp {
         if self.origin == UffdOrigin::UserModeOnly {
             n.push(format!("process {}: userfaultfd created with UFFD_USER_MODE_ONLY (vm.unprivileged_userfaultfd = 0); write-protect async mode still sees kernel-mode writes", self.pid));
         }
+        if self.origin == UffdOrigin::HandedDevice {
+            n.push(format!("process {}: may not create a full userfaultfd itself; pagescope handed it /dev/userfaultfd to create one", self.pid));
+        }
         if pmd_hole_bug() {
             n.push("this kernel's PAGEMAP_SCAN misses PMD holes (MADV_DONTNEED of write-protected THPs); pagescope finds unprotected empty pages itself".into());
         }
@@ -306,11 +312,12 @@ fn probe_pmd_hole_bug() -> Option<bool> {
     let range = VirtRange::from_start_len(VirtAddr::new(m.addr()), huge as u64)?;
     uffd.register_wp(range).ok()?;
     let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
-    wp_arm(pagemap.as_fd(), range).ok()?;
+    uffd.arm(pagemap.as_fd(), range).ok()?;
     m.madvise(0, huge, Advice::DontNeed).ok()?;
     let mut buf = RegionBuf::new(64);
     let mut pages = 0;
-    wp_get_and_reset(pagemap.as_fd(), range, &mut buf, |r| pages += r.pages(page)).ok()?;
+    uffd.get_and_reset(pagemap.as_fd(), range, &mut buf, |r| pages += r.pages(page))
+        .ok()?;
     Some(pages < range.pages(page))
 }
 

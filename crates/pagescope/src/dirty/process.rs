@@ -5,7 +5,7 @@ use std::borrow::Borrow;
 use std::collections::BTreeSet;
 
 use super::family::Family;
-use super::inject::{self, UffdOrigin};
+use super::inject::{self, Device, UffdOrigin};
 use super::objects::{ObjectLayer, ObjectOptions};
 use super::pagetable::{AllDirty, PageTableTracker, SoftDirty, UffdWp};
 use super::{DirtyReport, DirtyTracker, TrackError, TrackEvent, TrackerBackend};
@@ -13,7 +13,7 @@ use crate::addr::{PageSize, VirtRange};
 use crate::kernel::KernelCaps;
 use crate::proc::{ProcError, Target};
 use crate::rangeset::RangeSet;
-use crate::uffd::Userfaultfd;
+use crate::uffd::{SyncUserfaultfd, Userfaultfd};
 use crate::vma::{Backing, Vma};
 
 /// Options for [`attach`].
@@ -46,6 +46,12 @@ pub struct TrackOptions {
     /// fd number there, and the ranges registered with it. The first
     /// collect then reports the writes since that tracker's last collect.
     pub adopt: Option<Adopt>,
+    /// Whether pagescope (as root) hands its own `/dev/userfaultfd` to a
+    /// target or sharer that may not create a full userfaultfd itself
+    /// (default: yes; with [`Device::Keep`] an unprivileged process gets a
+    /// `UFFD_USER_MODE_ONLY` one and its shared memory is tracked
+    /// asynchronously).
+    pub device: Device,
 }
 
 /// A userfaultfd left in the target by an earlier tracker.
@@ -227,7 +233,7 @@ fn uffd_backend(
         };
         (u, origin)
     } else {
-        let i = inject::userfaultfd_in(target, opts.keep_in_target)?;
+        let i = inject::userfaultfd_in_with(target, opts.keep_in_target, opts.device)?;
         let uffd = Userfaultfd::from_fd(i.fd)?;
         return Ok(UffdWp::new(target, uffd, i.origin)?.kept_at(i.target_fd));
     };
@@ -306,15 +312,16 @@ fn start_family(
     target: &Target,
     backend: TrackerBackend,
     page: PageSize,
+    device: Device,
 ) -> Result<Family, String> {
     if backend != TrackerBackend::UffdWpAsync {
         return Err("no userfaultfd tracking".into());
     }
-    let i = inject::userfaultfd_in(target, false).map_err(|e| e.to_string())?;
-    if i.origin == UffdOrigin::UserModeOnly {
+    let i = inject::userfaultfd_in_with(target, false, device).map_err(|e| e.to_string())?;
+    if i.origin.user_mode_only() {
         return Err("the process may only create a UFFD_USER_MODE_ONLY userfaultfd, with which synchronous write-protect would make kernel-mode writes (read() into shared memory) fail".into());
     }
-    let uffd = Userfaultfd::from_fd_sync_family(i.fd).map_err(|e| e.to_string())?;
+    let uffd = SyncUserfaultfd::from_fd_sync_family(i.fd).map_err(|e| e.to_string())?;
     Family::start(uffd, target.pid(), page).map_err(|e| e.to_string())
 }
 
@@ -331,13 +338,14 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
             ObjectOptions {
                 no_sharers: opts.no_sharers,
                 strict: opts.strict_shared,
+                device: opts.device,
             },
             caps.map_files,
             page,
         );
         let remote = matches!(scope, Scope::Process) && target.borrow().pid() != std::process::id();
         let (family, family_note) = if remote && !opts.no_sharers {
-            match start_family(target.borrow(), chosen.backend.backend(), page) {
+            match start_family(target.borrow(), chosen.backend.backend(), page, opts.device) {
                 Ok(f) => (Some(f), None),
                 Err(why) => (None, Some(why)),
             }
@@ -388,7 +396,8 @@ impl<T: Borrow<Target>> ProcessTracker<T> {
                 self.backend = c.backend;
                 self.degraded = c.degraded;
                 if self.family_note.is_none() {
-                    match start_family(target, self.backend.backend(), self.page) {
+                    match start_family(target, self.backend.backend(), self.page, self.opts.device)
+                    {
                         Ok(f) => self.family = Some(f),
                         Err(why) => self.family_note = Some(why),
                     }

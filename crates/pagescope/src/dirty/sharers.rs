@@ -27,7 +27,7 @@ use crate::addr::{PageSize, PageSpan};
 use crate::proc::Target;
 use crate::proc::maps::MapsEntry;
 use crate::rangeset::RangeSet;
-use crate::uffd::Userfaultfd;
+use crate::uffd::{SyncUserfaultfd, Userfaultfd};
 use crate::vma::{MountTable, ObjectId, Vma};
 
 /// Every other process's shared mappings of the watched objects, read from
@@ -158,14 +158,16 @@ struct Sharer {
 pub struct Sharers {
     procs: BTreeMap<u32, Sharer>,
     page: PageSize,
+    device: inject::Device,
 }
 
 impl Sharers {
     /// No sharers yet.
-    pub fn new(page: PageSize) -> Self {
+    pub fn new(page: PageSize, device: inject::Device) -> Self {
         Self {
             procs: BTreeMap::new(),
             page,
+            device,
         }
     }
 
@@ -216,7 +218,7 @@ impl Sharers {
             Ok(t) => t,
             Err(_) => return, // exited between the maps walk and now
         };
-        let tracker = start(&target, family).map_err(|e| e.to_string());
+        let tracker = start(&target, family, self.device).map_err(|e| e.to_string());
         if tracker.is_ok() && !first {
             out.events.push(TrackEvent::SharerAttached { pid });
         }
@@ -414,11 +416,15 @@ fn sync_one(
 
 /// A userfaultfd injected into `target`: synchronous in `family` when
 /// there is one and the uffd is not user-mode only, else async.
-fn start(target: &Target, family: Option<&Family>) -> Result<Tracking, TrackError> {
-    let injected = inject::userfaultfd_in(target, false)?;
+fn start(
+    target: &Target,
+    family: Option<&Family>,
+    device: inject::Device,
+) -> Result<Tracking, TrackError> {
+    let injected = inject::userfaultfd_in_with(target, false, device)?;
     if let Some(f) = family {
-        if injected.origin != inject::UffdOrigin::UserModeOnly {
-            let uffd = Userfaultfd::from_fd_sync_family(injected.fd)?;
+        if !injected.origin.user_mode_only() {
+            let uffd = SyncUserfaultfd::from_fd_sync_family(injected.fd)?;
             return Ok(Tracking::Sync(f.add_root(uffd, target.pid())?));
         }
     }

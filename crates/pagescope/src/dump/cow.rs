@@ -46,7 +46,7 @@ use crate::image::write::Store;
 use crate::proc::Target;
 use crate::proc::maps::MapsEntry;
 use crate::sys::inject::UffdOrigin;
-use crate::uffd::Userfaultfd;
+use crate::uffd::SyncUserfaultfd;
 use crate::vma::ObjectId;
 
 /// Pages copied (and then unprotected) per batch.
@@ -93,7 +93,7 @@ struct Region {
 
 /// Unregisters every range on drop (lifts all protection, wakes waiters).
 struct Registration<'u> {
-    uffd: &'u Userfaultfd,
+    uffd: &'u SyncUserfaultfd,
     ranges: Vec<VirtRange>,
 }
 
@@ -128,7 +128,7 @@ impl Dump<'_, '_, '_> {
                 what: "only a user-mode-only userfaultfd could be created in the process (vm.unprivileged_userfaultfd = 0): its kernel-mode writes would fail with EFAULT during a snapshot; run as root".into(),
             });
         }
-        let uffd = Userfaultfd::from_fd_sync_wp(injected.fd)
+        let uffd = SyncUserfaultfd::from_fd_sync_wp(injected.fd)
             .map_err(|source| DumpError::Protect { pid, source })?;
         let hmem = RemoteMem::open(target, self.page, std::sync::Arc::clone(&self.swap))?;
         let mut stats = CowStats::default();
@@ -178,7 +178,7 @@ impl Dump<'_, '_, '_> {
     fn protect(
         &mut self,
         target: &Target,
-        uffd: &Userfaultfd,
+        uffd: &SyncUserfaultfd,
         registration: &mut Registration<'_>,
         hmem: &RemoteMem,
         handler: &Handler,
@@ -237,7 +237,7 @@ impl Dump<'_, '_, '_> {
     /// first), then copies every page with content, capture first.
     fn copy_all(
         &mut self,
-        uffd: &Userfaultfd,
+        uffd: &SyncUserfaultfd,
         protected: &[VirtRange],
         side: &Side,
     ) -> Result<super::copy::Copied, DumpError> {
@@ -445,7 +445,7 @@ fn is_special(m: &MapsEntry) -> bool {
 /// Lifts the protection of the pages `batch` of `m` (if it is protected),
 /// in runs.
 fn unprotect(
-    uffd: &Userfaultfd,
+    uffd: &SyncUserfaultfd,
     protected: &[VirtRange],
     m: &VmaModel,
     batch: &[u64],
@@ -557,7 +557,7 @@ impl Handler {
     /// The handler thread: for every write fault, (after the moment)
     /// capture the page, then lift its protection, which lets the write
     /// proceed. Runs until `done`.
-    fn run(&self, uffd: &Userfaultfd, mem: &RemoteMem) {
+    fn run(&self, uffd: &SyncUserfaultfd, mem: &RemoteMem) {
         let page = mem.page_size();
         let p = page.as_usize();
         let mut buf = vec![0u8; p];

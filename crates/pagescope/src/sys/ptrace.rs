@@ -39,6 +39,10 @@ pub const NR_CLOSE: i64 = 3;
 pub const NR_OPENAT: i64 = 257;
 /// `__NR_ioctl` on x86_64.
 pub const NR_IOCTL: i64 = 16;
+/// `__NR_socketpair` on x86_64.
+pub const NR_SOCKETPAIR: i64 = 53;
+/// `__NR_recvmsg` on x86_64.
+pub const NR_RECVMSG: i64 = 47;
 
 /// `PTRACE_EVENT_STOP`: the stop `PTRACE_INTERRUPT` (or a group stop)
 /// reports on a seized thread.

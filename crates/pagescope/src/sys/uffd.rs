@@ -115,12 +115,21 @@ pub fn userfaultfd(user_mode_only: bool) -> Result<OwnedFd, Errno> {
     }
 }
 
-fn dev_userfaultfd(flags: UserfaultfdFlags) -> Result<OwnedFd, Errno> {
-    let dev = rustix::fs::open(
+/// Opens `/dev/userfaultfd` (6.1+; root-only by default). A uffd made
+/// from it with `USERFAULTFD_IOC_NEW` binds to the mm of the process that
+/// calls the ioctl, not of the one that opened the device, and is never
+/// limited to user mode: pagescope hands it to an unprivileged target
+/// (`crate::sys::inject`).
+pub fn open_device() -> Result<OwnedFd, Errno> {
+    rustix::fs::open(
         "/dev/userfaultfd",
         rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
-    )?;
+    )
+}
+
+fn dev_userfaultfd(flags: UserfaultfdFlags) -> Result<OwnedFd, Errno> {
+    let dev = open_device()?;
     // SAFETY: USERFAULTFD_IOC_NEW takes the userfaultfd flags by value and
     // returns a new fd, which we take ownership of exactly once.
     let rc = unsafe {

@@ -38,7 +38,7 @@ use rustix::io::Errno;
 use super::{TrackError, WriteSource, Written};
 use crate::addr::{PageSize, PageSpan, VirtAddr, VirtRange};
 use crate::rangeset::RangeSet;
-use crate::uffd::{UffdError, Userfaultfd};
+use crate::uffd::{SyncUserfaultfd, UffdError};
 use crate::vma::{ObjectId, Vma};
 
 mod serve;
@@ -76,7 +76,7 @@ impl Mapped {
 /// One mm of the family: the target's, or a descendant's.
 #[derive(Debug)]
 struct Ctx {
-    uffd: Arc<Userfaultfd>,
+    uffd: Arc<SyncUserfaultfd>,
     /// The process, once known (the target's at once; a child's from the
     /// thread id of its first fault).
     pid: Option<u32>,
@@ -98,7 +98,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn new(uffd: Userfaultfd, pid: Option<u32>, parent: Option<u32>, root: bool) -> Self {
+    fn new(uffd: SyncUserfaultfd, pid: Option<u32>, parent: Option<u32>, root: bool) -> Self {
         Self {
             uffd: Arc::new(uffd),
             pid,
@@ -211,9 +211,9 @@ pub struct Family {
 
 impl Family {
     /// Starts with `uffd` (created inside process `pid`, the tracked
-    /// process, handshaken with [`Userfaultfd::from_fd_sync_family`]);
+    /// process, handshaken with [`SyncUserfaultfd::from_fd_sync_family`]);
     /// nothing is registered yet.
-    pub fn start(uffd: Userfaultfd, pid: u32, page: PageSize) -> Result<Self, TrackError> {
+    pub fn start(uffd: SyncUserfaultfd, pid: u32, page: PageSize) -> Result<Self, TrackError> {
         let io = |what: &'static str| {
             move |e: Errno| TrackError::Io {
                 pid,
@@ -271,7 +271,7 @@ impl Family {
 
     /// Adds another process (a sharer) whose uffd `uffd` pagescope
     /// created inside it.
-    pub fn add_root(&self, uffd: Userfaultfd, pid: u32) -> Result<RootId, TrackError> {
+    pub fn add_root(&self, uffd: SyncUserfaultfd, pid: u32) -> Result<RootId, TrackError> {
         add_ctx(&self.shared, Ctx::new(uffd, Some(pid), None, true)).map_err(|e| TrackError::Io {
             pid,
             what: "watch the userfaultfd",
@@ -478,7 +478,7 @@ fn raise_fd_limit() {
 
 /// Write-protects `range`, retrying while a fork or mremap of the mm is
 /// in flight (`EAGAIN` until its event is read).
-fn protect(uffd: &Userfaultfd, range: VirtRange) -> Result<(), UffdError> {
+fn protect(uffd: &SyncUserfaultfd, range: VirtRange) -> Result<(), UffdError> {
     let mut last = Ok(());
     for _ in 0..50 {
         last = uffd.write_protect(range, true);

@@ -13,7 +13,7 @@ use crate::rangeset::RangeSet;
 use crate::sys::uffd::{
     FaultMsg, UFFD_EVENT_FORK, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_PAGEFAULT_FLAG_WP,
 };
-use crate::uffd::Userfaultfd;
+use crate::uffd::SyncUserfaultfd;
 use crate::vma::ObjectId;
 
 /// The fault-handling thread: reads every mm's messages as they come.
@@ -80,9 +80,9 @@ fn drain(shared: &Shared, id: u64) {
 }
 
 /// A process of the family forked: track the child from birth.
-fn forked(shared: &Shared, parent: u64, parent_uffd: &Userfaultfd, m: &FaultMsg) {
+fn forked(shared: &Shared, parent: u64, parent_uffd: &SyncUserfaultfd, m: &FaultMsg) {
     let Some(fd) = m.take_fork_fd() else { return };
-    let child = Userfaultfd::forked(fd, parent_uffd.features());
+    let child = SyncUserfaultfd::forked(fd, parent_uffd.features());
     let ctx = {
         let mut st = shared.lock();
         st.report.forks += 1;

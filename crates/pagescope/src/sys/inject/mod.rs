@@ -2,12 +2,18 @@
 //! that cannot be interrupted half-way (x86_64).
 //!
 //! [`userfaultfd_in`] forks a helper that seizes one thread of the target
-//! with ptrace, runs `userfaultfd()` there (falling back to
-//! `UFFD_USER_MODE_ONLY` on `EPERM` and to `/dev/userfaultfd` +
-//! `USERFAULTFD_IOC_NEW` when the system call is refused), copies the new
-//! fd out with `pidfd_getfd`, runs `close()` on the target's copy,
-//! restores the registers, detaches, and passes the fd back over a socket
-//! (`SCM_RIGHTS`).
+//! with ptrace, runs `userfaultfd()` there, copies the new fd out with
+//! `pidfd_getfd`, runs `close()` on the target's copy, restores the
+//! registers, detaches, and passes the fd back over a socket
+//! (`SCM_RIGHTS`, `wire.rs`).
+//!
+//! When the system call is refused: with pagescope's own
+//! `/dev/userfaultfd` in the plan (pagescope runs as root), every thread
+//! of the target is stopped (`threads.rs`) and the device is handed to it
+//! for `USERFAULTFD_IOC_NEW` (`device.rs`): a full uffd, even for an
+//! unprivileged target. Otherwise (or if the target refuses that) the
+//! helper retries with `UFFD_USER_MODE_ONLY` on `EPERM`, then tries
+//! `open("/dev/userfaultfd")` in the target.
 //!
 //! The helper blocks every catchable signal and is not tied to its
 //! parent's life: whatever happens to pagescope while a thread of the
@@ -22,21 +28,24 @@
 //! - `ptrace(2)`, `userfaultfd(2)`, `pidfd_getfd(2)`, `unix(7)`
 //!   (`SCM_RIGHTS`), `signal-safety(7)`
 
-use std::io::{IoSlice, IoSliceMut};
-use std::mem::MaybeUninit;
+mod device;
+mod step;
+mod threads;
+mod wire;
+
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
-use rustix::net::{
-    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
-};
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use rustix::process::PidfdGetfdFlags;
 
-use super::ptrace::{self, NR_CLOSE, NR_IOCTL, NR_OPENAT, NR_USERFAULTFD, Regs, Stop};
-use super::uffd::{UFFD_USER_MODE_ONLY, USERFAULTFD_IOC_NEW};
+pub use step::{Failpoint, Step};
+use threads::Others;
+use wire::{Outcome, receive, send};
+
+use super::ptrace::{self, NR_CLOSE, NR_USERFAULTFD, Regs, Stop};
+use super::uffd::UFFD_USER_MODE_ONLY;
 
 /// How the userfaultfd was obtained inside the target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -46,104 +55,40 @@ pub enum UffdOrigin {
     Syscall,
     /// `userfaultfd(UFFD_USER_MODE_ONLY)`, after `EPERM`.
     UserModeOnly,
-    /// `/dev/userfaultfd` + `USERFAULTFD_IOC_NEW`.
+    /// `/dev/userfaultfd` opened by the target + `USERFAULTFD_IOC_NEW`.
     DevUserfaultfd,
+    /// `/dev/userfaultfd` opened by pagescope (root), handed to the target
+    /// (`SCM_RIGHTS`), `USERFAULTFD_IOC_NEW` there: a full uffd for a
+    /// target that may not create one itself.
+    HandedDevice,
 }
 
-/// The helper's steps, in order (test failpoints name them by number,
-/// from 1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    /// `PTRACE_SEIZE`.
-    Seize,
-    /// `PTRACE_INTERRUPT`.
-    Interrupt,
-    /// Waiting for the thread to stop.
-    WaitStop,
-    /// `PTRACE_GETREGS` of the original registers.
-    SaveRegs,
-    /// `userfaultfd()` in the target.
-    Userfaultfd,
-    /// `userfaultfd(UFFD_USER_MODE_ONLY)` in the target.
-    UserModeOnly,
-    /// `open("/dev/userfaultfd")` + `USERFAULTFD_IOC_NEW` in the target.
-    DevUserfaultfd,
-    /// `pidfd_getfd` of the new fd.
-    GetFd,
-    /// `close()` of the target's copy.
-    CloseInTarget,
-    /// `PTRACE_SETREGS` of the original registers.
-    Restore,
-    /// `PTRACE_DETACH`.
-    Detach,
-    /// Handing the fd to pagescope.
-    Send,
-}
-
-/// Every step, in order: `ALL[n - 1]` is step number `n`.
-const ALL: [Step; Step::LAST as usize] = [
-    Step::Seize,
-    Step::Interrupt,
-    Step::WaitStop,
-    Step::SaveRegs,
-    Step::Userfaultfd,
-    Step::UserModeOnly,
-    Step::DevUserfaultfd,
-    Step::GetFd,
-    Step::CloseInTarget,
-    Step::Restore,
-    Step::Detach,
-    Step::Send,
-];
-
-impl Step {
-    /// The last step's number.
-    pub const LAST: i32 = 12;
-
-    /// The step's number (1 for the first).
-    pub fn number(self) -> i32 {
-        let i = ALL.iter().position(|s| *s == self).unwrap_or(0);
-        i32::try_from(i + 1).unwrap_or(0)
-    }
-
-    /// The step numbered `n`.
-    pub fn from_raw(n: i32) -> Option<Self> {
-        usize::try_from(n - 1)
-            .ok()
-            .and_then(|i| ALL.get(i))
-            .copied()
-    }
-
-    /// What the step does, for error messages.
-    pub fn describe(self) -> &'static str {
+impl UffdOrigin {
+    /// The origin's number on the wire from the helper.
+    fn as_raw(self) -> i32 {
         match self {
-            Step::Seize => {
-                "seize the process with ptrace (is a debugger or strace attached, or are ptrace rights missing?)"
-            }
-            Step::Interrupt => "interrupt the process with ptrace",
-            Step::WaitStop => "wait for the process to stop",
-            Step::SaveRegs => "read the process's registers",
-            Step::Userfaultfd | Step::UserModeOnly | Step::DevUserfaultfd => {
-                "create a userfaultfd inside the process"
-            }
-            Step::GetFd => "copy the userfaultfd out of the process (pidfd_getfd)",
-            Step::CloseInTarget => "close the userfaultfd's copy inside the process",
-            Step::Restore => "restore the process's registers",
-            Step::Detach => "detach from the process",
-            Step::Send => "receive the userfaultfd from the injection helper",
+            Self::Syscall => 0,
+            Self::UserModeOnly => 1,
+            Self::DevUserfaultfd => 2,
+            Self::HandedDevice => 3,
         }
     }
-}
 
-/// A test-only fault at one step of the helper.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Failpoint {
-    /// The step ([`Step`] as a number).
-    pub step: i32,
-    /// 0: the step fails as if its system call had (`EIO`); otherwise
-    /// this signal is sent to the helper's parent (pagescope) there, and
-    /// the helper carries on.
-    pub signal: i32,
+    /// The origin numbered `n` ([`Self::as_raw`]).
+    fn from_raw(n: i32) -> Self {
+        match n {
+            0 => Self::Syscall,
+            1 => Self::UserModeOnly,
+            3 => Self::HandedDevice,
+            _ => Self::DevUserfaultfd,
+        }
+    }
+
+    /// Whether the uffd handles only user-mode faults (then synchronous
+    /// write-protect would make kernel-mode writes fail with `EFAULT`).
+    pub fn user_mode_only(self) -> bool {
+        self == Self::UserModeOnly
+    }
 }
 
 /// What the helper works on (computed before the fork).
@@ -159,6 +104,9 @@ pub struct Plan<'a> {
     pub insn: u64,
     /// A test-only fault, if any.
     pub failpoint: Option<Failpoint>,
+    /// pagescope's own `/dev/userfaultfd`, handed to the target when it may
+    /// not create a full userfaultfd itself.
+    pub device: Option<BorrowedFd<'a>>,
     /// What to do in the target.
     pub job: Job,
 }
@@ -231,107 +179,6 @@ pub fn userfaultfd_in(plan: &Plan<'_>, timeout: Duration) -> Result<Injected, Fa
         let _ = ptrace::reap(pid);
     }
     answer
-}
-
-/// The helper's answer (sent as bytes, with the fd attached on success).
-#[derive(Clone, Copy, Default)]
-#[repr(C)]
-struct Outcome {
-    /// 0, or the errno of the failed step.
-    errno: i32,
-    /// The failed step.
-    step: i32,
-    /// [`UffdOrigin`] as 0, 1, 2.
-    origin: i32,
-    /// The errno of the first `userfaultfd()` attempt, if it failed.
-    first_errno: i32,
-    /// The fd number left in the target (`keep_in_target`), else -1.
-    target_fd: i32,
-}
-
-const OUTCOME_LEN: usize = std::mem::size_of::<Outcome>();
-
-impl Outcome {
-    fn to_bytes(self) -> [u8; OUTCOME_LEN] {
-        let mut b = [0u8; OUTCOME_LEN];
-        for (i, v) in [
-            self.errno,
-            self.step,
-            self.origin,
-            self.first_errno,
-            self.target_fd,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            b[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
-        }
-        b
-    }
-
-    fn from_bytes(b: &[u8; OUTCOME_LEN]) -> Self {
-        let at =
-            |i: usize| i32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
-        Self {
-            errno: at(0),
-            step: at(1),
-            origin: at(2),
-            first_errno: at(3),
-            target_fd: at(4),
-        }
-    }
-}
-
-/// Waits (bounded) for the helper's outcome and the fd.
-fn receive(sock: BorrowedFd<'_>, timeout: Duration) -> Result<Injected, Failed> {
-    let lost = |errno| Failed {
-        step: Step::Send,
-        errno,
-    };
-    let mut fds = [PollFd::new(&sock, PollFlags::IN)];
-    let timeout = Timespec::try_from(timeout).unwrap_or_default();
-    loop {
-        match rustix::event::poll(&mut fds, Some(&timeout)) {
-            Ok(0) => return Err(lost(Errno::TIMEDOUT)),
-            Ok(_) => break,
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(lost(e)),
-        }
-    }
-    let mut bytes = [0u8; OUTCOME_LEN];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let got = rustix::net::recvmsg(
-        sock,
-        &mut [IoSliceMut::new(&mut bytes)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    )
-    .map_err(lost)?;
-    let fd = control.drain().find_map(|m| match m {
-        RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-        _ => None,
-    });
-    if got.bytes != OUTCOME_LEN {
-        return Err(lost(Errno::PIPE));
-    }
-    let o = Outcome::from_bytes(&bytes);
-    if o.errno != 0 {
-        return Err(Failed {
-            step: Step::from_raw(o.step).unwrap_or(Step::Userfaultfd),
-            errno: Errno::from_raw_os_error(o.errno),
-        });
-    }
-    let origin = match o.origin {
-        0 => UffdOrigin::Syscall,
-        1 => UffdOrigin::UserModeOnly,
-        _ => UffdOrigin::DevUserfaultfd,
-    };
-    Ok(Injected {
-        fd,
-        origin,
-        target_fd: (o.target_fd >= 0).then_some(o.target_fd),
-    })
 }
 
 // ---- the helper (runs in the forked child: no allocation below) ----
@@ -433,9 +280,11 @@ fn helper(plan: &Plan<'_>, sock: BorrowedFd<'_>) -> i32 {
     // The fork copied every fd of the parent (other userfaultfds among
     // them, which would stay alive, protections and all, while this runs):
     // keep only what the helper uses.
+    let raw = std::os::fd::AsRawFd::as_raw_fd;
     ptrace::close_all_but(&[
-        std::os::fd::AsRawFd::as_raw_fd(&sock),
-        std::os::fd::AsRawFd::as_raw_fd(&plan.pidfd),
+        raw(&sock),
+        raw(&plan.pidfd),
+        plan.device.as_ref().map_or(-1, raw),
     ]);
     let mut t = Thread {
         tgid: plan.tgid,
@@ -485,11 +334,13 @@ fn attach_and_inject(
             return Err(e);
         }
     };
-    let injected = inject(t, plan, &saved, out, ours);
+    let mut others = Others::none(t.tgid);
+    let injected = inject(t, plan, &saved, &mut others, out, ours);
     // A never-restarted call the interrupt cut short is issued again.
     let back = super::restart::reissue(t.tgid, tid, &saved, t.npending > 0).unwrap_or(saved);
     let restored = t.restore(&back).map_err(|e| (Step::Restore, e));
     let detached = t.detach().map_err(|e| (Step::Detach, e));
+    others.resume();
     injected.and(restored).and(detached)
 }
 
@@ -508,41 +359,17 @@ fn inject(
     t: &mut Thread,
     plan: &Plan<'_>,
     saved: &Regs,
+    others: &mut Others,
     out: &mut Outcome,
     ours: &mut Option<OwnedFd>,
 ) -> StepResult<()> {
     let keep = match plan.job {
-        Job::Close { fd } => return close_in_target(t, plan, saved, i64::from(fd)),
+        Job::Close { fd } => {
+            return close_fd(t, plan, saved, i64::from(fd), Step::CloseInTarget);
+        }
         Job::CreateUffd { keep_in_target } => keep_in_target,
     };
-    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
-    let mut fd = inject_call(t, Step::Userfaultfd, |t| {
-        t.call(saved, plan.insn, NR_USERFAULTFD, [flags, 0, 0, 0, 0, 0])
-    })?;
-    if fd < 0 {
-        out.first_errno = (-fd) as i32;
-    }
-    if fd == -i64::from(libc::EPERM) {
-        out.origin = 1;
-        let umo = flags | u64::from(UFFD_USER_MODE_ONLY);
-        fd = inject_call(t, Step::UserModeOnly, |t| {
-            t.call(saved, plan.insn, NR_USERFAULTFD, [umo, 0, 0, 0, 0, 0])
-        })?;
-    }
-    if fd < 0 {
-        out.origin = 2;
-        fd = inject_call(t, Step::DevUserfaultfd, |t| {
-            dev_userfaultfd(t, plan, saved, flags)
-        })?;
-    }
-    if fd < 0 {
-        let s = if out.origin == 2 {
-            Step::DevUserfaultfd
-        } else {
-            Step::Userfaultfd
-        };
-        return Err((s, Errno::from_raw_os_error((-fd) as i32)));
-    }
+    let fd = create(t, plan, saved, others, out)?;
     let theirs = fd as i32;
     let got = step(t, Step::GetFd, || {
         rustix::process::pidfd_getfd(plan.pidfd, theirs, PidfdGetfdFlags::empty())
@@ -552,16 +379,63 @@ fn inject(
         *ours = Some(got?);
         return Ok(());
     }
-    let closed = close_in_target(t, plan, saved, fd);
+    let closed = close_fd(t, plan, saved, fd, Step::CloseInTarget);
     *ours = Some(got?);
     closed
 }
 
-/// `close(fd)` in the target; the target must not keep a copy it was not
-/// meant to: a failed close is retried (the failpoint fails only the first
-/// attempt).
-fn close_in_target(t: &mut Thread, plan: &Plan<'_>, saved: &Regs, fd: i64) -> StepResult<()> {
-    let mut closed = inject_call(t, Step::CloseInTarget, |t| {
+/// Creates the uffd in the target, the first way that works; its fd
+/// number there (`out.origin` says which way).
+fn create(
+    t: &mut Thread,
+    plan: &Plan<'_>,
+    saved: &Regs,
+    others: &mut Others,
+    out: &mut Outcome,
+) -> StepResult<i64> {
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+    let first = inject_call(t, Step::Userfaultfd, |t| {
+        t.call(saved, plan.insn, NR_USERFAULTFD, [flags, 0, 0, 0, 0, 0])
+    })?;
+    if first >= 0 {
+        return Ok(first);
+    }
+    out.first_errno = (-first) as i32;
+    let mut fd = first;
+    let mut last = Step::Userfaultfd;
+    if let Some(device) = plan.device {
+        let tid = t.tid;
+        step(t, Step::StopThreads, || others.stop_all(tid))?;
+        out.origin = UffdOrigin::HandedDevice.as_raw();
+        fd = device::handed_userfaultfd(t, plan, saved, device, flags)?;
+        last = Step::HandIoctl;
+    }
+    if fd < 0 && first == -i64::from(libc::EPERM) {
+        out.origin = UffdOrigin::UserModeOnly.as_raw();
+        let umo = flags | u64::from(UFFD_USER_MODE_ONLY);
+        fd = inject_call(t, Step::UserModeOnly, |t| {
+            t.call(saved, plan.insn, NR_USERFAULTFD, [umo, 0, 0, 0, 0, 0])
+        })?;
+        last = Step::UserModeOnly;
+    }
+    if fd < 0 && plan.device.is_none() {
+        out.origin = UffdOrigin::DevUserfaultfd.as_raw();
+        fd = inject_call(t, Step::DevUserfaultfd, |t| {
+            device::opened_by_target(t, plan, saved, flags)
+        })?;
+        last = Step::DevUserfaultfd;
+    }
+    if fd < 0 {
+        return Err((last, Errno::from_raw_os_error((-fd) as i32)));
+    }
+    Ok(fd)
+}
+
+/// `close(fd)` in the target as step `s`; the target must not keep a copy
+/// it was not meant to: a failed close is retried (the failpoint fails
+/// only the first attempt).
+fn close_fd(t: &mut Thread, plan: &Plan<'_>, saved: &Regs, fd: i64, s: Step) -> StepResult<()> {
+    let mut closed = inject_call(t, s, |t| {
         t.call(
             saved,
             plan.insn,
@@ -580,11 +454,11 @@ fn close_in_target(t: &mut Thread, plan: &Plan<'_>, saved: &Regs, fd: i64) -> St
                 NR_CLOSE,
                 [fd.unsigned_abs(), 0, 0, 0, 0, 0],
             )
-            .map_err(|e| (Step::CloseInTarget, e));
+            .map_err(|e| (s, e));
     }
     match closed? {
         0 => Ok(()),
-        e => Err((Step::CloseInTarget, Errno::from_raw_os_error((-e) as i32))),
+        e => Err((s, Errno::from_raw_os_error((-e) as i32))),
     }
 }
 
@@ -595,82 +469,4 @@ fn inject_call(
 ) -> StepResult<i64> {
     t.at(s).map_err(|e| (s, e))?;
     f(t).map_err(|e| (s, e))
-}
-
-/// `open("/dev/userfaultfd")` + `ioctl(USERFAULTFD_IOC_NEW)` + `close()`
-/// inside the target. The path goes below the red zone of the stopped
-/// thread's stack; the words it covers are restored afterwards.
-fn dev_userfaultfd(
-    t: &mut Thread,
-    plan: &Plan<'_>,
-    saved: &Regs,
-    flags: u64,
-) -> Result<i64, Errno> {
-    const PATH: &[u8; 24] = b"/dev/userfaultfd\0\0\0\0\0\0\0\0";
-    let scratch = (saved.stack_pointer().wrapping_sub(512)) & !15;
-    let mut old = [0u64; 3];
-    for (i, w) in old.iter_mut().enumerate() {
-        *w = ptrace::peek(t.tid, scratch + 8 * i as u64)?;
-    }
-    let mut written = Ok(());
-    for i in 0..3 {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&PATH[i * 8..i * 8 + 8]);
-        written = written
-            .and_then(|()| ptrace::poke(t.tid, scratch + 8 * i as u64, u64::from_ne_bytes(word)));
-    }
-    let open = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
-    let dev = written.and_then(|()| {
-        t.call(
-            saved,
-            plan.insn,
-            NR_OPENAT,
-            [
-                i64::from(libc::AT_FDCWD).cast_unsigned(),
-                scratch,
-                open,
-                0,
-                0,
-                0,
-            ],
-        )
-    });
-    for (i, w) in old.iter().enumerate() {
-        ptrace::poke(t.tid, scratch + 8 * i as u64, *w)?;
-    }
-    let dev = dev?;
-    if dev < 0 {
-        return Ok(dev);
-    }
-    let uffd = t.call(
-        saved,
-        plan.insn,
-        NR_IOCTL,
-        [dev.unsigned_abs(), USERFAULTFD_IOC_NEW, flags, 0, 0, 0],
-    );
-    let closed = t.call(
-        saved,
-        plan.insn,
-        NR_CLOSE,
-        [dev.unsigned_abs(), 0, 0, 0, 0, 0],
-    );
-    closed?;
-    uffd
-}
-
-fn send(sock: BorrowedFd<'_>, out: &Outcome, fd: Option<&OwnedFd>) {
-    let bytes = out.to_bytes();
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    let fds;
-    if let Some(fd) = fd {
-        fds = [fd.as_fd()];
-        control.push(SendAncillaryMessage::ScmRights(&fds));
-    }
-    let _ = rustix::net::sendmsg(
-        sock,
-        &[IoSlice::new(&bytes)],
-        &mut control,
-        SendFlags::NOSIGNAL,
-    );
 }
