@@ -3,13 +3,16 @@
 //! raw mode on a terminal stdin so single keys arrive (`q`, Ctrl-C), frames
 //! fitted to stdout's terminal and redrawn from scratch when it is
 //! resized, and the terminal restored when the session is dropped (so on
-//! every way out: the end, an error, the target's exit, a panic).
+//! every way out: the end, an error, the target's exit) or, on a panic,
+//! before the panic message is printed.
 //!
 //! Each frame is one synchronized update (`CSI ? 2026 h` ... `l`), so
 //! terminals that support it never show half a frame.
 
 use std::io::{self, IsTerminal, Stdout};
 use std::os::fd::AsFd;
+use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
@@ -24,6 +27,9 @@ use ratatui::{Frame, Terminal, TerminalOptions, Viewport};
 
 /// The size assumed when the terminal does not report one.
 const UNKNOWN_SIZE: (u16, u16) = (120, 40);
+
+/// Whether a session holds the terminal (what [`restore`] undoes).
+static ACTIVE: AtomicBool = AtomicBool::new(false);
 
 /// A full-screen session on stdout's terminal.
 pub struct Screen {
@@ -55,8 +61,10 @@ impl Screen {
                 viewport: Viewport::Fixed(area),
             },
         )?;
+        restore_on_panic();
         let keys = io::stdin().is_terminal() && enable_raw_mode().is_ok();
         // From here on, dropping the session restores the terminal.
+        ACTIVE.store(true, Ordering::SeqCst);
         let mut screen = Self {
             terminal,
             area,
@@ -108,15 +116,30 @@ impl Screen {
 
 impl Drop for Screen {
     fn drop(&mut self) {
-        let _ = execute!(
-            self.terminal.backend_mut(),
-            LeaveAlternateScreen,
-            cursor::Show
-        );
-        if self.keys {
-            let _ = disable_raw_mode();
-        }
+        restore();
     }
+}
+
+/// Leaves the alternate screen and raw mode, once per session.
+fn restore() {
+    if ACTIVE.swap(false, Ordering::SeqCst) {
+        let _ = execute!(io::stdout(), LeaveAlternateScreen, cursor::Show);
+        // A no-op unless raw mode was entered.
+        let _ = disable_raw_mode();
+    }
+}
+
+/// Makes a panic restore the terminal before its message is printed
+/// (else the message lands on the alternate screen and vanishes with it).
+fn restore_on_panic() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let print = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore();
+            print(info);
+        }));
+    });
 }
 
 fn is_quit(code: KeyCode, modifiers: KeyModifiers) -> bool {
