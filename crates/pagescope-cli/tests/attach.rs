@@ -399,6 +399,43 @@ fn unprivileged_targets_get_a_full_userfaultfd_from_pagescope() {
     fx.command("sharer stop").unwrap();
 }
 
+/// The device is handed to a busy multi-threaded unprivileged target: the
+/// helper stops every thread for it, the attach succeeds while four
+/// threads write, and every page they write afterwards is reported
+/// exactly.
+#[test]
+fn the_device_is_handed_to_a_busy_multi_threaded_target() {
+    if !usable() {
+        return;
+    }
+    let mut fx = common::unprivileged_fixture(&["shared_anon"]);
+    let truth = fx.truth().clone();
+    let pid = fx.pid();
+    let fds = Target::open(pid).unwrap().fds().unwrap();
+    let mut t = std::thread::scope(|s| {
+        let writers = s.spawn(|| fx.command("writers shared_anon 4 2000"));
+        std::thread::sleep(Duration::from_millis(300));
+        let tasks = Target::open(pid).unwrap().tasks().unwrap().len();
+        let t = attach_owned(Target::open(pid).unwrap(), caps(), &TrackOptions::default())
+            .expect("attach to a busy target");
+        writers.join().unwrap().expect("the writers ran on");
+        assert!(tasks >= 5, "{tasks} threads");
+        t
+    });
+    assert!(
+        t.notes()
+            .iter()
+            .any(|n| n.contains("handed it /dev/userfaultfd")),
+        "{:?}",
+        t.notes()
+    );
+    let r = t.collect().unwrap();
+    assert!(r.forks_tracked);
+    let all: Vec<u64> = (0..truth.region("shared_anon").unwrap().pages).collect();
+    assert_eq!(pages(&truth, "shared_anon", &r), all);
+    assert_eq!(Target::open(pid).unwrap().fds().unwrap(), fds);
+}
+
 /// `watch` on a process that exits before the first interval ends says
 /// so with exit code 9.
 #[test]
