@@ -3,10 +3,11 @@
 //! process that exited (reported as that, exit 9, whatever step noticed
 //! it), the userfaultfd `keep_tracking` left in the process. Stopped
 //! threads are resumed by `Stopped`'s drop, pagescope's own userfaultfds
-//! close with the trackers, the incomplete image goes with
-//! `out_dir::discard`.
+//! close with the trackers, the sink is told (`PageSink::abort`) and the
+//! incomplete image directory goes with `out_dir::discard`.
 
 use super::DumpError;
+use super::attach::Proc;
 use super::passes::Dump;
 
 impl Dump<'_, '_, '_> {
@@ -31,25 +32,29 @@ impl Dump<'_, '_, '_> {
     pub(super) fn gone(&self) -> Option<u32> {
         self.procs
             .iter()
-            .find(|p| p.target.get().require_address_space().is_err())
+            .find(|p| p.target.require_address_space().is_err())
             .map(|p| p.pid)
     }
 
-    /// After a failure: closes the userfaultfd `keep_tracking` left in the
-    /// process (nothing stays write-protected; pagescope's own copies
-    /// close as the trackers drop). Stopped threads were resumed already.
-    pub(super) fn abandon(&mut self) {
-        let Some(first) = self.procs.first() else {
-            return;
-        };
-        if let Some(fd) = first
-            .tracker
-            .kept_in_target()
-            .filter(|_| self.opts.keep_tracking)
-        {
-            if first.adopted != Some(fd) {
-                let _ = crate::dirty::inject::close_in_target(first.target.get(), fd);
-            }
+    /// After a failure `e`: closes the userfaultfd `keep_tracking` left in
+    /// the process (nothing stays write-protected; pagescope's own copies
+    /// close as the trackers drop), aborts the sink. Stopped threads were
+    /// resumed already.
+    pub(super) fn abandon(self, e: &DumpError) {
+        if let Some(first) = self.procs.first() {
+            close_kept(first, self.opts.keep_tracking);
+        }
+        self.sink.abort(e);
+    }
+}
+
+/// Closes the userfaultfd a dump that failed left in the first process
+/// for `keep_tracking` (not one it adopted: that stays for the image it
+/// came with).
+fn close_kept(first: &Proc<'_>, keep_tracking: bool) {
+    if let Some(fd) = first.tracker.kept_in_target().filter(|_| keep_tracking) {
+        if first.adopted != Some(fd) {
+            let _ = crate::dirty::inject::close_in_target(first.target, fd);
         }
     }
 }

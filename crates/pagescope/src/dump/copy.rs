@@ -1,21 +1,23 @@
-//! Copying pages into an image's stores: a process's own pages with
-//! `process_vm_readv` in large vectors, shared objects' pages with `pread`
-//! on pagescope's fd of the object (never through the target's mappings,
-//! so nothing is mapped into it). Each page copied is checked: all zeros
-//! → `Zero` (not stored); equal to the parent image's → `InParent` (not
-//! stored); else stored at its fixed offset.
+//! The copy workers: a process's own pages read with `process_vm_readv`
+//! in large vectors (`remote.rs`), on a few threads (`crate::parallel`),
+//! shared objects' pages with `pread` on pagescope's fd of the object
+//! (never through the target's mappings, so nothing is mapped into it),
+//! all written to the [`PageSink`]. Each page copied is checked: all
+//! zeros → `Zero` (not stored); equal to the parent image's → `InParent`
+//! (not stored); in a forked tree, the same COW-shared frame as a page
+//! stored already → `Dedup` (not stored); else stored by page index.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::DumpError;
 use super::model::{ObjectModel, VmaModel};
 use super::remote::RemoteMem;
+use super::sink::{NotStored, PageSink, StoreOwner, StoreRef};
 use crate::addr::PageSize;
 use crate::image::format::{DedupRef, PageKind};
 use crate::image::read::{Image, PageFill};
-use crate::image::write::{ImageWriter, Store};
 use crate::pagemap::{PagemapEntry, PagemapFlags};
 
 /// Bytes read per `process_vm_readv` / `pread`.
@@ -70,7 +72,7 @@ pub struct Source {
     /// The page.
     pub at: DedupRef,
     /// Its store.
-    pub store: Arc<Store>,
+    pub store: StoreRef,
 }
 
 /// Dedup state of a forked tree: page frame → the first copy stored of
@@ -94,10 +96,10 @@ impl Frames {
     }
 }
 
-/// Where copies go.
-pub struct Sink<'a> {
-    /// The image.
-    pub writer: &'a ImageWriter,
+/// Where copies go, and who hears how many pages were read.
+pub struct Dest<'a> {
+    /// The sink.
+    pub sink: &'a dyn PageSink,
     /// Base page size.
     pub page: PageSize,
     /// Told the pages read after every batch.
@@ -105,14 +107,15 @@ pub struct Sink<'a> {
 }
 
 /// Copies pages `pages` (sorted indices) of the process's own memory in
-/// mapping `m` of process `pid`: in parallel workers (one per CPU, at most
-/// [`MAX_WORKERS`]) writing their pages at their fixed offsets, or in
-/// order for a forked tree (deduplication looks back at stored pages).
+/// mapping `m` of process `pid`: in parallel workers (`crate::parallel`,
+/// at most [`MAX_WORKERS`]) writing their pages at their fixed places in
+/// the store, or in order for a forked tree (deduplication looks back at
+/// stored pages).
 pub fn own(
     pid: u32,
     m: &mut VmaModel,
     pages: &[u64],
-    sink: &mut Sink<'_>,
+    dest: &mut Dest<'_>,
     parent: &Parent<'_>,
     frames: Option<&mut Frames>,
     mem: &RemoteMem,
@@ -120,40 +123,41 @@ pub fn own(
     if pages.is_empty() {
         return Ok(Copied::default());
     }
-    let page = sink.page;
+    let page = dest.page;
     let p = page.as_usize();
+    let vma_start = m.vma.range.start().get();
     let store = match &m.store {
         Some(s) => s.clone(),
         None => {
-            let name = format!("p{pid}-{:x}", m.vma.range.start().get());
-            let s = sink.writer.new_store(&name, m.kinds.len() as u64)?;
+            let owner = StoreOwner::Vma { pid, vma_start };
+            let s = dest.sink.open_store(owner, m.kinds.len() as u64)?;
             m.store = Some(s.clone());
             s
         }
     };
     let job = Job {
         pid,
-        vma_start: m.vma.range.start().get(),
+        vma_start,
         page,
+        sink: dest.sink,
         store: &store,
         parent,
         mem,
     };
     let per_batch = BATCH_BYTES / p;
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(MAX_WORKERS);
+    let workers = crate::parallel::workers(0, pages.len().div_ceil(per_batch)).min(MAX_WORKERS);
     let mut done = Done::default();
     let out = if frames.is_some() || workers < 2 || pages.len() < 4 * per_batch {
         let mut w = Worker::new(p);
         let mut frames = frames;
+        let mut copied = Copied::default();
         for batch in pages.chunks(per_batch) {
-            w.batch(&job, batch, frames.as_deref_mut(), &mut done)?;
-            (sink.tick)(batch.len() as u64);
+            copied += w.batch(&job, batch, frames.as_deref_mut(), &mut done)?;
+            (dest.tick)(batch.len() as u64);
         }
-        w.copied
+        copied
     } else {
-        parallel(&job, pages, workers, per_batch, sink, &mut done)?
+        parallel(&job, pages, workers, per_batch, dest, &mut done)?
     };
     for (i, kind) in done.kinds {
         if let Some(k) = m.kinds.get_mut(usize::try_from(i).unwrap_or(usize::MAX)) {
@@ -178,7 +182,8 @@ struct Job<'a> {
     pid: u32,
     vma_start: u64,
     page: PageSize,
-    store: &'a Arc<Store>,
+    sink: &'a dyn PageSink,
+    store: &'a StoreRef,
     parent: &'a Parent<'a>,
     mem: &'a RemoteMem,
 }
@@ -192,68 +197,87 @@ struct Done {
     slots: Vec<(u64, u8, u64)>,
 }
 
-/// One worker's buffers and counts.
+impl Done {
+    fn extend(&mut self, o: Done) {
+        self.kinds.extend(o.kinds);
+        self.dedup.extend(o.dedup);
+        self.slots.extend(o.slots);
+    }
+}
+
+/// One worker's buffers.
 struct Worker {
     buf: Vec<u8>,
     scratch: Vec<u8>,
     p: usize,
-    copied: Copied,
 }
 
-/// `pages` cut into one contiguous share per worker; the calling thread
-/// is worker 0 and reports progress for all.
+/// Sets a flag and wakes a thread when dropped (also by a panic).
+struct Finished<'a>(&'a AtomicBool, std::thread::Thread);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+        self.1.unpark();
+    }
+}
+
+/// The batches of `pages` on `workers` threads (`crate::parallel`); the
+/// calling thread reports their progress as they go. A worker's panic is
+/// resumed here, as a panic.
 fn parallel(
     job: &Job<'_>,
     pages: &[u64],
     workers: usize,
     per_batch: usize,
-    sink: &mut Sink<'_>,
+    dest: &mut Dest<'_>,
     done: &mut Done,
 ) -> Result<Copied, DumpError> {
     let p = job.page.as_usize();
-    let share = pages.len().div_ceil(workers).div_ceil(per_batch) * per_batch;
-    let progress = std::sync::atomic::AtomicU64::new(0);
-    let mut parts = pages.chunks(share);
-    let first = parts.next().unwrap_or_default();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = parts
-            .map(|part| {
-                let progress = &progress;
-                s.spawn(move || -> Result<(Copied, Done), DumpError> {
-                    let mut w = Worker::new(p);
+    let batches: Vec<&[u64]> = pages.chunks(per_batch).collect();
+    let progress = AtomicU64::new(0);
+    let finished = AtomicBool::new(false);
+    let caller = std::thread::current();
+    let results = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let _finished = Finished(&finished, caller.clone());
+            crate::parallel::run(
+                batches.len(),
+                workers,
+                || Worker::new(p),
+                |w, i| {
                     let mut d = Done::default();
-                    for batch in part.chunks(per_batch) {
-                        w.batch(job, batch, None, &mut d)?;
-                        progress
-                            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Ok((w.copied, d))
-                })
-            })
-            .collect();
-        let mut w = Worker::new(p);
+                    let c = w.batch(job, batches[i], None, &mut d)?;
+                    progress.fetch_add(batches[i].len() as u64, Ordering::Relaxed);
+                    caller.unpark();
+                    Ok((c, d))
+                },
+                |_: &DumpError| true,
+            )
+        });
         let mut reported = 0;
-        for batch in first.chunks(per_batch) {
-            w.batch(job, batch, None, done)?;
-            let all = progress.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed)
-                + batch.len() as u64;
-            (sink.tick)(all - reported);
-            reported = all;
+        loop {
+            let end = finished.load(Ordering::Acquire);
+            let all = progress.load(Ordering::Relaxed);
+            if all > reported {
+                (dest.tick)(all - reported);
+                reported = all;
+            }
+            if end {
+                break;
+            }
+            std::thread::park_timeout(std::time::Duration::from_millis(50));
         }
-        let mut copied = w.copied;
-        for h in handles {
-            let (c, d) = h.join().map_err(|_| DumpError::Read {
-                pid: job.pid,
-                source: std::io::Error::other("a copy worker panicked"),
-            })??;
-            copied += c;
-            done.kinds.extend(d.kinds);
-            done.slots.extend(d.slots);
-        }
-        let all = progress.load(std::sync::atomic::Ordering::Relaxed);
-        (sink.tick)(all - reported);
-        Ok(copied)
-    })
+        h.join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    });
+    let mut copied = Copied::default();
+    for r in results.into_iter().flatten() {
+        let (c, d) = r?;
+        copied += c;
+        done.extend(d);
+    }
+    Ok(copied)
 }
 
 impl Worker {
@@ -262,7 +286,6 @@ impl Worker {
             buf: vec![0u8; BATCH_BYTES],
             scratch: vec![0u8; p],
             p,
-            copied: Copied::default(),
         }
     }
 
@@ -273,14 +296,15 @@ impl Worker {
         batch: &[u64],
         mut frames: Option<&mut Frames>,
         done: &mut Done,
-    ) -> Result<(), DumpError> {
+    ) -> Result<Copied, DumpError> {
         let p = self.p;
-        let store = job.store;
+        let (sink, store) = (job.sink, job.store);
         let addrs: Vec<u64> = batch
             .iter()
             .map(|&i| job.vma_start + job.page.bytes(i))
             .collect();
         let read = job.mem.read(&addrs, &mut self.buf[..batch.len() * p])?;
+        let mut copied = Copied::default();
         let mut pending: Option<(u64, usize, u64)> = None;
         for (k, &i) in batch.iter().enumerate() {
             let here = DedupRef {
@@ -296,72 +320,88 @@ impl Worker {
                 let (ty, offset) = read[k].entry.swap_raw();
                 done.slots.push((i, ty, offset));
                 done.kinds.push((i, PageKind::Swapped));
-                store.forget(i, 1);
+                sink.not_stored(store, i, 1, NotStored::Swapped);
                 continue;
             }
             if !read[k].ok {
                 // Unmapped meanwhile: the layout check settles it.
                 done.kinds.push((i, PageKind::Hole));
-                store.forget(i, 1);
+                sink.not_stored(store, i, 1, NotStored::Hole);
                 continue;
             }
             let bytes = &self.buf[k * p..(k + 1) * p];
-            self.copied.pages += 1;
-            let kind = if bytes.iter().all(|&b| b == 0) {
-                PageKind::Zero
+            copied.pages += 1;
+            let not_stored = if bytes.iter().all(|&b| b == 0) {
+                Some(NotStored::Zero)
             } else if job.parent.same(i, bytes, &mut self.scratch) {
-                PageKind::InParent
-            } else if let Some(d) = frames
-                .as_deref_mut()
-                .and_then(|f| dedup(f, shared_frame, here, bytes, &mut self.scratch))
-            {
-                done.dedup.push((i, d));
-                PageKind::Dedup
+                Some(NotStored::InParent)
             } else {
-                // Consecutive pages go out in one write (tree mode writes
-                // at once: a dedup check may read this page back).
-                match pending {
-                    Some((first, from, n))
-                        if first + n == i && from + n as usize == k && frames.is_none() =>
-                    {
-                        pending = Some((first, from, n + 1));
-                    }
-                    _ => {
-                        flush(store, &self.buf, p, pending.take())?;
-                        pending = Some((i, k, 1));
-                    }
-                }
-                if let Some(f) = frames.as_deref_mut() {
-                    flush(store, &self.buf, p, pending.take())?;
-                    if let Some(pfn) = shared_frame {
-                        f.by_frame.entry(pfn).or_insert_with(|| Source {
-                            at: here,
-                            store: Arc::clone(store),
-                        });
-                    }
-                }
-                self.copied.stored += 1;
-                PageKind::Data
+                frames
+                    .as_deref_mut()
+                    .and_then(|f| dedup(f, sink, shared_frame, here, bytes, &mut self.scratch))
+                    .map(NotStored::Dedup)
             };
-            if kind != PageKind::Data {
-                store.forget(i, 1);
+            if let Some(why) = not_stored {
+                sink.not_stored(store, i, 1, why);
+                done.kinds.push((i, kind_of(why)));
+                if let NotStored::Dedup(d) = why {
+                    done.dedup.push((i, d));
+                }
+                continue;
             }
-            done.kinds.push((i, kind));
+            // Consecutive pages go out in one write (tree mode writes at
+            // once: a dedup check may read this page back).
+            match pending {
+                Some((first, from, n))
+                    if first + n == i && from + n as usize == k && frames.is_none() =>
+                {
+                    pending = Some((first, from, n + 1));
+                }
+                _ => {
+                    flush(job, &self.buf, p, pending.take())?;
+                    pending = Some((i, k, 1));
+                }
+            }
+            if let Some(f) = frames.as_deref_mut() {
+                flush(job, &self.buf, p, pending.take())?;
+                if let Some(pfn) = shared_frame {
+                    f.by_frame.entry(pfn).or_insert_with(|| Source {
+                        at: here,
+                        store: store.clone(),
+                    });
+                }
+            }
+            copied.stored += 1;
+            done.kinds.push((i, PageKind::Data));
         }
-        flush(store, &self.buf, p, pending.take())
+        flush(job, &self.buf, p, pending.take())?;
+        Ok(copied)
+    }
+}
+
+/// The page kind the image records for a page not stored for `why`.
+pub(super) fn kind_of(why: NotStored) -> PageKind {
+    match why {
+        NotStored::Zero => PageKind::Zero,
+        NotStored::Hole => PageKind::Hole,
+        NotStored::InParent => PageKind::InParent,
+        NotStored::Swapped => PageKind::Swapped,
+        NotStored::Object => PageKind::Object,
+        NotStored::Dedup(_) => PageKind::Dedup,
     }
 }
 
 /// Writes the run of `n` pages starting at store page `first`, which sit
 /// in `buf` from page `from` on.
 fn flush(
-    store: &Store,
+    job: &Job<'_>,
     buf: &[u8],
     p: usize,
     run: Option<(u64, usize, u64)>,
 ) -> Result<(), DumpError> {
     if let Some((first, from, n)) = run {
-        store.write(first, &buf[from * p..(from + n as usize) * p])?;
+        let bytes = &buf[from * p..(from + n as usize) * p];
+        job.sink.write(job.store, first, bytes)?;
     }
     Ok(())
 }
@@ -377,18 +417,14 @@ fn shared_frame(e: PagemapEntry) -> Option<u64> {
 /// another page with the same bytes: where it is (recorded as dependent).
 fn dedup(
     frames: &mut Frames,
+    sink: &dyn PageSink,
     pfn: Option<u64>,
     here: DedupRef,
     bytes: &[u8],
     scratch: &mut [u8],
 ) -> Option<DedupRef> {
-    let pfn = pfn?;
-    let src = frames.by_frame.get(&pfn)?;
-    if src.at == here || !src.store.holds(src.at.page) {
-        return None;
-    }
-    src.store.read(src.at.page, scratch).ok()?;
-    if scratch != bytes {
+    let src = frames.by_frame.get(&pfn?)?;
+    if src.at == here || !sink.read_back(&src.store, src.at.page, scratch) || scratch != bytes {
         return None;
     }
     let at = src.at;
@@ -402,23 +438,16 @@ pub fn object(
     o: &mut ObjectModel,
     pages: &[u64],
     skip: &std::collections::BTreeSet<u64>,
-    sink: &mut Sink<'_>,
+    dest: &mut Dest<'_>,
     parent: &Parent<'_>,
 ) -> Result<Copied, DumpError> {
     if pages.is_empty() {
         return Ok(Copied::default());
     }
-    let page = sink.page;
+    let page = dest.page;
     let p = page.as_usize();
-    let store = match &o.store {
-        Some(s) => s.clone(),
-        None => {
-            let name = format!("o{}-{}", o.id.dev.to_string().replace(':', "_"), o.id.inode);
-            let s = sink.writer.new_store(&name, o.pages)?;
-            o.store = Some(s.clone());
-            s
-        }
-    };
+    let sink = dest.sink;
+    let store = object_store(o, sink)?;
     let mut buf = vec![0u8; p];
     let mut scratch = vec![0u8; p];
     let mut out = Copied::default();
@@ -428,7 +457,7 @@ pub fn object(
             continue;
         }
         if skip.contains(&i) {
-            store.forget(i, 1);
+            sink.not_stored(&store, i, 1, NotStored::Swapped);
             o.kinds[ix] = PageKind::Swapped;
             continue;
         }
@@ -445,20 +474,35 @@ pub fn object(
         } else if parent.same(i, &buf, &mut scratch) {
             PageKind::InParent
         } else {
-            store.write(i, &buf)?;
+            sink.write(&store, i, &buf)?;
             out.stored += 1;
             PageKind::Data
         };
-        if kind != PageKind::Data {
-            store.forget(i, 1);
+        match kind {
+            PageKind::Zero => sink.not_stored(&store, i, 1, NotStored::Zero),
+            PageKind::InParent => sink.not_stored(&store, i, 1, NotStored::InParent),
+            _ => {}
         }
         o.kinds[ix] = kind;
         if out.pages % 1024 == 0 {
-            (sink.tick)(1024);
+            (dest.tick)(1024);
         }
     }
-    (sink.tick)(out.pages % 1024);
+    (dest.tick)(out.pages % 1024);
     Ok(out)
+}
+
+/// The store of object `o`'s pages (opened on first use).
+pub(super) fn object_store(
+    o: &mut ObjectModel,
+    sink: &dyn PageSink,
+) -> Result<StoreRef, DumpError> {
+    if let Some(s) = &o.store {
+        return Ok(s.clone());
+    }
+    let s = sink.open_store(StoreOwner::Object(o.id), o.pages)?;
+    o.store = Some(s.clone());
+    Ok(s)
 }
 
 /// One page at `off` (short at end of file).

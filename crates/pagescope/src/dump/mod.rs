@@ -12,14 +12,18 @@
 //! previous dump left in the target, only pages written since).
 
 mod abort;
-mod cold;
+mod attach;
+mod commit;
 mod copy;
 mod cow;
 mod model;
+mod objects;
 mod out_dir;
 mod passes;
+mod planner;
 mod remote;
 mod sharers;
+mod sink;
 pub mod stop;
 pub mod swap;
 mod unopened;
@@ -38,7 +42,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use self::attach::Pinned;
 use self::passes::Dump;
+use self::sink::{ImageSink, PageSink};
 use crate::dirty::TrackError;
 use crate::error::ErrorKind;
 use crate::image::format::KeptTracking;
@@ -316,20 +322,9 @@ pub fn dump(
     )
     .map_err(DumpError::from)
     .and_then(|writer| {
-        let mut d = Dump::new(caps, opts.clone(), writer, parent, progress);
-        d.notes.extend(prepared.note.clone());
-        match passes(&mut d, target) {
-            Ok((iterations, stopped_s, cow)) => d.finish(iterations, stopped_s, cow),
-            Err(e) => {
-                d.abandon();
-                match d.gone() {
-                    Some(pid) if !matches!(e, DumpError::Interrupted { .. }) => {
-                        Err(DumpError::Exited { pid })
-                    }
-                    _ => Err(e),
-                }
-            }
-        }
+        let sink = Box::new(ImageSink::new(writer));
+        let mut notes: Vec<String> = prepared.note.iter().cloned().collect();
+        dump_into(target, caps, opts, sink, parent, &mut notes, progress)
     });
     result.map_err(|e| {
         if !matches!(e, DumpError::Image(ImageError::NotEmpty { .. })) {
@@ -339,25 +334,49 @@ pub fn dump(
     })
 }
 
+/// The dump's passes writing into `sink` (the image directory, or another
+/// [`PageSink`]); `notes` come first in the report's notes. On failure
+/// the sink is aborted.
+fn dump_into(
+    target: &Target,
+    caps: &KernelCaps,
+    opts: &DumpOptions,
+    sink: Box<dyn PageSink>,
+    parent: Option<Image>,
+    notes: &mut Vec<String>,
+    progress: &mut dyn FnMut(DumpEvent<'_>),
+) -> Result<DumpReport, DumpError> {
+    let pinned = Pinned::pin(target, opts.tree);
+    let mut d = Dump::new(caps, opts.clone(), sink, parent, progress);
+    d.notes.append(notes);
+    match passes(&mut d, &pinned) {
+        Ok((iterations, stopped_s, cow)) => d.finish(iterations, stopped_s, cow),
+        Err(e) => {
+            let gone = d.gone();
+            d.abandon(&e);
+            match gone {
+                Some(pid) if !matches!(e, DumpError::Interrupted { .. }) => {
+                    Err(DumpError::Exited { pid })
+                }
+                _ => Err(e),
+            }
+        }
+    }
+}
+
 /// Every pass of the dump: the iterations, how long the process was
 /// stopped, the snapshot's statistics.
 type Passes = (Vec<Iteration>, f64, Option<CowStats>);
 
-fn passes<'t>(d: &mut Dump<'t, '_, '_>, target: &'t Target) -> Result<Passes, DumpError> {
+fn passes<'t>(d: &mut Dump<'t, '_, '_>, pinned: &'t Pinned<'_>) -> Result<Passes, DumpError> {
+    d.attach_all(pinned)?;
     if d.opts.cow {
-        d.attach_all(target)?;
-        let (it, stats) = d.cow_snapshot(target)?;
+        let (it, stats) = d.cow_snapshot()?;
         d.cancelled()?;
         let stopped_s = stats.stop_s;
         return Ok((vec![it], stopped_s, Some(stats)));
     }
-    d.attach_all(target)?;
-    let mut iterations = vec![d.full_pass()?];
-    d.precopy(&mut iterations)?;
-    d.release_adopted()?;
-    let (last, stopped_s) = d.final_pass(iterations.len() as u32)?;
-    iterations.push(last);
-    d.cancelled()?;
+    let (iterations, stopped_s) = d.precopy_and_stop()?;
     Ok((iterations, stopped_s, None))
 }
 
