@@ -6,27 +6,40 @@
 //! close with the trackers, the sink is told (`PageSink::abort`) and the
 //! incomplete image directory goes with `out_dir::discard`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use super::DumpError;
 use super::attach::Proc;
 use super::passes::Dump;
 
-impl Dump<'_, '_, '_> {
-    /// Fails with [`DumpError::Interrupted`] once `opts.cancel` is set.
-    pub(super) fn cancelled(&self) -> Result<(), DumpError> {
-        let signal = self
-            .opts
-            .cancel
-            .as_ref()
-            .map_or(0, |c| c.load(std::sync::atomic::Ordering::SeqCst));
-        match (signal, self.procs.first()) {
-            (0, _) => Ok(()),
-            (signal, first) => Err(DumpError::Interrupted {
-                pid: first.map_or(0, |p| p.pid),
+/// The cancel flag of a dump ([`DumpOptions::cancel`](super::DumpOptions::cancel)),
+/// checked between steps.
+pub(super) struct Cancel {
+    flag: Option<Arc<AtomicUsize>>,
+    /// The process the interruption is reported for.
+    pid: u32,
+}
+
+impl Cancel {
+    /// `flag` for the dump of process `pid`.
+    pub(super) fn new(flag: Option<Arc<AtomicUsize>>, pid: u32) -> Self {
+        Self { flag, pid }
+    }
+
+    /// Fails with [`DumpError::Interrupted`] once the flag is set.
+    pub(super) fn check(&self) -> Result<(), DumpError> {
+        match self.flag.as_ref().map_or(0, |c| c.load(Ordering::SeqCst)) {
+            0 => Ok(()),
+            signal => Err(DumpError::Interrupted {
+                pid: self.pid,
                 signal,
             }),
         }
     }
+}
 
+impl Dump<'_, '_, '_> {
     /// A dumped process that exited or became a zombie (after a failure,
     /// to report that rather than the step that noticed it).
     pub(super) fn gone(&self) -> Option<u32> {

@@ -347,7 +347,8 @@ fn dump_into(
     progress: &mut dyn FnMut(DumpEvent<'_>),
 ) -> Result<DumpReport, DumpError> {
     let pinned = Pinned::pin(target, opts.tree);
-    let mut d = Dump::new(caps, opts.clone(), sink, parent, progress);
+    let cancel = abort::Cancel::new(opts.cancel.clone(), target.pid());
+    let mut d = Dump::new(caps, opts.clone(), sink, parent, progress, cancel);
     d.notes.append(notes);
     match passes(&mut d, &pinned) {
         Ok((iterations, stopped_s, cow)) => d.finish(iterations, stopped_s, cow),
@@ -372,7 +373,7 @@ fn passes<'t>(d: &mut Dump<'t, '_, '_>, pinned: &'t Pinned<'_>) -> Result<Passes
     d.attach_all(pinned)?;
     if d.opts.cow {
         let (it, stats) = d.cow_snapshot()?;
-        d.cancelled()?;
+        d.cancel.check()?;
         let stopped_s = stats.stop_s;
         return Ok((vec![it], stopped_s, Some(stats)));
     }

@@ -11,24 +11,24 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::abort::Cancel;
 use super::attach::{self, AttachWith, Pinned, Proc};
-use super::copy::{self, Copied, Dest, Frames, Parent};
+use super::copy::{self, Copied, Copier, Frames, Out, Progress};
 use super::model::VmaModel;
-use super::objects::{Objects, parent_object};
+use super::objects::Objects;
 use super::planner::{self, Plan};
 use super::sink::{PageSink, PassStart};
 use super::stop::Stopped;
-use super::swap::{self, SwapIo};
+use super::swap::SwapIo;
 use super::{DumpError, DumpEvent, DumpOptions, Iteration};
 use crate::addr::PageSize;
 use crate::dirty::{DirtyReport, TrackerBackend, WriteSource};
 use crate::error::ErrorKind;
 use crate::image::Image;
-use crate::image::format::{DedupRef, RseqRec};
+use crate::image::format::RseqRec;
 use crate::kernel::KernelCaps;
 use crate::rangeset::RangeSet;
 use crate::scan::ScanOptions;
-use crate::vma::ObjectId;
 
 /// Everything a dump works with.
 pub(super) struct Dump<'t, 'c, 'p> {
@@ -42,6 +42,7 @@ pub(super) struct Dump<'t, 'c, 'p> {
     pub objects: Objects,
     frames: Option<Frames>,
     pub progress: &'p mut dyn FnMut(DumpEvent<'_>),
+    pub cancel: Cancel,
     last_collect: Instant,
     /// Copy throughput of the full pass, bytes/s.
     rate: f64,
@@ -53,28 +54,6 @@ pub(super) struct Dump<'t, 'c, 'p> {
     pub shared_writers: super::SharedWriters,
 }
 
-/// Pages read so far in a pass, of its total.
-struct PassProgress {
-    pass: u32,
-    done: u64,
-    total: u64,
-}
-
-/// Tells `progress` of `n` more pages read.
-fn ticker<'a>(
-    progress: &'a mut dyn FnMut(DumpEvent<'_>),
-    at: &'a mut PassProgress,
-) -> impl FnMut(u64) + 'a {
-    move |n| {
-        at.done += n;
-        progress(DumpEvent::Progress {
-            pass: at.pass,
-            done: at.done,
-            total: at.total,
-        });
-    }
-}
-
 impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
     pub(super) fn new(
         caps: &'c KernelCaps,
@@ -82,8 +61,10 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         sink: Box<dyn PageSink>,
         parent: Option<Image>,
         progress: &'p mut dyn FnMut(DumpEvent<'_>),
+        cancel: Cancel,
     ) -> Self {
         Self {
+            cancel,
             caps,
             page: caps.page_size,
             frames: opts.tree.then(Frames::default),
@@ -129,7 +110,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         attach::release_adopted(&mut self.procs, self.opts.keep_tracking)?;
         let (last, stopped_s) = self.final_pass(iterations.len() as u32)?;
         iterations.push(last);
-        self.cancelled()?;
+        self.cancel.check()?;
         Ok((iterations, stopped_s))
     }
 
@@ -174,7 +155,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             let in_parent = self
                 .parent
                 .as_ref()
-                .is_some_and(|p| find_parent_vma(p, pid, m).is_some());
+                .is_some_and(|p| copy::parent_vma(p, pid, m).is_some());
             let pages = if in_parent {
                 planner::written_since_parent(m, since, page)
             } else {
@@ -205,7 +186,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         let start = Instant::now();
         let mut previous = u64::MAX;
         for n in 1..=self.opts.max_iterations {
-            self.cancelled()?;
+            self.cancel.check()?;
             if start.elapsed() >= self.opts.max_time {
                 break;
             }
@@ -306,76 +287,29 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         Ok(new)
     }
 
-    /// Copies `plan` (its object scans resolved first), then pages whose
-    /// dedup source was rewritten.
+    /// Copies `plan` (its object scans resolved first) into the sink.
     fn run(&mut self, pass: PassStart, mut plan: Plan) -> Result<Copied, DumpError> {
         for scan in std::mem::take(&mut plan.scans) {
             let pages = self.objects.data(scan.id, scan.span)?;
             plan.add_object_pages(scan.id, pages);
         }
         self.sink.begin_pass(pass)?;
-        let mut at = PassProgress {
-            pass: pass.n,
-            done: 0,
-            total: plan.pages(),
+        let mut copier = Copier {
+            procs: &mut self.procs,
+            objects: &mut self.objects,
+            parent: self.parent.as_ref(),
+            frames: self.frames.as_mut(),
+            swap: &self.swap,
+            cancel: &self.cancel,
+            out: Out {
+                sink: &*self.sink,
+                page: self.page,
+                progress: Progress::new(&mut *self.progress, pass.n, plan.pages()),
+            },
         };
-        let mut copied = Copied::default();
-        for own in &plan.own {
-            self.cancelled()?;
-            copied += self.copy_own(own.proc, own.vma, &own.pages, &mut at)?;
-        }
-        for (id, pages) in &plan.objects {
-            self.cancelled()?;
-            let pages: Vec<u64> = pages.iter().copied().collect();
-            copied += self.copy_object(*id, &pages, &mut at)?;
-        }
-        copied += self.recopy_invalidated(pass.n)?;
+        let copied = copier.copy(&plan)?;
         self.sink.end_pass(pass)?;
         Ok(copied)
-    }
-
-    /// Copies again the pages deduplicated against a page that was
-    /// rewritten since.
-    fn recopy_invalidated(&mut self, pass: u32) -> Result<Copied, DumpError> {
-        let mut copied = Copied::default();
-        loop {
-            let Some(f) = self.frames.as_mut() else {
-                return Ok(copied);
-            };
-            let stale = std::mem::take(&mut f.invalidated);
-            if stale.is_empty() {
-                return Ok(copied);
-            }
-            let mut by_vma: BTreeMap<(u32, u64), Vec<u64>> = BTreeMap::new();
-            for DedupRef {
-                pid,
-                vma_start,
-                page,
-            } in stale
-            {
-                by_vma.entry((pid, vma_start)).or_default().push(page);
-            }
-            for ((pid, start), mut pages) in by_vma {
-                let Some(i) = self.procs.iter().position(|p| p.pid == pid) else {
-                    continue;
-                };
-                let Some(k) = self.procs[i]
-                    .vmas
-                    .iter()
-                    .position(|m| m.vma.range.start().get() == start)
-                else {
-                    continue;
-                };
-                pages.sort_unstable();
-                pages.dedup();
-                let mut at = PassProgress {
-                    pass,
-                    done: 0,
-                    total: pages.len() as u64,
-                };
-                copied += self.copy_own(i, k, &pages, &mut at)?;
-            }
-        }
     }
 
     /// Scans process `i` and models its mappings; opens (or grows) the
@@ -396,96 +330,6 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             models.push(m);
         }
         Ok(models)
-    }
-
-    /// Copies own pages `pages` of mapping `k` of process `i`.
-    fn copy_own(
-        &mut self,
-        i: usize,
-        k: usize,
-        pages: &[u64],
-        at: &mut PassProgress,
-    ) -> Result<Copied, DumpError> {
-        if pages.is_empty() {
-            return Ok(Copied::default());
-        }
-        let Self {
-            procs,
-            sink,
-            parent,
-            frames,
-            progress,
-            page,
-            ..
-        } = self;
-        let Proc {
-            pid,
-            vmas,
-            mem,
-            tracked_since_parent,
-            ..
-        } = &mut procs[i];
-        let m = &mut vmas[k];
-        for &p in pages {
-            if let Some(kind) = m.kinds.get_mut(usize::try_from(p).unwrap_or(usize::MAX)) {
-                *kind = crate::image::format::PageKind::Data;
-            }
-        }
-        let parent = match parent
-            .as_ref()
-            .filter(|p| !*tracked_since_parent && find_parent_vma(p, *pid, m).is_some())
-        {
-            Some(p) => Parent::Vma(p, *pid, m.vma.range.start().get()),
-            None => Parent::None,
-        };
-        let dedup = m.vma.backing == crate::vma::Backing::Anon;
-        let frames = frames.as_mut().filter(|_| dedup);
-        let mut tick = ticker(&mut **progress, at);
-        let mut dest = Dest {
-            sink: &**sink,
-            page: *page,
-            tick: &mut tick,
-        };
-        copy::own(*pid, m, pages, &mut dest, &parent, frames, mem)
-    }
-
-    /// Copies object pages `pages` of object `id` (the full pass applies
-    /// the swap policy to them first).
-    fn copy_object(
-        &mut self,
-        id: ObjectId,
-        pages: &[u64],
-        at: &mut PassProgress,
-    ) -> Result<Copied, DumpError> {
-        let parent_index = self.parent.as_ref().and_then(|p| parent_object(p, id));
-        let Self {
-            objects,
-            sink,
-            parent,
-            progress,
-            swap,
-            page,
-            ..
-        } = self;
-        let Some(o) = objects.map.get_mut(&id).filter(|o| o.file.is_none()) else {
-            return Ok(Copied::default());
-        };
-        let skip = if at.pass == 0 {
-            swap::swapped_object_pages(swap, o, pages, *page)?
-        } else {
-            Default::default()
-        };
-        let parent = match (parent.as_ref(), parent_index) {
-            (Some(p), Some(ix)) => Parent::Object(p, ix),
-            _ => Parent::None,
-        };
-        let mut tick = ticker(&mut **progress, at);
-        let mut dest = Dest {
-            sink: &**sink,
-            page: *page,
-            tick: &mut tick,
-        };
-        copy::object(o, pages, &skip, &mut dest, &parent)
     }
 
     /// The statistics of a pass that started at `t0`.
@@ -520,19 +364,4 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             },
         }
     }
-}
-
-/// The parent's record of the mapping `m` of process `pid`, if it is the
-/// same mapping.
-fn find_parent_vma<'i>(
-    parent: &'i Image,
-    pid: u32,
-    m: &VmaModel,
-) -> Option<&'i crate::image::format::VmaRec> {
-    parent.process(pid)?.vmas.iter().find(|v| {
-        v.start == m.vma.range.start().get()
-            && v.end == m.vma.range.end().get()
-            && v.offset == m.vma.offset
-            && v.inode == m.vma.inode
-    })
 }

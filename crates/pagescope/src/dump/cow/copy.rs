@@ -7,11 +7,13 @@ use std::os::fd::AsFd;
 
 use super::handler::{Captured, Side};
 use crate::addr::{PageSize, VirtRange};
-use crate::dump::copy::{Copied, kind_of, object_store, pread_page};
+use crate::dump::DumpError;
+use crate::dump::abort::Cancel;
+use crate::dump::copy::{Copied, Out, kind_of, object_store, pread_page, vma_store};
 use crate::dump::model::VmaModel;
-use crate::dump::passes::Dump;
-use crate::dump::sink::{NotStored, PageSink, PassStart, StoreOwner, StoreRef};
-use crate::dump::{DumpError, DumpEvent};
+use crate::dump::objects::Objects;
+use crate::dump::remote::RemoteMem;
+use crate::dump::sink::{NotStored, PageSink, PassStart, StoreRef};
 use crate::image::format::PageKind;
 use crate::uffd::Userfaultfd;
 use crate::vma::ObjectId;
@@ -28,88 +30,68 @@ enum Took {
 /// Pages copied (and then unprotected) per batch.
 const BATCH_PAGES: usize = 256;
 
-impl Dump<'_, '_, '_> {
-    /// Scans (after the resume: every write since then was captured
-    /// first), then copies every page with content, capture first.
-    pub(super) fn copy_all(
-        &mut self,
-        uffd: &Userfaultfd,
-        protected: &[VirtRange],
-        side: &Side,
-    ) -> Result<Copied, DumpError> {
+/// What the snapshot's copy works with, borrowed from the dump.
+pub(super) struct SnapshotCopy<'a> {
+    /// The process's memory.
+    pub mem: &'a RemoteMem,
+    pub pid: u32,
+    pub objects: &'a mut Objects,
+    pub out: Out<'a>,
+    pub cancel: &'a Cancel,
+    /// The write-protected ranges, and the fault handler's captures.
+    pub uffd: &'a Userfaultfd,
+    pub protected: &'a [VirtRange],
+    pub side: &'a Side,
+}
+
+impl SnapshotCopy<'_> {
+    /// Copies every page with content of `vmas` (scanned after the resume:
+    /// every write since then was captured first), capture first, then
+    /// the objects' pages.
+    pub(super) fn copy(&mut self, vmas: &mut [VmaModel]) -> Result<Copied, DumpError> {
         let pass = PassStart {
             n: 0,
             stopped: false,
         };
-        self.sink.begin_pass(pass)?;
+        self.out.sink.begin_pass(pass)?;
         let mut copied = Copied::default();
-        let mut vmas = self.build_models(0)?;
         let total: u64 = vmas.iter().map(|m| m.own_pages().len() as u64).sum();
-        let mut done = 0;
-        for m in &mut vmas {
+        self.out.progress.restart(total);
+        for m in vmas.iter_mut() {
             let pages = m.own_pages();
             for batch in pages.chunks(BATCH_PAGES) {
-                self.cancelled()?;
-                copied += self.own_batch(m, batch, side)?;
-                unprotect(uffd, protected, m, batch, self.page);
-                done += batch.len() as u64;
-                (self.progress)(DumpEvent::Progress {
-                    pass: 0,
-                    done,
-                    total,
-                });
+                self.cancel.check()?;
+                copied += self.own_batch(m, batch)?;
+                unprotect(self.uffd, self.protected, m, batch, self.out.page);
+                self.out.progress.tick(batch.len() as u64);
             }
         }
         for id in self.objects.ids() {
             let pages = self.objects.data(id, None)?;
-            copied += self.object_pages(id, &pages, &vmas, side)?;
+            copied += self.object_pages(id, &pages, vmas)?;
             for m in vmas
                 .iter()
                 .filter(|m| m.is_object_view() && m.vma.object_id() == Some(id))
             {
-                if protected.contains(&m.vma.range) {
-                    let _ = uffd.write_protect(m.vma.range, false);
+                if self.protected.contains(&m.vma.range) {
+                    let _ = self.uffd.write_protect(m.vma.range, false);
                 }
             }
         }
-        self.procs[0].vmas = vmas;
-        self.sink.end_pass(pass)?;
+        self.out.sink.end_pass(pass)?;
         Ok(copied)
     }
 
     /// Copies own pages `batch` of `m`: captures first, else the memory
     /// now (still protected, so still the snapshot's).
-    fn own_batch(
-        &mut self,
-        m: &mut VmaModel,
-        batch: &[u64],
-        side: &Side,
-    ) -> Result<Copied, DumpError> {
-        let p = self.page.as_usize();
-        let store = self.store_for(m)?;
-        let addrs: Vec<u64> = batch.iter().map(|&i| m.addr(i, self.page).get()).collect();
+    fn own_batch(&mut self, m: &mut VmaModel, batch: &[u64]) -> Result<Copied, DumpError> {
+        let (sink, page) = (self.out.sink, self.out.page);
+        let p = page.as_usize();
+        let store = vma_store(m, self.pid, sink)?;
+        let addrs: Vec<u64> = batch.iter().map(|&i| m.addr(i, page).get()).collect();
         let mut buf = vec![0u8; batch.len() * p];
-        let reads = self.procs[0].mem.read(&addrs, &mut buf)?;
-        // What the handler captured overrides what was read (it may have
-        // lifted the protection before this read). The lock is held only
-        // to take the captures, so a waiting writer is not held up by the
-        // stores below.
-        let mut took: Vec<Option<Took>> = vec![None; batch.len()];
-        {
-            let side = side.lock().unwrap_or_else(|e| e.into_inner());
-            for (k, a) in addrs.iter().enumerate() {
-                took[k] = match side.get(a) {
-                    Some(Captured::Bytes(b)) => {
-                        buf[k * p..(k + 1) * p].copy_from_slice(b);
-                        Some(Took::Bytes)
-                    }
-                    Some(Captured::Hole) => Some(Took::Not(NotStored::Hole)),
-                    Some(Captured::FilePage) => Some(Took::Not(NotStored::Object)),
-                    None => None,
-                };
-            }
-        }
-        let sink = &*self.sink;
+        let reads = self.mem.read(&addrs, &mut buf)?;
+        let took = take_captures(self.side, &addrs, &mut buf, p);
         let mut copied = Copied::default();
         for (k, &i) in batch.iter().enumerate() {
             match took[k] {
@@ -153,10 +135,8 @@ impl Dump<'_, '_, '_> {
         id: ObjectId,
         pages: &[u64],
         vmas: &[VmaModel],
-        side: &Side,
     ) -> Result<Copied, DumpError> {
-        let page = self.page;
-        let p = page.as_usize();
+        let (sink, page) = (self.out.sink, self.out.page);
         let views: Vec<&VmaModel> = vmas
             .iter()
             .filter(|m| m.is_object_view() && m.vma.object_id() == Some(id))
@@ -167,9 +147,8 @@ impl Dump<'_, '_, '_> {
         if o.file.is_some() || pages.is_empty() {
             return Ok(Copied::default());
         }
-        let sink = &*self.sink;
         let store = object_store(o, sink)?;
-        let mut buf = vec![0u8; p];
+        let mut buf = vec![0u8; page.as_usize()];
         let mut copied = Copied::default();
         for &i in pages {
             let Some(kind) = o.kinds.get_mut(usize::try_from(i).unwrap_or(usize::MAX)) else {
@@ -182,47 +161,64 @@ impl Dump<'_, '_, '_> {
                 }
             })?;
             buf[n..].fill(0);
-            {
-                let side = side.lock().unwrap_or_else(|e| e.into_inner());
-                let captured = views.iter().find_map(|m| {
-                    let first = m.vma.object_page(m.vma.range.start(), page);
-                    let last = first + m.vma.range.pages(page);
-                    (first..last)
-                        .contains(&i)
-                        .then(|| side.get(&(m.vma.range.start().get() + (i - first) * page.get())))
-                        .flatten()
-                });
-                if let Some(Captured::Bytes(b)) = captured {
-                    buf.copy_from_slice(b);
-                }
+            if let Some(b) = captured_object_page(self.side, &views, i, page) {
+                buf.copy_from_slice(&b);
             }
-            let bytes: &[u8] = &buf;
             copied.pages += 1;
-            if bytes.iter().all(|&b| b == 0) {
+            if buf.iter().all(|&b| b == 0) {
                 *kind = PageKind::Zero;
                 sink.not_stored(&store, i, 1, NotStored::Zero);
             } else {
-                sink.write(&store, i, bytes)?;
+                sink.write(&store, i, &buf)?;
                 copied.stored += 1;
                 *kind = PageKind::Data;
             }
         }
         Ok(copied)
     }
+}
 
-    /// The store of `m`'s own pages (opened on first use).
-    fn store_for(&self, m: &mut VmaModel) -> Result<StoreRef, DumpError> {
-        if let Some(s) = &m.store {
-            return Ok(s.clone());
+/// What the handler captured of the pages at `addrs`, its bytes put into
+/// `buf` (it overrides what was read: the handler may have lifted the
+/// protection before the read). The lock is held only to take the
+/// captures, so a waiting writer is not held up by the stores after.
+fn take_captures(side: &Side, addrs: &[u64], buf: &mut [u8], p: usize) -> Vec<Option<Took>> {
+    let side = side.lock().unwrap_or_else(|e| e.into_inner());
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(k, a)| match side.get(a) {
+            Some(Captured::Bytes(b)) => {
+                buf[k * p..(k + 1) * p].copy_from_slice(b);
+                Some(Took::Bytes)
+            }
+            Some(Captured::Hole) => Some(Took::Not(NotStored::Hole)),
+            Some(Captured::FilePage) => Some(Took::Not(NotStored::Object)),
+            None => None,
+        })
+        .collect()
+}
+
+/// The bytes the handler captured of object page `i` through any of the
+/// target's mappings of it (`views`).
+fn captured_object_page(
+    side: &Side,
+    views: &[&VmaModel],
+    i: u64,
+    page: PageSize,
+) -> Option<Box<[u8]>> {
+    let side = side.lock().unwrap_or_else(|e| e.into_inner());
+    views.iter().find_map(|m| {
+        let first = m.vma.object_page(m.vma.range.start(), page);
+        let last = first + m.vma.range.pages(page);
+        if !(first..last).contains(&i) {
+            return None;
         }
-        let owner = StoreOwner::Vma {
-            pid: self.procs[0].pid,
-            vma_start: m.vma.range.start().get(),
-        };
-        let s = self.sink.open_store(owner, m.kinds.len() as u64)?;
-        m.store = Some(s.clone());
-        Ok(s)
-    }
+        match side.get(&(m.vma.range.start().get() + (i - first) * page.get())) {
+            Some(Captured::Bytes(b)) => Some(b.clone()),
+            _ => None,
+        }
+    })
 }
 
 /// Page `i` of `m` is `why` (not stored).

@@ -34,7 +34,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use self::copy::SnapshotCopy;
 use self::handler::{Handler, capture_range, is_special, regions_of};
+use super::copy::{Copied, Out, Progress};
 use super::passes::Dump;
 use super::remote::RemoteMem;
 use super::sink::PassStart;
@@ -139,6 +141,34 @@ impl Dump<'_, '_, '_> {
         let it = self.iteration(pass, t0, copied, 0, Duration::ZERO);
         (self.progress)(DumpEvent::Iteration(&it));
         Ok((it, stats))
+    }
+
+    /// Scans (after the resume: every write since then was captured
+    /// first), then copies every page with content, capture first.
+    fn copy_all(
+        &mut self,
+        uffd: &Userfaultfd,
+        protected: &[VirtRange],
+        side: &handler::Side,
+    ) -> Result<Copied, DumpError> {
+        let mut vmas = self.build_models(0)?;
+        let mut copy = SnapshotCopy {
+            mem: &self.procs[0].mem,
+            pid: self.procs[0].pid,
+            objects: &mut self.objects,
+            out: Out {
+                sink: &*self.sink,
+                page: self.page,
+                progress: Progress::new(&mut *self.progress, 0, 0),
+            },
+            cancel: &self.cancel,
+            uffd,
+            protected,
+            side,
+        };
+        let copied = copy.copy(&mut vmas)?;
+        self.procs[0].vmas = vmas;
+        Ok(copied)
     }
 
     /// Write-protects every writable mapping in two phases, so the stop
