@@ -19,7 +19,6 @@ use crate::addr::{VirtAddr, VirtRange};
 use crate::dirty::{Adopt, DirtyTracker, TrackError, TrackOptions, TrackerBackend, attach};
 use crate::error::ErrorKind;
 use crate::image::Image;
-use crate::image::format::KeptTracking;
 use crate::kernel::KernelCaps;
 use crate::proc::Target;
 use crate::vma::Backing;
@@ -192,33 +191,6 @@ pub(super) fn release_adopted(procs: &mut [Proc<'_>], keep: bool) -> Result<(), 
         }
     }
     Ok(())
-}
-
-/// The userfaultfd the target keeps for the next dump (`keep_tracking`);
-/// a note if it could not be kept.
-pub(super) fn kept_tracking(
-    procs: &[Proc<'_>],
-    keep: bool,
-    notes: &mut Vec<String>,
-) -> Result<Option<KeptTracking>, DumpError> {
-    let Some(first) = procs.first().filter(|_| keep) else {
-        return Ok(None);
-    };
-    match first.tracker.kept_in_target() {
-        Some(fd) => Ok(Some(KeptTracking {
-            pid: first.pid,
-            start_time: first.target.stat()?.start_time,
-            fd,
-        })),
-        None => {
-            notes.push(format!(
-                "process {}: tracking could not be kept in the process ({}); the next incremental dump compares pages with this image",
-                first.pid,
-                first.tracker.backend().name()
-            ));
-            Ok(None)
-        }
-    }
 }
 
 /// The descendants of `t`, depth first.

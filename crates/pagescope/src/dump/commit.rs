@@ -1,15 +1,16 @@
 //! The end of a dump that succeeded: the models turned into the image's
 //! records ([`Meta`]: processes with `/proc/PID/stat`'s ppid and comm,
-//! mappings, objects, rseq areas, the kept tracking), the swap policy's
-//! paging back out (`swap/cold.rs`), the sink committed, the report.
+//! mappings, objects, rseq areas, the userfaultfd kept in the target for
+//! the next incremental dump), the swap policy's paging back out
+//! (`swap/cold.rs`), the sink committed, the report.
 
 use std::collections::BTreeMap;
 
-use super::attach;
+use super::attach::Proc;
 use super::passes::Dump;
 use super::swap::{self, SwapPolicy};
 use super::{CowStats, DumpError, DumpReport, Iteration};
-use crate::image::format::{Meta, ObjectRec, ProcessRec};
+use crate::image::format::{KeptTracking, Meta, ObjectRec, ProcessRec};
 
 /// Pages of the image.
 #[derive(Default)]
@@ -30,8 +31,7 @@ impl Dump<'_, '_, '_> {
         let mut counts = Counts::default();
         let (objects, index) = self.object_records(&mut counts);
         let processes = self.process_records(&index, &mut counts)?;
-        let kept_tracking =
-            attach::kept_tracking(&self.procs, self.opts.keep_tracking, &mut self.notes)?;
+        let kept_tracking = kept_tracking(&self.procs, self.opts.keep_tracking, &mut self.notes)?;
         self.notes.extend(self.objects.unopened.notes(self.page));
         let swap = swap::page_back_out(&self.swap, &self.procs, &mut self.objects, self.page);
         let meta = Meta {
@@ -106,5 +106,32 @@ impl Dump<'_, '_, '_> {
             });
         }
         Ok(processes)
+    }
+}
+
+/// The userfaultfd the target keeps for the next dump (`keep_tracking`);
+/// a note if it could not be kept.
+fn kept_tracking(
+    procs: &[Proc<'_>],
+    keep: bool,
+    notes: &mut Vec<String>,
+) -> Result<Option<KeptTracking>, DumpError> {
+    let Some(first) = procs.first().filter(|_| keep) else {
+        return Ok(None);
+    };
+    match first.tracker.kept_in_target() {
+        Some(fd) => Ok(Some(KeptTracking {
+            pid: first.pid,
+            start_time: first.target.stat()?.start_time,
+            fd,
+        })),
+        None => {
+            notes.push(format!(
+                "process {}: tracking could not be kept in the process ({}); the next incremental dump compares pages with this image",
+                first.pid,
+                first.tracker.backend().name()
+            ));
+            Ok(None)
+        }
     }
 }

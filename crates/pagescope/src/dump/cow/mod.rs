@@ -238,3 +238,41 @@ impl Dump<'_, '_, '_> {
         Ok(())
     }
 }
+
+/// Options that cannot be combined, and a snapshot the process could not
+/// take part in: refused before anything is created.
+pub(super) fn validate(target: &Target, opts: &super::DumpOptions) -> Result<(), DumpError> {
+    let pid = target.pid();
+    if !opts.cow {
+        return Ok(());
+    }
+    if opts.tree || opts.parent.is_some() || opts.keep_tracking {
+        return Err(DumpError::Snapshot {
+            pid,
+            what: "--snapshot cow takes one process and a full image: not with --tree, --parent or --keep-tracking".into(),
+        });
+    }
+    // The snapshot's userfaultfd must handle kernel-mode faults: the
+    // process needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd = 1.
+    let sysctl =
+        std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    const CAP_SYS_PTRACE: u32 = 19;
+    let has_ptrace_cap = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_owned();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0);
+    if sysctl.trim() == "0" && !has_ptrace_cap {
+        return Err(DumpError::Refused {
+            pid,
+            what: "--snapshot cow needs a userfaultfd that handles kernel-mode faults in the process: it lacks CAP_SYS_PTRACE and vm.unprivileged_userfaultfd = 0 (run the process with CAP_SYS_PTRACE, set the sysctl to 1, or use --snapshot stop)".into(),
+        });
+    }
+    Ok(())
+}
