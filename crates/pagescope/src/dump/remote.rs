@@ -9,6 +9,10 @@
 //! they are present and exclusively mapped; every other page (shared,
 //! swapped, not present) is read through `/proc/PID/mem`
 //! (`access_remote_vm`, `FOLL_GET`, which leaves sharing alone).
+//!
+//! Swapped pages go as the swap policy (`swap/`) decides per page: read
+//! (swapped in, remembered to page back out), left alone, or read from
+//! the swap device.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};

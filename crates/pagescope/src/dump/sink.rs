@@ -250,3 +250,43 @@ fn unknown(store: &StoreRef) -> DumpError {
         what: "a store the image did not open".into(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::PageSize;
+    use crate::proc::maps::DevId;
+
+    #[test]
+    fn the_image_sink_stores_what_is_written_last_and_reads_it_back() {
+        let page = PageSize::new(4096).expect("4 KiB");
+        let dir = std::env::temp_dir().join(format!("pagescope-sink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let sink = ImageSink::new(ImageWriter::create(&dir, page, None).expect("a writer"));
+        let vma = StoreOwner::Vma {
+            pid: 7,
+            vma_start: 0x1000,
+        };
+        let a = sink.open_store(vma, 4).expect("a store");
+        let b = sink.open_store(vma, 4).expect("another store");
+        assert_eq!((a.name(), b.name()), ("p7-1000", "p7-1000.1"));
+        let object = StoreOwner::Object(ObjectId {
+            dev: DevId::from_st_dev(0),
+            inode: 9,
+        });
+        assert_eq!(object.prefix(), "o0_0-9");
+        sink.write(&a, 1, &[1; 8192]).expect("written");
+        sink.not_stored(&a, 2, 1, NotStored::Zero);
+        assert_eq!(sink.stored(&a), 1);
+        let mut buf = vec![0; 4096];
+        assert!(sink.read_back(&a, 1, &mut buf));
+        assert!(buf.iter().all(|&x| x == 1));
+        assert!(!sink.read_back(&a, 2, &mut buf), "un-stored");
+        assert!(!sink.read_back(&b, 0, &mut buf), "never written");
+        sink.grow_store(&a, 8).expect("grown");
+        sink.write(&a, 7, &[2; 4096])
+            .expect("written past the old end");
+        assert_eq!(sink.stored(&a), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
