@@ -274,7 +274,7 @@ mod tests {
             dev: DevId::from_st_dev(0),
             inode: 9,
         });
-        assert_eq!(object.prefix(), "o0_0-9");
+        assert_eq!(object.prefix(), "o00_00-9");
         sink.write(&a, 1, &[1; 8192]).expect("written");
         sink.not_stored(&a, 2, 1, NotStored::Zero);
         assert_eq!(sink.stored(&a), 1);
