@@ -3,23 +3,44 @@
 //! written, and a final pass with the process stopped (ptrace interrupt of
 //! every thread: no signal anyone sees) so the image is consistent.
 //!
-//! One pinned [`Target`] serves the scan (the inspection driver says what
-//! every page is), the tracker (which pages changed) and the copy. Zero
-//! pages are recorded, not copied; shared memory is read through the
-//! object (`pread`), never mapped into the target; regular files mapped
-//! are recorded by identity unless `copy_files`; with a parent image, only
-//! pages that differ from it are stored (or, with a userfaultfd the
-//! previous dump left in the target, only pages written since).
+//! One pinned [`Target`] per process serves the scan (the inspection
+//! driver says what every page is), the tracker (which pages changed) and
+//! the copy. Zero pages are recorded, not copied; shared memory is read
+//! through the object (`pread`), never mapped into the target; regular
+//! files mapped are recorded by identity unless `copy_files`; with a
+//! parent image, only pages that differ from it are stored (or, with a
+//! userfaultfd the previous dump left in the target, only pages written
+//! since).
+//!
+//! Every pass writes through one page sink (`sink.rs`); the image
+//! directory is the one [`dump`] uses. This file holds the public
+//! vocabulary (options, errors, report, events) and [`dump`]; the rest:
+//!
+//! * `attach.rs`: the pinned processes and their trackers;
+//! * `passes.rs`: the pre-copy engine (full, pre-copy and stopped passes);
+//! * `planner.rs`: what a pass copies, layout reconciliation (pure);
+//! * `objects.rs`: the shared objects, opened once, grown, `SEEK_DATA`;
+//! * `copy/`: the copy of a pass (own pages on worker threads, objects);
+//! * `remote.rs`: reading the target's memory without unsharing pages;
+//! * `swap/`: the `--swap` policies; `stop.rs`, `sharers.rs`: the stop;
+//! * `cow/`: `--snapshot cow`; `commit.rs`: the records and the commit;
+//! * `abort.rs`, `out_dir.rs`: a failed or interrupted dump;
+//! * `model.rs`, `unopened.rs`: what each page is, objects not opened;
+//! * `verify/`: an image against the live process.
 
 mod abort;
-mod cold;
+mod attach;
+mod commit;
 mod copy;
 mod cow;
 mod model;
+mod objects;
 mod out_dir;
 mod passes;
+mod planner;
 mod remote;
 mod sharers;
+mod sink;
 pub mod stop;
 pub mod swap;
 mod unopened;
@@ -38,7 +59,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use self::attach::Pinned;
 use self::passes::Dump;
+use self::sink::{ImageSink, PageSink};
 use crate::dirty::TrackError;
 use crate::error::ErrorKind;
 use crate::image::format::KeptTracking;
@@ -305,7 +328,7 @@ pub fn dump(
     progress: &mut dyn FnMut(DumpEvent<'_>),
 ) -> Result<DumpReport, DumpError> {
     target.require_address_space()?;
-    validate(target, opts)?;
+    cow::validate(target, opts)?;
     let parent = opts.parent.as_deref().map(Image::open).transpose()?;
     let parent_arg = opts.parent.as_ref().map(|p| relative_to(p, &opts.out));
     let prepared = out_dir::prepare(&opts.out);
@@ -316,20 +339,9 @@ pub fn dump(
     )
     .map_err(DumpError::from)
     .and_then(|writer| {
-        let mut d = Dump::new(caps, opts.clone(), writer, parent, progress);
-        d.notes.extend(prepared.note.clone());
-        match passes(&mut d, target) {
-            Ok((iterations, stopped_s, cow)) => d.finish(iterations, stopped_s, cow),
-            Err(e) => {
-                d.abandon();
-                match d.gone() {
-                    Some(pid) if !matches!(e, DumpError::Interrupted { .. }) => {
-                        Err(DumpError::Exited { pid })
-                    }
-                    _ => Err(e),
-                }
-            }
-        }
+        let sink = Box::new(ImageSink::new(writer));
+        let mut notes: Vec<String> = prepared.note.iter().cloned().collect();
+        dump_into(target, caps, opts, sink, parent, &mut notes, progress)
     });
     result.map_err(|e| {
         if !matches!(e, DumpError::Image(ImageError::NotEmpty { .. })) {
@@ -339,64 +351,51 @@ pub fn dump(
     })
 }
 
+/// The dump's passes writing into `sink` (the image directory, or another
+/// [`PageSink`]); `notes` come first in the report's notes. On failure
+/// the sink is aborted.
+fn dump_into(
+    target: &Target,
+    caps: &KernelCaps,
+    opts: &DumpOptions,
+    sink: Box<dyn PageSink>,
+    parent: Option<Image>,
+    notes: &mut Vec<String>,
+    progress: &mut dyn FnMut(DumpEvent<'_>),
+) -> Result<DumpReport, DumpError> {
+    let pinned = Pinned::pin(target, opts.tree);
+    let cancel = abort::Cancel::new(opts.cancel.clone(), target.pid());
+    let mut d = Dump::new(caps, opts.clone(), sink, parent, progress, cancel);
+    d.notes.append(notes);
+    match passes(&mut d, &pinned) {
+        Ok((iterations, stopped_s, cow)) => d.finish(iterations, stopped_s, cow),
+        Err(e) => {
+            let gone = d.gone();
+            d.abandon(&e);
+            match gone {
+                Some(pid) if !matches!(e, DumpError::Interrupted { .. }) => {
+                    Err(DumpError::Exited { pid })
+                }
+                _ => Err(e),
+            }
+        }
+    }
+}
+
 /// Every pass of the dump: the iterations, how long the process was
 /// stopped, the snapshot's statistics.
 type Passes = (Vec<Iteration>, f64, Option<CowStats>);
 
-fn passes<'t>(d: &mut Dump<'t, '_, '_>, target: &'t Target) -> Result<Passes, DumpError> {
+fn passes<'t>(d: &mut Dump<'t, '_, '_>, pinned: &'t Pinned<'_>) -> Result<Passes, DumpError> {
+    d.attach_all(pinned)?;
     if d.opts.cow {
-        d.attach_all(target)?;
-        let (it, stats) = d.cow_snapshot(target)?;
-        d.cancelled()?;
+        let (it, stats) = d.cow_snapshot()?;
+        d.cancel.check()?;
         let stopped_s = stats.stop_s;
         return Ok((vec![it], stopped_s, Some(stats)));
     }
-    d.attach_all(target)?;
-    let mut iterations = vec![d.full_pass()?];
-    d.precopy(&mut iterations)?;
-    d.release_adopted()?;
-    let (last, stopped_s) = d.final_pass(iterations.len() as u32)?;
-    iterations.push(last);
-    d.cancelled()?;
+    let (iterations, stopped_s) = d.precopy_and_stop()?;
     Ok((iterations, stopped_s, None))
-}
-
-/// Options that cannot be combined, and a snapshot the process could not
-/// take part in: refused before anything is created.
-fn validate(target: &Target, opts: &DumpOptions) -> Result<(), DumpError> {
-    let pid = target.pid();
-    if !opts.cow {
-        return Ok(());
-    }
-    if opts.tree || opts.parent.is_some() || opts.keep_tracking {
-        return Err(DumpError::Snapshot {
-            pid,
-            what: "--snapshot cow takes one process and a full image: not with --tree, --parent or --keep-tracking".into(),
-        });
-    }
-    // The snapshot's userfaultfd must handle kernel-mode faults: the
-    // process needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd = 1.
-    let sysctl =
-        std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
-    const CAP_SYS_PTRACE: u32 = 19;
-    let has_ptrace_cap = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            let hex = s
-                .lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))?
-                .trim()
-                .to_owned();
-            u64::from_str_radix(&hex, 16).ok()
-        })
-        .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0);
-    if sysctl.trim() == "0" && !has_ptrace_cap {
-        return Err(DumpError::Refused {
-            pid,
-            what: "--snapshot cow needs a userfaultfd that handles kernel-mode faults in the process: it lacks CAP_SYS_PTRACE and vm.unprivileged_userfaultfd = 0 (run the process with CAP_SYS_PTRACE, set the sysctl to 1, or use --snapshot stop)".into(),
-        });
-    }
-    Ok(())
 }
 
 /// A failure caused by the process exiting (or becoming a zombie) mid-run

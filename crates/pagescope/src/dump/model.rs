@@ -2,11 +2,10 @@
 //! turned into records at commit.
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 
+use super::sink::StoreRef;
 use crate::addr::{PageSize, VirtAddr, VirtRange};
 use crate::image::format::{FileIdentity, ObjectRec, PageKind, Run, SwapSlotRec, VmaRec};
-use crate::image::write::Store;
 use crate::page::{PageFlags, PageState};
 use crate::report::VmaReport;
 use crate::vma::{Backing, ObjectId, Vma, VmaKind};
@@ -19,7 +18,7 @@ pub struct VmaModel {
     /// What each page is (index: page in the VMA).
     pub kinds: Vec<PageKind>,
     /// Where its own pages go (created on first data).
-    pub store: Option<Arc<Store>>,
+    pub store: Option<StoreRef>,
     /// Where a deduplicated page's content is.
     pub dedup: Vec<(u64, crate::image::format::DedupRef)>,
     /// Pages left swapped out (`--swap skip`): page → (swap type, offset).
@@ -175,7 +174,7 @@ pub struct ObjectModel {
     /// What each page is.
     pub kinds: Vec<PageKind>,
     /// Where its pages go.
-    pub store: Option<Arc<Store>>,
+    pub store: Option<StoreRef>,
     /// For a regular file recorded by identity.
     pub file: Option<FileIdentity>,
     /// Pages that were swapped out and were read (`keep-cold` pages them

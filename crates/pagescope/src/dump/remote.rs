@@ -9,6 +9,10 @@
 //! they are present and exclusively mapped; every other page (shared,
 //! swapped, not present) is read through `/proc/PID/mem`
 //! (`access_remote_vm`, `FOLL_GET`, which leaves sharing alone).
+//!
+//! Swapped pages go as the swap policy (`swap/`) decides per page: read
+//! (swapped in, remembered to page back out), left alone, or read from
+//! the swap device.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -116,26 +120,24 @@ impl RemoteMem {
         let tid = i32::try_from(self.pid).map_err(|_| DumpError::Exited { pid: self.pid })?;
         let got = crate::sys::process_vm::read_scattered(tid, &pinned, &pinned_at, buf)
             .map_err(|e| self.error(e.into()))?;
-        let want: usize = pinned.iter().map(|r| r.1).sum();
-        if got < want {
-            // Something was unmapped meanwhile: the pages not read go the
-            // slow way, one by one.
-            let mut seen = 0;
-            for (&(_, len), &at) in pinned.iter().zip(&pinned_at) {
-                if seen + len > got {
-                    let from = got.saturating_sub(seen) / p;
-                    rest.extend((from..len / p).map(|k| (at / p) + k));
-                }
-                seen += len;
-            }
-        }
+        // Something unmapped meanwhile: the pages not read go the slow way.
+        rest.extend(not_read(&pinned, &pinned_at, got, p));
         for i in rest {
             out[i].ok = self.read_mem(addrs[i], &mut buf[i * p..(i + 1) * p]);
         }
         self.read_direct(addrs, &direct, &mut out, buf, &mut swapped)?;
+        self.read_swapped(addrs, &swapped, &mut out, buf);
+        Ok(out)
+    }
+
+    /// Swapped pages `swapped` (indices in `addrs`) read through the
+    /// process (swapping them in), remembered for `keep-cold`; `verify`
+    /// leaves them alone.
+    fn read_swapped(&self, addrs: &[u64], swapped: &[usize], out: &mut [PageRead], buf: &mut [u8]) {
+        let p = self.page.as_usize();
         let keep_cold = self.swap.policy() != super::swap::SwapPolicy::Read;
         let mut cold = Vec::new();
-        for i in swapped {
+        for &i in swapped {
             if self.swap.never_swap_in() {
                 // `verify`: not readable from the device, so not read.
                 self.swap.count_skipped();
@@ -155,7 +157,6 @@ impl RemoteMem {
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(cold);
         }
-        Ok(out)
     }
 
     /// `--swap direct`: pages `direct` (index, swap type, offset) read from
@@ -274,4 +275,19 @@ fn push_merged(
     }
     remote.push((addr, p));
     at.push(off);
+}
+
+/// The pages (indices) of the ranges `pinned` (placed at `pinned_at` in
+/// the buffer) a vectored read that got `got` bytes did not read.
+fn not_read(pinned: &[(u64, usize)], pinned_at: &[usize], got: usize, p: usize) -> Vec<usize> {
+    let mut missed = Vec::new();
+    let mut seen = 0;
+    for (&(_, len), &at) in pinned.iter().zip(pinned_at) {
+        if seen + len > got {
+            let from = got.saturating_sub(seen) / p;
+            missed.extend((from..len / p).map(|k| (at / p) + k));
+        }
+        seen += len;
+    }
+    missed
 }

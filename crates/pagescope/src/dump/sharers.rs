@@ -17,6 +17,7 @@ use serde::Serialize;
 use super::stop::Stopped;
 use crate::dirty::sharers::MapsSnapshot;
 use crate::proc::Target;
+use crate::proc::maps::MapsEntry;
 use crate::vma::ObjectId;
 
 /// Rounds of "stop the writers, look again" before giving up on
@@ -100,31 +101,20 @@ pub(super) fn stop_writers(procs: &[&Target], stop: bool) -> (Vec<Stopped>, Shar
             if dumped.contains(&pid) || seen.contains(&pid) {
                 continue;
             }
-            let mine: Vec<ObjectId> = entries
-                .iter()
-                .filter(|e| e.perms.write)
-                .map(|e| ObjectId {
-                    dev: e.dev,
-                    inode: e.inode,
-                })
-                .collect();
+            let mine = written_objects(&entries);
             if mine.is_empty() {
                 continue;
             }
             seen.insert(pid);
             new += 1;
-            let (ok, why_not) = if stop {
-                let t = Target::open(pid).map_err(|e| e.to_string());
-                match t.and_then(|t| Stopped::stop(&t).map_err(|e| e.to_string())) {
-                    Ok(s) => {
-                        stopped.push(s);
-                        (true, None)
-                    }
-                    Err(e) => (false, Some(e)),
+            let why_not = match stop_one(pid, stop) {
+                Ok(s) => {
+                    stopped.push(s);
+                    None
                 }
-            } else {
-                (false, Some("--no-stop-sharers".to_owned()))
+                Err(e) => Some(e),
             };
+            let ok = why_not.is_none();
             let mut paths: Vec<String> = mine.iter().map(|o| objects[o].clone()).collect();
             paths.sort();
             paths.dedup();
@@ -142,6 +132,36 @@ pub(super) fn stop_writers(procs: &[&Target], stop: bool) -> (Vec<Stopped>, Shar
             break;
         }
     }
+    report.inconsistent = inconsistent(writes, &objects);
+    (stopped, report)
+}
+
+/// The objects of `entries` mapped writable.
+fn written_objects(entries: &[MapsEntry]) -> Vec<ObjectId> {
+    entries
+        .iter()
+        .filter(|e| e.perms.write)
+        .map(|e| ObjectId {
+            dev: e.dev,
+            inode: e.inode,
+        })
+        .collect()
+}
+
+/// Stops writer `pid` (with `stop`), or why not.
+fn stop_one(pid: u32, stop: bool) -> Result<Stopped, String> {
+    if !stop {
+        return Err("--no-stop-sharers".to_owned());
+    }
+    let t = Target::open(pid).map_err(|e| e.to_string())?;
+    Stopped::stop(&t).map_err(|e| e.to_string())
+}
+
+/// The objects written by the writers left running (`writes`), with them.
+fn inconsistent(
+    writes: BTreeMap<u32, Vec<ObjectId>>,
+    objects: &HashMap<ObjectId, String>,
+) -> Vec<InconsistentObject> {
     let mut by_object: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
     for (pid, objs) in writes {
         for o in objs {
@@ -151,12 +171,11 @@ pub(super) fn stop_writers(procs: &[&Target], stop: bool) -> (Vec<Stopped>, Shar
                 .insert(pid);
         }
     }
-    report.inconsistent = by_object
+    by_object
         .into_iter()
         .map(|(path, w)| InconsistentObject {
             path,
             writers: w.into_iter().collect(),
         })
-        .collect();
-    (stopped, report)
+        .collect()
 }

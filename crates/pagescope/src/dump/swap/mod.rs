@@ -14,6 +14,18 @@
 //!   pages are handled as with `keep-cold`.
 //!
 //! See `KERNEL.md` ("Swap policies") for the devices `direct` is valid on.
+//!
+//! The policies in one place: this file decides per page of the process's
+//! own memory ([`SwapIo::action`], used by the reader in `remote.rs`) and
+//! reads the swap device; `shmem.rs` classifies shared memory pages
+//! (`mincore`/`cachestat` on the object); `cold.rs` pages back out what
+//! was read and reports it.
+
+mod cold;
+mod shmem;
+
+pub(super) use cold::page_back_out;
+pub(super) use shmem::swapped_object_pages;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
