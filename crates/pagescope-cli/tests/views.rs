@@ -393,10 +393,17 @@ fn top_divides_shared_swap_among_the_processes_holding_it() {
         "child swap {child_swap} of {all}"
     );
     // 256 shared pages in RAM mapped by no one: half each; the 256 the
-    // parent maps are in its Rss, in no one's UNMAPPED.
-    for r in [&p, &k] {
-        assert_eq!(r["unmapped_bytes"].as_u64().unwrap(), 128 * page, "{r}");
-    }
+    // parent maps are in its Rss, in no one's UNMAPPED. The system's DAMON
+    // pageout scheme may page a few of the idle ones out between the
+    // program's set-up and `top` (they then count as shmem swap): both
+    // halves stay equal, and what is missing is a handful of pages at most.
+    assert_eq!(p["unmapped_bytes"], k["unmapped_bytes"], "{p} {k}");
+    let unmapped = p["unmapped_bytes"].as_u64().unwrap();
+    assert!(
+        unmapped <= 128 * page && unmapped + 8 * page >= 128 * page,
+        "unmapped shmem split in two: {p} vs {}",
+        128 * page
+    );
     let text = stdout_of(&[
         "top",
         &parent.to_string(),
