@@ -54,6 +54,7 @@ pub mod pagemap;
 pub mod pageout;
 mod parallel;
 pub mod proc;
+pub mod qemu;
 pub mod rangeset;
 pub mod render;
 pub mod report;
@@ -114,4 +115,5 @@ pub fn error_kind(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
             e.downcast_ref::<pageout::PageoutError>()
                 .map(pageout::PageoutError::kind)
         })
+        .or_else(|| e.downcast_ref::<qemu::QmpError>().map(qemu::QmpError::kind))
 }

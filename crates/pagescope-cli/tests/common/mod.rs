@@ -6,6 +6,7 @@
 
 pub mod exporter;
 pub mod programs;
+pub mod qemu;
 
 use std::path::Path;
 use std::process::{Command, Output};
