@@ -22,6 +22,9 @@ mod receive;
 mod send;
 pub mod wire;
 
+#[cfg(test)]
+mod codec_tests;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 

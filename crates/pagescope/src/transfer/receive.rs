@@ -155,6 +155,12 @@ impl Receiving {
                         "store {name}: {pages} pages, more than {MAX_STORE_PAGES}"
                     )));
                 }
+                if crate::image::StoreName::new(&name).is_none() {
+                    return Err(bad(format!("{name:?} is not a store name")));
+                }
+                if matches!(self.output, Output::File { .. }) && (!object || store > 0) {
+                    return Err(bad("--into FILE takes exactly one shared object's pages"));
+                }
                 self.output.open(object, &name, pages).map_err(out)?;
             }
             Record::GrowStore(store, pages) => {

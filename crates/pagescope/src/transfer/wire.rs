@@ -256,7 +256,8 @@ impl Record {
         b
     }
 
-    /// Decodes a frame of `kind` (see [`Fields`] for what is checked).
+    /// Decodes a frame of `kind`: every length checked against what is left,
+    /// nothing left over.
     pub fn decode(kind: u8, payload: &[u8]) -> Result<Self, String> {
         let mut f = Fields::new(payload, kind);
         let r = match kind {
