@@ -160,6 +160,7 @@ pub fn send(args: &SendArgs) -> Result<u8> {
             leave_stopped: args.leave_stopped,
             stop_sharers: !args.no_stop_sharers,
             swap: args.swap.into(),
+            cancel: Some(crate::image_cmds::cancel_on_signals()?),
             ..DumpOptions::new(&args.to)
         },
         object,

@@ -94,7 +94,7 @@ fn verify_clean(dir: &str, pid: u32) {
 /// Resumes a process left stopped.
 fn resume(pid: u32) {
     let _ = rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap(),
         rustix::process::Signal::CONT,
     );
 }
@@ -258,11 +258,7 @@ fn a_wrong_or_missing_key_is_refused_and_nothing_is_written() {
             text(&s)
         );
         assert_eq!(text(&s).lines().count(), 1, "{}", text(&s));
-        assert!(
-            text(&s).contains(&format!("send to 127.0.0.1:")),
-            "{}",
-            text(&s)
-        );
+        assert!(text(&s).contains("send to 127.0.0.1:"), "{}", text(&s));
         assert!(!Path::new(&img).exists(), "nothing written");
     }
     // The right key, listening on every address (allowed with a key).

@@ -88,8 +88,7 @@ fn through(recs: &[Record], wkey: Option<[u8; 32]>) -> Vec<u8> {
     for r in recs {
         w.record(r).unwrap();
     }
-    let bytes = buf.0.lock().unwrap().clone();
-    bytes
+    buf.0.lock().unwrap().clone()
 }
 
 fn reader(bytes: Vec<u8>, key: Option<[u8; 32]>) -> FrameReader {
