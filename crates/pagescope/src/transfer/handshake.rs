@@ -30,6 +30,8 @@ pub struct Session {
     pub peer: String,
     /// The sender's page size.
     pub page_size: u32,
+    /// The socket (TCP only), for [`close_after_error`](Self::close_after_error).
+    socket: Option<std::net::TcpStream>,
 }
 
 impl Session {
@@ -38,7 +40,36 @@ impl Session {
     pub fn refuse(&mut self, e: TransferError) -> TransferError {
         let _ = self.writer.record(&Record::Error(e.class, e.what.clone()));
         let _ = self.writer.flush();
+        self.close_after_error();
         e
+    }
+
+    /// After an `ERROR`: no more writes, and what the peer still sends is
+    /// read and dropped (up to 2 s) until it closes, so the `ERROR` is not
+    /// lost to a reset of a socket closed with unread data.
+    pub fn close_after_error(&mut self) {
+        let Some(sock) = self.socket.take() else {
+            return;
+        };
+        let _ = sock.shutdown(std::net::Shutdown::Write);
+        let _ = sock.set_read_timeout(Some(std::time::Duration::from_millis(200)));
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut buf = vec![0u8; 1 << 16];
+        let mut sock = sock;
+        while std::time::Instant::now() < until {
+            match std::io::Read::read(&mut sock, &mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => return,
+            }
+        }
     }
 }
 
@@ -175,6 +206,7 @@ fn session(conn: Conn, page_size: u32) -> Session {
         writer: FrameWriter::new(conn.writer),
         peer: conn.peer,
         page_size,
+        socket: conn.socket,
     }
 }
 

@@ -121,6 +121,8 @@ pub struct Conn {
     pub writer: Box<dyn Write + Send>,
     /// The peer (an address, or `-`).
     pub peer: String,
+    /// The socket, to close gracefully after an `ERROR` (TCP only).
+    pub socket: Option<TcpStream>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -134,10 +136,12 @@ impl Conn {
     pub fn tcp(stream: TcpStream, peer: &str) -> std::io::Result<Self> {
         stream.set_nodelay(true)?;
         let reader = stream.try_clone()?;
+        let socket = Some(stream.try_clone()?);
         Ok(Self {
             reader: Box::new(reader),
             writer: Box::new(std::io::BufWriter::with_capacity(1 << 20, stream)),
             peer: peer.to_owned(),
+            socket,
         })
     }
 
@@ -157,6 +161,7 @@ impl Conn {
                 std::io::stdout(),
             )),
             peer: "-".to_owned(),
+            socket: None,
         }
     }
 }

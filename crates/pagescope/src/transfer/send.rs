@@ -225,6 +225,7 @@ impl StreamSink {
             writer,
             peer,
             page_size,
+            ..
         } = s;
         let (tx, rx) = std::sync::mpsc::channel();
         let failure = Arc::clone(&shared);
