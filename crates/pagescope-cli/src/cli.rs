@@ -106,6 +106,12 @@ pub enum Command {
     /// and shared memory divided among holders, beside smaps), per shared
     /// object, machine totals against /proc/meminfo.
     Exporter(crate::exporter_cmd::ExporterArgs),
+    /// Send a live process's memory (full pass, pre-copy, stopped final
+    /// pass) to `pagescope receive` over TCP or stdout.
+    Send(crate::transfer_cmd::SendArgs),
+    /// Receive one `pagescope send` stream into an image directory, or one
+    /// shared object's pages into a file.
+    Receive(crate::transfer_cmd::ReceiveArgs),
     /// Decode an image (and its parent chain).
     Image {
         #[command(subcommand)]

@@ -52,6 +52,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Watch(args) => crate::watch::run(&args),
         Command::Dump(args) => crate::image_cmds::dump(&args),
         Command::Exporter(args) => crate::exporter_cmd::run(&args),
+        Command::Send(args) => crate::transfer_cmd::send(&args),
+        Command::Receive(args) => crate::transfer_cmd::receive(&args),
         Command::Image { command } => crate::image_cmds::image(command),
         Command::Verify {
             dir,

@@ -111,7 +111,7 @@ pub fn dump(args: &DumpArgs) -> Result<u8> {
 /// (the dump then stops at its next step and cleans up); a second one ends
 /// pagescope at once (the kernel then detaches a stopped process as it is,
 /// and releases every userfaultfd only pagescope held).
-fn cancel_on_signals() -> Result<Arc<AtomicUsize>> {
+pub(crate) fn cancel_on_signals() -> Result<Arc<AtomicUsize>> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let flag = Arc::new(AtomicUsize::new(0));
     for sig in [SIGINT, SIGTERM, SIGHUP] {

@@ -16,6 +16,7 @@ mod scanning;
 mod screen;
 mod signals;
 mod svg_cmd;
+mod transfer_cmd;
 mod verify_cmd;
 mod watch;
 mod watch_view;

@@ -60,6 +60,7 @@ pub mod render;
 pub mod report;
 pub mod scan;
 pub(crate) mod sys;
+pub mod transfer;
 pub mod uffd;
 pub mod vma;
 

@@ -40,7 +40,7 @@ mod passes;
 mod planner;
 mod remote;
 mod sharers;
-mod sink;
+pub(crate) mod sink;
 pub mod stop;
 pub mod swap;
 mod unopened;
@@ -349,6 +349,22 @@ pub fn dump(
         }
         exited_or(e, target)
     })
+}
+
+/// [`dump`] into another [`PageSink`] than an image directory (a stream:
+/// `transfer`); `opts.out` only names it in the report. On failure the
+/// sink is aborted.
+pub(crate) fn dump_to(
+    target: &Target,
+    caps: &KernelCaps,
+    opts: &DumpOptions,
+    sink: Box<dyn PageSink>,
+    progress: &mut dyn FnMut(DumpEvent<'_>),
+) -> Result<DumpReport, DumpError> {
+    target.require_address_space()?;
+    cow::validate(target, opts)?;
+    dump_into(target, caps, opts, sink, None, &mut Vec::new(), progress)
+        .map_err(|e| exited_or(e, target))
 }
 
 /// The dump's passes writing into `sink` (the image directory, or another

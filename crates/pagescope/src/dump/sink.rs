@@ -49,6 +49,16 @@ pub(crate) struct StoreRef {
 }
 
 impl StoreRef {
+    /// Store `index` of a sink, called `name`.
+    pub(crate) fn new(index: usize, name: Arc<str>) -> Self {
+        Self { index, name }
+    }
+
+    /// Its index among the stores its sink opened.
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
     /// The store's name, as the metadata refers to it.
     pub(crate) fn name(&self) -> &str {
         &self.name

@@ -1,0 +1,287 @@
+//! `send` and `receive`: a process's memory over a stream (TCP, or
+//! stdin/stdout for `ssh`), written on the other side as an image
+//! directory or one shared object's pages in a file
+//! (`docs/stream-format.md`).
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use pagescope::dump::{DumpEvent, DumpOptions};
+use pagescope::transfer::{
+    self, Class, Conn, ObjectChoice, ReceiveInto, ReceiveOptions, SendError, SendOptions,
+    TransferError,
+};
+use pagescope::{KernelCaps, Target};
+
+use crate::cli::{SwapArg, parse_interval};
+use crate::exit::{CliError, OK, USAGE};
+use crate::progress::Progress;
+
+/// The peers could not agree (magic, version, capability, mode).
+pub const HANDSHAKE: u8 = 20;
+/// The pre-shared key is missing or wrong.
+pub const AUTH: u8 = 21;
+/// The stream broke its rules (lengths, offsets, checksums, totals).
+pub const BAD_STREAM: u8 = 22;
+/// The connection failed or closed before the commit.
+pub const CONNECTION: u8 = 23;
+/// The sender aborted: nothing was committed.
+pub const ABORTED: u8 = 24;
+/// The receiver could not write its output.
+pub const OUTPUT: u8 = 25;
+
+fn code(class: Class) -> u8 {
+    match class {
+        Class::Handshake => HANDSHAKE,
+        Class::Auth => AUTH,
+        Class::BadStream => BAD_STREAM,
+        Class::Connection => CONNECTION,
+        Class::Aborted => ABORTED,
+        Class::Output => OUTPUT,
+    }
+}
+
+fn fail(side: &str, e: &TransferError) -> anyhow::Error {
+    CliError::new(code(e.class), format!("{side}: {}", e.what)).into()
+}
+
+/// Options of `pagescope send`.
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// Target process.
+    pub pid: u32,
+    /// The receiver: HOST:PORT, or `-` for stdout (replies on stdin).
+    #[arg(long, value_name = "ADDR")]
+    pub to: String,
+    /// Only this shared object's pages (PATH, or memfd:NAME), for a
+    /// receiver `--into FILE`.
+    #[arg(long, value_name = "PATH|memfd:NAME")]
+    pub object: Option<String>,
+    /// The pre-shared key (at least 16 bytes).
+    #[arg(long, value_name = "FILE")]
+    pub psk_file: Option<PathBuf>,
+    /// Pre-copy rounds at most.
+    #[arg(long, default_value_t = 8)]
+    pub max_iterations: u32,
+    /// Pre-copy time at most.
+    #[arg(long, default_value = "60s", value_parser = parse_interval)]
+    pub max_time: Duration,
+    /// Stop pre-copy once what is left should copy within this.
+    #[arg(long, default_value = "300ms", value_parser = parse_interval)]
+    pub max_downtime: Duration,
+    /// Bytes per second at most (suffix K, M, G: powers of 1024).
+    #[arg(long, value_parser = parse_rate)]
+    pub bandwidth: Option<u64>,
+    /// Copy mapped regular files too.
+    #[arg(long)]
+    pub copy_files: bool,
+    /// Leave the process stopped (SIGSTOP) after the final pass.
+    #[arg(long)]
+    pub leave_stopped: bool,
+    /// Do not stop other writers of the shared memory for the final pass.
+    #[arg(long)]
+    pub no_stop_sharers: bool,
+    /// Swapped-out pages, as for `dump`.
+    #[arg(long, value_enum, default_value = "read")]
+    pub swap: SwapArg,
+    /// Progress as NDJSON on stdout (one object per pass, then the report).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `pagescope receive`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["listen", "from"])))]
+#[command(group(clap::ArgGroup::new("dest").required(true).args(["out", "into"])))]
+pub struct ReceiveArgs {
+    /// Listen on HOST:PORT for one sender (port 0: any; the address is
+    /// printed on stderr).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// `-`: the stream on stdin, replies on stdout.
+    #[arg(long, value_name = "-")]
+    pub from: Option<String>,
+    /// The image directory (new or empty).
+    #[arg(short = 'o', long = "out")]
+    pub out: Option<PathBuf>,
+    /// One shared object's pages into this file (written as FILE.partial,
+    /// renamed at commit).
+    #[arg(long, value_name = "FILE")]
+    pub into: Option<PathBuf>,
+    /// The pre-shared key the sender must prove (required to listen on a
+    /// non-loopback address).
+    #[arg(long, value_name = "FILE")]
+    pub psk_file: Option<PathBuf>,
+    /// The report as JSON on stdout (not with `--from -`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("not a rate: {s} (e.g. 100M)"))
+}
+
+fn psk(path: Option<&PathBuf>, side: &str) -> Result<Option<Vec<u8>>> {
+    path.map(|p| transfer::read_psk(p).map_err(|e| fail(side, &e)))
+        .transpose()
+}
+
+pub fn send(args: &SendArgs) -> Result<u8> {
+    let side = format!("send to {}", args.to);
+    let key = psk(args.psk_file.as_ref(), &side)?;
+    let caps = KernelCaps::probe();
+    let target = Target::open(args.pid)?;
+    let object = args
+        .object
+        .as_deref()
+        .map(|o| match o.strip_prefix("memfd:") {
+            Some(name) => ObjectChoice::Memfd(name.to_owned()),
+            None => ObjectChoice::Path(o.into()),
+        });
+    let opts = SendOptions {
+        dump: DumpOptions {
+            max_iterations: args.max_iterations,
+            max_time: args.max_time,
+            max_downtime: Some(args.max_downtime),
+            copy_files: args.copy_files,
+            leave_stopped: args.leave_stopped,
+            stop_sharers: !args.no_stop_sharers,
+            swap: args.swap.into(),
+            cancel: Some(crate::image_cmds::cancel_on_signals()?),
+            ..DumpOptions::new(&args.to)
+        },
+        object,
+        psk: key,
+        bandwidth: args.bandwidth,
+    };
+    let conn = if args.to == "-" {
+        Conn::stdio()
+    } else {
+        Conn::connect(&args.to).map_err(|e| fail(&side, &e))?
+    };
+    // With `--to -` stdout is the stream: progress goes to stderr only.
+    let ndjson = args.json && args.to != "-";
+    let mut bar = Progress::passes(args.json);
+    let result = transfer::send(&target, &caps, conn, &opts, &mut |e| match e {
+        DumpEvent::Progress { pass, done, total } => bar.show(pass, done, total, ""),
+        DumpEvent::Iteration(it) => {
+            bar.clear();
+            if ndjson {
+                let mut out = std::io::stdout().lock();
+                let _ = serde_json::to_writer(&mut out, it);
+                let _ = writeln!(out);
+            }
+            let _ = writeln!(
+                std::io::stderr(),
+                "pass {}{}: {} pages read, {} sent, {:.1} ms",
+                it.n,
+                if it.stopped { " (stopped)" } else { "" },
+                it.pages,
+                it.stored,
+                it.seconds * 1e3
+            );
+        }
+    });
+    bar.clear();
+    let report = match result {
+        Ok(r) => r,
+        Err(SendError::Transfer(e)) => return Err(fail(&side, &e)),
+        Err(SendError::Dump(e)) => {
+            return Err(e).with_context(|| format!("send of process {} to {}", args.pid, args.to));
+        }
+    };
+    writeln!(
+        std::io::stderr(),
+        "sent process {} to {}: {} pages, {} bytes in {:.2} s over {} passes; stopped {:.1} ms; receiver: {}",
+        args.pid,
+        args.to,
+        report.pages_sent,
+        report.bytes_sent,
+        report.seconds,
+        report.dump.iterations.len(),
+        report.dump.stopped_s * 1e3,
+        report.receiver
+    )?;
+    if ndjson {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer(&mut out, &report)?;
+        writeln!(out)?;
+    }
+    Ok(OK)
+}
+
+pub fn receive(args: &ReceiveArgs) -> Result<u8> {
+    let addr = args.listen.clone().unwrap_or_else(|| "-".to_owned());
+    let side = format!("receive on {addr}");
+    if args.from.as_deref().is_some_and(|f| f != "-") {
+        return Err(CliError::new(USAGE, "--from takes only `-` (stdin)".into()).into());
+    }
+    let key = psk(args.psk_file.as_ref(), &side)?;
+    let into = match (&args.out, &args.into) {
+        (Some(dir), _) => {
+            let busy = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+            if busy {
+                let m = format!(
+                    "{side}: {} is not empty; an image is written only into a new or empty directory",
+                    dir.display()
+                );
+                return Err(CliError::new(USAGE, m).into());
+            }
+            ReceiveInto::Image(dir.clone())
+        }
+        (None, Some(file)) => ReceiveInto::File(file.clone()),
+        (None, None) => unreachable!("clap requires -o or --into"),
+    };
+    let conn = match &args.listen {
+        Some(a) => accept(a, key.is_some(), &side)?,
+        None => Conn::stdio(),
+    };
+    let opts = ReceiveOptions { into, psk: key };
+    let report = transfer::receive(conn, &opts).map_err(|e| fail(&side, &e))?;
+    writeln!(
+        std::io::stderr(),
+        "received {} pages in {} records over {} passes: {}",
+        report.pages,
+        report.records,
+        report.passes,
+        report.committed
+    )?;
+    if args.json && args.listen.is_some() {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    }
+    Ok(OK)
+}
+
+/// Listens on `addr` (refused without a key unless it is loopback) and
+/// accepts one sender.
+fn accept(addr: &str, keyed: bool, side: &str) -> Result<Conn> {
+    let loopback = transfer::is_loopback(addr).map_err(|e| fail(side, &e))?;
+    if !loopback && !keyed {
+        let m = format!(
+            "{side}: listening on a non-loopback address needs --psk-file (anyone could push pages)"
+        );
+        return Err(CliError::new(AUTH, m).into());
+    }
+    let listener = TcpListener::bind(addr).with_context(|| format!("{side}: cannot listen"))?;
+    let local = listener.local_addr()?;
+    writeln!(std::io::stderr(), "pagescope: listening on {local}")?;
+    let (stream, peer) = listener
+        .accept()
+        .with_context(|| format!("{side}: accept failed"))?;
+    Conn::tcp(stream, &peer.to_string()).with_context(|| format!("{side}: connection set-up"))
+}

@@ -1,0 +1,296 @@
+//! `receive`: the records of one stream checked one by one (store
+//! indices, page ranges against the store's size, each page's sum
+//! recomputed, the totals before the commit) and written into an
+//! [`Output`]; any fault ends it with one line, an `ERROR` frame to the
+//! sender, and everything written removed. The last frame is the `ACK`.
+
+use std::path::PathBuf;
+
+use super::handshake::{self, Session};
+use super::output::Output;
+use super::wire::{Mode, Record, Why};
+use super::{Class, Conn, TransferError};
+use crate::image::format::{self, MAX_META_BYTES, MAX_STORE_PAGES};
+
+/// What a receiver makes.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// An image directory (new or empty).
+    Image(PathBuf),
+    /// One shared object's pages into this file.
+    File(PathBuf),
+}
+
+/// How to receive.
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    /// What to make.
+    pub into: Target,
+    /// The pre-shared key the sender must prove.
+    pub psk: Option<Vec<u8>>,
+}
+
+/// What a receive made.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReceiveReport {
+    /// What was committed (a line).
+    pub committed: String,
+    /// Pages received (each time one was sent).
+    pub pages: u64,
+    /// Records received.
+    pub records: u64,
+    /// Passes seen.
+    pub passes: u32,
+}
+
+/// Receives one stream from `conn` (see the module doc).
+pub fn receive(conn: Conn, opts: &ReceiveOptions) -> Result<ReceiveReport, TransferError> {
+    let mode = match opts.into {
+        Target::Image(_) => Mode::Image,
+        Target::File(_) => Mode::Object,
+    };
+    let mut s = handshake::server(conn, opts.psk.as_deref(), mode)?;
+    let output = match &opts.into {
+        Target::Image(dir) => Output::image(dir, s.page_size),
+        Target::File(path) => Ok(Output::file(path, s.page_size)),
+    };
+    let output = match output {
+        Ok(o) => o,
+        Err(m) => return Err(s.refuse(TransferError::new(Class::Output, "", m))),
+    };
+    let mut r = Receiving {
+        page: u64::from(s.page_size),
+        output,
+        meta: Vec::new(),
+        pages: 0,
+        records: 0,
+        passes: 0,
+    };
+    match r.run(&mut s) {
+        Ok(committed) => {
+            let _ = s.writer.record(&Record::Ack(true, committed.clone()));
+            let _ = s.writer.flush();
+            Ok(ReceiveReport {
+                committed,
+                pages: r.pages,
+                records: r.records,
+                passes: r.passes,
+            })
+        }
+        Err(e) => {
+            r.output.discard();
+            let e = TransferError {
+                peer: s.peer.clone(),
+                ..e
+            };
+            Err(match e.class {
+                Class::Aborted => {
+                    let _ = s.writer.record(&Record::Ack(false, e.what.clone()));
+                    let _ = s.writer.flush();
+                    e
+                }
+                Class::Connection => e,
+                _ => s.refuse(e),
+            })
+        }
+    }
+}
+
+struct Receiving {
+    page: u64,
+    output: Output,
+    meta: Vec<u8>,
+    pages: u64,
+    records: u64,
+    passes: u32,
+}
+
+fn bad(what: impl Into<String>) -> TransferError {
+    TransferError::new(Class::BadStream, "", what)
+}
+
+impl Receiving {
+    /// Every record up to the commit: what was committed.
+    fn run(&mut self, s: &mut Session) -> Result<String, TransferError> {
+        loop {
+            let Some(rec) = s.reader.next()? else {
+                return Err(TransferError::new(
+                    Class::Connection,
+                    "",
+                    "the stream ended before its commit: nothing was committed",
+                ));
+            };
+            if let Record::Commit {
+                meta_len,
+                meta_sum,
+                pages,
+                records,
+            } = rec
+            {
+                return self.commit(meta_len, meta_sum, pages, records);
+            }
+            self.records += 1;
+            self.apply(rec)?;
+        }
+    }
+
+    fn apply(&mut self, rec: Record) -> Result<(), TransferError> {
+        match rec {
+            Record::BeginPass(..) => self.passes += 1,
+            Record::EndPass(_) => {}
+            Record::OpenStore {
+                store,
+                object,
+                pages,
+                name,
+            } => {
+                let next = (0..).find(|&i| self.output.pages(i).is_none()).unwrap_or(0);
+                if store != next {
+                    return Err(bad(format!(
+                        "store {store} opened where store {next} was due"
+                    )));
+                }
+                if pages > MAX_STORE_PAGES {
+                    return Err(bad(format!(
+                        "store {name}: {pages} pages, more than {MAX_STORE_PAGES}"
+                    )));
+                }
+                if crate::image::StoreName::new(&name).is_none() {
+                    return Err(bad(format!("{name:?} is not a store name")));
+                }
+                if matches!(self.output, Output::File { .. }) && (!object || store > 0) {
+                    return Err(bad("--into FILE takes exactly one shared object's pages"));
+                }
+                self.output.open(object, &name, pages).map_err(out)?;
+            }
+            Record::GrowStore(store, pages) => {
+                let held = self.held(store)?;
+                if pages < held || pages > MAX_STORE_PAGES {
+                    return Err(bad(format!(
+                        "store {store} cannot grow from {held} to {pages} pages"
+                    )));
+                }
+                self.output.grow(store, pages).map_err(out)?;
+            }
+            Record::Pages {
+                store,
+                first,
+                sums,
+                data,
+            } => self.pages(store, first, &sums, &data)?,
+            Record::NotStored {
+                store,
+                first,
+                count,
+                why,
+            } => {
+                self.range(store, first, count)?;
+                if matches!(self.output, Output::File { .. })
+                    && !matches!(why, Why::Zero | Why::Hole)
+                {
+                    return Err(bad(format!(
+                        "pages {first}..{} of the object were left out ({why:?}): a file needs every page",
+                        first + count
+                    )));
+                }
+                self.output.clear(store, first, count).map_err(out)?;
+            }
+            Record::Meta(part) => {
+                if (self.meta.len() + part.len()) as u64 > MAX_META_BYTES {
+                    return Err(bad("metadata larger than an image's bound"));
+                }
+                self.meta.extend_from_slice(&part);
+            }
+            Record::Abort(why) => {
+                return Err(TransferError::new(
+                    Class::Aborted,
+                    "",
+                    format!("the sender aborted: {why}"),
+                ));
+            }
+            Record::Error(class, msg) => {
+                return Err(TransferError::new(
+                    class,
+                    "",
+                    format!("the sender gave up: {msg}"),
+                ));
+            }
+            r => {
+                return Err(bad(format!(
+                    "record of kind {} in the middle of a stream",
+                    r.kind()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn held(&self, store: u32) -> Result<u64, TransferError> {
+        self.output
+            .pages(store)
+            .ok_or_else(|| bad(format!("store {store} was never opened")))
+    }
+
+    /// Checks that pages `first..first + count` are inside `store`.
+    fn range(&self, store: u32, first: u64, count: u64) -> Result<(), TransferError> {
+        let held = self.held(store)?;
+        match first.checked_add(count) {
+            Some(end) if end <= held => Ok(()),
+            _ => Err(bad(format!(
+                "pages {first}+{count} outside store {store} of {held} pages"
+            ))),
+        }
+    }
+
+    fn pages(
+        &mut self,
+        store: u32,
+        first: u64,
+        sums: &[u64],
+        data: &[u8],
+    ) -> Result<(), TransferError> {
+        let count = sums.len() as u64;
+        self.range(store, first, count)?;
+        if data.len() as u64 != count * self.page {
+            return Err(bad(format!(
+                "{count} pages announced, {} bytes of data (page size {})",
+                data.len(),
+                self.page
+            )));
+        }
+        for (i, (page, sum)) in data.chunks_exact(self.page as usize).zip(sums).enumerate() {
+            if format::page_sum(0, page) != *sum {
+                return Err(bad(format!(
+                    "page {} of store {store} does not match its checksum",
+                    first + i as u64
+                )));
+            }
+        }
+        self.output.write(store, first, data).map_err(out)?;
+        self.pages += count;
+        Ok(())
+    }
+
+    fn commit(
+        &mut self,
+        meta_len: u64,
+        meta_sum: u64,
+        pages: u64,
+        records: u64,
+    ) -> Result<String, TransferError> {
+        if pages != self.pages || records != self.records {
+            return Err(bad(format!(
+                "the commit counts {pages} pages in {records} records, {} pages in {} records arrived",
+                self.pages, self.records
+            )));
+        }
+        if meta_len != self.meta.len() as u64 || format::file_sum(&self.meta) != meta_sum {
+            return Err(bad("the metadata does not match its length and checksum"));
+        }
+        self.output.commit(&self.meta).map_err(out)
+    }
+}
+
+fn out(m: String) -> TransferError {
+    TransferError::new(Class::Output, "", m)
+}
