@@ -308,15 +308,30 @@ pub struct DumpArgs {
     /// Also the process's descendants (COW-shared pages stored once).
     #[arg(long)]
     pub tree: bool,
+    #[command(flatten)]
+    pub passes: PassArgs,
+    /// Stop pre-copy once what is left should copy within this.
+    #[arg(long, value_parser = parse_interval)]
+    pub max_downtime: Option<std::time::Duration>,
+    /// How the image is made consistent: stop (pre-copy, then a short
+    /// stopped final pass) or cow (a point-in-time snapshot: stop only to
+    /// write-protect, then copy each page before the process writes it).
+    #[arg(long, value_enum, default_value = "stop")]
+    pub snapshot: SnapshotArg,
+    /// The report as JSON on stdout (statistics still on stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The pass options `dump` and `send` share.
+#[derive(Debug, clap::Args)]
+pub struct PassArgs {
     /// Pre-copy rounds at most (0: a single stopped pass after the full one).
     #[arg(long, default_value_t = 8)]
     pub max_iterations: u32,
     /// Pre-copy time at most (e.g. 60s, 500ms).
     #[arg(long, default_value = "60s", value_parser = parse_interval)]
     pub max_time: std::time::Duration,
-    /// Stop pre-copy once what is left should copy within this.
-    #[arg(long, value_parser = parse_interval)]
-    pub max_downtime: Option<std::time::Duration>,
     /// Copy mapped regular files too (default: recorded by identity).
     #[arg(long)]
     pub copy_files: bool,
@@ -335,14 +350,21 @@ pub struct DumpArgs {
     /// checked), direct (read from the swap device, root; nothing swapped in).
     #[arg(long, value_enum, default_value = "read")]
     pub swap: SwapArg,
-    /// How the image is made consistent: stop (pre-copy, then a short
-    /// stopped final pass) or cow (a point-in-time snapshot: stop only to
-    /// write-protect, then copy each page before the process writes it).
-    #[arg(long, value_enum, default_value = "stop")]
-    pub snapshot: SnapshotArg,
-    /// The report as JSON on stdout (statistics still on stderr).
-    #[arg(long)]
-    pub json: bool,
+}
+
+impl PassArgs {
+    /// These options over `base` (the rest of the dump's options).
+    pub fn apply(&self, base: pagescope::dump::DumpOptions) -> pagescope::dump::DumpOptions {
+        pagescope::dump::DumpOptions {
+            max_iterations: self.max_iterations,
+            max_time: self.max_time,
+            copy_files: self.copy_files,
+            leave_stopped: self.leave_stopped,
+            stop_sharers: !self.no_stop_sharers,
+            swap: self.swap.into(),
+            ..base
+        }
+    }
 }
 
 /// Which processes: PIDs, a command name, or all.

@@ -24,16 +24,10 @@ pub fn dump(args: &DumpArgs) -> Result<u8> {
         parent: args.parent.clone(),
         keep_tracking: args.keep_tracking,
         tree: args.tree,
-        max_iterations: args.max_iterations,
-        max_time: args.max_time,
         max_downtime: args.max_downtime,
-        copy_files: args.copy_files,
-        leave_stopped: args.leave_stopped,
-        stop_sharers: !args.no_stop_sharers,
-        swap: args.swap.into(),
         cow: args.snapshot == crate::cli::SnapshotArg::Cow,
         cancel: Some(cancel_on_signals()?),
-        ..DumpOptions::new(&args.out)
+        ..args.passes.apply(DumpOptions::new(&args.out))
     };
     let mut bar = Progress::passes(args.json);
     let report = match pagescope::dump::dump(&target, &caps, &opts, &mut |e| match e {

@@ -16,7 +16,7 @@ use pagescope::transfer::{
 };
 use pagescope::{KernelCaps, Target};
 
-use crate::cli::{SwapArg, parse_interval};
+use crate::cli::parse_interval;
 use crate::exit::{CliError, OK, USAGE};
 use crate::progress::Progress;
 
@@ -63,30 +63,14 @@ pub struct SendArgs {
     /// The pre-shared key (at least 16 bytes).
     #[arg(long, value_name = "FILE")]
     pub psk_file: Option<PathBuf>,
-    /// Pre-copy rounds at most.
-    #[arg(long, default_value_t = 8)]
-    pub max_iterations: u32,
-    /// Pre-copy time at most.
-    #[arg(long, default_value = "60s", value_parser = parse_interval)]
-    pub max_time: Duration,
+    #[command(flatten)]
+    pub passes: crate::cli::PassArgs,
     /// Stop pre-copy once what is left should copy within this.
     #[arg(long, default_value = "300ms", value_parser = parse_interval)]
     pub max_downtime: Duration,
     /// Bytes per second at most (suffix K, M, G: powers of 1024).
     #[arg(long, value_parser = parse_rate)]
     pub bandwidth: Option<u64>,
-    /// Copy mapped regular files too.
-    #[arg(long)]
-    pub copy_files: bool,
-    /// Leave the process stopped (SIGSTOP) after the final pass.
-    #[arg(long)]
-    pub leave_stopped: bool,
-    /// Do not stop other writers of the shared memory for the final pass.
-    #[arg(long)]
-    pub no_stop_sharers: bool,
-    /// Swapped-out pages, as for `dump`.
-    #[arg(long, value_enum, default_value = "read")]
-    pub swap: SwapArg,
     /// Progress as NDJSON on stdout (one object per pass, then the report).
     #[arg(long)]
     pub json: bool,
@@ -153,15 +137,9 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         });
     let opts = SendOptions {
         dump: DumpOptions {
-            max_iterations: args.max_iterations,
-            max_time: args.max_time,
             max_downtime: Some(args.max_downtime),
-            copy_files: args.copy_files,
-            leave_stopped: args.leave_stopped,
-            stop_sharers: !args.no_stop_sharers,
-            swap: args.swap.into(),
             cancel: Some(crate::image_cmds::cancel_on_signals()?),
-            ..DumpOptions::new(&args.to)
+            ..args.passes.apply(DumpOptions::new(&args.to))
         },
         object,
         psk: key,

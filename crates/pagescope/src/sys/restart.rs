@@ -121,8 +121,9 @@ pub fn signal_pending(tgid: i32, tid: i32) -> bool {
     (pnd | shd) & !blk & !ign & !(DEFAULT_IGNORED & !cgt) != 0
 }
 
-/// `n` in decimal (digits, length).
-fn dec(n: i32) -> ([u8; 12], usize) {
+/// `n` in decimal (digits, length), without allocating (used between
+/// `fork` and the helper's exit).
+pub(super) fn dec(n: i32) -> ([u8; 12], usize) {
     let mut out = [0u8; 12];
     let mut digits = [0u8; 12];
     let mut v = n.unsigned_abs();

@@ -142,19 +142,9 @@ fn task_dir_path(tgid: i32, out: &mut [u8; 40]) -> usize {
         out[n] = b;
         n += 1;
     }
-    let mut digits = [0u8; 12];
-    let mut k = 0;
-    let mut v = tgid.unsigned_abs();
-    loop {
-        digits[k] = b'0' + (v % 10) as u8;
-        k += 1;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    for i in (0..k).rev() {
-        out[n] = digits[i];
+    let (digits, k) = restart::dec(tgid);
+    for &d in &digits[..k] {
+        out[n] = d;
         n += 1;
     }
     for &b in b"/task" {
