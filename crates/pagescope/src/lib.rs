@@ -40,46 +40,60 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod addr;
+pub(crate) mod addr;
 pub mod dirty;
 pub mod dump;
-pub mod error;
+pub(crate) mod error;
 pub mod exporter;
 pub mod image;
-pub mod inspect;
-pub mod kernel;
+pub(crate) mod inspect;
+pub(crate) mod kernel;
 pub mod object;
-pub mod page;
-pub mod pagemap;
+pub(crate) mod page;
+pub(crate) mod pagemap;
 pub mod pageout;
 mod parallel;
-pub mod proc;
-pub mod rangeset;
+pub(crate) mod proc;
+pub(crate) mod rangeset;
 pub mod render;
-pub mod report;
-pub mod scan;
+pub(crate) mod report;
+pub(crate) mod scan;
 pub(crate) mod sys;
 pub mod uffd;
-pub mod vma;
+pub(crate) mod vma;
 
 pub use addr::{PageSize, PageSpan, VirtAddr, VirtRange};
 pub use error::ErrorKind;
 pub use inspect::{objects_view, scan_process};
 pub use kernel::KernelCaps;
 pub use page::{PageFlags, PageInfo, PageRun, PageState, SwapSlot, UnknownReason};
-pub use pagemap::{PagemapEntry, PagemapFlags};
-pub use proc::{ProcError, Target};
+pub use proc::{ProcError, Target, pids};
 pub use rangeset::RangeSet;
 pub use report::{Counts, ProcessReport, Skipped, VmaReport};
 pub use scan::{BackendChoice, PageScanner, ScanError, ScanOptions, ScanStrategy};
-pub use sys::mm::{Advice, OwnedMapping};
 pub use sys::pagemap_scan::ScanCategories;
 
-/// The raw kernel interfaces (`sys`), for pagescope's own benchmarks and
-/// tests: their baselines are the bare system calls. Not a stable API.
+/// The raw kernel interfaces (`sys`) and the pagemap decoding, for
+/// pagescope's own benchmarks, fixture and tests: the benches' baselines
+/// are the bare system calls, the fixture maps memory and checks its own
+/// pagemap and the swap devices. Not a stable API.
 #[doc(hidden)]
 pub mod raw {
+    pub use crate::dirty::target_uffd::Step as InjectStep;
+    pub use crate::dump::stop::Stopped;
+    pub use crate::page::RunBuilder;
+    pub use crate::pagemap::{PagemapEntry, PagemapFlags};
+    pub use crate::proc::read_swaps;
+    pub use crate::proc::rollup::field_bytes;
+    pub use crate::proc::smaps::VmFlags;
+    pub use crate::sys::mm::{Advice, OwnedMapping};
     pub use crate::sys::{cachestat, mincore, pagemap, pagemap_scan};
+
+    /// The image format's header codec and checksum, for the fuzz test
+    /// that rewrites a header around a mutated metadata file.
+    pub mod image_format {
+        pub use crate::image::format::{decode_header, encode_header, file_sum};
+    }
 }
 pub use vma::{Backing, ObjectId, Vma, VmaKind};
 

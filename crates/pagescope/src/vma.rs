@@ -149,7 +149,7 @@ impl ObjectId {
 
 /// A VMA of the target: its maps line and what pagescope made of it.
 ///
-/// It dereferences to its [`MapsEntry`], so `vma.range`, `vma.perms`,
+/// It dereferences to its `MapsEntry`, so `vma.range`, `vma.perms`,
 /// `vma.offset`, `vma.dev`, `vma.inode` and `vma.path` read the maps line
 /// itself: a VMA *is* that line plus a classification.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -224,7 +224,7 @@ impl Vma {
     }
 
     /// Whether the VMA is one of the kernel's own mappings (`[vdso]`,
-    /// `[vvar]`, ...: [`is_kernel_mapping`]).
+    /// `[vvar]`, ...: `is_kernel_mapping`).
     pub fn is_kernel_mapping(&self) -> bool {
         is_kernel_mapping(&self.entry)
     }

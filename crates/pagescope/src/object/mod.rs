@@ -5,25 +5,28 @@
 //! `MAP_SHARED|MAP_ANONYMOUS`) a swapped-out page, a page in the swap
 //! cache, a page resident but not mapped by this process and a hole all
 //! read as an empty PTE; for files, cached and uncached pages do. pagescope
-//! opens the object ([`open`]), classifies its pages from the object itself
-//! ([`classify`], [`classify_spans`]) once per object, and gives every page
+//! opens the object (`open`), classifies its pages from the object itself
+//! (`classify`, [`classify_spans`]) once per object, and gives every page
 //! the target does not map the object's state ([`join`]). The inspection
 //! driver (`crate::inspect`) decides which objects and pages.
 //!
-//! [`view`] holds the per-object view across processes (`pagescope
+//! `view` holds the per-object view across processes (`pagescope
 //! objects`) and its renderings.
 
-pub mod classify;
-pub mod extents;
-pub mod open;
+pub(crate) mod classify;
+pub(crate) mod extents;
+pub(crate) mod open;
 mod render;
-pub mod view;
+pub(crate) mod view;
 
 use std::os::fd::AsFd;
 
 pub use classify::{Classified, ObjectClass, ObjectRun, ObjectState};
 pub use open::{OpenObject, OpenedVia, open_object};
 use rustix::io::Errno;
+pub use view::{
+    ObjectReport, ObjectsOptions, ObjectsReport, Sharer, SharerMapping, SkippedProcess,
+};
 
 use crate::addr::{PageSize, PageSpan, VirtAddr, VirtRange};
 use crate::error::ErrorKind;

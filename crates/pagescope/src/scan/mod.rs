@@ -12,7 +12,7 @@
 //!
 //! Both must produce identical runs on every fixture scenario; the test
 //! suite checks that, as the kernel's selftests check pagemap against
-//! PAGEMAP_SCAN. [`Scanner`] runs the chosen backend ([`BackendPlan`])
+//! PAGEMAP_SCAN. [`Scanner`] runs the chosen backend ([`BackendPlan`](backend::BackendPlan))
 //! over a set of VMAs; the inspection driver (`crate::inspect`) decides
 //! which.
 
@@ -30,15 +30,12 @@ mod vmas;
 
 use std::os::fd::BorrowedFd;
 
-pub use backend::BackendPlan;
-pub use kpage::KpageFlags;
+pub(crate) use kpage::KpageFlags;
 /// The `/proc/kpageflags` bits pagescope reads.
-pub mod kpage_bits {
-    pub use super::kpage::{KPF_COMPOUND_TAIL, KPF_DIRTY, KPF_LRU, KPF_THP_ANY, KPF_UNEVICTABLE};
+pub(crate) mod kpage_bits {
+    pub(crate) use super::kpage::{KPF_DIRTY, KPF_LRU, KPF_THP_ANY, KPF_UNEVICTABLE};
 }
-pub use pagemap_read::PagemapReadBackend;
-pub use pagemap_scan::PagemapScanBackend;
-pub use vmas::Scanner;
+pub(crate) use vmas::Scanner;
 
 use crate::addr::{PageSize, VirtRange};
 use crate::error::ErrorKind;
