@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use pagescope::dirty::track_self;
 use pagescope::raw::pagemap_scan::RegionBuf;
+use pagescope::raw::wp_get_and_reset;
 use pagescope::raw::{Advice, OwnedMapping};
-use pagescope::uffd::wp_get_and_reset;
 use pagescope::{KernelCaps, VirtAddr, VirtRange};
 
 use crate::util::{arg, median, ms};

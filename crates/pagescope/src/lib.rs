@@ -59,7 +59,7 @@ pub mod render;
 pub(crate) mod report;
 pub(crate) mod scan;
 pub(crate) mod sys;
-pub mod uffd;
+pub(crate) mod uffd;
 pub(crate) mod vma;
 
 pub use addr::{PageSize, PageSpan, VirtAddr, VirtRange};
@@ -70,8 +70,8 @@ pub use page::{PageFlags, PageInfo, PageRun, PageState, SwapSlot, UnknownReason}
 pub use proc::{ProcError, Target, pids};
 pub use rangeset::RangeSet;
 pub use report::{Counts, ProcessReport, Skipped, VmaReport};
-pub use scan::{BackendChoice, PageScanner, ScanError, ScanOptions, ScanStrategy};
-pub use sys::pagemap_scan::ScanCategories;
+pub use scan::{BackendChoice, ScanError, ScanOptions, ScanStrategy};
+pub use uffd::UffdError;
 
 /// The raw kernel interfaces (`sys`) and the pagemap decoding, for
 /// pagescope's own benchmarks, fixture and tests: the benches' baselines
@@ -81,13 +81,16 @@ pub use sys::pagemap_scan::ScanCategories;
 pub mod raw {
     pub use crate::dirty::target_uffd::Step as InjectStep;
     pub use crate::dump::stop::Stopped;
+    pub use crate::image::write::ImageWriter;
     pub use crate::page::RunBuilder;
     pub use crate::pagemap::{PagemapEntry, PagemapFlags};
     pub use crate::proc::read_swaps;
     pub use crate::proc::rollup::field_bytes;
     pub use crate::proc::smaps::VmFlags;
     pub use crate::sys::mm::{Advice, OwnedMapping};
+    pub use crate::sys::pagemap_scan::ScanCategories;
     pub use crate::sys::{cachestat, mincore, pagemap, pagemap_scan};
+    pub use crate::uffd::{SyncUserfaultfd, Userfaultfd, wp_arm, wp_get_and_reset};
 
     /// The image format's header codec and checksum, for the fuzz test
     /// that rewrites a header around a mutated metadata file.

@@ -184,7 +184,7 @@ pub const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
 
 impl Vma {
     /// Classifies one maps line.
-    pub fn classify(e: &MapsEntry, mounts: &MountTable, vm_flags: Option<VmFlags>) -> Self {
+    pub(crate) fn classify(e: &MapsEntry, mounts: &MountTable, vm_flags: Option<VmFlags>) -> Self {
         let (backing, kind) = classify_entry(e, mounts, vm_flags.unwrap_or_default());
         Self {
             entry: e.clone(),
@@ -198,7 +198,7 @@ impl Vma {
 
     /// Refines the backing once the object is open: `f_type` from
     /// `fstatfs` tells hugetlbfs and tmpfs apart from what maps suggests.
-    pub fn refine_with_fstype(&mut self, f_type: u64) {
+    pub(crate) fn refine_with_fstype(&mut self, f_type: u64) {
         match f_type {
             HUGETLBFS_MAGIC => {
                 self.backing = Backing::Hugetlb;
@@ -219,7 +219,7 @@ impl Vma {
 
     /// Whether pages of the VMA may be anonymous (private anon, or
     /// copied-on-write pages of a private file/shmem mapping).
-    pub fn may_hold_anon(&self) -> bool {
+    pub(crate) fn may_hold_anon(&self) -> bool {
         !self.perms.shared && matches!(self.backing, Backing::Anon | Backing::File | Backing::Shmem)
     }
 
@@ -231,7 +231,7 @@ impl Vma {
 
     /// Whether the VMA is above the user address space (`[vsyscall]`),
     /// where pagemap reports nothing.
-    pub fn outside_pagemap(&self) -> bool {
+    pub(crate) fn outside_pagemap(&self) -> bool {
         self.kind == VmaKind::Vsyscall
     }
 
@@ -258,19 +258,19 @@ impl Vma {
     }
 
     /// The object page mapped at `addr` (which must lie in the VMA).
-    pub fn object_page(&self, addr: VirtAddr, page: PageSize) -> u64 {
+    pub(crate) fn object_page(&self, addr: VirtAddr, page: PageSize) -> u64 {
         let into = addr.checked_offset_from(self.range.start()).unwrap_or(0);
         (self.offset + into) / page.get()
     }
 
     /// The object pages behind `part` of the VMA.
-    pub fn object_span(&self, part: VirtRange, page: PageSize) -> PageSpan {
+    pub(crate) fn object_span(&self, part: VirtRange, page: PageSize) -> PageSpan {
         PageSpan::from_start_count(self.object_page(part.start(), page), part.pages(page))
     }
 
     /// The addresses where the VMA maps object pages `span`, if it maps
     /// any of them.
-    pub fn range_of(&self, span: PageSpan, page: PageSize) -> Option<VirtRange> {
+    pub(crate) fn range_of(&self, span: PageSpan, page: PageSize) -> Option<VirtRange> {
         let mine = self.object_span(self.range, page);
         let both = mine.intersect(&span)?;
         let start = self

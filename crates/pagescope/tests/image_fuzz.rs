@@ -17,9 +17,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use pagescope::PageSize;
-use pagescope::image::{
-    FileIdentity, Image, ImageWriter, Meta, ObjectRec, PageKind, ProcessRec, Run, VmaRec,
-};
+use pagescope::image::{FileIdentity, Image, Meta, ObjectRec, PageKind, ProcessRec, Run, VmaRec};
+use pagescope::raw::ImageWriter;
 use pagescope::raw::image_format as format;
 use proptest::prelude::*;
 

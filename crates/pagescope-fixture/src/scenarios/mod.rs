@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use pagescope::raw::{Advice, OwnedMapping, PagemapEntry, PagemapFlags};
-use pagescope::uffd::{Userfaultfd, wp_arm};
+use pagescope::raw::{Userfaultfd, wp_arm};
 use pagescope::{VirtAddr, VirtRange};
 
 use crate::sys;

@@ -163,7 +163,7 @@ pub struct VmaRec {
 impl VmaRec {
     /// What identifies the recorded mapping in a process's maps (see
     /// `MappingKey`); `None` if the record is malformed.
-    pub fn mapping_key(&self) -> Option<MappingKey> {
+    pub(crate) fn mapping_key(&self) -> Option<MappingKey> {
         Some(MappingKey {
             range: VirtRange::new(VirtAddr::new(self.start), VirtAddr::new(self.end))?,
             offset: self.offset,

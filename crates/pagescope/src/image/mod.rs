@@ -11,7 +11,7 @@
 //! * `read`: [`Image`]: opens and checks an image and its parent chain
 //!   (every size bounded, every byte of metadata checksummed), and reads
 //!   pages through the chain.
-//! * `store_name`: [`StoreName`]: what a store of page data is called
+//! * `store_name`: `StoreName`: what a store of page data is called
 //!   (after the mapping or the object whose pages it holds) and its files.
 //! * `identity`: regular files recorded by identity, reopened only if
 //!   they are the same file.
@@ -30,8 +30,7 @@ use std::path::PathBuf;
 pub use format::{FileIdentity, Meta, ObjectRec, PageKind, ProcessRec, Run, VmaRec};
 pub use read::Image;
 pub use read::PageFill;
-pub use store_name::{StoreName, StoreOwner};
-pub use write::ImageWriter;
+pub(crate) use write::ImageWriter;
 
 use crate::error::ErrorKind;
 

@@ -6,8 +6,8 @@
 //! cache, a page resident but not mapped by this process and a hole all
 //! read as an empty PTE; for files, cached and uncached pages do. pagescope
 //! opens the object (`open`), classifies its pages from the object itself
-//! (`classify`, [`classify_spans`]) once per object, and gives every page
-//! the target does not map the object's state ([`join`]). The inspection
+//! (`classify`, `classify_spans`) once per object, and gives every page
+//! the target does not map the object's state (`join`). The inspection
 //! driver (`crate::inspect`) decides which objects and pages.
 //!
 //! `view` holds the per-object view across processes (`pagescope
@@ -21,8 +21,9 @@ pub(crate) mod view;
 
 use std::os::fd::AsFd;
 
-pub use classify::{Classified, ObjectClass, ObjectRun, ObjectState};
-pub use open::{OpenObject, OpenedVia, open_object};
+pub use classify::ObjectClass;
+pub(crate) use classify::{Classified, ObjectRun, ObjectState};
+pub(crate) use open::{OpenObject, open_object};
 use rustix::io::Errno;
 pub use view::{
     ObjectReport, ObjectsOptions, ObjectsReport, Sharer, SharerMapping, SkippedProcess,
@@ -128,7 +129,7 @@ fn page_cache_refused(obj: &OpenObject) -> bool {
 
 /// Classifies the pages `spans` of an opened object of class `class`;
 /// `known` are object pages some process maps (in the page cache).
-pub fn classify_spans(
+pub(crate) fn classify_spans(
     o: &OpenObject,
     class: Option<ObjectClass>,
     spans: &RangeSet<PageSpan>,
@@ -156,7 +157,7 @@ pub fn classify_spans(
 
 /// Replaces the page-table holes of `runs` with the object's states.
 /// `first` is the object page at `start`.
-pub fn join(
+pub(crate) fn join(
     runs: &[PageRun],
     obj: &[ObjectRun],
     first: u64,
@@ -202,7 +203,7 @@ fn push_part(
 }
 
 /// Page-table holes become `unknown`: the object could not be examined.
-pub fn mark_unknown(runs: &[PageRun], page: PageSize) -> Vec<PageRun> {
+pub(crate) fn mark_unknown(runs: &[PageRun], page: PageSize) -> Vec<PageRun> {
     let mut out = RunBuilder::new(page, true);
     for r in runs {
         if r.state == PageState::Hole {

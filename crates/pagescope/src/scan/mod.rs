@@ -158,9 +158,6 @@ pub struct ScanJob<'a> {
 
 /// A way to find the state of every page of a VMA.
 pub trait PageScanner {
-    /// Short backend name for reports (`"pagemap_scan"`, `"pagemap"`).
-    fn name(&self) -> &'static str;
-
     /// Appends runs covering every page of the job's range to `out`, in
     /// address order.
     fn scan(&mut self, job: &ScanJob<'_>, out: &mut RunBuilder) -> Result<(), ScanError>;
