@@ -39,6 +39,8 @@
 
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
+// Every public type can be named: re-exported where users reach it.
+#![deny(unnameable_types)]
 
 pub(crate) mod addr;
 pub mod dirty;
@@ -62,14 +64,16 @@ pub(crate) mod sys;
 pub(crate) mod uffd;
 pub(crate) mod vma;
 
-pub use addr::{PageSize, PageSpan, VirtAddr, VirtRange};
+pub use addr::{PageSize, PageSpan, ParseAddrError, VirtAddr, VirtRange};
 pub use error::ErrorKind;
 pub use inspect::{objects_view, scan_process};
-pub use kernel::KernelCaps;
+pub use kernel::{Feature, KernelCaps, UffdSupport};
 pub use page::{PageFlags, PageInfo, PageRun, PageState, SwapSlot, UnknownReason};
+pub use proc::maps::{DevId, MappingKey, MapsEntry, MapsPath, Perms};
+pub use proc::swaps::{SwapDevice, SwapTable};
 pub use proc::{ProcError, Target, pids};
-pub use rangeset::RangeSet;
-pub use report::{Counts, ProcessReport, Skipped, VmaReport};
+pub use rangeset::{Interval, RangeSet};
+pub use report::{Counts, ProcessReport, SkipReason, Skipped, VmaReport};
 pub use scan::{BackendChoice, ScanError, ScanOptions, ScanStrategy};
 pub use uffd::UffdError;
 
@@ -81,14 +85,15 @@ pub use uffd::UffdError;
 pub mod raw {
     pub use crate::dirty::target_uffd::Step as InjectStep;
     pub use crate::dump::stop::Stopped;
-    pub use crate::image::write::ImageWriter;
+    pub use crate::image::write::{ImageWriter, Store};
     pub use crate::page::RunBuilder;
-    pub use crate::pagemap::{PagemapEntry, PagemapFlags};
+    pub use crate::pagemap::{PagemapEntry, PagemapFlags, SwapEntryKind};
     pub use crate::proc::read_swaps;
     pub use crate::proc::rollup::field_bytes;
-    pub use crate::proc::smaps::VmFlags;
+    pub use crate::proc::smaps::{SmapsEntry, VmFlags};
     pub use crate::sys::mm::{Advice, OwnedMapping};
     pub use crate::sys::pagemap_scan::ScanCategories;
+    pub use crate::sys::uffd::FaultMsg;
     pub use crate::sys::{cachestat, mincore, pagemap, pagemap_scan};
     pub use crate::uffd::{SyncUserfaultfd, Userfaultfd, wp_arm, wp_get_and_reset};
 

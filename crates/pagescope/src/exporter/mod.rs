@@ -29,7 +29,8 @@ pub(crate) mod watch;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use collect::Snapshot;
+pub use crate::proc::rollup::Rollup;
+pub use collect::{Aggregate, ObjectSample, ProcessSample, Reconciled, Snapshot};
 pub use serve::Background;
 pub use watch::WatchSpec;
 

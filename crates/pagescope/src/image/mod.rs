@@ -27,9 +27,13 @@ pub(crate) mod write;
 
 use std::path::PathBuf;
 
-pub use format::{FileIdentity, Meta, ObjectRec, PageKind, ProcessRec, Run, VmaRec};
-pub use read::Image;
-pub use read::PageFill;
+pub use format::{
+    DedupRef, FileIdentity, Header, HeaderFault, KeptTracking, Meta, ObjectRec, PageKind,
+    ParentRef, ProcessRec, RseqRec, Run, StoreRec, SwapSlotRec, VmaRec,
+};
+pub use read::{Image, PageFill};
+pub use restore::{ImageRegion, RestoreSummary};
+pub use store_name::{StoreName, StoreOwner};
 pub(crate) use write::ImageWriter;
 
 use crate::error::ErrorKind;

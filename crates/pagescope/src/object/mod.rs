@@ -21,8 +21,8 @@ pub(crate) mod view;
 
 use std::os::fd::AsFd;
 
-pub use classify::ObjectClass;
-pub(crate) use classify::{Classified, ObjectRun, ObjectState};
+pub(crate) use classify::Classified;
+pub use classify::{ObjectClass, ObjectRun, ObjectState};
 pub(crate) use open::{OpenObject, open_object};
 use rustix::io::Errno;
 pub use view::{
