@@ -131,7 +131,7 @@ pub struct ObjectId {
 impl ObjectId {
     /// The device and inode a maps line names, whatever backs it (see
     /// [`Vma::object_id`] for the VMAs that have an object).
-    pub fn of_entry(e: &MapsEntry) -> Self {
+    pub(crate) fn of_entry(e: &MapsEntry) -> Self {
         Self {
             dev: e.dev,
             inode: e.inode,
@@ -139,7 +139,7 @@ impl ObjectId {
     }
 
     /// The identity of the file `st` describes (from `stat`/`fstat`).
-    pub fn of_stat(st: &rustix::fs::Stat) -> Self {
+    pub(crate) fn of_stat(st: &rustix::fs::Stat) -> Self {
         Self {
             dev: DevId::from_st_dev(st.st_dev),
             inode: st.st_ino,

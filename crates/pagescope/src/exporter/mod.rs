@@ -11,7 +11,7 @@
 //! bytes from the dirty tracker. Scrape duration, errors, and which
 //! processes were left out and why.
 //!
-//! * `collect`: one collection ([`Snapshot`]).
+//! * `collect`: one collection (`Snapshot`).
 //! * `metrics`: the metric families, encoded by `prometheus-client` in
 //!   the Prometheus text format (0.0.4) or OpenMetrics ([`Format`]).
 //! * `watch`: the `--watch` trackers.
@@ -29,8 +29,7 @@ pub(crate) mod watch;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use crate::proc::rollup::Rollup;
-pub use collect::{Aggregate, ObjectSample, ProcessSample, Reconciled, Snapshot};
+pub(crate) use collect::Snapshot;
 pub use serve::Background;
 pub use watch::WatchSpec;
 
@@ -104,7 +103,7 @@ impl Format {
 
 /// Counters over the exporter's life.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Totals {
+pub(crate) struct Totals {
     /// Collections run.
     pub collections: u64,
     /// Failures counted in [`Snapshot::errors`], summed.
@@ -142,7 +141,7 @@ impl Exporter {
     /// The snapshot to serve: the cached one if younger than
     /// `min_interval`, else a new collection (which also collects the
     /// `--watch` trackers).
-    pub fn snapshot(&mut self) -> Arc<Snapshot> {
+    pub(crate) fn snapshot(&mut self) -> Arc<Snapshot> {
         if let Some((at, snap)) = &self.cached {
             if at.elapsed() < self.opts.min_interval {
                 return Arc::clone(snap);
