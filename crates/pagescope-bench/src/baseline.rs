@@ -5,8 +5,8 @@
 
 use std::os::fd::BorrowedFd;
 
-use pagescope::ScanCategories as C;
 use pagescope::VirtRange;
+use pagescope::raw::ScanCategories as C;
 use pagescope::raw::pagemap::pread_u64s;
 use pagescope::raw::pagemap_scan::{RegionBuf, ScanRequest, pagemap_scan};
 

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use pagescope::dirty::track_self;
 use pagescope::raw::pagemap_scan::RegionBuf;
-use pagescope::uffd::wp_get_and_reset;
-use pagescope::{Advice, KernelCaps, OwnedMapping, VirtAddr, VirtRange};
+use pagescope::raw::wp_get_and_reset;
+use pagescope::raw::{Advice, OwnedMapping};
+use pagescope::{KernelCaps, VirtAddr, VirtRange};
 
 use crate::util::{arg, median, ms};
 

@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use pagescope::dump::{DumpOptions, DumpReport, dump};
-use pagescope::{KernelCaps, OwnedMapping, Target};
+use pagescope::raw::OwnedMapping;
+use pagescope::{KernelCaps, Target};
 
 use crate::util::{arg, median};
 

@@ -72,7 +72,7 @@ fn spawn(n: u64) -> anyhow::Result<Crowd> {
 fn rollup_floor() -> usize {
     let mut buf = Vec::with_capacity(4096);
     let mut n = 0;
-    for pid in pagescope::proc::pids() {
+    for pid in pagescope::pids() {
         buf.clear();
         if let Ok(mut f) = std::fs::File::open(format!("/proc/{pid}/smaps_rollup")) {
             if f.read_to_end(&mut buf).is_ok() {
@@ -121,8 +121,7 @@ fn serving_rss(exe: &std::path::Path, scrapes: u32) -> anyhow::Result<(u64, u64)
         std::io::copy(&mut s, &mut std::io::sink())?;
     }
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
-    let kib =
-        |f: &str| pagescope::proc::rollup::field_bytes(status.as_bytes(), f).unwrap_or(0) / 1024;
+    let kib = |f: &str| pagescope::raw::field_bytes(status.as_bytes(), f).unwrap_or(0) / 1024;
     let out = (kib("VmRSS"), kib("VmHWM"));
     let _ = child.kill();
     let _ = child.wait();

@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use anyhow::Context;
-use pagescope::object::view::ObjectsOptions;
+use pagescope::object::ObjectsOptions;
 use pagescope::objects_view;
 use pagescope::raw::pagemap_scan::RegionBuf;
 use pagescope::{KernelCaps, PageState, ScanOptions, Target, VirtAddr, VirtRange, scan_process};

@@ -12,9 +12,10 @@ use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
 use pagescope::dirty::{TrackOptions, WriteSource, attach_owned};
+use pagescope::raw::OwnedMapping;
 use pagescope::raw::pagemap_scan::RegionBuf;
-use pagescope::uffd::wp_get_and_reset;
-use pagescope::{KernelCaps, OwnedMapping, Target, VirtRange};
+use pagescope::raw::wp_get_and_reset;
+use pagescope::{KernelCaps, Target, VirtRange};
 
 use crate::util::{arg, median, ms};
 

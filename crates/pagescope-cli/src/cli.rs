@@ -50,7 +50,7 @@ pub enum Command {
         name: Option<String>,
         /// Sort by this column (numbers largest first).
         #[arg(long, default_value = "swap", value_parser = parse_top_column)]
-        sort: pagescope::render::summary::TopColumn,
+        sort: pagescope::render::TopColumn,
         /// Show only the first N lines.
         #[arg(long, short = 'n', value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
@@ -490,8 +490,8 @@ fn parse_state(s: &str) -> Result<pagescope::PageState, String> {
     })
 }
 
-fn parse_top_column(s: &str) -> Result<pagescope::render::summary::TopColumn, String> {
-    use pagescope::render::summary::TopColumn;
+fn parse_top_column(s: &str) -> Result<pagescope::render::TopColumn, String> {
+    use pagescope::render::TopColumn;
     TopColumn::from_name(s.trim()).ok_or_else(|| {
         let names: Vec<_> = TopColumn::ALL.iter().map(|c| c.name()).collect();
         format!("no column {s:?} (one of: {})", names.join(", "))

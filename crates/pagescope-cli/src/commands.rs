@@ -104,7 +104,7 @@ fn objects(
     json: bool,
 ) -> Result<u8> {
     use pagescope::ErrorKind;
-    use pagescope::object::view::ObjectsOptions;
+    use pagescope::object::ObjectsOptions;
     let caps = KernelCaps::probe();
     let pids = crate::listing::resolve(targets);
     let all = targets.all || targets.name.is_some();

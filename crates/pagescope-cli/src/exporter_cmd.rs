@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use pagescope::exporter::serve::Background;
+use pagescope::exporter::Background;
 use pagescope::exporter::{Exporter, ExporterOptions, Format, Selection, WatchSpec};
 use pagescope::render::Glob;
 

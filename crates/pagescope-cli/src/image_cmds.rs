@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use anyhow::{Context, Result};
 use pagescope::dump::{DumpEvent, DumpOptions, Iteration};
-use pagescope::image::format::Run;
+use pagescope::image::Run;
 use pagescope::image::{Image, PageKind};
 use pagescope::{KernelCaps, Target};
 

@@ -24,7 +24,7 @@ pub fn resolve(t: &Targets) -> Vec<u32> {
     }
     let me = std::process::id();
     let glob = t.name.as_deref().map(Glob::new);
-    pagescope::proc::pids()
+    pagescope::pids()
         .into_iter()
         .filter(|&p| p != me)
         .filter(|&p| {
@@ -207,7 +207,7 @@ fn map_columns(columns: &[ColumnArg]) -> Vec<pagescope::render::MapColumn> {
 pub fn top(
     pids: &[u32],
     name: Option<&str>,
-    sort: pagescope::render::summary::TopColumn,
+    sort: pagescope::render::TopColumn,
     limit: Option<u64>,
     units: &UnitArgs,
     json: bool,
@@ -227,7 +227,7 @@ pub fn top(
         all: true,
     });
     let (reports, failed) = scan_all(&all, &opts, true);
-    let mut sums = pagescope::render::summary::summarize(&reports);
+    let mut sums = pagescope::render::summarize(&reports);
     let glob = name.map(Glob::new);
     sums.retain(|s| {
         (pids.is_empty() || pids.contains(&s.pid))
@@ -282,7 +282,7 @@ pub fn top(
         sums.truncate(n as usize);
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let whole_bytes = pagescope::render::summary::whole_bytes;
+    let whole_bytes = pagescope::render::whole_bytes;
     if json {
         let rows: Vec<_> = sums
             .iter()
@@ -305,7 +305,7 @@ pub fn top(
         )?;
         writeln!(out)?;
     } else {
-        pagescope::render::summary::write_top(&sums, units.unit(), sort, &mut out)?;
+        pagescope::render::write_top(&sums, units.unit(), sort, &mut out)?;
     }
     out.flush()?;
     finish(sums.len(), &failed, pids.is_empty())

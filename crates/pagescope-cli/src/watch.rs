@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use pagescope::dirty::stats::Watcher;
+use pagescope::dirty::Watcher;
 use pagescope::dirty::{TrackError, TrackOptions, TrackerBackend, attach};
 use pagescope::{KernelCaps, Target};
 

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 
 use anyhow::Result;
-use pagescope::dirty::stats::Interval;
+use pagescope::dirty::WatchInterval;
 use pagescope::render::SizeUnit;
 use ratatui::Frame;
 use ratatui::layout::Rect;
@@ -94,7 +94,7 @@ impl View {
     }
 
     /// Shows one interval.
-    pub fn show(&mut self, out: &mut dyn Write, s: &Interval) -> Result<()> {
+    pub fn show(&mut self, out: &mut dyn Write, s: &WatchInterval) -> Result<()> {
         match self {
             Self::Json => {
                 serde_json::to_writer(&mut *out, s)?;
@@ -125,13 +125,13 @@ pub struct Live {
     unit: SizeUnit,
     header: Vec<String>,
     rates: VecDeque<f64>,
-    last: Option<Interval>,
+    last: Option<WatchInterval>,
     /// The terminal session; `None` once finished.
     screen: Option<Screen>,
 }
 
 impl Live {
-    fn push(&mut self, s: Interval) {
+    fn push(&mut self, s: WatchInterval) {
         // A partial interval is shown, not counted in the peak.
         if !s.partial {
             if self.rates.len() == HISTORY {
@@ -204,7 +204,7 @@ impl Live {
 }
 
 /// The tables: hottest mappings, shared objects, followed children.
-fn body(s: &Interval, unit: SizeUnit) -> Vec<String> {
+fn body(s: &WatchInterval, unit: SizeUnit) -> Vec<String> {
     let mut b = vec![
         String::new(),
         format!(
@@ -273,7 +273,7 @@ fn sparkline(levels: &[u64]) -> Sparkline<'_> {
 }
 
 /// Bytes per page, from the interval's own numbers.
-fn page_bytes(s: &Interval) -> u64 {
+fn page_bytes(s: &WatchInterval) -> u64 {
     s.written_bytes
         .checked_div(s.written_pages)
         .unwrap_or_else(|| pagescope::PageSize::current().get())
@@ -284,7 +284,7 @@ fn rate(unit: SizeUnit, mib_s: f64) -> String {
     unit.format_rate(mib_s * 1024.0 * 1024.0)
 }
 
-fn verdict(s: &Interval) -> String {
+fn verdict(s: &WatchInterval) -> String {
     match s.precopy_verdict {
         "converges" => "converges".into(),
         "unknown" => format!("unknown ({} conservative pages)", s.conservative_pages),
@@ -320,7 +320,7 @@ fn spark_levels(values: impl Iterator<Item = f64>, peak: f64) -> Vec<u64> {
 }
 
 /// The one-line form of an interval.
-fn line(s: &Interval, unit: SizeUnit) -> String {
+fn line(s: &WatchInterval, unit: SizeUnit) -> String {
     let top: Vec<String> = s
         .vmas
         .iter()
@@ -343,7 +343,7 @@ fn line(s: &Interval, unit: SizeUnit) -> String {
 /// What is special about an interval: degraded tracking or a partial
 /// interval, and the forks in it (counted where children are tracked
 /// from birth); empty for a plain one.
-fn flags(s: &Interval) -> String {
+fn flags(s: &WatchInterval) -> String {
     let degraded = match (s.degraded.is_some(), s.partial) {
         (true, _) => "  DEGRADED",
         (false, true) => "  (partial)",

@@ -10,8 +10,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{caps, fixture, skip, status_field};
-use pagescope::dirty::inject::{Device, Step};
+use pagescope::dirty::Device;
 use pagescope::dirty::{DirtyReport, TrackOptions, TrackerBackend, WriteSource, attach_owned};
+use pagescope::raw::InjectStep as Step;
 use pagescope::{Target, VirtAddr};
 use pagescope_fixture::{FixtureProcess, Truth};
 

@@ -233,7 +233,7 @@ fn a_real_signal_during_the_stop_still_interrupts() {
         for call in ["epoll_wait", "semop", "sigtimedwait", "recv_timeo"] {
             let t = Target::start(call, -1);
             let target = pagescope::Target::open(t.pid()).unwrap();
-            let stopped = pagescope::dump::stop::Stopped::stop(&target).unwrap();
+            let stopped = pagescope::raw::Stopped::stop(&target).unwrap();
             let pid = rustix::process::Pid::from_raw(t.pid().cast_signed()).unwrap();
             rustix::process::kill_process(pid, sig).unwrap();
             std::thread::sleep(Duration::from_millis(20));

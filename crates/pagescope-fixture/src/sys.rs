@@ -7,7 +7,7 @@
 
 use std::ptr::NonNull;
 
-use pagescope::OwnedMapping;
+use pagescope::raw::OwnedMapping;
 
 /// Forks a helper that runs `child` and then sleeps until it is killed; it
 /// gets SIGKILL when the fixture dies. Returns the helper's PID once `child`

@@ -334,10 +334,11 @@ fn detaching_removes_the_protection() {
     let fx = fixture(&["anon"]);
     let Some(t) = tracker(&fx) else { return };
     let smaps = Target::open(fx.pid()).unwrap().smaps().unwrap();
-    assert!(smaps.iter().any(|s| {
-        s.vm_flags
-            .contains(pagescope::proc::smaps::VmFlags::UFFD_WP)
-    }));
+    assert!(
+        smaps
+            .iter()
+            .any(|s| { s.vm_flags.contains(pagescope::raw::VmFlags::UFFD_WP) })
+    );
     drop(t);
     // The kernel lifts the registration when the last reference to the
     // userfaultfd goes: a process another test of this binary forks at
@@ -349,10 +350,7 @@ fn detaching_removes_the_protection() {
             .smaps()
             .unwrap()
             .iter()
-            .any(|s| {
-                s.vm_flags
-                    .contains(pagescope::proc::smaps::VmFlags::UFFD_WP)
-            })
+            .any(|s| s.vm_flags.contains(pagescope::raw::VmFlags::UFFD_WP))
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
     while uw_left() && std::time::Instant::now() < deadline {

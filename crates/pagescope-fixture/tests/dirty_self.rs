@@ -5,7 +5,8 @@ mod common;
 
 use common::{caps, skip};
 use pagescope::dirty::{TrackerBackend, WriteSource, track_self};
-use pagescope::{Advice, OwnedMapping, VirtAddr, VirtRange};
+use pagescope::raw::{Advice, OwnedMapping};
+use pagescope::{VirtAddr, VirtRange};
 
 #[test]
 fn tracks_own_ranges_including_swap_and_threads_swapdev() {

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use common::{Scratch, can_dump, caps, fixture, skip};
 use pagescope::Target;
 use pagescope::dump::{DumpOptions, DumpReport, dump};
-use pagescope::image::format::{PageKind, VmaRec};
 use pagescope::image::{Image, ImageError};
+use pagescope::image::{PageKind, VmaRec};
 use pagescope_fixture::FixtureProcess;
 
 /// Lets stopped processes run again when the test ends (pass or fail).

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 
 use common::{caps, fixture, skip};
-use pagescope::object::view::ObjectsOptions;
+use pagescope::object::ObjectsOptions;
 use pagescope::objects_view;
 use pagescope::{BackendChoice, PageState, ProcessReport, Target};
 

@@ -14,7 +14,7 @@ use common::{caps, fixture, is_root, skip};
 use pagescope::Target;
 use pagescope::dump::{DumpOptions, dump};
 use pagescope::image::Image;
-use pagescope::image::read::PageFill;
+use pagescope::image::PageFill;
 
 const THREADS: u64 = 4;
 const PAGES: u64 = 16384;

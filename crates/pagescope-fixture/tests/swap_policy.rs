@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use common::{caps, fixture, is_root, scan, skip};
 use pagescope::dump::{DumpOptions, DumpReport, SwapPolicy, dump};
 use pagescope::image::Image;
-use pagescope::image::format::PageKind;
+use pagescope::image::PageKind;
 use pagescope::{BackendChoice, PageState, Target};
 use pagescope_fixture::FixtureProcess;
 

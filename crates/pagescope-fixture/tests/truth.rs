@@ -172,7 +172,7 @@ fn skip_exclusive_changes_only_the_exclusive_flag() {
     assert!(full.exclusive_known && !fast.exclusive_known);
     for (a, b) in full.vmas.iter().zip(&fast.vmas).filter(|(a, _)| stable(a)) {
         let strip = |runs: &[pagescope::PageRun]| {
-            let mut out = pagescope::page::RunBuilder::new(full.page_size, false);
+            let mut out = pagescope::raw::RunBuilder::new(full.page_size, false);
             for r in runs {
                 let mut r = *r;
                 if a.vma.backing == pagescope::Backing::Anon || a.vma.is_shared() {

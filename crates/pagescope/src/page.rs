@@ -247,7 +247,7 @@ pub struct PageInfo {
 
 impl PageInfo {
     /// A state with no flags.
-    pub const fn of(state: PageState) -> Self {
+    pub(crate) const fn of(state: PageState) -> Self {
         Self {
             state,
             flags: PageFlags::empty(),
@@ -257,7 +257,7 @@ impl PageInfo {
     }
 
     /// A state with flags.
-    pub const fn with(state: PageState, flags: PageFlags) -> Self {
+    pub(crate) const fn with(state: PageState, flags: PageFlags) -> Self {
         Self {
             state,
             flags,
@@ -267,7 +267,7 @@ impl PageInfo {
     }
 
     /// An unknown page.
-    pub const fn unknown(reason: UnknownReason, flags: PageFlags) -> Self {
+    pub(crate) const fn unknown(reason: UnknownReason, flags: PageFlags) -> Self {
         Self {
             state: PageState::Unknown,
             flags,

@@ -112,7 +112,7 @@ pub struct Counts(pub BTreeMap<PageState, u64>);
 
 impl Counts {
     /// Adds `pages` pages of `state`.
-    pub fn add(&mut self, state: PageState, pages: u64) {
+    pub(crate) fn add(&mut self, state: PageState, pages: u64) {
         *self.0.entry(state).or_default() += pages;
     }
 
@@ -127,7 +127,7 @@ impl Counts {
     }
 
     /// Adds every count of `other`.
-    pub fn merge(&mut self, other: &Counts) {
+    pub(crate) fn merge(&mut self, other: &Counts) {
         for (&s, &n) in &other.0 {
             self.add(s, n);
         }

@@ -131,7 +131,7 @@ pub struct ObjectId {
 impl ObjectId {
     /// The device and inode a maps line names, whatever backs it (see
     /// [`Vma::object_id`] for the VMAs that have an object).
-    pub fn of_entry(e: &MapsEntry) -> Self {
+    pub(crate) fn of_entry(e: &MapsEntry) -> Self {
         Self {
             dev: e.dev,
             inode: e.inode,
@@ -139,7 +139,7 @@ impl ObjectId {
     }
 
     /// The identity of the file `st` describes (from `stat`/`fstat`).
-    pub fn of_stat(st: &rustix::fs::Stat) -> Self {
+    pub(crate) fn of_stat(st: &rustix::fs::Stat) -> Self {
         Self {
             dev: DevId::from_st_dev(st.st_dev),
             inode: st.st_ino,
@@ -149,7 +149,7 @@ impl ObjectId {
 
 /// A VMA of the target: its maps line and what pagescope made of it.
 ///
-/// It dereferences to its [`MapsEntry`], so `vma.range`, `vma.perms`,
+/// It dereferences to its `MapsEntry`, so `vma.range`, `vma.perms`,
 /// `vma.offset`, `vma.dev`, `vma.inode` and `vma.path` read the maps line
 /// itself: a VMA *is* that line plus a classification.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,7 +184,7 @@ pub const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
 
 impl Vma {
     /// Classifies one maps line.
-    pub fn classify(e: &MapsEntry, mounts: &MountTable, vm_flags: Option<VmFlags>) -> Self {
+    pub(crate) fn classify(e: &MapsEntry, mounts: &MountTable, vm_flags: Option<VmFlags>) -> Self {
         let (backing, kind) = classify_entry(e, mounts, vm_flags.unwrap_or_default());
         Self {
             entry: e.clone(),
@@ -198,7 +198,7 @@ impl Vma {
 
     /// Refines the backing once the object is open: `f_type` from
     /// `fstatfs` tells hugetlbfs and tmpfs apart from what maps suggests.
-    pub fn refine_with_fstype(&mut self, f_type: u64) {
+    pub(crate) fn refine_with_fstype(&mut self, f_type: u64) {
         match f_type {
             HUGETLBFS_MAGIC => {
                 self.backing = Backing::Hugetlb;
@@ -219,19 +219,19 @@ impl Vma {
 
     /// Whether pages of the VMA may be anonymous (private anon, or
     /// copied-on-write pages of a private file/shmem mapping).
-    pub fn may_hold_anon(&self) -> bool {
+    pub(crate) fn may_hold_anon(&self) -> bool {
         !self.perms.shared && matches!(self.backing, Backing::Anon | Backing::File | Backing::Shmem)
     }
 
     /// Whether the VMA is one of the kernel's own mappings (`[vdso]`,
-    /// `[vvar]`, ...: [`is_kernel_mapping`]).
+    /// `[vvar]`, ...: `is_kernel_mapping`).
     pub fn is_kernel_mapping(&self) -> bool {
         is_kernel_mapping(&self.entry)
     }
 
     /// Whether the VMA is above the user address space (`[vsyscall]`),
     /// where pagemap reports nothing.
-    pub fn outside_pagemap(&self) -> bool {
+    pub(crate) fn outside_pagemap(&self) -> bool {
         self.kind == VmaKind::Vsyscall
     }
 
@@ -258,19 +258,19 @@ impl Vma {
     }
 
     /// The object page mapped at `addr` (which must lie in the VMA).
-    pub fn object_page(&self, addr: VirtAddr, page: PageSize) -> u64 {
+    pub(crate) fn object_page(&self, addr: VirtAddr, page: PageSize) -> u64 {
         let into = addr.checked_offset_from(self.range.start()).unwrap_or(0);
         (self.offset + into) / page.get()
     }
 
     /// The object pages behind `part` of the VMA.
-    pub fn object_span(&self, part: VirtRange, page: PageSize) -> PageSpan {
+    pub(crate) fn object_span(&self, part: VirtRange, page: PageSize) -> PageSpan {
         PageSpan::from_start_count(self.object_page(part.start(), page), part.pages(page))
     }
 
     /// The addresses where the VMA maps object pages `span`, if it maps
     /// any of them.
-    pub fn range_of(&self, span: PageSpan, page: PageSize) -> Option<VirtRange> {
+    pub(crate) fn range_of(&self, span: PageSpan, page: PageSize) -> Option<VirtRange> {
         let mine = self.object_span(self.range, page);
         let both = mine.intersect(&span)?;
         let start = self

@@ -17,10 +17,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use pagescope::PageSize;
-use pagescope::image::format::{
-    self, FileIdentity, Meta, ObjectRec, PageKind, ProcessRec, Run, VmaRec,
-};
-use pagescope::image::{Image, ImageWriter};
+use pagescope::image::{FileIdentity, Image, Meta, ObjectRec, PageKind, ProcessRec, Run, VmaRec};
+use pagescope::raw::ImageWriter;
+use pagescope::raw::image_format as format;
 use proptest::prelude::*;
 
 const PAGE: u64 = 4096;

@@ -12,11 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagescope::object::extents::data_extents;
-use pagescope::object::open_object;
 use pagescope::qemu::Qmp;
-use pagescope::vma::MountTable;
-use pagescope::{PageSize, PageSpan, Target, Vma};
+use pagescope::{PageSize, Target};
 
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -287,10 +284,9 @@ impl GuestLine {
 }
 
 /// Copies the guest RAM of QEMU process `pid` (its one memfd mapping)
-/// into `file` with pagescope's library: the object opened through the
-/// target (`open_object`: map_files or the fd QEMU holds, checked by
-/// inode), only the extents `SEEK_DATA` reports, at their offsets.
-/// Returns the bytes copied.
+/// into `file`: the object opened through the pinned target
+/// (`/proc/PID/map_files/RANGE`), only the extents `SEEK_DATA` reports,
+/// at their offsets. Returns the bytes copied.
 pub fn copy_guest_ram(pid: u32, file: &Path) -> u64 {
     let target = Target::open(pid).expect("pin QEMU");
     let entry = target
@@ -299,29 +295,34 @@ pub fn copy_guest_ram(pid: u32, file: &Path) -> u64 {
         .into_iter()
         .find(|e| e.perms.shared && e.path.as_bytes().starts_with(b"/memfd:"))
         .expect("QEMU maps a memfd (memory-backend-memfd)");
-    let mounts = MountTable::new(&target.mountinfo().expect("mountinfo"));
-    let vma = Vma::classify(&entry, &mounts, None);
-    let object = open_object(&target, &vma, super::is_root()).expect("open the guest RAM memfd");
-    let page = PageSize::current();
-    let src = File::from(object.fd);
+    assert_eq!(entry.offset, 0, "guest RAM mapped from offset 0");
+    let src = File::from(
+        target
+            .map_file(entry.range)
+            .expect("open the guest RAM memfd"),
+    );
+    let size = src.metadata().expect("stat guest RAM").len();
     let dst = std::fs::OpenOptions::new()
         .write(true)
         .open(file)
         .expect("open the destination's RAM file");
-    let span = PageSpan::new(0, object.size / page.get()).expect("span");
-    let extents = data_extents(std::os::fd::AsFd::as_fd(&src), span, page).expect("SEEK_DATA");
     let mut buf = vec![0u8; 4 << 20];
-    let mut copied = 0;
-    for ext in extents.ranges() {
-        let (mut pos, end) = (ext.start() * page.get(), ext.end() * page.get());
-        while pos < end {
-            let n = buf.len().min(usize::try_from(end - pos).expect("fits"));
-            src.read_exact_at(&mut buf[..n], pos)
+    let (mut pos, mut copied) = (0u64, 0u64);
+    while pos < size {
+        let Ok(start) = rustix::fs::seek(&src, rustix::fs::SeekFrom::Data(pos)) else {
+            break; // ENXIO: no data after pos
+        };
+        let end = rustix::fs::seek(&src, rustix::fs::SeekFrom::Hole(start)).expect("SEEK_HOLE");
+        let mut at = start;
+        while at < end {
+            let n = buf.len().min(usize::try_from(end - at).expect("fits"));
+            src.read_exact_at(&mut buf[..n], at)
                 .expect("read guest RAM");
-            dst.write_all_at(&buf[..n], pos).expect("write RAM file");
-            pos += n as u64;
+            dst.write_all_at(&buf[..n], at).expect("write RAM file");
+            at += n as u64;
             copied += n as u64;
         }
+        pos = end;
     }
     copied
 }

@@ -12,8 +12,9 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use pagescope::uffd::{Userfaultfd, wp_arm};
-use pagescope::{Advice, OwnedMapping, PagemapEntry, PagemapFlags, VirtAddr, VirtRange};
+use pagescope::raw::{Advice, OwnedMapping, PagemapEntry, PagemapFlags};
+use pagescope::raw::{Userfaultfd, wp_arm};
+use pagescope::{VirtAddr, VirtRange};
 
 use crate::sys;
 use crate::truth::{Expect, ObjectTruth, Region, SkippedScenario, Truth};
@@ -420,7 +421,7 @@ impl Fixture {
 
 /// Which kind of swap device receives paged-out pages (highest priority).
 fn swap_kind() -> String {
-    let Ok(table) = pagescope::proc::read_swaps() else {
+    let Ok(table) = pagescope::raw::read_swaps() else {
         return "none".into();
     };
     let best = table.devices().iter().max_by_key(|d| d.priority);

@@ -3,44 +3,44 @@
 //!
 //! A tracker ([`attach`], [`track_self`]) is two layers:
 //!
-//! * a **page-table backend** ([`pagetable`]) that reports the writes the
+//! * a **page-table backend** (`pagetable`) that reports the writes the
 //!   tracked process's own page tables record, chosen at run time and
 //!   named by [`DirtyTracker::backend`]:
 //!   * [`TrackerBackend::UffdWpAsync`]: userfaultfd write-protect in async
 //!     mode (Linux 6.7+), read and re-armed atomically per page with
 //!     `PAGEMAP_SCAN` (`WP_MATCHING`). For another process the userfaultfd
-//!     is created inside it ([`inject`]). PTE markers keep the protection
+//!     is created inside it (`inject`). PTE markers keep the protection
 //!     across swap-out of anon *and* shmem pages.
 //!   * [`TrackerBackend::SoftDirty`]: `clear_refs` "4" and pagemap bit 55,
 //!     where the kernel has `CONFIG_MEM_SOFT_DIRTY`.
 //!   * [`TrackerBackend::AllDirty`]: every page, every time (a fallback
 //!     that is never silent: [`DirtyTracker::degraded`] says why).
-//! * the **shared-object layer** ([`objects`]), the same for every
+//! * the **shared-object layer** (`objects`), the same for every
 //!   backend: a write to a shared object (memfd, tmpfs, SysV,
 //!   `MAP_SHARED|MAP_ANONYMOUS`, shared files) changes the memory of every
 //!   process that maps it, whoever wrote it. Writes are joined in object
 //!   space (object, page offset): the tracked process's own writes through
 //!   a shared mapping, and those of every other process that maps the
 //!   object writable, each tracked with its own injected userfaultfd
-//!   ([`sharers`]). Writes no page table records (`write()`, `fallocate()`,
-//!   hole punching) are found through the object itself ([`notify`]).
+//!   (`sharers`). Writes no page table records (`write()`, `fallocate()`,
+//!   hole punching) are found through the object itself (`notify`).
 //!   Where the userfaultfds may be synchronous (not `UFFD_USER_MODE_ONLY`),
 //!   shared memory is write-protected synchronously and followed across
-//!   fork ([`family`]): a write is recorded before the writer can go on, so
+//!   fork (`family`): a write is recorded before the writer can go on, so
 //!   no short-lived child or exiting sharer is ever missed.
 //!
 //! Over-reporting is allowed where nothing better exists, and every
 //! over-reported range carries its cause ([`WriteSource`]); missing a write
 //! is not allowed.
 
-pub mod family;
-pub mod inject;
-pub mod notify;
-pub mod objects;
-pub mod pagetable;
+pub(crate) mod family;
+pub(crate) mod notify;
+pub(crate) mod objects;
+pub(crate) mod pagetable;
 mod process;
-pub mod sharers;
-pub mod stats;
+pub(crate) mod sharers;
+pub(crate) mod stats;
+pub(crate) mod target_uffd;
 
 use std::collections::BTreeMap;
 
@@ -48,6 +48,8 @@ use rustix::io::Errno;
 use serde::Serialize;
 
 pub use process::{Adopt, TrackOptions, attach, attach_owned, track_self};
+pub use stats::{ChildWrites, VmaWrites, WatchInterval, Watcher};
+pub use target_uffd::Device;
 
 use crate::addr::{PageSize, VirtAddr, VirtRange};
 use crate::error::ErrorKind;

@@ -67,11 +67,6 @@ impl Default for FsNotify {
 }
 
 impl FsNotify {
-    /// Whether inotify is usable at all.
-    pub fn available(&self) -> bool {
-        self.fd.is_some()
-    }
-
     /// Watches `object` through our fd `fd` of it. Returns false if the
     /// watch could not be added (then its syscall writes are unseen).
     pub fn watch(&mut self, object: ObjectId, fd: BorrowedFd<'_>) -> bool {

@@ -43,7 +43,7 @@ pub struct ObjectOptions {
     /// Report every shared object whole every collect.
     pub strict: bool,
     /// Whether a sharer may get pagescope's `/dev/userfaultfd`.
-    pub device: super::inject::Device,
+    pub device: super::target_uffd::Device,
 }
 
 /// What pagescope holds for one object the process maps.
@@ -57,7 +57,7 @@ struct Watched {
 
 /// The object layer's result for one collect.
 #[derive(Debug, Default)]
-pub struct ObjectReport {
+pub struct ObjectLayerReport {
     /// Ranges of the tracked process, with their source.
     pub written: Vec<Written>,
     /// Per object, in object space.
@@ -159,7 +159,7 @@ impl ObjectLayer {
         vmas: &[Vma],
         own: &[Written],
         family: Option<&Family>,
-    ) -> ObjectReport {
+    ) -> ObjectLayerReport {
         let first = self.collects == 0;
         self.collects += 1;
         let by_object = group(vmas);
@@ -176,9 +176,9 @@ impl ObjectLayer {
                 }
             }
         }
-        let mut report = ObjectReport {
+        let mut report = ObjectLayerReport {
             events,
-            ..ObjectReport::default()
+            ..ObjectLayerReport::default()
         };
         if let Some(f) = family {
             // After every sharer's registration is up to date.
@@ -389,7 +389,7 @@ impl ObjectLayer {
         &self,
         by_object: &BTreeMap<ObjectId, Vec<&Vma>>,
         acc: HashMap<ObjectId, Acc>,
-        report: &mut ObjectReport,
+        report: &mut ObjectLayerReport,
     ) {
         let mut ids: Vec<&ObjectId> = acc.keys().collect();
         ids.sort();

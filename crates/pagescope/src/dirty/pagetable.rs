@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use rustix::io::Errno;
 
-use super::inject::UffdOrigin;
+use super::target_uffd::UffdOrigin;
 use super::{TrackError, TrackerBackend, WriteSource, Written};
 use crate::addr::{PageSize, VirtAddr, VirtRange};
 use crate::pagemap::{PagemapEntry, PagemapFlags};
@@ -202,11 +202,6 @@ impl UffdWp {
             v.path.display()
         ));
         out.push(whole(v.range, WriteSource::Untracked));
-    }
-
-    /// How the uffd was made (for notes).
-    pub fn origin(&self) -> UffdOrigin {
-        self.origin
     }
 }
 

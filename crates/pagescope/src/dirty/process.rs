@@ -5,9 +5,9 @@ use std::borrow::Borrow;
 use std::collections::BTreeSet;
 
 use super::family::Family;
-use super::inject::{self, Device, UffdOrigin};
 use super::objects::{ObjectLayer, ObjectOptions};
 use super::pagetable::{AllDirty, PageTableTracker, SoftDirty, UffdWp};
+use super::target_uffd::{self, Device, UffdOrigin};
 use super::{DirtyReport, DirtyTracker, TrackError, TrackEvent, TrackerBackend};
 use crate::addr::{PageSize, VirtRange};
 use crate::kernel::KernelCaps;
@@ -233,7 +233,7 @@ fn uffd_backend(
         };
         (u, origin)
     } else {
-        let i = inject::userfaultfd_in_with(target, opts.keep_in_target, opts.device)?;
+        let i = target_uffd::userfaultfd_in_with(target, opts.keep_in_target, opts.device)?;
         let uffd = Userfaultfd::from_fd(i.fd)?;
         return Ok(UffdWp::new(target, uffd, i.origin)?.kept_at(i.target_fd));
     };
@@ -317,7 +317,7 @@ fn start_family(
     if backend != TrackerBackend::UffdWpAsync {
         return Err("no userfaultfd tracking".into());
     }
-    let i = inject::userfaultfd_in_with(target, false, device).map_err(|e| e.to_string())?;
+    let i = target_uffd::userfaultfd_in_with(target, false, device).map_err(|e| e.to_string())?;
     if i.origin.user_mode_only() {
         return Err("the process may only create a UFFD_USER_MODE_ONLY userfaultfd, with which synchronous write-protect would make kernel-mode writes (read() into shared memory) fail".into());
     }

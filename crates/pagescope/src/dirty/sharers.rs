@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::family::{Family, RootId};
 use super::pagetable::{PageTableTracker, UffdWp};
-use super::{TrackError, TrackEvent, WriteSource, inject};
+use super::{TrackError, TrackEvent, WriteSource, target_uffd};
 use crate::addr::{PageSize, PageSpan};
 use crate::proc::Target;
 use crate::proc::maps::MapsEntry;
@@ -158,12 +158,12 @@ struct Sharer {
 pub struct Sharers {
     procs: BTreeMap<u32, Sharer>,
     page: PageSize,
-    device: inject::Device,
+    device: target_uffd::Device,
 }
 
 impl Sharers {
     /// No sharers yet.
-    pub fn new(page: PageSize, device: inject::Device) -> Self {
+    pub fn new(page: PageSize, device: target_uffd::Device) -> Self {
         Self {
             procs: BTreeMap::new(),
             page,
@@ -419,9 +419,9 @@ fn sync_one(
 fn start(
     target: &Target,
     family: Option<&Family>,
-    device: inject::Device,
+    device: target_uffd::Device,
 ) -> Result<Tracking, TrackError> {
-    let injected = inject::userfaultfd_in_with(target, false, device)?;
+    let injected = target_uffd::userfaultfd_in_with(target, false, device)?;
     if let Some(f) = family {
         if !injected.origin.user_mode_only() {
             let uffd = SyncUserfaultfd::from_fd_sync_family(injected.fd)?;

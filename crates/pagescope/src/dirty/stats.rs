@@ -51,7 +51,7 @@ pub struct ChildWrites {
 
 /// One interval of `watch`.
 #[derive(Clone, Debug, Serialize)]
-pub struct Interval {
+pub struct WatchInterval {
     /// The process.
     pub pid: u32,
     /// Seconds since watching started.
@@ -120,7 +120,7 @@ pub struct Interval {
     pub partial: bool,
 }
 
-impl Interval {
+impl WatchInterval {
     /// Marks the interval partial (cut short by exit or detach).
     pub fn mark_partial(&mut self) {
         self.partial = true;
@@ -264,7 +264,7 @@ impl<'t> Watcher<'t> {
     }
 
     /// Collects the writes since the previous sample.
-    pub fn sample(&mut self) -> Result<Interval, TrackError> {
+    pub fn sample(&mut self) -> Result<WatchInterval, TrackError> {
         let clock_monotonic_s = monotonic_s();
         let report = self.tracker.collect()?;
         let now = Instant::now();
@@ -285,7 +285,7 @@ impl<'t> Watcher<'t> {
             conservative_pages,
             written_pages.saturating_sub(conservative_pages),
         );
-        Ok(Interval {
+        Ok(WatchInterval {
             pid: self.target.pid(),
             t: now.duration_since(self.start).as_secs_f64(),
             interval_s,

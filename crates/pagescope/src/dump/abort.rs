@@ -67,7 +67,7 @@ impl Dump<'_, '_, '_> {
 fn close_kept(first: &Proc<'_>, keep_tracking: bool) {
     if let Some(fd) = first.tracker.kept_in_target().filter(|_| keep_tracking) {
         if first.adopted != Some(fd) {
-            let _ = crate::dirty::inject::close_in_target(first.target, fd);
+            let _ = crate::dirty::target_uffd::close_in_target(first.target, fd);
         }
     }
 }

@@ -187,7 +187,7 @@ pub(super) fn release_adopted(procs: &mut [Proc<'_>], keep: bool) -> Result<(), 
     }
     if let Some(first) = procs.first_mut() {
         if let Some(fd) = first.adopted.take() {
-            crate::dirty::inject::close_in_target(first.target, fd)?;
+            crate::dirty::target_uffd::close_in_target(first.target, fd)?;
         }
     }
     Ok(())

@@ -41,8 +41,8 @@ mod planner;
 mod remote;
 mod sharers;
 pub(crate) mod sink;
-pub mod stop;
-pub mod swap;
+pub(crate) mod stop;
+pub(crate) mod swap;
 mod unopened;
 mod verify;
 

@@ -10,7 +10,7 @@
 //! out; it never fails the collection.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use super::{ExporterOptions, Selection};
 use crate::ErrorKind;
@@ -98,8 +98,6 @@ pub type Machine = BTreeMap<&'static str, Reconciled>;
 /// One collection.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    /// When it was taken.
-    pub taken: Option<SystemTime>,
     /// How long it took.
     pub duration: Duration,
     /// Processes with their own series.
@@ -145,7 +143,6 @@ fn reason(kind: ErrorKind) -> &'static str {
 pub fn collect(opts: &ExporterOptions, caps: &KernelCaps) -> Snapshot {
     let start = Instant::now();
     let mut snap = Snapshot {
-        taken: Some(SystemTime::now()),
         ..Snapshot::default()
     };
     let cands = candidates(&mut snap);

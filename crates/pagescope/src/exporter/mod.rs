@@ -11,25 +11,26 @@
 //! bytes from the dirty tracker. Scrape duration, errors, and which
 //! processes were left out and why.
 //!
-//! * [`collect`]: one collection ([`Snapshot`]).
-//! * [`metrics`]: the metric families, encoded by `prometheus-client` in
+//! * `collect`: one collection (`Snapshot`).
+//! * `metrics`: the metric families, encoded by `prometheus-client` in
 //!   the Prometheus text format (0.0.4) or OpenMetrics ([`Format`]).
-//! * [`watch`]: the `--watch` trackers.
+//! * `watch`: the `--watch` trackers.
 //! * [`Exporter`]: the cache. A collection runs at most every
 //!   `min_interval`; scrapes in between are served the cached snapshot,
 //!   so concurrent or frequent scrapes do not multiply the work.
 //! * [`serve::Background`]: the exporter on a collector thread, for a
 //!   server: a slow collection never holds a scrape past its deadline.
 
-pub mod collect;
-pub mod metrics;
-pub mod serve;
-pub mod watch;
+pub(crate) mod collect;
+pub(crate) mod metrics;
+pub(crate) mod serve;
+pub(crate) mod watch;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use collect::Snapshot;
+pub(crate) use collect::Snapshot;
+pub use serve::Background;
 pub use watch::WatchSpec;
 
 use crate::kernel::KernelCaps;
@@ -102,7 +103,7 @@ impl Format {
 
 /// Counters over the exporter's life.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Totals {
+pub(crate) struct Totals {
     /// Collections run.
     pub collections: u64,
     /// Failures counted in [`Snapshot::errors`], summed.
@@ -140,7 +141,7 @@ impl Exporter {
     /// The snapshot to serve: the cached one if younger than
     /// `min_interval`, else a new collection (which also collects the
     /// `--watch` trackers).
-    pub fn snapshot(&mut self) -> Arc<Snapshot> {
+    pub(crate) fn snapshot(&mut self) -> Arc<Snapshot> {
         if let Some((at, snap)) = &self.cached {
             if at.elapsed() < self.opts.min_interval {
                 return Arc::clone(snap);

@@ -82,7 +82,7 @@ pub struct Meta {
     /// A userfaultfd left in the target (`--keep-tracking`).
     pub kept_tracking: Option<KeptTracking>,
     /// The active swap devices at dump time, by swap type (what
-    /// [`SwapSlotRec::ty`] indexes).
+    /// `SwapSlotRec::ty` indexes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub swap_devices: Vec<String>,
 }
@@ -100,7 +100,7 @@ pub struct ProcessRec {
     pub vmas: Vec<VmaRec>,
     /// The rseq area of every thread that registered one (read at the
     /// stopped final pass): fields the kernel rewrites whenever the thread
-    /// runs ([`RSEQ_KERNEL_FIELDS`]) may differ from the image afterwards.
+    /// runs (`RSEQ_KERNEL_FIELDS`) may differ from the image afterwards.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rseq: Vec<RseqRec>,
 }
@@ -162,8 +162,8 @@ pub struct VmaRec {
 
 impl VmaRec {
     /// What identifies the recorded mapping in a process's maps (see
-    /// [`MappingKey`]); `None` if the record is malformed.
-    pub fn mapping_key(&self) -> Option<MappingKey> {
+    /// `MappingKey`); `None` if the record is malformed.
+    pub(crate) fn mapping_key(&self) -> Option<MappingKey> {
         Some(MappingKey {
             range: VirtRange::new(VirtAddr::new(self.start), VirtAddr::new(self.end))?,
             offset: self.offset,
@@ -225,7 +225,7 @@ pub struct FileIdentity {
     /// Modification time (ns since the epoch).
     pub mtime_ns: i128,
     /// xxh3-64 of the whole content, for files of at most
-    /// [`HASHED_FILE_BYTES`].
+    /// `HASHED_FILE_BYTES`.
     pub content_xxh3: Option<u64>,
 }
 

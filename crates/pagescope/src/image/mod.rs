@@ -2,35 +2,39 @@
 //! of one process or a tree of them (`pagescope dump`), with a reader that
 //! rejects any corrupt or truncated image before anything is applied.
 //!
-//! * [`mod@format`]: the records and the bytes (`docs/image-format.md`).
-//! * [`mod@write`]: [`ImageWriter`]: page data at fixed offsets per mapping or
+//! * `format.rs`: the records and the bytes (`docs/image-format.md`).
+//! * `write.rs`: [`ImageWriter`]: page data at fixed offsets per mapping or
 //!   object (sparse files, rewritten in place when a page is written
 //!   again, so an image is never larger than the memory it covers and
 //!   several workers can write at once), committed atomically (temporary
 //!   names, fsync, the header renamed last).
-//! * [`read`]: [`Image`]: opens and checks an image and its parent chain
+//! * `read`: [`Image`]: opens and checks an image and its parent chain
 //!   (every size bounded, every byte of metadata checksummed), and reads
 //!   pages through the chain.
-//! * [`store_name`]: [`StoreName`]: what a store of page data is called
+//! * `store_name`: `StoreName`: what a store of page data is called
 //!   (after the mapping or the object whose pages it holds) and its files.
-//! * [`identity`]: regular files recorded by identity, reopened only if
+//! * `identity`: regular files recorded by identity, reopened only if
 //!   they are the same file.
-//! * [`restore`]: memory as sparse files (one per mapping and per shared
+//! * `restore`: memory as sparse files (one per mapping and per shared
 //!   object), or into a buffer or a memfd of the caller's.
 
-pub mod format;
-pub mod identity;
-pub mod read;
-pub mod restore;
-pub mod store_name;
-pub mod write;
+pub(crate) mod format;
+pub(crate) mod identity;
+pub(crate) mod read;
+pub(crate) mod restore;
+pub(crate) mod store_name;
+pub(crate) mod write;
 
 use std::path::PathBuf;
 
-pub use format::{PageKind, Run};
-pub use read::Image;
+pub use format::{
+    DedupRef, FileIdentity, Header, HeaderFault, KeptTracking, Meta, ObjectRec, PageKind,
+    ParentRef, ProcessRec, RseqRec, Run, StoreRec, SwapSlotRec, VmaRec,
+};
+pub use read::{Image, PageFill};
+pub use restore::{ImageRegion, RestoreSummary};
 pub use store_name::{StoreName, StoreOwner};
-pub use write::ImageWriter;
+pub(crate) use write::ImageWriter;
 
 use crate::error::ErrorKind;
 

@@ -27,7 +27,7 @@ pub struct RestoreSummary {
 
 /// Which memory of an image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Region {
+pub enum ImageRegion {
     /// The mapping starting at `start` in process `pid`.
     Vma {
         /// The process.
@@ -47,7 +47,7 @@ impl Image {
     /// order.
     pub fn for_each_page(
         &self,
-        region: Region,
+        region: ImageRegion,
         mut sink: impl FnMut(u64, PageFill, &[u8]) -> Result<(), ImageError>,
     ) -> Result<(), ImageError> {
         let page = self.header().page_size;
@@ -55,8 +55,8 @@ impl Image {
         let pages = self.region_pages(region)?;
         for p in 0..pages {
             let fill = match region {
-                Region::Vma { pid, start } => self.vma_page(pid, start, p, &mut buf)?,
-                Region::Object { index } => self.object_page(index, p, &mut buf)?,
+                ImageRegion::Vma { pid, start } => self.vma_page(pid, start, p, &mut buf)?,
+                ImageRegion::Object { index } => self.object_page(index, p, &mut buf)?,
             };
             if fill != PageFill::Data {
                 buf.fill(0);
@@ -68,14 +68,14 @@ impl Image {
     }
 
     /// Pages in `region`.
-    pub fn region_pages(&self, region: Region) -> Result<u64, ImageError> {
+    pub fn region_pages(&self, region: ImageRegion) -> Result<u64, ImageError> {
         let page = self.header().page_size;
         match region {
-            Region::Vma { pid, start } => self
+            ImageRegion::Vma { pid, start } => self
                 .process(pid)
                 .and_then(|p| p.vmas.iter().find(|v| v.start == start))
                 .map(|v| vma_pages(v, page)),
-            Region::Object { index } => self.meta().objects.get(index).map(|o| o.pages),
+            ImageRegion::Object { index } => self.meta().objects.get(index).map(|o| o.pages),
         }
         .ok_or_else(|| ImageError::NotFound {
             what: format!("{region:?}"),
@@ -86,7 +86,7 @@ impl Image {
     /// was (zeros where nothing was, or where the page was not copied).
     pub fn apply_to_slice(
         &self,
-        region: Region,
+        region: ImageRegion,
         dst: &mut [u8],
     ) -> Result<RestoreSummary, ImageError> {
         let p = self.page_size();
@@ -111,7 +111,7 @@ impl Image {
     /// `offset`: data pages only, so holes stay holes in a fresh file.
     pub fn apply_to_fd(
         &self,
-        region: Region,
+        region: ImageRegion,
         fd: BorrowedFd<'_>,
         offset: u64,
     ) -> Result<RestoreSummary, ImageError> {
@@ -194,13 +194,13 @@ impl Image {
     }
 
     /// Every mapping and object, with the file name a restore gives it.
-    pub fn regions(&self) -> Vec<(String, Region)> {
+    pub fn regions(&self) -> Vec<(String, ImageRegion)> {
         let mut out = Vec::new();
         for p in &self.meta().processes {
             for v in &p.vmas {
                 out.push((
                     format!("pid-{}-{:x}-{:x}.mem", p.pid, v.start, v.end),
-                    Region::Vma {
+                    ImageRegion::Vma {
                         pid: p.pid,
                         start: v.start,
                     },
@@ -210,7 +210,7 @@ impl Image {
         for (index, o) in self.meta().objects.iter().enumerate() {
             out.push((
                 format!("object-{}-{}.mem", o.dev.replace(':', "_"), o.inode),
-                Region::Object { index },
+                ImageRegion::Object { index },
             ));
         }
         out

@@ -5,25 +5,29 @@
 //! `MAP_SHARED|MAP_ANONYMOUS`) a swapped-out page, a page in the swap
 //! cache, a page resident but not mapped by this process and a hole all
 //! read as an empty PTE; for files, cached and uncached pages do. pagescope
-//! opens the object ([`open`]), classifies its pages from the object itself
-//! ([`classify`], [`classify_spans`]) once per object, and gives every page
-//! the target does not map the object's state ([`join`]). The inspection
+//! opens the object (`open`), classifies its pages from the object itself
+//! (`classify`, `classify_spans`) once per object, and gives every page
+//! the target does not map the object's state (`join`). The inspection
 //! driver (`crate::inspect`) decides which objects and pages.
 //!
-//! [`view`] holds the per-object view across processes (`pagescope
+//! `view` holds the per-object view across processes (`pagescope
 //! objects`) and its renderings.
 
-pub mod classify;
-pub mod extents;
-pub mod open;
+pub(crate) mod classify;
+pub(crate) mod extents;
+pub(crate) mod open;
 mod render;
-pub mod view;
+pub(crate) mod view;
 
 use std::os::fd::AsFd;
 
-pub use classify::{Classified, ObjectClass, ObjectRun, ObjectState};
-pub use open::{OpenObject, OpenedVia, open_object};
+pub(crate) use classify::Classified;
+pub use classify::{ObjectClass, ObjectRun, ObjectState};
+pub(crate) use open::{OpenObject, open_object};
 use rustix::io::Errno;
+pub use view::{
+    ObjectReport, ObjectsOptions, ObjectsReport, Sharer, SharerMapping, SkippedProcess,
+};
 
 use crate::addr::{PageSize, PageSpan, VirtAddr, VirtRange};
 use crate::error::ErrorKind;
@@ -125,7 +129,7 @@ fn page_cache_refused(obj: &OpenObject) -> bool {
 
 /// Classifies the pages `spans` of an opened object of class `class`;
 /// `known` are object pages some process maps (in the page cache).
-pub fn classify_spans(
+pub(crate) fn classify_spans(
     o: &OpenObject,
     class: Option<ObjectClass>,
     spans: &RangeSet<PageSpan>,
@@ -153,7 +157,7 @@ pub fn classify_spans(
 
 /// Replaces the page-table holes of `runs` with the object's states.
 /// `first` is the object page at `start`.
-pub fn join(
+pub(crate) fn join(
     runs: &[PageRun],
     obj: &[ObjectRun],
     first: u64,
@@ -199,7 +203,7 @@ fn push_part(
 }
 
 /// Page-table holes become `unknown`: the object could not be examined.
-pub fn mark_unknown(runs: &[PageRun], page: PageSize) -> Vec<PageRun> {
+pub(crate) fn mark_unknown(runs: &[PageRun], page: PageSize) -> Vec<PageRun> {
     let mut out = RunBuilder::new(page, true);
     for r in runs {
         if r.state == PageState::Hole {

@@ -19,7 +19,7 @@ use crate::error::ErrorKind;
 use crate::proc::{ProcError, Target};
 use crate::vma::{ObjectId, Vma};
 
-/// How an object was opened.
+/// How an object was opened (named when its identity is wrong).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpenedVia {
     /// `/proc/PID/map_files/START-END`.
@@ -41,8 +41,6 @@ pub struct OpenObject {
     pub size: u64,
     /// `statfs` magic of its filesystem.
     pub fs_type: u64,
-    /// How it was reached.
-    pub via: OpenedVia,
 }
 
 /// Opens the object behind `vma`, or says why it cannot be (every way
@@ -155,6 +153,5 @@ fn check(fd: OwnedFd, vma: &Vma, via: OpenedVia) -> Attempt<OpenObject> {
         id,
         size: u64::try_from(st.st_size).unwrap_or(0),
         fs_type,
-        via,
     })
 }

@@ -121,7 +121,7 @@ impl ObjectReport {
 impl ObjectsOptions {
     /// Whether the view lists the object behind `v`: shmem objects and
     /// files mapped shared always, privately mapped files on request.
-    pub fn wants(&self, v: &Vma) -> bool {
+    pub(crate) fn wants(&self, v: &Vma) -> bool {
         match v.object_class() {
             Some(super::ObjectClass::Shmem) => true,
             Some(super::ObjectClass::File) => v.is_shared() || self.private_files,

@@ -10,9 +10,9 @@
 //! each page that stayed gets the reason the kernel's state shows
 //! ([`Refusal`]). shmem pages in the page cache that the process does not
 //! map are paged out through pagescope's own mapping of the object
-//! ([`object`]).
+//! (`object`).
 
-pub mod object;
+pub(crate) mod object;
 mod reasons;
 
 use std::collections::BTreeMap;

@@ -142,7 +142,7 @@ impl Target {
     }
 
     /// Opens `/proc/PID/<file>` read-only.
-    pub fn open_file(&self, file: &str) -> Result<OwnedFd, ProcError> {
+    pub(crate) fn open_file(&self, file: &str) -> Result<OwnedFd, ProcError> {
         rustix::fs::openat(
             &self.dir,
             file,
@@ -153,7 +153,7 @@ impl Target {
     }
 
     /// Reads the whole of `/proc/PID/<file>`.
-    pub fn read_file(&self, file: &str) -> Result<Vec<u8>, ProcError> {
+    pub(crate) fn read_file(&self, file: &str) -> Result<Vec<u8>, ProcError> {
         let fd = self.open_file(file)?;
         let mut buf = Vec::with_capacity(64 * 1024);
         std::fs::File::from(fd)
@@ -163,7 +163,7 @@ impl Target {
     }
 
     /// Writes `data` to `/proc/PID/<file>` (e.g. `clear_refs`).
-    pub fn write_file(&self, file: &str, data: &[u8]) -> Result<(), ProcError> {
+    pub(crate) fn write_file(&self, file: &str, data: &[u8]) -> Result<(), ProcError> {
         let fd = rustix::fs::openat(
             &self.dir,
             file,
@@ -176,7 +176,7 @@ impl Target {
     }
 
     /// `/proc/PID/stat`.
-    pub fn stat(&self) -> Result<Stat, ProcError> {
+    pub(crate) fn stat(&self) -> Result<Stat, ProcError> {
         let buf = self.read_file("stat")?;
         stat::parse_stat(&buf).ok_or_else(|| self.parse_error("stat", "malformed".into()))
     }
@@ -199,24 +199,27 @@ impl Target {
     }
 
     /// `/proc/PID/maps`, parsed.
+    #[doc(hidden)] // the fixture reads its own layout through it
     pub fn maps(&self) -> Result<Vec<MapsEntry>, ProcError> {
         let buf = self.read_file("maps")?;
         maps::parse_maps(&buf).map_err(|e| self.parse_error("maps", e.to_string()))
     }
 
     /// `/proc/PID/smaps`, parsed (walks every page table of the target).
+    #[doc(hidden)] // the fixture reads its own layout through it
     pub fn smaps(&self) -> Result<Vec<SmapsEntry>, ProcError> {
         let buf = self.read_file("smaps")?;
         smaps::parse_smaps(&buf).map_err(|e| self.parse_error("smaps", e.to_string()))
     }
 
     /// `/proc/PID/mountinfo`, parsed (the target's mount namespace).
-    pub fn mountinfo(&self) -> Result<Vec<Mount>, ProcError> {
+    pub(crate) fn mountinfo(&self) -> Result<Vec<Mount>, ProcError> {
         Ok(mountinfo::parse_mountinfo(&self.read_file("mountinfo")?))
     }
 
     /// Opens `/proc/PID/pagemap`. The kernel decides at open time whether
     /// this fd sees PFNs and swap entries (CAP_SYS_ADMIN).
+    #[doc(hidden)] // a hook for the tests and benches
     pub fn pagemap(&self) -> Result<OwnedFd, ProcError> {
         self.open_file("pagemap")
     }
@@ -224,6 +227,7 @@ impl Target {
     /// Opens the object backing a mapping through
     /// `/proc/PID/map_files/START-END` (needs CAP_SYS_ADMIN or
     /// CAP_CHECKPOINT_RESTORE; `readlink` works without).
+    #[doc(hidden)] // a hook for the tests and benches
     pub fn map_file(&self, range: VirtRange) -> Result<OwnedFd, ProcError> {
         let name = format!(
             "map_files/{:x}-{:x}",
@@ -234,20 +238,20 @@ impl Target {
     }
 
     /// Opens `/proc/PID/fd/N` (re-opens the file the target holds).
-    pub fn open_fd(&self, fd: u32) -> Result<OwnedFd, ProcError> {
+    pub(crate) fn open_fd(&self, fd: u32) -> Result<OwnedFd, ProcError> {
         self.open_file(&format!("fd/{fd}"))
     }
 
     /// `stat` of `/proc/PID/<file>`, following the final link (so
     /// `fd/N` gives the open file's identity).
-    pub fn stat_file(&self, file: &str) -> Result<rustix::fs::Stat, ProcError> {
+    pub(crate) fn stat_file(&self, file: &str) -> Result<rustix::fs::Stat, ProcError> {
         rustix::fs::statat(&self.dir, file, rustix::fs::AtFlags::empty())
             .map_err(|e| self.errno_error(file, e))
     }
 
     /// Opens `PATH` as the target sees it, through `/proc/PID/root` (its
     /// root directory and mount namespace), read-only.
-    pub fn open_in_root(&self, path: &[u8]) -> Result<OwnedFd, ProcError> {
+    pub(crate) fn open_in_root(&self, path: &[u8]) -> Result<OwnedFd, ProcError> {
         use std::os::unix::ffi::OsStrExt;
         let mut rel = b"root".to_vec();
         rel.extend_from_slice(path);
@@ -262,11 +266,13 @@ impl Target {
     }
 
     /// The IDs of the target's threads (`/proc/PID/task`).
+    #[doc(hidden)] // a hook for the tests and benches
     pub fn tasks(&self) -> Result<Vec<u32>, ProcError> {
         self.list_numbers("task")
     }
 
     /// The numbers of the target's open file descriptors.
+    #[doc(hidden)] // a hook for the tests and benches
     pub fn fds(&self) -> Result<Vec<u32>, ProcError> {
         self.list_numbers("fd")
     }
@@ -287,7 +293,7 @@ impl Target {
 
     /// The PIDs of the process's children (`/proc/PID/task/*/children`,
     /// `CONFIG_PROC_CHILDREN`); empty if unreadable.
-    pub fn children(&self) -> Vec<u32> {
+    pub(crate) fn children(&self) -> Vec<u32> {
         let mut out = Vec::new();
         let Ok(dir) = self.open_dir("task") else {
             return out;
@@ -327,7 +333,7 @@ impl Target {
 
     /// Turns an errno from a `/proc/PID/<file>` operation into a
     /// [`ProcError`], telling "target exited" from "not allowed".
-    pub fn errno_error(&self, file: &str, e: Errno) -> ProcError {
+    pub(crate) fn errno_error(&self, file: &str, e: Errno) -> ProcError {
         self.io_error(file, e.into())
     }
 

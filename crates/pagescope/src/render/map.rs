@@ -129,7 +129,7 @@ impl MapView {
     }
 
     /// The table for one process (kept mappings, sorted, totals).
-    pub fn table(&self, r: &ProcessReport) -> Table {
+    pub(crate) fn table(&self, r: &ProcessReport) -> Table {
         let cols = self.all_columns();
         let mut t = Table::new(
             cols.iter()

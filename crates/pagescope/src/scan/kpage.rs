@@ -20,8 +20,6 @@ pub const KPF_LRU: u64 = 1 << 5;
 pub const KPF_UNEVICTABLE: u64 = 1 << 18;
 /// `KPF_THP` (also set on tail pages).
 pub const KPF_THP_ANY: u64 = KPF_THP;
-/// `KPF_COMPOUND_TAIL`.
-pub const KPF_COMPOUND_TAIL: u64 = 1 << 16;
 
 /// An open `/proc/kpageflags`.
 #[derive(Debug)]

@@ -12,7 +12,7 @@
 //!
 //! Both must produce identical runs on every fixture scenario; the test
 //! suite checks that, as the kernel's selftests check pagemap against
-//! PAGEMAP_SCAN. [`Scanner`] runs the chosen backend ([`BackendPlan`])
+//! PAGEMAP_SCAN. [`Scanner`] runs the chosen backend ([`BackendPlan`](backend::BackendPlan))
 //! over a set of VMAs; the inspection driver (`crate::inspect`) decides
 //! which.
 
@@ -30,15 +30,12 @@ mod vmas;
 
 use std::os::fd::BorrowedFd;
 
-pub use backend::BackendPlan;
-pub use kpage::KpageFlags;
+pub(crate) use kpage::KpageFlags;
 /// The `/proc/kpageflags` bits pagescope reads.
-pub mod kpage_bits {
-    pub use super::kpage::{KPF_COMPOUND_TAIL, KPF_DIRTY, KPF_LRU, KPF_THP_ANY, KPF_UNEVICTABLE};
+pub(crate) mod kpage_bits {
+    pub(crate) use super::kpage::{KPF_DIRTY, KPF_LRU, KPF_THP_ANY, KPF_UNEVICTABLE};
 }
-pub use pagemap_read::PagemapReadBackend;
-pub use pagemap_scan::PagemapScanBackend;
-pub use vmas::Scanner;
+pub(crate) use vmas::Scanner;
 
 use crate::addr::{PageSize, VirtRange};
 use crate::error::ErrorKind;
@@ -161,9 +158,6 @@ pub struct ScanJob<'a> {
 
 /// A way to find the state of every page of a VMA.
 pub trait PageScanner {
-    /// Short backend name for reports (`"pagemap_scan"`, `"pagemap"`).
-    fn name(&self) -> &'static str;
-
     /// Appends runs covering every page of the job's range to `out`, in
     /// address order.
     fn scan(&mut self, job: &ScanJob<'_>, out: &mut RunBuilder) -> Result<(), ScanError>;

@@ -27,10 +27,6 @@ impl PagemapReadBackend {
 }
 
 impl PageScanner for PagemapReadBackend {
-    fn name(&self) -> &'static str {
-        "pagemap"
-    }
-
     fn scan(&mut self, job: &ScanJob<'_>, out: &mut RunBuilder) -> Result<(), ScanError> {
         let ScanJob { ctx, vma, range } = *job;
         if vma.outside_pagemap() {

@@ -102,10 +102,6 @@ impl Segment {
 }
 
 impl PageScanner for PagemapScanBackend {
-    fn name(&self) -> &'static str {
-        "pagemap_scan"
-    }
-
     fn scan(&mut self, job: &ScanJob<'_>, out: &mut RunBuilder) -> Result<(), ScanError> {
         let vma = job.vma;
         // PAGEMAP_SCAN skips VM_PFNMAP/VM_IO VMAs ([vvar], device memory)

@@ -94,7 +94,7 @@ impl Dump<'_, '_, '_> {
         let target = self.procs[0].target;
         let t0 = Instant::now();
         let pid = target.pid();
-        let injected = crate::dirty::inject::userfaultfd_in(target, false)?;
+        let injected = crate::dirty::target_uffd::userfaultfd_in(target, false)?;
         if injected.origin == UffdOrigin::UserModeOnly {
             return Err(DumpError::Refused {
                 pid,

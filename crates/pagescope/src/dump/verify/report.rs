@@ -117,7 +117,7 @@ impl Default for VerifyReport {
 
 impl VerifyReport {
     /// An empty report listing at most `limit` ranges.
-    pub fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize) -> Self {
         Self {
             compared: 0,
             mismatched_pages: 0,

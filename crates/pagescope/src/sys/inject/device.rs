@@ -31,7 +31,7 @@ use rustix::io::Errno;
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use rustix::process::PidfdGetfdFlags;
 
-use super::{Plan, Step, StepResult, Thread, close_fd, inject_call, step};
+use super::{InjectPlan, Step, StepResult, Thread, close_fd, inject_call, step};
 use crate::sys::ptrace::{self, NR_CLOSE, NR_IOCTL, NR_OPENAT, NR_RECVMSG, NR_SOCKETPAIR, Regs};
 use crate::sys::uffd::USERFAULTFD_IOC_NEW;
 
@@ -110,7 +110,7 @@ impl Opened {
 /// borrowed memory are given back on every path.
 pub(super) fn handed_userfaultfd(
     t: &mut Thread,
-    plan: &Plan<'_>,
+    plan: &InjectPlan<'_>,
     saved: &Regs,
     device: BorrowedFd<'_>,
     flags: u64,
@@ -136,7 +136,7 @@ pub(super) fn handed_userfaultfd(
 /// `ioctl(USERFAULTFD_IOC_NEW)`.
 fn hand_over(
     t: &mut Thread,
-    plan: &Plan<'_>,
+    plan: &InjectPlan<'_>,
     saved: &Regs,
     device: BorrowedFd<'_>,
     flags: u64,
@@ -206,7 +206,7 @@ fn send_device(sock: &std::os::fd::OwnedFd, device: BorrowedFd<'_>) -> Result<()
 /// `recvmsg(fd, &msghdr, MSG_CMSG_CLOEXEC | MSG_DONTWAIT)` in the target.
 fn receive_in_target(
     t: &mut Thread,
-    plan: &Plan<'_>,
+    plan: &InjectPlan<'_>,
     saved: &Regs,
     scratch: &Scratch,
     fd: i64,
@@ -250,7 +250,7 @@ fn device_received(tid: i32, scratch: &Scratch) -> Result<i64, Errno> {
 /// inside the target.
 pub(super) fn opened_by_target(
     t: &mut Thread,
-    plan: &Plan<'_>,
+    plan: &InjectPlan<'_>,
     saved: &Regs,
     flags: u64,
 ) -> Result<i64, Errno> {

@@ -93,7 +93,7 @@ impl UffdOrigin {
 
 /// What the helper works on (computed before the fork).
 #[derive(Clone, Copy, Debug)]
-pub struct Plan<'a> {
+pub struct InjectPlan<'a> {
     /// The target's PID.
     pub tgid: i32,
     /// The thread to seize.
@@ -151,7 +151,7 @@ pub struct Failed {
 
 /// Runs the injection in a helper process and waits up to `timeout` for
 /// its answer.
-pub fn userfaultfd_in(plan: &Plan<'_>, timeout: Duration) -> Result<Injected, Failed> {
+pub fn userfaultfd_in(plan: &InjectPlan<'_>, timeout: Duration) -> Result<Injected, Failed> {
     let fail = |step| move |errno| Failed { step, errno };
     let (ours, theirs) = rustix::net::socketpair(
         AddressFamily::UNIX,
@@ -276,7 +276,7 @@ impl Thread {
 }
 
 /// The helper's whole job; returns its exit code.
-fn helper(plan: &Plan<'_>, sock: BorrowedFd<'_>) -> i32 {
+fn helper(plan: &InjectPlan<'_>, sock: BorrowedFd<'_>) -> i32 {
     // The fork copied every fd of the parent (other userfaultfds among
     // them, which would stay alive, protections and all, while this runs):
     // keep only what the helper uses.
@@ -321,7 +321,7 @@ fn step<T>(t: &Thread, s: Step, r: impl FnOnce() -> Result<T, Errno>) -> StepRes
 /// the thread's registers restores them and detaches before returning.
 fn attach_and_inject(
     t: &mut Thread,
-    plan: &Plan<'_>,
+    plan: &InjectPlan<'_>,
     out: &mut Outcome,
     ours: &mut Option<OwnedFd>,
 ) -> StepResult<()> {
@@ -357,7 +357,7 @@ fn stop_and_save(t: &mut Thread) -> StepResult<Regs> {
 /// as the base of each.
 fn inject(
     t: &mut Thread,
-    plan: &Plan<'_>,
+    plan: &InjectPlan<'_>,
     saved: &Regs,
     others: &mut Others,
     out: &mut Outcome,
@@ -388,7 +388,7 @@ fn inject(
 /// number there (`out.origin` says which way).
 fn create(
     t: &mut Thread,
-    plan: &Plan<'_>,
+    plan: &InjectPlan<'_>,
     saved: &Regs,
     others: &mut Others,
     out: &mut Outcome,
@@ -434,7 +434,13 @@ fn create(
 /// `close(fd)` in the target as step `s`; the target must not keep a copy
 /// it was not meant to: a failed close is retried (the failpoint fails
 /// only the first attempt).
-fn close_fd(t: &mut Thread, plan: &Plan<'_>, saved: &Regs, fd: i64, s: Step) -> StepResult<()> {
+fn close_fd(
+    t: &mut Thread,
+    plan: &InjectPlan<'_>,
+    saved: &Regs,
+    fd: i64,
+    s: Step,
+) -> StepResult<()> {
     let mut closed = inject_call(t, s, |t| {
         t.call(
             saved,

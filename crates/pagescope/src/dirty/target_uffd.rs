@@ -41,7 +41,7 @@ pub use crate::sys::inject::{Step, UffdOrigin};
 
 use super::TrackError;
 use crate::proc::Target;
-use crate::sys::inject::{Failed, Failpoint, Injected, Job, Plan};
+use crate::sys::inject::{Failed, Failpoint, InjectPlan, Injected, Job};
 use crate::sys::ptrace::SYSCALL_INSN;
 
 /// How long pagescope waits for the helper before giving up on the target
@@ -123,7 +123,7 @@ fn run(
         source: Errno::INVAL,
     })?;
     let tid = quiet_thread(target, tgid);
-    let plan = Plan {
+    let plan = InjectPlan {
         tgid,
         tid,
         pidfd: target.pidfd(),
@@ -143,7 +143,7 @@ fn run(
         )
     {
         // The chosen thread exited meanwhile: the main thread then.
-        got = crate::sys::inject::userfaultfd_in(&Plan { tid: tgid, ..plan }, HELPER_TIMEOUT);
+        got = crate::sys::inject::userfaultfd_in(&InjectPlan { tid: tgid, ..plan }, HELPER_TIMEOUT);
     }
     got.map_err(|Failed { step, errno }| TrackError::Inject {
         pid,
