@@ -20,7 +20,7 @@ mod handshake;
 mod output;
 mod receive;
 mod send;
-pub mod wire;
+pub(crate) mod wire;
 
 #[cfg(test)]
 mod codec_tests;
