@@ -187,6 +187,9 @@ struct Shared {
     epoll: OwnedFd,
     wake: OwnedFd,
     page: PageSize,
+    /// Rounds of the fault-handling thread's loop: a round ends only once
+    /// every message it read has been handled (see [`Family::settle`]).
+    rounds: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -240,6 +243,7 @@ impl Family {
             epoll: ep,
             wake,
             page,
+            rounds: std::sync::atomic::AtomicU64::new(0),
         });
         let root = add_ctx(&shared, Ctx::new(uffd, Some(pid), None, true))
             .map_err(io("watch the userfaultfd"))?;
@@ -343,6 +347,7 @@ impl Family {
     /// Re-protects every page unprotected since the last collect, in every
     /// mm of the family, and returns what was written.
     pub fn collect(&self) -> FamilyReport {
+        self.settle();
         let page = self.shared.page;
         let mut st = self.shared.lock();
         let mut ended = Vec::new();
@@ -388,6 +393,23 @@ impl Family {
             }
         }
         std::mem::take(&mut st.report)
+    }
+
+    /// Waits until the fault-handling thread has handled every message it
+    /// had read when this was called: a fork the kernel let return once
+    /// its event was read is then counted in this interval, not the next.
+    /// Bounded (100 ms): a thread that is gone cannot hold a collect.
+    fn settle(&self) {
+        use std::sync::atomic::Ordering;
+        let before = self.shared.rounds.load(Ordering::Acquire);
+        let _ = rustix::io::write(&self.shared.wake, &1u64.to_ne_bytes());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+        while self.shared.rounds.load(Ordering::Acquire) == before
+            && std::time::Instant::now() < deadline
+            && self.thread.as_ref().is_some_and(|t| !t.is_finished())
+        {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
     }
 
     /// The processes pagescope injected into (the target, the sharers):

@@ -24,6 +24,10 @@ pub(super) fn serve(shared: &Shared) {
     };
     let mut events = [empty; 64];
     loop {
+        // Every message read in the last round has been handled.
+        shared
+            .rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         let busy = shared.lock().ctxs.values().any(|c| !c.pending.is_empty());
         if busy {
             retry_pending(shared);
