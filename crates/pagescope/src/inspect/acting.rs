@@ -8,12 +8,15 @@
 //!   advice, [`open_object`] for shmem pages the process does not map.
 //! * the dump (`dump/`): the same two as `verify`, so an image and its
 //!   verification see a process the same way. A full pass models every
-//!   mapping from [`scan_page_tables`] (`Dump::build_models`, today a
-//!   `scan_process` with `objects: false`) and opens the object behind a
-//!   shared or file mapping once with [`open_object`] (`Dump::add_object`,
-//!   today `object::open_object`): the dump reads objects itself (by
-//!   `pread` of pagescope's own fd), so the scan has no object stage.
-//!   Later passes ask the dirty tracker, not the page tables.
+//!   mapping from [`scan_page_tables`] (`Dump::build_models` in
+//!   `dump/passes.rs`) and opens the object behind a shared or file
+//!   mapping once with [`open_object`] (`Objects::add` in
+//!   `dump/objects.rs`): the dump reads objects itself (by `pread` of
+//!   pagescope's own fd), so the scan has no object stage.
+//!   Later passes, and the first pass of a dump whose tracker was kept
+//!   since its parent, ask the dirty tracker, not the page tables, and
+//!   scan again only where the layout (`/proc/PID/maps`) changed: the
+//!   whole process, or the new mappings with [`scan_page_tables_in`].
 
 use super::objects;
 use crate::addr::VirtRange;
@@ -34,6 +37,24 @@ pub fn scan_page_tables(target: &Target, caps: &KernelCaps) -> Result<ProcessRep
         target,
         caps,
         &ScanOptions {
+            objects: false,
+            ..ScanOptions::default()
+        },
+    )
+}
+
+/// [`scan_page_tables`] of the mappings in `range` only: what a dump that
+/// kept its models scans of a mapping that is new or changed.
+pub fn scan_page_tables_in(
+    target: &Target,
+    caps: &KernelCaps,
+    range: VirtRange,
+) -> Result<ProcessReport, ScanError> {
+    super::scan_process(
+        target,
+        caps,
+        &ScanOptions {
+            range: Some(range),
             objects: false,
             ..ScanOptions::default()
         },
