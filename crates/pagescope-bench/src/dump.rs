@@ -9,7 +9,8 @@
 //! * stop time with the writer at 1%/s: pagescope's pre-copy dump vs
 //!   CRIU's frozen time (`--display-stats`);
 //! * one incremental iteration at 1% written (kept tracking, `--parent`)
-//!   vs the bare copy of exactly those pages;
+//!   vs the bare collect (`PAGEMAP_SCAN` get-and-reset) + copy of exactly
+//!   those pages (`--incremental-only`: this row alone);
 //! * image sizes: a forked pair sharing every page copy-on-write
 //!   (`--tree`), and a target re-dirtying the same pages every iteration.
 
