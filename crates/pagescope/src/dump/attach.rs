@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use super::model::VmaModel;
+use super::planner::LayoutFingerprint;
 use super::remote::RemoteMem;
 use super::swap::SwapIo;
 use super::{DumpError, DumpOptions};
@@ -61,6 +62,8 @@ pub(super) struct Proc<'t> {
     pub mem: RemoteMem,
     /// Its mappings as the image will record them.
     pub vmas: Vec<VmaModel>,
+    /// The layout `vmas` were built from (kept while it does not change).
+    pub layout: Option<LayoutFingerprint>,
     /// The userfaultfd an earlier dump left in it, adopted.
     pub adopted: Option<i32>,
     /// Tracked since the parent image (a kept userfaultfd): pages reported
@@ -110,6 +113,7 @@ pub(super) fn attach_all<'t>(
             tracker,
             mem,
             vmas: Vec::new(),
+            layout: None,
             tracked_since_parent: adopt.is_some(),
             adopted: adopt.map(|a| a.fd),
         });

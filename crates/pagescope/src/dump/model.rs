@@ -50,6 +50,11 @@ impl VmaModel {
                 kinds[from..to].fill(kind);
             }
         }
+        Self::new(vma, kinds)
+    }
+
+    /// A model of `vma` whose pages are `kinds` (nothing stored yet).
+    pub fn new(vma: Vma, kinds: Vec<PageKind>) -> Self {
         Self {
             vma,
             kinds,

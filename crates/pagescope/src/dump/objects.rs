@@ -1,7 +1,7 @@
-//! The shared objects a dump copies or records: opened once each
-//! (`/proc/PID/map_files`, the fd table, or the path: `object::open_object`)
-//! and grown as mappings show more of them; their data extents found with
-//! `SEEK_DATA`; regular files mapped read-only recorded by identity
+//! The shared objects a dump copies or records: opened once each through
+//! the `inspect` driver's `open_object` (`/proc/PID/map_files`, the fd
+//! table, or the path) and grown as mappings show more of them; their
+//! data extents found with `SEEK_DATA`; regular files mapped read-only recorded by identity
 //! instead of copied (unless `copy_files`). An object that cannot be
 //! opened is read through the process's mapping (`unopened.rs`).
 
@@ -27,7 +27,6 @@ pub(super) struct Objects {
     /// Objects copied through the process's mappings (not openable).
     pub unopened: UnopenedObjects,
     page: PageSize,
-    map_files: bool,
     copy_files: bool,
 }
 
@@ -37,7 +36,6 @@ impl Objects {
             map: BTreeMap::new(),
             unopened: UnopenedObjects::default(),
             page: caps.page_size,
-            map_files: caps.map_files,
             copy_files,
         }
     }
@@ -53,6 +51,7 @@ impl Objects {
     pub(super) fn add(
         &mut self,
         target: &Target,
+        caps: &KernelCaps,
         m: &VmaModel,
         sink: &dyn PageSink,
     ) -> Result<bool, DumpError> {
@@ -60,7 +59,7 @@ impl Objects {
             return Ok(true);
         };
         if !self.map.contains_key(&id) {
-            let Some(o) = self.open(target, id, m)? else {
+            let Some(o) = self.open(target, caps, id, m)? else {
                 return Ok(false);
             };
             self.map.insert(id, o);
@@ -90,10 +89,11 @@ impl Objects {
     fn open(
         &mut self,
         target: &Target,
+        caps: &KernelCaps,
         id: ObjectId,
         m: &VmaModel,
     ) -> Result<Option<ObjectModel>, DumpError> {
-        let o = match crate::object::open_object(target, &m.vma, self.map_files) {
+        let o = match crate::inspect::open_object(target, caps, &m.vma) {
             Ok(o) => o,
             Err(e) if e.kind() != ErrorKind::TargetExited => {
                 let why = match &e {
@@ -161,10 +161,9 @@ impl Objects {
 
 /// The index of object `id` in the parent image.
 pub(super) fn parent_object(parent: &Image, id: ObjectId) -> Option<usize> {
-    let dev = id.dev.to_string();
     parent
         .meta()
         .objects
         .iter()
-        .position(|o| o.dev == dev && o.inode == id.inode)
+        .position(|o| o.object_id() == Some(id))
 }

@@ -7,7 +7,7 @@
 //! a fresh scan where it changed), asks the planner what to copy, and
 //! copies it into the [`PageSink`] (`copy.rs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,10 +16,10 @@ use super::attach::{self, AttachWith, Pinned, Proc};
 use super::copy::{self, Copied, Copier, Frames, Out, Progress};
 use super::model::VmaModel;
 use super::objects::Objects;
-use super::planner::{self, Plan};
+use super::planner::{self, FromParent, LayoutCheck, LayoutFingerprint, Plan};
 use super::sink::{PageSink, PassStart};
 use super::stop::Stopped;
-use super::swap::SwapIo;
+use super::swap::{SwapIo, SwapPolicy};
 use super::{DumpError, DumpEvent, DumpOptions, Iteration};
 use crate::addr::PageSize;
 use crate::dirty::{DirtyReport, TrackerBackend, WriteSource};
@@ -27,8 +27,9 @@ use crate::error::ErrorKind;
 use crate::image::Image;
 use crate::image::format::RseqRec;
 use crate::kernel::KernelCaps;
+use crate::proc::Target;
 use crate::rangeset::RangeSet;
-use crate::scan::ScanOptions;
+use crate::report::VmaReport;
 
 /// Everything a dump works with.
 pub(super) struct Dump<'t, 'c, 'p> {
@@ -121,14 +122,15 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         let t0 = Instant::now();
         let mut plan = Plan::default();
         for i in 0..self.procs.len() {
-            let since = match self.procs[i].adopted {
-                Some(_) => Some(self.procs[i].tracker.collect()?.ranges()),
-                None => None,
-            };
-            self.procs[i].vmas = self.build_models(i)?;
-            match since {
-                Some(since) => self.plan_since_parent(&mut plan, i, &since),
-                None => planner::plan_all(&mut plan, i, &self.procs[i].vmas),
+            if self.procs[i].adopted.is_none() {
+                self.procs[i].vmas = self.build_models(i)?;
+                planner::plan_all(&mut plan, i, &self.procs[i].vmas);
+                continue;
+            }
+            let since = self.procs[i].tracker.collect()?;
+            if !self.plan_from_parent(&mut plan, i, &since)? {
+                self.procs[i].vmas = self.build_models(i)?;
+                self.plan_since_parent(&mut plan, i, &since.ranges());
             }
         }
         planner::plan_objects(&mut plan, self.objects.ids());
@@ -143,6 +145,62 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         }
         (self.progress)(DumpEvent::Iteration(&it));
         Ok(it)
+    }
+
+    /// The first pass of process `i`, tracked since the parent image
+    /// (`since`: what was written since), without a scan of the whole
+    /// process: a mapping the parent recorded keeps the parent's model
+    /// ([`planner::models_from_parent`]) and its pages written since are
+    /// planned; the others are scanned alone and copied whole. A mapping
+    /// the tracker reports replaced (the same maps line, a new mapping)
+    /// is written whole, so all its pages are copied. `false` (nothing
+    /// planned) when the swap policy or `--tree` need the page tables'
+    /// states, or an object cannot be opened: the caller scans.
+    fn plan_from_parent(
+        &mut self,
+        plan: &mut Plan,
+        i: usize,
+        since: &DirtyReport,
+    ) -> Result<bool, DumpError> {
+        let (target, pid) = (self.procs[i].target, self.procs[i].pid);
+        let recorded = match &self.parent {
+            Some(p) if self.swap.policy() == SwapPolicy::Read && self.frames.is_none() => {
+                p.process(pid).map(|p| &p.vmas)
+            }
+            _ => None,
+        };
+        let Some(recorded) = recorded else {
+            return Ok(false);
+        };
+        let layout_read = LayoutFingerprint::of(&target.read_file("maps")?);
+        let layout = crate::inspect::read_layout(target, false)?;
+        let mut models = Vec::with_capacity(layout.len());
+        let mut new = BTreeSet::new();
+        for found in planner::models_from_parent(layout, recorded, self.page) {
+            match found {
+                FromParent::Kept(m) => {
+                    if !self.objects.add(target, self.caps, &m, &*self.sink)? {
+                        return Ok(false);
+                    }
+                    models.push(m);
+                }
+                FromParent::Scan(vma) => {
+                    let report = crate::inspect::scan_page_tables_in(target, self.caps, vma.range);
+                    let Ok(report) = report else {
+                        return Ok(false);
+                    };
+                    for v in &report.vmas {
+                        new.insert(models.len());
+                        models.push(self.model_of(target, v)?);
+                    }
+                }
+            }
+        }
+        let p = &mut self.procs[i];
+        p.vmas = models;
+        p.layout = Some(layout_read);
+        planner::plan_written(plan, i, &p.vmas, &since.ranges(), &new, self.page);
+        Ok(true)
     }
 
     /// The own pages of process `i` a first pass copies with a tracker kept
@@ -264,21 +322,18 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
 
     /// Rebuilds the models of process `i` if its layout changed or a
     /// mapping was replaced (reported as new); the indices of mappings
-    /// whose pages must all be copied.
-    fn reconcile(
-        &mut self,
-        i: usize,
-        report: &DirtyReport,
-    ) -> Result<std::collections::BTreeSet<usize>, DumpError> {
-        let replaced: RangeSet = report
-            .written
-            .iter()
-            .filter(|w| w.source == WriteSource::NewMapping)
-            .map(|w| w.range)
-            .collect();
+    /// whose pages must all be copied. An unchanged maps text
+    /// ([`LayoutFingerprint`]) keeps the models without parsing it.
+    fn reconcile(&mut self, i: usize, report: &DirtyReport) -> Result<BTreeSet<usize>, DumpError> {
+        let replaced = replaced(report);
+        let now = LayoutFingerprint::of(&self.procs[i].target.read_file("maps")?);
+        if planner::check_layout(self.procs[i].layout, now, &replaced) == LayoutCheck::Kept {
+            return Ok(BTreeSet::new());
+        }
         let maps = self.procs[i].target.maps()?;
         if !planner::needs_rebuild(&maps, &self.procs[i].vmas, &replaced) {
-            return Ok(Default::default());
+            self.procs[i].layout = Some(now);
+            return Ok(BTreeSet::new());
         }
         let old = std::mem::take(&mut self.procs[i].vmas);
         let mut models = self.build_models(i)?;
@@ -313,23 +368,27 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
     }
 
     /// Scans process `i` and models its mappings; opens (or grows) the
-    /// objects behind them.
+    /// objects behind them. The layout is fingerprinted before the scan,
+    /// so a change during it shows in the next pass.
     pub(super) fn build_models(&mut self, i: usize) -> Result<Vec<VmaModel>, DumpError> {
         let target = self.procs[i].target;
-        let scan = ScanOptions {
-            objects: false,
-            ..ScanOptions::default()
-        };
-        let report = crate::inspect::scan_process(target, self.caps, &scan)?;
+        self.procs[i].layout = Some(LayoutFingerprint::of(&target.read_file("maps")?));
+        let report = crate::inspect::scan_page_tables(target, self.caps)?;
         let mut models = Vec::with_capacity(report.vmas.len());
         for v in &report.vmas {
-            let mut m = VmaModel::from_report(v, self.page);
-            if !self.objects.add(target, &m, &*self.sink)? {
-                m.read_through_mapping(v, self.page);
-            }
-            models.push(m);
+            models.push(self.model_of(target, v)?);
         }
         Ok(models)
+    }
+
+    /// The model of the scanned mapping `v` of `target`; opens (or grows)
+    /// the object behind it.
+    fn model_of(&mut self, target: &Target, v: &VmaReport) -> Result<VmaModel, DumpError> {
+        let mut m = VmaModel::from_report(v, self.page);
+        if !self.objects.add(target, self.caps, &m, &*self.sink)? {
+            m.read_through_mapping(v, self.page);
+        }
+        Ok(m)
     }
 
     /// The statistics of a pass that started at `t0`.
@@ -364,4 +423,14 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             },
         }
     }
+}
+
+/// The ranges `report` says were mapped anew (a mapping replaced).
+fn replaced(report: &DirtyReport) -> RangeSet {
+    report
+        .written
+        .iter()
+        .filter(|w| w.source == WriteSource::NewMapping)
+        .map(|w| w.range)
+        .collect()
 }

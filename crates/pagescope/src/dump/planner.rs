@@ -6,15 +6,21 @@
 //! layout changed. The engine (`passes.rs`) resolves a [`Plan`]'s
 //! [`ObjectScan`]s (`SEEK_DATA` on the object) and copies the rest.
 //!
-//! A plan is a value: a later pass could keep it and add to it instead of
-//! planning again.
+//! The models are kept between passes: a pass re-reads the layout only
+//! when the [`LayoutFingerprint`] of `/proc/PID/maps` changed or the
+//! tracker reported a mapping replaced ([`check_layout`]), and the first
+//! pass of a dump whose tracker was kept since the parent image takes
+//! the parent's models when the layout is the parent's
+//! ([`models_from_parent`]) instead of scanning the page tables.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use xxhash_rust::xxh3::xxh3_64;
 
 use super::model::{VmaModel, pages_in};
 use crate::addr::{PageSize, PageSpan};
-use crate::image::format::PageKind;
-use crate::proc::maps::MapsEntry;
+use crate::image::format::{PageKind, VmaRec};
+use crate::proc::maps::{MappingKey, MapsEntry};
 use crate::rangeset::RangeSet;
 use crate::vma::{Backing, ObjectId, Vma};
 
@@ -69,17 +75,127 @@ impl Plan {
     }
 }
 
-/// The key a mapping keeps across passes while it is the same mapping.
-pub(super) fn same_mapping(a: &Vma, b: &Vma) -> bool {
-    a.range == b.range && a.offset == b.offset && a.inode == b.inode && a.dev == b.dev
+/// A cheap fingerprint of a process's layout: the xxh3 of its
+/// `/proc/PID/maps` text, read before the models were built from it.
+///
+/// It changes with any mapping added, removed, moved, resized or
+/// re-protected, and with a path that changed. It cannot see a mapping
+/// replaced by one with the same line (an anonymous `MAP_FIXED` mapping
+/// of the same size at the same place: its offset is its address): maps
+/// cannot tell them apart, the tracker can (the new mapping is not
+/// write-protected; it reports it as [`WriteSource::NewMapping`]), so
+/// [`check_layout`] asks both.
+///
+/// [`WriteSource::NewMapping`]: crate::dirty::WriteSource::NewMapping
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct LayoutFingerprint(u64);
+
+impl LayoutFingerprint {
+    /// The fingerprint of the maps text `maps`.
+    pub fn of(maps: &[u8]) -> Self {
+        Self(xxh3_64(maps))
+    }
 }
 
-/// Whether `maps` still lists exactly the mappings modelled in `old`.
+/// What a pass does with the models it kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum LayoutCheck {
+    /// Same maps text, nothing replaced: the models (the plan's base) are
+    /// kept as they are; maps is not parsed, the page tables not scanned.
+    Kept,
+    /// The maps text changed or a mapping was replaced: the layout is
+    /// read again and reconciled ([`needs_rebuild`], [`reconcile`]).
+    Changed,
+}
+
+/// Whether the models built from the layout `kept` still hold, now that
+/// maps reads `now` and the tracker reports `replaced` as new mappings.
+pub(super) fn check_layout(
+    kept: Option<LayoutFingerprint>,
+    now: LayoutFingerprint,
+    replaced: &RangeSet,
+) -> LayoutCheck {
+    if kept == Some(now) && replaced.is_empty() {
+        LayoutCheck::Kept
+    } else {
+        LayoutCheck::Changed
+    }
+}
+
+/// Whether `maps` still lists exactly the mappings modelled in `old`
+/// ([`MapsEntry::same_mapping`], in order).
 pub(super) fn same_layout(maps: &[MapsEntry], old: &[VmaModel]) -> bool {
-    maps.len() == old.len()
-        && maps.iter().zip(old).all(|(e, m)| {
-            e.range == m.vma.range && e.offset == m.vma.offset && e.inode == m.vma.inode
+    maps.len() == old.len() && maps.iter().zip(old).all(|(e, m)| e.same_mapping(&m.vma))
+}
+
+/// A mapping of a process whose tracker was kept since the parent image,
+/// as [`models_from_parent`] finds it.
+#[derive(Debug)]
+pub(super) enum FromParent {
+    /// The parent recorded the same mapping: its model, without a scan.
+    Kept(VmaModel),
+    /// The parent has no such mapping (new, moved, resized), its record
+    /// is malformed, or it read a shared object through the mapping
+    /// (then the object's pages were the mapping's own): to scan, and
+    /// copy whole.
+    Scan(Vma),
+}
+
+/// The models of a process whose tracker was kept since the parent image,
+/// from its mappings now (`layout`) and those `recorded` in the parent:
+/// a mapping the parent recorded ([`MappingKey`]s equal) keeps each page
+/// as the parent recorded it, a page with content of its own
+/// [`PageKind::InParent`] (what was written since, the tracker reports:
+/// the pass copies those); the others are to be scanned.
+///
+/// [`MappingKey`]: crate::proc::maps::MappingKey
+pub(super) fn models_from_parent(
+    layout: Vec<Vma>,
+    recorded: &[VmaRec],
+    page: PageSize,
+) -> Vec<FromParent> {
+    let by_key: HashMap<MappingKey, &VmaRec> = recorded
+        .iter()
+        .filter_map(|r| Some((r.mapping_key()?, r)))
+        .collect();
+    layout
+        .into_iter()
+        .map(|vma| {
+            let kinds = by_key
+                .get(&vma.mapping_key())
+                .filter(|rec| rec.object.is_some() || !is_object_view(&vma))
+                .and_then(|rec| kinds_from_parent(rec, vma.range.pages(page)));
+            match kinds {
+                Some(kinds) => FromParent::Kept(VmaModel::new(vma, kinds)),
+                None => FromParent::Scan(vma),
+            }
         })
+        .collect()
+}
+
+/// Whether the pages of `vma` live in its object (a shared mapping of
+/// one), unless the object cannot be opened.
+fn is_object_view(vma: &Vma) -> bool {
+    vma.is_shared() && vma.object_id().is_some()
+}
+
+/// The `n` pages of `rec` as a dump tracked since it sees them before
+/// it copies what was written: content of their own is in the parent,
+/// zero pages, holes and object pages stay what they were.
+fn kinds_from_parent(rec: &VmaRec, n: u64) -> Option<Vec<PageKind>> {
+    let mut kinds = vec![PageKind::Hole; usize::try_from(n).ok()?];
+    for r in &rec.runs {
+        let from = usize::try_from(r.first).ok()?;
+        let to = from.checked_add(usize::try_from(r.count).ok()?)?;
+        let kind = match r.kind {
+            PageKind::Data | PageKind::InParent | PageKind::Dedup | PageKind::Swapped => {
+                PageKind::InParent
+            }
+            other => other,
+        };
+        kinds.get_mut(from..to)?.fill(kind);
+    }
+    Some(kinds)
 }
 
 /// Whether a mapping was reported replaced (a new mapping at its place).
@@ -105,7 +221,7 @@ pub(super) fn reconcile(
     for (k, m) in fresh_scan.iter_mut().enumerate() {
         let kept = old
             .iter()
-            .position(|o| same_mapping(&o.vma, &m.vma) && !touched(o, replaced))
+            .position(|o| o.vma.same_mapping(&m.vma) && !touched(o, replaced))
             .map(|at| old.swap_remove(at));
         match kept {
             Some(o) => *m = o,
@@ -202,7 +318,7 @@ pub(super) fn written_since_parent(m: &mut VmaModel, since: &RangeSet, page: Pag
 mod tests {
     use super::*;
     use crate::addr::{VirtAddr, VirtRange};
-    use crate::proc::maps::parse_line;
+    use crate::proc::maps::{parse_line, parse_maps};
     use crate::vma::VmaKind;
 
     const PAGE: u64 = 4096;
@@ -359,6 +475,95 @@ mod tests {
         let mut moved = maps.clone();
         moved[1].offset += PAGE;
         assert!(needs_rebuild(&moved, &old, &RangeSet::default()));
+    }
+
+    #[test]
+    fn an_unchanged_fingerprint_keeps_the_plan_a_changed_one_reconciles() {
+        let text = b"10000-14000 rw-p 00000000 00:00 0 \n";
+        let kept = Some(LayoutFingerprint::of(text));
+        let now = LayoutFingerprint::of(text);
+        assert_eq!(
+            check_layout(kept, now, &RangeSet::default()),
+            LayoutCheck::Kept
+        );
+        // Re-protected: another text, the same mapping; re-read, nothing
+        // to rebuild.
+        let mprotected = b"10000-14000 r--p 00000000 00:00 0 \n";
+        let now = LayoutFingerprint::of(mprotected);
+        assert_eq!(
+            check_layout(kept, now, &RangeSet::default()),
+            LayoutCheck::Changed
+        );
+        let old = vec![anon(0x10000, 4, &[1])];
+        let maps = parse_maps(mprotected).expect("maps");
+        assert!(!needs_rebuild(&maps, &old, &RangeSet::default()));
+        // Grown: re-read and reconciled, the grown mapping is new.
+        let grown = b"10000-16000 rw-p 00000000 00:00 0 \n";
+        let now = LayoutFingerprint::of(grown);
+        assert_eq!(
+            check_layout(kept, now, &RangeSet::default()),
+            LayoutCheck::Changed
+        );
+        let maps = parse_maps(grown).expect("maps");
+        assert!(needs_rebuild(&maps, &old, &RangeSet::default()));
+        let mut fresh = vec![anon(0x10000, 6, &[1, 5])];
+        let new = reconcile(old, &mut fresh, &RangeSet::default());
+        assert_eq!(new, [0].into());
+        // No models yet: nothing is kept.
+        assert_eq!(
+            check_layout(None, now, &RangeSet::default()),
+            LayoutCheck::Changed
+        );
+    }
+
+    #[test]
+    fn a_mapping_replaced_by_the_same_line_is_not_kept() {
+        // The fingerprint cannot see it; the tracker's report can.
+        let text = b"10000-14000 rw-p 00000010 00:00 0 \n";
+        let fp = LayoutFingerprint::of(text);
+        let replaced = written(&[range(0x10000, 4)]);
+        assert_eq!(check_layout(Some(fp), fp, &replaced), LayoutCheck::Changed);
+        let old = vec![anon(0x10000, 4, &[1])];
+        let maps = parse_maps(text).expect("maps");
+        assert!(needs_rebuild(&maps, &old, &replaced));
+    }
+
+    #[test]
+    fn the_parents_layout_gives_the_models_with_its_content_in_the_parent() {
+        let mut a = anon(0x10000, 6, &[0, 1, 4]);
+        a.kinds[2] = PageKind::Zero;
+        a.kinds[4] = PageKind::InParent;
+        let shm = memfd(0x80000, 4, 0);
+        let recorded = vec![a.record(None), shm.record(Some(0))];
+        let grown = anon(0x40000, 2, &[]).vma;
+        let layout: Vec<Vma> = vec![a.vma.clone(), grown, shm.vma.clone()];
+        let found = models_from_parent(layout.clone(), &recorded, page());
+        let kept = |f: &FromParent| match f {
+            FromParent::Kept(m) => Some(m.kinds.clone()),
+            FromParent::Scan(_) => None,
+        };
+        use PageKind::{Hole, InParent, Object, Zero};
+        assert_eq!(
+            kept(&found[0]),
+            Some(vec![InParent, InParent, Zero, Hole, InParent, Hole])
+        );
+        assert_eq!(kept(&found[1]), None, "not in the parent: scanned");
+        assert_eq!(kept(&found[2]), Some(vec![Object; 4]));
+        let models: Vec<VmaModel> = found
+            .into_iter()
+            .filter_map(|f| match f {
+                FromParent::Kept(m) => Some(m),
+                FromParent::Scan(_) => None,
+            })
+            .collect();
+        let mut plan = Plan::default();
+        let w = written(&[range(0x13000, 1), range(0x81000, 1)]);
+        plan_written(&mut plan, 0, &models, &w, &BTreeSet::new(), page());
+        assert_eq!(plan.own[0].pages, vec![3], "written since: copied");
+        // The object read through the mapping in the parent: scanned.
+        let through = vec![recorded[0].clone(), shm.record(None)];
+        let found = models_from_parent(layout, &through, page());
+        assert!(matches!(found[2], FromParent::Scan(_)));
     }
 
     #[test]

@@ -141,10 +141,7 @@ fn written_objects(entries: &[MapsEntry]) -> Vec<ObjectId> {
     entries
         .iter()
         .filter(|e| e.perms.write)
-        .map(|e| ObjectId {
-            dev: e.dev,
-            inode: e.inode,
-        })
+        .map(ObjectId::of_entry)
         .collect()
 }
 

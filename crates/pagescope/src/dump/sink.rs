@@ -37,8 +37,9 @@ use std::sync::{Arc, RwLock};
 use super::DumpError;
 use crate::image::ImageError;
 use crate::image::format::{DedupRef, Header, Meta};
+use crate::image::store_name::StoreName;
+pub(crate) use crate::image::store_name::StoreOwner;
 use crate::image::write::{ImageWriter, Store};
-use crate::vma::ObjectId;
 
 /// A store a sink opened: its index (what records refer to) and name
 /// (what the image's metadata calls it).
@@ -65,29 +66,13 @@ impl StoreRef {
     }
 }
 
-/// Whose pages a store holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum StoreOwner {
-    /// The own pages of the mapping at `vma_start` of process `pid`, page
-    /// `i` at `vma_start + i * page_size`.
-    Vma {
-        /// The process.
-        pid: u32,
-        /// The mapping's start address.
-        vma_start: u64,
-    },
-    /// The pages of a shared object, page `i` at offset `i * page_size`.
-    Object(ObjectId),
-}
-
-impl StoreOwner {
-    /// The name a store of this owner gets (a suffix is added if it is
-    /// taken: a mapping replaced at the same address during the dump).
-    pub(crate) fn prefix(self) -> String {
-        match self {
-            Self::Vma { pid, vma_start } => format!("p{pid}-{vma_start:x}"),
-            Self::Object(id) => format!("o{}-{}", id.dev.to_string().replace(':', "_"), id.inode),
-        }
+/// Whose pages a store holds, and the name it gets from that
+/// ([`StoreName::mapping`] or [`StoreName::object`]; a suffix is added if
+/// it is taken: a mapping replaced at the same address during the dump).
+pub(crate) fn store_name(owner: StoreOwner) -> StoreName {
+    match owner {
+        StoreOwner::Mapping { pid, start } => StoreName::mapping(pid, start),
+        StoreOwner::Object(id) => StoreName::object(id),
     }
 }
 
@@ -210,7 +195,7 @@ impl ImageSink {
 
 impl PageSink for ImageSink {
     fn open_store(&self, owner: StoreOwner, pages: u64) -> Result<StoreRef, DumpError> {
-        let store = self.writer.new_store(&owner.prefix(), pages)?;
+        let store = self.writer.new_store_named(&store_name(owner), pages)?;
         let name: Arc<str> = store.name().into();
         let mut stores = self.stores.write().unwrap_or_else(|p| p.into_inner());
         stores.push(store);
@@ -264,8 +249,9 @@ fn unknown(store: &StoreRef) -> DumpError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::addr::PageSize;
+    use crate::addr::{PageSize, VirtAddr};
     use crate::proc::maps::DevId;
+    use crate::vma::ObjectId;
 
     #[test]
     fn the_image_sink_stores_what_is_written_last_and_reads_it_back() {
@@ -273,9 +259,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pagescope-sink-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let sink = ImageSink::new(ImageWriter::create(&dir, page, None).expect("a writer"));
-        let vma = StoreOwner::Vma {
+        let vma = StoreOwner::Mapping {
             pid: 7,
-            vma_start: 0x1000,
+            start: VirtAddr::new(0x1000),
         };
         let a = sink.open_store(vma, 4).expect("a store");
         let b = sink.open_store(vma, 4).expect("another store");
@@ -284,7 +270,7 @@ mod tests {
             dev: DevId::from_st_dev(0),
             inode: 9,
         });
-        assert_eq!(object.prefix(), "o00_00-9");
+        assert_eq!(store_name(object).as_str(), "o00_00-9");
         sink.write(&a, 1, &[1; 8192]).expect("written");
         sink.not_stored(&a, 2, 1, NotStored::Zero);
         assert_eq!(sink.stored(&a), 1);

@@ -22,7 +22,9 @@ mod layout;
 mod objects;
 mod view;
 
-pub use acting::{open_object, scan_for_pageout, scan_page_tables};
+pub use acting::{
+    open_object, scan_for_pageout, scan_page_tables, scan_page_tables_in, shmem_page_states,
+};
 pub use holdings::scan_holdings;
 pub use layout::read as read_layout;
 pub use view::objects_view;

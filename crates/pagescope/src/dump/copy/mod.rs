@@ -249,10 +249,10 @@ pub(super) fn parent_vma<'i>(
     pid: u32,
     m: &super::model::VmaModel,
 ) -> Option<&'i crate::image::format::VmaRec> {
-    parent.process(pid)?.vmas.iter().find(|v| {
-        v.start == m.vma.range.start().get()
-            && v.end == m.vma.range.end().get()
-            && v.offset == m.vma.offset
-            && v.inode == m.vma.inode
-    })
+    let key = m.vma.mapping_key();
+    parent
+        .process(pid)?
+        .vmas
+        .iter()
+        .find(|v| v.mapping_key() == Some(key))
 }

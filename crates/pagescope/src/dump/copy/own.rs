@@ -110,9 +110,9 @@ pub(in crate::dump) fn vma_store(
     if let Some(s) = &m.store {
         return Ok(s.clone());
     }
-    let owner = StoreOwner::Vma {
+    let owner = StoreOwner::Mapping {
         pid,
-        vma_start: m.vma.range.start().get(),
+        start: m.vma.range.start(),
     };
     let s = sink.open_store(owner, m.kinds.len() as u64)?;
     m.store = Some(s.clone());

@@ -16,6 +16,7 @@ use crate::dump::DumpError;
 use crate::dump::remote::RemoteMem;
 use crate::proc::maps::MapsEntry;
 use crate::uffd::SyncUserfaultfd;
+use crate::vma::is_kernel_mapping;
 
 /// A page captured before it could change.
 pub(super) enum Captured {
@@ -37,12 +38,11 @@ pub(super) struct Region {
     shared: bool,
 }
 
-/// `[vvar]`, `[vdso]`, `[vsyscall]` and other special mappings.
-pub(super) fn is_special(m: &MapsEntry) -> bool {
-    matches!(
-        m.path.display().as_str(),
-        "[vvar]" | "[vvar_vclock]" | "[vdso]" | "[vsyscall]" | "[uprobes]"
-    )
+/// Whether the snapshot write-protects `m`: a writable mapping that is
+/// not one of the kernel's special mappings (`[vvar]`, `[vdso]`, ...:
+/// [`is_kernel_mapping`]).
+pub(super) fn protectable(m: &MapsEntry) -> bool {
+    m.perms.write && !is_kernel_mapping(m)
 }
 
 /// Captures every page of `range` (a writable mapping the kernel would not
@@ -183,7 +183,7 @@ impl Handler {
 /// The writable mappings of `maps`, as the handler needs them.
 pub(super) fn regions_of(maps: &[MapsEntry]) -> Vec<Region> {
     maps.iter()
-        .filter(|m| m.perms.write && !is_special(m))
+        .filter(|m| protectable(m))
         .map(|m| Region {
             range: m.range,
             shared: m.perms.shared,

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use self::copy::SnapshotCopy;
-use self::handler::{Handler, capture_range, is_special, regions_of};
+use self::handler::{Handler, capture_range, protectable, regions_of};
 use super::copy::{Copied, Out, Progress};
 use super::passes::Dump;
 use super::remote::RemoteMem;
@@ -192,11 +192,7 @@ impl Dump<'_, '_, '_> {
         let pid = target.pid();
         let protect_err = |source| DumpError::Protect { pid, source };
         let mut refused = Vec::new();
-        for m in target
-            .maps()?
-            .iter()
-            .filter(|m| m.perms.write && !is_special(m))
-        {
+        for m in target.maps()?.iter().filter(|m| protectable(m)) {
             if uffd.register_wp(m.range).is_ok() {
                 registration.ranges.push(m.range);
                 uffd.write_protect(m.range, true).map_err(protect_err)?;
@@ -214,7 +210,7 @@ impl Dump<'_, '_, '_> {
                 let _ = uffd.write_protect(r, true);
             }
         }
-        for m in maps.iter().filter(|m| m.perms.write && !is_special(m)) {
+        for m in maps.iter().filter(|m| protectable(m)) {
             let known = registration.ranges.contains(&m.range) || refused.contains(&m.range);
             if known {
                 continue;

@@ -4,7 +4,7 @@
 
 use std::os::fd::AsFd;
 
-use super::{SwapIo, SwapPolicy, SwapReport};
+use super::{SwapClassReport, SwapIo, SwapPolicy, SwapReport};
 use crate::addr::PageSize;
 use crate::dump::attach::Proc;
 use crate::dump::objects::Objects;
@@ -34,37 +34,27 @@ pub(in crate::dump) fn page_back_out(
     }
     for p in procs {
         let cold = p.mem.take_cold();
-        match anon(p.target, &p.mem, &cold, page) {
-            Ok(o) => {
-                report.anon.paged_out += o.out;
-                report.anon.still_in_ram += o.still;
-            }
-            Err(e) => {
-                report.anon.still_in_ram += cold.len() as u64;
-                report.notes.push(format!(
-                    "process {}: cannot page {} pages back out: {e}",
-                    p.pid,
-                    cold.len()
-                ));
-            }
-        }
+        let result = anon(p.target, &p.mem, &cold, page);
+        let what = || format!("process {}", p.pid);
+        tally(
+            &mut report.anon,
+            &mut report.notes,
+            result,
+            cold.len(),
+            what,
+        );
     }
     for o in objects.map.values_mut() {
         let cold = std::mem::take(&mut o.cold);
-        match object(o.fd.as_fd(), &cold, page) {
-            Ok(r) => {
-                report.shmem.paged_out += r.out;
-                report.shmem.still_in_ram += r.still;
-            }
-            Err(e) => {
-                report.shmem.still_in_ram += cold.len() as u64;
-                report.notes.push(format!(
-                    "object inode {}: cannot page {} pages back out: {e}",
-                    o.id.inode,
-                    cold.len()
-                ));
-            }
-        }
+        let result = object(o.fd.as_fd(), &cold, page);
+        let what = || format!("object inode {}", o.id.inode);
+        tally(
+            &mut report.shmem,
+            &mut report.notes,
+            result,
+            cold.len(),
+            what,
+        );
     }
     if report.anon.still_in_ram + report.shmem.still_in_ram > 0 {
         report.notes.push(
@@ -72,6 +62,31 @@ pub(in crate::dump) fn page_back_out(
         );
     }
     report
+}
+
+/// Counts the outcome of paging `cold` pages of one process or object
+/// (`what`) back out; on an error, all of them stayed, and a note says
+/// why.
+fn tally(
+    class: &mut SwapClassReport,
+    notes: &mut Vec<String>,
+    result: std::io::Result<Outcome>,
+    cold: usize,
+    what: impl FnOnce() -> String,
+) {
+    match result {
+        Ok(o) => {
+            class.paged_out += o.out;
+            class.still_in_ram += o.still;
+        }
+        Err(e) => {
+            class.still_in_ram += cold as u64;
+            notes.push(format!(
+                "{}: cannot page {cold} pages back out: {e}",
+                what()
+            ));
+        }
+    }
 }
 
 /// `process_madvise(MADV_PAGEOUT)` on the target's pages `addrs` (sorted),

@@ -1,7 +1,8 @@
 //! The swap policy for pages of shared memory objects, whose swap slots
 //! the kernel does not show (a shmem swap entry lives in the object, not
-//! in a page table): the object is classified through pagescope's own fd
-//! (`mincore` and `cachestat`), `skip` leaves swapped pages alone, every
+//! in a page table): the object's page states come from the `inspect`
+//! driver (`shmem_page_states`: `mincore` and `cachestat` through
+//! pagescope's own fd), `skip` leaves swapped pages alone, every
 //! other policy reads them (`pread`) and remembers them for paging back
 //! out (`cold.rs`).
 
@@ -13,8 +14,6 @@ use crate::addr::{PageSize, PageSpan};
 use crate::dump::DumpError;
 use crate::dump::model::ObjectModel;
 use crate::object::classify::ObjectState;
-use crate::rangeset::RangeSet;
-use crate::vma::ObjectClass;
 
 /// With a swap policy other than `read`, the pages of `pages` (sorted) of
 /// object `o` that are swapped out: counted, remembered for `keep-cold`,
@@ -34,18 +33,12 @@ pub(in crate::dump) fn swapped_object_pages(
     }
     let size = rustix::fs::fstat(&o.fd).map_or(0, |st| u64::try_from(st.st_size).unwrap_or(0));
     let span = PageSpan::new(lo, hi + 1).unwrap_or_default();
-    let classified = crate::object::classify::classify(
-        o.fd.as_fd(),
-        ObjectClass::Shmem,
-        size.div_ceil(page.get()),
-        span,
-        page,
-        &RangeSet::default(),
-    )
-    .map_err(|e| DumpError::ObjectRead {
-        inode: o.id.inode,
-        source: e.into(),
-    })?;
+    let classified =
+        crate::inspect::shmem_page_states(o.fd.as_fd(), size.div_ceil(page.get()), span, page)
+            .map_err(|e| DumpError::ObjectRead {
+                inode: o.id.inode,
+                source: e.into(),
+            })?;
     let wanted: BTreeSet<u64> = pages.iter().copied().collect();
     let mut swapped = BTreeSet::new();
     let mut skip = BTreeSet::new();

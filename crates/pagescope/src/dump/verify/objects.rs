@@ -20,9 +20,8 @@ use crate::image::Image;
 use crate::image::format::ObjectRec;
 use crate::image::read::PageFill;
 use crate::kernel::KernelCaps;
-use crate::object::classify::{ObjectClass, ObjectState};
+use crate::object::classify::ObjectState;
 use crate::proc::Target;
-use crate::rangeset::RangeSet;
 use crate::vma::ObjectId;
 
 const SWAPPED: &str = "swapped out (shmem): the kernel exposes no swap slot for a shmem page, and reading it would swap it in";
@@ -147,18 +146,13 @@ fn swapped_pages(
     if o.kind == "hugetlb" || span.is_empty() {
         return Ok(Default::default());
     }
-    let classified = crate::object::classify::classify(
-        fd,
-        ObjectClass::Shmem,
-        size_pages,
-        span,
-        page,
-        &RangeSet::default(),
-    )
-    .map_err(|e| DumpError::ObjectRead {
-        inode: o.inode,
-        source: e.into(),
-    })?;
+    let classified =
+        crate::inspect::shmem_page_states(fd, size_pages, span, page).map_err(|e| {
+            DumpError::ObjectRead {
+                inode: o.inode,
+                source: e.into(),
+            }
+        })?;
     Ok(classified
         .runs
         .iter()
