@@ -14,7 +14,9 @@ use super::frame::FrameWriter;
 use super::handshake::{self, Session};
 use super::wire::{self, Mode, Record, Why, kind};
 use super::{Class, Conn, TransferError};
-use crate::dump::sink::{Committed, NotStored, PageSink, PassStart, StoreOwner, StoreRef};
+use crate::dump::sink::{
+    Committed, NotStored, PageSink, PassStart, StoreOwner, StoreRef, store_name,
+};
 use crate::dump::{DumpError, DumpEvent, DumpOptions, DumpReport};
 use crate::image::ImageError;
 use crate::image::format::{self, Meta};
@@ -339,19 +341,13 @@ impl StreamSink {
     /// A unique name for `owner`'s store, as the image writer would give.
     fn name(&self, owner: StoreOwner) -> String {
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
-        let prefix = owner.prefix();
+        let base = store_name(owner);
         let name = (0..)
-            .map(|n| {
-                if n == 0 {
-                    prefix.clone()
-                } else {
-                    format!("{prefix}.{n}")
-                }
-            })
-            .find(|n| !names.contains(n))
-            .unwrap_or(prefix);
-        names.insert(name.clone());
-        name
+            .map(|n| base.nth(n))
+            .find(|n| !names.contains(n.as_str()))
+            .unwrap_or(base);
+        names.insert(name.as_str().to_owned());
+        name.as_str().to_owned()
     }
 
     /// Waits for the receiver's acknowledgement.
