@@ -31,7 +31,7 @@ fn main() -> ExitCode {
         Some("exporter") => report(exporter::run(&args[1..])),
         _ => {
             eprintln!(
-                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]\n       pagescope-bench sharers [--gib N] [--reps N]\n       pagescope-bench dump [--gib N]\n       pagescope-bench swap [--gib N] [--swapped-gib N]\n       pagescope-bench exporter [--small N] [--large N] [--reps N]"
+                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]\n       pagescope-bench sharers [--gib N] [--reps N]\n       pagescope-bench dump [--gib N] [--incremental-only] [--reps N]\n       pagescope-bench swap [--gib N] [--swapped-gib N]\n       pagescope-bench exporter [--small N] [--large N] [--reps N]"
             );
             ExitCode::from(2)
         }

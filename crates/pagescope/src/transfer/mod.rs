@@ -6,7 +6,7 @@
 //! shared object's pages into a file at their offsets (`FILE.partial`,
 //! renamed at commit). The format: `docs/stream-format.md`.
 //!
-//! * [`wire`]: the records, bounded and checked; `frame.rs`: frames
+//! * `wire.rs`: the records, bounded and checked; `frame.rs`: frames
 //!   and their authentication tags;
 //! * `handshake.rs`: magic, version, capabilities, mode, and the
 //!   pre-shared-key challenge-response that keys every later frame;
