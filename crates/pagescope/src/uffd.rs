@@ -236,7 +236,10 @@ impl Userfaultfd {
         wp_get_and_reset(pagemap, range, buf, sink)
     }
 
-    /// Empty unprotected slots of `range` (see [`unprotected_holes`]).
+    /// Empty slots of `range` in uffd-wp async VMAs that carry no protection
+    /// (no marker) and are not reported written: what kernels before the 2026
+    /// PMD-hole fix leave after `MADV_DONTNEED` of a write-protected THP.
+    /// Calls `sink` for each such range (read only; nothing is re-armed).
     pub fn unprotected_holes(
         &self,
         pagemap: BorrowedFd<'_>,
@@ -244,7 +247,12 @@ impl Userfaultfd {
         buf: &mut RegionBuf,
         sink: impl FnMut(VirtRange),
     ) -> Result<(), UffdError> {
-        unprotected_holes(pagemap, range, buf, sink)
+        let c = ScanCategories::PRESENT | ScanCategories::SWAPPED | ScanCategories::WRITTEN;
+        let req = ScanRequest::new(range)
+            .inverted(c)
+            .all_of(c | ScanCategories::WPALLOWED)
+            .returning(ScanCategories::WPALLOWED);
+        scan_ranges(pagemap, &req, buf, sink)
     }
 }
 
@@ -436,23 +444,4 @@ fn scan_ranges(
         range: req.range(),
         source: e.into(),
     })
-}
-
-/// Empty slots of `range` in uffd-wp async VMAs that carry no protection
-/// (no marker) and are not reported written: what kernels before the 2026
-/// PMD-hole fix leave after `MADV_DONTNEED` of a write-protected THP.
-/// Calls `sink` for each such range (read only; nothing is re-armed).
-#[doc(hidden)]
-pub fn unprotected_holes(
-    pagemap: BorrowedFd<'_>,
-    range: VirtRange,
-    buf: &mut RegionBuf,
-    sink: impl FnMut(VirtRange),
-) -> Result<(), UffdError> {
-    let c = ScanCategories::PRESENT | ScanCategories::SWAPPED | ScanCategories::WRITTEN;
-    let req = ScanRequest::new(range)
-        .inverted(c)
-        .all_of(c | ScanCategories::WPALLOWED)
-        .returning(ScanCategories::WPALLOWED);
-    scan_ranges(pagemap, &req, buf, sink)
 }

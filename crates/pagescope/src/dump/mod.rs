@@ -327,7 +327,7 @@ pub fn dump(
     opts: &DumpOptions,
     progress: &mut dyn FnMut(DumpEvent<'_>),
 ) -> Result<DumpReport, DumpError> {
-    target.require_address_space()?;
+    require_live(target)?;
     cow::validate(target, opts)?;
     let parent = opts.parent.as_deref().map(Image::open).transpose()?;
     let parent_arg = opts.parent.as_ref().map(|p| relative_to(p, &opts.out));
@@ -361,7 +361,7 @@ pub(crate) fn dump_to(
     sink: Box<dyn PageSink>,
     progress: &mut dyn FnMut(DumpEvent<'_>),
 ) -> Result<DumpReport, DumpError> {
-    target.require_address_space()?;
+    require_live(target)?;
     cow::validate(target, opts)?;
     dump_into(target, caps, opts, sink, None, &mut Vec::new(), progress)
         .map_err(|e| exited_or(e, target))
@@ -412,6 +412,18 @@ fn passes<'t>(d: &mut Dump<'t, '_, '_>, pinned: &'t Pinned<'_>) -> Result<Passes
     }
     let (iterations, stopped_s) = d.precopy_and_stop()?;
     Ok((iterations, stopped_s, None))
+}
+
+/// The process has user memory to dump: a zombie (it exited before the
+/// dump began, not yet reaped) is [`DumpError::Exited`], as one that exits
+/// mid-dump; a kernel thread is refused as such.
+fn require_live(target: &Target) -> Result<(), DumpError> {
+    match target.require_address_space() {
+        Err(_) if target.stat().is_ok_and(|s| s.is_zombie()) => {
+            Err(DumpError::Exited { pid: target.pid() })
+        }
+        r => Ok(r?),
+    }
 }
 
 /// A failure caused by the process exiting (or becoming a zombie) mid-run
