@@ -14,14 +14,16 @@
 //! * image sizes: a forked pair sharing every page copy-on-write
 //!   (`--tree`), and a target re-dirtying the same pages every iteration.
 
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use pagescope::dump::{DumpOptions, DumpReport, dump};
-use pagescope::raw::OwnedMapping;
-use pagescope::{KernelCaps, Target};
+use pagescope::raw::pagemap_scan::RegionBuf;
+use pagescope::raw::{OwnedMapping, wp_get_and_reset};
+use pagescope::{KernelCaps, Target, VirtAddr, VirtRange};
 
 use crate::util::{arg, median};
 
@@ -588,31 +590,6 @@ fn incremental(c: &Child, ctl: &Control, pages: u64, reps: u64) -> anyhow::Resul
     Ok(())
 }
 
-/// `struct pm_scan_arg` (`<linux/fs.h>`).
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-/// `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: libc::c_ulong = (3 << 30) | (96 << 16) | ((b'f' as libc::c_ulong) << 8) | 16;
-/// `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`.
-const GET_AND_RESET: u64 = 0b11;
-/// `PAGE_IS_WRITTEN`.
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
-
 /// The bare collect + copy: `PAGEMAP_SCAN` get-and-reset of the written
 /// pages of the `pages` at `base` (registered uffd-wp async by a kept
 /// tracker), then [`bare_copy`] of them. The time and the pages found.
@@ -624,37 +601,16 @@ fn bare_collect_copy(
 ) -> anyhow::Result<(Duration, Vec<u64>)> {
     let t = Instant::now();
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
-    let mut regions = vec![[0u64; 3]; 4096];
+    let mut regions = RegionBuf::new(4096);
     let mut found = Vec::new();
-    let end = base + pages * PAGE as u64;
-    let mut start = base;
-    while start < end {
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: GET_AND_RESET,
-            start,
-            end,
-            vec: regions.as_mut_ptr() as u64,
-            vec_len: regions.len() as u64,
-            category_mask: PAGE_IS_WRITTEN,
-            return_mask: PAGE_IS_WRITTEN,
-            ..PmScanArg::default()
-        };
-        // SAFETY: `arg` describes `regions` (exclusively borrowed, of
-        // `struct page_region` layout: three u64) for the call.
-        let n = unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&pagemap),
-                PAGEMAP_SCAN,
-                &raw mut arg,
-            )
-        };
-        anyhow::ensure!(n >= 0, "PAGEMAP_SCAN: {}", std::io::Error::last_os_error());
-        for r in &regions[..n.unsigned_abs() as usize] {
-            found.extend((r[0] - base) / PAGE as u64..(r[1] - base) / PAGE as u64);
-        }
-        start = arg.walk_end;
-    }
+    let range = VirtRange::new(
+        VirtAddr::new(base),
+        VirtAddr::new(base + pages * PAGE as u64),
+    )
+    .ok_or_else(|| anyhow::anyhow!("empty range at {base:#x}"))?;
+    wp_get_and_reset(pagemap.as_fd(), range, &mut regions, |w| {
+        found.extend((w.start().get() - base) / PAGE as u64..(w.end().get() - base) / PAGE as u64);
+    })?;
     bare_copy(pid, base, &found, file)?;
     Ok((t.elapsed(), found))
 }

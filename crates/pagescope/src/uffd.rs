@@ -239,20 +239,21 @@ impl Userfaultfd {
     /// Empty slots of `range` in uffd-wp async VMAs that carry no protection
     /// (no marker) and are not reported written: what kernels before the 2026
     /// PMD-hole fix leave after `MADV_DONTNEED` of a write-protected THP.
-    /// Calls `sink` for each such range (read only; nothing is re-armed).
+    /// Read only: nothing is re-armed.
     pub fn unprotected_holes(
         &self,
         pagemap: BorrowedFd<'_>,
         range: VirtRange,
         buf: &mut RegionBuf,
-        sink: impl FnMut(VirtRange),
-    ) -> Result<(), UffdError> {
+    ) -> Result<Vec<VirtRange>, UffdError> {
         let c = ScanCategories::PRESENT | ScanCategories::SWAPPED | ScanCategories::WRITTEN;
         let req = ScanRequest::new(range)
             .inverted(c)
             .all_of(c | ScanCategories::WPALLOWED)
             .returning(ScanCategories::WPALLOWED);
-        scan_ranges(pagemap, &req, buf, sink)
+        let mut holes = Vec::new();
+        scan_ranges(pagemap, &req, buf, |h| holes.push(h))?;
+        Ok(holes)
     }
 }
 

@@ -142,12 +142,10 @@ impl UffdWp {
         if pmd_hole_bug() {
             // Zapped PMDs carry neither protection nor WRITTEN here: report
             // and re-protect them before the get-and-reset.
-            let mut holes = Vec::new();
             let found = self
                 .uffd
-                .unprotected_holes(self.pagemap.as_fd(), r, &mut self.vec, |h| holes.push(h));
-            self.gone(found)?;
-            for h in holes {
+                .unprotected_holes(self.pagemap.as_fd(), r, &mut self.vec);
+            for h in self.gone(found)? {
                 self.gone(self.uffd.arm(self.pagemap.as_fd(), h))?;
                 out.push(tracked(h));
             }
@@ -169,7 +167,7 @@ impl UffdWp {
     }
 
     /// Turns "the mm is gone" (exit or exec) into [`TrackError::TargetExited`].
-    fn gone(&self, r: Result<(), UffdError>) -> Result<(), TrackError> {
+    fn gone<T>(&self, r: Result<T, UffdError>) -> Result<T, TrackError> {
         r.map_err(|e| match e.kind() {
             crate::error::ErrorKind::TargetExited => TrackError::TargetExited { pid: self.pid },
             _ => TrackError::Uffd(e),
