@@ -99,6 +99,14 @@ fn resume(pid: u32) {
     );
 }
 
+/// `pagescope send PID --to ADDR EXTRA...`.
+fn send_to(pid: u32, addr: &str, extra: &[&str]) -> std::process::Output {
+    let pid = pid.to_string();
+    let mut args = vec!["send", &pid, "--to", addr];
+    args.extend_from_slice(extra);
+    cli(&args)
+}
+
 #[test]
 fn a_python_writer_sent_into_an_image_verifies_against_the_stopped_process() {
     if !usable() {
@@ -109,15 +117,7 @@ fn a_python_writer_sent_into_an_image_verifies_against_the_stopped_process() {
     let pid = w.0.id();
     let img = scratch.p("img");
     let r = Receiver::start("127.0.0.1:0", &["-o", &img]);
-    let s = cli(&[
-        "send",
-        &pid.to_string(),
-        "--to",
-        &r.addr,
-        "--leave-stopped",
-        "--max-iterations",
-        "2",
-    ]);
+    let s = send_to(pid, &r.addr, &["--leave-stopped", "--max-iterations", "2"]);
     let (rc, rerr) = r.finish();
     assert_eq!(code(&s), 0, "send: {}", text(&s));
     assert_eq!(rc, 0, "receive: {rerr}");
@@ -151,17 +151,17 @@ fn one_memfd_into_a_file_is_byte_identical_to_the_memfd_at_the_stop() {
     let pid = w.0.id();
     let file = scratch.p("ram.bin");
     let r = Receiver::start("127.0.0.1:0", &["--into", &file]);
-    let s = cli(&[
-        "send",
-        &pid.to_string(),
-        "--to",
+    let s = send_to(
+        pid,
         &r.addr,
-        "--object",
-        "memfd:guest-ram",
-        "--leave-stopped",
-        "--max-iterations",
-        "2",
-    ]);
+        &[
+            "--object",
+            "memfd:guest-ram",
+            "--leave-stopped",
+            "--max-iterations",
+            "2",
+        ],
+    );
     let (rc, rerr) = r.finish();
     assert_eq!(code(&s), 0, "send: {}", text(&s));
     assert_eq!(rc, 0, "receive: {rerr}");
@@ -172,14 +172,7 @@ fn one_memfd_into_a_file_is_byte_identical_to_the_memfd_at_the_stop() {
     assert!(!Path::new(&format!("{file}.partial")).exists());
     // An image receiver refuses an object stream (and the reverse).
     let r = Receiver::start("127.0.0.1:0", &["-o", &scratch.p("img")]);
-    let s = cli(&[
-        "send",
-        &pid.to_string(),
-        "--to",
-        &r.addr,
-        "--object",
-        "memfd:guest-ram",
-    ]);
+    let s = send_to(pid, &r.addr, &["--object", "memfd:guest-ram"]);
     let (rc, rerr) = r.finish();
     assert_eq!(
         (code(&s), rc),
