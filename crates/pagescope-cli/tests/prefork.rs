@@ -98,6 +98,13 @@ impl Server {
         } else {
             Command::new("python3")
         };
+        // nobody cannot read a test tree under a 0700 directory (a clone in
+        // mktemp -d): a world-readable copy of the program.
+        let script = if unprivileged {
+            pagescope_fixture::testing::world_copy(&script)
+        } else {
+            script
+        };
         let (child, line) = spawn_ready(
             cmd.arg(script)
                 .args([&rate.to_string(), &seconds.to_string()])
