@@ -241,7 +241,7 @@ fn advise_mapped(
         pid: target.pid(),
         source,
     };
-    crate::sys::mm::drain_lru_batches().map_err(|e| advise_err(e.into()))?;
+    crate::sys::lru_drain::drain_all_cpus().map_err(|e| advise_err(e.into()))?;
     let advice = Advice::PageOut.raw();
     match crate::sys::process_madvise::advise(target.pidfd(), &ranges, advice) {
         Err(e) if e == rustix::io::Errno::INVAL => {

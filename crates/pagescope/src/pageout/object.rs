@@ -93,7 +93,7 @@ fn page_out_run(
     for k in 0..count {
         m.read_byte(k * p)?;
     }
-    crate::sys::mm::drain_lru_batches()?;
+    crate::sys::lru_drain::drain_all_cpus()?;
     m.madvise(0, len, Advice::PageOut)?;
     Ok(())
 }

@@ -369,21 +369,3 @@ impl Drop for OwnedMapping {
         let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
-
-/// Moves the pages every CPU holds in its LRU-add batch onto the LRU
-/// lists (`lru_add_drain_all()`), which `mlock(2)` does first. Pages
-/// faulted or read in moments ago sit in such a per-CPU batch, and
-/// `MADV_PAGEOUT` skips pages that are not on an LRU list (it drains only
-/// the calling CPU's batch). Costs one `mlock`/`munlock` of one page of
-/// our own (needs `RLIMIT_MEMLOCK` ≥ one page, or CAP_IPC_LOCK).
-pub fn drain_lru_batches() -> Result<(), Errno> {
-    let page = rustix::param::page_size();
-    let m = OwnedMapping::anonymous(page, 0)?;
-    // SAFETY: the range is exactly our own fresh mapping `m`, alive for
-    // both calls; mlock/munlock do not touch Rust-visible memory.
-    unsafe {
-        rustix::mm::mlock(m.ptr.as_ptr().cast(), page)?;
-        rustix::mm::munlock(m.ptr.as_ptr().cast(), page)?;
-    }
-    Ok(())
-}

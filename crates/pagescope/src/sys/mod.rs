@@ -15,6 +15,7 @@ pub mod bpf;
 pub mod cachestat;
 pub mod inject;
 pub mod kcmp;
+pub mod lru_drain;
 pub mod mincore;
 pub mod mm;
 pub mod pagemap;

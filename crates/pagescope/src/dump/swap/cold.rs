@@ -104,7 +104,7 @@ fn anon(
     }
     let p = page.as_usize();
     let ranges = merge(addrs, p);
-    crate::sys::mm::drain_lru_batches()?;
+    crate::sys::lru_drain::drain_all_cpus()?;
     crate::sys::process_madvise::advise(target.pidfd(), &ranges, Advice::PageOut.raw())?;
     let entries = mem
         .entries_at(addrs)
