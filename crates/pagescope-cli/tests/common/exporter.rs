@@ -218,7 +218,7 @@ pub fn json_of(args: &[&str]) -> Value {
 /// exporter's; what it did must then be seen by both on the next try.
 pub fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
     let mut last = String::new();
-    for _ in 0..5 {
+    for _ in 0..8 {
         match check() {
             Ok(()) => return,
             Err(e) => last = e,
