@@ -89,7 +89,7 @@ fn assert_untouched(fx: &mut FixtureProcess, what: &str, attach_attempt: impl Fn
 }
 
 fn watch_once(pid: u32, failpoint: &str) -> std::process::ExitStatus {
-    Command::new(common::exe())
+    pagescope_with_default_signals()
         .args([
             "watch",
             &pid.to_string(),
@@ -104,6 +104,32 @@ fn watch_once(pid: u32, failpoint: &str) -> std::process::ExitStatus {
         .stderr(Stdio::null())
         .status()
         .unwrap()
+}
+
+/// `pagescope` with the default action for every signal the failpoints
+/// send: a suite started in the background by a non-interactive shell
+/// inherits SIGINT and SIGQUIT ignored, and a SIGQUIT would then not end
+/// pagescope.
+fn pagescope_with_default_signals() -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(common::exe());
+    // SAFETY: between fork and exec only sigaction-level calls
+    // (async-signal-safe) run; no allocation, no locks.
+    unsafe {
+        cmd.pre_exec(|| {
+            for sig in [
+                libc::SIGINT,
+                libc::SIGTERM,
+                libc::SIGHUP,
+                libc::SIGQUIT,
+                libc::SIGPIPE,
+            ] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
 
 /// The steps the helper does not reach for `fx`: for a root-owned
