@@ -10,14 +10,15 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use super::frame::FrameWriter;
 use super::handshake::{self, Session};
+use super::out::{Out, Run};
+use super::progress::{Counters, Live, PassSent, SendEvent};
 use super::wire::{self, Mode, Record, Why, kind};
 use super::{Class, Conn, TransferError};
 use crate::dump::sink::{
     Committed, NotStored, PageSink, PassStart, StoreOwner, StoreRef, store_name,
 };
-use crate::dump::{DumpError, DumpEvent, DumpOptions, DumpReport};
+use crate::dump::{DumpError, DumpOptions, DumpReport, PrecopyEnd};
 use crate::image::ImageError;
 use crate::image::format::{self, Meta};
 use crate::kernel::KernelCaps;
@@ -58,6 +59,19 @@ pub struct SendReport {
     pub pages_sent: u64,
     /// Seconds from the handshake to the acknowledgement.
     pub seconds: f64,
+    /// Seconds the process was stopped (the final pass): the downtime.
+    pub downtime_s: f64,
+    /// The stream's measured bandwidth at the end, bytes/s (smoothed;
+    /// never above `--bandwidth`).
+    pub bandwidth_bytes_s: f64,
+    /// Why pre-copy ended.
+    pub precopy_end: PrecopyEnd,
+    /// Whether pre-copy converged (what is left fit in `--max-downtime`,
+    /// or nothing was written) rather than hit `--max-iterations` or
+    /// `--max-time`.
+    pub converged: bool,
+    /// Every pass as the stream saw it: pages and bytes sent.
+    pub passes: Vec<PassSent>,
     /// The receiver's acknowledgement.
     pub receiver: String,
 }
@@ -79,7 +93,7 @@ pub fn send(
     caps: &KernelCaps,
     conn: Conn,
     opts: &SendOptions,
-    progress: &mut dyn FnMut(DumpEvent<'_>),
+    progress: &mut dyn FnMut(SendEvent<'_>),
 ) -> Result<SendReport, SendError> {
     let object = opts
         .object
@@ -96,7 +110,10 @@ pub fn send(
     let session = handshake::client(conn, opts.psk.as_deref(), mode, page)?;
     let shared = Arc::new(Shared::default());
     let sink = StreamSink::new(session, object, opts.bandwidth, Arc::clone(&shared));
-    let result = crate::dump::dump_to(target, caps, &opts.dump, Box::new(sink), progress);
+    let mut live = Live::new(&shared.counters, progress);
+    let result = crate::dump::dump_to(target, caps, &opts.dump, Box::new(sink), &mut |e| {
+        live.dump_event(e);
+    });
     let stream_failure = shared
         .failure
         .lock()
@@ -113,11 +130,16 @@ pub fn send(
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     Ok(SendReport {
-        dump,
         bytes_sent: totals.bytes,
         pages_sent: totals.pages,
         seconds: start.elapsed().as_secs_f64(),
+        downtime_s: dump.stopped_s,
+        bandwidth_bytes_s: totals.bandwidth,
+        precopy_end: dump.precopy_end,
+        converged: dump.converged,
+        passes: shared.counters.passes(),
         receiver: totals.ack,
+        dump,
     })
 }
 
@@ -160,6 +182,8 @@ struct Shared {
     /// connection lost).
     failure: Mutex<Option<TransferError>>,
     totals: Mutex<Totals>,
+    /// What the progress reads as the stream goes.
+    counters: Arc<Counters>,
 }
 
 #[derive(Clone, Default)]
@@ -167,32 +191,8 @@ struct Totals {
     bytes: u64,
     pages: u64,
     records: u64,
+    bandwidth: f64,
     ack: String,
-}
-
-/// The frames going out, and the pacing of `--bandwidth`.
-struct Out {
-    writer: FrameWriter,
-    records: u64,
-    pages: u64,
-    started: Instant,
-    bandwidth: Option<u64>,
-}
-
-impl Out {
-    fn frame(&mut self, kind: u8, parts: &[&[u8]]) -> std::io::Result<()> {
-        self.writer.frame(kind, parts)?;
-        self.records += 1;
-        if let Some(rate) = self.bandwidth.filter(|&r| r > 0) {
-            let due = Duration::from_secs_f64(self.writer.bytes as f64 / rate as f64);
-            let spent = self.started.elapsed();
-            if due > spent {
-                self.writer.flush()?;
-                std::thread::sleep(due - spent);
-            }
-        }
-        Ok(())
-    }
 }
 
 /// A store as the stream knows it.
@@ -260,13 +260,7 @@ impl StreamSink {
             }
         });
         Self {
-            out: Mutex::new(Out {
-                writer,
-                records: 0,
-                pages: 0,
-                started: Instant::now(),
-                bandwidth,
-            }),
+            out: Mutex::new(Out::new(writer, bandwidth, Arc::clone(&shared.counters))),
             acks: Mutex::new(rx),
             peer,
             page: page_size as usize,
@@ -281,12 +275,17 @@ impl StreamSink {
     fn send(&self, kind: u8, parts: &[&[u8]], pages: u64) -> Result<(), DumpError> {
         self.check()?;
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        out.pages += pages;
-        out.frame(kind, parts).map_err(|e| {
-            let shown = e.to_string();
-            set_failure(&self.shared, TransferError::io("write to", &self.peer, e));
-            self.lost(shown)
-        })
+        let sent = out.frame(kind, parts, pages);
+        drop(out);
+        sent.map_err(|e| self.failed(e))
+    }
+
+    /// The connection failed writing: the stream's failure, as the
+    /// dump's error.
+    fn failed(&self, e: std::io::Error) -> DumpError {
+        let shown = e.to_string();
+        set_failure(&self.shared, TransferError::io("write to", &self.peer, e));
+        self.lost(shown)
     }
 
     fn record(&self, r: &Record) -> Result<(), DumpError> {
@@ -402,9 +401,10 @@ impl StreamSink {
             records,
         })?;
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        out.writer.flush().map_err(|e| self.lost(e.to_string()))?;
+        out.flush().map_err(|e| self.lost(e.to_string()))?;
         let mut totals = self.shared.totals.lock().unwrap_or_else(|p| p.into_inner());
-        (totals.bytes, totals.pages, totals.records) = (out.writer.bytes, out.pages, out.records);
+        (totals.bytes, totals.pages, totals.records) = (out.bytes(), out.pages, out.records);
+        totals.bandwidth = out.rate();
         Ok(())
     }
 }
@@ -429,6 +429,10 @@ fn why(w: NotStored) -> Why {
 
 impl PageSink for StreamSink {
     fn begin_pass(&self, pass: PassStart) -> Result<(), DumpError> {
+        self.out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .begin_pass(pass.n, pass.stopped);
         self.record(&Record::BeginPass(pass.n, pass.stopped))
     }
 
@@ -466,7 +470,11 @@ impl PageSink for StreamSink {
         let Some(w) = self.wire(store) else {
             return Ok(());
         };
-        let per_frame = (wire::MAX_PAYLOAD / self.page).max(1);
+        let per_frame = self
+            .out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .frame_pages(self.page, wire::MAX_PAYLOAD);
         for (i, chunk) in bytes.chunks(per_frame * self.page).enumerate() {
             let at = first + (i * per_frame) as u64;
             let sums: Vec<u64> = chunk
@@ -483,14 +491,22 @@ impl PageSink for StreamSink {
     fn not_stored(&self, store: &StoreRef, first: u64, count: u64, w: NotStored) {
         let Some(wi) = self.wire(store) else { return };
         self.mark(store, first, count, false);
-        let r = Record::NotStored {
+        let run = Run {
             store: wi,
             first,
             count,
             why: why(w),
         };
+        if self.check().is_err() {
+            return;
+        }
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = out.not_stored(run);
+        drop(out);
         // A failure here is seen by the next record that can fail.
-        let _ = self.record(&r);
+        if let Err(e) = sent {
+            let _ = self.failed(e);
+        }
     }
 
     fn read_back(&self, _store: &StoreRef, _page: u64, _buf: &mut [u8]) -> bool {
@@ -506,7 +522,16 @@ impl PageSink for StreamSink {
     }
 
     fn end_pass(&self, pass: PassStart) -> Result<(), DumpError> {
-        self.record(&Record::EndPass(pass.n))
+        self.record(&Record::EndPass(pass.n))?;
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let pushed = out.end_pass();
+        drop(out);
+        pushed.map_err(|e| self.failed(e))
+    }
+
+    fn bandwidth(&self) -> Option<f64> {
+        let rate = self.out.lock().unwrap_or_else(|p| p.into_inner()).rate();
+        Some(rate)
     }
 
     fn commit(self: Box<Self>, meta: Meta) -> Result<Committed, DumpError> {
@@ -563,12 +588,7 @@ impl StreamSink {
     /// its acknowledgement.
     fn abort_with(&self, why: &str) {
         if self.record(&Record::Abort(why.to_owned())).is_ok() {
-            let flushed = self
-                .out
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .writer
-                .flush();
+            let flushed = self.out.lock().unwrap_or_else(|p| p.into_inner()).flush();
             if flushed.is_ok() {
                 let _ = self.ack(Some(Duration::from_secs(10)));
             }
