@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use super::handshake::{self, Session};
 use super::out::{Out, Run};
 use super::progress::{Counters, Live, PassSent, SendEvent};
-use super::wire::{self, Mode, Record, Why, kind};
+use super::stores::{self, ObjectChoice, StoreState};
+use super::wire::{self, Mode, Record, kind};
 use super::{Class, Conn, TransferError};
 use crate::dump::sink::{
     Committed, NotStored, PageSink, PassStart, StoreOwner, StoreRef, store_name,
@@ -23,17 +24,7 @@ use crate::image::ImageError;
 use crate::image::format::{self, Meta};
 use crate::kernel::KernelCaps;
 use crate::proc::Target;
-use crate::proc::maps::DevId;
 use crate::vma::ObjectId;
-
-/// The one shared object `--object` sends.
-#[derive(Clone, Debug)]
-pub enum ObjectChoice {
-    /// A file (tmpfs, hugetlbfs, /dev/shm) by path.
-    Path(PathBuf),
-    /// A memfd the process maps, by name (`memfd:NAME`).
-    Memfd(String),
-}
 
 /// How to send.
 #[derive(Clone, Debug)]
@@ -98,7 +89,7 @@ pub fn send(
     let object = opts
         .object
         .as_ref()
-        .map(|o| resolve(target, o))
+        .map(|o| stores::resolve(target, o))
         .transpose()?;
     let mode = if object.is_some() {
         Mode::Object
@@ -143,38 +134,6 @@ pub fn send(
     })
 }
 
-/// The object `choice` names, as the process maps it.
-fn resolve(target: &Target, choice: &ObjectChoice) -> Result<ObjectId, DumpError> {
-    use std::os::unix::fs::MetadataExt;
-    let not_found = |what: String| DumpError::Image(ImageError::NotFound { what });
-    match choice {
-        ObjectChoice::Path(p) => {
-            let m =
-                std::fs::metadata(p).map_err(|_| not_found(format!("object {}", p.display())))?;
-            Ok(ObjectId {
-                dev: DevId::from_st_dev(m.dev()),
-                inode: m.ino(),
-            })
-        }
-        ObjectChoice::Memfd(name) => {
-            let want = format!("/memfd:{name}");
-            let maps = target.maps()?;
-            maps.iter()
-                .find(|e| {
-                    let p = e.path.display();
-                    p == want || p == format!("{want} (deleted)")
-                })
-                .map(|e| ObjectId {
-                    dev: e.dev,
-                    inode: e.inode,
-                })
-                .ok_or_else(|| {
-                    not_found(format!("memfd:{name} mapped by process {}", target.pid()))
-                })
-        }
-    }
-}
-
 /// What the sink and `send` share.
 #[derive(Default)]
 struct Shared {
@@ -193,14 +152,6 @@ struct Totals {
     records: u64,
     bandwidth: f64,
     ack: String,
-}
-
-/// A store as the stream knows it.
-struct StoreState {
-    /// Its index on the wire; `None`: not sent (not the chosen object).
-    wire: Option<u32>,
-    /// Which pages were sent last as data (for [`PageSink::stored`]).
-    stored: Mutex<Vec<u64>>,
 }
 
 /// The [`PageSink`] that streams.
@@ -320,20 +271,8 @@ impl StreamSink {
 
     fn mark(&self, s: &StoreRef, first: u64, count: u64, on: bool) {
         let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
-        let Some(st) = stores.get(s.index()) else {
-            return;
-        };
-        let mut bits = st.stored.lock().unwrap_or_else(|p| p.into_inner());
-        for p in first..first + count {
-            let (w, b) = ((p / 64) as usize, p % 64);
-            if w >= bits.len() {
-                bits.resize(w + 1, 0);
-            }
-            if on {
-                bits[w] |= 1 << b;
-            } else {
-                bits[w] &= !(1 << b);
-            }
+        if let Some(st) = stores.get(s.index()) {
+            st.mark(first, count, on);
         }
     }
 
@@ -416,17 +355,6 @@ fn set_failure(shared: &Shared, e: TransferError) {
     }
 }
 
-fn why(w: NotStored) -> Why {
-    match w {
-        NotStored::Zero => Why::Zero,
-        NotStored::Hole => Why::Hole,
-        NotStored::InParent => Why::InParent,
-        NotStored::Swapped => Why::Swapped,
-        NotStored::Object => Why::Object,
-        NotStored::Dedup(d) => Why::Dedup(d.pid, d.vma_start, d.page),
-    }
-}
-
 impl PageSink for StreamSink {
     fn begin_pass(&self, pass: PassStart) -> Result<(), DumpError> {
         self.out
@@ -452,10 +380,7 @@ impl PageSink for StreamSink {
         } else {
             None
         };
-        stores.push(StoreState {
-            wire,
-            stored: Mutex::new(Vec::new()),
-        });
+        stores.push(StoreState::new(wire));
         Ok(StoreRef::new(stores.len() - 1, name.into()))
     }
 
@@ -495,7 +420,7 @@ impl PageSink for StreamSink {
             store: wi,
             first,
             count,
-            why: why(w),
+            why: stores::why(w),
         };
         if self.check().is_err() {
             return;
@@ -515,10 +440,7 @@ impl PageSink for StreamSink {
 
     fn stored(&self, store: &StoreRef) -> u64 {
         let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
-        stores.get(store.index()).map_or(0, |st| {
-            let bits = st.stored.lock().unwrap_or_else(|p| p.into_inner());
-            bits.iter().map(|w| u64::from(w.count_ones())).sum()
-        })
+        stores.get(store.index()).map_or(0, StoreState::stored)
     }
 
     fn end_pass(&self, pass: PassStart) -> Result<(), DumpError> {
