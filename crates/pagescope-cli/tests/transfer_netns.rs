@@ -138,7 +138,10 @@ impl Drop for NetnsPair {
 /// still runs).
 struct Receiver {
     child: Child,
+    /// Empty if it did not listen.
     addr: String,
+    /// Its first line, if not that it listens (its error).
+    said: String,
     stderr: BufReader<std::process::ChildStderr>,
 }
 
@@ -152,21 +155,21 @@ impl Receiver {
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();
         stderr.read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("pagescope: listening on ")
-            .map(str::to_owned)
-            .unwrap_or_default();
+        let (addr, said) = match line.trim().strip_prefix("pagescope: listening on ") {
+            Some(a) => (a.to_owned(), String::new()),
+            None => (String::new(), line),
+        };
         Self {
             child,
             addr,
+            said,
             stderr,
         }
     }
 
     /// Its exit code and the rest of its stderr.
     fn finish(mut self) -> (i32, String) {
-        let mut rest = String::new();
+        let mut rest = std::mem::take(&mut self.said);
         self.stderr.read_to_string(&mut rest).unwrap();
         let code = self.child.wait().unwrap().code().unwrap_or(-1);
         (code, rest)
@@ -321,6 +324,7 @@ fn beyond_loopback_a_missing_or_wrong_key_is_refused_and_nothing_is_written() {
     let r = net.receive(&["-o", &img]);
     let (rc, rerr) = r.finish();
     assert_eq!(rc, AUTH, "{rerr}");
+    assert_eq!(rerr.lines().count(), 1, "{rerr}");
     assert!(rerr.contains("--psk-file"), "{rerr}");
     for sender_key in [None, Some(&other)] {
         let r = net.receive(&["-o", &img, "--psk-file", &key]);

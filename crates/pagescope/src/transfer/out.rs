@@ -1,10 +1,12 @@
 //! The frames a sender writes, under the sink's one lock: `--bandwidth`
 //! pacing and the measured rate (`pace.rs`), the live counters the
-//! progress reads without the lock (`progress.rs`), and runs of pages not
-//! stored merged into one `NOT_STORED` record: the copy reports them page
-//! by page, a run of consecutive pages of one store for one reason is one
-//! record on the wire (held back until a record that does not extend it
-//! is due, so the order of records never changes).
+//! progress reads without the lock (`progress.rs`), and runs merged: the
+//! copy reports pages not stored page by page, and writes a shared
+//! object's pages one at a time; a run of consecutive pages of one store
+//! not stored for one reason is one `NOT_STORED` record, and consecutive
+//! small writes of one store are one `PAGES` frame (up to a frame's
+//! pages). A run is held back until a record that does not extend it is
+//! due, so the order of records never changes.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +14,7 @@ use std::time::Instant;
 use super::frame::FrameWriter;
 use super::pace::{Meter, Pacer};
 use super::progress::{Counters, PassSent};
-use super::wire::{Record, Why};
+use super::wire::{self, Record, Why, kind};
 
 /// A run of pages not stored, waiting to be sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +49,22 @@ impl Run {
     }
 }
 
+/// Consecutive pages of one store written, not sent yet.
+#[derive(Debug)]
+struct PagesRun {
+    store: u32,
+    first: u64,
+    sums: Vec<u64>,
+    data: Vec<u8>,
+}
+
+/// What is held back: at most one run.
+#[derive(Debug)]
+enum Held {
+    NotStored(Run),
+    Pages(PagesRun),
+}
+
 /// Where a pass started, to count what it sent.
 #[derive(Clone, Copy, Debug)]
 struct PassMark {
@@ -66,7 +84,7 @@ pub(super) struct Out {
     pub pages: u64,
     pacer: Pacer,
     meter: Meter,
-    pending: Option<Run>,
+    held: Option<Held>,
     pass: Option<PassMark>,
     counters: Arc<Counters>,
 }
@@ -81,7 +99,7 @@ impl Out {
             pages: 0,
             meter: Meter::new(pacer.cap()),
             pacer,
-            pending: None,
+            held: None,
             pass: None,
             counters,
         }
@@ -97,30 +115,80 @@ impl Out {
         self.pacer.frame_pages(page, max_payload)
     }
 
-    /// Writes one frame carrying `pages` pages (after the run held back).
-    pub fn frame(&mut self, kind: u8, parts: &[&[u8]], pages: u64) -> std::io::Result<()> {
-        self.send_pending()?;
-        self.put(kind, parts, pages)
+    /// Writes one frame (after the run held back).
+    pub fn frame(&mut self, kind: u8, parts: &[&[u8]]) -> std::io::Result<()> {
+        self.send_held()?;
+        self.put(kind, parts, 0)
     }
 
     /// Pages not stored: merged into the run held back, or sent.
     pub fn not_stored(&mut self, run: Run) -> std::io::Result<()> {
-        if let Some(merged) = self.pending.and_then(|p| p.extended(run)) {
-            self.pending = Some(merged);
+        if let Some(Held::NotStored(held)) = &mut self.held
+            && let Some(merged) = held.extended(run)
+        {
+            *held = merged;
             return Ok(());
         }
-        self.send_pending()?;
-        self.pending = Some(run);
+        self.send_held()?;
+        self.held = Some(Held::NotStored(run));
         Ok(())
     }
 
+    /// Pages `first..` of `store` (`data`, their `sums`), at most
+    /// `per_frame` of them: appended to the pages held back if they
+    /// continue them and fit one frame, else sent (a full frame) or held.
+    pub fn pages(
+        &mut self,
+        store: u32,
+        first: u64,
+        sums: &[u64],
+        data: &[u8],
+        per_frame: usize,
+    ) -> std::io::Result<()> {
+        if let Some(Held::Pages(h)) = &mut self.held
+            && h.store == store
+            && h.first + h.sums.len() as u64 == first
+            && h.sums.len() + sums.len() <= per_frame
+        {
+            h.sums.extend_from_slice(sums);
+            h.data.extend_from_slice(data);
+            if h.sums.len() == per_frame {
+                self.send_held()?;
+            }
+            return Ok(());
+        }
+        self.send_held()?;
+        if sums.len() >= per_frame {
+            return self.put_pages(store, first, sums, data);
+        }
+        self.held = Some(Held::Pages(PagesRun {
+            store,
+            first,
+            sums: sums.to_vec(),
+            data: data.to_vec(),
+        }));
+        Ok(())
+    }
+
+    fn put_pages(
+        &mut self,
+        store: u32,
+        first: u64,
+        sums: &[u64],
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        let head = wire::pages_header(store, first, sums);
+        self.put(kind::PAGES, &[&head, data], sums.len() as u64)
+    }
+
     /// Sends the run held back, if any.
-    fn send_pending(&mut self) -> std::io::Result<()> {
-        match self.pending.take() {
-            Some(run) => {
+    fn send_held(&mut self) -> std::io::Result<()> {
+        match self.held.take() {
+            Some(Held::NotStored(run)) => {
                 let r = run.record();
                 self.put(r.kind(), &[&r.encode()], 0)
             }
+            Some(Held::Pages(p)) => self.put_pages(p.store, p.first, &p.sums, &p.data),
             None => Ok(()),
         }
     }
@@ -184,7 +252,7 @@ impl Out {
 
     /// Sends what is held back and buffered.
     pub fn flush(&mut self) -> std::io::Result<()> {
-        self.send_pending()?;
+        self.send_held()?;
         self.writer.flush()
     }
 }
@@ -248,20 +316,46 @@ mod tests {
             out.not_stored(run(0, p, 1, Why::Zero)).unwrap();
         }
         let end = Record::EndPass(0);
-        out.frame(end.kind(), &[&end.encode()], 0).unwrap();
+        out.frame(end.kind(), &[&end.encode()]).unwrap();
         out.not_stored(run(0, 100, 1, Why::Zero)).unwrap();
         out.not_stored(run(0, 101, 1, Why::Hole)).unwrap();
+        // Pages one at a time: frames of 3, a gap or another store ends one.
+        let page = |b: u8| vec![b; 8];
+        for p in [102, 103, 104, 105, 107] {
+            out.pages(0, p, &[p], &page(p as u8), 3).unwrap();
+        }
+        out.pages(1, 108, &[108], &page(108), 3).unwrap();
+        out.pages(1, 109, &[1, 2, 3], &[page(1), page(2), page(3)].concat(), 3)
+            .unwrap();
         out.flush().unwrap();
         let got = records(&buf.0.lock().unwrap());
-        assert_eq!(
-            got,
-            vec![
-                run(0, 0, 100, Why::Zero).record(),
-                end,
-                run(0, 100, 1, Why::Zero).record(),
-                run(0, 101, 1, Why::Hole).record(),
-            ]
-        );
-        assert_eq!(out.records, 4);
+        let pages = |store: u32, first: u64, sums: &[u64], data: Vec<u8>| Record::Pages {
+            store,
+            first,
+            sums: sums.to_vec(),
+            data,
+        };
+        let want = vec![
+            run(0, 0, 100, Why::Zero).record(),
+            end,
+            run(0, 100, 1, Why::Zero).record(),
+            run(0, 101, 1, Why::Hole).record(),
+            pages(
+                0,
+                102,
+                &[102, 103, 104],
+                [page(102), page(103), page(104)].concat(),
+            ),
+            pages(0, 105, &[105], page(105)),
+            pages(0, 107, &[107], page(107)),
+            pages(1, 108, &[108], page(108)),
+            pages(1, 109, &[1, 2, 3], [page(1), page(2), page(3)].concat()),
+        ];
+        assert_eq!(got.len(), want.len(), "{got:?}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g, w);
+        }
+        assert_eq!(out.records, 9);
+        assert_eq!(out.pages, 9);
     }
 }

@@ -223,10 +223,10 @@ impl StreamSink {
     }
 
     /// Sends one frame, unless the stream already failed.
-    fn send(&self, kind: u8, parts: &[&[u8]], pages: u64) -> Result<(), DumpError> {
+    fn send(&self, kind: u8, parts: &[&[u8]]) -> Result<(), DumpError> {
         self.check()?;
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let sent = out.frame(kind, parts, pages);
+        let sent = out.frame(kind, parts);
         drop(out);
         sent.map_err(|e| self.failed(e))
     }
@@ -240,7 +240,7 @@ impl StreamSink {
     }
 
     fn record(&self, r: &Record) -> Result<(), DumpError> {
-        self.send(r.kind(), &[&r.encode()], 0)
+        self.send(r.kind(), &[&r.encode()])
     }
 
     /// The stream's failure so far, as the dump's error.
@@ -327,7 +327,7 @@ impl StreamSink {
 
     fn finish(&self, meta: &[u8]) -> Result<(), DumpError> {
         for part in meta.chunks(wire::MAX_PAYLOAD) {
-            self.send(kind::META, &[part], 0)?;
+            self.send(kind::META, &[part])?;
         }
         let (records, pages) = {
             let out = self.out.lock().unwrap_or_else(|p| p.into_inner());
@@ -406,8 +406,11 @@ impl PageSink for StreamSink {
                 .chunks(self.page)
                 .map(|p| format::page_sum(0, p))
                 .collect();
-            let head = wire::pages_header(w, at, &sums);
-            self.send(kind::PAGES, &[&head, chunk], sums.len() as u64)?;
+            self.check()?;
+            let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+            let sent = out.pages(w, at, &sums, chunk, per_frame);
+            drop(out);
+            sent.map_err(|e| self.failed(e))?;
             self.mark(store, at, sums.len() as u64, true);
         }
         Ok(())
