@@ -6,10 +6,14 @@
 //! ([`SendOutput`]); with `--json` the same goes to stdout as NDJSON.
 
 use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pagescope::transfer::{SendEvent, SendPass, SendProgress, SendReport};
 
+/// `send --json` progress lines at most this often (each pass's first
+/// is printed at once).
+const NDJSON_EVERY: Duration = Duration::from_millis(250);
 /// Redraws per second at most.
 const REDRAWS_PER_SECOND: u8 = 10;
 /// `[######      ]  42% pass 1: 420/1000 pages`, then the caller's detail.
@@ -84,12 +88,15 @@ fn new_bar(total: u64, done: u64, pass: u32, detail: &str) -> ProgressBar {
 }
 
 /// `send`'s output as it goes: the bar and a line per pass on stderr;
-/// with `--json`, one NDJSON object per update and per pass on stdout
-/// (`"event": "progress"` / `"pass"`), then the report (`"report"`).
+/// with `--json`, NDJSON on stdout: updates (`"event": "progress"`, at
+/// most four a second), one object per pass (`"pass"`), then the report
+/// (`"report"`).
 #[derive(Debug)]
 pub struct SendOutput {
     bar: Progress,
     ndjson: bool,
+    /// When the last progress line was printed (`None`: none this pass).
+    printed: Option<Instant>,
 }
 
 impl SendOutput {
@@ -98,6 +105,7 @@ impl SendOutput {
         Self {
             bar: Progress::passes(json),
             ndjson,
+            printed: None,
         }
     }
 
@@ -111,12 +119,17 @@ impl SendOutput {
                     p.pass_pages_total,
                     &send_detail(p),
                 );
-                self.ndjson_line("progress", p);
+                let now = Instant::now();
+                if self.printed.is_none_or(|t| now >= t + NDJSON_EVERY) {
+                    self.printed = Some(now);
+                    self.ndjson_line("progress", p);
+                }
             }
             SendEvent::Pass(p) => {
                 self.bar.clear();
                 let _ = writeln!(std::io::stderr(), "{}", pass_line(p));
                 self.ndjson_line("pass", p);
+                self.printed = None;
             }
         }
     }
@@ -155,7 +168,7 @@ fn mib(bytes: f64) -> f64 {
 /// downtime.
 fn send_detail(p: &SendProgress) -> String {
     format!(
-        ", {} left | sent {:.1} MiB at {:.1} MiB/s | dirty {:.1} MiB/s | downtime ~{:.0} ms",
+        ", {} left | {:.1} MiB sent, {:.1} MiB/s | dirty {:.1} MiB/s | downtime ~{:.0} ms",
         p.remaining_pages,
         mib(p.bytes_sent as f64),
         mib(p.bandwidth_bytes_s),

@@ -5,14 +5,11 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::dump::{DumpEvent, Iteration};
-
-/// [`SendEvent::Progress`] at most this often.
-const UPDATE_EVERY: Duration = Duration::from_millis(250);
 
 /// What the stream sent in one pass.
 #[derive(Clone, Debug, Serialize)]
@@ -76,7 +73,8 @@ pub struct SendPass {
 /// Something a send tells its caller as it goes.
 #[derive(Clone, Copy, Debug)]
 pub enum SendEvent<'a> {
-    /// Where the send stands: at most four times a second.
+    /// Where the send stands: whenever the dump reports pages read (per
+    /// batch of pages; a caller printing them throttles).
     Progress(&'a SendProgress),
     /// A pass ended.
     Pass(&'a SendPass),
@@ -133,7 +131,6 @@ impl Counters {
 pub(super) struct Live<'c, 'p> {
     counters: &'c Counters,
     started: Instant,
-    shown: Option<Instant>,
     /// The last pass's dirty rate and predicted downtime.
     last: (f64, f64),
     out: &'p mut dyn FnMut(SendEvent<'_>),
@@ -145,7 +142,6 @@ impl<'c, 'p> Live<'c, 'p> {
         Self {
             counters,
             started: Instant::now(),
-            shown: None,
             last: (0.0, 0.0),
             out,
         }
@@ -155,11 +151,6 @@ impl<'c, 'p> Live<'c, 'p> {
     pub fn dump_event(&mut self, e: DumpEvent<'_>) {
         match e {
             DumpEvent::Progress { pass, done, total } => {
-                let now = Instant::now();
-                if self.shown.is_some_and(|t| now < t + UPDATE_EVERY) {
-                    return;
-                }
-                self.shown = Some(now);
                 let p = SendProgress {
                     pass,
                     pass_pages_done: done,
@@ -189,8 +180,6 @@ impl<'c, 'p> Live<'c, 'p> {
                     elapsed_s: self.started.elapsed().as_secs_f64(),
                 };
                 (self.out)(SendEvent::Pass(&p));
-                // The next pass's first update is shown at once.
-                self.shown = None;
             }
         }
     }
