@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use pagescope::dump::{DumpEvent, DumpOptions};
+use pagescope::dump::DumpOptions;
 use pagescope::transfer::{
     self, Class, Conn, ObjectChoice, ReceiveInto, ReceiveOptions, SendError, SendOptions,
     TransferError,
@@ -18,7 +18,7 @@ use pagescope::{KernelCaps, Target};
 
 use crate::cli::parse_interval;
 use crate::exit::{CliError, OK, USAGE};
-use crate::progress::Progress;
+use crate::progress::SendOutput;
 
 /// The peers could not agree (magic, version, capability, mode).
 pub const HANDSHAKE: u8 = 20;
@@ -65,13 +65,17 @@ pub struct SendArgs {
     pub psk_file: Option<PathBuf>,
     #[command(flatten)]
     pub passes: crate::cli::PassArgs,
-    /// Stop pre-copy once what is left should copy within this.
+    /// Pre-copy goes on while what is left (the pages written since the
+    /// last pass) would take longer than this to send at the stream's
+    /// measured bandwidth (QEMU's downtime-limit), within --max-iterations
+    /// and --max-time.
     #[arg(long, default_value = "300ms", value_parser = parse_interval)]
     pub max_downtime: Duration,
     /// Bytes per second at most (suffix K, M, G: powers of 1024).
     #[arg(long, value_parser = parse_rate)]
     pub bandwidth: Option<u64>,
-    /// Progress as NDJSON on stdout (one object per pass, then the report).
+    /// Progress as NDJSON on stdout: updates and passes as they go, then
+    /// the report (docs/stream-format.md).
     #[arg(long)]
     pub json: bool,
 }
@@ -151,29 +155,9 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         Conn::connect(&args.to).map_err(|e| fail(&side, &e))?
     };
     // With `--to -` stdout is the stream: progress goes to stderr only.
-    let ndjson = args.json && args.to != "-";
-    let mut bar = Progress::passes(args.json);
-    let result = transfer::send(&target, &caps, conn, &opts, &mut |e| match e {
-        DumpEvent::Progress { pass, done, total } => bar.show(pass, done, total, ""),
-        DumpEvent::Iteration(it) => {
-            bar.clear();
-            if ndjson {
-                let mut out = std::io::stdout().lock();
-                let _ = serde_json::to_writer(&mut out, it);
-                let _ = writeln!(out);
-            }
-            let _ = writeln!(
-                std::io::stderr(),
-                "pass {}{}: {} pages read, {} sent, {:.1} ms",
-                it.n,
-                if it.stopped { " (stopped)" } else { "" },
-                it.pages,
-                it.stored,
-                it.seconds * 1e3
-            );
-        }
-    });
-    bar.clear();
+    let mut out = SendOutput::new(args.json, args.json && args.to != "-");
+    let result = transfer::send(&target, &caps, conn, &opts, &mut |e| out.event(e));
+    out.clear();
     let report = match result {
         Ok(r) => r,
         Err(SendError::Transfer(e)) => return Err(fail(&side, &e)),
@@ -183,21 +167,19 @@ pub fn send(args: &SendArgs) -> Result<u8> {
     };
     writeln!(
         std::io::stderr(),
-        "sent process {} to {}: {} pages, {} bytes in {:.2} s over {} passes; stopped {:.1} ms; receiver: {}",
+        "sent process {} to {}: {} pages, {} bytes in {:.2} s over {} passes ({:.1} MiB/s); pre-copy {}; stopped {:.1} ms; receiver: {}",
         args.pid,
         args.to,
         report.pages_sent,
         report.bytes_sent,
         report.seconds,
         report.dump.iterations.len(),
-        report.dump.stopped_s * 1e3,
+        report.bandwidth_bytes_s / f64::from(1 << 20),
+        report.precopy_end.text(),
+        report.downtime_s * 1e3,
         report.receiver
     )?;
-    if ndjson {
-        let mut out = std::io::stdout().lock();
-        serde_json::to_writer(&mut out, &report)?;
-        writeln!(out)?;
-    }
+    out.report(&report);
     Ok(OK)
 }
 

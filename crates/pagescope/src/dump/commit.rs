@@ -54,6 +54,8 @@ impl Dump<'_, '_, '_> {
             pids,
             iterations,
             stopped_s,
+            precopy_end: self.precopy_end,
+            converged: self.precopy_end.converged(),
             stored_pages: counts.stored,
             covered_pages: counts.covered,
             kept_tracking,

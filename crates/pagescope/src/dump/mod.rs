@@ -31,6 +31,7 @@
 mod abort;
 mod attach;
 mod commit;
+mod converge;
 mod copy;
 mod cow;
 mod model;
@@ -46,6 +47,7 @@ pub(crate) mod swap;
 mod unopened;
 mod verify;
 
+pub use converge::PrecopyEnd;
 pub use cow::CowStats;
 pub use sharers::{InconsistentObject, SharedWriter, SharedWriters};
 pub use swap::{SwapClassReport, SwapPolicy, SwapReport};
@@ -197,7 +199,9 @@ pub struct DumpOptions {
     pub max_iterations: u32,
     /// Pre-copy time at most.
     pub max_time: Duration,
-    /// Stop pre-copy once the rest is predicted to copy within this.
+    /// Pre-copy goes on while the rest is predicted to take longer than
+    /// this (pages left / the measured bandwidth), within the bounds above;
+    /// `None`: until the written set stops shrinking.
     pub max_downtime: Option<Duration>,
     /// Copy the pages of mapped regular files too (default: recorded by
     /// identity and read from the file at restore).
@@ -262,8 +266,15 @@ pub struct Iteration {
     pub written_pages: u64,
     /// Their rate, MiB/s.
     pub dirty_rate_mib_s: f64,
-    /// Copying what is written now would take this long, stopped.
+    /// Sending what it copied (the pages written since the pass before)
+    /// would take this long at `bandwidth_bytes_s`, stopped: what
+    /// pre-copy compares with `max_downtime` (0 while no bandwidth is
+    /// measured).
     pub predicted_downtime_s: f64,
+    /// The bandwidth the prediction used, bytes/s: the sink's measured
+    /// rate (a stream's: bytes pushed into the connection per second,
+    /// smoothed), else the copy's rate of the full pass.
+    pub bandwidth_bytes_s: f64,
 }
 
 /// What a dump did.
@@ -281,6 +292,10 @@ pub struct DumpReport {
     pub iterations: Vec<Iteration>,
     /// How long the processes were stopped.
     pub stopped_s: f64,
+    /// Why pre-copy ended: converged, or a bound reached.
+    pub precopy_end: PrecopyEnd,
+    /// Whether pre-copy converged ([`PrecopyEnd::converged`]).
+    pub converged: bool,
     /// Pages stored in this image.
     pub stored_pages: u64,
     /// Pages of memory it covers (all kinds).

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::abort::Cancel;
 use super::attach::{self, AttachWith, Pinned, Proc};
+use super::converge::{self, Decision, LastPass, Limits, PrecopyEnd};
 use super::copy::{self, Copied, Copier, Frames, Out, Progress};
 use super::model::VmaModel;
 use super::objects::Objects;
@@ -53,6 +54,8 @@ pub(super) struct Dump<'t, 'c, 'p> {
     pub rseq: BTreeMap<u32, Vec<RseqRec>>,
     /// Other writers of the shared memory in the final pass.
     pub shared_writers: super::SharedWriters,
+    /// Why pre-copy ended.
+    pub precopy_end: PrecopyEnd,
 }
 
 impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
@@ -84,6 +87,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 caps.page_size,
             )),
             rseq: BTreeMap::new(),
+            precopy_end: PrecopyEnd::NoPrecopy,
             opts,
         }
     }
@@ -227,8 +231,10 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         }
     }
 
-    /// Pre-copy passes: copy what was written, until the written set stops
-    /// shrinking, a limit is hit, or the rest fits in `max_downtime`.
+    /// Pre-copy passes: copy what was written while what is left would
+    /// not send within `max_downtime` (or, without a target, until the
+    /// written set stops shrinking), bounded by `max_iterations` and
+    /// `max_time` ([`converge::decide`]).
     fn precopy(&mut self, its: &mut Vec<Iteration>) -> Result<(), DumpError> {
         if let Some(p) = self
             .procs
@@ -239,29 +245,42 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                 "process {}: no write tracking, so no pre-copy (every page would count as written)",
                 p.pid
             ));
+            self.precopy_end = PrecopyEnd::NoPrecopy;
             return Ok(());
         }
+        let limits = Limits {
+            max_iterations: self.opts.max_iterations,
+            max_time: self.opts.max_time,
+            max_downtime: self.opts.max_downtime,
+        };
         let start = Instant::now();
-        let mut previous = u64::MAX;
-        for n in 1..=self.opts.max_iterations {
+        let mut last: Option<LastPass> = None;
+        for n in 1.. {
             self.cancel.check()?;
-            if start.elapsed() >= self.opts.max_time {
-                break;
+            match converge::decide(&limits, n - 1, last.as_ref(), start.elapsed()) {
+                Decision::Continue => {}
+                Decision::Stop(end) => {
+                    self.precopy_end = end;
+                    break;
+                }
             }
             let it = self.copy_written(PassStart { n, stopped: false })?;
             (self.progress)(DumpEvent::Iteration(&it));
-            let written = it.written_pages;
-            let fits = self
-                .opts
-                .max_downtime
-                .is_some_and(|d| it.predicted_downtime_s <= d.as_secs_f64());
+            last = Some(LastPass {
+                written_pages: it.written_pages,
+                previous_written: last.map(|l| l.written_pages),
+                page_size: self.page.get(),
+                bandwidth: it.bandwidth_bytes_s,
+            });
             its.push(it);
-            if written == 0 || fits || written >= previous {
-                break;
-            }
-            previous = written;
         }
         Ok(())
+    }
+
+    /// The rate the pages left would go out at, bytes/s: the sink's own
+    /// measured rate (a stream), else the copy's rate of the full pass.
+    fn bandwidth(&self) -> f64 {
+        self.sink.bandwidth().unwrap_or(self.rate)
     }
 
     /// The stopped pass: every thread of every process interrupted, what
@@ -403,6 +422,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         let page = self.page.get();
         let written_bytes = (written_pages * page) as f64;
         let secs = interval.as_secs_f64();
+        let bandwidth = self.bandwidth();
         Iteration {
             n: pass.n,
             stopped: pass.stopped,
@@ -416,11 +436,15 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             } else {
                 0.0
             },
-            predicted_downtime_s: if self.rate > 0.0 {
-                written_bytes / self.rate
-            } else {
-                0.0
-            },
+            // 0 while no bandwidth is measured (a finite number in JSON).
+            predicted_downtime_s: Some(converge::expected_downtime_s(
+                written_pages,
+                page,
+                bandwidth,
+            ))
+            .filter(|s| s.is_finite())
+            .unwrap_or(0.0),
+            bandwidth_bytes_s: bandwidth,
         }
     }
 }

@@ -151,6 +151,13 @@ pub(crate) trait PageSink: Send + Sync {
     /// Pages `store` holds now.
     fn stored(&self, store: &StoreRef) -> u64;
 
+    /// The rate the sink takes bytes at, if it measures one (a stream:
+    /// bytes pushed into the connection per second, smoothed): what
+    /// pre-copy's downtime prediction uses instead of the copy's rate.
+    fn bandwidth(&self) -> Option<f64> {
+        None
+    }
+
     /// A pass ended.
     fn end_pass(&self, _pass: PassStart) -> Result<(), DumpError> {
         Ok(())

@@ -10,16 +10,23 @@
 //!   and their authentication tags;
 //! * `handshake.rs`: magic, version, capabilities, mode, and the
 //!   pre-shared-key challenge-response that keys every later frame;
-//! * `send.rs`: the streaming sink and [`send`];
+//! * `send.rs`: the streaming sink and [`send`]; `out.rs`: its frames
+//!   (runs of pages not stored merged), `pace.rs`: `--bandwidth` and the
+//!   measured rate, `progress.rs`: live counters and [`SendEvent`]s,
+//!   `stores.rs`: the stores it sends (`--object`);
 //! * `receive.rs`, `output.rs`: [`receive`] and what it writes into.
 //!
 //! No kernel interface of its own: sockets and files through `std`.
 
 mod frame;
 mod handshake;
+mod out;
 mod output;
+mod pace;
+mod progress;
 mod receive;
 mod send;
+mod stores;
 pub(crate) mod wire;
 
 #[cfg(test)]
@@ -28,8 +35,10 @@ mod codec_tests;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 
+pub use progress::{PassSent, SendEvent, SendPass, SendProgress};
 pub use receive::{ReceiveOptions, ReceiveReport, Target as ReceiveInto, receive};
-pub use send::{ObjectChoice, SendError, SendOptions, SendReport, send};
+pub use send::{SendError, SendOptions, SendReport, send};
+pub use stores::ObjectChoice;
 
 use crate::error::ErrorKind;
 

@@ -10,29 +10,21 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use super::frame::FrameWriter;
 use super::handshake::{self, Session};
-use super::wire::{self, Mode, Record, Why, kind};
+use super::out::{Out, Run};
+use super::progress::{Counters, Live, PassSent, SendEvent};
+use super::stores::{self, ObjectChoice, StoreState};
+use super::wire::{self, Mode, Record, kind};
 use super::{Class, Conn, TransferError};
 use crate::dump::sink::{
     Committed, NotStored, PageSink, PassStart, StoreOwner, StoreRef, store_name,
 };
-use crate::dump::{DumpError, DumpEvent, DumpOptions, DumpReport};
+use crate::dump::{DumpError, DumpOptions, DumpReport, PrecopyEnd};
 use crate::image::ImageError;
 use crate::image::format::{self, Meta};
 use crate::kernel::KernelCaps;
 use crate::proc::Target;
-use crate::proc::maps::DevId;
 use crate::vma::ObjectId;
-
-/// The one shared object `--object` sends.
-#[derive(Clone, Debug)]
-pub enum ObjectChoice {
-    /// A file (tmpfs, hugetlbfs, /dev/shm) by path.
-    Path(PathBuf),
-    /// A memfd the process maps, by name (`memfd:NAME`).
-    Memfd(String),
-}
 
 /// How to send.
 #[derive(Clone, Debug)]
@@ -58,6 +50,19 @@ pub struct SendReport {
     pub pages_sent: u64,
     /// Seconds from the handshake to the acknowledgement.
     pub seconds: f64,
+    /// Seconds the process was stopped (the final pass): the downtime.
+    pub downtime_s: f64,
+    /// The stream's measured bandwidth at the end, bytes/s (smoothed;
+    /// never above `--bandwidth`).
+    pub bandwidth_bytes_s: f64,
+    /// Why pre-copy ended.
+    pub precopy_end: PrecopyEnd,
+    /// Whether pre-copy converged (what is left fit in `--max-downtime`,
+    /// or nothing was written) rather than hit `--max-iterations` or
+    /// `--max-time`.
+    pub converged: bool,
+    /// Every pass as the stream saw it: pages and bytes sent.
+    pub passes: Vec<PassSent>,
     /// The receiver's acknowledgement.
     pub receiver: String,
 }
@@ -79,12 +84,12 @@ pub fn send(
     caps: &KernelCaps,
     conn: Conn,
     opts: &SendOptions,
-    progress: &mut dyn FnMut(DumpEvent<'_>),
+    progress: &mut dyn FnMut(SendEvent<'_>),
 ) -> Result<SendReport, SendError> {
     let object = opts
         .object
         .as_ref()
-        .map(|o| resolve(target, o))
+        .map(|o| stores::resolve(target, o))
         .transpose()?;
     let mode = if object.is_some() {
         Mode::Object
@@ -96,7 +101,10 @@ pub fn send(
     let session = handshake::client(conn, opts.psk.as_deref(), mode, page)?;
     let shared = Arc::new(Shared::default());
     let sink = StreamSink::new(session, object, opts.bandwidth, Arc::clone(&shared));
-    let result = crate::dump::dump_to(target, caps, &opts.dump, Box::new(sink), progress);
+    let mut live = Live::new(&shared.counters, progress);
+    let result = crate::dump::dump_to(target, caps, &opts.dump, Box::new(sink), &mut |e| {
+        live.dump_event(e);
+    });
     let stream_failure = shared
         .failure
         .lock()
@@ -113,44 +121,17 @@ pub fn send(
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     Ok(SendReport {
-        dump,
         bytes_sent: totals.bytes,
         pages_sent: totals.pages,
         seconds: start.elapsed().as_secs_f64(),
+        downtime_s: dump.stopped_s,
+        bandwidth_bytes_s: totals.bandwidth,
+        precopy_end: dump.precopy_end,
+        converged: dump.converged,
+        passes: shared.counters.passes(),
         receiver: totals.ack,
+        dump,
     })
-}
-
-/// The object `choice` names, as the process maps it.
-fn resolve(target: &Target, choice: &ObjectChoice) -> Result<ObjectId, DumpError> {
-    use std::os::unix::fs::MetadataExt;
-    let not_found = |what: String| DumpError::Image(ImageError::NotFound { what });
-    match choice {
-        ObjectChoice::Path(p) => {
-            let m =
-                std::fs::metadata(p).map_err(|_| not_found(format!("object {}", p.display())))?;
-            Ok(ObjectId {
-                dev: DevId::from_st_dev(m.dev()),
-                inode: m.ino(),
-            })
-        }
-        ObjectChoice::Memfd(name) => {
-            let want = format!("/memfd:{name}");
-            let maps = target.maps()?;
-            maps.iter()
-                .find(|e| {
-                    let p = e.path.display();
-                    p == want || p == format!("{want} (deleted)")
-                })
-                .map(|e| ObjectId {
-                    dev: e.dev,
-                    inode: e.inode,
-                })
-                .ok_or_else(|| {
-                    not_found(format!("memfd:{name} mapped by process {}", target.pid()))
-                })
-        }
-    }
 }
 
 /// What the sink and `send` share.
@@ -160,6 +141,8 @@ struct Shared {
     /// connection lost).
     failure: Mutex<Option<TransferError>>,
     totals: Mutex<Totals>,
+    /// What the progress reads as the stream goes.
+    counters: Arc<Counters>,
 }
 
 #[derive(Clone, Default)]
@@ -167,40 +150,8 @@ struct Totals {
     bytes: u64,
     pages: u64,
     records: u64,
+    bandwidth: f64,
     ack: String,
-}
-
-/// The frames going out, and the pacing of `--bandwidth`.
-struct Out {
-    writer: FrameWriter,
-    records: u64,
-    pages: u64,
-    started: Instant,
-    bandwidth: Option<u64>,
-}
-
-impl Out {
-    fn frame(&mut self, kind: u8, parts: &[&[u8]]) -> std::io::Result<()> {
-        self.writer.frame(kind, parts)?;
-        self.records += 1;
-        if let Some(rate) = self.bandwidth.filter(|&r| r > 0) {
-            let due = Duration::from_secs_f64(self.writer.bytes as f64 / rate as f64);
-            let spent = self.started.elapsed();
-            if due > spent {
-                self.writer.flush()?;
-                std::thread::sleep(due - spent);
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A store as the stream knows it.
-struct StoreState {
-    /// Its index on the wire; `None`: not sent (not the chosen object).
-    wire: Option<u32>,
-    /// Which pages were sent last as data (for [`PageSink::stored`]).
-    stored: Mutex<Vec<u64>>,
 }
 
 /// The [`PageSink`] that streams.
@@ -260,13 +211,7 @@ impl StreamSink {
             }
         });
         Self {
-            out: Mutex::new(Out {
-                writer,
-                records: 0,
-                pages: 0,
-                started: Instant::now(),
-                bandwidth,
-            }),
+            out: Mutex::new(Out::new(writer, bandwidth, Arc::clone(&shared.counters))),
             acks: Mutex::new(rx),
             peer,
             page: page_size as usize,
@@ -278,19 +223,24 @@ impl StreamSink {
     }
 
     /// Sends one frame, unless the stream already failed.
-    fn send(&self, kind: u8, parts: &[&[u8]], pages: u64) -> Result<(), DumpError> {
+    fn send(&self, kind: u8, parts: &[&[u8]]) -> Result<(), DumpError> {
         self.check()?;
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        out.pages += pages;
-        out.frame(kind, parts).map_err(|e| {
-            let shown = e.to_string();
-            set_failure(&self.shared, TransferError::io("write to", &self.peer, e));
-            self.lost(shown)
-        })
+        let sent = out.frame(kind, parts);
+        drop(out);
+        sent.map_err(|e| self.failed(e))
+    }
+
+    /// The connection failed writing: the stream's failure, as the
+    /// dump's error.
+    fn failed(&self, e: std::io::Error) -> DumpError {
+        let shown = e.to_string();
+        set_failure(&self.shared, TransferError::io("write to", &self.peer, e));
+        self.lost(shown)
     }
 
     fn record(&self, r: &Record) -> Result<(), DumpError> {
-        self.send(r.kind(), &[&r.encode()], 0)
+        self.send(r.kind(), &[&r.encode()])
     }
 
     /// The stream's failure so far, as the dump's error.
@@ -321,20 +271,8 @@ impl StreamSink {
 
     fn mark(&self, s: &StoreRef, first: u64, count: u64, on: bool) {
         let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
-        let Some(st) = stores.get(s.index()) else {
-            return;
-        };
-        let mut bits = st.stored.lock().unwrap_or_else(|p| p.into_inner());
-        for p in first..first + count {
-            let (w, b) = ((p / 64) as usize, p % 64);
-            if w >= bits.len() {
-                bits.resize(w + 1, 0);
-            }
-            if on {
-                bits[w] |= 1 << b;
-            } else {
-                bits[w] &= !(1 << b);
-            }
+        if let Some(st) = stores.get(s.index()) {
+            st.mark(first, count, on);
         }
     }
 
@@ -389,7 +327,7 @@ impl StreamSink {
 
     fn finish(&self, meta: &[u8]) -> Result<(), DumpError> {
         for part in meta.chunks(wire::MAX_PAYLOAD) {
-            self.send(kind::META, &[part], 0)?;
+            self.send(kind::META, &[part])?;
         }
         let (records, pages) = {
             let out = self.out.lock().unwrap_or_else(|p| p.into_inner());
@@ -402,9 +340,10 @@ impl StreamSink {
             records,
         })?;
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        out.writer.flush().map_err(|e| self.lost(e.to_string()))?;
+        out.flush().map_err(|e| self.lost(e.to_string()))?;
         let mut totals = self.shared.totals.lock().unwrap_or_else(|p| p.into_inner());
-        (totals.bytes, totals.pages, totals.records) = (out.writer.bytes, out.pages, out.records);
+        (totals.bytes, totals.pages, totals.records) = (out.bytes(), out.pages, out.records);
+        totals.bandwidth = out.rate();
         Ok(())
     }
 }
@@ -416,19 +355,12 @@ fn set_failure(shared: &Shared, e: TransferError) {
     }
 }
 
-fn why(w: NotStored) -> Why {
-    match w {
-        NotStored::Zero => Why::Zero,
-        NotStored::Hole => Why::Hole,
-        NotStored::InParent => Why::InParent,
-        NotStored::Swapped => Why::Swapped,
-        NotStored::Object => Why::Object,
-        NotStored::Dedup(d) => Why::Dedup(d.pid, d.vma_start, d.page),
-    }
-}
-
 impl PageSink for StreamSink {
     fn begin_pass(&self, pass: PassStart) -> Result<(), DumpError> {
+        self.out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .begin_pass(pass.n, pass.stopped);
         self.record(&Record::BeginPass(pass.n, pass.stopped))
     }
 
@@ -448,10 +380,7 @@ impl PageSink for StreamSink {
         } else {
             None
         };
-        stores.push(StoreState {
-            wire,
-            stored: Mutex::new(Vec::new()),
-        });
+        stores.push(StoreState::new(wire));
         Ok(StoreRef::new(stores.len() - 1, name.into()))
     }
 
@@ -466,15 +395,22 @@ impl PageSink for StreamSink {
         let Some(w) = self.wire(store) else {
             return Ok(());
         };
-        let per_frame = (wire::MAX_PAYLOAD / self.page).max(1);
+        let per_frame = self
+            .out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .frame_pages(self.page, wire::MAX_PAYLOAD);
         for (i, chunk) in bytes.chunks(per_frame * self.page).enumerate() {
             let at = first + (i * per_frame) as u64;
             let sums: Vec<u64> = chunk
                 .chunks(self.page)
                 .map(|p| format::page_sum(0, p))
                 .collect();
-            let head = wire::pages_header(w, at, &sums);
-            self.send(kind::PAGES, &[&head, chunk], sums.len() as u64)?;
+            self.check()?;
+            let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+            let sent = out.pages(w, at, &sums, chunk, per_frame);
+            drop(out);
+            sent.map_err(|e| self.failed(e))?;
             self.mark(store, at, sums.len() as u64, true);
         }
         Ok(())
@@ -483,14 +419,22 @@ impl PageSink for StreamSink {
     fn not_stored(&self, store: &StoreRef, first: u64, count: u64, w: NotStored) {
         let Some(wi) = self.wire(store) else { return };
         self.mark(store, first, count, false);
-        let r = Record::NotStored {
+        let run = Run {
             store: wi,
             first,
             count,
-            why: why(w),
+            why: stores::why(w),
         };
+        if self.check().is_err() {
+            return;
+        }
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = out.not_stored(run);
+        drop(out);
         // A failure here is seen by the next record that can fail.
-        let _ = self.record(&r);
+        if let Err(e) = sent {
+            let _ = self.failed(e);
+        }
     }
 
     fn read_back(&self, _store: &StoreRef, _page: u64, _buf: &mut [u8]) -> bool {
@@ -499,14 +443,20 @@ impl PageSink for StreamSink {
 
     fn stored(&self, store: &StoreRef) -> u64 {
         let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
-        stores.get(store.index()).map_or(0, |st| {
-            let bits = st.stored.lock().unwrap_or_else(|p| p.into_inner());
-            bits.iter().map(|w| u64::from(w.count_ones())).sum()
-        })
+        stores.get(store.index()).map_or(0, StoreState::stored)
     }
 
     fn end_pass(&self, pass: PassStart) -> Result<(), DumpError> {
-        self.record(&Record::EndPass(pass.n))
+        self.record(&Record::EndPass(pass.n))?;
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let pushed = out.end_pass();
+        drop(out);
+        pushed.map_err(|e| self.failed(e))
+    }
+
+    fn bandwidth(&self) -> Option<f64> {
+        let rate = self.out.lock().unwrap_or_else(|p| p.into_inner()).rate();
+        Some(rate)
     }
 
     fn commit(self: Box<Self>, meta: Meta) -> Result<Committed, DumpError> {
@@ -563,12 +513,7 @@ impl StreamSink {
     /// its acknowledgement.
     fn abort_with(&self, why: &str) {
         if self.record(&Record::Abort(why.to_owned())).is_ok() {
-            let flushed = self
-                .out
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .writer
-                .flush();
+            let flushed = self.out.lock().unwrap_or_else(|p| p.into_inner()).flush();
             if flushed.is_ok() {
                 let _ = self.ack(Some(Duration::from_secs(10)));
             }
