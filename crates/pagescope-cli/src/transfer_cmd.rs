@@ -74,6 +74,12 @@ pub struct SendArgs {
     /// Progress as NDJSON on stdout (one object per pass, then the report).
     #[arg(long)]
     pub json: bool,
+    /// Once the receiver has committed, page the sent pages out of the
+    /// source (process_madvise MADV_PAGEOUT; shmem through pagescope's own
+    /// mapping), re-scan and report what left RAM; with --leave-stopped
+    /// the stopped source then holds its memory in swap, not RAM.
+    #[arg(long)]
+    pub pageout_sent: bool,
 }
 
 /// Options of `pagescope receive`.
@@ -144,6 +150,7 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         object,
         psk: key,
         bandwidth: args.bandwidth,
+        pageout_sent: args.pageout_sent,
     };
     let conn = if args.to == "-" {
         Conn::stdio()
@@ -193,12 +200,39 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         report.dump.stopped_s * 1e3,
         report.receiver
     )?;
+    swap_and_pageout_lines(&report)?;
     if ndjson {
         let mut out = std::io::stdout().lock();
         serde_json::to_writer(&mut out, &report)?;
         writeln!(out)?;
     }
     Ok(OK)
+}
+
+/// What the swap policy and `--pageout-sent` did, on stderr.
+fn swap_and_pageout_lines(report: &transfer::SendReport) -> std::io::Result<()> {
+    let mut err = std::io::stderr().lock();
+    let swap = &report.dump.swap;
+    let pageout_notes = report.pageout_sent.iter().flat_map(|p| &p.notes);
+    for n in report
+        .dump
+        .notes
+        .iter()
+        .chain(&swap.notes)
+        .chain(pageout_notes)
+    {
+        writeln!(err, "note: {n}")?;
+    }
+    for (class, c) in [("anonymous", &swap.anon), ("shmem", &swap.shmem)] {
+        if c.swapped > 0 {
+            let line = crate::image_cmds::swap_line(swap.policy.name(), class, c);
+            writeln!(err, "{line}")?;
+        }
+    }
+    if let Some(p) = &report.pageout_sent {
+        writeln!(err, "{}", p.line())?;
+    }
+    Ok(())
 }
 
 pub fn receive(args: &ReceiveArgs) -> Result<u8> {

@@ -10,7 +10,8 @@
 //!   and their authentication tags;
 //! * `handshake.rs`: magic, version, capabilities, mode, and the
 //!   pre-shared-key challenge-response that keys every later frame;
-//! * `send.rs`: the streaming sink and [`send`];
+//! * `send.rs`: the streaming sink and [`send`]; `pageout_sent.rs`: the
+//!   sent pages paged out of the source after the commit;
 //! * `receive.rs`, `output.rs`: [`receive`] and what it writes into.
 //!
 //! No kernel interface of its own: sockets and files through `std`.
@@ -18,6 +19,7 @@
 mod frame;
 mod handshake;
 mod output;
+mod pageout_sent;
 mod receive;
 mod send;
 pub(crate) mod wire;
@@ -28,6 +30,7 @@ mod codec_tests;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 
+pub use pageout_sent::PageoutSentReport;
 pub use receive::{ReceiveOptions, ReceiveReport, Target as ReceiveInto, receive};
 pub use send::{ObjectChoice, SendError, SendOptions, SendReport, send};
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::frame::FrameWriter;
 use super::handshake::{self, Session};
+use super::pageout_sent::{PageoutSentReport, SentStore, page_out_sent};
 use super::wire::{self, Mode, Record, Why, kind};
 use super::{Class, Conn, TransferError};
 use crate::dump::sink::{
@@ -45,6 +46,8 @@ pub struct SendOptions {
     pub psk: Option<Vec<u8>>,
     /// Bytes per second at most.
     pub bandwidth: Option<u64>,
+    /// After the receiver's acknowledgement, page the sent pages out.
+    pub pageout_sent: bool,
 }
 
 /// What a send did.
@@ -60,6 +63,8 @@ pub struct SendReport {
     pub seconds: f64,
     /// The receiver's acknowledgement.
     pub receiver: String,
+    /// What `pageout_sent` did.
+    pub pageout_sent: Option<PageoutSentReport>,
 }
 
 /// A send's failure: the stream's, or the dump's own.
@@ -112,12 +117,16 @@ pub fn send(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    let pageout_sent = opts
+        .pageout_sent
+        .then(|| page_out_sent(target, caps, &shared.sent, opts));
     Ok(SendReport {
         dump,
         bytes_sent: totals.bytes,
         pages_sent: totals.pages,
         seconds: start.elapsed().as_secs_f64(),
         receiver: totals.ack,
+        pageout_sent,
     })
 }
 
@@ -160,6 +169,8 @@ struct Shared {
     /// connection lost).
     failure: Mutex<Option<TransferError>>,
     totals: Mutex<Totals>,
+    /// The pages each sent store carried as data, at the commit.
+    sent: Mutex<Vec<SentStore>>,
 }
 
 #[derive(Clone, Default)]
@@ -201,6 +212,7 @@ struct StoreState {
     wire: Option<u32>,
     /// Which pages were sent last as data (for [`PageSink::stored`]).
     stored: Mutex<Vec<u64>>,
+    owner: StoreOwner,
 }
 
 /// The [`PageSink`] that streams.
@@ -451,6 +463,7 @@ impl PageSink for StreamSink {
         stores.push(StoreState {
             wire,
             stored: Mutex::new(Vec::new()),
+            owner,
         });
         Ok(StoreRef::new(stores.len() - 1, name.into()))
     }
@@ -526,6 +539,7 @@ impl PageSink for StreamSink {
         self.finish(&bytes)?;
         match self.ack(None) {
             Ok((true, msg)) => {
+                *self.shared.sent.lock().unwrap_or_else(|p| p.into_inner()) = self.sent_stores();
                 self.shared
                     .totals
                     .lock()
@@ -559,6 +573,13 @@ impl PageSink for StreamSink {
 }
 
 impl StreamSink {
+    /// The pages each store on the wire carried as data.
+    fn sent_stores(&self) -> Vec<SentStore> {
+        let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
+        let sent = stores.iter().filter(|s| s.wire.is_some());
+        sent.map(|s| SentStore::new(s.owner, &s.stored)).collect()
+    }
+
     /// Tells the receiver to discard everything, and waits a little for
     /// its acknowledgement.
     fn abort_with(&self, why: &str) {
