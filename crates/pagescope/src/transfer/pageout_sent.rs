@@ -106,15 +106,18 @@ impl PageoutSentReport {
     }
 }
 
-/// Pages out of `target` the pages of `sent` it still holds in RAM, then
-/// re-scans (see the module doc); the source was left stopped if
-/// `opts.dump.leave_stopped`.
+/// With `opts.pageout_sent`, pages out of `target` the pages of `sent` it
+/// still holds in RAM, then re-scans (see the module doc); the source was
+/// left stopped if `opts.dump.leave_stopped`.
 pub(super) fn page_out_sent(
     target: &Target,
     caps: &KernelCaps,
     sent: &Mutex<Vec<SentStore>>,
     opts: &SendOptions,
-) -> PageoutSentReport {
+) -> Option<PageoutSentReport> {
+    if !opts.pageout_sent {
+        return None;
+    }
     let stopped = opts.dump.leave_stopped;
     let sent = std::mem::take(&mut *sent.lock().unwrap_or_else(|p| p.into_inner()));
     let sent = &sent[..];
@@ -139,13 +142,13 @@ pub(super) fn page_out_sent(
             report
                 .notes
                 .push(format!("the sent pages were not paged out: {e}"));
-            return report;
+            return Some(report);
         }
     };
     let page = caps.page_size;
     let ranges = addresses(sent, &maps, target.pid(), page, &mut report.notes);
     let (Some(first), Some(last)) = (ranges.ranges().first(), ranges.ranges().last()) else {
-        return report;
+        return Some(report);
     };
     let opts = PageoutOptions {
         range: VirtRange::new(first.start(), last.end()),
@@ -163,7 +166,7 @@ pub(super) fn page_out_sent(
             .notes
             .push(format!("the sent pages were not paged out: {e}")),
     }
-    report
+    Some(report)
 }
 
 /// The addresses of `pid`'s memory that `sent` covers; pages of other

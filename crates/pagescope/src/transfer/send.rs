@@ -117,16 +117,15 @@ pub fn send(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let pageout_sent = opts
-        .pageout_sent
-        .then(|| page_out_sent(target, caps, &shared.sent, opts));
+    let seconds = start.elapsed().as_secs_f64();
+    let pageout = page_out_sent(target, caps, &shared.sent, opts);
     Ok(SendReport {
         dump,
         bytes_sent: totals.bytes,
         pages_sent: totals.pages,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
         receiver: totals.ack,
-        pageout_sent,
+        pageout_sent: pageout,
     })
 }
 
