@@ -155,11 +155,11 @@ pub(super) fn page_out_sent(
         ..PageoutOptions::default()
     };
     match pageout_within(target, caps, &opts, Some(&ranges)) {
-        Ok(p) => {
+        Ok(mut p) => {
             report.in_ram = p.total.requested;
             report.paged_out = p.total.left_ram;
             report.still_in_ram = p.total.stayed;
-            report.notes.extend(p.notes.iter().cloned());
+            report.notes.append(&mut p.notes);
             report.pageout = Some(p);
         }
         Err(e) => report
