@@ -230,9 +230,33 @@ fn swap_and_pageout_lines(report: &transfer::SendReport) -> std::io::Result<()> 
         }
     }
     if let Some(p) = &report.pageout_sent {
-        writeln!(err, "{}", p.line())?;
+        writeln!(err, "{}", pageout_sent_line(p))?;
     }
     Ok(())
+}
+
+/// `--pageout-sent` in one line: what left RAM, why the rest stayed.
+fn pageout_sent_line(p: &transfer::PageoutSentReport) -> String {
+    let mut s = format!(
+        "pageout-sent ({}): {} pages sent, {} of them in RAM: {} paged out, {} still in RAM",
+        if p.source_stopped {
+            "source left stopped"
+        } else {
+            "source running"
+        },
+        p.sent_pages,
+        p.in_ram,
+        p.paged_out,
+        p.still_in_ram
+    );
+    let reasons = p.pageout.iter().flat_map(|r| &r.reasons);
+    let why: Vec<String> = reasons
+        .map(|(r, n)| format!("{n} {}", r.describe()))
+        .collect();
+    if !why.is_empty() {
+        s.push_str(&format!(" ({})", why.join("; ")));
+    }
+    s
 }
 
 pub fn receive(args: &ReceiveArgs) -> Result<u8> {

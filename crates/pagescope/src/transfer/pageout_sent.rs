@@ -79,33 +79,6 @@ pub struct PageoutSentReport {
     pub notes: Vec<String>,
 }
 
-impl PageoutSentReport {
-    /// One line for a terminal.
-    pub fn line(&self) -> String {
-        let mut s = format!(
-            "pageout-sent ({}): {} pages sent, {} of them in RAM: {} paged out, {} still in RAM",
-            if self.source_stopped {
-                "source left stopped"
-            } else {
-                "source running"
-            },
-            self.sent_pages,
-            self.in_ram,
-            self.paged_out,
-            self.still_in_ram
-        );
-        if let Some(p) = self.pageout.as_ref().filter(|p| !p.reasons.is_empty()) {
-            let why: Vec<String> = p
-                .reasons
-                .iter()
-                .map(|(r, n)| format!("{n} {}", r.describe()))
-                .collect();
-            s.push_str(&format!(" ({})", why.join("; ")));
-        }
-        s
-    }
-}
-
 /// With `opts.pageout_sent`, pages out of `target` the pages of `sent` it
 /// still holds in RAM, then re-scans (see the module doc); the source was
 /// left stopped if `opts.dump.leave_stopped`.
