@@ -163,7 +163,7 @@ fn shared_writer_lines(
     Ok(())
 }
 
-fn swap_line(policy: &str, class: &str, c: &pagescope::dump::SwapClassReport) -> String {
+pub(crate) fn swap_line(policy: &str, class: &str, c: &pagescope::dump::SwapClassReport) -> String {
     let mut parts = Vec::new();
     for (n, what) in [
         (c.read, "read (swapped in)"),

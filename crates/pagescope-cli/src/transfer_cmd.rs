@@ -78,6 +78,12 @@ pub struct SendArgs {
     /// the report (docs/stream-format.md).
     #[arg(long)]
     pub json: bool,
+    /// Once the receiver has committed, page the sent pages out of the
+    /// source (process_madvise MADV_PAGEOUT; shmem through pagescope's own
+    /// mapping), re-scan and report what left RAM; with --leave-stopped
+    /// the stopped source then holds its memory in swap, not RAM.
+    #[arg(long)]
+    pub pageout_sent: bool,
 }
 
 /// Options of `pagescope receive`.
@@ -148,6 +154,7 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         object,
         psk: key,
         bandwidth: args.bandwidth,
+        pageout_sent: args.pageout_sent,
     };
     let conn = if args.to == "-" {
         Conn::stdio()
@@ -179,8 +186,59 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         report.downtime_s * 1e3,
         report.receiver
     )?;
+    swap_and_pageout_lines(&report)?;
     out.report(&report);
     Ok(OK)
+}
+
+/// What the swap policy and `--pageout-sent` did, on stderr.
+fn swap_and_pageout_lines(report: &transfer::SendReport) -> std::io::Result<()> {
+    let mut err = std::io::stderr().lock();
+    let swap = &report.dump.swap;
+    let pageout_notes = report.pageout_sent.iter().flat_map(|p| &p.notes);
+    for n in report
+        .dump
+        .notes
+        .iter()
+        .chain(&swap.notes)
+        .chain(pageout_notes)
+    {
+        writeln!(err, "note: {n}")?;
+    }
+    for (class, c) in [("anonymous", &swap.anon), ("shmem", &swap.shmem)] {
+        if c.swapped > 0 {
+            let line = crate::image_cmds::swap_line(swap.policy.name(), class, c);
+            writeln!(err, "{line}")?;
+        }
+    }
+    if let Some(p) = &report.pageout_sent {
+        writeln!(err, "{}", pageout_sent_line(p))?;
+    }
+    Ok(())
+}
+
+/// `--pageout-sent` in one line: what left RAM, why the rest stayed.
+fn pageout_sent_line(p: &transfer::PageoutSentReport) -> String {
+    let mut s = format!(
+        "pageout-sent ({}): {} pages sent, {} of them in RAM: {} paged out, {} still in RAM",
+        if p.source_stopped {
+            "source left stopped"
+        } else {
+            "source running"
+        },
+        p.sent_pages,
+        p.in_ram,
+        p.paged_out,
+        p.still_in_ram
+    );
+    let reasons = p.pageout.iter().flat_map(|r| &r.reasons);
+    let why: Vec<String> = reasons
+        .map(|(r, n)| format!("{n} {}", r.describe()))
+        .collect();
+    if !why.is_empty() {
+        s.push_str(&format!(" ({})", why.join("; ")));
+    }
+    s
 }
 
 pub fn receive(args: &ReceiveArgs) -> Result<u8> {

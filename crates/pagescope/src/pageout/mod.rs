@@ -28,6 +28,7 @@ use crate::kernel::KernelCaps;
 use crate::page::PageState;
 use crate::proc::smaps::VmFlags;
 use crate::proc::{ProcError, Target};
+use crate::rangeset::RangeSet;
 use crate::report::{ProcessReport, VmaReport};
 use crate::scan::ScanError;
 use crate::sys::mm::Advice;
@@ -154,8 +155,19 @@ pub fn pageout(
     caps: &KernelCaps,
     opts: &PageoutOptions,
 ) -> Result<PageoutReport, PageoutError> {
+    pageout_within(target, caps, opts, None)
+}
+
+/// [`pageout`] of only the pages of `opts` inside `only` (`send
+/// --pageout-sent`: the pages that were sent).
+pub(crate) fn pageout_within(
+    target: &Target,
+    caps: &KernelCaps,
+    opts: &PageoutOptions,
+    only: Option<&RangeSet>,
+) -> Result<PageoutReport, PageoutError> {
     let before = crate::inspect::scan_for_pageout(target, caps, opts.range)?;
-    let chosen = choose(&before, opts);
+    let chosen = choose(&before, opts, only);
     let t0 = Instant::now();
     let mut notes = Vec::new();
     advise_mapped(target, &before, &chosen)?;
@@ -186,21 +198,23 @@ pub fn pageout(
     Ok(report)
 }
 
-/// The runs of `report` in the chosen states.
-fn choose(report: &ProcessReport, opts: &PageoutOptions) -> Vec<Chosen> {
+/// The runs of `report` in the chosen states (their parts in `only`).
+fn choose(report: &ProcessReport, opts: &PageoutOptions, only: Option<&RangeSet>) -> Vec<Chosen> {
     let page = report.page_size;
     let mut out = Vec::new();
     for (i, v) in report.vmas.iter().enumerate() {
         for r in &v.runs {
             let wanted = opts.states.contains(&r.state)
                 && (r.state != PageState::Resident || v.vma.backing == Backing::Shmem);
-            if wanted {
-                out.push(Chosen {
-                    vma: i,
-                    range: r.range(page),
-                    state: r.state,
-                });
+            if !wanted {
+                continue;
             }
+            let ranges = only.map_or_else(|| vec![r.range(page)], |o| o.intersect(r.range(page)));
+            out.extend(ranges.into_iter().map(|range| Chosen {
+                vma: i,
+                range,
+                state: r.state,
+            }));
         }
     }
     out

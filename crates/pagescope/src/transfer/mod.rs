@@ -23,6 +23,7 @@ mod handshake;
 mod out;
 mod output;
 mod pace;
+mod pageout_sent;
 mod progress;
 mod receive;
 mod send;
@@ -35,6 +36,7 @@ mod codec_tests;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 
+pub use pageout_sent::PageoutSentReport;
 pub use progress::{PassSent, SendEvent, SendPass, SendProgress};
 pub use receive::{ReceiveOptions, ReceiveReport, Target as ReceiveInto, receive};
 pub use send::{SendError, SendOptions, SendReport, send};

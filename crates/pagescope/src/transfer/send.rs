@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::handshake::{self, Session};
 use super::out::{Out, Run};
+use super::pageout_sent::{PageoutSentReport, SentStore, page_out_sent};
 use super::progress::{Counters, Live, PassSent, SendEvent};
 use super::stores::{self, ObjectChoice, StoreState};
 use super::wire::{self, Mode, Record, kind};
@@ -37,6 +38,8 @@ pub struct SendOptions {
     pub psk: Option<Vec<u8>>,
     /// Bytes per second at most.
     pub bandwidth: Option<u64>,
+    /// After the receiver's acknowledgement, page the sent pages out.
+    pub pageout_sent: bool,
 }
 
 /// What a send did.
@@ -65,6 +68,8 @@ pub struct SendReport {
     pub passes: Vec<PassSent>,
     /// The receiver's acknowledgement.
     pub receiver: String,
+    /// What `pageout_sent` did.
+    pub pageout_sent: Option<PageoutSentReport>,
 }
 
 /// A send's failure: the stream's, or the dump's own.
@@ -120,16 +125,19 @@ pub fn send(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    let seconds = start.elapsed().as_secs_f64();
+    let pageout = page_out_sent(target, caps, &shared.sent, opts);
     Ok(SendReport {
         bytes_sent: totals.bytes,
         pages_sent: totals.pages,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
         downtime_s: dump.stopped_s,
         bandwidth_bytes_s: totals.bandwidth,
         precopy_end: dump.precopy_end,
         converged: dump.converged,
         passes: shared.counters.passes(),
         receiver: totals.ack,
+        pageout_sent: pageout,
         dump,
     })
 }
@@ -143,6 +151,8 @@ struct Shared {
     totals: Mutex<Totals>,
     /// What the progress reads as the stream goes.
     counters: Arc<Counters>,
+    /// The pages each sent store carried as data, at the commit.
+    sent: Mutex<Vec<SentStore>>,
 }
 
 #[derive(Clone, Default)]
@@ -380,7 +390,7 @@ impl PageSink for StreamSink {
         } else {
             None
         };
-        stores.push(StoreState::new(wire));
+        stores.push(StoreState::new(wire, owner));
         Ok(StoreRef::new(stores.len() - 1, name.into()))
     }
 
@@ -476,6 +486,7 @@ impl PageSink for StreamSink {
         self.finish(&bytes)?;
         match self.ack(None) {
             Ok((true, msg)) => {
+                *self.shared.sent.lock().unwrap_or_else(|p| p.into_inner()) = self.sent_stores();
                 self.shared
                     .totals
                     .lock()
@@ -509,6 +520,13 @@ impl PageSink for StreamSink {
 }
 
 impl StreamSink {
+    /// The pages each store on the wire carried as data.
+    fn sent_stores(&self) -> Vec<SentStore> {
+        let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
+        let sent = stores.iter().filter(|s| s.wire.is_some());
+        sent.map(StoreState::sent).collect()
+    }
+
     /// Tells the receiver to discard everything, and waits a little for
     /// its acknowledgement.
     fn abort_with(&self, why: &str) {

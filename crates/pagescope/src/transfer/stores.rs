@@ -7,9 +7,10 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use super::pageout_sent::SentStore;
 use super::wire::Why;
 use crate::dump::DumpError;
-use crate::dump::sink::NotStored;
+use crate::dump::sink::{NotStored, StoreOwner};
 use crate::image::ImageError;
 use crate::proc::Target;
 use crate::proc::maps::DevId;
@@ -62,15 +63,23 @@ pub(super) struct StoreState {
     pub wire: Option<u32>,
     /// Which pages were sent last as data (for `PageSink::stored`).
     stored: Mutex<Vec<u64>>,
+    /// Whose pages.
+    pub owner: StoreOwner,
 }
 
 impl StoreState {
     /// A store sent as `wire` (`None`: not sent).
-    pub fn new(wire: Option<u32>) -> Self {
+    pub fn new(wire: Option<u32>, owner: StoreOwner) -> Self {
         Self {
             wire,
             stored: Mutex::new(Vec::new()),
+            owner,
         }
+    }
+
+    /// The pages sent last as data, for `--pageout-sent`.
+    pub fn sent(&self) -> SentStore {
+        SentStore::new(self.owner, &self.stored)
     }
 
     /// Pages `first..first + count` were sent as data (`on`) or not.
