@@ -11,13 +11,17 @@
 //! * `handshake.rs`: magic, version, capabilities, mode, and the
 //!   pre-shared-key challenge-response that keys every later frame;
 //! * `send.rs`: the streaming sink and [`send`];
-//! * `receive.rs`, `output.rs`: [`receive`] and what it writes into.
+//! * `receive.rs`, `output.rs`: [`receive`] and what it writes into;
+//! * `postcopy/`: post-copy into a process that maps the file
+//!   (userfaultfd missing-page faults).
 //!
-//! No kernel interface of its own: sockets and files through `std`.
+//! No kernel interface of its own (sockets and files through `std`)
+//! but post-copy's userfaultfd, in `postcopy/`.
 
 mod frame;
 mod handshake;
 mod output;
+pub mod postcopy;
 mod receive;
 mod send;
 pub(crate) mod wire;
@@ -50,6 +54,9 @@ pub enum Class {
     Aborted = 5,
     /// Writing the output failed.
     Output = 6,
+    /// The post-copy destination process could not be attached or
+    /// filled.
+    Destination = 7,
 }
 
 impl Class {
@@ -62,6 +69,7 @@ impl Class {
             4 => Self::Connection,
             5 => Self::Aborted,
             6 => Self::Output,
+            7 => Self::Destination,
             _ => Self::BadStream,
         }
     }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::frame::FrameWriter;
 use super::handshake::{self, Session};
+use super::postcopy::{self, PostcopySendStats};
 use super::wire::{self, Mode, Record, Why, kind};
 use super::{Class, Conn, TransferError};
 use crate::dump::sink::{
@@ -45,6 +46,8 @@ pub struct SendOptions {
     pub psk: Option<Vec<u8>>,
     /// Bytes per second at most.
     pub bandwidth: Option<u64>,
+    /// Post-copy after at most this many pre-copy passes (`postcopy/`).
+    pub postcopy_after: Option<u32>,
 }
 
 /// What a send did.
@@ -60,6 +63,8 @@ pub struct SendReport {
     pub seconds: f64,
     /// The receiver's acknowledgement.
     pub receiver: String,
+    /// The post-copy phase, if there was one.
+    pub postcopy: Option<PostcopySendStats>,
 }
 
 /// A send's failure: the stream's, or the dump's own.
@@ -93,10 +98,12 @@ pub fn send(
     };
     let page = u32::try_from(caps.page_size.get()).unwrap_or(4096);
     let start = Instant::now();
-    let session = handshake::client(conn, opts.psk.as_deref(), mode, page)?;
+    let (dump_opts, extra, stash) = postcopy::plan(opts, mode == Mode::Object)?;
+    let session = handshake::client_with(conn, opts.psk.as_deref(), mode, page, extra)?;
     let shared = Arc::new(Shared::default());
     let sink = StreamSink::new(session, object, opts.bandwidth, Arc::clone(&shared));
-    let result = crate::dump::dump_to(target, caps, &opts.dump, Box::new(sink), progress);
+    let sink = postcopy::wrap(sink, stash.as_ref());
+    let result = crate::dump::dump_to(target, caps, &dump_opts, sink, progress);
     let stream_failure = shared
         .failure
         .lock()
@@ -118,6 +125,7 @@ pub fn send(
         pages_sent: totals.pages,
         seconds: start.elapsed().as_secs_f64(),
         receiver: totals.ack,
+        postcopy: stash.map(|s| s.stats()),
     })
 }
 
@@ -204,11 +212,11 @@ struct StoreState {
 }
 
 /// The [`PageSink`] that streams.
-struct StreamSink {
+pub(super) struct StreamSink {
     out: Mutex<Out>,
-    acks: Mutex<Receiver<Record>>,
+    pub(super) acks: Mutex<Receiver<Record>>,
     peer: String,
-    page: usize,
+    pub(super) page: usize,
     object: Option<ObjectId>,
     stores: RwLock<Vec<StoreState>>,
     names: Mutex<HashSet<String>>,
@@ -289,7 +297,7 @@ impl StreamSink {
         })
     }
 
-    fn record(&self, r: &Record) -> Result<(), DumpError> {
+    pub(super) fn record(&self, r: &Record) -> Result<(), DumpError> {
         self.send(r.kind(), &[&r.encode()], 0)
     }
 
@@ -306,7 +314,7 @@ impl StreamSink {
         }
     }
 
-    fn lost(&self, what: String) -> DumpError {
+    pub(super) fn lost(&self, what: String) -> DumpError {
         DumpError::Image(ImageError::Io {
             what: "send pages to",
             path: PathBuf::from(&self.peer),
@@ -314,12 +322,12 @@ impl StreamSink {
         })
     }
 
-    fn wire(&self, s: &StoreRef) -> Option<u32> {
+    pub(super) fn wire(&self, s: &StoreRef) -> Option<u32> {
         let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
         stores.get(s.index()).and_then(|st| st.wire)
     }
 
-    fn mark(&self, s: &StoreRef, first: u64, count: u64, on: bool) {
+    pub(super) fn mark(&self, s: &StoreRef, first: u64, count: u64, on: bool) {
         let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
         let Some(st) = stores.get(s.index()) else {
             return;
@@ -353,11 +361,17 @@ impl StreamSink {
     /// Waits for the receiver's acknowledgement.
     fn ack(&self, wait: Option<Duration>) -> Result<(bool, String), TransferError> {
         let acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
-        let got = match wait {
-            Some(t) => acks
-                .recv_timeout(t)
-                .map_err(|e| e == RecvTimeoutError::Timeout),
-            None => acks.recv().map_err(|_| false),
+        let got = loop {
+            let got = match wait {
+                Some(t) => acks
+                    .recv_timeout(t)
+                    .map_err(|e| e == RecvTimeoutError::Timeout),
+                None => acks.recv().map_err(|_| false),
+            };
+            // A late post-copy request: every page went out already.
+            if !matches!(got, Ok(Record::Postcopy(_))) {
+                break got;
+            }
         };
         match got {
             Ok(Record::Ack(ok, msg)) => Ok((ok, msg)),
@@ -559,6 +573,12 @@ impl PageSink for StreamSink {
 }
 
 impl StreamSink {
+    /// Sends what is buffered.
+    pub(super) fn flush(&self) -> Result<(), DumpError> {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        out.writer.flush().map_err(|e| self.lost(e.to_string()))
+    }
+
     /// Tells the receiver to discard everything, and waits a little for
     /// its acknowledgement.
     fn abort_with(&self, why: &str) {
