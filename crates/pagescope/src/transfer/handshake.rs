@@ -262,6 +262,21 @@ fn unexpected(peer: &str, r: &Record, wanted: &str) -> TransferError {
 /// Whether each side has what the other requires.
 fn compatible(mine: &Hello, theirs: &Hello, peer: &str, who: &str) -> Result<(), TransferError> {
     let missing = theirs.required & !mine.caps;
+    let postcopy = super::postcopy::wire::CAP_POSTCOPY;
+    if (missing | (mine.required & !theirs.caps)) & postcopy != 0 {
+        let (yes, no) = if missing & postcopy != 0 {
+            (who, "this side")
+        } else {
+            ("this side", who)
+        };
+        return Err(TransferError::new(
+            Class::Handshake,
+            peer,
+            format!(
+                "the {yes} runs post-copy (send --postcopy-after, receive --postcopy) and {no} does not"
+            ),
+        ));
+    }
     if missing & CAP_PSK != 0 {
         return Err(TransferError::new(
             Class::Auth,

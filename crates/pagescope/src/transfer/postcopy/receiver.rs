@@ -202,7 +202,8 @@ fn serve_faults(sh: &Shared) {
             Err(_) => return,
         }
         msgs.clear();
-        if read_msgs(sh.dest.uffd(), &mut msgs).is_err() {
+        if read_msgs(sh.dest.uffd(), &mut msgs).is_err() || msgs.is_empty() {
+            // Readable with nothing to read: DEST's memory is gone.
             std::thread::sleep(Duration::from_millis(10));
             continue;
         }

@@ -330,3 +330,20 @@ pub(super) fn show_ranges(r: &[(u64, u64)]) -> String {
         .collect::<Vec<_>>()
         .join(",")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_and_ranges() {
+        let mut b = Bits::default();
+        for p in [0, 1, 2, 64, 130] {
+            b.set(p, true);
+        }
+        b.set(1, false);
+        let on: Vec<u64> = (0..200).filter(|&p| b.get(p)).collect();
+        assert_eq!(on, [0, 2, 64, 130]);
+        assert_eq!(show_ranges(&[(0, 0), (2, 5), (9, 9)]), "0,2-5,9");
+    }
+}
