@@ -6,7 +6,8 @@
 //! and FILE, equal the source's pages at the stop (the source is left
 //! stopped). And the sender killed mid-post-copy: the receiver names
 //! exactly the pages that never arrived, the destination is blocked, not
-//! crashed, and every page that did arrive is the source's.
+//! crashed, and every page that did arrive is the source's. A post-copy
+//! sender and a plain receiver refuse each other in the hello.
 //! (A dropped connection resumed with `send --resume` is not built yet.)
 
 mod common;
@@ -19,6 +20,8 @@ use common::exe;
 use common::programs::{Proc, Scratch, start, usable};
 
 const PAGE: usize = 4096;
+/// Exit code of peers that cannot agree (here: post-copy on one side).
+const HANDSHAKE: i32 = 20;
 /// Exit code of a connection lost before the commit.
 const CONNECTION: i32 = 23;
 
@@ -245,4 +248,38 @@ fn a_dead_sender_leaves_the_destination_blocked_and_names_the_missing_pages() {
         matches!(st, 'S' | 'D'),
         "the destination waits (state {st})"
     );
+}
+
+#[test]
+fn a_postcopy_sender_and_a_plain_receiver_refuse_each_other() {
+    if !usable() {
+        return;
+    }
+    let scratch = Scratch::new("postcopy-plain");
+    let (src, dst) = (scratch.p("src"), scratch.p("dst"));
+    let source = source(&src, 64);
+    let mut recv = Command::new(exe())
+        .args(["receive", "--listen", "127.0.0.1:0", "--into", &dst])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut recv_err = BufReader::new(recv.stderr.take().unwrap());
+    let mut line = String::new();
+    recv_err.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("pagescope: listening on ")
+        .unwrap();
+    let sent = send_args(source.0.id(), addr, &src)
+        .args(["--postcopy-after", "1"])
+        .output()
+        .unwrap();
+    let recv_rc = wait(&mut recv, 30, "receive");
+    let msg = rest(recv_err);
+    let send_msg = String::from_utf8_lossy(&sent.stderr);
+    assert_eq!(sent.status.code(), Some(HANDSHAKE), "{send_msg}");
+    assert_eq!(recv_rc, HANDSHAKE, "{msg}");
+    assert!(msg.contains("runs post-copy"), "{msg}");
+    assert!(!std::path::Path::new(&dst).exists(), "nothing written");
 }
