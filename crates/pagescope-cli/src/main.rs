@@ -11,6 +11,7 @@ mod exporter_cmd;
 mod image_cmds;
 mod listing;
 mod pageout_cmd;
+mod postcopy_cmd;
 mod progress;
 mod scanning;
 mod screen;

@@ -32,6 +32,8 @@ pub const CONNECTION: u8 = 23;
 pub const ABORTED: u8 = 24;
 /// The receiver could not write its output.
 pub const OUTPUT: u8 = 25;
+/// The post-copy destination process could not be attached or filled.
+pub const DESTINATION: u8 = 26;
 
 fn code(class: Class) -> u8 {
     match class {
@@ -41,10 +43,11 @@ fn code(class: Class) -> u8 {
         Class::Connection => CONNECTION,
         Class::Aborted => ABORTED,
         Class::Output => OUTPUT,
+        Class::Destination => DESTINATION,
     }
 }
 
-fn fail(side: &str, e: &TransferError) -> anyhow::Error {
+pub(crate) fn fail(side: &str, e: &TransferError) -> anyhow::Error {
     CliError::new(code(e.class), format!("{side}: {}", e.what)).into()
 }
 
@@ -84,6 +87,10 @@ pub struct SendArgs {
     /// the stopped source then holds its memory in swap, not RAM.
     #[arg(long)]
     pub pageout_sent: bool,
+    /// Post-copy after at most N pre-copy passes (sooner if they stop
+    /// converging): the source is left stopped (`receive --postcopy`).
+    #[arg(long, value_name = "N", requires = "object")]
+    pub postcopy_after: Option<u32>,
 }
 
 /// Options of `pagescope receive`.
@@ -112,6 +119,13 @@ pub struct ReceiveArgs {
     /// The report as JSON on stdout (not with `--from -`).
     #[arg(long)]
     pub json: bool,
+    /// Post-copy into process --pid, which maps FILE: it runs while the
+    /// pages arrive, each first touch waits for its page.
+    #[arg(long, requires_all = ["into", "pid"])]
+    pub postcopy: bool,
+    /// The post-copy destination process.
+    #[arg(long, requires = "postcopy")]
+    pub pid: Option<u32>,
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -128,7 +142,7 @@ fn parse_rate(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("not a rate: {s} (e.g. 100M)"))
 }
 
-fn psk(path: Option<&PathBuf>, side: &str) -> Result<Option<Vec<u8>>> {
+pub(crate) fn psk(path: Option<&PathBuf>, side: &str) -> Result<Option<Vec<u8>>> {
     path.map(|p| transfer::read_psk(p).map_err(|e| fail(side, &e)))
         .transpose()
 }
@@ -155,6 +169,7 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         psk: key,
         bandwidth: args.bandwidth,
         pageout_sent: args.pageout_sent,
+        postcopy_after: args.postcopy_after,
     };
     let conn = if args.to == "-" {
         Conn::stdio()
@@ -187,6 +202,7 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         report.receiver
     )?;
     swap_and_pageout_lines(&report)?;
+    crate::postcopy_cmd::sent(report.postcopy.as_ref())?;
     out.report(&report);
     Ok(OK)
 }
@@ -248,6 +264,9 @@ pub fn receive(args: &ReceiveArgs) -> Result<u8> {
         return Err(CliError::new(USAGE, "--from takes only `-` (stdin)".into()).into());
     }
     let key = psk(args.psk_file.as_ref(), &side)?;
+    if let (true, Some(file), Some(pid)) = (args.postcopy, &args.into, args.pid) {
+        return crate::postcopy_cmd::receive(args, file, pid, key, &side);
+    }
     let into = match (&args.out, &args.into) {
         (Some(dir), _) => {
             let busy = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
@@ -287,7 +306,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<u8> {
 
 /// Listens on `addr` (refused without a key unless it is loopback) and
 /// accepts one sender.
-fn accept(addr: &str, keyed: bool, side: &str) -> Result<Conn> {
+pub(crate) fn accept(addr: &str, keyed: bool, side: &str) -> Result<Conn> {
     let loopback = transfer::is_loopback(addr).map_err(|e| fail(side, &e))?;
     if !loopback && !keyed {
         let m = format!(

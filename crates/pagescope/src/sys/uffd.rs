@@ -1,5 +1,6 @@
 //! userfaultfd: creation and the `UFFDIO_API`, `UFFDIO_REGISTER` and
-//! `UFFDIO_UNREGISTER` ioctls used for write-protect dirty tracking.
+//! `UFFDIO_UNREGISTER` ioctls used for write-protect dirty tracking, and
+//! `UFFDIO_COPY` / `UFFDIO_WAKE` for post-copy (missing-page faults).
 //!
 //! Async write-protect (`UFFD_FEATURE_WP_ASYNC`, Linux 6.7) lets the kernel
 //! resolve write faults itself, so no fault-reading thread is needed; dirty
@@ -36,6 +37,10 @@ pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 pub const UFFD_USER_MODE_ONLY: u32 = 1;
 /// `UFFDIO_REGISTER_MODE_WP`.
 pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `UFFDIO_REGISTER_MODE_MISSING`: faults on pages not present (post-copy).
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// `UFFD_FEATURE_MISSING_SHMEM` (4.11): missing-page faults of shmem.
+pub const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 
 #[allow(non_camel_case_types)]
 #[repr(C)]
@@ -89,6 +94,21 @@ struct uffdio_writeprotect {
 
 const _: () = assert!(std::mem::size_of::<uffdio_writeprotect>() == 24);
 
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct uffdio_copy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+const _: () = assert!(std::mem::size_of::<uffdio_copy>() == 40);
+
+const UFFDIO_WAKE: Opcode = opcode::read::<uffdio_range>(0xAA, 0x02);
+const UFFDIO_COPY: Opcode = opcode::read_write::<uffdio_copy>(0xAA, 0x03);
 const UFFDIO_WRITEPROTECT: Opcode = opcode::read_write::<uffdio_writeprotect>(0xAA, 0x06);
 const UFFDIO_API: Opcode = opcode::read_write::<uffdio_api>(0xAA, 0x3F);
 const UFFDIO_REGISTER: Opcode = opcode::read_write::<uffdio_register>(0xAA, 0x00);
@@ -267,4 +287,31 @@ pub fn read_msgs(uffd: BorrowedFd<'_>, out: &mut Vec<FaultMsg>) -> Result<(), Er
         });
     }
     Ok(())
+}
+
+/// `ioctl(uffd, UFFDIO_COPY, {dst, src, len})`: fills the missing pages at
+/// `dst` in the uffd's mm with `src` (our memory) and wakes the threads
+/// waiting on them. `EEXIST` if a page there is already present (never
+/// overwritten), `EAGAIN` while the mm's layout changes, `ENOENT`/`ESRCH`
+/// once the range or the mm is gone.
+pub fn uffdio_copy(uffd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> Result<(), Errno> {
+    let mut c = uffdio_copy {
+        dst,
+        src: src.as_ptr() as u64,
+        len: src.len() as u64,
+        mode: 0,
+        copy: 0,
+    };
+    // SAFETY: UFFDIO_COPY reads `len` bytes at `src`, which `src` borrows
+    // for the call, and writes only the `copy` field of `c`; the pages it
+    // fills belong to the uffd's mm, never our memory.
+    unsafe { rustix::ioctl::ioctl(uffd, Updater::<UFFDIO_COPY, uffdio_copy>::new(&mut c)) }
+}
+
+/// `ioctl(uffd, UFFDIO_WAKE, {start, len})`: wakes the threads waiting on
+/// a fault in the range (a page filled another way).
+pub fn uffdio_wake(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<(), Errno> {
+    let mut range = uffdio_range { start, len };
+    // SAFETY: UFFDIO_WAKE reads one `uffdio_range`.
+    unsafe { rustix::ioctl::ioctl(uffd, Updater::<UFFDIO_WAKE, uffdio_range>::new(&mut range)) }
 }

@@ -86,8 +86,8 @@ fn nonce() -> [u8; NONCE] {
     n
 }
 
-fn hello(psk: Option<&[u8]>, mode: Mode, page_size: u32) -> Hello {
-    let auth = if psk.is_some() { CAP_PSK } else { 0 };
+fn hello(psk: Option<&[u8]>, mode: Mode, page_size: u32, extra: u64) -> Hello {
+    let auth = if psk.is_some() { CAP_PSK } else { 0 } | extra;
     Hello {
         version: VERSION,
         caps: CAPS | auth,
@@ -98,15 +98,17 @@ fn hello(psk: Option<&[u8]>, mode: Mode, page_size: u32) -> Hello {
     }
 }
 
-/// The sender's side: offers `mode` with pages of `page_size` bytes.
-pub fn client(
+/// The sender's side: offers `mode` with pages of `page_size` bytes, and
+/// has and requires the capability bits `extra` (post-copy).
+pub fn client_with(
     conn: Conn,
     psk: Option<&[u8]>,
     mode: Mode,
     page_size: u32,
+    extra: u64,
 ) -> Result<Session, TransferError> {
     let mut s = session(conn, page_size);
-    let mine = hello(psk, mode, page_size);
+    let mine = hello(psk, mode, page_size, extra);
     send(&mut s, &Record::Hello(mine.clone()))?;
     let theirs = match expect(&mut s, "hello")? {
         Record::Hello(h) => h,
@@ -137,6 +139,17 @@ pub fn client(
 
 /// The receiver's side: accepts `mode`.
 pub fn server(conn: Conn, psk: Option<&[u8]>, mode: Mode) -> Result<Session, TransferError> {
+    server_with(conn, psk, mode, 0)
+}
+
+/// [`server`] that also has and requires the capability bits `extra`
+/// (post-copy).
+pub fn server_with(
+    conn: Conn,
+    psk: Option<&[u8]>,
+    mode: Mode,
+    extra: u64,
+) -> Result<Session, TransferError> {
     let mut s = session(conn, 0);
     let theirs = match s.reader.next() {
         Ok(Some(Record::Hello(h))) => h,
@@ -148,7 +161,7 @@ pub fn server(conn: Conn, psk: Option<&[u8]>, mode: Mode) -> Result<Session, Tra
             return Err(s.refuse(e));
         }
     };
-    let mine = hello(psk, mode, 0);
+    let mine = hello(psk, mode, 0, extra);
     send(&mut s, &Record::Hello(mine.clone()))?;
     if let Err(e) = compatible(&mine, &theirs, &s.peer, "sender") {
         return Err(s.refuse(e));
@@ -249,6 +262,21 @@ fn unexpected(peer: &str, r: &Record, wanted: &str) -> TransferError {
 /// Whether each side has what the other requires.
 fn compatible(mine: &Hello, theirs: &Hello, peer: &str, who: &str) -> Result<(), TransferError> {
     let missing = theirs.required & !mine.caps;
+    let postcopy = super::postcopy::wire::CAP_POSTCOPY;
+    if (missing | (mine.required & !theirs.caps)) & postcopy != 0 {
+        let (yes, no) = if missing & postcopy != 0 {
+            (who, "this side")
+        } else {
+            ("this side", who)
+        };
+        return Err(TransferError::new(
+            Class::Handshake,
+            peer,
+            format!(
+                "the {yes} runs post-copy (send --postcopy-after, receive --postcopy) and {no} does not"
+            ),
+        ));
+    }
     if missing & CAP_PSK != 0 {
         return Err(TransferError::new(
             Class::Auth,

@@ -14,9 +14,12 @@
 //!   (runs of pages not stored merged), `pace.rs`: `--bandwidth` and the
 //!   measured rate, `progress.rs`: live counters and [`SendEvent`]s,
 //!   `stores.rs`: the stores it sends (`--object`);
-//! * `receive.rs`, `output.rs`: [`receive`] and what it writes into.
+//! * `receive.rs`, `output.rs`: [`receive`] and what it writes into;
+//! * `postcopy/`: post-copy into a process that maps the file
+//!   (userfaultfd missing-page faults).
 //!
-//! No kernel interface of its own: sockets and files through `std`.
+//! No kernel interface of its own (sockets and files through `std`)
+//! but post-copy's userfaultfd, in `postcopy/`.
 
 mod frame;
 mod handshake;
@@ -24,6 +27,7 @@ mod out;
 mod output;
 mod pace;
 mod pageout_sent;
+pub mod postcopy;
 mod progress;
 mod receive;
 mod send;
@@ -61,6 +65,9 @@ pub enum Class {
     Aborted = 5,
     /// Writing the output failed.
     Output = 6,
+    /// The post-copy destination process could not be attached or
+    /// filled.
+    Destination = 7,
 }
 
 impl Class {
@@ -73,6 +80,7 @@ impl Class {
             4 => Self::Connection,
             5 => Self::Aborted,
             6 => Self::Output,
+            7 => Self::Destination,
             _ => Self::BadStream,
         }
     }

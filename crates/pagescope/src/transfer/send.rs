@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::handshake::{self, Session};
 use super::out::{Out, Run};
 use super::pageout_sent::{PageoutSentReport, SentStore, page_out_sent};
+use super::postcopy::{self, PostcopySendStats};
 use super::progress::{Counters, Live, PassSent, SendEvent};
 use super::stores::{self, ObjectChoice, StoreState};
 use super::wire::{self, Mode, Record, kind};
@@ -40,6 +41,8 @@ pub struct SendOptions {
     pub bandwidth: Option<u64>,
     /// After the receiver's acknowledgement, page the sent pages out.
     pub pageout_sent: bool,
+    /// Post-copy after at most this many pre-copy passes (`postcopy/`).
+    pub postcopy_after: Option<u32>,
 }
 
 /// What a send did.
@@ -70,6 +73,8 @@ pub struct SendReport {
     pub receiver: String,
     /// What `pageout_sent` did.
     pub pageout_sent: Option<PageoutSentReport>,
+    /// The post-copy phase, if there was one.
+    pub postcopy: Option<PostcopySendStats>,
 }
 
 /// A send's failure: the stream's, or the dump's own.
@@ -103,11 +108,13 @@ pub fn send(
     };
     let page = u32::try_from(caps.page_size.get()).unwrap_or(4096);
     let start = Instant::now();
-    let session = handshake::client(conn, opts.psk.as_deref(), mode, page)?;
+    let (dump_opts, extra, stash) = postcopy::plan(opts, mode == Mode::Object)?;
+    let session = handshake::client_with(conn, opts.psk.as_deref(), mode, page, extra)?;
     let shared = Arc::new(Shared::default());
     let sink = StreamSink::new(session, object, opts.bandwidth, Arc::clone(&shared));
+    let sink = postcopy::wrap(sink, stash.as_ref());
     let mut live = Live::new(&shared.counters, progress);
-    let result = crate::dump::dump_to(target, caps, &opts.dump, Box::new(sink), &mut |e| {
+    let result = crate::dump::dump_to(target, caps, &dump_opts, sink, &mut |e| {
         live.dump_event(e);
     });
     let stream_failure = shared
@@ -139,6 +146,7 @@ pub fn send(
         receiver: totals.ack,
         pageout_sent: pageout,
         dump,
+        postcopy: stash.map(|s| s.stats()),
     })
 }
 
@@ -165,11 +173,11 @@ struct Totals {
 }
 
 /// The [`PageSink`] that streams.
-struct StreamSink {
+pub(super) struct StreamSink {
     out: Mutex<Out>,
-    acks: Mutex<Receiver<Record>>,
+    pub(super) acks: Mutex<Receiver<Record>>,
     peer: String,
-    page: usize,
+    pub(super) page: usize,
     object: Option<ObjectId>,
     stores: RwLock<Vec<StoreState>>,
     names: Mutex<HashSet<String>>,
@@ -249,7 +257,7 @@ impl StreamSink {
         self.lost(shown)
     }
 
-    fn record(&self, r: &Record) -> Result<(), DumpError> {
+    pub(super) fn record(&self, r: &Record) -> Result<(), DumpError> {
         self.send(r.kind(), &[&r.encode()])
     }
 
@@ -266,7 +274,7 @@ impl StreamSink {
         }
     }
 
-    fn lost(&self, what: String) -> DumpError {
+    pub(super) fn lost(&self, what: String) -> DumpError {
         DumpError::Image(ImageError::Io {
             what: "send pages to",
             path: PathBuf::from(&self.peer),
@@ -274,12 +282,12 @@ impl StreamSink {
         })
     }
 
-    fn wire(&self, s: &StoreRef) -> Option<u32> {
+    pub(super) fn wire(&self, s: &StoreRef) -> Option<u32> {
         let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
         stores.get(s.index()).and_then(|st| st.wire)
     }
 
-    fn mark(&self, s: &StoreRef, first: u64, count: u64, on: bool) {
+    pub(super) fn mark(&self, s: &StoreRef, first: u64, count: u64, on: bool) {
         let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
         if let Some(st) = stores.get(s.index()) {
             st.mark(first, count, on);
@@ -301,11 +309,17 @@ impl StreamSink {
     /// Waits for the receiver's acknowledgement.
     fn ack(&self, wait: Option<Duration>) -> Result<(bool, String), TransferError> {
         let acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
-        let got = match wait {
-            Some(t) => acks
-                .recv_timeout(t)
-                .map_err(|e| e == RecvTimeoutError::Timeout),
-            None => acks.recv().map_err(|_| false),
+        let got = loop {
+            let got = match wait {
+                Some(t) => acks
+                    .recv_timeout(t)
+                    .map_err(|e| e == RecvTimeoutError::Timeout),
+                None => acks.recv().map_err(|_| false),
+            };
+            // A late post-copy request: every page went out already.
+            if !matches!(got, Ok(Record::Postcopy(_))) {
+                break got;
+            }
         };
         match got {
             Ok(Record::Ack(ok, msg)) => Ok((ok, msg)),
@@ -525,6 +539,12 @@ impl StreamSink {
         let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
         let sent = stores.iter().filter(|s| s.wire.is_some());
         sent.map(StoreState::sent).collect()
+    }
+
+    /// Sends what is buffered.
+    pub(super) fn flush(&self) -> Result<(), DumpError> {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        out.flush().map_err(|e| self.lost(e.to_string()))
     }
 
     /// Tells the receiver to discard everything, and waits a little for

@@ -161,6 +161,8 @@ pub enum Record {
     Abort(String),
     /// The receiver's status (true: committed) and message.
     Ack(bool, String),
+    /// Post-copy's records (`postcopy/wire.rs`).
+    Postcopy(super::postcopy::wire::PostcopyRecord),
 }
 
 impl Record {
@@ -180,6 +182,7 @@ impl Record {
             Self::Commit { .. } => kind::COMMIT,
             Self::Abort(_) => kind::ABORT,
             Self::Ack(..) => kind::ACK,
+            Self::Postcopy(p) => p.kind(),
         }
     }
 
@@ -252,6 +255,7 @@ impl Record {
                 b.push(u8::from(*ok));
                 b.extend_from_slice(msg.as_bytes());
             }
+            Self::Postcopy(p) => b = p.encode(),
         }
         b
     }
@@ -259,6 +263,10 @@ impl Record {
     /// Decodes a frame of `kind`: every length checked against what is left,
     /// nothing left over.
     pub fn decode(kind: u8, payload: &[u8]) -> Result<Self, String> {
+        if super::postcopy::wire::owns(kind) {
+            return super::postcopy::wire::PostcopyRecord::decode(kind, payload)
+                .map(Self::Postcopy);
+        }
         let mut f = Fields::new(payload, kind);
         let r = match kind {
             kind::HELLO => Self::Hello(decode_hello(&mut f)?),

@@ -1,0 +1,285 @@
+//! Post-copy between real processes on loopback
+//! (`docs/stream-format.md`, "Post-copy"): a python3 source writing its
+//! /dev/shm file without pause (pre-copy cannot converge), sent with
+//! `--postcopy-after`, into a python3 destination that maps FILE and reads
+//! every page in random order while post-copy runs: every page it saw,
+//! and FILE, equal the source's pages at the stop (the source is left
+//! stopped). And the sender killed mid-post-copy: the receiver names
+//! exactly the pages that never arrived, the destination is blocked, not
+//! crashed, and every page that did arrive is the source's. A post-copy
+//! sender and a plain receiver refuse each other in the hello.
+//! (A dropped connection resumed with `send --resume` is not built yet.)
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::exe;
+use common::programs::{Proc, Scratch, start, usable};
+
+const PAGE: usize = 4096;
+/// Exit code of peers that cannot agree (here: post-copy on one side).
+const HANDSHAKE: i32 = 20;
+/// Exit code of a connection lost before the commit.
+const CONNECTION: i32 = 23;
+
+fn program(name: &str) -> String {
+    format!("{}/tests/programs/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The source: `pages` random pages in `path`, written without pause.
+fn source(path: &str, pages: usize) -> Proc {
+    let (p, line) = start(Command::new("python3").args([
+        &program("postcopy_source.py"),
+        path,
+        &pages.to_string(),
+    ]));
+    assert_eq!(line, "ready");
+    p
+}
+
+/// The destination: maps `path`, reads every page after `go`, copies
+/// what it saw into `seen`.
+fn destination(path: &str, pages: usize, seen: &str) -> Proc {
+    let (p, line) = start(Command::new("python3").args([
+        &program("postcopy_dest.py"),
+        path,
+        &pages.to_string(),
+        seen,
+    ]));
+    assert_eq!(line, "ready");
+    p
+}
+
+/// A post-copy receiver into `file` for process `pid`, listening.
+fn receiver(file: &str, pid: u32) -> (Child, String, BufReader<ChildStderr>) {
+    let mut child = Command::new(exe())
+        .args(["receive", "--listen", "127.0.0.1:0", "--into", file])
+        .args(["--postcopy", "--pid", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start receive");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("pagescope: listening on ")
+        .unwrap_or_else(|| panic!("receive said {line:?}"))
+        .to_owned();
+    (child, addr, stderr)
+}
+
+/// Waits at most `secs` for `child`; its exit code (killed on timeout).
+fn wait(child: &mut Child, secs: u64, what: &str) -> i32 {
+    let until = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The rest of a stderr.
+fn rest(mut r: BufReader<ChildStderr>) -> String {
+    let mut s = String::new();
+    r.read_to_string(&mut s).unwrap();
+    s
+}
+
+/// The one-letter state of process `pid`.
+fn state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    after.chars().next().unwrap()
+}
+
+fn send_args(src_pid: u32, addr: &str, object: &str) -> Command {
+    let mut c = Command::new(exe());
+    c.args([
+        "send",
+        &src_pid.to_string(),
+        "--to",
+        addr,
+        "--object",
+        object,
+    ]);
+    c
+}
+
+#[test]
+fn postcopy_fills_a_destination_reading_in_random_order() {
+    if !usable() {
+        return;
+    }
+    let pages = 8192;
+    let scratch = Scratch::new("postcopy");
+    let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
+    let source = source(&src, pages);
+    let mut dest = destination(&dst, pages, &seen);
+    let (mut recv, addr, recv_err) = receiver(&dst, dest.0.id());
+    writeln!(dest.0.stdin.as_mut().unwrap(), "go").unwrap();
+    let mut send = send_args(source.0.id(), &addr, &src)
+        .args(["--postcopy-after", "2", "--max-downtime", "10ms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let send_rc = wait(&mut send, 120, "send");
+    let mut send_err = String::new();
+    send.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut send_err)
+        .unwrap();
+    if send_rc != 0 {
+        let _ = recv.kill();
+    }
+    let recv_rc = wait(&mut recv, 60, "receive");
+    let recv_err = rest(recv_err);
+    assert_eq!(send_rc, 0, "send: {send_err}\nreceive: {recv_err}");
+    assert_eq!(recv_rc, 0, "receive: {recv_err}");
+    assert!(send_err.contains("post-copy:"), "{send_err}");
+    assert!(recv_err.contains(" by fault"), "{recv_err}");
+    assert_eq!(state(source.0.id()), 'T', "the source is left stopped");
+
+    let done = format!("{seen}.done");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !std::path::Path::new(&done).exists() {
+        assert!(Instant::now() < until, "the destination read every page");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want = std::fs::read(&src).unwrap();
+    let got_seen = std::fs::read(&seen).unwrap();
+    let got_file = std::fs::read(&dst).unwrap();
+    assert_eq!(want.len(), pages * PAGE);
+    for p in 0..pages {
+        let r = p * PAGE..(p + 1) * PAGE;
+        assert!(got_seen[r.clone()] == want[r.clone()], "page {p} as read");
+        assert!(got_file[r.clone()] == want[r], "page {p} of FILE");
+    }
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", dest.0.id())).unwrap();
+    let uffds = fds
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().contains("userfaultfd"))
+        .count();
+    assert_eq!(
+        uffds, 0,
+        "the destination's userfaultfd is closed at the end"
+    );
+}
+
+/// `first-last,…` from the receiver's message.
+fn missing_pages(msg: &str) -> Vec<bool> {
+    let at = msg.find("pages never arrived: ").expect("names the pages") + 21;
+    let list = msg[at..].split(';').next().unwrap().trim();
+    let mut gone = vec![false; 1 << 20];
+    for part in list.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b) = (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap());
+        gone[a..=b].fill(true);
+    }
+    gone
+}
+
+#[test]
+fn a_dead_sender_leaves_the_destination_blocked_and_names_the_missing_pages() {
+    if !usable() {
+        return;
+    }
+    let pages = 4096;
+    let scratch = Scratch::new("postcopy-dead");
+    let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
+    let source = source(&src, pages);
+    let mut dest = destination(&dst, pages, &seen);
+    let (mut recv, addr, recv_err) = receiver(&dst, dest.0.id());
+    writeln!(dest.0.stdin.as_mut().unwrap(), "go").unwrap();
+    // A slow link: the full pass and post-copy take seconds each.
+    let mut send = send_args(source.0.id(), &addr, &src)
+        .args(["--postcopy-after", "0", "--bandwidth", "4M"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut send_err = BufReader::new(send.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("(stopped)") {
+        line.clear();
+        let n = send_err.read_line(&mut line).unwrap();
+        assert!(n > 0, "send ended before its stopped pass");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    send.kill().unwrap();
+    let _ = send.wait();
+
+    let recv_rc = wait(&mut recv, 30, "receive");
+    let msg = rest(recv_err);
+    assert_eq!(recv_rc, CONNECTION, "{msg}");
+    assert_eq!(msg.lines().count(), 1, "one line: {msg}");
+    assert!(msg.contains("block"), "{msg}");
+    let gone = missing_pages(&msg);
+    let want = std::fs::read(&src).unwrap();
+    let got = std::fs::read(&dst).unwrap();
+    let mut lost = 0;
+    for (p, &missing) in gone.iter().enumerate().take(pages) {
+        let r = p * PAGE..(p + 1) * PAGE;
+        let same = got[r.clone()] == want[r];
+        assert_eq!(same, !missing, "page {p}: arrived iff not named missing");
+        lost += usize::from(missing);
+    }
+    assert!(lost > 0, "the sender died with pages left to send");
+
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        dest.0.try_wait().unwrap().is_none(),
+        "the destination lives"
+    );
+    let st = state(dest.0.id());
+    assert!(
+        matches!(st, 'S' | 'D'),
+        "the destination waits (state {st})"
+    );
+}
+
+#[test]
+fn a_postcopy_sender_and_a_plain_receiver_refuse_each_other() {
+    if !usable() {
+        return;
+    }
+    let scratch = Scratch::new("postcopy-plain");
+    let (src, dst) = (scratch.p("src"), scratch.p("dst"));
+    let source = source(&src, 64);
+    let mut recv = Command::new(exe())
+        .args(["receive", "--listen", "127.0.0.1:0", "--into", &dst])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut recv_err = BufReader::new(recv.stderr.take().unwrap());
+    let mut line = String::new();
+    recv_err.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("pagescope: listening on ")
+        .unwrap();
+    let sent = send_args(source.0.id(), addr, &src)
+        .args(["--postcopy-after", "1"])
+        .output()
+        .unwrap();
+    let recv_rc = wait(&mut recv, 30, "receive");
+    let msg = rest(recv_err);
+    let send_msg = String::from_utf8_lossy(&sent.stderr);
+    assert_eq!(sent.status.code(), Some(HANDSHAKE), "{send_msg}");
+    assert_eq!(recv_rc, HANDSHAKE, "{msg}");
+    assert!(msg.contains("runs post-copy"), "{msg}");
+    assert!(!std::path::Path::new(&dst).exists(), "nothing written");
+}

@@ -1,0 +1,28 @@
+//! Post-copy: the destination runs before all memory has arrived, and a
+//! page it touches first is fetched then (`docs/stream-format.md`,
+//! "Post-copy"). Kernel interface: userfaultfd missing-page faults of
+//! shared memory (`UFFDIO_REGISTER_MODE_MISSING` with
+//! `UFFD_FEATURE_MISSING_SHMEM`, `UFFDIO_COPY`, `UFFDIO_WAKE`:
+//! `sys/uffd.rs`), on a userfaultfd created inside the destination
+//! process by the injection helper (`sys/inject/`, as `watch` does).
+//!
+//! * `wire.rs`: the records (`PENDING`, `START`, `REQUEST`) and the
+//!   capability bit;
+//! * `dest.rs`: the destination process, its registered mappings of
+//!   `FILE`, installing a page;
+//! * `state.rs`: every page's state and the counts, under one lock;
+//! * `receiver.rs`: [`receive`]: the stream, the fault thread, the filler;
+//! * `sender.rs`: the stopped pass kept and served on request (a layer
+//!   over the stream's page sink).
+
+mod dest;
+mod receiver;
+mod sender;
+mod state;
+pub(crate) mod wire;
+
+pub use dest::Destination;
+pub use receiver::{PostcopyReport, receive};
+pub use sender::PostcopySendStats;
+pub(super) use sender::{plan, wrap};
+pub use state::PostcopyStats;

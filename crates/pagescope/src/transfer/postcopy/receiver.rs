@@ -1,0 +1,509 @@
+//! `receive --into FILE --postcopy --pid DEST`: the records of one
+//! object stream, checked as `receive` checks them (store, ranges, page
+//! sums, totals), kept in memory until the sender's switch (`START`),
+//! then installed into the destination: pages nobody waits for by a
+//! filler thread in order, pages a thread faulted on at once (held) or
+//! as soon as they arrive after a `REQUEST` sent by the fault thread.
+//! When every page is in and the `COMMIT` checked, the destination is
+//! unregistered and released, and the `ACK` sent.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::dest::Destination;
+use super::state::{Ask, Pages, PostcopyStats, show_ranges};
+use super::wire::{CAP_POSTCOPY, PostcopyRecord};
+use crate::image::format::{self, MAX_META_BYTES, MAX_STORE_PAGES};
+use crate::sys::uffd::{UFFD_EVENT_PAGEFAULT, read_msgs};
+use crate::transfer::frame::FrameWriter;
+use crate::transfer::handshake;
+use crate::transfer::wire::{Mode, Record, Why};
+use crate::transfer::{Class, Conn, TransferError};
+
+/// What a post-copy receive did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PostcopyReport {
+    /// What was made (a line).
+    pub committed: String,
+    /// Pages received (each time one was sent).
+    pub pages: u64,
+    /// Records received.
+    pub records: u64,
+    /// Passes seen.
+    pub passes: u32,
+    /// Pages still to come at the switch.
+    pub pending_at_switch: u64,
+    /// Seconds from the switch to the last page in.
+    pub postcopy_seconds: f64,
+    /// How the pages got in, and the faults' wait.
+    #[serde(flatten)]
+    pub stats: PostcopyStats,
+}
+
+/// What the receiving thread, the fault thread and the filler share.
+struct Shared {
+    state: Mutex<Pages>,
+    dest: Destination,
+    writer: Mutex<FrameWriter>,
+    stop: AtomicBool,
+    failure: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, Pages> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail(&self, m: String) {
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        f.get_or_insert(m);
+    }
+
+    /// Asks the sender for pages (a failure shows in the receiving loop).
+    fn ask(&self, asks: &[Ask]) {
+        if asks.is_empty() {
+            return;
+        }
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        for &(first, count) in asks {
+            let r = Record::Postcopy(PostcopyRecord::Request {
+                store: 0,
+                first,
+                count,
+            });
+            let _ = w.record(&r);
+        }
+        let _ = w.flush();
+    }
+}
+
+/// Receives one object stream from `conn` into `dest` (see the module
+/// doc). On failure the destination keeps its registration and its copy
+/// of the userfaultfd (its threads block on the pages that never
+/// arrived), and the error names those pages.
+pub fn receive(
+    conn: Conn,
+    psk: Option<&[u8]>,
+    dest: Destination,
+) -> Result<PostcopyReport, TransferError> {
+    let mut s = match handshake::server_with(conn, psk, Mode::Object, CAP_POSTCOPY) {
+        Ok(s) => s,
+        Err(e) => {
+            dest.abandon();
+            return Err(e);
+        }
+    };
+    let page = s.page_size as usize;
+    if page as u64 != rustix::param::page_size() as u64 {
+        dest.abandon();
+        let e = TransferError::new(
+            Class::Handshake,
+            &s.peer,
+            format!("the sender's page size {page} is not this machine's"),
+        );
+        return Err(s.refuse(e));
+    }
+    let writer = std::mem::replace(&mut s.writer, FrameWriter::new(Box::new(std::io::sink())));
+    let sh = Arc::new(Shared {
+        state: Mutex::new(Pages::new(page)),
+        dest,
+        writer: Mutex::new(writer),
+        stop: AtomicBool::new(false),
+        failure: Mutex::new(None),
+    });
+    let faults = {
+        let sh = Arc::clone(&sh);
+        std::thread::spawn(move || serve_faults(&sh))
+    };
+    let mut r = Receiving::new(page as u64);
+    let result = r.run(&mut s.reader, &sh);
+    sh.stop.store(true, Ordering::Relaxed);
+    let _ = faults.join();
+    if let Some(f) = r.filler.take() {
+        let _ = f.join();
+    }
+    let peer = s.peer.clone();
+    let sh = match Arc::try_unwrap(sh) {
+        Ok(sh) => sh,
+        Err(_) => unreachable!("the threads holding it were joined"),
+    };
+    let mut writer = sh.writer.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut state = sh.state.into_inner().unwrap_or_else(|p| p.into_inner());
+    match result {
+        Ok(committed) => {
+            sh.dest.finish();
+            let _ = writer.record(&Record::Ack(true, committed.clone()));
+            let _ = writer.flush();
+            Ok(PostcopyReport {
+                committed,
+                pages: r.pages,
+                records: r.records,
+                passes: r.passes,
+                pending_at_switch: r.pending,
+                postcopy_seconds: r.switched.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                stats: state.report(),
+            })
+        }
+        Err(e) => {
+            let what = lost(&state, &sh.dest, &e.what);
+            let target_fd = sh.dest.target_fd();
+            sh.dest.abandon();
+            let _ = target_fd;
+            let e = TransferError { peer, what, ..e };
+            if !matches!(e.class, Class::Connection) {
+                let _ = writer.record(&Record::Error(e.class, e.what.clone()));
+                let _ = writer.flush();
+            }
+            s.close_after_error();
+            Err(e)
+        }
+    }
+}
+
+/// The error's line, with the pages that never arrived and what happens
+/// to the destination's threads.
+fn lost(state: &Pages, dest: &Destination, what: &str) -> String {
+    let fd = dest
+        .target_fd()
+        .map_or(String::new(), |fd| format!(" (its fd {fd})"));
+    let which = if state.started() {
+        let m = state.missing();
+        let n: u64 = m.iter().map(|(a, b)| b - a + 1).sum();
+        format!("{n} pages never arrived: {}", show_ranges(&m))
+    } else {
+        format!(
+            "post-copy had not begun: none of the {} pages is final",
+            state.pages()
+        )
+    };
+    format!(
+        "{what}; {which}; process {} keeps the userfaultfd{fd}: its threads that touch those pages block until it is killed",
+        dest.pid()
+    )
+}
+
+/// The fault thread: reads fault messages, resolves or asks.
+fn serve_faults(sh: &Shared) {
+    let mut msgs = Vec::new();
+    let timeout = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 50_000_000,
+    };
+    let uffd = sh.dest.uffd();
+    while !sh.stop.load(Ordering::Relaxed) {
+        let mut fds = [rustix::event::PollFd::new(
+            &uffd,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        msgs.clear();
+        if read_msgs(sh.dest.uffd(), &mut msgs).is_err() || msgs.is_empty() {
+            // Readable with nothing to read: DEST's memory is gone.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        for m in msgs.iter().filter(|m| m.event == UFFD_EVENT_PAGEFAULT) {
+            let asked = sh.state().fault(&sh.dest, m.address);
+            match asked {
+                Ok(asks) => sh.ask(&asks),
+                Err(e) => sh.fail(e),
+            }
+        }
+    }
+}
+
+/// The filler: every final page nobody asked for, in order, a few at a
+/// time so faults get the lock in between.
+fn fill(sh: &Shared) {
+    let mut next = Some(0);
+    while let Some(from) = next {
+        if sh.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let r = sh.state().fill(&sh.dest, from, 64);
+        match r {
+            Ok(n) => next = n,
+            Err(e) => return sh.fail(e),
+        }
+    }
+}
+
+/// The receiving loop's counts.
+struct Receiving {
+    page: u64,
+    meta: Vec<u8>,
+    pages: u64,
+    records: u64,
+    passes: u32,
+    opened: bool,
+    pending: u64,
+    switched: Option<Instant>,
+    filler: Option<std::thread::JoinHandle<()>>,
+}
+
+fn bad(what: impl Into<String>) -> TransferError {
+    TransferError::new(Class::BadStream, "", what)
+}
+
+fn destination(what: String) -> TransferError {
+    TransferError::new(Class::Destination, "", what)
+}
+
+impl Receiving {
+    fn new(page: u64) -> Self {
+        Self {
+            page,
+            meta: Vec::new(),
+            pages: 0,
+            records: 0,
+            passes: 0,
+            opened: false,
+            pending: 0,
+            switched: None,
+            filler: None,
+        }
+    }
+
+    fn run(
+        &mut self,
+        reader: &mut crate::transfer::frame::FrameReader,
+        sh: &Arc<Shared>,
+    ) -> Result<String, TransferError> {
+        loop {
+            if let Some(f) = sh.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return Err(destination(f));
+            }
+            let Some(rec) = reader.next()? else {
+                return Err(TransferError::new(
+                    Class::Connection,
+                    "",
+                    "the stream ended before its commit",
+                ));
+            };
+            if let Record::Commit {
+                meta_len,
+                meta_sum,
+                pages,
+                records,
+            } = rec
+            {
+                return self.commit(sh, (meta_len, meta_sum, pages, records));
+            }
+            self.records += 1;
+            self.apply(rec, sh)?;
+        }
+    }
+
+    fn apply(&mut self, rec: Record, sh: &Arc<Shared>) -> Result<(), TransferError> {
+        match rec {
+            Record::BeginPass(..) => self.passes += 1,
+            Record::EndPass(_) => {}
+            Record::OpenStore {
+                store,
+                object,
+                pages,
+                ..
+            } => {
+                if self.opened || store != 0 || !object {
+                    return Err(bad("--into FILE takes exactly one shared object's pages"));
+                }
+                self.opened = true;
+                self.grow(sh, pages)?;
+            }
+            Record::GrowStore(store, pages) => {
+                let held = self.held(sh, store)?;
+                if pages < held {
+                    return Err(bad(format!(
+                        "store {store} cannot grow from {held} to {pages} pages"
+                    )));
+                }
+                self.grow(sh, pages)?;
+            }
+            Record::Pages {
+                store,
+                first,
+                sums,
+                data,
+            } => self.page_data(sh, store, first, &sums, &data)?,
+            Record::NotStored {
+                store,
+                first,
+                count,
+                why,
+            } => {
+                self.range(sh, store, first, count)?;
+                if !matches!(why, Why::Zero | Why::Hole) {
+                    return Err(bad(format!(
+                        "pages {first}..{} of the object were left out ({why:?}): a file needs every page",
+                        first + count
+                    )));
+                }
+                let mut st = sh.state();
+                for p in first..first + count {
+                    st.arrived(&sh.dest, p, None).map_err(destination)?;
+                }
+            }
+            Record::Meta(part) => {
+                if (self.meta.len() + part.len()) as u64 > MAX_META_BYTES {
+                    return Err(bad("metadata larger than an image's bound"));
+                }
+                self.meta.extend_from_slice(&part);
+            }
+            Record::Postcopy(p) => self.postcopy(sh, p)?,
+            Record::Abort(why) => {
+                return Err(TransferError::new(
+                    Class::Aborted,
+                    "",
+                    format!("the sender aborted: {why}"),
+                ));
+            }
+            Record::Error(class, msg) => {
+                return Err(TransferError::new(
+                    class,
+                    "",
+                    format!("the sender gave up: {msg}"),
+                ));
+            }
+            r => {
+                return Err(bad(format!(
+                    "record of kind {} in the middle of a stream",
+                    r.kind()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn postcopy(&mut self, sh: &Arc<Shared>, p: PostcopyRecord) -> Result<(), TransferError> {
+        if self.switched.is_some() {
+            return Err(bad("a post-copy record after the switch"));
+        }
+        match p {
+            PostcopyRecord::Pending { store, ranges } => {
+                for (first, count) in ranges {
+                    self.range(sh, store, first, count)?;
+                    self.pending += sh.state().pend(first, count);
+                }
+            }
+            PostcopyRecord::Start { pending } => {
+                if pending != self.pending {
+                    return Err(bad(format!(
+                        "the switch counts {pending} pages to come, {} were listed",
+                        self.pending
+                    )));
+                }
+                let asks = sh.state().start(&sh.dest).map_err(destination)?;
+                sh.ask(&asks);
+                self.switched = Some(Instant::now());
+                let filler = Arc::clone(sh);
+                self.filler = Some(std::thread::spawn(move || fill(&filler)));
+            }
+            PostcopyRecord::Request { .. } => {
+                return Err(bad("a page request from the sender"));
+            }
+        }
+        Ok(())
+    }
+
+    fn grow(&self, sh: &Shared, pages: u64) -> Result<(), TransferError> {
+        if pages > MAX_STORE_PAGES {
+            return Err(bad(format!("{pages} pages, more than {MAX_STORE_PAGES}")));
+        }
+        sh.dest.size_at_least(pages).map_err(destination)?;
+        sh.state().grow(pages);
+        Ok(())
+    }
+
+    fn held(&self, sh: &Shared, store: u32) -> Result<u64, TransferError> {
+        if !self.opened || store != 0 {
+            return Err(bad(format!("store {store} was never opened")));
+        }
+        Ok(sh.state().pages())
+    }
+
+    fn range(&self, sh: &Shared, store: u32, first: u64, count: u64) -> Result<(), TransferError> {
+        let held = self.held(sh, store)?;
+        match first.checked_add(count) {
+            Some(end) if end <= held => Ok(()),
+            _ => Err(bad(format!(
+                "pages {first}+{count} outside store {store} of {held} pages"
+            ))),
+        }
+    }
+
+    fn page_data(
+        &mut self,
+        sh: &Shared,
+        store: u32,
+        first: u64,
+        sums: &[u64],
+        data: &[u8],
+    ) -> Result<(), TransferError> {
+        let count = sums.len() as u64;
+        self.range(sh, store, first, count)?;
+        if data.len() as u64 != count * self.page {
+            return Err(bad(format!(
+                "{count} pages announced, {} bytes of data (page size {})",
+                data.len(),
+                self.page
+            )));
+        }
+        let pages = data.chunks_exact(self.page as usize).zip(sums);
+        for (i, (bytes, sum)) in pages.enumerate() {
+            let p = first + i as u64;
+            if format::page_sum(0, bytes) != *sum {
+                return Err(bad(format!(
+                    "page {p} of store {store} does not match its checksum"
+                )));
+            }
+            sh.state()
+                .arrived(&sh.dest, p, Some(bytes))
+                .map_err(destination)?;
+        }
+        self.pages += count;
+        Ok(())
+    }
+
+    fn commit(
+        &mut self,
+        sh: &Shared,
+        (meta_len, meta_sum, pages, records): (u64, u64, u64, u64),
+    ) -> Result<String, TransferError> {
+        if pages != self.pages || records != self.records {
+            return Err(bad(format!(
+                "the commit counts {pages} pages in {records} records, {} pages in {} records arrived",
+                self.pages, self.records
+            )));
+        }
+        if meta_len != self.meta.len() as u64 || format::file_sum(&self.meta) != meta_sum {
+            return Err(bad("the metadata does not match its length and checksum"));
+        }
+        if self.switched.is_none() {
+            return Err(bad("the sender committed without switching to post-copy"));
+        }
+        if let Some(f) = self.filler.take() {
+            let _ = f.join();
+        }
+        if let Some(f) = sh.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(destination(f));
+        }
+        let st = sh.state();
+        if !st.complete() {
+            return Err(bad(format!(
+                "committed with pages never sent: {}",
+                show_ranges(&st.missing())
+            )));
+        }
+        Ok(format!(
+            "{} ({} pages, post-copy into process {})",
+            sh.dest.path().display(),
+            st.pages(),
+            sh.dest.pid()
+        ))
+    }
+}

@@ -1,0 +1,337 @@
+//! The sender's side of post-copy (`send --postcopy-after N`): after N
+//! pre-copy passes (fewer when the written set stops shrinking, or the
+//! rest fits in `--max-downtime`) the dump's stopped pass runs as usual,
+//! but the pages it reads are kept here instead of sent (the source
+//! stays stopped: post-copy implies `--leave-stopped`); at its end the
+//! receiver learns which pages are still to come (`PENDING`, `START`)
+//! and its destination runs. Then, at the commit, the kept pages go out:
+//! the ones the receiver asks for first (`REQUEST`, read from the return
+//! path between frames), the rest in page order in growing chunks; then
+//! the usual metadata, `COMMIT` and the receiver's `ACK` once every page
+//! is in.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::wire::{MAX_RANGES, PostcopyRecord};
+use crate::dump::sink::{Committed, NotStored, PageSink, PassStart, StoreOwner, StoreRef};
+use crate::dump::{DumpError, DumpOptions};
+use crate::image::format::Meta;
+use crate::transfer::send::StreamSink;
+use crate::transfer::wire::Record;
+use crate::transfer::{Class, SendOptions, TransferError};
+
+/// Sends one run of pages of a store: first page, bytes.
+type SendRun<'a> = dyn FnMut(&StoreRef, u64, &[u8]) -> Result<(), DumpError> + 'a;
+
+/// Background chunks grow from this many pages ...
+const FIRST_CHUNK: usize = 16;
+/// ... up to this many (1 MiB of 4 KiB pages: a request waits behind one
+/// such frame at most).
+const MAX_CHUNK: usize = 256;
+
+/// What the post-copy phase of a send did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PostcopySendStats {
+    /// Pages kept at the stop, still to send.
+    pub pending_at_switch: u64,
+    /// Pages sent because the receiver asked.
+    pub pages_requested: u64,
+    /// Pages sent in order.
+    pub pages_background: u64,
+    /// Requests received.
+    pub requests: u64,
+    /// Seconds from the switch until every kept page was sent.
+    pub seconds: f64,
+}
+
+/// A send's plan with `--postcopy-after N`: the dump's options (at most
+/// N pre-copy passes, the source left stopped), the capability its hello
+/// requires, and the stash of the stopped pass. Without it: the options
+/// as they are. Refused without `--object` (`object`).
+pub(in crate::transfer) fn plan(
+    opts: &SendOptions,
+    object: bool,
+) -> Result<(DumpOptions, u64, Option<Arc<Stash>>), TransferError> {
+    match opts.postcopy_after {
+        None => Ok((opts.dump.clone(), 0, None)),
+        Some(_) if !object => Err(TransferError::new(
+            Class::Handshake,
+            "",
+            "post-copy sends one shared object: --postcopy-after needs --object",
+        )),
+        Some(n) => Ok((
+            DumpOptions {
+                max_iterations: n,
+                leave_stopped: true,
+                ..opts.dump.clone()
+            },
+            super::wire::CAP_POSTCOPY,
+            Some(Arc::new(Stash::default())),
+        )),
+    }
+}
+
+/// The sink a send writes into: `sink` itself, or with a stash, `sink`
+/// behind the post-copy layer.
+pub(in crate::transfer) fn wrap(sink: StreamSink, stash: Option<&Arc<Stash>>) -> Box<dyn PageSink> {
+    match stash {
+        Some(stash) => Box::new(PostcopySink {
+            inner: sink,
+            stash: Arc::clone(stash),
+        }),
+        None => Box::new(sink),
+    }
+}
+
+/// The stream sink with the stopped pass kept back and served at the
+/// commit.
+struct PostcopySink {
+    inner: StreamSink,
+    stash: Arc<Stash>,
+}
+
+impl PageSink for PostcopySink {
+    fn begin_pass(&self, pass: PassStart) -> Result<(), DumpError> {
+        self.stash.begin_pass(pass.stopped);
+        self.inner.begin_pass(pass)
+    }
+
+    fn open_store(&self, owner: StoreOwner, pages: u64) -> Result<StoreRef, DumpError> {
+        self.inner.open_store(owner, pages)
+    }
+
+    fn grow_store(&self, store: &StoreRef, pages: u64) -> Result<(), DumpError> {
+        self.inner.grow_store(store, pages)
+    }
+
+    fn write(&self, store: &StoreRef, first: u64, bytes: &[u8]) -> Result<(), DumpError> {
+        let page = self.inner.page;
+        let sent = self.inner.wire(store).is_some();
+        if sent && self.stash.put(store, first, bytes, page) {
+            self.inner
+                .mark(store, first, (bytes.len() / page) as u64, true);
+            return Ok(());
+        }
+        self.inner.write(store, first, bytes)
+    }
+
+    fn not_stored(&self, store: &StoreRef, first: u64, count: u64, why: NotStored) {
+        if self.inner.wire(store).is_some() {
+            self.stash.forget(first, count);
+        }
+        self.inner.not_stored(store, first, count, why);
+    }
+
+    fn read_back(&self, store: &StoreRef, page: u64, buf: &mut [u8]) -> bool {
+        self.inner.read_back(store, page, buf)
+    }
+
+    fn stored(&self, store: &StoreRef) -> u64 {
+        self.inner.stored(store)
+    }
+
+    fn end_pass(&self, pass: PassStart) -> Result<(), DumpError> {
+        self.inner.end_pass(pass)?;
+        for r in self.stash.switch(pass.stopped, 0) {
+            self.inner.record(&r)?;
+        }
+        self.inner.flush()
+    }
+
+    fn commit(self: Box<Self>, meta: Meta) -> Result<Committed, DumpError> {
+        let inner = &self.inner;
+        let mut send = |s: &StoreRef, first: u64, b: &[u8]| {
+            inner.write(s, first, b).and_then(|()| inner.flush())
+        };
+        self.stash
+            .serve(&mut send, &inner.acks, &|m| inner.lost(m))?;
+        Box::new(self.inner).commit(meta)
+    }
+
+    fn abort(self: Box<Self>, why: &DumpError) {
+        Box::new(self.inner).abort(why);
+    }
+}
+
+/// The pages of the stopped pass, kept until they are served.
+#[derive(Debug, Default)]
+pub(crate) struct Stash {
+    active: AtomicBool,
+    pages: Mutex<BTreeMap<u64, Box<[u8]>>>,
+    store: Mutex<Option<StoreRef>>,
+    stats: Mutex<PostcopySendStats>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Stash {
+    /// A pass begins: the stopped one is kept, not sent.
+    fn begin_pass(&self, stopped: bool) {
+        self.active.store(stopped, Ordering::Relaxed);
+    }
+
+    /// Keeps pages `first..` of `store` (`bytes`, whole pages of `page`
+    /// bytes) if this is the stopped pass; whether it took them.
+    fn put(&self, store: &StoreRef, first: u64, bytes: &[u8], page: usize) -> bool {
+        if !self.active.load(Ordering::Relaxed) {
+            return false;
+        }
+        lock(&self.store).get_or_insert_with(|| store.clone());
+        let mut pages = lock(&self.pages);
+        for (i, p) in bytes.chunks(page).enumerate() {
+            pages.insert(first + i as u64, p.into());
+        }
+        true
+    }
+
+    /// Pages `first..first + count` are zero or holes now: not kept.
+    fn forget(&self, first: u64, count: u64) {
+        if self.active.load(Ordering::Relaxed) {
+            let mut pages = lock(&self.pages);
+            for p in first..first + count {
+                pages.remove(&p);
+            }
+        }
+    }
+
+    /// At the end of the stopped pass: the records of the switch (the
+    /// pending ranges of store `wire`, then `START`). None for other
+    /// passes.
+    fn switch(&self, stopped: bool, wire: u32) -> Vec<Record> {
+        if !stopped {
+            return Vec::new();
+        }
+        self.active.store(false, Ordering::Relaxed);
+        let pages = lock(&self.pages);
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for &p in pages.keys() {
+            match ranges.last_mut() {
+                Some((first, count)) if *first + *count == p => *count += 1,
+                _ => ranges.push((p, 1)),
+            }
+        }
+        let mut out: Vec<Record> = ranges
+            .chunks(MAX_RANGES)
+            .map(|c| {
+                Record::Postcopy(PostcopyRecord::Pending {
+                    store: wire,
+                    ranges: c.to_vec(),
+                })
+            })
+            .collect();
+        out.push(Record::Postcopy(PostcopyRecord::Start {
+            pending: pages.len() as u64,
+        }));
+        lock(&self.stats).pending_at_switch = pages.len() as u64;
+        out
+    }
+
+    /// Sends every kept page through `send` (asked-for ones first,
+    /// requests read from `requests`), a run at a time.
+    fn serve(
+        &self,
+        send: &mut SendRun<'_>,
+        requests: &Mutex<Receiver<Record>>,
+        lost: &dyn Fn(String) -> DumpError,
+    ) -> Result<(), DumpError> {
+        let Some(store) = lock(&self.store).clone() else {
+            return Ok(());
+        };
+        let t0 = Instant::now();
+        let mut queue = VecDeque::new();
+        let mut chunk = FIRST_CHUNK;
+        loop {
+            while let Some(r) = next_request(&lock(requests)).map_err(&lost)? {
+                lock(&self.stats).requests += 1;
+                queue.push_back(r);
+            }
+            let (run, asked) = match queue.pop_front() {
+                Some((first, count)) => (self.take(first, count, usize::MAX), true),
+                None => {
+                    let run = self.take(0, u64::MAX, chunk);
+                    if run.is_empty() {
+                        break;
+                    }
+                    chunk = (chunk * 2).min(MAX_CHUNK);
+                    (run, false)
+                }
+            };
+            let n = self.send_runs(&store, run, send)?;
+            let mut st = lock(&self.stats);
+            if asked {
+                st.pages_requested += n;
+            } else {
+                st.pages_background += n;
+            }
+        }
+        lock(&self.stats).seconds = t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Takes up to `max` kept pages in `first..first + count`, in order.
+    fn take(&self, first: u64, count: u64, max: usize) -> Vec<(u64, Box<[u8]>)> {
+        let mut pages = lock(&self.pages);
+        let end = first.saturating_add(count);
+        let keys: Vec<u64> = pages.range(first..end).map(|(&k, _)| k).take(max).collect();
+        keys.into_iter()
+            .filter_map(|k| pages.remove(&k).map(|v| (k, v)))
+            .collect()
+    }
+
+    /// Sends `pages` as runs of consecutive pages; how many.
+    fn send_runs(
+        &self,
+        store: &StoreRef,
+        pages: Vec<(u64, Box<[u8]>)>,
+        send: &mut SendRun<'_>,
+    ) -> Result<u64, DumpError> {
+        let n = pages.len() as u64;
+        let mut run: Option<(u64, Vec<u8>, u64)> = None;
+        for (p, data) in pages {
+            match &mut run {
+                Some((first, buf, count)) if *first + *count == p => {
+                    buf.extend_from_slice(&data);
+                    *count += 1;
+                }
+                _ => {
+                    if let Some((first, buf, _)) = run.take() {
+                        send(store, first, &buf)?;
+                    }
+                    run = Some((p, data.into_vec(), 1));
+                }
+            }
+        }
+        if let Some((first, buf, _)) = run {
+            send(store, first, &buf)?;
+        }
+        Ok(n)
+    }
+
+    /// What the post-copy phase did.
+    pub(crate) fn stats(&self) -> PostcopySendStats {
+        lock(&self.stats).clone()
+    }
+}
+
+/// The receiver's next request, if one is waiting: `(first, count)`.
+fn next_request(rx: &Receiver<Record>) -> Result<Option<(u64, u64)>, String> {
+    match rx.recv_timeout(Duration::ZERO) {
+        Ok(Record::Postcopy(PostcopyRecord::Request { first, count, .. })) => {
+            Ok(Some((first, count)))
+        }
+        Ok(r) => Err(format!(
+            "record of kind {} from the receiver during post-copy",
+            r.kind()
+        )),
+        Err(RecvTimeoutError::Timeout) => Ok(None),
+        Err(RecvTimeoutError::Disconnected) => {
+            Err("the receiver closed the connection during post-copy".into())
+        }
+    }
+}
