@@ -74,6 +74,10 @@ pub struct SendArgs {
     /// Progress as NDJSON on stdout (one object per pass, then the report).
     #[arg(long)]
     pub json: bool,
+    /// Continue an interrupted transfer: pages the receiver (started with
+    /// --resume) holds unchanged are not sent again.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// Options of `pagescope receive`.
@@ -102,6 +106,10 @@ pub struct ReceiveArgs {
     /// The report as JSON on stdout (not with `--from -`).
     #[arg(long)]
     pub json: bool,
+    /// Keep the partial state if the connection drops, and resume from
+    /// the one an interrupted `receive --resume` kept.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -144,6 +152,7 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         object,
         psk: key,
         bandwidth: args.bandwidth,
+        resume: args.resume,
     };
     let conn = if args.to == "-" {
         Conn::stdio()
@@ -181,6 +190,7 @@ pub fn send(args: &SendArgs) -> Result<u8> {
             return Err(e).with_context(|| format!("send of process {} to {}", args.pid, args.to));
         }
     };
+    crate::transfer_resume::report_send(&report.resumed, args.resume)?;
     writeln!(
         std::io::stderr(),
         "sent process {} to {}: {} pages, {} bytes in {:.2} s over {} passes; stopped {:.1} ms; receiver: {}",
@@ -209,26 +219,22 @@ pub fn receive(args: &ReceiveArgs) -> Result<u8> {
     }
     let key = psk(args.psk_file.as_ref(), &side)?;
     let into = match (&args.out, &args.into) {
-        (Some(dir), _) => {
-            let busy = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
-            if busy {
-                let m = format!(
-                    "{side}: {} is not empty; an image is written only into a new or empty directory",
-                    dir.display()
-                );
-                return Err(CliError::new(USAGE, m).into());
-            }
-            ReceiveInto::Image(dir.clone())
-        }
+        (Some(dir), _) => ReceiveInto::Image(dir.clone()),
         (None, Some(file)) => ReceiveInto::File(file.clone()),
         (None, None) => unreachable!("clap requires -o or --into"),
     };
+    crate::transfer_resume::prepare(&into, args.resume, &side)?;
     let conn = match &args.listen {
         Some(a) => accept(a, key.is_some(), &side)?,
         None => Conn::stdio(),
     };
-    let opts = ReceiveOptions { into, psk: key };
+    let opts = ReceiveOptions {
+        into,
+        psk: key,
+        resume: args.resume,
+    };
     let report = transfer::receive(conn, &opts).map_err(|e| fail(&side, &e))?;
+    crate::transfer_resume::report_receive(&report)?;
     writeln!(
         std::io::stderr(),
         "received {} pages in {} records over {} passes: {}",

@@ -11,14 +11,18 @@
 //! * `handshake.rs`: magic, version, capabilities, mode, and the
 //!   pre-shared-key challenge-response that keys every later frame;
 //! * `send.rs`: the streaming sink and [`send`];
-//! * `receive.rs`, `output.rs`: [`receive`] and what it writes into.
+//! * `receive.rs`, `output.rs`: [`receive`] and what it writes into;
+//! * `resume.rs`, `partial.rs`: resuming after a dropped connection (the
+//!   exchange, `KEEP` instead of `PAGES`; the receiver's partial state).
 //!
 //! No kernel interface of its own: sockets and files through `std`.
 
 mod frame;
 mod handshake;
 mod output;
+mod partial;
 mod receive;
+mod resume;
 mod send;
 pub(crate) mod wire;
 
@@ -28,6 +32,8 @@ mod codec_tests;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 
+pub use partial::prepare as prepare_receive;
+pub use resume::Resumed;
 pub use receive::{ReceiveOptions, ReceiveReport, Target as ReceiveInto, receive};
 pub use send::{ObjectChoice, SendError, SendOptions, SendReport, send};
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::frame::FrameWriter;
 use super::handshake::{self, Session};
+use super::resume::{self, Have};
 use super::wire::{self, Mode, Record, Why, kind};
 use super::{Class, Conn, TransferError};
 use crate::dump::sink::{
@@ -45,6 +46,8 @@ pub struct SendOptions {
     pub psk: Option<Vec<u8>>,
     /// Bytes per second at most.
     pub bandwidth: Option<u64>,
+    /// Continue a transfer the receiver kept (`--resume`).
+    pub resume: bool,
 }
 
 /// What a send did.
@@ -60,6 +63,8 @@ pub struct SendReport {
     pub seconds: f64,
     /// The receiver's acknowledgement.
     pub receiver: String,
+    /// What `--resume` spared.
+    pub resumed: resume::Resumed,
 }
 
 /// A send's failure: the stream's, or the dump's own.
@@ -93,9 +98,12 @@ pub fn send(
     };
     let page = u32::try_from(caps.page_size.get()).unwrap_or(4096);
     let start = Instant::now();
-    let session = handshake::client(conn, opts.psk.as_deref(), mode, page)?;
+    let mut session =
+        handshake::client(conn, opts.psk.as_deref(), mode, page, handshake::CAP_RESUME)?;
+    let have = Arc::new(resume::client(&mut session, target, object, opts.resume)?);
     let shared = Arc::new(Shared::default());
-    let sink = StreamSink::new(session, object, opts.bandwidth, Arc::clone(&shared));
+    let mut sink = StreamSink::new(session, object, opts.bandwidth, Arc::clone(&shared));
+    sink.have = Arc::clone(&have);
     let result = crate::dump::dump_to(target, caps, &opts.dump, Box::new(sink), progress);
     let stream_failure = shared
         .failure
@@ -118,6 +126,7 @@ pub fn send(
         pages_sent: totals.pages,
         seconds: start.elapsed().as_secs_f64(),
         receiver: totals.ack,
+        resumed: have.report(),
     })
 }
 
@@ -213,6 +222,7 @@ struct StreamSink {
     stores: RwLock<Vec<StoreState>>,
     names: Mutex<HashSet<String>>,
     shared: Arc<Shared>,
+    have: Arc<Have>,
 }
 
 impl StreamSink {
@@ -274,6 +284,7 @@ impl StreamSink {
             stores: RwLock::new(Vec::new()),
             names: Mutex::new(HashSet::new()),
             shared,
+            have: Arc::default(),
         }
     }
 
@@ -444,6 +455,7 @@ impl PageSink for StreamSink {
                 pages,
                 name: name.clone(),
             })?;
+            self.have.bind(n, &name);
             Some(n)
         } else {
             None
@@ -473,8 +485,9 @@ impl PageSink for StreamSink {
                 .chunks(self.page)
                 .map(|p| format::page_sum(0, p))
                 .collect();
-            let head = wire::pages_header(w, at, &sums);
-            self.send(kind::PAGES, &[&head, chunk], sums.len() as u64)?;
+            for f in self.have.frames((w, at), &sums, self.page) {
+                self.send(f.kind, &[&f.head, &chunk[f.data]], f.pages)?;
+            }
             self.mark(store, at, sums.len() as u64, true);
         }
         Ok(())
@@ -483,6 +496,7 @@ impl PageSink for StreamSink {
     fn not_stored(&self, store: &StoreRef, first: u64, count: u64, w: NotStored) {
         let Some(wi) = self.wire(store) else { return };
         self.mark(store, first, count, false);
+        self.have.forget(wi, first, count);
         let r = Record::NotStored {
             store: wi,
             first,
