@@ -252,6 +252,7 @@ impl ImageWriter {
             .write(true)
             .create_new(!self.reopen)
             .create(true)
+            .truncate(false)
             .open(&path)
             .map_err(ImageError::io("create", &path))?;
         file.set_len(self.page.bytes(pages + 1))

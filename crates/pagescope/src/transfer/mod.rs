@@ -33,8 +33,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 
 pub use partial::prepare as prepare_receive;
-pub use resume::Resumed;
 pub use receive::{ReceiveOptions, ReceiveReport, Target as ReceiveInto, receive};
+pub use resume::Resumed;
 pub use send::{ObjectChoice, SendError, SendOptions, SendReport, send};
 
 use crate::error::ErrorKind;

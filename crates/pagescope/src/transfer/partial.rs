@@ -243,7 +243,8 @@ impl Track {
     ) -> Result<Self, String> {
         let path = sidecar(into, name);
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
         let data_path = data(into, name).ok_or("not a store name")?;
         let data = std::fs::OpenOptions::new()

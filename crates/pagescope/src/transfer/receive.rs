@@ -317,13 +317,16 @@ impl Receiving {
         self.resume.as_mut().map_or(Ok(()), f).map_err(out)
     }
 
-    /// After a failure: a resumable receive whose stream was cut keeps
-    /// its partial state (synced) and says so; anything else is removed.
+    /// After a failure: a resumable receive whose stream was cut (closed,
+    /// or stopped mid-record) keeps its partial state (synced) and says
+    /// so, as a connection failure; anything else is removed.
     fn interrupted(&mut self, e: TransferError) -> TransferError {
-        let cut = e.class == Class::Connection || e.what.starts_with("the stream stopped mid-record");
+        let cut =
+            e.class == Class::Connection || e.what.starts_with("the stream stopped mid-record");
         let kept = cut && self.resume.as_mut().is_some_and(|r| r.sync().is_ok());
         if kept {
             return TransferError {
+                class: Class::Connection,
                 what: format!("{}; the partial state is kept for --resume", e.what),
                 ..e
             };

@@ -139,12 +139,7 @@ impl Have {
     /// The frames for pages `first..` of wire store `store` (their bytes
     /// a chunk of `page`-byte pages, their sums `sums`): `KEEP` for runs
     /// the receiver holds, `PAGES` for the others.
-    pub fn frames(
-        &self,
-        (store, first): (u32, u64),
-        sums: &[u64],
-        page: usize,
-    ) -> Vec<Frame> {
+    pub fn frames(&self, (store, first): (u32, u64), sums: &[u64], page: usize) -> Vec<Frame> {
         let frame = |p: Part| {
             let (r, at) = (p.range.clone(), first + p.range.start as u64);
             let head = wire::pages_header(store, at, &sums[r.clone()]);
@@ -181,7 +176,9 @@ impl Have {
         };
         let mut parts: Vec<Part> = Vec::new();
         for (i, s) in sums.iter().enumerate() {
-            let held = st.0.get(first as usize + i).map_or(0, |h| h.swap(0, Ordering::Relaxed));
+            let held =
+                st.0.get(first as usize + i)
+                    .map_or(0, |h| h.swap(0, Ordering::Relaxed));
             let keep = held == *s;
             match parts.last_mut() {
                 Some(p) if p.keep == keep && p.range.end == i => p.range.end = i + 1,
@@ -228,10 +225,19 @@ pub(super) fn client(
     let mut total = 0u64;
     loop {
         match expect(s, "the receiver's pages")? {
-            Record::Have { first, sums: got, name } => {
-                let end = first.checked_add(got.len() as u64).filter(|&e| e <= MAX_STORE_PAGES);
+            Record::Have {
+                first,
+                sums: got,
+                name,
+            } => {
+                let end = first
+                    .checked_add(got.len() as u64)
+                    .filter(|&e| e <= MAX_STORE_PAGES);
                 let Some(end) = end else {
-                    let e = bad(&s.peer, format!("pages held past a store's bound in {name}"));
+                    let e = bad(
+                        &s.peer,
+                        format!("pages held past a store's bound in {name}"),
+                    );
                     return Err(s.refuse(e));
                 };
                 total += got.iter().filter(|&&x| x != 0).count() as u64;
@@ -252,7 +258,12 @@ pub(super) fn client(
     have.held = total;
     have.stores = std::sync::Mutex::new(
         sums.into_iter()
-            .map(|(n, v)| (n, Arc::new(HaveStore(v.into_iter().map(AtomicU64::new).collect()))))
+            .map(|(n, v)| {
+                (
+                    n,
+                    Arc::new(HaveStore(v.into_iter().map(AtomicU64::new).collect())),
+                )
+            })
             .collect(),
     );
     if resume && total == 0 {
@@ -300,7 +311,11 @@ impl Resuming {
             (false, String::new())
         };
         let found = partial::exists(into);
-        let loaded = if found { partial::load(into, s.page_size) } else { None };
+        let loaded = if found {
+            partial::load(into, s.page_size)
+        } else {
+            None
+        };
         let mut note = None;
         let held = match loaded {
             Some(h) if resume && h.identity == identity && !identity.is_empty() => {
@@ -324,7 +339,8 @@ impl Resuming {
                 if found {
                     partial::discard(into);
                     note = Some(if resume {
-                        "the partial state was unusable (another page size, or damaged): discarded".into()
+                        "the partial state was unusable (another page size, or damaged): discarded"
+                            .into()
                     } else {
                         "the sender did not ask to resume: the partial state was discarded".into()
                     });
