@@ -404,3 +404,52 @@ pub fn prepare(into: &Target, resume: bool) -> Result<Option<String>, String> {
         "an interrupted receive's partial state was discarded (receive --resume keeps it)".into(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_file_resumes_only_pages_whose_bytes_match_their_sums() {
+        let dir = std::env::temp_dir().join(format!("pagescope-partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let into = Target::File(dir.join("ram"));
+        let page = 4096u64;
+        let data = partial(&dir.join("ram"));
+        std::fs::write(&data, vec![0u8; 4 * page as usize]).unwrap();
+        let mut t = Track::open(&into, "o1-2", "boot b object 1:2", page, 4, Vec::new()).unwrap();
+        let pages: Vec<Vec<u8>> = (1..=3u8).map(|b| vec![b; page as usize]).collect();
+        let sums: Vec<u64> = pages.iter().map(|p| format::page_sum(0, p)).collect();
+        let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+        f.write_all_at(&pages.concat(), 0).unwrap();
+        t.wrote(0, &sums).unwrap();
+        t.sync().unwrap();
+        drop(t);
+        // A page whose bytes did not reach the disk (a crash).
+        f.write_all_at(&vec![9u8; page as usize], page).unwrap();
+        assert!(exists(&into));
+        let held = load(&into, page as u32).unwrap();
+        assert_eq!(held.identity, "boot b object 1:2");
+        assert_eq!(held.dropped, 1);
+        assert_eq!(held.stores["o1-2"], vec![sums[0], 0, sums[2], 0]);
+        assert!(load(&into, 8192).is_none(), "another page size");
+        // Kept pages are checked against what is held.
+        let held = held.stores["o1-2"].clone();
+        let mut t = Track::open(&into, "o1-2", "boot b object 1:2", page, 4, held).unwrap();
+        assert!(matches!(t.keep(1, &[sums[1]]), Err(Keep::NotHeld(1))));
+        assert_eq!(t.keep(2, &[sums[2]]).unwrap(), pages[2]);
+        t.finish().unwrap();
+        let after = std::fs::read(&data).unwrap();
+        let (kept, rest) = (2 * page as usize..3 * page as usize, 3 * page as usize..);
+        assert!(
+            after[..kept.start].iter().all(|&b| b == 0),
+            "untouched: punched"
+        );
+        assert!(after[rest].iter().all(|&b| b == 0));
+        assert_eq!(&after[kept], &pages[2][..]);
+        discard(&into);
+        assert!(!exists(&into) && !data.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

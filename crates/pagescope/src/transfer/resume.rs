@@ -222,7 +222,7 @@ pub(super) fn client(
     }
     send(s, &Record::Resume(resume, identity(target, object)))?;
     let mut sums: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    let mut total = 0u64;
+    let (mut total, mut entries) = (0u64, 0u64);
     loop {
         match expect(s, "the receiver's pages")? {
             Record::Have {
@@ -242,6 +242,11 @@ pub(super) fn client(
                 };
                 total += got.iter().filter(|&&x| x != 0).count() as u64;
                 let v = sums.entry(name).or_default();
+                entries += end.saturating_sub(v.len() as u64);
+                if entries > MAX_STORE_PAGES {
+                    let e = bad(&s.peer, "more pages held than a transfer holds".into());
+                    return Err(s.refuse(e));
+                }
                 if v.len() < end as usize {
                     v.resize(end as usize, 0);
                 }
@@ -392,8 +397,14 @@ impl Resuming {
 
     /// Pages `first..first + count` of `store` were cleared.
     pub fn cleared(&mut self, store: u32, first: u64, count: u64) -> Result<(), String> {
-        let zeros = vec![0u64; usize::try_from(count).unwrap_or(0)];
-        self.tracks[store as usize].wrote(first, &zeros)
+        let zeros = vec![0u64; HAVE_CHUNK];
+        let mut at = first;
+        while at < first + count {
+            let n = (first + count - at).min(HAVE_CHUNK as u64);
+            self.tracks[store as usize].wrote(at, &zeros[..n as usize])?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Pages `first..` of `store` are kept: their bytes, to write again
