@@ -391,3 +391,53 @@ fn another_senders_partial_state_is_refused_never_merged() {
     verify_clean(&img2, pa);
     cont(pa);
 }
+
+/// Bytes the files under `dir` hold on disk.
+fn held_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir).map_or(0, |d| {
+        d.filter_map(Result::ok)
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.blocks() * 512)
+            .sum()
+    })
+}
+
+#[test]
+fn a_killed_receiver_restarted_with_resume_completes_the_transfer() {
+    if !usable() {
+        return;
+    }
+    let scratch = Scratch::new("resume-killed");
+    let w = writer();
+    let pid = w.0.id();
+    let img = scratch.p("img");
+    let mut r = Receiver::start(&["--resume", "-o", &img]);
+    let mut s = Command::new(exe())
+        .args([
+            "send",
+            &pid.to_string(),
+            "--to",
+            &r.addr,
+            "--bandwidth",
+            "32M",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let data = Path::new(&img).join("data");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while held_bytes(&data) < 16 << 20 && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    r.child.kill().unwrap(); // SIGKILL: no sync, no goodbye
+    let _ = r.child.wait();
+    let rc = s.wait().unwrap().code();
+    assert_ne!(rc, Some(0), "the send outlived its receiver");
+    let report = resumed(pid, &["-o", &img], &[]);
+    verify_clean(&img, pid);
+    let kept = report["resumed"]["pages_kept"].as_u64().unwrap();
+    assert!(kept > 2000, "{report}");
+    cont(pid);
+}
