@@ -278,7 +278,9 @@ fn a_cut_transfer_resumes_into_an_image_that_verifies_and_sends_fewer_pages() {
         let mut forwarded = interrupted(pid, &["-o", &img], cut, &[]);
         if i == 2 {
             // Cut again while resuming: what is held survives that too.
-            forwarded += interrupted(pid, &["-o", &img], Cut::At(forwarded / 2), &["--resume"]);
+            // (inside what is left to send: most of the rest is kept).
+            let again = Cut::At(full_bytes.saturating_sub(forwarded) / 3);
+            forwarded += interrupted(pid, &["-o", &img], again, &["--resume"]);
         }
         let r = resumed(pid, &["-o", &img], &[]);
         verify_clean(&img, pid);
@@ -439,5 +441,48 @@ fn a_killed_receiver_restarted_with_resume_completes_the_transfer() {
     verify_clean(&img, pid);
     let kept = report["resumed"]["pages_kept"].as_u64().unwrap();
     assert!(kept > 2000, "{report}");
+    cont(pid);
+}
+
+#[test]
+fn an_interrupted_sender_aborts_and_the_receiver_keeps_its_state_for_a_resume() {
+    if !usable() {
+        return;
+    }
+    let scratch = Scratch::new("resume-sigint");
+    let w = writer();
+    let pid = w.0.id();
+    let img = scratch.p("img");
+    let r = Receiver::start(&["--resume", "-o", &img]);
+    let mut s = Command::new(exe())
+        .args([
+            "send",
+            &pid.to_string(),
+            "--to",
+            &r.addr,
+            "--bandwidth",
+            "32M",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let data = Path::new(&img).join("data");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while held_bytes(&data) < 16 << 20 && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let sender = rustix::process::Pid::from_raw(i32::try_from(s.id()).unwrap()).unwrap();
+    rustix::process::kill_process(sender, rustix::process::Signal::INT).unwrap();
+    assert_ne!(s.wait().unwrap().code(), Some(0));
+    let (rc, rerr) = r.finish();
+    assert_eq!(rc, 24, "{rerr}");
+    assert!(rerr.contains("kept for --resume"), "{rerr}");
+    let report = resumed(pid, &["-o", &img], &[]);
+    verify_clean(&img, pid);
+    assert!(
+        report["resumed"]["pages_kept"].as_u64().unwrap() > 2000,
+        "{report}"
+    );
     cont(pid);
 }

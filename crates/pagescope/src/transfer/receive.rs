@@ -318,15 +318,17 @@ impl Receiving {
     }
 
     /// After a failure: a resumable receive whose stream was cut (closed,
-    /// or stopped mid-record) keeps its partial state (synced) and says
-    /// so, as a connection failure; anything else is removed.
+    /// or stopped mid-record: a connection failure) or that the sender
+    /// aborted (interrupted, say) keeps its partial state (synced) and
+    /// says so; anything else is removed.
     fn interrupted(&mut self, e: TransferError) -> TransferError {
         let cut =
             e.class == Class::Connection || e.what.starts_with("the stream stopped mid-record");
-        let kept = cut && self.resume.as_mut().is_some_and(|r| r.sync().is_ok());
+        let keep = cut || e.class == Class::Aborted;
+        let kept = keep && self.resume.as_mut().is_some_and(|r| r.sync().is_ok());
         if kept {
             return TransferError {
-                class: Class::Connection,
+                class: if cut { Class::Connection } else { e.class },
                 what: format!("{}; the partial state is kept for --resume", e.what),
                 ..e
             };
