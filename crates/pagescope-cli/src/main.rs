@@ -18,6 +18,7 @@ mod screen;
 mod signals;
 mod svg_cmd;
 mod transfer_cmd;
+mod transfer_resume;
 mod verify_cmd;
 mod watch;
 mod watch_view;

@@ -91,6 +91,10 @@ pub struct SendArgs {
     /// converging): the source is left stopped (`receive --postcopy`).
     #[arg(long, value_name = "N", requires = "object")]
     pub postcopy_after: Option<u32>,
+    /// Continue an interrupted transfer: pages the receiver (started with
+    /// --resume) holds unchanged are not sent again.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// Options of `pagescope receive`.
@@ -126,6 +130,10 @@ pub struct ReceiveArgs {
     /// The post-copy destination process.
     #[arg(long, requires = "postcopy")]
     pub pid: Option<u32>,
+    /// Keep the partial state if the connection drops, and resume from
+    /// the one an interrupted `receive --resume` kept.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -170,6 +178,7 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         bandwidth: args.bandwidth,
         pageout_sent: args.pageout_sent,
         postcopy_after: args.postcopy_after,
+        resume: args.resume,
     };
     let conn = if args.to == "-" {
         Conn::stdio()
@@ -187,6 +196,7 @@ pub fn send(args: &SendArgs) -> Result<u8> {
             return Err(e).with_context(|| format!("send of process {} to {}", args.pid, args.to));
         }
     };
+    crate::transfer_resume::report_send(&report.resumed, args.resume)?;
     writeln!(
         std::io::stderr(),
         "sent process {} to {}: {} pages, {} bytes in {:.2} s over {} passes ({:.1} MiB/s); pre-copy {}; stopped {:.1} ms; receiver: {}",
@@ -268,26 +278,22 @@ pub fn receive(args: &ReceiveArgs) -> Result<u8> {
         return crate::postcopy_cmd::receive(args, file, pid, key, &side);
     }
     let into = match (&args.out, &args.into) {
-        (Some(dir), _) => {
-            let busy = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
-            if busy {
-                let m = format!(
-                    "{side}: {} is not empty; an image is written only into a new or empty directory",
-                    dir.display()
-                );
-                return Err(CliError::new(USAGE, m).into());
-            }
-            ReceiveInto::Image(dir.clone())
-        }
+        (Some(dir), _) => ReceiveInto::Image(dir.clone()),
         (None, Some(file)) => ReceiveInto::File(file.clone()),
         (None, None) => unreachable!("clap requires -o or --into"),
     };
+    crate::transfer_resume::prepare(&into, args.resume, &side)?;
     let conn = match &args.listen {
         Some(a) => accept(a, key.is_some(), &side)?,
         None => Conn::stdio(),
     };
-    let opts = ReceiveOptions { into, psk: key };
+    let opts = ReceiveOptions {
+        into,
+        psk: key,
+        resume: args.resume,
+    };
     let report = transfer::receive(conn, &opts).map_err(|e| fail(&side, &e))?;
+    crate::transfer_resume::report_receive(&report)?;
     writeln!(
         std::io::stderr(),
         "received {} pages in {} records over {} passes: {}",

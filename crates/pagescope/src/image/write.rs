@@ -169,6 +169,9 @@ pub struct ImageWriter {
     generation: u32,
     parent: Option<ParentRef>,
     stores: Mutex<BTreeMap<StoreName, Arc<Store>>>,
+    /// Store files an interrupted receive left are opened again, their
+    /// bytes kept ([`resume`](Self::resume)).
+    reopen: bool,
 }
 
 impl ImageWriter {
@@ -200,6 +203,24 @@ impl ImageWriter {
             }),
             image_id,
             stores: Mutex::new(BTreeMap::new()),
+            reopen: false,
+        })
+    }
+
+    /// A full image in `dir`, which may hold the store files of an
+    /// interrupted `receive --resume` (the caller checked it holds nothing
+    /// else): they are opened again with their bytes kept, every page
+    /// unstored until written.
+    pub fn resume(dir: &Path, page: PageSize) -> Result<Self, ImageError> {
+        std::fs::create_dir_all(dir.join(DATA_DIR)).map_err(ImageError::io("create", dir))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            page,
+            image_id: new_image_id(),
+            generation: 0,
+            parent: None,
+            stores: Mutex::new(BTreeMap::new()),
+            reopen: true,
         })
     }
 
@@ -229,7 +250,9 @@ impl ImageWriter {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create_new(!self.reopen)
+            .create(true)
+            .truncate(false)
             .open(&path)
             .map_err(ImageError::io("create", &path))?;
         file.set_len(self.page.bytes(pages + 1))

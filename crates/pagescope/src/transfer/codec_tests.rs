@@ -75,6 +75,18 @@ fn records() -> Vec<Record> {
         },
         Record::Abort("gone".into()),
         Record::Ack(true, "ok".into()),
+        Record::Resume(true, "boot b process 7 started 9".into()),
+        Record::Have {
+            first: 3,
+            sums: vec![0, 5, 7],
+            name: "o1-2".into(),
+        },
+        Record::HaveEnd(2),
+        Record::Keep {
+            store: 1,
+            first: 2,
+            sums: vec![5, 7],
+        },
     ]
 }
 

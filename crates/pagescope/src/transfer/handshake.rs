@@ -17,7 +17,10 @@ use super::{Class, Conn, TransferError};
 pub const CAP_PAGE_SUMS: u64 = 1 << 0;
 /// Pre-shared-key authentication and tagged frames.
 pub const CAP_PSK: u64 = 1 << 1;
-/// What this build has besides the key (resume, bit 2, is not built yet).
+/// Resume: a sender speaks the resume records (every sender of this
+/// build); a receiver keeps partial state (`receive --resume`).
+pub const CAP_RESUME: u64 = 1 << 2;
+/// What this build has besides the key and per-run capabilities.
 const CAPS: u64 = CAP_PAGE_SUMS;
 
 /// An established stream.
@@ -30,6 +33,8 @@ pub struct Session {
     pub peer: String,
     /// The sender's page size.
     pub page_size: u32,
+    /// The capabilities the peer's hello named.
+    pub peer_caps: u64,
     /// The socket (TCP only), for [`close_after_error`](Self::close_after_error).
     socket: Option<std::net::TcpStream>,
 }
@@ -86,11 +91,11 @@ fn nonce() -> [u8; NONCE] {
     n
 }
 
-fn hello(psk: Option<&[u8]>, mode: Mode, page_size: u32, extra: u64) -> Hello {
-    let auth = if psk.is_some() { CAP_PSK } else { 0 } | extra;
+fn hello(psk: Option<&[u8]>, mode: Mode, page_size: u32, offered: u64, required: u64) -> Hello {
+    let auth = if psk.is_some() { CAP_PSK } else { 0 } | required;
     Hello {
         version: VERSION,
-        caps: CAPS | auth,
+        caps: CAPS | auth | offered,
         required: CAP_PAGE_SUMS | auth,
         mode,
         page_size,
@@ -99,21 +104,25 @@ fn hello(psk: Option<&[u8]>, mode: Mode, page_size: u32, extra: u64) -> Hello {
 }
 
 /// The sender's side: offers `mode` with pages of `page_size` bytes, and
-/// has and requires the capability bits `extra` (post-copy).
-pub fn client_with(
+/// the capabilities `offered` (used if the peer has them too) and
+/// `required` (post-copy: refused by a peer without them) besides this
+/// build's own.
+pub fn client(
     conn: Conn,
     psk: Option<&[u8]>,
     mode: Mode,
     page_size: u32,
-    extra: u64,
+    offered: u64,
+    required: u64,
 ) -> Result<Session, TransferError> {
     let mut s = session(conn, page_size);
-    let mine = hello(psk, mode, page_size, extra);
+    let mine = hello(psk, mode, page_size, offered, required);
     send(&mut s, &Record::Hello(mine.clone()))?;
     let theirs = match expect(&mut s, "hello")? {
         Record::Hello(h) => h,
         r => return Err(s.refuse(unexpected(&s.peer, &r, "hello"))),
     };
+    s.peer_caps = theirs.caps;
     if let Err(e) = compatible(&mine, &theirs, &s.peer, "receiver") {
         return Err(s.refuse(e));
     }
@@ -137,18 +146,14 @@ pub fn client_with(
     Ok(s)
 }
 
-/// The receiver's side: accepts `mode`.
-pub fn server(conn: Conn, psk: Option<&[u8]>, mode: Mode) -> Result<Session, TransferError> {
-    server_with(conn, psk, mode, 0)
-}
-
-/// [`server`] that also has and requires the capability bits `extra`
-/// (post-copy).
-pub fn server_with(
+/// The receiver's side: accepts `mode`, with the capabilities `offered`
+/// and `required` besides this build's own (as [`client`]).
+pub fn server(
     conn: Conn,
     psk: Option<&[u8]>,
     mode: Mode,
-    extra: u64,
+    offered: u64,
+    required: u64,
 ) -> Result<Session, TransferError> {
     let mut s = session(conn, 0);
     let theirs = match s.reader.next() {
@@ -161,7 +166,8 @@ pub fn server_with(
             return Err(s.refuse(e));
         }
     };
-    let mine = hello(psk, mode, 0, extra);
+    s.peer_caps = theirs.caps;
+    let mine = hello(psk, mode, 0, offered, required);
     send(&mut s, &Record::Hello(mine.clone()))?;
     if let Err(e) = compatible(&mine, &theirs, &s.peer, "sender") {
         return Err(s.refuse(e));
@@ -219,11 +225,12 @@ fn session(conn: Conn, page_size: u32) -> Session {
         writer: FrameWriter::new(conn.writer),
         peer: conn.peer,
         page_size,
+        peer_caps: 0,
         socket: conn.socket,
     }
 }
 
-fn send(s: &mut Session, r: &Record) -> Result<(), TransferError> {
+pub(super) fn send(s: &mut Session, r: &Record) -> Result<(), TransferError> {
     s.writer
         .record(r)
         .and_then(|()| s.writer.flush())
@@ -231,7 +238,7 @@ fn send(s: &mut Session, r: &Record) -> Result<(), TransferError> {
 }
 
 /// The next record; the peer's `ERROR` becomes this side's error.
-fn expect(s: &mut Session, what: &str) -> Result<Record, TransferError> {
+pub(super) fn expect(s: &mut Session, what: &str) -> Result<Record, TransferError> {
     match s.reader.next()? {
         Some(Record::Error(class, msg)) => Err(TransferError::new(
             class,
@@ -251,7 +258,7 @@ fn closed(peer: &str, what: &str) -> TransferError {
     )
 }
 
-fn unexpected(peer: &str, r: &Record, wanted: &str) -> TransferError {
+pub(super) fn unexpected(peer: &str, r: &Record, wanted: &str) -> TransferError {
     TransferError::new(
         Class::BadStream,
         peer,

@@ -17,6 +17,8 @@
 //! * `receive.rs`, `output.rs`: [`receive`] and what it writes into;
 //! * `postcopy/`: post-copy into a process that maps the file
 //!   (userfaultfd missing-page faults).
+//! * `resume.rs`, `partial.rs`: resuming after a dropped connection (the
+//!   exchange, `KEEP` instead of `PAGES`; the receiver's partial state).
 //!
 //! No kernel interface of its own (sockets and files through `std`)
 //! but post-copy's userfaultfd, in `postcopy/`.
@@ -27,9 +29,11 @@ mod out;
 mod output;
 mod pace;
 mod pageout_sent;
+mod partial;
 pub mod postcopy;
 mod progress;
 mod receive;
+mod resume;
 mod send;
 mod stores;
 pub(crate) mod wire;
@@ -41,8 +45,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 
 pub use pageout_sent::PageoutSentReport;
+pub use partial::prepare as prepare_receive;
 pub use progress::{PassSent, SendEvent, SendPass, SendProgress};
 pub use receive::{ReceiveOptions, ReceiveReport, Target as ReceiveInto, receive};
+pub use resume::Resumed;
 pub use send::{SendError, SendOptions, SendReport, send};
 pub use stores::ObjectChoice;
 

@@ -26,6 +26,8 @@ pub enum Output {
         writer: Option<ImageWriter>,
         /// Stores by wire index.
         stores: Vec<Arc<Store>>,
+        /// A resumable receive (its sidecars go too on a discard).
+        resume: bool,
     },
     /// One object's pages into a file.
     File {
@@ -37,6 +39,8 @@ pub enum Output {
         page: u64,
         /// Pages it holds.
         pages: u64,
+        /// A resumable receive: `FILE.partial` is kept as found.
+        resume: bool,
     },
 }
 
@@ -48,26 +52,33 @@ pub fn partial(path: &Path) -> PathBuf {
 }
 
 impl Output {
-    /// An image in `dir` with pages of `page` bytes.
-    pub fn image(dir: &Path, page: u32) -> Result<Self, String> {
+    /// An image in `dir` with pages of `page` bytes (`resume`: the store
+    /// files an interrupted receive left in it are reopened).
+    pub fn image(dir: &Path, page: u32, resume: bool) -> Result<Self, String> {
         let existed = dir.exists();
         let page = PageSize::new(u64::from(page)).ok_or("bad page size")?;
-        let writer = ImageWriter::create(dir, page, None).map_err(|e| e.to_string())?;
+        let writer = if resume {
+            ImageWriter::resume(dir, page)
+        } else {
+            ImageWriter::create(dir, page, None)
+        };
         Ok(Self::Image {
             dir: dir.to_owned(),
             existed,
-            writer: Some(writer),
+            writer: Some(writer.map_err(|e| e.to_string())?),
             stores: Vec::new(),
+            resume,
         })
     }
 
-    /// One object into `path`.
-    pub fn file(path: &Path, page: u32) -> Self {
+    /// One object into `path` (`resume`: `FILE.partial` kept as found).
+    pub fn file(path: &Path, page: u32, resume: bool) -> Self {
         Self::File {
             path: path.to_owned(),
             file: None,
             page: u64::from(page),
             pages: 0,
+            resume,
         }
     }
 
@@ -87,6 +98,7 @@ impl Output {
                 file,
                 page,
                 pages: held,
+                resume,
             } => {
                 if !object || file.is_some() {
                     return Err("--into FILE takes exactly one shared object's pages".into());
@@ -96,7 +108,7 @@ impl Output {
                     .read(true)
                     .write(true)
                     .create(true)
-                    .truncate(true)
+                    .truncate(!*resume)
                     .open(&p)
                     .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
                 f.set_len(pages * *page)
@@ -127,6 +139,7 @@ impl Output {
                 page,
                 pages: held,
                 path,
+                ..
             } => {
                 let f = file.as_ref().ok_or("no store")?;
                 if pages > *held {
@@ -214,10 +227,14 @@ impl Output {
                 existed,
                 writer,
                 stores,
+                resume,
             } => {
                 stores.clear();
                 if writer.take().is_none() {
                     return; // committed: keep it
+                }
+                if *resume {
+                    let _ = std::fs::remove_dir_all(dir.join(super::partial::SIDECARS));
                 }
                 if *existed {
                     let _ = std::fs::remove_dir_all(dir.join(crate::image::format::DATA_DIR));
@@ -228,7 +245,12 @@ impl Output {
                     let _ = std::fs::remove_dir_all(&*dir);
                 }
             }
-            Self::File { path, file, .. } => {
+            Self::File {
+                path, file, resume, ..
+            } => {
+                if *resume {
+                    super::partial::discard(&super::ReceiveInto::File(path.clone()));
+                }
                 if file.take().is_some() {
                     let _ = std::fs::remove_file(partial(path));
                 }

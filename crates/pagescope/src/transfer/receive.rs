@@ -6,8 +6,9 @@
 
 use std::path::PathBuf;
 
-use super::handshake::{self, Session};
+use super::handshake::{self, CAP_RESUME, Session};
 use super::output::Output;
+use super::resume::Resuming;
 use super::wire::{Mode, Record, Why};
 use super::{Class, Conn, TransferError};
 use crate::image::format::{self, MAX_META_BYTES, MAX_STORE_PAGES};
@@ -28,6 +29,9 @@ pub struct ReceiveOptions {
     pub into: Target,
     /// The pre-shared key the sender must prove.
     pub psk: Option<Vec<u8>>,
+    /// Keep the partial state when the connection drops, and resume from
+    /// what an interrupted receive kept (`--resume`).
+    pub resume: bool,
 }
 
 /// What a receive made.
@@ -41,6 +45,12 @@ pub struct ReceiveReport {
     pub records: u64,
     /// Passes seen.
     pub passes: u32,
+    /// Pages held from an interrupted transfer when this one began.
+    pub held: u64,
+    /// Pages the sender kept instead of sending them (resumed).
+    pub kept: u64,
+    /// What became of an earlier partial state, if anything.
+    pub note: Option<String>,
 }
 
 /// Receives one stream from `conn` (see the module doc).
@@ -49,10 +59,17 @@ pub fn receive(conn: Conn, opts: &ReceiveOptions) -> Result<ReceiveReport, Trans
         Target::Image(_) => Mode::Image,
         Target::File(_) => Mode::Object,
     };
-    let mut s = handshake::server(conn, opts.psk.as_deref(), mode)?;
+    let extra = if opts.resume { CAP_RESUME } else { 0 };
+    let mut s = handshake::server(conn, opts.psk.as_deref(), mode, extra, 0)?;
+    let resume = match opts.resume.then(|| Resuming::server(&mut s, &opts.into)) {
+        Some(Err(e)) if e.class == Class::Connection => return Err(e),
+        Some(Err(e)) => return Err(s.refuse(e)),
+        Some(Ok(r)) => Some(r),
+        None => None,
+    };
     let output = match &opts.into {
-        Target::Image(dir) => Output::image(dir, s.page_size),
-        Target::File(path) => Ok(Output::file(path, s.page_size)),
+        Target::Image(dir) => Output::image(dir, s.page_size, opts.resume),
+        Target::File(path) => Ok(Output::file(path, s.page_size, opts.resume)),
     };
     let output = match output {
         Ok(o) => o,
@@ -65,23 +82,27 @@ pub fn receive(conn: Conn, opts: &ReceiveOptions) -> Result<ReceiveReport, Trans
         pages: 0,
         records: 0,
         passes: 0,
+        resume,
     };
     match r.run(&mut s) {
         Ok(committed) => {
             let _ = s.writer.record(&Record::Ack(true, committed.clone()));
             let _ = s.writer.flush();
+            let resumed = r.resume.as_ref();
             Ok(ReceiveReport {
                 committed,
                 pages: r.pages,
                 records: r.records,
                 passes: r.passes,
+                held: resumed.map_or(0, |x| x.held),
+                kept: resumed.map_or(0, |x| x.kept),
+                note: resumed.and_then(|x| x.note.clone()),
             })
         }
         Err(e) => {
-            r.output.discard();
             let e = TransferError {
                 peer: s.peer.clone(),
-                ..e
+                ..r.interrupted(e)
             };
             Err(match e.class {
                 Class::Aborted => {
@@ -103,6 +124,7 @@ struct Receiving {
     pages: u64,
     records: u64,
     passes: u32,
+    resume: Option<Resuming>,
 }
 
 fn bad(what: impl Into<String>) -> TransferError {
@@ -137,7 +159,7 @@ impl Receiving {
     fn apply(&mut self, rec: Record) -> Result<(), TransferError> {
         match rec {
             Record::BeginPass(..) => self.passes += 1,
-            Record::EndPass(_) => {}
+            Record::EndPass(_) => self.resumed(|r| r.sync())?,
             Record::OpenStore {
                 store,
                 object,
@@ -162,6 +184,7 @@ impl Receiving {
                     return Err(bad("--into FILE takes exactly one shared object's pages"));
                 }
                 self.output.open(object, &name, pages).map_err(out)?;
+                self.resumed(|r| r.opened(&name, pages))?;
             }
             Record::GrowStore(store, pages) => {
                 let held = self.held(store)?;
@@ -171,6 +194,7 @@ impl Receiving {
                     )));
                 }
                 self.output.grow(store, pages).map_err(out)?;
+                self.resumed(|r| r.grew(store, pages))?;
             }
             Record::Pages {
                 store,
@@ -194,7 +218,9 @@ impl Receiving {
                     )));
                 }
                 self.output.clear(store, first, count).map_err(out)?;
+                self.resumed(|r| r.cleared(store, first, count))?;
             }
+            Record::Keep { store, first, sums } => self.keep(store, first, &sums)?,
             Record::Meta(part) => {
                 if (self.meta.len() + part.len()) as u64 > MAX_META_BYTES {
                     return Err(bad("metadata larger than an image's bound"));
@@ -267,8 +293,48 @@ impl Receiving {
             }
         }
         self.output.write(store, first, data).map_err(out)?;
+        self.resumed(|r| r.wrote(store, first, sums))?;
         self.pages += count;
         Ok(())
+    }
+
+    /// Pages the sender kept: checked against what this receiver holds,
+    /// and taken into the output.
+    fn keep(&mut self, store: u32, first: u64, sums: &[u64]) -> Result<(), TransferError> {
+        self.range(store, first, sums.len() as u64)?;
+        let Some(resume) = self.resume.as_mut() else {
+            return Err(bad("pages kept, but this receiver resumes nothing"));
+        };
+        let bytes = resume.keep(store, first, sums)?;
+        self.output.write(store, first, &bytes).map_err(out)
+    }
+
+    /// Applies `f` to the partial state of a resumable receive.
+    fn resumed(
+        &mut self,
+        f: impl FnOnce(&mut Resuming) -> Result<(), String>,
+    ) -> Result<(), TransferError> {
+        self.resume.as_mut().map_or(Ok(()), f).map_err(out)
+    }
+
+    /// After a failure: a resumable receive whose stream was cut (closed,
+    /// or stopped mid-record: a connection failure) or that the sender
+    /// aborted (interrupted, say) keeps its partial state (synced) and
+    /// says so; anything else is removed.
+    fn interrupted(&mut self, e: TransferError) -> TransferError {
+        let cut =
+            e.class == Class::Connection || e.what.starts_with("the stream stopped mid-record");
+        let keep = cut || e.class == Class::Aborted;
+        let kept = keep && self.resume.as_mut().is_some_and(|r| r.sync().is_ok());
+        if kept {
+            return TransferError {
+                class: if cut { Class::Connection } else { e.class },
+                what: format!("{}; the partial state is kept for --resume", e.what),
+                ..e
+            };
+        }
+        self.output.discard();
+        e
     }
 
     fn commit(
@@ -287,7 +353,12 @@ impl Receiving {
         if meta_len != self.meta.len() as u64 || format::file_sum(&self.meta) != meta_sum {
             return Err(bad("the metadata does not match its length and checksum"));
         }
-        self.output.commit(&self.meta).map_err(out)
+        self.resumed(Resuming::finish)?;
+        let made = self.output.commit(&self.meta).map_err(out)?;
+        if let Some(r) = self.resume.as_mut() {
+            r.committed();
+        }
+        Ok(made)
     }
 }
 

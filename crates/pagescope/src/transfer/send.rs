@@ -15,6 +15,7 @@ use super::out::{Out, Run};
 use super::pageout_sent::{PageoutSentReport, SentStore, page_out_sent};
 use super::postcopy::{self, PostcopySendStats};
 use super::progress::{Counters, Live, PassSent, SendEvent};
+use super::resume::{self, Have};
 use super::stores::{self, ObjectChoice, StoreState};
 use super::wire::{self, Mode, Record, kind};
 use super::{Class, Conn, TransferError};
@@ -43,6 +44,8 @@ pub struct SendOptions {
     pub pageout_sent: bool,
     /// Post-copy after at most this many pre-copy passes (`postcopy/`).
     pub postcopy_after: Option<u32>,
+    /// Continue a transfer the receiver kept (`--resume`).
+    pub resume: bool,
 }
 
 /// What a send did.
@@ -75,6 +78,8 @@ pub struct SendReport {
     pub pageout_sent: Option<PageoutSentReport>,
     /// The post-copy phase, if there was one.
     pub postcopy: Option<PostcopySendStats>,
+    /// What `--resume` spared.
+    pub resumed: resume::Resumed,
 }
 
 /// A send's failure: the stream's, or the dump's own.
@@ -109,9 +114,18 @@ pub fn send(
     let page = u32::try_from(caps.page_size.get()).unwrap_or(4096);
     let start = Instant::now();
     let (dump_opts, extra, stash) = postcopy::plan(opts, mode == Mode::Object)?;
-    let session = handshake::client_with(conn, opts.psk.as_deref(), mode, page, extra)?;
+    let mut session = handshake::client(
+        conn,
+        opts.psk.as_deref(),
+        mode,
+        page,
+        handshake::CAP_RESUME,
+        extra,
+    )?;
+    let have = Arc::new(resume::client(&mut session, target, object, opts.resume)?);
     let shared = Arc::new(Shared::default());
-    let sink = StreamSink::new(session, object, opts.bandwidth, Arc::clone(&shared));
+    let mut sink = StreamSink::new(session, object, opts.bandwidth, Arc::clone(&shared));
+    sink.have = Arc::clone(&have);
     let sink = postcopy::wrap(sink, stash.as_ref());
     let mut live = Live::new(&shared.counters, progress);
     let result = crate::dump::dump_to(target, caps, &dump_opts, sink, &mut |e| {
@@ -147,6 +161,7 @@ pub fn send(
         pageout_sent: pageout,
         dump,
         postcopy: stash.map(|s| s.stats()),
+        resumed: have.report(),
     })
 }
 
@@ -182,6 +197,7 @@ pub(super) struct StreamSink {
     stores: RwLock<Vec<StoreState>>,
     names: Mutex<HashSet<String>>,
     shared: Arc<Shared>,
+    have: Arc<Have>,
 }
 
 impl StreamSink {
@@ -237,6 +253,7 @@ impl StreamSink {
             stores: RwLock::new(Vec::new()),
             names: Mutex::new(HashSet::new()),
             shared,
+            have: Arc::default(),
         }
     }
 
@@ -400,6 +417,7 @@ impl PageSink for StreamSink {
                 pages,
                 name: name.clone(),
             })?;
+            self.have.bind(n, &name);
             Some(n)
         } else {
             None
@@ -430,11 +448,18 @@ impl PageSink for StreamSink {
                 .chunks(self.page)
                 .map(|p| format::page_sum(0, p))
                 .collect();
-            self.check()?;
-            let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-            let sent = out.pages(w, at, &sums, chunk, per_frame);
-            drop(out);
-            sent.map_err(|e| self.failed(e))?;
+            for f in self.have.frames((w, at), &sums, self.page) {
+                if f.kind == kind::KEEP {
+                    self.send(f.kind, &[&f.head])?;
+                    continue;
+                }
+                let (lo, hi) = (f.data.start / self.page, f.data.end / self.page);
+                self.check()?;
+                let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+                let sent = out.pages(w, at + lo as u64, &sums[lo..hi], &chunk[f.data], per_frame);
+                drop(out);
+                sent.map_err(|e| self.failed(e))?;
+            }
             self.mark(store, at, sums.len() as u64, true);
         }
         Ok(())
@@ -443,6 +468,7 @@ impl PageSink for StreamSink {
     fn not_stored(&self, store: &StoreRef, first: u64, count: u64, w: NotStored) {
         let Some(wi) = self.wire(store) else { return };
         self.mark(store, first, count, false);
+        self.have.forget(wi, first, count);
         let run = Run {
             store: wi,
             first,

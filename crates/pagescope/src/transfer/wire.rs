@@ -50,6 +50,14 @@ pub mod kind {
     pub const ABORT: u8 = 18;
     /// The receiver's last word: status and message.
     pub const ACK: u8 = 20;
+    /// Resume: who the sender is, and whether it continues a transfer.
+    pub const RESUME: u8 = 40;
+    /// Resume: sums of pages a receiver holds from an interrupted transfer.
+    pub const HAVE: u8 = 41;
+    /// Resume: the end of the receiver's `HAVE` records.
+    pub const HAVE_END: u8 = 42;
+    /// Resume: pages the receiver holds already, with their sums.
+    pub const KEEP: u8 = 43;
 }
 
 /// What the stream is to make on the receiving side.
@@ -163,6 +171,31 @@ pub enum Record {
     Ack(bool, String),
     /// Post-copy's records (`postcopy/wire.rs`).
     Postcopy(super::postcopy::wire::PostcopyRecord),
+    /// The sender asks to continue an interrupted transfer (`true`) or
+    /// starts afresh; its identity (a line: host boot, process or object).
+    Resume(bool, String),
+    /// The receiver holds pages `first..` of store `name` with these sums
+    /// (0: not held).
+    Have {
+        /// The first page.
+        first: u64,
+        /// One sum per page, 0 for a page not held.
+        sums: Vec<u64>,
+        /// The store's name.
+        name: String,
+    },
+    /// The receiver's `HAVE` records are over: pages held in all.
+    HaveEnd(u64),
+    /// Pages `first..` of `store` are the ones the receiver holds: their
+    /// sums, checked against what it holds.
+    Keep {
+        /// The store.
+        store: u32,
+        /// The first page.
+        first: u64,
+        /// The pages' sums.
+        sums: Vec<u64>,
+    },
 }
 
 impl Record {
@@ -183,6 +216,10 @@ impl Record {
             Self::Abort(_) => kind::ABORT,
             Self::Ack(..) => kind::ACK,
             Self::Postcopy(p) => p.kind(),
+            Self::Resume(..) => kind::RESUME,
+            Self::Have { .. } => kind::HAVE,
+            Self::HaveEnd(_) => kind::HAVE_END,
+            Self::Keep { .. } => kind::KEEP,
         }
     }
 
@@ -251,11 +288,18 @@ impl Record {
                 }
             }
             Self::Abort(msg) => b.extend_from_slice(msg.as_bytes()),
-            Self::Ack(ok, msg) => {
+            Self::Ack(ok, msg) | Self::Resume(ok, msg) => {
                 b.push(u8::from(*ok));
                 b.extend_from_slice(msg.as_bytes());
             }
             Self::Postcopy(p) => b = p.encode(),
+            Self::Have { first, sums, name } => {
+                b = pages_header(0, *first, sums);
+                b.drain(..4);
+                b.extend_from_slice(name.as_bytes());
+            }
+            Self::HaveEnd(pages) => put64(&mut b, *pages),
+            Self::Keep { store, first, sums } => b = pages_header(*store, *first, sums),
         }
         b
     }
@@ -302,6 +346,22 @@ impl Record {
             },
             kind::ABORT => Self::Abort(f.text()?),
             kind::ACK => Self::Ack(f.u8()? != 0, f.text()?),
+            kind::RESUME => Self::Resume(f.u8()? != 0, f.text()?),
+            kind::HAVE => {
+                let first = f.u64()?;
+                let sums = f.sums()?;
+                Self::Have {
+                    first,
+                    sums,
+                    name: f.text()?,
+                }
+            }
+            kind::HAVE_END => Self::HaveEnd(f.u64()?),
+            kind::KEEP => Self::Keep {
+                store: f.u32()?,
+                first: f.u64()?,
+                sums: f.sums()?,
+            },
             k => return Err(format!("unknown record kind {k}")),
         };
         f.end()?;
@@ -440,6 +500,17 @@ impl<'a> Fields<'a> {
 
     fn u64(&mut self) -> Result<u64, String> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// A `u32` count, then that many `u64` sums (checked against what is
+    /// left before anything is allocated).
+    fn sums(&mut self) -> Result<Vec<u64>, String> {
+        let count = self.u32()? as usize;
+        let bytes = self.take(count.saturating_mul(8))?;
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect())
     }
 
     fn rest(&mut self) -> &'a [u8] {

@@ -87,7 +87,7 @@ pub fn receive(
     psk: Option<&[u8]>,
     dest: Destination,
 ) -> Result<PostcopyReport, TransferError> {
-    let mut s = match handshake::server_with(conn, psk, Mode::Object, CAP_POSTCOPY) {
+    let mut s = match handshake::server(conn, psk, Mode::Object, 0, CAP_POSTCOPY) {
         Ok(s) => s,
         Err(e) => {
             dest.abandon();
