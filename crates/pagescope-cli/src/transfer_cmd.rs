@@ -5,19 +5,20 @@
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use pagescope::dump::{DumpEvent, DumpOptions};
+use pagescope::qemu::{self, HandOffOptions, MigrateError, Qmp};
 use pagescope::transfer::{
     self, Class, Conn, ObjectChoice, ReceiveInto, ReceiveOptions, SendError, SendOptions,
-    TransferError,
+    SendReport, TransferError,
 };
 use pagescope::{KernelCaps, Target};
 
 use crate::cli::parse_interval;
-use crate::exit::{CliError, OK, USAGE};
+use crate::exit::{CliError, OK, OTHER, USAGE};
 use crate::progress::Progress;
 
 /// The peers could not agree (magic, version, capability, mode).
@@ -74,6 +75,16 @@ pub struct SendArgs {
     /// Progress as NDJSON on stdout (one object per pass, then the report).
     #[arg(long)]
     pub json: bool,
+    /// A QEMU VM's QMP socket (`-qmp unix:SOCKET,server=on,wait=off`): the
+    /// VM is paused over it for the final pass (`x-ignore-shared` set),
+    /// then migrated to `--qemu-migrate` once the receiver acknowledged
+    /// the RAM; on failure it is continued.
+    #[arg(long, value_name = "SOCKET", requires_all = ["qemu_migrate", "object"])]
+    pub qmp: Option<PathBuf>,
+    /// The destination QEMU's `migrate-incoming` URI (`tcp:HOST:PORT`,
+    /// `unix:PATH`): where the source QEMU sends the device state.
+    #[arg(long, value_name = "URI", requires = "qmp")]
+    pub qemu_migrate: Option<String>,
 }
 
 /// Options of `pagescope receive`.
@@ -95,6 +106,11 @@ pub struct ReceiveArgs {
     /// renamed at commit).
     #[arg(long, value_name = "FILE")]
     pub into: Option<PathBuf>,
+    /// Write into the existing FILE itself (a destination, e.g. QEMU
+    /// `-incoming defer`, already maps it): FILE.incomplete exists until
+    /// the commit, and exit status 0 says it is complete.
+    #[arg(long, requires = "into")]
+    pub in_place: bool,
     /// The pre-shared key the sender must prove (required to listen on a
     /// non-loopback address).
     #[arg(long, value_name = "FILE")]
@@ -153,7 +169,7 @@ pub fn send(args: &SendArgs) -> Result<u8> {
     // With `--to -` stdout is the stream: progress goes to stderr only.
     let ndjson = args.json && args.to != "-";
     let mut bar = Progress::passes(args.json);
-    let result = transfer::send(&target, &caps, conn, &opts, &mut |e| match e {
+    let mut progress = |e: DumpEvent<'_>| match e {
         DumpEvent::Progress { pass, done, total } => bar.show(pass, done, total, ""),
         DumpEvent::Iteration(it) => {
             bar.clear();
@@ -172,17 +188,91 @@ pub fn send(args: &SendArgs) -> Result<u8> {
                 it.seconds * 1e3
             );
         }
-    });
-    bar.clear();
-    let report = match result {
-        Ok(r) => r,
-        Err(SendError::Transfer(e)) => return Err(fail(&side, &e)),
-        Err(SendError::Dump(e)) => {
-            return Err(e).with_context(|| format!("send of process {} to {}", args.pid, args.to));
-        }
     };
-    writeln!(
-        std::io::stderr(),
+    if let (Some(socket), Some(uri)) = (&args.qmp, &args.qemu_migrate) {
+        let migrated = migrate(
+            args,
+            &target,
+            &caps,
+            conn,
+            &opts,
+            socket,
+            uri,
+            &mut progress,
+        );
+        bar.clear();
+        let report = migrated?;
+        writeln!(std::io::stderr(), "{}", sent_line(args, &report.send))?;
+        writeln!(
+            std::io::stderr(),
+            "migrated the VM to {uri}: paused {:.1} ms (RAM final pass and acknowledgement {:.1} ms); QEMU: downtime {} ms, total {} ms, {} bytes",
+            report.stopped_ms,
+            report.final_pass_ms,
+            shown(report.migration.downtime_ms),
+            shown(report.migration.total_time_ms),
+            shown(report.migration.ram_transferred),
+        )?;
+        return json_line(ndjson, &report);
+    }
+    let result = transfer::send(&target, &caps, conn, &opts, &mut progress);
+    bar.clear();
+    let report = result.map_err(|e| send_failed(args, e))?;
+    writeln!(std::io::stderr(), "{}", sent_line(args, &report))?;
+    json_line(ndjson, &report)
+}
+
+/// `send --qmp SOCKET --qemu-migrate URI`.
+#[allow(clippy::too_many_arguments)]
+fn migrate(
+    args: &SendArgs,
+    target: &Target,
+    caps: &KernelCaps,
+    conn: Conn,
+    opts: &SendOptions,
+    socket: &Path,
+    uri: &str,
+    progress: &mut dyn FnMut(DumpEvent<'_>),
+) -> Result<qemu::MigrateReport> {
+    let not_migrated = || {
+        format!(
+            "QEMU migration of process {} to {uri} (the source VM was not handed over and runs)",
+            args.pid
+        )
+    };
+    let mut qmp = Qmp::connect(socket, QMP_TIMEOUT).with_context(not_migrated)?;
+    let hand = HandOffOptions::new(uri);
+    qemu::send_and_migrate(target, caps, conn, opts, &mut qmp, &hand, progress).map_err(|e| match e
+    {
+        MigrateError::Send(e) => send_failed(args, e).context(not_migrated()),
+        MigrateError::NotContinued { .. } => {
+            let m = format!(
+                "QEMU migration of process {} to {uri}: {e} (it may be paused)",
+                args.pid
+            );
+            CliError::new(OTHER, m).into()
+        }
+        e => anyhow::Error::new(e).context(not_migrated()),
+    })
+}
+
+/// How long a QMP command may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn shown(v: Option<u64>) -> String {
+    v.map_or_else(|| "?".to_owned(), |v| v.to_string())
+}
+
+fn send_failed(args: &SendArgs, e: SendError) -> anyhow::Error {
+    match e {
+        SendError::Transfer(e) => fail(&format!("send to {}", args.to), &e),
+        SendError::Dump(e) => {
+            anyhow::Error::new(e).context(format!("send of process {} to {}", args.pid, args.to))
+        }
+    }
+}
+
+fn sent_line(args: &SendArgs, report: &SendReport) -> String {
+    format!(
         "sent process {} to {}: {} pages, {} bytes in {:.2} s over {} passes; stopped {:.1} ms; receiver: {}",
         args.pid,
         args.to,
@@ -192,10 +282,13 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         report.dump.iterations.len(),
         report.dump.stopped_s * 1e3,
         report.receiver
-    )?;
+    )
+}
+
+fn json_line(ndjson: bool, report: &impl serde::Serialize) -> Result<u8> {
     if ndjson {
         let mut out = std::io::stdout().lock();
-        serde_json::to_writer(&mut out, &report)?;
+        serde_json::to_writer(&mut out, report)?;
         writeln!(out)?;
     }
     Ok(OK)
@@ -220,6 +313,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<u8> {
             }
             ReceiveInto::Image(dir.clone())
         }
+        (None, Some(file)) if args.in_place => ReceiveInto::InPlace(file.clone()),
         (None, Some(file)) => ReceiveInto::File(file.clone()),
         (None, None) => unreachable!("clap requires -o or --into"),
     };

@@ -11,12 +11,15 @@
 //! * `handshake.rs`: magic, version, capabilities, mode, and the
 //!   pre-shared-key challenge-response that keys every later frame;
 //! * `send.rs`: the streaming sink and [`send`];
-//! * `receive.rs`, `output.rs`: [`receive`] and what it writes into.
+//! * `receive.rs`, `output.rs`: [`receive`] and what it writes into;
+//!   `in_place.rs`: into a file a destination already maps (`--in-place`:
+//!   a marker file and the acknowledgement say it is committed).
 //!
 //! No kernel interface of its own: sockets and files through `std`.
 
 mod frame;
 mod handshake;
+mod in_place;
 mod output;
 mod receive;
 mod send;
@@ -29,6 +32,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 
 pub use receive::{ReceiveOptions, ReceiveReport, Target as ReceiveInto, receive};
+pub(crate) use send::send_with;
 pub use send::{ObjectChoice, SendError, SendOptions, SendReport, send};
 
 use crate::error::ErrorKind;

@@ -37,6 +37,8 @@ pub enum Output {
         page: u64,
         /// Pages it holds.
         pages: u64,
+        /// Written into FILE itself (`in_place.rs`), not `FILE.partial`.
+        in_place: bool,
     },
 }
 
@@ -68,6 +70,18 @@ impl Output {
             file: None,
             page: u64::from(page),
             pages: 0,
+            in_place: false,
+        }
+    }
+
+    /// One object into the existing `path` itself (`in_place.rs`).
+    pub fn file_in_place(path: &Path, page: u32) -> Self {
+        Self::File {
+            path: path.to_owned(),
+            file: None,
+            page: u64::from(page),
+            pages: 0,
+            in_place: true,
         }
     }
 
@@ -87,9 +101,15 @@ impl Output {
                 file,
                 page,
                 pages: held,
+                in_place,
             } => {
                 if !object || file.is_some() {
                     return Err("--into FILE takes exactly one shared object's pages".into());
+                }
+                if *in_place {
+                    *file = Some(super::in_place::open(path, pages, *page)?);
+                    *held = pages;
+                    return Ok(());
                 }
                 let p = partial(path);
                 let f = std::fs::OpenOptions::new()
@@ -127,6 +147,7 @@ impl Output {
                 page,
                 pages: held,
                 path,
+                ..
             } => {
                 let f = file.as_ref().ok_or("no store")?;
                 if pages > *held {
@@ -192,9 +213,17 @@ impl Output {
                 Ok(format!("image {} (id {})", dir.display(), h.image_id))
             }
             Self::File {
-                file, path, pages, ..
+                file,
+                path,
+                pages,
+                in_place,
+                ..
             } => {
                 let f = file.take().ok_or("no object was sent")?;
+                if *in_place {
+                    super::in_place::commit(path, &f)?;
+                    return Ok(format!("{} in place ({pages} pages)", path.display()));
+                }
                 f.sync_all().map_err(|e| format!("cannot fsync: {e}"))?;
                 std::fs::rename(partial(path), &*path)
                     .map_err(|e| format!("cannot rename into {}: {e}", path.display()))?;
@@ -228,8 +257,14 @@ impl Output {
                     let _ = std::fs::remove_dir_all(&*dir);
                 }
             }
-            Self::File { path, file, .. } => {
-                if file.take().is_some() {
+            Self::File {
+                path,
+                file,
+                in_place,
+                ..
+            } => {
+                // In place: FILE stays, partly written, with its marker.
+                if file.take().is_some() && !*in_place {
                     let _ = std::fs::remove_file(partial(path));
                 }
             }

@@ -81,11 +81,28 @@ pub fn send(
     opts: &SendOptions,
     progress: &mut dyn FnMut(DumpEvent<'_>),
 ) -> Result<SendReport, SendError> {
+    send_with(target, caps, conn, opts, None, progress)
+}
+
+/// [`send`], with `before_stop` run right before the stopped final pass
+/// (`qemu::send_and_migrate` pauses the VM there).
+pub(crate) fn send_with<'p>(
+    target: &Target,
+    caps: &KernelCaps,
+    conn: Conn,
+    opts: &SendOptions,
+    before_stop: Option<crate::dump::BeforeStop<'p>>,
+    progress: &'p mut dyn FnMut(DumpEvent<'_>),
+) -> Result<SendReport, SendError> {
     let object = opts
         .object
         .as_ref()
         .map(|o| resolve(target, o))
         .transpose()?;
+    let dump_opts = DumpOptions {
+        only_object: object,
+        ..opts.dump.clone()
+    };
     let mode = if object.is_some() {
         Mode::Object
     } else {
@@ -96,7 +113,14 @@ pub fn send(
     let session = handshake::client(conn, opts.psk.as_deref(), mode, page)?;
     let shared = Arc::new(Shared::default());
     let sink = StreamSink::new(session, object, opts.bandwidth, Arc::clone(&shared));
-    let result = crate::dump::dump_to(target, caps, &opts.dump, Box::new(sink), progress);
+    let result = crate::dump::dump_to(
+        target,
+        caps,
+        &dump_opts,
+        Box::new(sink),
+        before_stop,
+        progress,
+    );
     let stream_failure = shared
         .failure
         .lock()
