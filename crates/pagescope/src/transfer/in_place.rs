@@ -94,3 +94,60 @@ fn sync_dir(path: &Path) {
         let _ = File::open(parent).and_then(|d| d.sync_all());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    const PAGE: u64 = 4096;
+
+    fn scratch(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("pagescope-in-place-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn the_marker_lasts_from_open_to_commit_and_old_pages_are_cleared() {
+        let path = scratch("ram");
+        std::fs::write(&path, vec![0xa5; 4 * PAGE as usize]).unwrap();
+        let f = open(&path, 6, PAGE).unwrap();
+        assert!(marker(&path).is_file(), "marker before the first page");
+        let mut all = vec![1u8; 6 * PAGE as usize];
+        f.read_exact_at(&mut all, 0).unwrap();
+        assert!(
+            all.iter().all(|&b| b == 0),
+            "old pages punched, grown to 6 pages"
+        );
+        f.write_all_at(&[7; PAGE as usize], 2 * PAGE).unwrap();
+        commit(&path, &f).unwrap();
+        assert!(!marker(&path).exists(), "marker removed at commit");
+        let got = std::fs::read(&path).unwrap();
+        assert_eq!(got.len() as u64, 6 * PAGE);
+        assert!(
+            got[2 * PAGE as usize..3 * PAGE as usize]
+                .iter()
+                .all(|&b| b == 7)
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_missing_file_is_refused_without_a_marker() {
+        let path = scratch("missing");
+        let e = open(&path, 1, PAGE).unwrap_err();
+        assert!(e.contains("must exist"), "{e}");
+        assert!(!marker(&path).exists());
+    }
+
+    #[test]
+    fn a_larger_file_is_not_shrunk() {
+        let path = scratch("larger");
+        std::fs::write(&path, vec![1; 8 * PAGE as usize]).unwrap();
+        let f = open(&path, 2, PAGE).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 8 * PAGE);
+        drop(f);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(marker(&path)).unwrap();
+    }
+}
