@@ -99,10 +99,6 @@ pub(crate) fn send_with<'p>(
         .as_ref()
         .map(|o| resolve(target, o))
         .transpose()?;
-    let dump_opts = DumpOptions {
-        only_object: object,
-        ..opts.dump.clone()
-    };
     let mode = if object.is_some() {
         Mode::Object
     } else {
@@ -112,15 +108,15 @@ pub(crate) fn send_with<'p>(
     let start = Instant::now();
     let session = handshake::client(conn, opts.psk.as_deref(), mode, page)?;
     let shared = Arc::new(Shared::default());
-    let sink = StreamSink::new(session, object, opts.bandwidth, Arc::clone(&shared));
-    let result = crate::dump::dump_to(
-        target,
-        caps,
-        &dump_opts,
-        Box::new(sink),
-        before_stop,
-        progress,
-    );
+    let sink = Box::new(StreamSink::new(
+        session,
+        object,
+        opts.bandwidth,
+        Arc::clone(&shared),
+    ));
+    let mut dump = opts.dump.clone();
+    dump.only_object = object;
+    let result = crate::dump::dump_to(target, caps, &dump, sink, before_stop, progress);
     let stream_failure = shared
         .failure
         .lock()
