@@ -109,7 +109,7 @@ pub struct ReceiveArgs {
     /// Write into the existing FILE itself (a destination, e.g. QEMU
     /// `-incoming defer`, already maps it): FILE.incomplete exists until
     /// the commit, and exit status 0 says it is complete.
-    #[arg(long, requires = "into")]
+    #[arg(long, requires = "into", conflicts_with = "out")]
     pub in_place: bool,
     /// The pre-shared key the sender must prove (required to listen on a
     /// non-loopback address).
