@@ -348,4 +348,82 @@ mod tests {
         assert_eq!(none.status, "none");
         assert!(!none.is_finished());
     }
+
+    /// A scripted QMP peer on a unix socket: greets, answers every
+    /// command (`migrate` fails when `migrate_fails`; `query-migrate` says
+    /// `completed`), and returns the commands it got once the client hangs
+    /// up.
+    fn fake_qemu(migrate_fails: bool) -> (Qmp, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let path = std::env::temp_dir().join(format!(
+            "pagescope-fake-qmp-{}-{migrate_fails}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut out = stream.try_clone().unwrap();
+            writeln!(out, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            let mut got = Vec::new();
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let cmd: Value = serde_json::from_str(&line).unwrap();
+                let (name, id) = (cmd["execute"].as_str().unwrap().to_owned(), &cmd["id"]);
+                let answer = match name.as_str() {
+                    "migrate" if migrate_fails => {
+                        json!({"error": {"class": "GenericError", "desc": "no listener"}, "id": id})
+                    }
+                    "query-migrate" => {
+                        json!({"return": {"status": "completed", "downtime": 2}, "id": id})
+                    }
+                    _ => json!({"return": {}, "id": id}),
+                };
+                writeln!(out, "{answer}").unwrap();
+                got.push(name);
+            }
+            got
+        });
+        let qmp = Qmp::connect(&path, Duration::from_secs(10)).unwrap();
+        let _ = std::fs::remove_file(&path);
+        (qmp, server)
+    }
+
+    const PAUSE: [&str; 3] = ["qmp_capabilities", "migrate-set-capabilities", "stop"];
+
+    #[test]
+    fn a_paused_vm_dropped_is_continued() {
+        let (mut qmp, server) = fake_qemu(false);
+        drop(Paused::stop(&mut qmp).unwrap());
+        drop(qmp);
+        assert_eq!(server.join().unwrap(), [&PAUSE[..], &["cont"]].concat());
+    }
+
+    #[test]
+    fn a_failed_migration_is_cancelled_and_the_vm_continued() {
+        let (mut qmp, server) = fake_qemu(true);
+        let paused = Paused::stop(&mut qmp).unwrap();
+        let e = paused
+            .migrate(&HandOffOptions::new("unix:/nowhere"))
+            .unwrap_err();
+        assert!(matches!(e, QmpError::Command { .. }), "{e:?}");
+        drop(qmp);
+        let want = [&PAUSE[..], &["migrate", "migrate_cancel", "cont"]].concat();
+        assert_eq!(server.join().unwrap(), want);
+    }
+
+    #[test]
+    fn a_completed_hand_off_leaves_the_source_paused() {
+        let (mut qmp, server) = fake_qemu(false);
+        let mut passes = 0;
+        let h = hand_off(&mut qmp, &HandOffOptions::new("unix:/dst"), || {
+            passes += 1;
+            Ok::<_, std::io::Error>(())
+        })
+        .unwrap();
+        assert_eq!((passes, h.migration.downtime_ms), (1, Some(2)));
+        drop(qmp);
+        let want = [&PAUSE[..], &["migrate", "query-migrate"]].concat();
+        assert_eq!(server.join().unwrap(), want);
+    }
 }
