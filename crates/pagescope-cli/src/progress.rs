@@ -9,7 +9,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pagescope::transfer::{SendEvent, SendPass, SendProgress, SendReport};
+use pagescope::transfer::{SendEvent, SendPass, SendProgress};
 
 /// `send --json` progress lines at most this often (each pass's first
 /// is printed at once).
@@ -135,7 +135,7 @@ impl SendOutput {
     }
 
     /// The final report (NDJSON); the bar cleared.
-    pub fn report(&mut self, r: &SendReport) {
+    pub fn report(&mut self, r: &impl serde::Serialize) {
         self.bar.clear();
         self.ndjson_line("report", r);
     }

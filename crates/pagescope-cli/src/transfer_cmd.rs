@@ -5,19 +5,20 @@
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use pagescope::dump::DumpOptions;
+use pagescope::qemu::{self, HandOffOptions, MigrateError, Qmp};
 use pagescope::transfer::{
     self, Class, Conn, ObjectChoice, ReceiveInto, ReceiveOptions, SendError, SendOptions,
-    TransferError,
+    SendReport, TransferError,
 };
 use pagescope::{KernelCaps, Target};
 
 use crate::cli::parse_interval;
-use crate::exit::{CliError, OK, USAGE};
+use crate::exit::{CliError, OK, OTHER, USAGE};
 use crate::progress::SendOutput;
 
 /// The peers could not agree (magic, version, capability, mode).
@@ -95,6 +96,16 @@ pub struct SendArgs {
     /// --resume) holds unchanged are not sent again.
     #[arg(long)]
     pub resume: bool,
+    /// A QEMU VM's QMP socket (`-qmp unix:SOCKET,server=on,wait=off`): the
+    /// VM is paused over it for the final pass (`x-ignore-shared` set),
+    /// then migrated to `--qemu-migrate` once the receiver acknowledged
+    /// the RAM; on failure it is continued.
+    #[arg(long, value_name = "SOCKET", requires_all = ["qemu_migrate", "object"])]
+    pub qmp: Option<PathBuf>,
+    /// The destination QEMU's `migrate-incoming` URI (`tcp:HOST:PORT`,
+    /// `unix:PATH`): where the source QEMU sends the device state.
+    #[arg(long, value_name = "URI", requires = "qmp")]
+    pub qemu_migrate: Option<String>,
 }
 
 /// Options of `pagescope receive`.
@@ -116,6 +127,11 @@ pub struct ReceiveArgs {
     /// renamed at commit).
     #[arg(long, value_name = "FILE")]
     pub into: Option<PathBuf>,
+    /// Write into the existing FILE itself (a destination, e.g. QEMU
+    /// `-incoming defer`, already maps it): FILE.incomplete exists until
+    /// the commit, and exit status 0 says it is complete.
+    #[arg(long, requires = "into", conflicts_with_all = ["out", "resume", "postcopy"])]
+    pub in_place: bool,
     /// The pre-shared key the sender must prove (required to listen on a
     /// non-loopback address).
     #[arg(long, value_name = "FILE")]
@@ -187,15 +203,84 @@ pub fn send(args: &SendArgs) -> Result<u8> {
     };
     // With `--to -` stdout is the stream: progress goes to stderr only.
     let mut out = SendOutput::new(args.json, args.json && args.to != "-");
+    if let (Some(socket), Some(uri)) = (&args.qmp, &args.qemu_migrate) {
+        let migrated = migrate(args, &target, &caps, conn, &opts, (socket, uri), &mut |e| {
+            out.event(e)
+        });
+        out.clear();
+        let report = migrated?;
+        sent_lines(args, &report.send)?;
+        writeln!(
+            std::io::stderr(),
+            "migrated the VM to {uri}: paused {:.1} ms (RAM final pass and acknowledgement {:.1} ms); QEMU: downtime {} ms, total {} ms, {} bytes",
+            report.stopped_ms,
+            report.final_pass_ms,
+            shown(report.migration.downtime_ms),
+            shown(report.migration.total_time_ms),
+            shown(report.migration.ram_transferred),
+        )?;
+        out.report(&report);
+        return Ok(OK);
+    }
     let result = transfer::send(&target, &caps, conn, &opts, &mut |e| out.event(e));
     out.clear();
-    let report = match result {
-        Ok(r) => r,
-        Err(SendError::Transfer(e)) => return Err(fail(&side, &e)),
-        Err(SendError::Dump(e)) => {
-            return Err(e).with_context(|| format!("send of process {} to {}", args.pid, args.to));
-        }
+    let report = result.map_err(|e| send_failed(args, e))?;
+    sent_lines(args, &report)?;
+    out.report(&report);
+    Ok(OK)
+}
+
+/// `send --qmp SOCKET --qemu-migrate URI`.
+fn migrate(
+    args: &SendArgs,
+    target: &Target,
+    caps: &KernelCaps,
+    conn: Conn,
+    opts: &SendOptions,
+    (socket, uri): (&Path, &str),
+    progress: &mut dyn FnMut(transfer::SendEvent<'_>),
+) -> Result<qemu::MigrateReport> {
+    let not_migrated = || {
+        format!(
+            "QEMU migration of process {} to {uri} (the source VM was not handed over and runs)",
+            args.pid
+        )
     };
+    let mut qmp = Qmp::connect(socket, QMP_TIMEOUT).with_context(not_migrated)?;
+    let hand = HandOffOptions::new(uri);
+    qemu::send_and_migrate(target, caps, conn, opts, &mut qmp, &hand, progress).map_err(|e| match e
+    {
+        MigrateError::Send(e) => send_failed(args, e).context(not_migrated()),
+        MigrateError::NotContinued { .. } => {
+            let m = format!(
+                "QEMU migration of process {} to {uri}: {e} (it may be paused)",
+                args.pid
+            );
+            CliError::new(OTHER, m).into()
+        }
+        e => anyhow::Error::new(e).context(not_migrated()),
+    })
+}
+
+/// How long a QMP command may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn shown(v: Option<u64>) -> String {
+    v.map_or_else(|| "?".to_owned(), |v| v.to_string())
+}
+
+fn send_failed(args: &SendArgs, e: SendError) -> anyhow::Error {
+    match e {
+        SendError::Transfer(e) => fail(&format!("send to {}", args.to), &e),
+        SendError::Dump(e) => {
+            anyhow::Error::new(e).context(format!("send of process {} to {}", args.pid, args.to))
+        }
+    }
+}
+
+/// The report's lines on stderr: what was sent, resume, swap, pageout,
+/// post-copy.
+fn sent_lines(args: &SendArgs, report: &SendReport) -> Result<()> {
     crate::transfer_resume::report_send(&report.resumed, args.resume)?;
     writeln!(
         std::io::stderr(),
@@ -211,10 +296,9 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         report.downtime_s * 1e3,
         report.receiver
     )?;
-    swap_and_pageout_lines(&report)?;
+    swap_and_pageout_lines(report)?;
     crate::postcopy_cmd::sent(report.postcopy.as_ref())?;
-    out.report(&report);
-    Ok(OK)
+    Ok(())
 }
 
 /// What the swap policy and `--pageout-sent` did, on stderr.
@@ -278,7 +362,18 @@ pub fn receive(args: &ReceiveArgs) -> Result<u8> {
         return crate::postcopy_cmd::receive(args, file, pid, key, &side);
     }
     let into = match (&args.out, &args.into) {
-        (Some(dir), _) => ReceiveInto::Image(dir.clone()),
+        (Some(dir), _) => {
+            let busy = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+            if busy {
+                let m = format!(
+                    "{side}: {} is not empty; an image is written only into a new or empty directory",
+                    dir.display()
+                );
+                return Err(CliError::new(USAGE, m).into());
+            }
+            ReceiveInto::Image(dir.clone())
+        }
+        (None, Some(file)) if args.in_place => ReceiveInto::InPlace(file.clone()),
         (None, Some(file)) => ReceiveInto::File(file.clone()),
         (None, None) => unreachable!("clap requires -o or --into"),
     };

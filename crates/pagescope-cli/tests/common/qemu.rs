@@ -1,19 +1,23 @@
 //! The QEMU migration tests' harness: a source VM with its guest RAM in a
 //! memfd (`memory-backend-memfd,share=on`), a destination VM mapping a file
 //! (`memory-backend-file,mem-path=FILE,share=on`, `-incoming defer`), both
-//! TCG, a QMP socket and the serial console in a file each; the guest
+//! TCG, two QMP sockets (the test's, and `tool.sock` for `pagescope send
+//! --qmp`: QEMU serves one client per socket) and the serial console in a
+//! file each; the guest
 //! (`scripts/guest-image`: a Debian kernel and `programs/guest_init.c` as
 //! init) prints `ps-guest: seq=N uptime_ms=T written=W checks=C failures=F`
-//! once a second. Every VM is killed by its PID when dropped.
+//! once a second. Every VM is killed by its PID when dropped. Also: a
+//! `pagescope receive --into FILE --in-place` child ([`Receiver`]).
 
 use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pagescope::PageSize;
 use pagescope::qemu::Qmp;
-use pagescope::{PageSize, Target};
 
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -87,6 +91,11 @@ impl GuestSpec {
             &format!("file:{}", dir.join("serial.log").display()),
             "-qmp",
             &format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
+            "-qmp",
+            &format!(
+                "unix:{},server=on,wait=off",
+                dir.join("tool.sock").display()
+            ),
         ]
         .map(str::to_owned)
         .to_vec()
@@ -157,6 +166,11 @@ impl Vm {
             dir: dir.to_owned(),
             qmp,
         }
+    }
+
+    /// The QMP socket left for `pagescope send --qmp`.
+    pub fn tool_socket(&self) -> PathBuf {
+        self.dir.join("tool.sock")
     }
 
     /// QEMU's PID.
@@ -283,48 +297,48 @@ impl GuestLine {
     }
 }
 
-/// Copies the guest RAM of QEMU process `pid` (its one memfd mapping)
-/// into `file`: the object opened through the pinned target
-/// (`/proc/PID/map_files/RANGE`), only the extents `SEEK_DATA` reports,
-/// at their offsets. Returns the bytes copied.
-pub fn copy_guest_ram(pid: u32, file: &Path) -> u64 {
-    let target = Target::open(pid).expect("pin QEMU");
-    let entry = target
-        .maps()
-        .expect("QEMU's maps")
-        .into_iter()
-        .find(|e| e.perms.shared && e.path.as_bytes().starts_with(b"/memfd:"))
-        .expect("QEMU maps a memfd (memory-backend-memfd)");
-    assert_eq!(entry.offset, 0, "guest RAM mapped from offset 0");
-    let src = File::from(
-        target
-            .map_file(entry.range)
-            .expect("open the guest RAM memfd"),
-    );
-    let size = src.metadata().expect("stat guest RAM").len();
-    let dst = std::fs::OpenOptions::new()
-        .write(true)
-        .open(file)
-        .expect("open the destination's RAM file");
-    let mut buf = vec![0u8; 4 << 20];
-    let (mut pos, mut copied) = (0u64, 0u64);
-    while pos < size {
-        let Ok(start) = rustix::fs::seek(&src, rustix::fs::SeekFrom::Data(pos)) else {
-            break; // ENXIO: no data after pos
-        };
-        let end = rustix::fs::seek(&src, rustix::fs::SeekFrom::Hole(start)).expect("SEEK_HOLE");
-        let mut at = start;
-        while at < end {
-            let n = buf.len().min(usize::try_from(end - at).expect("fits"));
-            src.read_exact_at(&mut buf[..n], at)
-                .expect("read guest RAM");
-            dst.write_all_at(&buf[..n], at).expect("write RAM file");
-            at += n as u64;
-            copied += n as u64;
+/// `pagescope receive --listen 127.0.0.1:0 --into FILE --in-place`,
+/// running: it and the address it listens on.
+pub struct Receiver {
+    child: Child,
+    /// Where it listens.
+    pub addr: String,
+    stderr: BufReader<ChildStderr>,
+}
+
+impl Receiver {
+    /// Starts one writing into `file` in place.
+    pub fn in_place(file: &Path) -> Self {
+        let mut child = Command::new(super::exe())
+            .args(["receive", "--listen", "127.0.0.1:0", "--into"])
+            .arg(file)
+            .arg("--in-place")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start pagescope receive");
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        stderr.read_line(&mut line).expect("receive's first line");
+        let addr = line
+            .trim()
+            .strip_prefix("pagescope: listening on ")
+            .unwrap_or_else(|| panic!("receive said {line:?}"))
+            .to_owned();
+        Self {
+            child,
+            addr,
+            stderr,
         }
-        pos = end;
     }
-    copied
+
+    /// Its exit code and the rest of its stderr.
+    pub fn finish(mut self) -> (i32, String) {
+        let mut rest = String::new();
+        let _ = self.stderr.read_to_string(&mut rest);
+        let code = self.child.wait().expect("wait").code().unwrap_or(-1);
+        (code, rest)
+    }
 }
 
 /// The first page (index) at which `a` and `b` differ, or `None` if they

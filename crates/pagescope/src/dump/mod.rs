@@ -26,6 +26,7 @@
 //! * `cow/`: `--snapshot cow`; `commit.rs`: the records and the commit;
 //! * `abort.rs`, `out_dir.rs`: a failed or interrupted dump;
 //! * `model.rs`, `unopened.rs`: what each page is, objects not opened;
+//! * `scope.rs`: a dump limited to one shared object (`only_object`);
 //! * `verify/`: an image against the live process.
 
 mod abort;
@@ -40,6 +41,7 @@ mod out_dir;
 mod passes;
 mod planner;
 mod remote;
+mod scope;
 mod sharers;
 pub(crate) mod sink;
 pub(crate) mod stop;
@@ -224,6 +226,10 @@ pub struct DumpOptions {
     /// released, the incomplete image removed, and the dump fails with
     /// [`DumpError::Interrupted`].
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+    /// Only this shared object: the process's shared mappings of it are
+    /// the only ones modelled, read and recorded (`send --object`: a VM's
+    /// guest RAM, nothing of the VMM's own memory).
+    pub only_object: Option<crate::vma::ObjectId>,
 }
 
 impl DumpOptions {
@@ -243,6 +249,7 @@ impl DumpOptions {
             swap: SwapPolicy::Read,
             cow: false,
             cancel: None,
+            only_object: None,
         }
     }
 }
@@ -356,7 +363,12 @@ pub fn dump(
     .and_then(|writer| {
         let sink = Box::new(ImageSink::new(writer));
         let mut notes: Vec<String> = prepared.note.iter().cloned().collect();
-        dump_into(target, caps, opts, sink, parent, &mut notes, progress)
+        let with = Start {
+            parent,
+            notes: &mut notes,
+            before_stop: None,
+        };
+        dump_into(target, caps, opts, sink, with, progress)
     });
     result.map_err(|e| {
         if !matches!(e, DumpError::Image(ImageError::NotEmpty { .. })) {
@@ -366,38 +378,56 @@ pub fn dump(
     })
 }
 
+/// Called once, right before the stopped final pass (after pre-copy):
+/// `send --qmp` pauses the VM there. An error fails the dump.
+pub(crate) type BeforeStop<'a> = &'a mut dyn FnMut() -> Result<(), DumpError>;
+
 /// [`dump`] into another [`PageSink`] than an image directory (a stream:
-/// `transfer`); `opts.out` only names it in the report. On failure the
-/// sink is aborted.
-pub(crate) fn dump_to(
+/// `transfer`); `opts.out` only names it in the report; `before_stop` runs
+/// right before the final pass. On failure the sink is aborted.
+pub(crate) fn dump_to<'p>(
     target: &Target,
     caps: &KernelCaps,
     opts: &DumpOptions,
     sink: Box<dyn PageSink>,
-    progress: &mut dyn FnMut(DumpEvent<'_>),
+    before_stop: Option<BeforeStop<'p>>,
+    progress: &'p mut dyn FnMut(DumpEvent<'_>),
 ) -> Result<DumpReport, DumpError> {
     require_live(target)?;
     cow::validate(target, opts)?;
-    dump_into(target, caps, opts, sink, None, &mut Vec::new(), progress)
-        .map_err(|e| exited_or(e, target))
+    let mut notes = Vec::new();
+    let with = Start {
+        parent: None,
+        notes: &mut notes,
+        before_stop,
+    };
+    dump_into(target, caps, opts, sink, with, progress).map_err(|e| exited_or(e, target))
+}
+
+/// Where a dump's passes start from besides the options: the parent
+/// image, notes for the report, the hook before the final pass.
+struct Start<'n, 'p> {
+    parent: Option<Image>,
+    notes: &'n mut Vec<String>,
+    before_stop: Option<BeforeStop<'p>>,
 }
 
 /// The dump's passes writing into `sink` (the image directory, or another
-/// [`PageSink`]); `notes` come first in the report's notes. On failure
-/// the sink is aborted.
-fn dump_into(
+/// [`PageSink`]); `with.notes` come first in the report's notes. On
+/// failure the sink is aborted.
+fn dump_into<'p>(
     target: &Target,
     caps: &KernelCaps,
     opts: &DumpOptions,
     sink: Box<dyn PageSink>,
-    parent: Option<Image>,
-    notes: &mut Vec<String>,
-    progress: &mut dyn FnMut(DumpEvent<'_>),
+    with: Start<'_, 'p>,
+    progress: &'p mut dyn FnMut(DumpEvent<'_>),
 ) -> Result<DumpReport, DumpError> {
     let pinned = Pinned::pin(target, opts.tree);
     let cancel = abort::Cancel::new(opts.cancel.clone(), target.pid());
-    let mut d = Dump::new(caps, opts.clone(), sink, parent, progress, cancel);
-    d.notes.append(notes);
+    let mut d = Dump::new(caps, opts.clone(), sink, with.parent, progress, cancel);
+    d.before_stop = with.before_stop;
+    d.notes.append(with.notes);
     match passes(&mut d, &pinned) {
         Ok((iterations, stopped_s, cow)) => d.finish(iterations, stopped_s, cow),
         Err(e) => {

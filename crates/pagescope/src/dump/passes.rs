@@ -18,6 +18,7 @@ use super::copy::{self, Copied, Copier, Frames, Out, Progress};
 use super::model::VmaModel;
 use super::objects::Objects;
 use super::planner::{self, FromParent, LayoutCheck, LayoutFingerprint, Plan};
+use super::scope;
 use super::sink::{PageSink, PassStart};
 use super::stop::Stopped;
 use super::swap::{SwapIo, SwapPolicy};
@@ -44,6 +45,8 @@ pub(super) struct Dump<'t, 'c, 'p> {
     pub objects: Objects,
     frames: Option<Frames>,
     pub progress: &'p mut dyn FnMut(DumpEvent<'_>),
+    /// Runs right before the final pass (`send --qmp`: the VM paused).
+    pub before_stop: Option<super::BeforeStop<'p>>,
     pub cancel: Cancel,
     last_collect: Instant,
     /// Copy throughput of the full pass, bytes/s.
@@ -77,6 +80,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             procs: Vec::new(),
             objects: Objects::new(caps, opts.copy_files),
             progress,
+            before_stop: None,
             last_collect: Instant::now(),
             rate: 0.0,
             notes: Vec::new(),
@@ -177,7 +181,8 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             return Ok(false);
         };
         let layout_read = LayoutFingerprint::of(&target.read_file("maps")?);
-        let layout = crate::inspect::read_layout(target, false)?;
+        let mut layout = crate::inspect::read_layout(target, false)?;
+        layout.retain(|v| scope::in_scope(v, self.opts.only_object));
         let mut models = Vec::with_capacity(layout.len());
         let mut new = BTreeSet::new();
         for found in planner::models_from_parent(layout, recorded, self.page) {
@@ -287,6 +292,9 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
     /// was written since the last pass copied, then resumed (or left
     /// stopped). Returns the pass and how long the processes were stopped.
     fn final_pass(&mut self, n: u32) -> Result<(Iteration, f64), DumpError> {
+        if let Some(hook) = self.before_stop.as_mut() {
+            hook()?;
+        }
         let t0 = Instant::now();
         let mut stopped = Vec::with_capacity(self.procs.len());
         for p in &self.procs {
@@ -330,9 +338,12 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
                     ErrorKind::TargetExited => DumpError::Exited { pid },
                     _ => DumpError::Track(e),
                 })?;
-            written_pages += report.pages();
             let new = self.reconcile(i, &report)?;
             let vmas = &self.procs[i].vmas;
+            written_pages += match self.opts.only_object {
+                None => report.pages(),
+                Some(_) => scope::written_within(&report.ranges(), vmas, self.page),
+            };
             planner::plan_written(&mut plan, i, vmas, &report.ranges(), &new, self.page);
         }
         let copied = self.run(pass, plan)?;
@@ -394,7 +405,8 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         self.procs[i].layout = Some(LayoutFingerprint::of(&target.read_file("maps")?));
         let report = crate::inspect::scan_page_tables(target, self.caps)?;
         let mut models = Vec::with_capacity(report.vmas.len());
-        for v in &report.vmas {
+        let only = self.opts.only_object;
+        for v in report.vmas.iter().filter(|v| scope::in_scope(&v.vma, only)) {
             models.push(self.model_of(target, v)?);
         }
         Ok(models)

@@ -195,16 +195,92 @@ pub struct HandOff {
     pub migration: MigrationStats,
 }
 
-/// Hands a VM over to the destination QEMU: sets `x-ignore-shared` (before
-/// the stop, so it adds no downtime), `stop`s the VM, runs `final_pass`
-/// (the caller copies what the guest wrote since its last pass and waits
-/// for the receiver's acknowledgement), then `migrate`s to
-/// `options.uri` and waits for completion. The source stays paused
+/// A VM stopped for its hand-over: `x-ignore-shared` set, `stop` done.
+/// [`Paused::migrate`] hands it over; any other end (an error, a drop)
+/// continues it (`cont`): nothing ran on the destination, so the guest goes
+/// on where it was.
+#[derive(Debug)]
+pub struct Paused<'q> {
+    qmp: &'q mut Qmp,
+    since: Instant,
+    /// Still to be continued when dropped.
+    armed: bool,
+}
+
+impl<'q> Paused<'q> {
+    /// Sets `x-ignore-shared` (before the stop, so it adds no downtime)
+    /// and `stop`s the VM.
+    pub fn stop(qmp: &'q mut Qmp) -> Result<Self, QmpError> {
+        set_ignore_shared(qmp)?;
+        if let Err(e) = stop(qmp) {
+            // It may have stopped before the answer was lost.
+            let _ = cont(qmp);
+            return Err(e);
+        }
+        Ok(Self {
+            qmp,
+            since: Instant::now(),
+            armed: true,
+        })
+    }
+
+    /// Since the `stop` returned.
+    pub fn elapsed(&self) -> Duration {
+        self.since.elapsed()
+    }
+
+    /// `migrate`s the device state to `options.uri` and waits for
+    /// completion; the source stays paused (`postmigrate`). If the
+    /// migration does not complete it is cancelled and the VM continued.
+    pub fn migrate(mut self, options: &HandOffOptions) -> Result<HandOff, QmpError> {
+        let final_pass = self.since.elapsed();
+        let migrated = start_migration(self.qmp, &options.uri)
+            .and_then(|()| wait_migration(self.qmp, options.poll, options.timeout));
+        match migrated {
+            Ok(migration) => {
+                self.armed = false;
+                Ok(HandOff {
+                    stopped: self.since.elapsed(),
+                    final_pass,
+                    migration,
+                })
+            }
+            Err(e) => {
+                // Best effort: the first error is the one to report; the
+                // drop continues the VM.
+                let _ = self.qmp.execute("migrate_cancel", None);
+                Err(e)
+            }
+        }
+    }
+
+    /// Continues the VM (no hand-over).
+    pub fn resume(mut self) -> Result<(), QmpError> {
+        self.armed = false;
+        cont(self.qmp)
+    }
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = cont(self.qmp);
+        }
+    }
+}
+
+/// Hands a VM over to the destination QEMU: [`Paused::stop`] (sets
+/// `x-ignore-shared`, `stop`s the VM), runs `final_pass` (the caller
+/// copies what the guest wrote since its last pass and waits for the
+/// receiver's acknowledgement), then [`Paused::migrate`]: `migrate` to
+/// `options.uri`, waiting for completion. The source stays paused
 /// (`postmigrate`); the destination is continued by its owner.
 ///
 /// If `final_pass` fails, or the migration does not complete, the source
 /// VM is continued (`cont`) before the error is returned: nothing ran on
-/// the destination, so the guest goes on where it was.
+/// the destination, so the guest goes on where it was. (`send --qmp` runs
+/// the same steps with the dump's stopped pass in between: the stop is
+/// taken where the dump's final pass begins.)
 pub fn hand_off<E>(
     qmp: &mut Qmp,
     options: &HandOffOptions,
@@ -213,29 +289,12 @@ pub fn hand_off<E>(
 where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    set_ignore_shared(qmp)?;
-    stop(qmp)?;
-    let stopped_at = Instant::now();
+    let paused = Paused::stop(qmp)?;
     if let Err(e) = final_pass() {
-        cont(qmp)?;
+        paused.resume()?;
         return Err(QmpError::FinalPass(e.into()));
     }
-    let final_pass = stopped_at.elapsed();
-    let migrated = start_migration(qmp, &options.uri)
-        .and_then(|()| wait_migration(qmp, options.poll, options.timeout));
-    match migrated {
-        Ok(migration) => Ok(HandOff {
-            stopped: stopped_at.elapsed(),
-            final_pass,
-            migration,
-        }),
-        Err(e) => {
-            // Best effort: the first error is the one to report.
-            let _ = qmp.execute("migrate_cancel", None);
-            let _ = cont(qmp);
-            Err(e)
-        }
-    }
+    paused.migrate(options)
 }
 
 #[cfg(test)]
@@ -288,5 +347,83 @@ mod tests {
         let none = parse_query_migrate(&json!({}));
         assert_eq!(none.status, "none");
         assert!(!none.is_finished());
+    }
+
+    /// A scripted QMP peer on a unix socket: greets, answers every
+    /// command (`migrate` fails when `migrate_fails`; `query-migrate` says
+    /// `completed`), and returns the commands it got once the client hangs
+    /// up.
+    fn fake_qemu(migrate_fails: bool) -> (Qmp, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let path = std::env::temp_dir().join(format!(
+            "pagescope-fake-qmp-{}-{migrate_fails}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut out = stream.try_clone().unwrap();
+            writeln!(out, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            let mut got = Vec::new();
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let cmd: Value = serde_json::from_str(&line).unwrap();
+                let (name, id) = (cmd["execute"].as_str().unwrap().to_owned(), &cmd["id"]);
+                let answer = match name.as_str() {
+                    "migrate" if migrate_fails => {
+                        json!({"error": {"class": "GenericError", "desc": "no listener"}, "id": id})
+                    }
+                    "query-migrate" => {
+                        json!({"return": {"status": "completed", "downtime": 2}, "id": id})
+                    }
+                    _ => json!({"return": {}, "id": id}),
+                };
+                writeln!(out, "{answer}").unwrap();
+                got.push(name);
+            }
+            got
+        });
+        let qmp = Qmp::connect(&path, Duration::from_secs(10)).unwrap();
+        let _ = std::fs::remove_file(&path);
+        (qmp, server)
+    }
+
+    const PAUSE: [&str; 3] = ["qmp_capabilities", "migrate-set-capabilities", "stop"];
+
+    #[test]
+    fn a_paused_vm_dropped_is_continued() {
+        let (mut qmp, server) = fake_qemu(false);
+        drop(Paused::stop(&mut qmp).unwrap());
+        drop(qmp);
+        assert_eq!(server.join().unwrap(), [&PAUSE[..], &["cont"]].concat());
+    }
+
+    #[test]
+    fn a_failed_migration_is_cancelled_and_the_vm_continued() {
+        let (mut qmp, server) = fake_qemu(true);
+        let paused = Paused::stop(&mut qmp).unwrap();
+        let e = paused
+            .migrate(&HandOffOptions::new("unix:/nowhere"))
+            .unwrap_err();
+        assert!(matches!(e, QmpError::Command { .. }), "{e:?}");
+        drop(qmp);
+        let want = [&PAUSE[..], &["migrate", "migrate_cancel", "cont"]].concat();
+        assert_eq!(server.join().unwrap(), want);
+    }
+
+    #[test]
+    fn a_completed_hand_off_leaves_the_source_paused() {
+        let (mut qmp, server) = fake_qemu(false);
+        let mut passes = 0;
+        let h = hand_off(&mut qmp, &HandOffOptions::new("unix:/dst"), || {
+            passes += 1;
+            Ok::<_, std::io::Error>(())
+        })
+        .unwrap();
+        assert_eq!((passes, h.migration.downtime_ms), (1, Some(2)));
+        drop(qmp);
+        let want = [&PAUSE[..], &["migrate", "query-migrate"]].concat();
+        assert_eq!(server.join().unwrap(), want);
     }
 }

@@ -8,8 +8,12 @@
 //!   negotiation, commands with a timeout, events kept for the caller;
 //! * `migrate.rs`: the migration steps (`stop`, `query-status`,
 //!   `migrate-set-capabilities` `x-ignore-shared`, `migrate`,
-//!   `query-migrate` polled to completion) and [`hand_off`], the whole
-//!   stop → final pass → device-state migration sequence `send` runs.
+//!   `query-migrate` polled to completion), [`Paused`] (a VM stopped for
+//!   its hand-over, continued unless it is migrated) and [`hand_off`], the
+//!   whole stop → final pass → device-state migration sequence;
+//! * `send.rs`: [`send_and_migrate`], what `send --qmp SOCKET
+//!   --qemu-migrate URI` runs: `send --object`'s passes with the VM paused
+//!   right before the final one, then the device-state migration.
 //!
 //! With guest RAM in a shared object (`memory-backend-memfd,share=on` or
 //! `memory-backend-file,share=on`) and `x-ignore-shared` set on both sides,
@@ -20,6 +24,7 @@
 mod client;
 mod message;
 mod migrate;
+mod send;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,10 +32,11 @@ use std::time::Duration;
 pub use client::Qmp;
 pub use message::{Event, Message, command_line, parse_message};
 pub use migrate::{
-    HandOff, HandOffOptions, MigrationStats, VmStatus, cont, hand_off, incoming,
+    HandOff, HandOffOptions, MigrationStats, Paused, VmStatus, cont, hand_off, incoming,
     parse_query_migrate, query_migrate, query_status, set_ignore_shared, start_migration, stop,
     wait_migration,
 };
+pub use send::{MigrateError, MigrateReport, send_and_migrate};
 
 use crate::error::ErrorKind;
 

@@ -15,6 +15,8 @@
 //!   measured rate, `progress.rs`: live counters and [`SendEvent`]s,
 //!   `stores.rs`: the stores it sends (`--object`);
 //! * `receive.rs`, `output.rs`: [`receive`] and what it writes into;
+//!   `in_place.rs`: into a file a destination already maps (`--in-place`:
+//!   a marker file and the acknowledgement say it is committed);
 //! * `postcopy/`: post-copy into a process that maps the file
 //!   (userfaultfd missing-page faults).
 //! * `resume.rs`, `partial.rs`: resuming after a dropped connection (the
@@ -25,6 +27,7 @@
 
 mod frame;
 mod handshake;
+mod in_place;
 mod out;
 mod output;
 mod pace;
@@ -35,6 +38,7 @@ mod progress;
 mod receive;
 mod resume;
 mod send;
+mod send_types;
 mod stores;
 pub(crate) mod wire;
 
@@ -49,6 +53,7 @@ pub use partial::prepare as prepare_receive;
 pub use progress::{PassSent, SendEvent, SendPass, SendProgress};
 pub use receive::{ReceiveOptions, ReceiveReport, Target as ReceiveInto, receive};
 pub use resume::Resumed;
+pub(crate) use send::send_with;
 pub use send::{SendError, SendOptions, SendReport, send};
 pub use stores::ObjectChoice;
 

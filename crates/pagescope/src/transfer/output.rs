@@ -41,6 +41,8 @@ pub enum Output {
         pages: u64,
         /// A resumable receive: `FILE.partial` is kept as found.
         resume: bool,
+        /// Written into FILE itself (`in_place.rs`), not `FILE.partial`.
+        in_place: bool,
     },
 }
 
@@ -79,6 +81,19 @@ impl Output {
             page: u64::from(page),
             pages: 0,
             resume,
+            in_place: false,
+        }
+    }
+
+    /// One object into the existing `path` itself (`in_place.rs`).
+    pub fn file_in_place(path: &Path, page: u32) -> Self {
+        Self::File {
+            path: path.to_owned(),
+            file: None,
+            page: u64::from(page),
+            pages: 0,
+            resume: false,
+            in_place: true,
         }
     }
 
@@ -99,9 +114,15 @@ impl Output {
                 page,
                 pages: held,
                 resume,
+                in_place,
             } => {
                 if !object || file.is_some() {
                     return Err("--into FILE takes exactly one shared object's pages".into());
+                }
+                if *in_place {
+                    *file = Some(super::in_place::open(path, pages, *page)?);
+                    *held = pages;
+                    return Ok(());
                 }
                 let p = partial(path);
                 let f = std::fs::OpenOptions::new()
@@ -205,9 +226,17 @@ impl Output {
                 Ok(format!("image {} (id {})", dir.display(), h.image_id))
             }
             Self::File {
-                file, path, pages, ..
+                file,
+                path,
+                pages,
+                in_place,
+                ..
             } => {
                 let f = file.take().ok_or("no object was sent")?;
+                if *in_place {
+                    super::in_place::commit(path, &f)?;
+                    return Ok(format!("{} in place ({pages} pages)", path.display()));
+                }
                 f.sync_all().map_err(|e| format!("cannot fsync: {e}"))?;
                 std::fs::rename(partial(path), &*path)
                     .map_err(|e| format!("cannot rename into {}: {e}", path.display()))?;
@@ -246,12 +275,17 @@ impl Output {
                 }
             }
             Self::File {
-                path, file, resume, ..
+                path,
+                file,
+                resume,
+                in_place,
+                ..
             } => {
                 if *resume {
                     super::partial::discard(&super::ReceiveInto::File(path.clone()));
                 }
-                if file.take().is_some() {
+                // In place: FILE stays, partly written, with its marker.
+                if file.take().is_some() && !*in_place {
                     let _ = std::fs::remove_file(partial(path));
                 }
             }

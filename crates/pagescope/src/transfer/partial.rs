@@ -30,7 +30,7 @@ const HEAD: u64 = 4096;
 fn sidecar(into: &Target, name: &str) -> PathBuf {
     match into {
         Target::Image(dir) => dir.join(SIDECARS).join(format!("{name}.sums")),
-        Target::File(path) => {
+        Target::File(path) | Target::InPlace(path) => {
             let mut p = partial(path).into_os_string();
             p.push(".sums");
             PathBuf::from(p)
@@ -42,7 +42,7 @@ fn sidecar(into: &Target, name: &str) -> PathBuf {
 fn data(into: &Target, name: &str) -> Option<PathBuf> {
     match into {
         Target::Image(dir) => StoreName::new(name).map(|n| n.pages_path(dir)),
-        Target::File(path) => Some(partial(path)),
+        Target::File(path) | Target::InPlace(path) => Some(partial(path)),
     }
 }
 
@@ -72,7 +72,7 @@ pub fn exists(into: &Target) -> bool {
             let any = std::fs::read_dir(dir.join(SIDECARS)).is_ok_and(|mut d| d.next().is_some());
             any && !dir.join(HEADER_FILE).exists()
         }
-        Target::File(_) => sidecar(into, "").exists(),
+        Target::File(_) | Target::InPlace(_) => sidecar(into, "").exists(),
     }
 }
 
@@ -102,7 +102,7 @@ pub fn discard(into: &Target) {
                 }
             }
         }
-        Target::File(path) => {
+        Target::File(path) | Target::InPlace(path) => {
             let _ = std::fs::remove_file(sidecar(into, ""));
             let _ = std::fs::remove_file(partial(path));
         }
@@ -115,7 +115,7 @@ pub fn mark(into: &Target) -> Result<(), String> {
     match into {
         Target::Image(dir) => std::fs::create_dir_all(dir.join(SIDECARS))
             .map_err(|e| format!("cannot create {}: {e}", dir.join(SIDECARS).display())),
-        Target::File(_) => Ok(()),
+        Target::File(_) | Target::InPlace(_) => Ok(()),
     }
 }
 
@@ -134,7 +134,7 @@ pub fn committed(into: &Target) {
         Target::Image(dir) => {
             let _ = std::fs::remove_dir_all(dir.join(SIDECARS));
         }
-        Target::File(_) => {
+        Target::File(_) | Target::InPlace(_) => {
             let _ = std::fs::remove_file(sidecar(into, ""));
         }
     }
@@ -151,7 +151,7 @@ pub fn load(into: &Target, page: u32) -> Option<Held> {
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "sums"))
             .collect(),
-        Target::File(_) => vec![sidecar(into, "")],
+        Target::File(_) | Target::InPlace(_) => vec![sidecar(into, "")],
     };
     let mut held = Held::default();
     for path in sidecars {
@@ -394,7 +394,7 @@ pub fn prepare(into: &Target, resume: bool) -> Result<Option<String>, String> {
             }
             busy
         }
-        Target::File(_) => exists(into),
+        Target::File(_) | Target::InPlace(_) => exists(into),
     };
     if resume || !leftover {
         return Ok(None);

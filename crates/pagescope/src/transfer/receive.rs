@@ -20,6 +20,9 @@ pub enum Target {
     Image(PathBuf),
     /// One shared object's pages into this file.
     File(PathBuf),
+    /// One shared object's pages into this existing file itself, which a
+    /// destination already maps (`in_place.rs`).
+    InPlace(PathBuf),
 }
 
 /// How to receive.
@@ -57,7 +60,7 @@ pub struct ReceiveReport {
 pub fn receive(conn: Conn, opts: &ReceiveOptions) -> Result<ReceiveReport, TransferError> {
     let mode = match opts.into {
         Target::Image(_) => Mode::Image,
-        Target::File(_) => Mode::Object,
+        Target::File(_) | Target::InPlace(_) => Mode::Object,
     };
     let extra = if opts.resume { CAP_RESUME } else { 0 };
     let mut s = handshake::server(conn, opts.psk.as_deref(), mode, extra, 0)?;
@@ -70,6 +73,7 @@ pub fn receive(conn: Conn, opts: &ReceiveOptions) -> Result<ReceiveReport, Trans
     let output = match &opts.into {
         Target::Image(dir) => Output::image(dir, s.page_size, opts.resume),
         Target::File(path) => Ok(Output::file(path, s.page_size, opts.resume)),
+        Target::InPlace(path) => Ok(Output::file_in_place(path, s.page_size)),
     };
     let output = match output {
         Ok(o) => o,

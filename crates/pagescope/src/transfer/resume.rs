@@ -463,6 +463,6 @@ fn announce(s: &mut Session, stores: &BTreeMap<String, Vec<u64>>) -> Result<(), 
 fn shown(into: &Into) -> String {
     match into {
         Into::Image(d) => d.display().to_string(),
-        Into::File(f) => f.display().to_string(),
+        Into::File(f) | Into::InPlace(f) => f.display().to_string(),
     }
 }

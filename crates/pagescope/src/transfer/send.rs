@@ -12,86 +12,23 @@ use std::time::{Duration, Instant};
 
 use super::handshake::{self, Session};
 use super::out::{Out, Run};
-use super::pageout_sent::{PageoutSentReport, SentStore, page_out_sent};
-use super::postcopy::{self, PostcopySendStats};
-use super::progress::{Counters, Live, PassSent, SendEvent};
+use super::pageout_sent::{SentStore, page_out_sent};
+use super::postcopy;
+use super::progress::{Counters, Live, SendEvent};
 use super::resume::{self, Have};
-use super::stores::{self, ObjectChoice, StoreState};
+pub use super::send_types::{SendError, SendOptions, SendReport};
+use super::stores::{self, StoreState};
 use super::wire::{self, Mode, Record, kind};
 use super::{Class, Conn, TransferError};
+use crate::dump::DumpError;
 use crate::dump::sink::{
     Committed, NotStored, PageSink, PassStart, StoreOwner, StoreRef, store_name,
 };
-use crate::dump::{DumpError, DumpOptions, DumpReport, PrecopyEnd};
 use crate::image::ImageError;
 use crate::image::format::{self, Meta};
 use crate::kernel::KernelCaps;
 use crate::proc::Target;
 use crate::vma::ObjectId;
-
-/// How to send.
-#[derive(Clone, Debug)]
-pub struct SendOptions {
-    /// The passes (`out` only names the destination in the report).
-    pub dump: DumpOptions,
-    /// Only this shared object's pages (to `receive --into FILE`).
-    pub object: Option<ObjectChoice>,
-    /// The pre-shared key.
-    pub psk: Option<Vec<u8>>,
-    /// Bytes per second at most.
-    pub bandwidth: Option<u64>,
-    /// After the receiver's acknowledgement, page the sent pages out.
-    pub pageout_sent: bool,
-    /// Post-copy after at most this many pre-copy passes (`postcopy/`).
-    pub postcopy_after: Option<u32>,
-    /// Continue a transfer the receiver kept (`--resume`).
-    pub resume: bool,
-}
-
-/// What a send did.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct SendReport {
-    /// The dump's passes.
-    pub dump: DumpReport,
-    /// Bytes written to the stream.
-    pub bytes_sent: u64,
-    /// Pages sent (a page sent in several passes counts each time).
-    pub pages_sent: u64,
-    /// Seconds from the handshake to the acknowledgement.
-    pub seconds: f64,
-    /// Seconds the process was stopped (the final pass): the downtime.
-    pub downtime_s: f64,
-    /// The stream's measured bandwidth at the end, bytes/s (smoothed;
-    /// never above `--bandwidth`).
-    pub bandwidth_bytes_s: f64,
-    /// Why pre-copy ended.
-    pub precopy_end: PrecopyEnd,
-    /// Whether pre-copy converged (what is left fit in `--max-downtime`,
-    /// or nothing was written) rather than hit `--max-iterations` or
-    /// `--max-time`.
-    pub converged: bool,
-    /// Every pass as the stream saw it: pages and bytes sent.
-    pub passes: Vec<PassSent>,
-    /// The receiver's acknowledgement.
-    pub receiver: String,
-    /// What `pageout_sent` did.
-    pub pageout_sent: Option<PageoutSentReport>,
-    /// The post-copy phase, if there was one.
-    pub postcopy: Option<PostcopySendStats>,
-    /// What `--resume` spared.
-    pub resumed: resume::Resumed,
-}
-
-/// A send's failure: the stream's, or the dump's own.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    /// The stream failed or the receiver refused.
-    #[error(transparent)]
-    Transfer(#[from] TransferError),
-    /// The dump failed (the receiver was told to discard everything).
-    #[error(transparent)]
-    Dump(#[from] DumpError),
-}
 
 /// Sends `target`'s memory over `conn` (see the module doc).
 pub fn send(
@@ -99,6 +36,19 @@ pub fn send(
     caps: &KernelCaps,
     conn: Conn,
     opts: &SendOptions,
+    progress: &mut dyn FnMut(SendEvent<'_>),
+) -> Result<SendReport, SendError> {
+    send_with(target, caps, conn, opts, None, progress)
+}
+
+/// [`send`], with `before_stop` run right before the stopped final pass
+/// (`qemu::send_and_migrate` pauses the VM there).
+pub(crate) fn send_with<'p>(
+    target: &Target,
+    caps: &KernelCaps,
+    conn: Conn,
+    opts: &SendOptions,
+    before_stop: Option<crate::dump::BeforeStop<'p>>,
     progress: &mut dyn FnMut(SendEvent<'_>),
 ) -> Result<SendReport, SendError> {
     let object = opts
@@ -127,8 +77,13 @@ pub fn send(
     let mut sink = StreamSink::new(session, object, opts.bandwidth, Arc::clone(&shared));
     sink.have = Arc::clone(&have);
     let sink = postcopy::wrap(sink, stash.as_ref());
+    let mut dump_opts = dump_opts;
+    dump_opts.only_object = object;
     let mut live = Live::new(&shared.counters, progress);
-    let result = crate::dump::dump_to(target, caps, &dump_opts, sink, &mut |e| {
+    let mut before_stop = before_stop;
+    // The hook reborrowed for as long as the progress closure lives.
+    let hook: Option<crate::dump::BeforeStop<'_>> = before_stop.as_mut().map(|b| &mut **b as _);
+    let result = crate::dump::dump_to(target, caps, &dump_opts, sink, hook, &mut |e| {
         live.dump_event(e);
     });
     let stream_failure = shared
