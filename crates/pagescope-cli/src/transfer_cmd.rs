@@ -362,17 +362,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<u8> {
         return crate::postcopy_cmd::receive(args, file, pid, key, &side);
     }
     let into = match (&args.out, &args.into) {
-        (Some(dir), _) => {
-            let busy = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
-            if busy {
-                let m = format!(
-                    "{side}: {} is not empty; an image is written only into a new or empty directory",
-                    dir.display()
-                );
-                return Err(CliError::new(USAGE, m).into());
-            }
-            ReceiveInto::Image(dir.clone())
-        }
+        (Some(dir), _) => ReceiveInto::Image(dir.clone()),
         (None, Some(file)) if args.in_place => ReceiveInto::InPlace(file.clone()),
         (None, Some(file)) => ReceiveInto::File(file.clone()),
         (None, None) => unreachable!("clap requires -o or --into"),
