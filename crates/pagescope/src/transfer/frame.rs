@@ -99,6 +99,9 @@ pub struct FrameReader {
     key: Option<[u8; 32]>,
     seq: u64,
     peer: String,
+    /// The last frame's bytes: one buffer for the connection, so a frame
+    /// of several MiB is not allocated, faulted in and zeroed anew.
+    buf: Vec<u8>,
 }
 
 impl std::fmt::Debug for FrameReader {
@@ -119,6 +122,7 @@ impl FrameReader {
             key: None,
             seq: 0,
             peer: peer.to_owned(),
+            buf: Vec::new(),
         }
     }
 
@@ -148,9 +152,21 @@ impl FrameReader {
                 "frame length {len} outside 1 + {tag_len}..={MAX_FRAME}"
             )));
         }
-        let mut frame = vec![0u8; len as usize];
-        match read_full(&mut self.r, &mut frame) {
-            Ok(n) if n == frame.len() => {}
+        let mut buf = std::mem::take(&mut self.buf);
+        if buf.len() < len as usize {
+            buf.resize(len as usize, 0);
+        }
+        let record = self.frame(&mut buf[..len as usize], tag_len);
+        self.buf = buf;
+        record.map(Some)
+    }
+
+    /// Reads the frame of `frame.len()` bytes after its length, checks its
+    /// tag (`tag_len` bytes) and decodes it.
+    fn frame(&mut self, frame: &mut [u8], tag_len: usize) -> Result<Record, TransferError> {
+        let len = frame.len();
+        match read_full(&mut self.r, frame) {
+            Ok(n) if n == len => {}
             Ok(n) => {
                 return Err(self.bad(format!(
                     "the stream stopped mid-record ({n} of {len} bytes)"
@@ -158,7 +174,7 @@ impl FrameReader {
             }
             Err(e) => return Err(TransferError::io("read from", &self.peer, e)),
         }
-        let (body, t) = frame.split_at(frame.len() - tag_len);
+        let (body, t) = frame.split_at(len - tag_len);
         let (kind, payload) = (body[0], &body[1..]);
         if let Some(key) = &self.key {
             let ok = tag(key, self.seq, kind, &[payload]).verify_slice(t).is_ok();
@@ -171,9 +187,7 @@ impl FrameReader {
             }
         }
         self.seq += 1;
-        Record::decode(kind, payload)
-            .map(Some)
-            .map_err(|m| self.bad(m))
+        Record::decode(kind, payload).map_err(|m| self.bad(m))
     }
 
     fn bad(&self, what: String) -> TransferError {
