@@ -131,8 +131,26 @@ struct Receiving {
     resume: Option<Resuming>,
 }
 
-fn bad(what: impl Into<String>) -> TransferError {
+pub(super) fn bad(what: impl Into<String>) -> TransferError {
     TransferError::new(Class::BadStream, "", what)
+}
+
+/// What a record that cannot come here says: the sender aborted or gave
+/// up, or the stream broke its order (both receivers, plain and
+/// post-copy).
+pub(super) fn out_of_place(r: Record) -> TransferError {
+    match r {
+        Record::Abort(why) => {
+            TransferError::new(Class::Aborted, "", format!("the sender aborted: {why}"))
+        }
+        Record::Error(class, msg) => {
+            TransferError::new(class, "", format!("the sender gave up: {msg}"))
+        }
+        r => bad(format!(
+            "record of kind {} in the middle of a stream",
+            r.kind()
+        )),
+    }
 }
 
 impl Receiving {
@@ -231,26 +249,7 @@ impl Receiving {
                 }
                 self.meta.extend_from_slice(&part);
             }
-            Record::Abort(why) => {
-                return Err(TransferError::new(
-                    Class::Aborted,
-                    "",
-                    format!("the sender aborted: {why}"),
-                ));
-            }
-            Record::Error(class, msg) => {
-                return Err(TransferError::new(
-                    class,
-                    "",
-                    format!("the sender gave up: {msg}"),
-                ));
-            }
-            r => {
-                return Err(bad(format!(
-                    "record of kind {} in the middle of a stream",
-                    r.kind()
-                )));
-            }
+            r => return Err(out_of_place(r)),
         }
         Ok(())
     }

@@ -18,6 +18,7 @@ use crate::image::format::{self, MAX_META_BYTES, MAX_STORE_PAGES};
 use crate::sys::uffd::{UFFD_EVENT_PAGEFAULT, read_msgs};
 use crate::transfer::frame::FrameWriter;
 use crate::transfer::handshake;
+use crate::transfer::receive::{bad, out_of_place};
 use crate::transfer::wire::{Mode, Record, Why};
 use crate::transfer::{Class, Conn, TransferError};
 
@@ -246,10 +247,6 @@ struct Receiving {
     filler: Option<std::thread::JoinHandle<()>>,
 }
 
-fn bad(what: impl Into<String>) -> TransferError {
-    TransferError::new(Class::BadStream, "", what)
-}
-
 fn destination(what: String) -> TransferError {
     TransferError::new(Class::Destination, "", what)
 }
@@ -355,26 +352,7 @@ impl Receiving {
                 self.meta.extend_from_slice(&part);
             }
             Record::Postcopy(p) => self.postcopy(sh, p)?,
-            Record::Abort(why) => {
-                return Err(TransferError::new(
-                    Class::Aborted,
-                    "",
-                    format!("the sender aborted: {why}"),
-                ));
-            }
-            Record::Error(class, msg) => {
-                return Err(TransferError::new(
-                    class,
-                    "",
-                    format!("the sender gave up: {msg}"),
-                ));
-            }
-            r => {
-                return Err(bad(format!(
-                    "record of kind {} in the middle of a stream",
-                    r.kind()
-                )));
-            }
+            r => return Err(out_of_place(r)),
         }
         Ok(())
     }
