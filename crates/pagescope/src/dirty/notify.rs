@@ -269,7 +269,7 @@ impl DescriptorHolders {
             return Vec::new();
         }
         let wanted: HashSet<ObjectId> = memfds.iter().map(|(id, _)| *id).collect();
-        let holders = holders_of(&wanted);
+        let holders = holders_of(memfds);
         let exact = self.exact();
         let mut out = Vec::new();
         for (id, fd) in memfds {
@@ -378,11 +378,11 @@ fn syscw(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// For each object in `wanted`, the (PID, fd) pairs of other processes
-/// holding it: every `/proc/*/fd/*` whose link names a memfd is `stat`ed.
-/// pagescope itself is left out (its injection helpers, which inherit its
-/// fds, have exited by the time this runs).
-fn holders_of(wanted: &HashSet<ObjectId>) -> HashMap<ObjectId, Vec<(u32, u32)>> {
+/// For each memfd in `memfds` (with pagescope's own fd of it), the (PID,
+/// fd) pairs of other processes holding it: every `/proc/*/fd/*` whose
+/// link names a memfd is `stat`ed. pagescope itself is left out, and so
+/// are copies of its own descriptors (see [`is_ours`]).
+fn holders_of(memfds: &[(ObjectId, BorrowedFd<'_>)]) -> HashMap<ObjectId, Vec<(u32, u32)>> {
     let mut out: HashMap<ObjectId, Vec<(u32, u32)>> = HashMap::new();
     let me = std::process::id();
     for pid in crate::proc::pids().into_iter().filter(|&p| p != me) {
@@ -406,10 +406,29 @@ fn holders_of(wanted: &HashSet<ObjectId>) -> HashMap<ObjectId, Vec<(u32, u32)>> 
                 dev: crate::proc::maps::DevId::from_st_dev(st.st_dev),
                 inode: st.st_ino,
             };
-            if wanted.contains(&id) {
+            let Some((_, ours)) = memfds.iter().find(|(o, _)| *o == id) else {
+                continue;
+            };
+            if !is_ours(me, pid, fd, *ours) {
                 out.entry(id).or_default().push((pid, fd));
             }
         }
     }
     out
+}
+
+/// Whether `pid`'s fd `fd` is pagescope's own descriptor `ours` of the
+/// object (`kcmp(KCMP_FILE)`), not one of the process's own: a fork of
+/// pagescope (an injection helper, or a child of another thread not yet
+/// `exec`ed) holds copies of its descriptors for a moment. pagescope
+/// opens objects read-only (`/proc/PID/fd/N` or `map_files`, always a
+/// new open file description), so nothing can be written through one;
+/// a re-open of it for writing is a new descriptor, and raises fsnotify.
+/// Not comparable (no ptrace access): a holder like any other.
+fn is_ours(me: u32, pid: u32, fd: u32, ours: BorrowedFd<'_>) -> bool {
+    let (Ok(me), Ok(pid), Ok(fd)) = (i32::try_from(me), i32::try_from(pid), i32::try_from(fd))
+    else {
+        return false;
+    };
+    crate::sys::kcmp::same_file(me, pid, ours.as_raw_fd(), fd).unwrap_or(false)
 }

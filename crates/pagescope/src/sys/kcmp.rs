@@ -20,3 +20,28 @@ pub fn same_mm(pid1: i32, pid2: i32) -> Result<bool, Errno> {
         Ok(rc == 0)
     }
 }
+
+/// `KCMP_FILE`: an open file description.
+const KCMP_FILE: libc::c_int = 0;
+
+/// `kcmp(pid1, pid2, KCMP_FILE, fd1, fd2) == 0`: whether `pid1`'s fd
+/// `fd1` and `pid2`'s fd `fd2` are one open file description (one was
+/// inherited or passed from the other, or both from a common source).
+pub fn same_file(pid1: i32, pid2: i32, fd1: i32, fd2: i32) -> Result<bool, Errno> {
+    // SAFETY: kcmp takes integers only.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1,
+            pid2,
+            KCMP_FILE,
+            libc::c_long::from(fd1),
+            libc::c_long::from(fd2),
+        )
+    };
+    if rc < 0 {
+        Err(super::last_errno())
+    } else {
+        Ok(rc == 0)
+    }
+}
