@@ -33,7 +33,6 @@ impl Dump<'_, '_, '_> {
         let processes = self.process_records(&index, &mut counts)?;
         let kept_tracking = kept_tracking(&self.procs, self.opts.keep_tracking, &mut self.notes)?;
         self.notes.extend(self.objects.unopened.notes(self.page));
-        let swap = swap::page_back_out(&self.swap, &self.procs, &mut self.objects, self.page);
         let meta = Meta {
             processes,
             objects,
@@ -47,6 +46,12 @@ impl Dump<'_, '_, '_> {
         };
         let pids = self.procs.iter().map(|p| p.pid).collect();
         let committed = self.sink.commit(meta)?;
+        if let Some(hook) = self.hooks.after_commit.as_mut() {
+            hook();
+        }
+        // After the commit (and the caller's hook): paging out is no part
+        // of a receiver's wait or a VM's pause.
+        let swap = swap::page_back_out(&self.swap, &self.procs, &mut self.objects, self.page);
         Ok(DumpReport {
             dir: self.opts.out.clone(),
             image_id: committed.image_id,

@@ -366,7 +366,7 @@ pub fn dump(
         let with = Start {
             parent,
             notes: &mut notes,
-            before_stop: None,
+            hooks: Hooks::default(),
         };
         dump_into(target, caps, opts, sink, with, progress)
     });
@@ -382,15 +382,31 @@ pub fn dump(
 /// `send --qmp` pauses the VM there. An error fails the dump.
 pub(crate) type BeforeStop<'a> = &'a mut dyn FnMut() -> Result<(), DumpError>;
 
+/// Called once, right after the sink committed and before the swap
+/// policy pages back out what the dump read in (`keep-cold`): `send
+/// --qmp` migrates the paused VM there, so the paging out is not part of
+/// its pause.
+pub(crate) type AfterCommit<'a> = &'a mut dyn FnMut();
+
+/// What a dump's caller runs at its two moments (`send --qmp`).
+#[derive(Default)]
+pub(crate) struct Hooks<'p> {
+    /// Right before the stopped final pass.
+    pub before_stop: Option<BeforeStop<'p>>,
+    /// Right after the commit.
+    pub after_commit: Option<AfterCommit<'p>>,
+}
+
 /// [`dump`] into another [`PageSink`] than an image directory (a stream:
-/// `transfer`); `opts.out` only names it in the report; `before_stop` runs
-/// right before the final pass. On failure the sink is aborted.
+/// `transfer`); `opts.out` only names it in the report; `hooks` run right
+/// before the final pass and right after the commit. On failure the sink
+/// is aborted.
 pub(crate) fn dump_to<'p>(
     target: &Target,
     caps: &KernelCaps,
     opts: &DumpOptions,
     sink: Box<dyn PageSink>,
-    before_stop: Option<BeforeStop<'p>>,
+    hooks: Hooks<'p>,
     progress: &'p mut dyn FnMut(DumpEvent<'_>),
 ) -> Result<DumpReport, DumpError> {
     require_live(target)?;
@@ -399,17 +415,17 @@ pub(crate) fn dump_to<'p>(
     let with = Start {
         parent: None,
         notes: &mut notes,
-        before_stop,
+        hooks,
     };
     dump_into(target, caps, opts, sink, with, progress).map_err(|e| exited_or(e, target))
 }
 
 /// Where a dump's passes start from besides the options: the parent
-/// image, notes for the report, the hook before the final pass.
+/// image, notes for the report, the caller's hooks.
 struct Start<'n, 'p> {
     parent: Option<Image>,
     notes: &'n mut Vec<String>,
-    before_stop: Option<BeforeStop<'p>>,
+    hooks: Hooks<'p>,
 }
 
 /// The dump's passes writing into `sink` (the image directory, or another
@@ -426,7 +442,7 @@ fn dump_into<'p>(
     let pinned = Pinned::pin(target, opts.tree);
     let cancel = abort::Cancel::new(opts.cancel.clone(), target.pid());
     let mut d = Dump::new(caps, opts.clone(), sink, with.parent, progress, cancel);
-    d.before_stop = with.before_stop;
+    d.hooks = with.hooks;
     d.notes.append(with.notes);
     match passes(&mut d, &pinned) {
         Ok((iterations, stopped_s, cow)) => d.finish(iterations, stopped_s, cow),

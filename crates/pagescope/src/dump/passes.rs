@@ -45,8 +45,9 @@ pub(super) struct Dump<'t, 'c, 'p> {
     pub objects: Objects,
     frames: Option<Frames>,
     pub progress: &'p mut dyn FnMut(DumpEvent<'_>),
-    /// Runs right before the final pass (`send --qmp`: the VM paused).
-    pub before_stop: Option<super::BeforeStop<'p>>,
+    /// The caller's: right before the final pass (`send --qmp`: the VM
+    /// paused), right after the commit (the VM migrated).
+    pub hooks: super::Hooks<'p>,
     pub cancel: Cancel,
     last_collect: Instant,
     /// Copy throughput of the full pass, bytes/s.
@@ -80,7 +81,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             procs: Vec::new(),
             objects: Objects::new(caps, opts.copy_files),
             progress,
-            before_stop: None,
+            hooks: super::Hooks::default(),
             last_collect: Instant::now(),
             rate: 0.0,
             notes: Vec::new(),
@@ -292,7 +293,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
     /// was written since the last pass copied, then resumed (or left
     /// stopped). Returns the pass and how long the processes were stopped.
     fn final_pass(&mut self, n: u32) -> Result<(Iteration, f64), DumpError> {
-        if let Some(hook) = self.before_stop.as_mut() {
+        if let Some(hook) = self.hooks.before_stop.as_mut() {
             hook()?;
         }
         let t0 = Instant::now();

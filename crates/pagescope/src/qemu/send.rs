@@ -18,14 +18,17 @@
 //! Any failure after step 3 continues the source VM (`cont`): the
 //! destination never ran, so the guest goes on where it was.
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use super::QmpError;
 use super::client::Qmp;
-use super::migrate::{HandOffOptions, MigrationStats, Paused, query_status, set_ignore_shared};
-use crate::dump::DumpError;
+use super::migrate::{
+    HandOff, HandOffOptions, MigrationStats, Paused, query_status, set_ignore_shared,
+};
+use crate::dump::{DumpError, Hooks};
 use crate::error::ErrorKind;
 use crate::kernel::KernelCaps;
 use crate::proc::Target;
@@ -105,7 +108,11 @@ pub fn send_and_migrate(
     query_status(qmp)?;
     set_ignore_shared(qmp)?;
     let pid = target.pid();
-    let mut paused: Option<Paused<'_>> = None;
+    // Paused right before the final pass; migrated right after the
+    // receiver's commit, before the swap policy pages anything back out
+    // (that is no part of the VM's pause).
+    let paused: RefCell<Option<Paused<'_>>> = RefCell::new(None);
+    let migrated: RefCell<Option<Result<HandOff, QmpError>>> = RefCell::new(None);
     let mut unused = Some(qmp);
     let sent = {
         let mut pause = || -> Result<(), DumpError> {
@@ -113,32 +120,41 @@ pub fn send_and_migrate(
                 .take()
                 .ok_or_else(|| stop_failed(pid, "paused twice"))?;
             let p = Paused::stop(q).map_err(|e| stop_failed(pid, e))?;
-            paused = Some(p);
+            *paused.borrow_mut() = Some(p);
             Ok(())
         };
-        crate::transfer::send_with(target, caps, conn, opts, Some(&mut pause), progress)
+        let mut migrate = || {
+            if let Some(p) = paused.borrow_mut().take() {
+                *migrated.borrow_mut() = Some(p.migrate(hand));
+            }
+        };
+        let hooks = Hooks {
+            before_stop: Some(&mut pause),
+            after_commit: Some(&mut migrate),
+        };
+        crate::transfer::send_with(target, caps, conn, opts, hooks, progress)
     };
-    match (sent, paused) {
-        (Ok(send), Some(p)) => {
-            let h = p.migrate(hand)?;
-            Ok(MigrateReport {
-                send,
-                stopped_ms: ms(h.stopped),
-                final_pass_ms: ms(h.final_pass),
-                migration: h.migration,
-            })
-        }
-        (Ok(_), None) => Err(MigrateError::Options(
+    let report = |send, h: HandOff| MigrateReport {
+        send,
+        stopped_ms: ms(h.stopped),
+        final_pass_ms: ms(h.final_pass),
+        migration: h.migration,
+    };
+    match (sent, migrated.into_inner(), paused.into_inner()) {
+        (Ok(send), Some(m), _) => Ok(report(send, m?)),
+        (Ok(send), None, Some(p)) => Ok(report(send, p.migrate(hand)?)),
+        (Ok(_), None, None) => Err(MigrateError::Options(
             "the send ended without a stopped final pass".into(),
         )),
-        (Err(e), Some(p)) => match p.resume() {
+        // Paused, not migrated: the source VM continues.
+        (Err(e), _, Some(p)) => match p.resume() {
             Ok(()) => Err(MigrateError::Send(e)),
             Err(cont) => Err(MigrateError::NotContinued {
                 first: e.to_string(),
                 cont,
             }),
         },
-        (Err(e), None) => Err(MigrateError::Send(e)),
+        (Err(e), _, None) => Err(MigrateError::Send(e)),
     }
 }
 

@@ -20,10 +20,10 @@ pub use super::send_types::{SendError, SendOptions, SendReport};
 use super::stores::{self, StoreState};
 use super::wire::{self, Mode, Record, kind};
 use super::{Class, Conn, TransferError};
-use crate::dump::DumpError;
 use crate::dump::sink::{
     Committed, NotStored, PageSink, PassStart, StoreOwner, StoreRef, store_name,
 };
+use crate::dump::{DumpError, Hooks};
 use crate::image::ImageError;
 use crate::image::format::{self, Meta};
 use crate::kernel::KernelCaps;
@@ -38,17 +38,18 @@ pub fn send(
     opts: &SendOptions,
     progress: &mut dyn FnMut(SendEvent<'_>),
 ) -> Result<SendReport, SendError> {
-    send_with(target, caps, conn, opts, None, progress)
+    send_with(target, caps, conn, opts, Hooks::default(), progress)
 }
 
-/// [`send`], with `before_stop` run right before the stopped final pass
-/// (`qemu::send_and_migrate` pauses the VM there).
+/// [`send`], with `hooks` run right before the stopped final pass and right
+/// after the commit (`qemu::send_and_migrate` pauses the VM at the first,
+/// migrates it at the second).
 pub(crate) fn send_with<'p>(
     target: &Target,
     caps: &KernelCaps,
     conn: Conn,
     opts: &SendOptions,
-    before_stop: Option<crate::dump::BeforeStop<'p>>,
+    hooks: Hooks<'p>,
     progress: &mut dyn FnMut(SendEvent<'_>),
 ) -> Result<SendReport, SendError> {
     let object = opts
@@ -80,10 +81,16 @@ pub(crate) fn send_with<'p>(
     let mut dump_opts = dump_opts;
     dump_opts.only_object = object;
     let mut live = Live::new(&shared.counters, progress);
-    let mut before_stop = before_stop;
-    // The hook reborrowed for as long as the progress closure lives.
-    let hook: Option<crate::dump::BeforeStop<'_>> = before_stop.as_mut().map(|b| &mut **b as _);
-    let result = crate::dump::dump_to(target, caps, &dump_opts, sink, hook, &mut |e| {
+    let Hooks {
+        mut before_stop,
+        mut after_commit,
+    } = hooks;
+    // The hooks reborrowed for as long as the progress closure lives.
+    let hooks = Hooks {
+        before_stop: before_stop.as_mut().map(|b| &mut **b as _),
+        after_commit: after_commit.as_mut().map(|b| &mut **b as _),
+    };
+    let result = crate::dump::dump_to(target, caps, &dump_opts, sink, hooks, &mut |e| {
         live.dump_event(e);
     });
     let stream_failure = shared
