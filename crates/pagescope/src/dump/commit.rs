@@ -1,8 +1,9 @@
 //! The end of a dump that succeeded: the models turned into the image's
 //! records ([`Meta`]: processes with `/proc/PID/stat`'s ppid and comm,
 //! mappings, objects, rseq areas, the userfaultfd kept in the target for
-//! the next incremental dump), the swap policy's paging back out
-//! (`swap/cold.rs`), the sink committed, the report.
+//! the next incremental dump), the sink committed, the caller's
+//! after-commit hook, then the swap policy's paging back out
+//! (`swap/cold.rs`), the report.
 
 use std::collections::BTreeMap;
 
