@@ -18,16 +18,9 @@ use std::time::{Duration, Instant};
 
 use common::exe;
 use common::programs::{Proc, Scratch, start, usable};
+use common::transfer::{CONNECTION, HANDSHAKE, program};
 
 const PAGE: usize = 4096;
-/// Exit code of peers that cannot agree (here: post-copy on one side).
-const HANDSHAKE: i32 = 20;
-/// Exit code of a connection lost before the commit.
-const CONNECTION: i32 = 23;
-
-fn program(name: &str) -> String {
-    format!("{}/tests/programs/{name}", env!("CARGO_MANIFEST_DIR"))
-}
 
 /// The source: `pages` random pages in `path`, written without pause.
 fn source(path: &str, pages: usize) -> Proc {

@@ -9,79 +9,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
-use common::programs::{Proc, Scratch, start, usable};
+use common::programs::{Scratch, usable};
+use common::transfer::{
+    ABORTED, AUTH, BAD_STREAM, CONNECTION, HANDSHAKE, Receiver, code, program, text, writer,
+};
 use common::{cli, exe};
-
-/// Exit codes (`docs/stream-format.md`).
-const HANDSHAKE: i32 = 20;
-const AUTH: i32 = 21;
-const BAD_STREAM: i32 = 22;
-const CONNECTION: i32 = 23;
-const ABORTED: i32 = 24;
-
-fn program(name: &str) -> String {
-    format!("{}/tests/programs/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The VM-like writer (a 64 MiB memfd `guest-ram` and 64 MiB anonymous).
-fn writer() -> Proc {
-    let (p, line) =
-        start(Command::new("python3").args([&program("anon_memfd_writer.py"), "300", "600"]));
-    assert_eq!(line, "ready");
-    p
-}
-
-/// A receiver listening on a free loopback port: it and its address.
-struct Receiver {
-    child: Child,
-    addr: String,
-    stderr: BufReader<std::process::ChildStderr>,
-}
-
-impl Receiver {
-    fn start(listen: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(exe())
-            .args(["receive", "--listen", listen])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start receive");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("pagescope: listening on ")
-            .unwrap_or_else(|| panic!("receive said {line:?}"))
-            .to_owned();
-        Self {
-            child,
-            addr,
-            stderr,
-        }
-    }
-
-    /// Its exit code and the rest of its stderr.
-    fn finish(mut self) -> (i32, String) {
-        let mut rest = String::new();
-        self.stderr.read_to_string(&mut rest).unwrap();
-        let code = self.child.wait().unwrap().code().unwrap_or(-1);
-        (code, rest)
-    }
-}
-
-fn code(o: &std::process::Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn text(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn verify_clean(dir: &str, pid: u32) {
     let v = cli(&["verify", dir, &pid.to_string(), "--json"]);
@@ -116,7 +51,7 @@ fn a_python_writer_sent_into_an_image_verifies_against_the_stopped_process() {
     let w = writer();
     let pid = w.0.id();
     let img = scratch.p("img");
-    let r = Receiver::start("127.0.0.1:0", &["-o", &img]);
+    let r = Receiver::listen("127.0.0.1:0", &["-o", &img]);
     let s = send_to(pid, &r.addr, &["--leave-stopped", "--max-iterations", "2"]);
     let (rc, rerr) = r.finish();
     assert_eq!(code(&s), 0, "send: {}", text(&s));
@@ -150,7 +85,7 @@ fn one_memfd_into_a_file_is_byte_identical_to_the_memfd_at_the_stop() {
     let w = writer();
     let pid = w.0.id();
     let file = scratch.p("ram.bin");
-    let r = Receiver::start("127.0.0.1:0", &["--into", &file]);
+    let r = Receiver::listen("127.0.0.1:0", &["--into", &file]);
     let s = send_to(
         pid,
         &r.addr,
@@ -171,7 +106,7 @@ fn one_memfd_into_a_file_is_byte_identical_to_the_memfd_at_the_stop() {
     assert!(got == want, "FILE differs from the memfd");
     assert!(!Path::new(&format!("{file}.partial")).exists());
     // An image receiver refuses an object stream (and the reverse).
-    let r = Receiver::start("127.0.0.1:0", &["-o", &scratch.p("img")]);
+    let r = Receiver::listen("127.0.0.1:0", &["-o", &scratch.p("img")]);
     let s = send_to(pid, &r.addr, &["--object", "memfd:guest-ram"]);
     let (rc, rerr) = r.finish();
     assert_eq!(
@@ -237,7 +172,7 @@ fn a_wrong_or_missing_key_is_refused_and_nothing_is_written() {
     let pid = w.0.id().to_string();
     let img = scratch.p("img");
     for sender_key in [Some(&other), None] {
-        let r = Receiver::start("127.0.0.1:0", &["-o", &img, "--psk-file", &key]);
+        let r = Receiver::listen("127.0.0.1:0", &["-o", &img, "--psk-file", &key]);
         let mut args = vec!["send", &pid, "--to", &r.addr];
         if let Some(k) = sender_key {
             args.extend(["--psk-file", k]);
@@ -255,7 +190,7 @@ fn a_wrong_or_missing_key_is_refused_and_nothing_is_written() {
         assert!(!Path::new(&img).exists(), "nothing written");
     }
     // The right key, listening on every address (allowed with a key).
-    let r = Receiver::start("0.0.0.0:0", &["-o", &img, "--psk-file", &key]);
+    let r = Receiver::listen("0.0.0.0:0", &["-o", &img, "--psk-file", &key]);
     let port = r.addr.rsplit(':').next().unwrap().to_owned();
     let s = cli(&[
         "send",
@@ -321,7 +256,7 @@ fn every_malformed_stream_gives_one_line_an_exit_code_and_writes_nothing() {
             } else {
                 ("-o", "image")
             };
-            let r = Receiver::start("127.0.0.1:0", &[dest, &target]);
+            let r = Receiver::listen("127.0.0.1:0", &[dest, &target]);
             let p = Command::new("python3")
                 .args([&program("bad_stream.py"), &r.addr, case, mode])
                 .output()

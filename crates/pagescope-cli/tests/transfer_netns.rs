@@ -21,10 +21,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use common::programs::{Proc, Scratch, start, usable};
+use common::transfer::{AUTH, code, text, writer};
 use common::{cli, exe, skip};
 
 /// Exit code of an authentication failure (`docs/stream-format.md`).
-const AUTH: i32 = 21;
 /// The receiver's side of the link.
 const RECEIVER_IP: &str = "10.199.53.2";
 /// The sender's side of the link.
@@ -185,14 +185,6 @@ impl Drop for Receiver {
     }
 }
 
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn text(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// The report: the last NDJSON line of `send --json`.
 fn report(o: &Output) -> serde_json::Value {
     let out = String::from_utf8_lossy(&o.stdout);
@@ -209,10 +201,6 @@ fn resume(pid: u32) {
         rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap(),
         rustix::process::Signal::CONT,
     );
-}
-
-fn program(name: &str) -> String {
-    format!("{}/tests/programs/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
 /// A memfd `netns-ram` of MIB MiB, every page non-zero, then RATE
@@ -279,9 +267,7 @@ fn a_python_writer_crosses_the_link_with_the_key_and_verifies() {
     };
     let scratch = Scratch::new("netns-image");
     let (key, _) = key_files(&scratch);
-    let (w, line) =
-        start(Command::new("python3").args([&program("anon_memfd_writer.py"), "300", "600"]));
-    assert_eq!(line, "ready");
+    let w = writer();
     let pid = w.0.id();
     let img = scratch.p("img");
     let r = net.receive(&["-o", &img, "--psk-file", &key]);

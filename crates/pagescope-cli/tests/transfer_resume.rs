@@ -11,73 +11,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread::JoinHandle;
 
-use common::programs::{Proc, Scratch, start, usable};
+use common::programs::{Scratch, usable};
+use common::transfer::{CONNECTION, HANDSHAKE, Receiver, code, text, writer};
 use common::{cli, exe};
 
-const HANDSHAKE: i32 = 20;
-const CONNECTION: i32 = 23;
 /// The frame kind of `COMMIT` (`docs/stream-format.md`).
 const COMMIT: u8 = 17;
-
-fn program(name: &str) -> String {
-    format!("{}/tests/programs/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The VM-like writer (a 64 MiB memfd `guest-ram` and 64 MiB anonymous,
-/// 300 pages written per second).
-fn writer() -> Proc {
-    let (p, line) =
-        start(Command::new("python3").args([&program("anon_memfd_writer.py"), "300", "600"]));
-    assert_eq!(line, "ready");
-    p
-}
-
-/// A `receive --listen` on a free loopback port.
-struct Receiver {
-    child: Child,
-    addr: String,
-    stderr: BufReader<std::process::ChildStderr>,
-}
-
-impl Receiver {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(exe())
-            .args(["receive", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start receive");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        let addr = loop {
-            line.clear();
-            stderr.read_line(&mut line).unwrap();
-            if let Some(a) = line.trim().strip_prefix("pagescope: listening on ") {
-                break a.to_owned();
-            }
-            assert!(line.contains("note:"), "receive said {line:?}");
-        };
-        Self {
-            child,
-            addr,
-            stderr,
-        }
-    }
-
-    fn finish(mut self) -> (i32, String) {
-        let mut rest = String::new();
-        self.stderr.read_to_string(&mut rest).unwrap();
-        let code = self.child.wait().unwrap().code().unwrap_or(-1);
-        (code, rest)
-    }
-}
 
 /// Where the proxy drops the connection.
 #[derive(Clone, Copy, Debug)]
@@ -151,14 +96,6 @@ fn forward(mut from: &TcpStream, mut to: &TcpStream, cut: Cut) -> u64 {
             return sent;
         }
     }
-}
-
-fn code(o: &std::process::Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn text(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// `pagescope send PID --to ADDR EXTRA...`.

@@ -13,12 +13,12 @@
 mod common;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use common::programs::{Proc, Scratch, start, usable};
-use common::{caps, cli, exe, scan, skip};
+use common::transfer::{Receiver, text};
+use common::{caps, cli, scan, skip};
 use pagescope::{BackendChoice, PageState};
 
 /// Pages of each region; the first [`OUT`] are paged out before the send.
@@ -148,48 +148,6 @@ fn paged_out_target() -> Option<Target> {
         "the pageout left memfd pages in RAM: {shm_before:?}"
     );
     Some(t)
-}
-
-fn text(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A receiver on a free loopback port.
-struct Receiver {
-    child: Child,
-    addr: String,
-    stderr: BufReader<std::process::ChildStderr>,
-}
-
-impl Receiver {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(exe())
-            .args(["receive", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start receive");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("pagescope: listening on ")
-            .unwrap_or_else(|| panic!("receive said {line:?}"))
-            .to_owned();
-        Self {
-            child,
-            addr,
-            stderr,
-        }
-    }
-
-    fn finish(mut self) -> (i32, String) {
-        let mut rest = String::new();
-        self.stderr.read_to_string(&mut rest).unwrap();
-        (self.child.wait().unwrap().code().unwrap_or(-1), rest)
-    }
 }
 
 /// What one send did: its report (the last NDJSON line), its stderr, and

@@ -7,6 +7,7 @@
 pub mod exporter;
 pub mod programs;
 pub mod qemu;
+pub mod transfer;
 
 use std::path::Path;
 use std::process::{Command, Output};
