@@ -1,15 +1,22 @@
-//! `receive --into FILE --postcopy --pid DEST` and the post-copy line of
-//! `send --postcopy-after N` (`docs/stream-format.md`, "Post-copy").
+//! `receive --into FILE --postcopy --pid DEST`, the post-copy line of
+//! `send --postcopy-after N` (`docs/stream-format.md`, "Post-copy"), and
+//! QEMU post-copy: `send --qmp SOCKET --qemu-migrate URI --postcopy-after
+//! N|auto` (`docs/qemu.md`).
 
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use pagescope::qemu::{self, HandOffOptions, MigrateError, PostcopyMigrateError, Qmp};
 use pagescope::transfer::postcopy::{self, Destination, PostcopySendStats};
-use pagescope::transfer::{Class, Conn, TransferError};
+use pagescope::transfer::{Class, Conn, SendOptions, TransferError};
+use pagescope::{KernelCaps, Target};
 
-use crate::exit::OK;
-use crate::transfer_cmd::{ReceiveArgs, accept, fail};
+use crate::exit::{CliError, OK, OTHER};
+use crate::progress::SendOutput;
+use crate::transfer_cmd::{
+    QMP_TIMEOUT, ReceiveArgs, SendArgs, accept, fail, send_failed, sent_lines, shown,
+};
 
 /// Registers DEST's mappings of FILE before listening (so the destination
 /// may run as soon as the address is printed), then receives.
@@ -69,4 +76,66 @@ pub fn sent(pc: Option<&PostcopySendStats>) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `--postcopy-after N|auto`: `auto` is "as many as --max-iterations
+/// allows" (the switch comes when the written set stops shrinking).
+pub fn parse_after(s: &str) -> Result<u32, String> {
+    match s {
+        "auto" => Ok(u32::MAX),
+        n => n
+            .parse()
+            .map_err(|_| format!("not a number of passes or `auto`: {n}")),
+    }
+}
+
+/// `send --qmp SOCKET --qemu-migrate URI --postcopy-after N`: QEMU
+/// post-copy (`pagescope::qemu::send_and_migrate_postcopy`).
+pub fn migrate(
+    args: &SendArgs,
+    (target, caps, socket, uri): (Target, KernelCaps, &Path, &str),
+    conn: Conn,
+    opts: &SendOptions,
+    out: &mut SendOutput,
+) -> Result<u8> {
+    let pid = args.pid;
+    let not_migrated = || {
+        format!(
+            "QEMU post-copy of process {pid} to {uri} (the source VM was not handed over and runs)"
+        )
+    };
+    let mut qmp = Qmp::connect(socket, QMP_TIMEOUT).with_context(not_migrated)?;
+    let hand = HandOffOptions::new(uri);
+    let migrated =
+        qemu::send_and_migrate_postcopy(&target, &caps, conn, opts, &mut qmp, &hand, &mut |e| {
+            out.event(e)
+        });
+    out.clear();
+    let report = migrated.map_err(|e| match e {
+        PostcopyMigrateError::Migrate(MigrateError::Send(e)) => {
+            send_failed(args, e).context(not_migrated())
+        }
+        PostcopyMigrateError::Migrate(e @ MigrateError::NotContinued { .. }) => {
+            let m = format!("QEMU post-copy of process {pid} to {uri}: {e} (it may be paused)");
+            CliError::new(OTHER, m).into()
+        }
+        PostcopyMigrateError::Migrate(e) => anyhow::Error::new(e).context(not_migrated()),
+        e => {
+            let m = format!("QEMU post-copy of process {pid} to {uri}: {e}");
+            CliError::new(OTHER, m).into()
+        }
+    })?;
+    sent_lines(args, &report.send)?;
+    writeln!(
+        std::io::stderr(),
+        "migrated the VM to {uri} with post-copy: stopped to switch {:.1} ms, to the device state's arrival (downtime) {:.1} ms, to the receiver's acknowledgement {:.1} ms; QEMU: downtime {} ms, total {} ms, {} bytes",
+        report.switch_ms,
+        report.downtime_ms,
+        report.held_ms,
+        shown(report.migration.downtime_ms),
+        shown(report.migration.total_time_ms),
+        shown(report.migration.ram_transferred),
+    )?;
+    out.report(&report);
+    Ok(OK)
 }

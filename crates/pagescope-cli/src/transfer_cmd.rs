@@ -90,7 +90,9 @@ pub struct SendArgs {
     pub pageout_sent: bool,
     /// Post-copy after at most N pre-copy passes (sooner if they stop
     /// converging): the source is left stopped (`receive --postcopy`).
-    #[arg(long, value_name = "N", requires = "object")]
+    /// `auto` or no N: up to --max-iterations, switching as soon as the
+    /// written set stops shrinking. With --qmp: QEMU post-copy.
+    #[arg(long, value_name = "N|auto", requires = "object", num_args = 0..=1, default_missing_value = "auto", value_parser = crate::postcopy_cmd::parse_after)]
     pub postcopy_after: Option<u32>,
     /// Continue an interrupted transfer: pages the receiver (started with
     /// --resume) holds unchanged are not sent again.
@@ -203,6 +205,11 @@ pub fn send(args: &SendArgs) -> Result<u8> {
     };
     // With `--to -` stdout is the stream: progress goes to stderr only.
     let mut out = SendOutput::new(args.json, args.json && args.to != "-");
+    if let (Some(socket), Some(uri), Some(_)) = (&args.qmp, &args.qemu_migrate, args.postcopy_after)
+    {
+        let qemu = (target, caps, socket.as_path(), uri.as_str());
+        return crate::postcopy_cmd::migrate(args, qemu, conn, &opts, &mut out);
+    }
     if let (Some(socket), Some(uri)) = (&args.qmp, &args.qemu_migrate) {
         let migrated = migrate(args, &target, &caps, conn, &opts, (socket, uri), &mut |e| {
             out.event(e)
@@ -263,13 +270,13 @@ fn migrate(
 }
 
 /// How long a QMP command may take.
-const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn shown(v: Option<u64>) -> String {
+pub(crate) fn shown(v: Option<u64>) -> String {
     v.map_or_else(|| "?".to_owned(), |v| v.to_string())
 }
 
-fn send_failed(args: &SendArgs, e: SendError) -> anyhow::Error {
+pub(crate) fn send_failed(args: &SendArgs, e: SendError) -> anyhow::Error {
     match e {
         SendError::Transfer(e) => fail(&format!("send to {}", args.to), &e),
         SendError::Dump(e) => {
@@ -280,7 +287,7 @@ fn send_failed(args: &SendArgs, e: SendError) -> anyhow::Error {
 
 /// The report's lines on stderr: what was sent, resume, swap, pageout,
 /// post-copy.
-fn sent_lines(args: &SendArgs, report: &SendReport) -> Result<()> {
+pub(crate) fn sent_lines(args: &SendArgs, report: &SendReport) -> Result<()> {
     crate::transfer_resume::report_send(&report.resumed, args.resume)?;
     writeln!(
         std::io::stderr(),

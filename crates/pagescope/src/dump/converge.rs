@@ -64,6 +64,9 @@ pub(super) struct Limits {
     pub max_time: Duration,
     /// The downtime target (QEMU's `downtime-limit`).
     pub max_downtime: Option<Duration>,
+    /// With a target too, stop once the written set stops shrinking (the
+    /// writer outpaces the measured bandwidth: post-copy's switch).
+    pub stop_when_stalled: bool,
 }
 
 /// What the last pre-copy pass saw.
@@ -126,11 +129,11 @@ pub(super) fn decide(
             Some(d) if l.expected_downtime_s() <= d.as_secs_f64() => {
                 return Decision::Stop(PrecopyEnd::FitsDowntime);
             }
-            Some(_) => {}
-            None if l.previous_written.is_some_and(|p| l.written_pages >= p) => {
+            Some(_) if !limits.stop_when_stalled => {}
+            _ if l.previous_written.is_some_and(|p| l.written_pages >= p) => {
                 return Decision::Stop(PrecopyEnd::Stalled);
             }
-            None => {}
+            _ => {}
         }
     }
     if passes_done >= limits.max_iterations {
@@ -153,6 +156,7 @@ mod tests {
             max_iterations: 5,
             max_time: Duration::from_secs(10),
             max_downtime: downtime_ms.map(Duration::from_millis),
+            stop_when_stalled: false,
         }
     }
 
@@ -221,6 +225,22 @@ mod tests {
             decide(&l, 5, Some(&fits), at(11)),
             Decision::Stop(PrecopyEnd::FitsDowntime)
         );
+    }
+
+    #[test]
+    fn post_copy_switches_once_the_written_set_stops_shrinking() {
+        let l = Limits {
+            stop_when_stalled: true,
+            ..limits(Some(300))
+        };
+        let growing = last(5000, Some(4000), 4.0 * MIB);
+        let stalled = Decision::Stop(PrecopyEnd::Stalled);
+        assert_eq!(decide(&l, 2, Some(&growing), at(3)), stalled);
+        let shrinking = last(3000, Some(4000), 4.0 * MIB);
+        assert_eq!(decide(&l, 2, Some(&shrinking), at(3)), Decision::Continue);
+        let fits = last(10, Some(5), 4.0 * MIB);
+        let fit = Decision::Stop(PrecopyEnd::FitsDowntime);
+        assert_eq!(decide(&l, 2, Some(&fits), at(3)), fit);
     }
 
     #[test]

@@ -205,6 +205,10 @@ pub struct DumpOptions {
     /// this (pages left / the measured bandwidth), within the bounds above;
     /// `None`: until the written set stops shrinking.
     pub max_downtime: Option<Duration>,
+    /// With `max_downtime` too, pre-copy stops once the written set stops
+    /// shrinking (it cannot converge at the measured bandwidth: post-copy
+    /// switches then).
+    pub stop_when_stalled: bool,
     /// Copy the pages of mapped regular files too (default: recorded by
     /// identity and read from the file at restore).
     pub copy_files: bool,
@@ -243,6 +247,7 @@ impl DumpOptions {
             max_iterations: 8,
             max_time: Duration::from_secs(60),
             max_downtime: None,
+            stop_when_stalled: false,
             copy_files: false,
             leave_stopped: false,
             stop_sharers: true,

@@ -258,6 +258,7 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
             max_iterations: self.opts.max_iterations,
             max_time: self.opts.max_time,
             max_downtime: self.opts.max_downtime,
+            stop_when_stalled: self.opts.stop_when_stalled,
         };
         let start = Instant::now();
         let mut last: Option<LastPass> = None;

@@ -13,7 +13,10 @@
 //!   whole stop → final pass → device-state migration sequence;
 //! * `send.rs`: [`send_and_migrate`], what `send --qmp SOCKET
 //!   --qemu-migrate URI` runs: `send --object`'s passes with the VM paused
-//!   right before the final one, then the device-state migration.
+//!   right before the final one, then the device-state migration;
+//! * `postcopy.rs`: [`send_and_migrate_postcopy`], the same with
+//!   `--postcopy-after N`: the device state goes over at the switch and
+//!   the destination runs while its RAM is served.
 //!
 //! With guest RAM in a shared object (`memory-backend-memfd,share=on` or
 //! `memory-backend-file,share=on`) and `x-ignore-shared` set on both sides,
@@ -24,6 +27,7 @@
 mod client;
 mod message;
 mod migrate;
+mod postcopy;
 mod send;
 
 use std::path::PathBuf;
@@ -36,6 +40,7 @@ pub use migrate::{
     parse_query_migrate, query_migrate, query_status, set_ignore_shared, start_migration, stop,
     wait_migration,
 };
+pub use postcopy::{PostcopyMigrateError, PostcopyMigrateReport, send_and_migrate_postcopy};
 pub use send::{MigrateError, MigrateReport, send_and_migrate};
 
 use crate::error::ErrorKind;

@@ -1,6 +1,7 @@
 //! The sender's side of post-copy (`send --postcopy-after N`): after N
-//! pre-copy passes (fewer when the written set stops shrinking, or the
-//! rest fits in `--max-downtime`) the dump's stopped pass runs as usual,
+//! pre-copy passes (at most `--max-iterations`; fewer when the written set
+//! stops shrinking, i.e. the writer outpaces the measured bandwidth and
+//! pre-copy cannot converge, or when the rest fits in `--max-downtime`) the dump's stopped pass runs as usual,
 //! but the pages it reads are kept here instead of sent (the source
 //! stays stopped: post-copy implies `--leave-stopped`); at its end the
 //! receiver learns which pages are still to come (`PENDING`, `START`)
@@ -65,7 +66,8 @@ pub(in crate::transfer) fn plan(
         )),
         Some(n) => Ok((
             DumpOptions {
-                max_iterations: n,
+                max_iterations: n.min(opts.dump.max_iterations),
+                stop_when_stalled: true,
                 leave_stopped: true,
                 ..opts.dump.clone()
             },
