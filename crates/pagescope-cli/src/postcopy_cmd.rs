@@ -32,6 +32,9 @@ pub fn receive(
         let e = TransferError::new(Class::Destination, "", m);
         fail(side, &e)
     })?;
+    if let Some(socket) = &args.qmp {
+        continue_destination(socket, pid)?;
+    }
     let conn = match &args.listen {
         Some(a) => accept(a, key.is_some(), side)?,
         None => Conn::stdio(),
@@ -61,6 +64,29 @@ pub fn receive(
     }
     Ok(OK)
 }
+
+/// `receive --postcopy --qmp SOCKET`: a thread continues the
+/// destination QEMU as soon as its device state is in.
+fn continue_destination(socket: &Path, pid: u32) -> Result<()> {
+    let mut qmp = Qmp::connect(socket, QMP_TIMEOUT)
+        .with_context(|| format!("the destination QEMU {pid}'s QMP socket"))?;
+    std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        let line = match qemu::continue_when_migrated(&mut qmp, DEVICE_STATE_WAIT) {
+            Ok(_) => format!(
+                "pagescope: destination VM {pid} continued (device state in after {:.2} s)",
+                t0.elapsed().as_secs_f64()
+            ),
+            Err(e) => format!("pagescope: destination VM {pid} not continued: {e}"),
+        };
+        let _ = writeln!(std::io::stderr(), "{line}");
+    });
+    Ok(())
+}
+
+/// How long the destination may wait for its device state (the pre-copy
+/// passes come first).
+const DEVICE_STATE_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The post-copy line of a send's report.
 pub fn sent(pc: Option<&PostcopySendStats>) -> Result<()> {

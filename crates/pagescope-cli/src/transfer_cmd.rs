@@ -148,6 +148,10 @@ pub struct ReceiveArgs {
     /// The post-copy destination process.
     #[arg(long, requires = "postcopy")]
     pub pid: Option<u32>,
+    /// With --postcopy: the destination QEMU's QMP socket; the VM is
+    /// continued (`cont`) as soon as its device state is in.
+    #[arg(long, value_name = "SOCKET", requires = "pid")]
+    pub qmp: Option<PathBuf>,
     /// Keep the partial state if the connection drops, and resume from
     /// the one an interrupted `receive --resume` kept.
     #[arg(long)]

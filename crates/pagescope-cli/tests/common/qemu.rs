@@ -137,6 +137,17 @@ impl Vm {
         )
     }
 
+    /// The post-copy destination: as [`Vm::destination`] but without `-S`,
+    /// so it runs as soon as the device state is in.
+    pub fn destination_running(spec: &GuestSpec, dir: &Path, ram_file: &Path) -> Self {
+        let backend = format!(
+            "memory-backend-file,id=ram,size={}M,mem-path={},share=on",
+            spec.ram_mib,
+            ram_file.display()
+        );
+        Self::start(spec, dir, &["-object", &backend, "-incoming", "defer"])
+    }
+
     fn start(spec: &GuestSpec, dir: &Path, extra: &[&str]) -> Self {
         std::fs::create_dir_all(dir).expect("VM directory");
         let log = File::create(dir.join("qemu.log")).expect("qemu.log");
@@ -330,6 +341,54 @@ impl Receiver {
             addr,
             stderr,
         }
+    }
+
+    /// Starts `receive --into FILE --postcopy --pid PID --json`: FILE's
+    /// pages are served to process `pid` (which maps it) by post-copy;
+    /// the report comes on stdout ([`Receiver::finish_json`]).
+    /// With `qmp`, the destination's QMP socket (`--qmp`): it is
+    /// continued as soon as its device state is in.
+    pub fn postcopy(file: &Path, pid: u32, qmp: Option<&Path>) -> Self {
+        let mut cmd = Command::new(super::exe());
+        cmd.args(["receive", "--listen", "127.0.0.1:0", "--into"])
+            .arg(file)
+            .args(["--postcopy", "--pid", &pid.to_string(), "--json"]);
+        if let Some(q) = qmp {
+            cmd.arg("--qmp").arg(q);
+        }
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start pagescope receive --postcopy");
+        Self::listening(child)
+    }
+
+    fn listening(mut child: Child) -> Self {
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        stderr.read_line(&mut line).expect("receive's first line");
+        let addr = line
+            .trim()
+            .strip_prefix("pagescope: listening on ")
+            .unwrap_or_else(|| panic!("receive said {line:?}"))
+            .to_owned();
+        Self {
+            child,
+            addr,
+            stderr,
+        }
+    }
+
+    /// Its exit code, the rest of its stderr and its JSON report (`Null`
+    /// if none).
+    pub fn finish_json(mut self) -> (i32, String, serde_json::Value) {
+        let mut out = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+        let (code, err) = self.finish();
+        (code, err, serde_json::from_str(&out).unwrap_or_default())
     }
 
     /// Its exit code and the rest of its stderr.

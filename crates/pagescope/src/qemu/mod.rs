@@ -40,7 +40,9 @@ pub use migrate::{
     parse_query_migrate, query_migrate, query_status, set_ignore_shared, start_migration, stop,
     wait_migration,
 };
-pub use postcopy::{PostcopyMigrateError, PostcopyMigrateReport, send_and_migrate_postcopy};
+pub use postcopy::{
+    PostcopyMigrateError, PostcopyMigrateReport, continue_when_migrated, send_and_migrate_postcopy,
+};
 pub use send::{MigrateError, MigrateReport, send_and_migrate};
 
 use crate::error::ErrorKind;

@@ -20,8 +20,10 @@
 //!    QMP), and QMP `migrate` to the destination starts in a thread: the
 //!    device state goes over while the stash is served, so the
 //!    destination's faults during its device-state load (virtio reads
-//!    its rings from guest RAM) are answered; the destination (started
-//!    without `-S`) runs as soon as the device state is in;
+//!    its rings from guest RAM) are answered; the destination is
+//!    continued as soon as the device state is in
+//!    ([`continue_when_migrated`], run by `receive --postcopy --qmp`:
+//!    QEMU keeps it paused otherwise, the source having been paused);
 //! 5. the stash is served (faulted pages first), the receiver
 //!    acknowledges once every page is in, the migration thread is joined.
 //!
@@ -304,4 +306,22 @@ fn stop_failed(pid: u32, e: impl std::fmt::Display) -> DumpError {
         pid,
         source: std::io::Error::other(format!("QMP stop: {e}")),
     }
+}
+
+/// On the destination QEMU (`-incoming defer`, `migrate-incoming`
+/// issued): waits for the incoming migration to complete (`query-migrate`
+/// polled every 2 ms, for at most `timeout`), then `cont`s the VM; returns
+/// the migration's stats. QEMU keeps a destination paused when the source
+/// was paused as the device state left (its run state travels with the
+/// migration), as it is in post-copy: this is what lets the destination
+/// run right away (`receive --postcopy --qmp SOCKET`).
+pub fn continue_when_migrated(
+    qmp: &mut Qmp,
+    timeout: std::time::Duration,
+) -> Result<MigrationStats, QmpError> {
+    let stats = wait_migration(qmp, std::time::Duration::from_millis(2), timeout)?;
+    if !query_status(qmp)?.running {
+        cont(qmp)?;
+    }
+    Ok(stats)
 }
