@@ -64,16 +64,28 @@ fn qemu_postcopy_migration_of_a_guest_writing_faster_than_the_link() {
     let written = nonzero_pages(&ram_file);
     eprintln!("FILE before the receiver attached: {written} non-zero pages");
 
+    // A device-state migration that fails at the switch (nothing listens
+    // at the URI): the source is continued, its guest goes on.
+    let nowhere = format!("unix:{}", scratch.0.join("nobody.sock").display());
+    let r = Receiver::postcopy(&ram_file, dst.pid(), None);
+    let bad = send(&src, &r.addr, &nowhere, &["--postcopy-after", "0"])
+        .output()
+        .expect("run pagescope send");
+    let (rc, rerr, _) = r.finish_json();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success(), "{err}");
+    assert_eq!(rc, 0, "receive: {rerr}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains("not handed over"), "{err}");
+    assert!(query_status(&mut src.qmp).expect("status").running, "{err}");
+    eprintln!("a post-copy migration to nowhere: {last}");
+
     let r = Receiver::postcopy(&ram_file, dst.pid(), Some(&dst.tool_socket()));
     let uri = format!("unix:{}", scratch.0.join("migrate.sock").display());
     incoming(&mut dst.qmp, &uri).expect("destination: migrate-incoming");
     let last_on_source = *src.guest_lines().last().expect("a status line");
-    let out = std::process::Command::new(exe())
-        .args(["send", &src.pid().to_string(), "--to", &r.addr])
-        .args(["--object", "memfd:memory-backend-memfd", "--qmp"])
-        .arg(src.tool_socket())
-        .args(["--qemu-migrate", &uri, "--postcopy-after", "auto"])
-        .args(["--bandwidth", BANDWIDTH, "--json"])
+    let out = send(&src, &r.addr, &uri, &["--postcopy-after", "auto"])
+        .args(["--bandwidth", BANDWIDTH])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -144,6 +156,18 @@ fn qemu_postcopy_migration_of_a_guest_writing_faster_than_the_link() {
         received["fault_latency_p99_us"],
         started.elapsed()
     );
+}
+
+/// `pagescope send` of `src`'s guest RAM memfd to `addr`, migrating the
+/// VM to `uri` with `extra`, the report as JSON.
+fn send(src: &Vm, addr: &str, uri: &str, extra: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(exe());
+    c.args(["send", &src.pid().to_string(), "--to", addr])
+        .args(["--object", "memfd:memory-backend-memfd", "--qmp"])
+        .arg(src.tool_socket())
+        .args(["--qemu-migrate", uri, "--json"])
+        .args(extra);
+    c
 }
 
 /// Pre-copy could not converge: the automatic switch fired because the
