@@ -4,7 +4,8 @@
 //! its RAM has arrived. Kernel interfaces: none of its own (the pre-copy
 //! passes are `send --object`'s; the destination's missing-page faults
 //! are served by `receive --postcopy`, `transfer/postcopy/`); `SIGCONT`
-//! to the source QEMU process (see step 4).
+//! to the source QEMU process through its pidfd (`pidfd_send_signal`,
+//! see step 4).
 //!
 //! 1. `query-status` and `x-ignore-shared` on the source first, so a QEMU
 //!    that cannot do it fails before a page is sent;
@@ -146,14 +147,14 @@ pub fn send_and_migrate_postcopy(
                 if let SendEvent::Pass(p) = &e
                     && p.iteration.stopped
                 {
-                    switch(&mut phase.borrow_mut(), scope, pid, hand);
+                    switch(&mut phase.borrow_mut(), scope, target, hand);
                 }
                 progress(e);
             };
             crate::transfer::send_with(target, caps, conn, opts, hooks, &mut watch)
         };
         let acked = Instant::now();
-        finish(phase.into_inner(), sent, acked, pid)
+        finish(phase.into_inner(), sent, acked, target)
     })
 }
 
@@ -177,7 +178,7 @@ fn pause(phase: &mut Phase<'_, '_>, pid: u32) -> Result<(), DumpError> {
 fn switch<'q, 's>(
     phase: &mut Phase<'q, 's>,
     scope: &'s std::thread::Scope<'s, '_>,
-    pid: u32,
+    target: &Target,
     hand: &'s HandOffOptions,
 ) where
     'q: 's,
@@ -186,7 +187,7 @@ fn switch<'q, 's>(
         return;
     };
     phase.switched = Some(Instant::now());
-    continue_process(pid);
+    continue_process(target);
     phase.migration = Some(scope.spawn(move || {
         let r = start_migration(qmp, &hand.uri)
             .and_then(|()| wait_migration(qmp, hand.poll, hand.timeout));
@@ -196,10 +197,8 @@ fn switch<'q, 's>(
 
 /// `SIGCONT` to the QEMU process (post-copy's stopped pass leaves it
 /// stopped; QMP needs its main loop).
-fn continue_process(pid: u32) {
-    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(p, rustix::process::Signal::CONT);
-    }
+fn continue_process(target: &Target) {
+    let _ = rustix::process::pidfd_send_signal(target.pidfd(), rustix::process::Signal::CONT);
 }
 
 /// The outcome from the send's result and the migration's (see the
@@ -208,7 +207,7 @@ fn finish(
     phase: Phase<'_, '_>,
     sent: Result<SendReport, SendError>,
     acked: Instant,
-    pid: u32,
+    target: &Target,
 ) -> Result<PostcopyMigrateReport, PostcopyMigrateError> {
     let Phase {
         qmp,
@@ -253,14 +252,14 @@ fn finish(
                 (Ok(_), Some((Err(q), _))) => MigrateError::Qmp(q),
                 (Ok(_), _) => MigrateError::Options("the send ended without a switch".into()),
             };
-            Err(resume_source(qmp, pid, first).into())
+            Err(resume_source(qmp, target, first).into())
         }
     }
 }
 
 /// Continues the source VM after a failure before the destination ran.
-fn resume_source(qmp: &mut Qmp, pid: u32, first: MigrateError) -> MigrateError {
-    continue_process(pid);
+fn resume_source(qmp: &mut Qmp, target: &Target, first: MigrateError) -> MigrateError {
+    continue_process(target);
     let _ = qmp.execute("migrate_cancel", None);
     match cont(qmp) {
         Ok(()) => first,
