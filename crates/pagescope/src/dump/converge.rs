@@ -64,8 +64,9 @@ pub(super) struct Limits {
     pub max_time: Duration,
     /// The downtime target (QEMU's `downtime-limit`).
     pub max_downtime: Option<Duration>,
-    /// With a target too, stop once the written set stops shrinking (the
-    /// writer outpaces the measured bandwidth: post-copy's switch).
+    /// With a target too, stop once the written set shrinks by less than
+    /// a tenth from one pass to the next (the writer keeps up with the
+    /// link, pre-copy cannot converge: post-copy's switch).
     pub stop_when_stalled: bool,
 }
 
@@ -130,7 +131,13 @@ pub(super) fn decide(
                 return Decision::Stop(PrecopyEnd::FitsDowntime);
             }
             Some(_) if !limits.stop_when_stalled => {}
-            _ if l.previous_written.is_some_and(|p| l.written_pages >= p) => {
+            Some(_)
+                if l.previous_written
+                    .is_some_and(|p| l.written_pages * 10 >= p * 9) =>
+            {
+                return Decision::Stop(PrecopyEnd::Stalled);
+            }
+            None if l.previous_written.is_some_and(|p| l.written_pages >= p) => {
                 return Decision::Stop(PrecopyEnd::Stalled);
             }
             _ => {}
@@ -236,6 +243,8 @@ mod tests {
         let growing = last(5000, Some(4000), 4.0 * MIB);
         let stalled = Decision::Stop(PrecopyEnd::Stalled);
         assert_eq!(decide(&l, 2, Some(&growing), at(3)), stalled);
+        let barely = last(3700, Some(4000), 4.0 * MIB);
+        assert_eq!(decide(&l, 2, Some(&barely), at(3)), stalled);
         let shrinking = last(3000, Some(4000), 4.0 * MIB);
         assert_eq!(decide(&l, 2, Some(&shrinking), at(3)), Decision::Continue);
         let fits = last(10, Some(5), 4.0 * MIB);

@@ -205,9 +205,9 @@ pub struct DumpOptions {
     /// this (pages left / the measured bandwidth), within the bounds above;
     /// `None`: until the written set stops shrinking.
     pub max_downtime: Option<Duration>,
-    /// With `max_downtime` too, pre-copy stops once the written set stops
-    /// shrinking (it cannot converge at the measured bandwidth: post-copy
-    /// switches then).
+    /// With `max_downtime` too, pre-copy stops once the written set
+    /// shrinks by less than a tenth from one pass to the next (it cannot
+    /// converge at the measured bandwidth: post-copy switches then).
     pub stop_when_stalled: bool,
     /// Copy the pages of mapped regular files too (default: recorded by
     /// identity and read from the file at restore).

@@ -10,7 +10,7 @@
 //! 1. `query-status` and `x-ignore-shared` on the source first, so a QEMU
 //!    that cannot do it fails before a page is sent;
 //! 2. pre-copy passes while the guest runs, at most N (fewer when the
-//!    written set stops shrinking: the guest writes faster than the link
+//!    written set shrinks by less than a tenth per pass: the guest writes faster than the link
 //!    carries pages, pre-copy cannot converge);
 //! 3. QMP `stop` right before the stopped pass; the pass keeps what the
 //!    guest wrote since the last one (the sender's stash) and tells the

@@ -1,6 +1,6 @@
 //! The sender's side of post-copy (`send --postcopy-after N`): after N
 //! pre-copy passes (at most `--max-iterations`; fewer when the written set
-//! stops shrinking, i.e. the writer outpaces the measured bandwidth and
+//! stops shrinking by a tenth per pass, i.e. the writer outpaces the measured bandwidth and
 //! pre-copy cannot converge, or when the rest fits in `--max-downtime`) the dump's stopped pass runs as usual,
 //! but the pages it reads are kept here instead of sent (the source
 //! stays stopped: post-copy implies `--leave-stopped`); at its end the
