@@ -381,7 +381,14 @@ fn a_connection_cut_twice_during_postcopy_resumes_and_every_page_arrives_once() 
     let origin = source(&src, pages);
     let mut dest = destination(&dst, pages, &seen);
     let mut recv = Command::new(exe())
-        .args(["receive", "--listen", "127.0.0.1:0", "--into", &dst, "--json"])
+        .args([
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--into",
+            &dst,
+            "--json",
+        ])
         .args(["--postcopy", "--pid", &dest.0.id().to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -425,21 +432,44 @@ fn a_connection_cut_twice_during_postcopy_resumes_and_every_page_arrives_once() 
         .output()
         .unwrap();
     let stray_err = String::from_utf8_lossy(&stray.stderr);
-    assert_eq!(stray.status.code(), Some(HANDSHAKE), "{stray_err}");
-    assert!(stray_err.contains("waits for its post-copy sender"), "{stray_err}");
+    if stray.status.code() != Some(HANDSHAKE) {
+        let _ = recv.kill();
+        let _ = send.kill();
+        let mut e = String::new();
+        let _ = recv_err.read_to_string(&mut e);
+        let mut se = String::new();
+        let _ = send.stderr.take().unwrap().read_to_string(&mut se);
+        panic!("{stray_err}\nreceive: {e}\nsend: {se}");
+    }
+    assert!(
+        stray_err.contains("waits for its post-copy sender"),
+        "{stray_err}"
+    );
     assert_eq!(cut.recv_timeout(Duration::from_secs(60)), Ok(1), "{cuts:?}");
 
     let send_rc = wait(&mut send, 120, "send");
     let mut send_out = String::new();
-    send.stdout.take().unwrap().read_to_string(&mut send_out).unwrap();
+    send.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut send_out)
+        .unwrap();
     let mut send_err = String::new();
-    send.stderr.take().unwrap().read_to_string(&mut send_err).unwrap();
+    send.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut send_err)
+        .unwrap();
     if send_rc != 0 {
         let _ = recv.kill();
     }
     let recv_rc = wait(&mut recv, 60, "receive");
     let mut recv_out = String::new();
-    recv.stdout.take().unwrap().read_to_string(&mut recv_out).unwrap();
+    recv.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut recv_out)
+        .unwrap();
     let recv_err = rest(recv_err);
     assert_eq!(send_rc, 0, "{cuts:?} send: {send_err}\nreceive: {recv_err}");
     assert_eq!(recv_rc, 0, "{cuts:?} receive: {recv_err}");
@@ -458,7 +488,11 @@ fn a_connection_cut_twice_during_postcopy_resumes_and_every_page_arrives_once() 
     let kept = pc["pending_at_switch"].as_u64().unwrap();
     let resent = pc["pages_resent"].as_u64().unwrap();
     let sent = pc["pages_requested"].as_u64().unwrap() + pc["pages_background"].as_u64().unwrap();
-    assert_eq!(sent, kept + resent, "only what the receiver lacked went again: {pc}");
+    assert_eq!(
+        sent,
+        kept + resent,
+        "only what the receiver lacked went again: {pc}"
+    );
     assert!(resent < kept / 2, "{pc}");
 
     let until = Instant::now() + Duration::from_secs(60);
@@ -471,7 +505,10 @@ fn a_connection_cut_twice_during_postcopy_resumes_and_every_page_arrives_once() 
     let got_file = std::fs::read(&dst).unwrap();
     for p in 0..pages {
         let r = p * PAGE..(p + 1) * PAGE;
-        assert!(got_seen[r.clone()] == want[r.clone()], "page {p} as read, {cuts:?}");
+        assert!(
+            got_seen[r.clone()] == want[r.clone()],
+            "page {p} as read, {cuts:?}"
+        );
         assert!(got_file[r.clone()] == want[r], "page {p} of FILE, {cuts:?}");
     }
 }

@@ -159,7 +159,7 @@ fn receive_with(
     let mut r = Receiving::new(page as u64);
     let mut result = r.run(&mut s.reader, &sh);
     while let (Some(rj), Err(e)) = (&rejoin, &result) {
-        if e.class != Class::Connection || r.switched.is_none() {
+        if !r.broke || r.switched.is_none() {
             break;
         }
         let lack = || sh.state().lacking();
@@ -320,6 +320,8 @@ struct Receiving {
     /// Pages received over earlier connections.
     pages_before: u64,
     rejoins: u32,
+    /// The connection failed (not a record in it).
+    broke: bool,
 }
 
 fn destination(what: String) -> TransferError {
@@ -340,6 +342,7 @@ impl Receiving {
             filler: None,
             pages_before: 0,
             rejoins: 0,
+            broke: false,
         }
     }
 
@@ -351,6 +354,7 @@ impl Receiving {
         self.records = 0;
         self.meta.clear();
         self.rejoins += 1;
+        self.broke = false;
     }
 
     fn run(
@@ -362,7 +366,11 @@ impl Receiving {
             if let Some(f) = sh.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 return Err(destination(f));
             }
-            let Some(rec) = reader.next()? else {
+            // A failure of the stream itself (closed, cut mid-record,
+            // unreadable) may be waited out; a wrong record may not.
+            let next = reader.next().inspect_err(|_| self.broke = true)?;
+            let Some(rec) = next else {
+                self.broke = true;
                 return Err(TransferError::new(
                     Class::Connection,
                     "",

@@ -116,13 +116,7 @@ impl Stash {
 
     /// One new connection: the handshake, `RECONNECT`, the `LACK`, the
     /// pages, the commit, the `ACK`.
-    fn attempt(
-        &self,
-        conn: Conn,
-        link: &Link,
-        id: u64,
-        meta: &[u8],
-    ) -> Result<Committed, Attempt> {
+    fn attempt(&self, conn: Conn, link: &Link, id: u64, meta: &[u8]) -> Result<Committed, Attempt> {
         let page = u32::try_from(rustix::param::page_size()).unwrap_or(4096);
         let caps = CAP_POSTCOPY | CAP_POSTCOPY_RESUME;
         let psk = link.psk.as_deref();

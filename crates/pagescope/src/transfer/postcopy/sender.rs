@@ -86,10 +86,13 @@ pub(in crate::transfer) fn plan(
             },
             super::wire::CAP_POSTCOPY,
             Some(Arc::new(Stash {
-                link: opts.postcopy_reconnect.clone().map(|r| super::reconnect::Link {
-                    to: r,
-                    psk: opts.psk.clone(),
-                }),
+                link: opts
+                    .postcopy_reconnect
+                    .clone()
+                    .map(|r| super::reconnect::Link {
+                        to: r,
+                        psk: opts.psk.clone(),
+                    }),
                 ..Stash::default()
             })),
         )),
@@ -297,13 +300,7 @@ impl Stash {
                     (run, false)
                 }
             };
-            let n = self.send_runs(&store, run, send)?;
-            let mut st = lock(&self.stats);
-            if asked {
-                st.pages_requested += n;
-            } else {
-                st.pages_background += n;
-            }
+            self.send_runs(&store, run, asked, send)?;
         }
         lock(&self.stats).seconds = t0.elapsed().as_secs_f64();
         Ok(())
@@ -347,33 +344,42 @@ impl Stash {
         Ok(again)
     }
 
-    /// Sends `pages` as runs of consecutive pages; how many.
+    /// Sends `pages` as runs of consecutive pages, counted as `asked`
+    /// or not as each goes; on a failure the pages not sent are unsent
+    /// again.
     fn send_runs(
         &self,
         store: &StoreRef,
         pages: Vec<(u64, Box<[u8]>)>,
+        asked: bool,
         send: &mut SendRun<'_>,
-    ) -> Result<u64, DumpError> {
-        let n = pages.len() as u64;
-        let mut run: Option<(u64, Vec<u8>, u64)> = None;
+    ) -> Result<(), DumpError> {
+        let mut runs: Vec<(u64, u64, Vec<u8>)> = Vec::new();
         for (p, data) in pages {
-            match &mut run {
-                Some((first, buf, count)) if *first + *count == p => {
+            match runs.last_mut() {
+                Some((first, count, buf)) if *first + *count == p => {
                     buf.extend_from_slice(&data);
                     *count += 1;
                 }
-                _ => {
-                    if let Some((first, buf, _)) = run.take() {
-                        send(store, first, &buf)?;
-                    }
-                    run = Some((p, data.into_vec(), 1));
-                }
+                _ => runs.push((p, 1, data.into_vec())),
             }
         }
-        if let Some((first, buf, _)) = run {
-            send(store, first, &buf)?;
+        for (i, (first, count, buf)) in runs.iter().enumerate() {
+            if let Err(e) = send(store, *first, buf) {
+                let mut unsent = lock(&self.unsent);
+                for (first, count, _) in &runs[i..] {
+                    unsent.extend(*first..*first + *count);
+                }
+                return Err(e);
+            }
+            let mut st = lock(&self.stats);
+            if asked {
+                st.pages_requested += count;
+            } else {
+                st.pages_background += count;
+            }
         }
-        Ok(n)
+        Ok(())
     }
 
     /// What the post-copy phase did.

@@ -115,7 +115,9 @@ impl PostcopyRecord {
                 b.extend_from_slice(&first.to_le_bytes());
                 b.extend_from_slice(&count.to_le_bytes());
             }
-            Self::Resumable { id } | Self::Reconnect { id } => b.extend_from_slice(&id.to_le_bytes()),
+            Self::Resumable { id } | Self::Reconnect { id } => {
+                b.extend_from_slice(&id.to_le_bytes())
+            }
             Self::Lack { last, ranges } => {
                 b.push(u8::from(*last));
                 for (first, count) in ranges {
