@@ -15,7 +15,7 @@ use pagescope::{KernelCaps, Target};
 use crate::exit::{CliError, OK, OTHER};
 use crate::progress::SendOutput;
 use crate::transfer_cmd::{
-    QMP_TIMEOUT, ReceiveArgs, SendArgs, accept, fail, send_failed, sent_lines, shown,
+    QMP_TIMEOUT, ReceiveArgs, SendArgs, accept_keeping, fail, send_failed, sent_lines, shown,
 };
 
 /// Registers DEST's mappings of FILE before listening (so the destination
@@ -35,15 +35,22 @@ pub fn receive(
     if let Some(socket) = &args.qmp {
         continue_destination(socket, pid)?;
     }
-    let conn = match &args.listen {
-        Some(a) => accept(a, key.is_some(), side)?,
-        None => Conn::stdio(),
-    };
-    let report = postcopy::receive(conn, key.as_deref(), dest).map_err(|e| fail(side, &e))?;
+    let report = match &args.listen {
+        Some(a) => {
+            let (conn, listener) = accept_keeping(a, key.is_some(), side)?;
+            let rejoin = postcopy::Rejoin {
+                listener,
+                wait: args.reconnect_wait,
+            };
+            postcopy::receive_rejoining(conn, key.as_deref(), dest, rejoin)
+        }
+        None => postcopy::receive(Conn::stdio(), key.as_deref(), dest),
+    }
+    .map_err(|e| fail(side, &e))?;
     let s = &report.stats;
     writeln!(
         std::io::stderr(),
-        "received {} pages in {} records over {} passes: {}; post-copy {:.2} s, {} pages pending at the switch: {} by fault, {} in the background ({} already present), {} faults, fault wait p50 {:.0} us p99 {:.0} us",
+        "received {} pages in {} records over {} passes: {}; post-copy {:.2} s, {} pages pending at the switch: {} by fault, {} in the background ({} already present), {} faults, fault wait p50 {:.0} us p99 {:.0} us; {} reconnects",
         report.pages,
         report.records,
         report.passes,
@@ -55,7 +62,8 @@ pub fn receive(
         s.pages_already_present,
         s.faults,
         s.fault_latency_p50_us,
-        s.fault_latency_p99_us
+        s.fault_latency_p99_us,
+        report.reconnects
     )?;
     if args.json && args.listen.is_some() {
         let mut out = std::io::stdout().lock();
@@ -93,12 +101,14 @@ pub fn sent(pc: Option<&PostcopySendStats>) -> Result<()> {
     if let Some(pc) = pc {
         writeln!(
             std::io::stderr(),
-            "post-copy: {} pages kept at the stop, {} sent on request ({} requests), {} in order, {:.2} s",
+            "post-copy: {} pages kept at the stop, {} sent on request ({} requests), {} in order, {:.2} s; {} reconnects, {} pages sent again",
             pc.pending_at_switch,
             pc.pages_requested,
             pc.requests,
             pc.pages_background,
-            pc.seconds
+            pc.seconds,
+            pc.reconnects,
+            pc.pages_resent
         )?;
     }
     Ok(())

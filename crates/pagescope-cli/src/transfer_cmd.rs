@@ -94,6 +94,10 @@ pub struct SendArgs {
     /// written set stops shrinking. With --qmp: QEMU post-copy.
     #[arg(long, value_name = "N|auto", requires = "object", num_args = 0..=1, default_missing_value = "auto", value_parser = crate::postcopy_cmd::parse_after)]
     pub postcopy_after: Option<u32>,
+    /// Post-copy: after a dropped connection, keep the source stopped with
+    /// its pages and connect again for this long (after each drop).
+    #[arg(long, default_value = "10s", value_parser = parse_interval)]
+    pub reconnect_wait: Duration,
     /// Continue an interrupted transfer: pages the receiver (started with
     /// --resume) holds unchanged are not sent again.
     #[arg(long)]
@@ -152,6 +156,11 @@ pub struct ReceiveArgs {
     /// continued (`cont`) as soon as its device state is in.
     #[arg(long, value_name = "SOCKET", requires = "pid")]
     pub qmp: Option<PathBuf>,
+    /// Post-copy: after a dropped connection, wait this long for the
+    /// sender to connect again (the destination's threads block
+    /// meanwhile); then fail naming the pages that never arrived.
+    #[arg(long, default_value = "10s", value_parser = parse_interval, requires = "postcopy")]
+    pub reconnect_wait: Duration,
     /// Keep the partial state if the connection drops, and resume from
     /// the one an interrupted `receive --resume` kept.
     #[arg(long)]
@@ -201,6 +210,10 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         pageout_sent: args.pageout_sent,
         postcopy_after: args.postcopy_after,
         resume: args.resume,
+        postcopy_reconnect: (args.to != "-").then(|| transfer::postcopy::Reconnect {
+            to: args.to.clone(),
+            wait: args.reconnect_wait,
+        }),
     };
     let conn = if args.to == "-" {
         Conn::stdio()
@@ -409,6 +422,12 @@ pub fn receive(args: &ReceiveArgs) -> Result<u8> {
 /// Listens on `addr` (refused without a key unless it is loopback) and
 /// accepts one sender.
 pub(crate) fn accept(addr: &str, keyed: bool, side: &str) -> Result<Conn> {
+    accept_keeping(addr, keyed, side).map(|(conn, _)| conn)
+}
+
+/// [`accept`], keeping the listener (post-copy waits on it for the
+/// sender to connect again after a drop).
+pub(crate) fn accept_keeping(addr: &str, keyed: bool, side: &str) -> Result<(Conn, TcpListener)> {
     let loopback = transfer::is_loopback(addr).map_err(|e| fail(side, &e))?;
     if !loopback && !keyed {
         let m = format!(
@@ -422,5 +441,7 @@ pub(crate) fn accept(addr: &str, keyed: bool, side: &str) -> Result<Conn> {
     let (stream, peer) = listener
         .accept()
         .with_context(|| format!("{side}: accept failed"))?;
-    Conn::tcp(stream, &peer.to_string()).with_context(|| format!("{side}: connection set-up"))
+    let conn = Conn::tcp(stream, &peer.to_string())
+        .with_context(|| format!("{side}: connection set-up"))?;
+    Ok((conn, listener))
 }

@@ -7,13 +7,18 @@
 //! stopped). And the sender killed mid-post-copy: the receiver names
 //! exactly the pages that never arrived, the destination is blocked, not
 //! crashed, and every page that did arrive is the source's. A post-copy
-//! sender and a plain receiver refuse each other in the hello.
-//! (A dropped connection resumed with `send --resume` is not built yet.)
+//! sender and a plain receiver refuse each other in the hello. And the
+//! connection cut twice at random points of post-copy by a proxy: the
+//! destination's reader blocks meanwhile, a new sender is refused while
+//! the receiver waits, the sender reconnects, and every page ends up
+//! equal to the source's, each installed once.
 
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use common::exe;
@@ -275,4 +280,235 @@ fn a_postcopy_sender_and_a_plain_receiver_refuse_each_other() {
     assert_eq!(recv_rc, HANDSHAKE, "{msg}");
     assert!(msg.contains("runs post-copy"), "{msg}");
     assert!(!std::path::Path::new(&dst).exists(), "nothing written");
+}
+
+/// The frame kind of `START` (`docs/stream-format.md`, "Post-copy").
+const START: u8 = 31;
+
+/// A TCP proxy for one transfer's connections: connection `i` is cut
+/// after `cuts[i]` bytes from the sender (the first counted from its
+/// `START` frame, so the cut falls inside post-copy), then the proxy
+/// reports the cut and waits `pause` before it takes the next connection;
+/// a connection past the cuts is forwarded whole.
+fn cutting_proxy(to: &str, cuts: Vec<u64>, pause: Duration) -> (String, Receiver<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let to = to.to_owned();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for i in 0..=cuts.len() {
+            let Ok((sender, _)) = listener.accept() else {
+                return;
+            };
+            let receiver = TcpStream::connect(&to).unwrap();
+            let (mut back_from, mut back_to) =
+                (receiver.try_clone().unwrap(), sender.try_clone().unwrap());
+            let back = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut back_from, &mut back_to);
+            });
+            let from_start = if i == 0 { Some(START) } else { None };
+            forward(&sender, &receiver, cuts.get(i).copied(), from_start);
+            let _ = sender.shutdown(Shutdown::Both);
+            let _ = receiver.shutdown(Shutdown::Both);
+            let _ = back.join();
+            if i == cuts.len() {
+                return;
+            }
+            let _ = tx.send(i);
+            std::thread::sleep(pause);
+        }
+    });
+    (addr, rx)
+}
+
+/// Forwards whole frames until `cut` bytes (counted once a frame of kind
+/// `after` passed, or from the start) were forwarded, cutting a frame.
+fn forward(mut from: &TcpStream, mut to: &TcpStream, cut: Option<u64>, after: Option<u8>) {
+    let mut counting = after.is_none();
+    let mut sent = 0u64;
+    loop {
+        let mut len = [0u8; 4];
+        if from.read_exact(&mut len).is_err() {
+            return;
+        }
+        let mut frame = len.to_vec();
+        frame.resize(4 + u32::from_le_bytes(len) as usize, 0);
+        if from.read_exact(&mut frame[4..]).is_err() {
+            return;
+        }
+        let keep = match cut {
+            Some(c) if counting => usize::try_from(c.saturating_sub(sent)).unwrap(),
+            _ => frame.len(),
+        };
+        let part = &frame[..frame.len().min(keep)];
+        if to.write_all(part).is_err() {
+            return;
+        }
+        if counting {
+            sent += part.len() as u64;
+        }
+        counting |= after == Some(frame[4]);
+        if part.len() < frame.len() {
+            return;
+        }
+    }
+}
+
+/// A small xorshift generator seeded from the clock (the seed printed).
+fn random() -> impl FnMut(u64, u64) -> u64 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("cut seed {seed}");
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    move |lo, hi| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        lo + x % (hi - lo)
+    }
+}
+
+#[test]
+fn a_connection_cut_twice_during_postcopy_resumes_and_every_page_arrives_once() {
+    if !usable() {
+        return;
+    }
+    let pages = 8192;
+    let scratch = Scratch::new("postcopy-cut");
+    let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
+    let origin = source(&src, pages);
+    let mut dest = destination(&dst, pages, &seen);
+    let mut recv = Command::new(exe())
+        .args([
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--into",
+            &dst,
+            "--json",
+        ])
+        .args(["--postcopy", "--pid", &dest.0.id().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut recv_err = BufReader::new(recv.stderr.take().unwrap());
+    let mut line = String::new();
+    recv_err.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("pagescope: listening on ")
+        .unwrap_or_else(|| panic!("receive said {line:?}"))
+        .to_owned();
+    let mut rnd = random();
+    // Post-copy sends 32 MiB at 8 MiB/s over the first connection; the
+    // later ones are not paced.
+    let cuts = vec![rnd(256 << 10, 4 << 20), rnd(64 << 10, 2 << 20)];
+    let (proxy, cut) = cutting_proxy(&addr, cuts.clone(), Duration::from_secs(3));
+    writeln!(dest.0.stdin.as_mut().unwrap(), "go").unwrap();
+    let mut send = send_args(origin.0.id(), &proxy, &src)
+        .args(["--postcopy-after", "0", "--bandwidth", "8M", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // The first cut: the reader blocks, the receiver waits and refuses
+    // a sender that does not continue this transfer.
+    assert_eq!(cut.recv_timeout(Duration::from_secs(60)), Ok(0), "{cuts:?}");
+    let done = format!("{seen}.done");
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(100));
+        let st = state(dest.0.id());
+        assert!(matches!(st, 'S' | 'D'), "the reader blocks (state {st})");
+        assert!(!std::path::Path::new(&done).exists(), "cut at {cuts:?}");
+    }
+    let other_src = scratch.p("other");
+    let other = source(&other_src, 16);
+    let stray = send_args(other.0.id(), &addr, &other_src)
+        .args(["--postcopy-after", "1"])
+        .output()
+        .unwrap();
+    let stray_err = String::from_utf8_lossy(&stray.stderr);
+    if stray.status.code() != Some(HANDSHAKE) {
+        let _ = recv.kill();
+        let _ = send.kill();
+        let mut e = String::new();
+        let _ = recv_err.read_to_string(&mut e);
+        let mut se = String::new();
+        let _ = send.stderr.take().unwrap().read_to_string(&mut se);
+        panic!("{stray_err}\nreceive: {e}\nsend: {se}");
+    }
+    assert!(
+        stray_err.contains("waits for its post-copy sender"),
+        "{stray_err}"
+    );
+    assert_eq!(cut.recv_timeout(Duration::from_secs(60)), Ok(1), "{cuts:?}");
+
+    let send_rc = wait(&mut send, 120, "send");
+    let mut send_out = String::new();
+    send.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut send_out)
+        .unwrap();
+    let mut send_err = String::new();
+    send.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut send_err)
+        .unwrap();
+    if send_rc != 0 {
+        let _ = recv.kill();
+    }
+    let recv_rc = wait(&mut recv, 60, "receive");
+    let mut recv_out = String::new();
+    recv.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut recv_out)
+        .unwrap();
+    let recv_err = rest(recv_err);
+    assert_eq!(send_rc, 0, "{cuts:?} send: {send_err}\nreceive: {recv_err}");
+    assert_eq!(recv_rc, 0, "{cuts:?} receive: {recv_err}");
+    assert_eq!(state(origin.0.id()), 'T', "the source is left stopped");
+
+    let r: serde_json::Value = serde_json::from_str(&recv_out).expect("receive's report");
+    assert_eq!(r["reconnects"], 2, "{r}");
+    assert_eq!(r["pages_duplicate"], 0, "{r}");
+    assert_eq!(r["pages_already_present"], 0, "{r}");
+    let installed = r["pages_by_fault"].as_u64().unwrap() + r["pages_background"].as_u64().unwrap();
+    assert_eq!(installed, pages as u64, "every page installed once: {r}");
+    let s: serde_json::Value =
+        serde_json::from_str(send_out.lines().last().unwrap()).expect("send's report");
+    let pc = &s["postcopy"];
+    assert_eq!(pc["reconnects"], 2, "{pc}");
+    let kept = pc["pending_at_switch"].as_u64().unwrap();
+    let resent = pc["pages_resent"].as_u64().unwrap();
+    let sent = pc["pages_requested"].as_u64().unwrap() + pc["pages_background"].as_u64().unwrap();
+    assert_eq!(
+        sent,
+        kept + resent,
+        "only what the receiver lacked went again: {pc}"
+    );
+    assert!(resent < kept / 2, "{pc}");
+
+    let until = Instant::now() + Duration::from_secs(60);
+    while !std::path::Path::new(&done).exists() {
+        assert!(Instant::now() < until, "the destination read every page");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want = std::fs::read(&src).unwrap();
+    let got_seen = std::fs::read(&seen).unwrap();
+    let got_file = std::fs::read(&dst).unwrap();
+    for p in 0..pages {
+        let r = p * PAGE..(p + 1) * PAGE;
+        assert!(
+            got_seen[r.clone()] == want[r.clone()],
+            "page {p} as read, {cuts:?}"
+        );
+        assert!(got_file[r.clone()] == want[r], "page {p} of FILE, {cuts:?}");
+    }
 }

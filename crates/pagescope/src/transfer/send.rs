@@ -70,7 +70,7 @@ pub(crate) fn send_with<'p>(
         opts.psk.as_deref(),
         mode,
         page,
-        handshake::CAP_RESUME,
+        handshake::CAP_RESUME | postcopy::wire::CAP_POSTCOPY_RESUME,
         extra,
     )?;
     let have = Arc::new(resume::client(&mut session, target, object, opts.resume)?);
@@ -129,10 +129,10 @@ pub(crate) fn send_with<'p>(
 
 /// What the sink and `send` share.
 #[derive(Default)]
-struct Shared {
+pub(super) struct Shared {
     /// The first failure of the stream (the receiver's `ERROR`, a
     /// connection lost).
-    failure: Mutex<Option<TransferError>>,
+    pub(super) failure: Mutex<Option<TransferError>>,
     totals: Mutex<Totals>,
     /// What the progress reads as the stream goes.
     counters: Arc<Counters>,
@@ -527,6 +527,11 @@ impl StreamSink {
         let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
         let sent = stores.iter().filter(|s| s.wire.is_some());
         sent.map(StoreState::sent).collect()
+    }
+
+    /// What the sink and `send` share (post-copy's reconnect).
+    pub(super) fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
     }
 
     /// Sends what is buffered.

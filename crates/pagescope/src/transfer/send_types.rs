@@ -26,6 +26,9 @@ pub struct SendOptions {
     pub postcopy_after: Option<u32>,
     /// Continue a transfer the receiver kept (`--resume`).
     pub resume: bool,
+    /// Post-copy: where and how long to reconnect after a drop
+    /// (`postcopy/reconnect.rs`); `None`: no reconnect.
+    pub postcopy_reconnect: Option<super::postcopy::Reconnect>,
 }
 
 /// What a send did.

@@ -6,23 +6,28 @@
 //! `sys/uffd.rs`), on a userfaultfd created inside the destination
 //! process by the injection helper (`sys/inject/`, as `watch` does).
 //!
-//! * `wire.rs`: the records (`PENDING`, `START`, `REQUEST`) and the
-//!   capability bit;
+//! * `wire.rs`: the records (`PENDING`, `START`, `REQUEST`, and for a
+//!   dropped connection `RESUMABLE`, `RECONNECT`, `LACK`) and the
+//!   capability bits;
 //! * `dest.rs`: the destination process, its registered mappings of
 //!   `FILE`, installing a page;
 //! * `state.rs`: every page's state and the counts, under one lock;
 //! * `receiver.rs`: [`receive`]: the stream, the fault thread, the filler;
 //! * `sender.rs`: the stopped pass kept and served on request (a layer
-//!   over the stream's page sink).
+//!   over the stream's page sink);
+//! * `reconnect.rs`: the sender connecting again after a drop;
+//! * `rejoin.rs`: the receiver waiting for that connection.
 
 mod dest;
 mod receiver;
+mod reconnect;
+mod rejoin;
 mod sender;
 mod state;
 pub(crate) mod wire;
 
 pub use dest::Destination;
-pub use receiver::{PostcopyReport, receive};
-pub use sender::PostcopySendStats;
+pub use receiver::{PostcopyReport, Rejoin, receive, receive_rejoining};
+pub use sender::{PostcopySendStats, Reconnect};
 pub(super) use sender::{plan, wrap};
 pub use state::PostcopyStats;

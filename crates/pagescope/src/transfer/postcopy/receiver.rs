@@ -5,15 +5,18 @@
 //! filler thread in order, pages a thread faulted on at once (held) or
 //! as soon as they arrive after a `REQUEST` sent by the fault thread.
 //! When every page is in and the `COMMIT` checked, the destination is
-//! unregistered and released, and the `ACK` sent.
+//! unregistered and released, and the `ACK` sent. A connection dropped
+//! after the switch is waited out (`rejoin.rs`) when a [`Rejoin`] is
+//! given.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::dest::Destination;
+pub use super::rejoin::Rejoin;
 use super::state::{Ask, Pages, PostcopyStats, show_ranges};
-use super::wire::{CAP_POSTCOPY, PostcopyRecord};
+use super::wire::{CAP_POSTCOPY, CAP_POSTCOPY_RESUME, PostcopyRecord};
 use crate::image::format::{self, MAX_META_BYTES, MAX_STORE_PAGES};
 use crate::sys::uffd::{UFFD_EVENT_PAGEFAULT, read_msgs};
 use crate::transfer::frame::FrameWriter;
@@ -37,6 +40,8 @@ pub struct PostcopyReport {
     pub pending_at_switch: u64,
     /// Seconds from the switch to the last page in.
     pub postcopy_seconds: f64,
+    /// Connections the sender made again after a drop.
+    pub reconnects: u32,
     /// How the pages got in, and the faults' wait.
     #[serde(flatten)]
     pub stats: PostcopyStats,
@@ -88,7 +93,32 @@ pub fn receive(
     psk: Option<&[u8]>,
     dest: Destination,
 ) -> Result<PostcopyReport, TransferError> {
-    let mut s = match handshake::server(conn, psk, Mode::Object, 0, CAP_POSTCOPY) {
+    receive_with(conn, psk, dest, None)
+}
+
+/// [`receive`], waiting for the sender to connect again through
+/// `rejoin` when the connection drops after the switch.
+pub fn receive_rejoining(
+    conn: Conn,
+    psk: Option<&[u8]>,
+    dest: Destination,
+    rejoin: Rejoin,
+) -> Result<PostcopyReport, TransferError> {
+    receive_with(conn, psk, dest, Some(rejoin))
+}
+
+fn receive_with(
+    conn: Conn,
+    psk: Option<&[u8]>,
+    dest: Destination,
+    rejoin: Option<Rejoin>,
+) -> Result<PostcopyReport, TransferError> {
+    let offered = if rejoin.is_some() {
+        CAP_POSTCOPY_RESUME
+    } else {
+        0
+    };
+    let mut s = match handshake::server(conn, psk, Mode::Object, offered, CAP_POSTCOPY) {
         Ok(s) => s,
         Err(e) => {
             dest.abandon();
@@ -105,6 +135,15 @@ pub fn receive(
         );
         return Err(s.refuse(e));
     }
+    let rejoin = rejoin.filter(|_| s.peer_caps & CAP_POSTCOPY_RESUME != 0);
+    let id = transfer_id();
+    if rejoin.is_some() {
+        let r = Record::Postcopy(PostcopyRecord::Resumable { id });
+        if let Err(e) = handshake::send(&mut s, &r) {
+            dest.abandon();
+            return Err(e);
+        }
+    }
     let writer = std::mem::replace(&mut s.writer, FrameWriter::new(Box::new(std::io::sink())));
     let sh = Arc::new(Shared {
         state: Mutex::new(Pages::new(page)),
@@ -118,7 +157,32 @@ pub fn receive(
         std::thread::spawn(move || serve_faults(&sh))
     };
     let mut r = Receiving::new(page as u64);
-    let result = r.run(&mut s.reader, &sh);
+    let mut result = r.run(&mut s.reader, &sh);
+    while let (Some(rj), Err(e)) = (&rejoin, &result) {
+        if !r.broke || r.switched.is_none() {
+            break;
+        }
+        let lack = || sh.state().lacking();
+        match rj.wait(psk, id, &lack) {
+            Ok(mut next) => {
+                let w = std::mem::replace(
+                    &mut next.writer,
+                    FrameWriter::new(Box::new(std::io::sink())),
+                );
+                *sh.writer.lock().unwrap_or_else(|p| p.into_inner()) = w;
+                r.rejoined();
+                let asks = sh.state().reask();
+                sh.ask(&asks);
+                s = next;
+                result = r.run(&mut s.reader, &sh);
+            }
+            Err(m) => {
+                let what = format!("{}; {m}", e.what);
+                result = Err(TransferError::new(Class::Connection, "", what));
+                break;
+            }
+        }
+    }
     sh.stop.store(true, Ordering::Relaxed);
     let _ = faults.join();
     if let Some(f) = r.filler.take() {
@@ -138,10 +202,11 @@ pub fn receive(
             let _ = writer.flush();
             Ok(PostcopyReport {
                 committed,
-                pages: r.pages,
+                pages: r.pages + r.pages_before,
                 records: r.records,
                 passes: r.passes,
                 pending_at_switch: r.pending,
+                reconnects: r.rejoins,
                 postcopy_seconds: r.switched.map_or(0.0, |t| t.elapsed().as_secs_f64()),
                 stats: state.report(),
             })
@@ -160,6 +225,13 @@ pub fn receive(
             Err(e)
         }
     }
+}
+
+/// A random id for this transfer (`RESUMABLE`).
+fn transfer_id() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+    u64::from_le_bytes(b)
 }
 
 /// The error's line, with the pages that never arrived and what happens
@@ -245,6 +317,11 @@ struct Receiving {
     pending: u64,
     switched: Option<Instant>,
     filler: Option<std::thread::JoinHandle<()>>,
+    /// Pages received over earlier connections.
+    pages_before: u64,
+    rejoins: u32,
+    /// The connection failed (not a record in it).
+    broke: bool,
 }
 
 fn destination(what: String) -> TransferError {
@@ -263,7 +340,21 @@ impl Receiving {
             pending: 0,
             switched: None,
             filler: None,
+            pages_before: 0,
+            rejoins: 0,
+            broke: false,
         }
+    }
+
+    /// A new connection continues the stream: what `COMMIT` counts starts
+    /// again (pages, records, metadata).
+    fn rejoined(&mut self) {
+        self.pages_before += self.pages;
+        self.pages = 0;
+        self.records = 0;
+        self.meta.clear();
+        self.rejoins += 1;
+        self.broke = false;
     }
 
     fn run(
@@ -275,7 +366,11 @@ impl Receiving {
             if let Some(f) = sh.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 return Err(destination(f));
             }
-            let Some(rec) = reader.next()? else {
+            // A failure of the stream itself (closed, cut mid-record,
+            // unreadable) may be waited out; a wrong record may not.
+            let next = reader.next().inspect_err(|_| self.broke = true)?;
+            let Some(rec) = next else {
+                self.broke = true;
                 return Err(TransferError::new(
                     Class::Connection,
                     "",
@@ -381,8 +476,14 @@ impl Receiving {
                 let filler = Arc::clone(sh);
                 self.filler = Some(std::thread::spawn(move || fill(&filler)));
             }
-            PostcopyRecord::Request { .. } => {
-                return Err(bad("a page request from the sender"));
+            r @ (PostcopyRecord::Request { .. }
+            | PostcopyRecord::Resumable { .. }
+            | PostcopyRecord::Reconnect { .. }
+            | PostcopyRecord::Lack { .. }) => {
+                return Err(bad(format!(
+                    "post-copy record of kind {} from the sender in the stream",
+                    r.kind()
+                )));
             }
         }
         Ok(())

@@ -9,9 +9,11 @@
 //! the ones the receiver asks for first (`REQUEST`, read from the return
 //! path between frames), the rest in page order in growing chunks; then
 //! the usual metadata, `COMMIT` and the receiver's `ACK` once every page
-//! is in.
+//! is in. Every kept page stays kept until that `ACK`: if the connection
+//! drops after the switch, `reconnect.rs` connects again and sends what
+//! the receiver still lacks.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,6 +49,19 @@ pub struct PostcopySendStats {
     pub requests: u64,
     /// Seconds from the switch until every kept page was sent.
     pub seconds: f64,
+    /// Connections made again after a drop during post-copy.
+    pub reconnects: u64,
+    /// Pages sent again because the receiver lacked them after a drop.
+    pub pages_resent: u64,
+}
+
+/// Where and how long a post-copy sender reconnects after a drop.
+#[derive(Clone, Debug)]
+pub struct Reconnect {
+    /// The receiver's address (`send --to`).
+    pub to: String,
+    /// How long to keep trying after each drop (`--reconnect-wait`).
+    pub wait: Duration,
 }
 
 /// A send's plan with `--postcopy-after N`: the dump's options (at most
@@ -72,7 +87,16 @@ pub(in crate::transfer) fn plan(
                 ..opts.dump.clone()
             },
             super::wire::CAP_POSTCOPY,
-            Some(Arc::new(Stash::default())),
+            Some(Arc::new(Stash {
+                link: opts
+                    .postcopy_reconnect
+                    .clone()
+                    .map(|r| super::reconnect::Link {
+                        to: r,
+                        psk: opts.psk.clone(),
+                    }),
+                ..Stash::default()
+            })),
         )),
     }
 }
@@ -145,13 +169,20 @@ impl PageSink for PostcopySink {
     }
 
     fn commit(self: Box<Self>, meta: Meta) -> Result<Committed, DumpError> {
-        let inner = &self.inner;
+        let Self { inner, stash } = *self;
+        let shared = inner.shared();
         let mut send = |s: &StoreRef, first: u64, b: &[u8]| {
             inner.write(s, first, b).and_then(|()| inner.flush())
         };
-        self.stash
-            .serve(&mut send, &inner.acks, &|m| inner.lost(m))?;
-        Box::new(self.inner).commit(meta)
+        let served = stash.serve(&mut send, &inner.acks, &|m| inner.lost(m));
+        let failed = match served {
+            Ok(()) => match Box::new(inner).commit(meta.clone()) {
+                Ok(c) => return Ok(c),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        stash.rejoin(&shared, &meta, failed)
     }
 
     fn abort(self: Box<Self>, why: &DumpError) {
@@ -159,16 +190,22 @@ impl PageSink for PostcopySink {
     }
 }
 
-/// The pages of the stopped pass, kept until they are served.
+/// The pages of the stopped pass, kept until the receiver acknowledged.
 #[derive(Debug, Default)]
 pub(crate) struct Stash {
     active: AtomicBool,
     pages: Mutex<BTreeMap<u64, Box<[u8]>>>,
-    store: Mutex<Option<StoreRef>>,
-    stats: Mutex<PostcopySendStats>,
+    /// The kept pages still to send on this connection.
+    pub(super) unsent: Mutex<BTreeSet<u64>>,
+    pub(super) store: Mutex<Option<StoreRef>>,
+    pub(super) stats: Mutex<PostcopySendStats>,
+    /// The transfer's id from the receiver's `RESUMABLE`, if it sent one.
+    pub(super) id: Mutex<Option<u64>>,
+    /// Where to reconnect after a drop.
+    pub(super) link: Option<super::reconnect::Link>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -231,12 +268,13 @@ impl Stash {
             pending: pages.len() as u64,
         }));
         lock(&self.stats).pending_at_switch = pages.len() as u64;
+        *lock(&self.unsent) = pages.keys().copied().collect();
         out
     }
 
     /// Sends every kept page through `send` (asked-for ones first,
     /// requests read from `requests`), a run at a time.
-    fn serve(
+    pub(super) fn serve(
         &self,
         send: &mut SendRun<'_>,
         requests: &Mutex<Receiver<Record>>,
@@ -249,7 +287,7 @@ impl Stash {
         let mut queue = VecDeque::new();
         let mut chunk = FIRST_CHUNK;
         loop {
-            while let Some(r) = next_request(&lock(requests)).map_err(&lost)? {
+            while let Some(r) = self.next_request(&lock(requests)).map_err(&lost)? {
                 lock(&self.stats).requests += 1;
                 queue.push_back(r);
             }
@@ -264,55 +302,86 @@ impl Stash {
                     (run, false)
                 }
             };
-            let n = self.send_runs(&store, run, send)?;
-            let mut st = lock(&self.stats);
-            if asked {
-                st.pages_requested += n;
-            } else {
-                st.pages_background += n;
-            }
+            self.send_runs(&store, run, asked, send)?;
         }
         lock(&self.stats).seconds = t0.elapsed().as_secs_f64();
         Ok(())
     }
 
-    /// Takes up to `max` kept pages in `first..first + count`, in order.
+    /// Takes up to `max` unsent pages in `first..first + count`, in
+    /// order (a copy: the page stays kept until the `ACK`).
     fn take(&self, first: u64, count: u64, max: usize) -> Vec<(u64, Box<[u8]>)> {
-        let mut pages = lock(&self.pages);
+        let mut unsent = lock(&self.unsent);
+        let pages = lock(&self.pages);
         let end = first.saturating_add(count);
-        let keys: Vec<u64> = pages.range(first..end).map(|(&k, _)| k).take(max).collect();
+        let keys: Vec<u64> = unsent.range(first..end).copied().take(max).collect();
         keys.into_iter()
-            .filter_map(|k| pages.remove(&k).map(|v| (k, v)))
+            .filter_map(|k| {
+                unsent.remove(&k);
+                pages.get(&k).map(|v| (k, v.clone()))
+            })
             .collect()
     }
 
-    /// Sends `pages` as runs of consecutive pages; how many.
+    /// After a drop: the receiver lacks `lack` (ranges); they become the
+    /// pages to send. How many of them had been sent already; an error
+    /// names a page this sender never kept.
+    pub(super) fn lacking(&self, lack: &[(u64, u64)]) -> Result<u64, String> {
+        let pages = lock(&self.pages);
+        let mut unsent = lock(&self.unsent);
+        let mut again = 0;
+        let mut next = BTreeSet::new();
+        for &(first, count) in lack {
+            for p in first..first.saturating_add(count) {
+                if !pages.contains_key(&p) {
+                    return Err(format!(
+                        "the receiver lacks page {p}, which was final at the switch"
+                    ));
+                }
+                again += u64::from(!unsent.contains(&p));
+                next.insert(p);
+            }
+        }
+        *unsent = next;
+        Ok(again)
+    }
+
+    /// Sends `pages` as runs of consecutive pages, counted as `asked`
+    /// or not as each goes; on a failure the pages not sent are unsent
+    /// again.
     fn send_runs(
         &self,
         store: &StoreRef,
         pages: Vec<(u64, Box<[u8]>)>,
+        asked: bool,
         send: &mut SendRun<'_>,
-    ) -> Result<u64, DumpError> {
-        let n = pages.len() as u64;
-        let mut run: Option<(u64, Vec<u8>, u64)> = None;
+    ) -> Result<(), DumpError> {
+        let mut runs: Vec<(u64, u64, Vec<u8>)> = Vec::new();
         for (p, data) in pages {
-            match &mut run {
-                Some((first, buf, count)) if *first + *count == p => {
+            match runs.last_mut() {
+                Some((first, count, buf)) if *first + *count == p => {
                     buf.extend_from_slice(&data);
                     *count += 1;
                 }
-                _ => {
-                    if let Some((first, buf, _)) = run.take() {
-                        send(store, first, &buf)?;
-                    }
-                    run = Some((p, data.into_vec(), 1));
-                }
+                _ => runs.push((p, 1, data.into_vec())),
             }
         }
-        if let Some((first, buf, _)) = run {
-            send(store, first, &buf)?;
+        for (i, (first, count, buf)) in runs.iter().enumerate() {
+            if let Err(e) = send(store, *first, buf) {
+                let mut unsent = lock(&self.unsent);
+                for (first, count, _) in &runs[i..] {
+                    unsent.extend(*first..*first + *count);
+                }
+                return Err(e);
+            }
+            let mut st = lock(&self.stats);
+            if asked {
+                st.pages_requested += count;
+            } else {
+                st.pages_background += count;
+            }
         }
-        Ok(n)
+        Ok(())
     }
 
     /// What the post-copy phase did.
@@ -321,19 +390,29 @@ impl Stash {
     }
 }
 
-/// The receiver's next request, if one is waiting: `(first, count)`.
-fn next_request(rx: &Receiver<Record>) -> Result<Option<(u64, u64)>, String> {
-    match rx.recv_timeout(Duration::ZERO) {
-        Ok(Record::Postcopy(PostcopyRecord::Request { first, count, .. })) => {
-            Ok(Some((first, count)))
-        }
-        Ok(r) => Err(format!(
-            "record of kind {} from the receiver during post-copy",
-            r.kind()
-        )),
-        Err(RecvTimeoutError::Timeout) => Ok(None),
-        Err(RecvTimeoutError::Disconnected) => {
-            Err("the receiver closed the connection during post-copy".into())
+impl Stash {
+    /// The receiver's next request, if one is waiting: `(first, count)`
+    /// (its `RESUMABLE` is kept on the way).
+    fn next_request(&self, rx: &Receiver<Record>) -> Result<Option<(u64, u64)>, String> {
+        loop {
+            match rx.recv_timeout(Duration::ZERO) {
+                Ok(Record::Postcopy(PostcopyRecord::Request { first, count, .. })) => {
+                    return Ok(Some((first, count)));
+                }
+                Ok(Record::Postcopy(PostcopyRecord::Resumable { id })) => {
+                    *lock(&self.id) = Some(id);
+                }
+                Ok(r) => {
+                    return Err(format!(
+                        "record of kind {} from the receiver during post-copy",
+                        r.kind()
+                    ));
+                }
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err("the receiver closed the connection during post-copy".into());
+                }
+            }
         }
     }
 }

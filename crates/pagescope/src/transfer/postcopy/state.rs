@@ -56,6 +56,9 @@ pub struct PostcopyStats {
     pub pages_written: u64,
     /// Pages found already present (`EEXIST`): woken, not overwritten.
     pub pages_already_present: u64,
+    /// Pages that arrived again after they were final (dropped, never
+    /// installed twice).
+    pub pages_duplicate: u64,
     /// Fault messages read.
     pub faults: u64,
     /// Pages the sender was asked for.
@@ -140,6 +143,7 @@ impl Pages {
             return Ok(());
         }
         if !self.pending.get(p) || self.installed.get(p) {
+            self.stats.pages_duplicate += 1;
             return Ok(()); // final already: never filled twice
         }
         self.pending.set(p, false);
@@ -226,6 +230,33 @@ impl Pages {
         } else {
             Vec::new()
         })
+    }
+
+    /// The pages still to come, as ranges `(first, count)` (`LACK`).
+    pub(super) fn lacking(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for p in (0..self.pages).filter(|&p| self.pending.get(p)) {
+            match out.last_mut() {
+                Some((first, count)) if *first + *count == p => *count += 1,
+                _ => out.push((p, 1)),
+            }
+        }
+        out
+    }
+
+    /// A new connection: requests made before it are forgotten; the
+    /// pages threads wait on are asked for again.
+    pub(super) fn reask(&mut self) -> Vec<Ask> {
+        self.requested = Bits::default();
+        self.streak = (u64::MAX, FIRST_CHUNK);
+        let mut waited: Vec<u64> = self.waiters.keys().copied().collect();
+        waited.retain(|&p| self.pending.get(p));
+        waited.sort_unstable();
+        let mut asks = Vec::new();
+        for p in waited {
+            asks.extend(self.ask(p));
+        }
+        asks
     }
 
     /// Page `p` first, then its neighbourhood, growing while faults come

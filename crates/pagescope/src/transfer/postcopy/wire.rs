@@ -5,6 +5,9 @@
 
 /// Capability bit 3: this side runs post-copy in this session.
 pub const CAP_POSTCOPY: u64 = 1 << 3;
+/// Capability bit 4: this side resumes post-copy over a new connection
+/// after a drop (`RESUMABLE`, `RECONNECT`, `LACK`).
+pub const CAP_POSTCOPY_RESUME: u64 = 1 << 4;
 
 /// Kind: pages of a store that are still to come (sender).
 pub const PENDING: u8 = 30;
@@ -12,6 +15,15 @@ pub const PENDING: u8 = 30;
 pub const START: u8 = 31;
 /// Kind: pages the receiver wants first (receiver).
 pub const REQUEST: u8 = 32;
+/// Kind: the transfer's id, to reconnect with (receiver, first thing
+/// after the handshake when the sender offered [`CAP_POSTCOPY_RESUME`]).
+pub const RESUMABLE: u8 = 33;
+/// Kind: a reconnecting sender names the transfer it continues (sender,
+/// first thing after the handshake of the new connection).
+pub const RECONNECT: u8 = 34;
+/// Kind: pages the receiver still lacks, its answer to `RECONNECT`
+/// (receiver; the last one says so).
+pub const LACK: u8 = 35;
 
 /// Ranges one `PENDING` record carries at most (16 bytes each, under the
 /// frame bound).
@@ -19,7 +31,10 @@ pub const MAX_RANGES: usize = 1 << 16;
 
 /// Whether `kind` is one of post-copy's records.
 pub fn owns(kind: u8) -> bool {
-    matches!(kind, PENDING | START | REQUEST)
+    matches!(
+        kind,
+        PENDING | START | REQUEST | RESUMABLE | RECONNECT | LACK
+    )
 }
 
 /// A post-copy record.
@@ -47,6 +62,23 @@ pub enum PostcopyRecord {
         /// How many.
         count: u64,
     },
+    /// The transfer's id (a random number the receiver chose).
+    Resumable {
+        /// The id.
+        id: u64,
+    },
+    /// The sender reconnects to continue transfer `id`.
+    Reconnect {
+        /// The id the receiver gave.
+        id: u64,
+    },
+    /// Pages `(first, count)` of the object the receiver still lacks.
+    Lack {
+        /// Whether this is the last `LACK` record.
+        last: bool,
+        /// Ranges of pages: first and count.
+        ranges: Vec<(u64, u64)>,
+    },
 }
 
 impl PostcopyRecord {
@@ -56,6 +88,9 @@ impl PostcopyRecord {
             Self::Pending { .. } => PENDING,
             Self::Start { .. } => START,
             Self::Request { .. } => REQUEST,
+            Self::Resumable { .. } => RESUMABLE,
+            Self::Reconnect { .. } => RECONNECT,
+            Self::Lack { .. } => LACK,
         }
     }
 
@@ -79,6 +114,16 @@ impl PostcopyRecord {
                 b.extend_from_slice(&store.to_le_bytes());
                 b.extend_from_slice(&first.to_le_bytes());
                 b.extend_from_slice(&count.to_le_bytes());
+            }
+            Self::Resumable { id } | Self::Reconnect { id } => {
+                b.extend_from_slice(&id.to_le_bytes())
+            }
+            Self::Lack { last, ranges } => {
+                b.push(u8::from(*last));
+                for (first, count) in ranges {
+                    b.extend_from_slice(&first.to_le_bytes());
+                    b.extend_from_slice(&count.to_le_bytes());
+                }
             }
         }
         b
@@ -106,7 +151,23 @@ impl PostcopyRecord {
                     ranges,
                 })
             }
+            LACK => {
+                let n = p.len().wrapping_sub(1);
+                if p.is_empty() || !n.is_multiple_of(16) || n / 16 > MAX_RANGES || p[0] > 1 {
+                    return Err(bad());
+                }
+                let ranges = (1..p.len())
+                    .step_by(16)
+                    .map(|o| (u64_at(o), u64_at(o + 8)))
+                    .collect();
+                Ok(Self::Lack {
+                    last: p[0] == 1,
+                    ranges,
+                })
+            }
             START if p.len() == 8 => Ok(Self::Start { pending: u64_at(0) }),
+            RESUMABLE if p.len() == 8 => Ok(Self::Resumable { id: u64_at(0) }),
+            RECONNECT if p.len() == 8 => Ok(Self::Reconnect { id: u64_at(0) }),
             REQUEST if p.len() == 20 => Ok(Self::Request {
                 store: u32_at(0),
                 first: u64_at(4),
@@ -134,6 +195,12 @@ mod tests {
                 first: 7,
                 count: 16,
             },
+            PostcopyRecord::Resumable { id: 7 },
+            PostcopyRecord::Reconnect { id: u64::MAX },
+            PostcopyRecord::Lack {
+                last: true,
+                ranges: vec![(0, 4), (9, 1)],
+            },
         ];
         for r in recs {
             let b = r.encode();
@@ -142,5 +209,6 @@ mod tests {
         }
         assert!(PostcopyRecord::decode(PENDING, &[0; 3]).is_err());
         assert!(PostcopyRecord::decode(REQUEST, &[0; 21]).is_err());
+        assert!(PostcopyRecord::decode(LACK, &[2]).is_err());
     }
 }
