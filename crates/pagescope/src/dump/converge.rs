@@ -23,6 +23,9 @@ pub enum PrecopyEnd {
     FitsDowntime,
     /// No downtime target, and the written set stopped shrinking.
     Stalled,
+    /// Did not converge: the written set stopped shrinking while what is
+    /// left still exceeds the downtime target (post-copy's cue to switch).
+    StalledAboveDowntime,
     /// Did not converge: `max_iterations` pre-copy passes were run.
     MaxIterations,
     /// Did not converge: `max_time` passed.
@@ -48,6 +51,9 @@ impl PrecopyEnd {
             Self::NothingWritten => "converged (nothing written)",
             Self::FitsDowntime => "converged (the rest fits in the downtime target)",
             Self::Stalled => "stopped (the written set stopped shrinking)",
+            Self::StalledAboveDowntime => {
+                "did not converge (the written set stopped shrinking above the downtime target)"
+            }
             Self::MaxIterations => "did not converge (--max-iterations reached)",
             Self::MaxTime => "did not converge (--max-time reached)",
             Self::NoPrecopy => "no pre-copy",
@@ -135,7 +141,7 @@ pub(super) fn decide(
                 if l.previous_written
                     .is_some_and(|p| l.written_pages * 10 >= p * 9) =>
             {
-                return Decision::Stop(PrecopyEnd::Stalled);
+                return Decision::Stop(PrecopyEnd::StalledAboveDowntime);
             }
             None if l.previous_written.is_some_and(|p| l.written_pages >= p) => {
                 return Decision::Stop(PrecopyEnd::Stalled);
@@ -241,7 +247,7 @@ mod tests {
             ..limits(Some(300))
         };
         let growing = last(5000, Some(4000), 4.0 * MIB);
-        let stalled = Decision::Stop(PrecopyEnd::Stalled);
+        let stalled = Decision::Stop(PrecopyEnd::StalledAboveDowntime);
         assert_eq!(decide(&l, 2, Some(&growing), at(3)), stalled);
         let barely = last(3700, Some(4000), 4.0 * MIB);
         assert_eq!(decide(&l, 2, Some(&barely), at(3)), stalled);
@@ -288,5 +294,6 @@ mod tests {
         assert!(!PrecopyEnd::MaxIterations.converged());
         assert!(!PrecopyEnd::MaxTime.converged());
         assert!(!PrecopyEnd::NoPrecopy.converged());
+        assert!(!PrecopyEnd::StalledAboveDowntime.converged());
     }
 }
