@@ -2,9 +2,18 @@
 //! caller move the guest RAM (its final pass), then let QEMU migrate only
 //! the device state (`x-ignore-shared`) and wait for it to complete.
 //!
+//! The wait is on QEMU's `MIGRATION` events (capability `events`), with
+//! `query-migrate` as a fallback every [`EVENT_SLICE`] without one.
+//! [`Paused::start_held`] / [`Paused::release`] overlap QEMU's migration
+//! set-up with the caller's final pass: with `pause-before-switchover`
+//! QEMU connects, sends its (empty) RAM stage and waits in
+//! `pre-switchover` before it serialises a single device; `migrate-continue`
+//! lets it go on once the RAM is committed on the destination (whose
+//! device loading may read guest RAM: virtio's rings are).
+//!
 //! QMP commands used (QEMU 7.2): `stop`, `cont`, `query-status`,
-//! `migrate-set-capabilities`, `migrate`, `migrate-incoming`,
-//! `query-migrate`.
+//! `migrate-set-capabilities`, `migrate`, `migrate-continue`,
+//! `migrate_cancel`, `migrate-incoming`, `query-migrate`.
 
 use std::time::{Duration, Instant};
 
@@ -50,7 +59,7 @@ pub struct MigrationStats {
 impl MigrationStats {
     /// The migration is over, one way or the other.
     pub fn is_finished(&self) -> bool {
-        matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
+        is_final(&self.status)
     }
 }
 
@@ -103,11 +112,29 @@ pub fn cont(qmp: &mut Qmp) -> Result<(), QmpError> {
 
 /// `migrate-set-capabilities` with `x-ignore-shared` on: RAM blocks in a
 /// shared backend (`share=on`) are left out of the migration stream. Both
-/// sides need it.
+/// sides need it. `events` too: QEMU announces each migration state
+/// change with a `MIGRATION` event, which the waits here listen for.
 pub fn set_ignore_shared(qmp: &mut Qmp) -> Result<(), QmpError> {
-    let caps = json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
-    qmp.execute("migrate-set-capabilities", Some(caps))
-        .map(drop)
+    set_capabilities(qmp, &[("x-ignore-shared", true), ("events", true)])
+}
+
+/// `migrate-set-capabilities` `pause-before-switchover`: an outgoing
+/// migration waits in `pre-switchover`, before the device state, for
+/// `migrate-continue` ([`Paused::start_held`]).
+pub fn set_pause_before_switchover(qmp: &mut Qmp, on: bool) -> Result<(), QmpError> {
+    set_capabilities(qmp, &[("pause-before-switchover", on)])
+}
+
+fn set_capabilities(qmp: &mut Qmp, caps: &[(&str, bool)]) -> Result<(), QmpError> {
+    let list: Vec<Value> = caps
+        .iter()
+        .map(|(c, on)| json!({"capability": c, "state": on}))
+        .collect();
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": list })),
+    )
+    .map(drop)
 }
 
 /// `migrate` to `uri` (`tcp:HOST:PORT`, `unix:PATH`, `exec:CMD`); returns
@@ -129,6 +156,64 @@ pub fn incoming(qmp: &mut Qmp, uri: &str) -> Result<(), QmpError> {
 pub fn query_migrate(qmp: &mut Qmp) -> Result<MigrationStats, QmpError> {
     qmp.execute("query-migrate", None)
         .map(|v| parse_query_migrate(&v))
+}
+
+/// How long a wait for a `MIGRATION` event lasts before `query-migrate`
+/// is asked instead (a QEMU without the `events` capability set, an event
+/// missed).
+pub const EVENT_SLICE: Duration = Duration::from_millis(100);
+
+/// Waits until the migration reaches `status` (or is over, or `timeout`
+/// passes), on `MIGRATION` events, asking `query-migrate` after every
+/// [`EVENT_SLICE`] without one. Returns the stats if `query-migrate` was
+/// the one that saw it. Reaching a final status other than `status` is an
+/// error.
+pub fn wait_migration_status(
+    qmp: &mut Qmp,
+    status: &str,
+    timeout: Duration,
+) -> Result<Option<MigrationStats>, QmpError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let seen = match qmp.wait_event("MIGRATION", left.min(EVENT_SLICE)) {
+            Ok(e) => e
+                .data
+                .get("status")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            Err(QmpError::Timeout { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let stats = match seen {
+            Some(s) if s == status => return Ok(None),
+            Some(s) if !is_final(&s) => continue,
+            // Over, or no event: ask (for the error's description too).
+            _ => query_migrate(qmp)?,
+        };
+        if stats.status == status {
+            return Ok(Some(stats));
+        }
+        if stats.is_finished() {
+            return Err(QmpError::Migration {
+                status: stats.status,
+                error: stats.error,
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(QmpError::Timeout {
+                what: format!(
+                    "the migration to reach {status} (last status {})",
+                    stats.status
+                ),
+                waited: timeout,
+            });
+        }
+    }
+}
+
+fn is_final(status: &str) -> bool {
+    matches!(status, "completed" | "failed" | "cancelled")
 }
 
 /// Polls `query-migrate` every `poll` until the migration is over (or
@@ -166,7 +251,8 @@ pub struct HandOffOptions {
     /// Where QEMU sends the device state (the destination's
     /// `migrate-incoming` URI).
     pub uri: String,
-    /// Interval of `query-migrate` polls.
+    /// Interval of `query-migrate` polls, for a caller's own
+    /// [`wait_migration`] (the hand-off waits on `MIGRATION` events).
     pub poll: Duration,
     /// How long the device-state migration may take.
     pub timeout: Duration,
@@ -183,35 +269,52 @@ impl HandOffOptions {
     }
 }
 
-/// What [`hand_off`] did.
+/// What [`hand_off`] did. Every time is counted from the moment `stop`
+/// was sent.
 #[derive(Clone, Debug, Serialize)]
 pub struct HandOff {
-    /// From `stop` to the migration's completion: the guest's downtime as
-    /// the source sees it (the destination's `cont` comes on top).
+    /// To the migration's completion: the guest's downtime as the source
+    /// sees it (the destination's `cont` comes on top).
     pub stopped: Duration,
-    /// The caller's final pass (inside `stopped`).
+    /// To the end of the caller's final pass.
     pub final_pass: Duration,
+    /// To QEMU's answer to `stop` (the vCPUs are paused).
+    pub stop_acked: Duration,
+    /// To QEMU's answer to `migrate`.
+    pub migrate_issued: Duration,
+    /// To QEMU's answer to `migrate-continue` (a held migration:
+    /// [`Paused::start_held`]).
+    pub switchover: Option<Duration>,
     /// The device-state migration, as QEMU reports it.
     pub migration: MigrationStats,
 }
 
 /// A VM stopped for its hand-over: `x-ignore-shared` set, `stop` done.
-/// [`Paused::migrate`] hands it over; any other end (an error, a drop)
-/// continues it (`cont`): nothing ran on the destination, so the guest goes
-/// on where it was.
+/// [`Paused::migrate`] (or [`Paused::start_held`] then
+/// [`Paused::release`]) hands it over; any other end (an error, a drop)
+/// cancels a migration it started and continues the VM (`cont`): nothing
+/// ran on the destination, so the guest goes on where it was.
 #[derive(Debug)]
 pub struct Paused<'q> {
     qmp: &'q mut Qmp,
+    /// When `stop` was sent.
     since: Instant,
+    stop_acked: Duration,
+    /// When `migrate` was answered, if it was.
+    migrate_issued: Option<Duration>,
     /// Still to be continued when dropped.
     armed: bool,
 }
+
+/// How long a cancelled migration may take to end before `cont`.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
 impl<'q> Paused<'q> {
     /// Sets `x-ignore-shared` (before the stop, so it adds no downtime)
     /// and `stop`s the VM.
     pub fn stop(qmp: &'q mut Qmp) -> Result<Self, QmpError> {
         set_ignore_shared(qmp)?;
+        let since = Instant::now();
         if let Err(e) = stop(qmp) {
             // It may have stopped before the answer was lost.
             let _ = cont(qmp);
@@ -219,12 +322,19 @@ impl<'q> Paused<'q> {
         }
         Ok(Self {
             qmp,
-            since: Instant::now(),
+            since,
+            stop_acked: since.elapsed(),
+            migrate_issued: None,
             armed: true,
         })
     }
 
-    /// Since the `stop` returned.
+    /// When `stop` was sent.
+    pub fn stop_sent(&self) -> Instant {
+        self.since
+    }
+
+    /// Since `stop` was sent.
     pub fn elapsed(&self) -> Duration {
         self.since.elapsed()
     }
@@ -234,29 +344,96 @@ impl<'q> Paused<'q> {
     /// migration does not complete it is cancelled and the VM continued.
     pub fn migrate(mut self, options: &HandOffOptions) -> Result<HandOff, QmpError> {
         let final_pass = self.since.elapsed();
-        let migrated = start_migration(self.qmp, &options.uri)
-            .and_then(|()| wait_migration(self.qmp, options.poll, options.timeout));
-        match migrated {
-            Ok(migration) => {
+        let migrated = self
+            .issue(&options.uri)
+            .and_then(|()| wait_migration_status(self.qmp, "completed", options.timeout));
+        self.finish(final_pass, None, migrated)
+    }
+
+    /// `migrate`s to `uri` with QEMU holding the device state back: the
+    /// source must have `pause-before-switchover` on
+    /// ([`set_pause_before_switchover`]). QEMU connects and runs its RAM
+    /// stage (empty: every block is shared and ignored) meanwhile, and
+    /// waits in `pre-switchover` for [`Paused::release`].
+    pub fn start_held(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.issue(uri)
+    }
+
+    /// After [`Paused::start_held`] and the caller's final pass: waits for
+    /// `pre-switchover`, `migrate-continue`s, waits for completion. If the
+    /// migration does not complete it is cancelled and the VM continued.
+    pub fn release(self, options: &HandOffOptions) -> Result<HandOff, QmpError> {
+        let final_pass = self.since.elapsed();
+        let mut switchover = None;
+        let migrated =
+            wait_migration_status(self.qmp, "pre-switchover", options.timeout).and_then(|_| {
+                let state = json!({"state": "pre-switchover"});
+                self.qmp.execute("migrate-continue", Some(state))?;
+                switchover = Some(self.since.elapsed());
+                wait_migration_status(self.qmp, "completed", options.timeout)
+            });
+        self.finish(final_pass, switchover, migrated)
+    }
+
+    /// Forgets earlier `MIGRATION` events, sends `migrate`.
+    fn issue(&mut self, uri: &str) -> Result<(), QmpError> {
+        drop(self.qmp.take_events());
+        start_migration(self.qmp, uri)?;
+        self.migrate_issued = Some(self.since.elapsed());
+        Ok(())
+    }
+
+    /// The hand-over's end: the report, or the migration cancelled (the
+    /// drop continues the VM).
+    fn finish(
+        mut self,
+        final_pass: Duration,
+        switchover: Option<Duration>,
+        migrated: Result<Option<MigrationStats>, QmpError>,
+    ) -> Result<HandOff, QmpError> {
+        let done = migrated.and_then(|seen| {
+            let stopped = self.since.elapsed();
+            let migration = match seen {
+                Some(s) => s,
+                None => query_migrate(self.qmp)?,
+            };
+            Ok((stopped, migration))
+        });
+        match done {
+            Ok((stopped, migration)) => {
                 self.armed = false;
                 Ok(HandOff {
-                    stopped: self.since.elapsed(),
+                    stopped,
                     final_pass,
+                    stop_acked: self.stop_acked,
+                    migrate_issued: self.migrate_issued.unwrap_or_default(),
+                    switchover,
                     migration,
                 })
             }
             Err(e) => {
-                // Best effort: the first error is the one to report; the
-                // drop continues the VM.
-                let _ = self.qmp.execute("migrate_cancel", None);
+                // Best effort: the first error is the one to report.
+                self.cancel(matches!(e, QmpError::Migration { .. }));
                 Err(e)
             }
         }
     }
 
-    /// Continues the VM (no hand-over).
+    /// `migrate_cancel`, and unless the migration is `over` already, a
+    /// wait for it to end (so `cont` finds no migration running).
+    fn cancel(&mut self, over: bool) {
+        let _ = self.qmp.execute("migrate_cancel", None);
+        if self.migrate_issued.is_some() && !over {
+            let _ = wait_migration_status(self.qmp, "cancelled", CANCEL_WAIT);
+        }
+    }
+
+    /// Continues the VM (no hand-over), cancelling a migration it started.
     pub fn resume(mut self) -> Result<(), QmpError> {
         self.armed = false;
+        if self.migrate_issued.is_some() {
+            self.cancel(false);
+        }
         cont(self.qmp)
     }
 }
