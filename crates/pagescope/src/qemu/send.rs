@@ -63,14 +63,17 @@ pub struct MigrateReport {
     pub migration: MigrationStats,
 }
 
-/// The VM's pause step by step: when each step ended, in ms after QMP
-/// `stop` was sent (in the order they usually end).
+/// The VM's pause step by step: when each step ended, in ms after the VM
+/// stopped (QEMU's `STOP` event's timestamp), in the order they end.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PauseTimeline {
-    /// QEMU answered `stop`: the vCPUs are paused.
-    pub stop_acked_ms: f64,
-    /// QEMU answered `migrate` (held before the device state).
-    pub migrate_issued_ms: f64,
+    /// QEMU answered `migrate`: negative, its set-up ran while the guest
+    /// still ran (`None`: no migration was started).
+    pub migrate_issued_ms: Option<f64>,
+    /// pagescope saw QEMU hold the migration in `pre-switchover` (the VM
+    /// stopped; or QEMU's answer to `stop`, if the migration failed
+    /// before it held).
+    pub stop_seen_ms: f64,
     /// The final pass's first pages were read: QEMU's threads stopped,
     /// the write tracker collected, the pass planned (`None`: it read no
     /// page).
@@ -188,7 +191,6 @@ fn held_migration(
     // receiver's commit, before the swap policy pages anything back out
     // (that is no part of the VM's pause).
     let paused: RefCell<Option<Paused<'_>>> = RefCell::new(None);
-    let not_held: RefCell<Option<QmpError>> = RefCell::new(None);
     let migrated: RefCell<Option<Result<HandOff, QmpError>>> = RefCell::new(None);
     let marks = FinalPassMarks::default();
     let mut unused = Some(qmp);
@@ -197,19 +199,15 @@ fn held_migration(
             let q = unused
                 .take()
                 .ok_or_else(|| stop_failed(pid, "paused twice"))?;
-            let mut p = Paused::stop(q).map_err(|e| stop_failed(pid, e))?;
+            let p = Paused::migrate_held(q, &hand.uri, hand.timeout)
+                .map_err(|e| stop_failed(pid, e))?;
             marks.stop_sent.set(Some(p.stop_sent()));
-            // A `migrate` refused now fails the hand-over after the
-            // receiver's commit, as a `migrate` after it would.
-            if let Err(e) = p.start_held(&hand.uri) {
-                *not_held.borrow_mut() = Some(e);
-            }
             *paused.borrow_mut() = Some(p);
             Ok(())
         };
         let mut release = || {
             if let Some(p) = paused.borrow_mut().take() {
-                *migrated.borrow_mut() = Some(release_held(p, &not_held, hand));
+                *migrated.borrow_mut() = Some(p.release(hand));
             }
         };
         let hooks = Hooks {
@@ -231,7 +229,7 @@ fn held_migration(
     };
     match (sent, migrated.into_inner(), paused.into_inner()) {
         (Ok(send), Some(m), _) => Ok(report(send, m?)),
-        (Ok(send), None, Some(p)) => Ok(report(send, release_held(p, &not_held, hand)?)),
+        (Ok(send), None, Some(p)) => Ok(report(send, p.release(hand)?)),
         (Ok(_), None, None) => Err(MigrateError::Options(
             "the send ended without a stopped final pass".into(),
         )),
@@ -247,19 +245,6 @@ fn held_migration(
     }
 }
 
-/// Lets the held migration go on ([`Paused::release`]), unless its
-/// `migrate` failed: then that error (the drop continues the VM).
-fn release_held(
-    p: Paused<'_>,
-    not_held: &RefCell<Option<QmpError>>,
-    hand: &HandOffOptions,
-) -> Result<HandOff, QmpError> {
-    match not_held.borrow_mut().take() {
-        Some(e) => Err(e),
-        None => p.release(hand),
-    }
-}
-
 /// The report's timeline from the hand-over's times and the final pass's.
 fn timeline(h: &HandOff, marks: &FinalPassMarks) -> PauseTimeline {
     let after_stop = |t: Option<Instant>| {
@@ -267,12 +252,12 @@ fn timeline(h: &HandOff, marks: &FinalPassMarks) -> PauseTimeline {
         Some(ms(t?.saturating_duration_since(stop)))
     };
     PauseTimeline {
-        stop_acked_ms: ms(h.stop_acked),
-        migrate_issued_ms: ms(h.migrate_issued),
+        stop_seen_ms: h.stop_seen_ms,
+        migrate_issued_ms: h.migrate_issued_ms,
         final_scan_done_ms: after_stop(marks.scanned.get()),
         final_pages_sent_ms: after_stop(marks.sent.get()),
         ack_ms: ms(h.final_pass),
-        switchover_ms: h.switchover.map(ms),
+        switchover_ms: h.switchover_ms,
         migration_completed_ms: ms(h.stopped),
     }
 }

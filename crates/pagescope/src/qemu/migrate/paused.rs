@@ -5,13 +5,14 @@
 //! ([`Paused::start_held`], needs `pause-before-switchover`) until the
 //! caller's final pass is committed ([`Paused::release`]).
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde_json::json;
 
 use super::super::QmpError;
 use super::super::client::Qmp;
+use super::super::message::Event;
 use super::{
     MigrationStats, cont, query_migrate, set_ignore_shared, start_migration, stop,
     wait_migration_status,
@@ -41,8 +42,8 @@ impl HandOffOptions {
     }
 }
 
-/// What [`hand_off`] did. Every time is counted from the moment `stop`
-/// was sent.
+/// What [`hand_off`] did. Every time is counted from the moment the VM
+/// stopped.
 #[derive(Clone, Debug, Serialize)]
 pub struct HandOff {
     /// To the migration's completion: the guest's downtime as the source
@@ -50,30 +51,37 @@ pub struct HandOff {
     pub stopped: Duration,
     /// To the end of the caller's final pass.
     pub final_pass: Duration,
-    /// To QEMU's answer to `stop` (the vCPUs are paused).
-    pub stop_acked: Duration,
-    /// To QEMU's answer to `migrate`.
-    pub migrate_issued: Duration,
-    /// To QEMU's answer to `migrate-continue` (a held migration:
-    /// [`Paused::start_held`]).
-    pub switchover: Option<Duration>,
+    /// To the moment pagescope knew the vCPUs paused: QEMU's answer to
+    /// `stop`, or its `pre-switchover` ([`Paused::migrate_held`]), ms.
+    pub stop_seen_ms: f64,
+    /// To QEMU's answer to `migrate`, ms (negative: before the stop).
+    pub migrate_issued_ms: Option<f64>,
+    /// To QEMU's answer to `migrate-continue` (a held migration), ms.
+    pub switchover_ms: Option<f64>,
     /// The device-state migration, as QEMU reports it.
     pub migration: MigrationStats,
 }
 
-/// A VM stopped for its hand-over: `x-ignore-shared` set, `stop` done.
-/// [`Paused::migrate`] (or [`Paused::start_held`] then
-/// [`Paused::release`]) hands it over; any other end (an error, a drop)
-/// cancels a migration it started and continues the VM (`cont`): nothing
-/// ran on the destination, so the guest goes on where it was.
+/// A VM stopped for its hand-over: `x-ignore-shared` set, the vCPUs
+/// paused. [`Paused::migrate`] (or, with the migration held before the
+/// device state, [`Paused::release`]) hands it over; any other end (an
+/// error, a drop) cancels a migration it started and continues the VM
+/// (`cont`): nothing ran on the destination, so the guest goes on where it
+/// was.
 #[derive(Debug)]
 pub struct Paused<'q> {
     qmp: &'q mut Qmp,
-    /// When `stop` was sent.
+    /// When the VM stopped.
     since: Instant,
-    stop_acked: Duration,
+    /// When pagescope knew it had.
+    seen: Instant,
     /// When `migrate` was answered, if it was.
-    migrate_issued: Option<Duration>,
+    issued: Option<Instant>,
+    /// When QEMU was seen in `pre-switchover` (a held migration).
+    held: Option<Instant>,
+    /// A held migration that failed before it held: the VM was stopped
+    /// with `stop` instead; [`Paused::release`] returns this.
+    failed: Option<QmpError>,
     /// Still to be continued when dropped.
     armed: bool,
 }
@@ -95,18 +103,64 @@ impl<'q> Paused<'q> {
         Ok(Self {
             qmp,
             since,
-            stop_acked: since.elapsed(),
-            migrate_issued: None,
+            seen: Instant::now(),
+            issued: None,
+            held: None,
+            failed: None,
             armed: true,
         })
     }
 
-    /// When `stop` was sent.
+    /// Lets QEMU stop the VM: `migrate` to `uri` while the guest runs, with
+    /// `pause-before-switchover` on ([`set_pause_before_switchover`]):
+    /// QEMU connects and sets up meanwhile, runs its RAM stage (every
+    /// shared block ignored: nothing, or the small unshared ROMs), stops
+    /// the VM itself and waits in `pre-switchover`, before a single device
+    /// is serialised, for [`Paused::release`]. The stop is QEMU's `STOP`
+    /// event. Returns once it waits (within `timeout`).
+    ///
+    /// If that migration fails before it holds, the VM is stopped with
+    /// `stop` instead and the failure kept for [`Paused::release`] (the
+    /// caller's final pass runs as it would have, then the VM continues).
+    pub fn migrate_held(qmp: &'q mut Qmp, uri: &str, timeout: Duration) -> Result<Self, QmpError> {
+        set_ignore_shared(qmp)?;
+        drop(qmp.take_events());
+        let issuing = Instant::now();
+        let held = start_migration(qmp, uri)
+            .map(|()| Instant::now())
+            .and_then(|issued| {
+                wait_migration_status(qmp, "pre-switchover", timeout).map(|_| issued)
+            });
+        match held {
+            Ok(issued) => {
+                let seen = Instant::now();
+                let since = stopped_at(&qmp.take_events(), seen).max(issuing);
+                Ok(Self {
+                    qmp,
+                    since,
+                    seen,
+                    issued: Some(issued),
+                    held: Some(seen),
+                    failed: None,
+                    armed: true,
+                })
+            }
+            Err(e) => {
+                // Best effort: QEMU restarts a VM it stopped itself.
+                let _ = qmp.execute("migrate_cancel", None);
+                let mut paused = Self::stop(qmp)?;
+                paused.failed = Some(e);
+                Ok(paused)
+            }
+        }
+    }
+
+    /// When the VM stopped (QMP `stop` sent, or QEMU's `STOP` event).
     pub fn stop_sent(&self) -> Instant {
         self.since
     }
 
-    /// Since `stop` was sent.
+    /// Since the VM stopped.
     pub fn elapsed(&self) -> Duration {
         self.since.elapsed()
     }
@@ -122,28 +176,34 @@ impl<'q> Paused<'q> {
         self.finish(final_pass, None, migrated)
     }
 
-    /// `migrate`s to `uri` with QEMU holding the device state back: the
-    /// source must have `pause-before-switchover` on
-    /// ([`set_pause_before_switchover`]). QEMU connects and runs its RAM
-    /// stage (empty: every block is shared and ignored) meanwhile, and
-    /// waits in `pre-switchover` for [`Paused::release`].
+    /// `migrate`s to `uri` after the stop, QEMU holding the device state
+    /// back (`pause-before-switchover` on): QEMU connects and runs its RAM
+    /// stage meanwhile, and waits in `pre-switchover` for
+    /// [`Paused::release`].
     pub fn start_held(&mut self, uri: &str) -> Result<(), QmpError> {
         self.issue(uri)
     }
 
-    /// After [`Paused::start_held`] and the caller's final pass: waits for
-    /// `pre-switchover`, `migrate-continue`s, waits for completion. If the
-    /// migration does not complete it is cancelled and the VM continued.
-    pub fn release(self, options: &HandOffOptions) -> Result<HandOff, QmpError> {
+    /// After [`Paused::migrate_held`] or [`Paused::start_held`] and the
+    /// caller's final pass: waits for `pre-switchover` (unless seen),
+    /// `migrate-continue`s, waits for completion. If the migration does not
+    /// complete it is cancelled and the VM continued.
+    pub fn release(mut self, options: &HandOffOptions) -> Result<HandOff, QmpError> {
         let final_pass = self.since.elapsed();
+        if let Some(e) = self.failed.take() {
+            return self.finish(final_pass, None, Err(e));
+        }
         let mut switchover = None;
-        let migrated =
-            wait_migration_status(self.qmp, "pre-switchover", options.timeout).and_then(|_| {
-                let state = json!({"state": "pre-switchover"});
-                self.qmp.execute("migrate-continue", Some(state))?;
-                switchover = Some(self.since.elapsed());
-                wait_migration_status(self.qmp, "completed", options.timeout)
-            });
+        let held = match self.held {
+            Some(_) => Ok(None),
+            None => wait_migration_status(self.qmp, "pre-switchover", options.timeout),
+        };
+        let migrated = held.and_then(|_| {
+            let state = json!({"state": "pre-switchover"});
+            self.qmp.execute("migrate-continue", Some(state))?;
+            switchover = Some(Instant::now());
+            wait_migration_status(self.qmp, "completed", options.timeout)
+        });
         self.finish(final_pass, switchover, migrated)
     }
 
@@ -151,8 +211,16 @@ impl<'q> Paused<'q> {
     fn issue(&mut self, uri: &str) -> Result<(), QmpError> {
         drop(self.qmp.take_events());
         start_migration(self.qmp, uri)?;
-        self.migrate_issued = Some(self.since.elapsed());
+        self.issued = Some(Instant::now());
         Ok(())
+    }
+
+    /// `t` in ms after the stop (negative: before it).
+    fn ms_after_stop(&self, t: Instant) -> f64 {
+        match t.checked_duration_since(self.since) {
+            Some(d) => d.as_secs_f64() * 1e3,
+            None => -(self.since.duration_since(t).as_secs_f64() * 1e3),
+        }
     }
 
     /// The hand-over's end: the report, or the migration cancelled (the
@@ -160,7 +228,7 @@ impl<'q> Paused<'q> {
     fn finish(
         mut self,
         final_pass: Duration,
-        switchover: Option<Duration>,
+        switchover: Option<Instant>,
         migrated: Result<Option<MigrationStats>, QmpError>,
     ) -> Result<HandOff, QmpError> {
         let done = migrated.and_then(|seen| {
@@ -177,9 +245,9 @@ impl<'q> Paused<'q> {
                 Ok(HandOff {
                     stopped,
                     final_pass,
-                    stop_acked: self.stop_acked,
-                    migrate_issued: self.migrate_issued.unwrap_or_default(),
-                    switchover,
+                    stop_seen_ms: self.ms_after_stop(self.seen),
+                    migrate_issued_ms: self.issued.map(|t| self.ms_after_stop(t)),
+                    switchover_ms: switchover.map(|t| self.ms_after_stop(t)),
                     migration,
                 })
             }
@@ -195,7 +263,7 @@ impl<'q> Paused<'q> {
     /// wait for it to end (so `cont` finds no migration running).
     fn cancel(&mut self, over: bool) {
         let _ = self.qmp.execute("migrate_cancel", None);
-        if self.migrate_issued.is_some() && !over {
+        if self.issued.is_some() && !over {
             let _ = wait_migration_status(self.qmp, "cancelled", CANCEL_WAIT);
         }
     }
@@ -203,7 +271,7 @@ impl<'q> Paused<'q> {
     /// Continues the VM (no hand-over), cancelling a migration it started.
     pub fn resume(mut self) -> Result<(), QmpError> {
         self.armed = false;
-        if self.migrate_issued.is_some() {
+        if self.issued.is_some() && self.failed.is_none() {
             self.cancel(false);
         }
         cont(self.qmp)
@@ -244,6 +312,21 @@ where
         return Err(QmpError::FinalPass(e.into()));
     }
     paused.migrate(options)
+}
+
+/// The instant of QEMU's `STOP` event among `events` (its timestamp is
+/// the wall clock), `seen` if there is none.
+fn stopped_at(events: &[Event], seen: Instant) -> Instant {
+    let stop = events.iter().rev().find(|e| e.name == "STOP");
+    let Some(at) = stop.and_then(|e| e.timestamp_us) else {
+        return seen;
+    };
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let ago = Duration::from_micros(now_us.saturating_sub(at));
+    seen.checked_sub(ago.saturating_sub(seen.elapsed()))
+        .unwrap_or(seen)
 }
 
 #[cfg(test)]
@@ -292,6 +375,10 @@ mod tests {
                     "migrate_cancel" if held => Some("cancelled"),
                     _ => None,
                 };
+                if then == Some("pre-switchover") {
+                    let ts = json!({"seconds": 1, "microseconds": 0});
+                    writeln!(out, "{}", json!({"event": "STOP", "timestamp": ts})).unwrap();
+                }
                 if let Some(status) = then {
                     let e = json!({"event": "MIGRATION", "data": {"status": status}});
                     writeln!(out, "{e}").unwrap();
@@ -350,11 +437,11 @@ mod tests {
         paused.start_held("unix:/dst").unwrap();
         let h = paused.release(&HandOffOptions::new("unix:/dst")).unwrap();
         assert_eq!(h.migration.downtime_ms, Some(2));
-        assert!(h.stop_acked <= h.migrate_issued && h.final_pass <= h.stopped);
-        assert!(
-            h.switchover
-                .is_some_and(|s| s >= h.final_pass && s <= h.stopped)
-        );
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        assert!(h.migrate_issued_ms.is_some_and(|t| t >= h.stop_seen_ms));
+        assert!(h.final_pass <= h.stopped);
+        let within = |t: f64| t >= ms(h.final_pass) && t <= ms(h.stopped);
+        assert!(h.switchover_ms.is_some_and(within), "{h:?}");
         drop(qmp);
         let want = [
             &PAUSE[..],
@@ -372,6 +459,51 @@ mod tests {
         paused.resume().unwrap();
         drop(qmp);
         let want = [&PAUSE[..], &["migrate", "migrate_cancel", "cont"]].concat();
+        assert_eq!(server.join().unwrap(), want);
+    }
+
+    #[test]
+    fn a_migration_held_before_the_stop_goes_on_after_release() {
+        let (mut qmp, server) = fake_qemu(false, true);
+        let paused = Paused::migrate_held(&mut qmp, "unix:/dst", Duration::from_secs(10)).unwrap();
+        let h = paused.release(&HandOffOptions::new("unix:/dst")).unwrap();
+        assert_eq!(h.migration.downtime_ms, Some(2));
+        // The fake's STOP timestamp lies in the past: the stop is taken
+        // as when `migrate` was sent at the earliest.
+        assert!(
+            h.migrate_issued_ms
+                .is_some_and(|t| (0.0..=h.stop_seen_ms).contains(&t)),
+            "{h:?}"
+        );
+        assert!(
+            h.switchover_ms.is_some_and(|t| t >= h.stop_seen_ms),
+            "{h:?}"
+        );
+        drop(qmp);
+        let want = [
+            &PAUSE[..2],
+            &["migrate", "migrate-continue", "query-migrate"],
+        ]
+        .concat();
+        assert_eq!(server.join().unwrap(), want);
+    }
+
+    #[test]
+    fn a_migration_that_fails_before_it_holds_stops_the_vm_then_continues_it() {
+        let (mut qmp, server) = fake_qemu(true, true);
+        let paused = Paused::migrate_held(&mut qmp, "unix:/dst", Duration::from_secs(10)).unwrap();
+        let e = paused
+            .release(&HandOffOptions::new("unix:/dst"))
+            .unwrap_err();
+        assert!(matches!(e, QmpError::Command { .. }), "{e:?}");
+        drop(qmp);
+        let want = [
+            &PAUSE[..2],
+            &["migrate", "migrate_cancel"],
+            &PAUSE[1..],
+            &["migrate_cancel", "cont"],
+        ]
+        .concat();
         assert_eq!(server.join().unwrap(), want);
     }
 }
