@@ -235,7 +235,7 @@ impl<'q> Paused<'q> {
             let stopped = self.since.elapsed();
             let migration = match seen {
                 Some(s) => s,
-                None => query_migrate(self.qmp)?,
+                None => completed_stats(self.qmp)?,
             };
             Ok((stopped, migration))
         });
@@ -314,6 +314,24 @@ where
     paused.migrate(options)
 }
 
+/// `query-migrate` after the `completed` event: QEMU announces the state
+/// before it computes `total-time` and `downtime` (0 until then), so it is
+/// asked again for up to [`STATS_WAIT`] (after the completion: no part of
+/// the pause).
+fn completed_stats(qmp: &mut Qmp) -> Result<MigrationStats, QmpError> {
+    let deadline = Instant::now() + STATS_WAIT;
+    loop {
+        let stats = query_migrate(qmp)?;
+        if stats.total_time_ms.is_some_and(|t| t > 0) || Instant::now() >= deadline {
+            return Ok(stats);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// How long [`completed_stats`] waits for QEMU's figures.
+const STATS_WAIT: Duration = Duration::from_millis(200);
+
 /// The instant of QEMU's `STOP` event among `events` (its timestamp is
 /// the wall clock), `seen` if there is none.
 fn stopped_at(events: &[Event], seen: Instant) -> Instant {
@@ -364,7 +382,7 @@ mod tests {
                         json!({"error": {"class": "GenericError", "desc": "no listener"}, "id": id})
                     }
                     "query-migrate" => {
-                        json!({"return": {"status": "completed", "downtime": 2}, "id": id})
+                        json!({"return": {"status": "completed", "downtime": 2, "total-time": 12}, "id": id})
                     }
                     _ => json!({"return": {}, "id": id}),
                 };
