@@ -4,7 +4,7 @@
 //! and wait for it to complete.
 //!
 //! The wait is on QEMU's `MIGRATION` events (capability `events`), with
-//! `query-migrate` as a fallback every [`EVENT_SLICE`] without one.
+//! `query-migrate` as a fallback after every 100 ms without one.
 //! [`Paused::start_held`] / [`Paused::release`] overlap QEMU's migration
 //! set-up with the caller's final pass: with `pause-before-switchover`
 //! QEMU connects, sends its (empty) RAM stage and waits in
@@ -162,11 +162,11 @@ pub fn query_migrate(qmp: &mut Qmp) -> Result<MigrationStats, QmpError> {
 /// How long a wait for a `MIGRATION` event lasts before `query-migrate`
 /// is asked instead (a QEMU without the `events` capability set, an event
 /// missed).
-pub const EVENT_SLICE: Duration = Duration::from_millis(100);
+const EVENT_SLICE: Duration = Duration::from_millis(100);
 
 /// Waits until the migration reaches `status` (or is over, or `timeout`
 /// passes), on `MIGRATION` events, asking `query-migrate` after every
-/// [`EVENT_SLICE`] without one. Returns the stats if `query-migrate` was
+/// 100 ms without one. Returns the stats if `query-migrate` was
 /// the one that saw it. Reaching a final status other than `status` is an
 /// error.
 pub fn wait_migration_status(

@@ -2,24 +2,22 @@
 //! (a shared object of the QEMU process: `memory-backend-memfd,share=on`
 //! or `memory-backend-file,share=on`), QEMU only its device state.
 //!
-//! 1. `query-status` and `x-ignore-shared` on the source first, so a QEMU
-//!    that cannot do it fails before a page is sent; with
-//!    `pause-before-switchover` too, so QEMU's migration can be started
-//!    early and held before the device state;
+//! 1. `query-status`, `x-ignore-shared`, `events` and
+//!    `pause-before-switchover` on the source first, so a QEMU that cannot
+//!    do them fails before a page is sent;
 //! 2. the full pass and the pre-copy passes of `send --object` while the
 //!    guest runs (the write tracker sees TCG's stores, which QEMU makes
 //!    from user space through its mapping of the object);
-//! 3. where the dump's stopped final pass begins, [`Paused::stop`]: QMP
-//!    `stop` (the vCPUs and the devices quiesce; the dump's own ptrace
-//!    stop follows for its final pass), and at once
-//!    [`Paused::start_held`]: QMP `migrate` to the destination's URI,
-//!    which connects and sets up while the final pass runs, then waits in
-//!    `pre-switchover`;
+//! 3. where the dump's stopped final pass begins,
+//!    [`Paused::migrate_held`]: QMP `migrate` to the destination's URI
+//!    while the guest runs; QEMU connects and sets up, stops the VM itself
+//!    and waits in `pre-switchover`, before the device state (the dump's
+//!    own ptrace stop follows for its final pass);
 //! 4. the final pass, sent and acknowledged by the receiver (it has
 //!    committed FILE);
 //! 5. [`Paused::release`]: `migrate-continue`; QEMU sends the device state
 //!    (which the destination loads only now: its devices may read guest
-//!    RAM as they load, virtio's rings do) and completes; both waits on
+//!    RAM as they load, virtio's rings do) and completes; the waits are on
 //!    QEMU's `MIGRATION` events.
 //!
 //! Any failure after step 3 cancels QEMU's migration and continues the
@@ -49,11 +47,11 @@ use crate::transfer::{Conn, SendError, SendOptions, SendReport};
 pub struct MigrateReport {
     /// The guest RAM's passes and the stream.
     pub send: SendReport,
-    /// From QMP `stop` to the migration's completion, ms: the guest's
-    /// downtime as the source sees it (the destination's `cont` comes on
-    /// top).
+    /// From the VM's stop (QEMU's `STOP` event) to the migration's
+    /// completion, ms: the guest's downtime as the source sees it (the
+    /// destination's `cont` comes on top).
     pub stopped_ms: f64,
-    /// From QMP `stop` to the receiver's acknowledgement of the final
+    /// From the VM's stop to the receiver's acknowledgement of the final
     /// pass, ms (inside `stopped_ms`).
     pub final_pass_ms: f64,
     /// When each step of the pause ended.
@@ -91,7 +89,7 @@ pub struct PauseTimeline {
 /// What the send's progress shows of the final pass, for the timeline.
 #[derive(Default)]
 struct FinalPassMarks {
-    /// When QMP `stop` was sent (the final pass runs after it).
+    /// When the VM stopped (the final pass runs after it).
     stop_sent: Cell<Option<Instant>>,
     scanned: Cell<Option<Instant>>,
     sent: Cell<Option<Instant>>,

@@ -25,7 +25,7 @@ pub struct HandOffOptions {
     /// `migrate-incoming` URI).
     pub uri: String,
     /// Interval of `query-migrate` polls, for a caller's own
-    /// [`wait_migration`] (the hand-off waits on `MIGRATION` events).
+    /// [`wait_migration`](super::wait_migration) (the hand-off waits on `MIGRATION` events).
     pub poll: Duration,
     /// How long the device-state migration may take.
     pub timeout: Duration,
@@ -112,7 +112,7 @@ impl<'q> Paused<'q> {
     }
 
     /// Lets QEMU stop the VM: `migrate` to `uri` while the guest runs, with
-    /// `pause-before-switchover` on ([`set_pause_before_switchover`]):
+    /// `pause-before-switchover` on ([`set_pause_before_switchover`](super::set_pause_before_switchover)):
     /// QEMU connects and sets up meanwhile, runs its RAM stage (every
     /// shared block ignored: nothing, or the small unshared ROMs), stops
     /// the VM itself and waits in `pre-switchover`, before a single device
