@@ -178,6 +178,10 @@ fn qemu_live_migration_through_send_and_receive_in_place() {
         on_destination.status,
         started.elapsed()
     );
+    eprintln!(
+        "qemu migration: the pause's timeline (ms after stop): {}",
+        report["timeline"]
+    );
 }
 
 /// `pagescope send` of `src`'s guest RAM memfd to `addr`, migrating the VM
@@ -222,6 +226,20 @@ fn check_report(report: &serde_json::Value, spec: &GuestSpec) {
     assert_eq!(report["migration"]["status"], "completed", "{report}");
     assert!(report["migration"]["downtime_ms"].is_u64(), "{report}");
     assert!(report["stopped_ms"].as_f64() > Some(0.0), "{report}");
+    // The timeline: QEMU's device state went out only after the receiver's
+    // acknowledgement (FILE committed), and completed within the pause.
+    let t = &report["timeline"];
+    let at = |k: &str| {
+        t[k].as_f64()
+            .unwrap_or_else(|| panic!("timeline {k}: {report}"))
+    };
+    assert!(at("migrate_issued_ms") <= at("stop_seen_ms"), "{report}");
+    assert!(at("final_pages_sent_ms") <= at("ack_ms"), "{report}");
+    assert!(at("ack_ms") <= at("switchover_ms"), "{report}");
+    assert!(
+        at("switchover_ms") <= at("migration_completed_ms"),
+        "{report}"
+    );
 }
 
 /// How long a guest may take to boot, or to print its next lines (TCG on

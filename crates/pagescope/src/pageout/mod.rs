@@ -301,11 +301,12 @@ fn page_out_unmapped(
         let result = opened.map_err(|e| e.to_string()).and_then(|o| {
             object::object(std::os::fd::AsFd::as_fd(&o.fd), &pages, page).map_err(|e| e.to_string())
         });
-        if let Err(e) = result {
-            notes.push(format!(
-                "object {} inode {}: its unmapped pages could not be paged out: {e}",
-                id.dev, id.inode
-            ));
+        let what = format!("object {} inode {}", id.dev, id.inode);
+        match result {
+            Ok(o) => notes.extend(o.notes(&what)),
+            Err(e) => notes.push(format!(
+                "{what}: its unmapped pages could not be paged out: {e}"
+            )),
         }
     }
 }

@@ -1,10 +1,20 @@
-//! The migration steps over QMP, and [`hand_off`]: stop the VM, let the
-//! caller move the guest RAM (its final pass), then let QEMU migrate only
-//! the device state (`x-ignore-shared`) and wait for it to complete.
+//! The migration steps over QMP; in `migrate/paused.rs`, [`Paused`] and
+//! [`hand_off`]: stop the VM, let the caller move the guest RAM (its final
+//! pass), then let QEMU migrate only the device state (`x-ignore-shared`)
+//! and wait for it to complete.
+//!
+//! The wait is on QEMU's `MIGRATION` events (capability `events`), with
+//! `query-migrate` as a fallback after every 100 ms without one.
+//! [`Paused::start_held`] / [`Paused::release`] overlap QEMU's migration
+//! set-up with the caller's final pass: with `pause-before-switchover`
+//! QEMU connects, sends its (empty) RAM stage and waits in
+//! `pre-switchover` before it serialises a single device; `migrate-continue`
+//! lets it go on once the RAM is committed on the destination (whose
+//! device loading may read guest RAM: virtio's rings are).
 //!
 //! QMP commands used (QEMU 7.2): `stop`, `cont`, `query-status`,
-//! `migrate-set-capabilities`, `migrate`, `migrate-incoming`,
-//! `query-migrate`.
+//! `migrate-set-capabilities`, `migrate`, `migrate-continue`,
+//! `migrate_cancel`, `migrate-incoming`, `query-migrate`.
 
 use std::time::{Duration, Instant};
 
@@ -50,7 +60,7 @@ pub struct MigrationStats {
 impl MigrationStats {
     /// The migration is over, one way or the other.
     pub fn is_finished(&self) -> bool {
-        matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
+        is_final(&self.status)
     }
 }
 
@@ -103,11 +113,29 @@ pub fn cont(qmp: &mut Qmp) -> Result<(), QmpError> {
 
 /// `migrate-set-capabilities` with `x-ignore-shared` on: RAM blocks in a
 /// shared backend (`share=on`) are left out of the migration stream. Both
-/// sides need it.
+/// sides need it. `events` too: QEMU announces each migration state
+/// change with a `MIGRATION` event, which the waits here listen for.
 pub fn set_ignore_shared(qmp: &mut Qmp) -> Result<(), QmpError> {
-    let caps = json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
-    qmp.execute("migrate-set-capabilities", Some(caps))
-        .map(drop)
+    set_capabilities(qmp, &[("x-ignore-shared", true), ("events", true)])
+}
+
+/// `migrate-set-capabilities` `pause-before-switchover`: an outgoing
+/// migration waits in `pre-switchover`, before the device state, for
+/// `migrate-continue` ([`Paused::start_held`]).
+pub fn set_pause_before_switchover(qmp: &mut Qmp, on: bool) -> Result<(), QmpError> {
+    set_capabilities(qmp, &[("pause-before-switchover", on)])
+}
+
+fn set_capabilities(qmp: &mut Qmp, caps: &[(&str, bool)]) -> Result<(), QmpError> {
+    let list: Vec<Value> = caps
+        .iter()
+        .map(|(c, on)| json!({"capability": c, "state": on}))
+        .collect();
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": list })),
+    )
+    .map(drop)
 }
 
 /// `migrate` to `uri` (`tcp:HOST:PORT`, `unix:PATH`, `exec:CMD`); returns
@@ -129,6 +157,64 @@ pub fn incoming(qmp: &mut Qmp, uri: &str) -> Result<(), QmpError> {
 pub fn query_migrate(qmp: &mut Qmp) -> Result<MigrationStats, QmpError> {
     qmp.execute("query-migrate", None)
         .map(|v| parse_query_migrate(&v))
+}
+
+/// How long a wait for a `MIGRATION` event lasts before `query-migrate`
+/// is asked instead (a QEMU without the `events` capability set, an event
+/// missed).
+const EVENT_SLICE: Duration = Duration::from_millis(100);
+
+/// Waits until the migration reaches `status` (or is over, or `timeout`
+/// passes), on `MIGRATION` events, asking `query-migrate` after every
+/// 100 ms without one. Returns the stats if `query-migrate` was
+/// the one that saw it. Reaching a final status other than `status` is an
+/// error.
+pub fn wait_migration_status(
+    qmp: &mut Qmp,
+    status: &str,
+    timeout: Duration,
+) -> Result<Option<MigrationStats>, QmpError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let seen = match qmp.wait_event("MIGRATION", left.min(EVENT_SLICE)) {
+            Ok(e) => e
+                .data
+                .get("status")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            Err(QmpError::Timeout { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let stats = match seen {
+            Some(s) if s == status => return Ok(None),
+            Some(s) if !is_final(&s) => continue,
+            // Over, or no event: ask (for the error's description too).
+            _ => query_migrate(qmp)?,
+        };
+        if stats.status == status {
+            return Ok(Some(stats));
+        }
+        if stats.is_finished() {
+            return Err(QmpError::Migration {
+                status: stats.status,
+                error: stats.error,
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(QmpError::Timeout {
+                what: format!(
+                    "the migration to reach {status} (last status {})",
+                    stats.status
+                ),
+                waited: timeout,
+            });
+        }
+    }
+}
+
+fn is_final(status: &str) -> bool {
+    matches!(status, "completed" | "failed" | "cancelled")
 }
 
 /// Polls `query-migrate` every `poll` until the migration is over (or
@@ -160,142 +246,9 @@ pub fn wait_migration(
     }
 }
 
-/// How [`hand_off`] migrates.
-#[derive(Clone, Debug)]
-pub struct HandOffOptions {
-    /// Where QEMU sends the device state (the destination's
-    /// `migrate-incoming` URI).
-    pub uri: String,
-    /// Interval of `query-migrate` polls.
-    pub poll: Duration,
-    /// How long the device-state migration may take.
-    pub timeout: Duration,
-}
+mod paused;
 
-impl HandOffOptions {
-    /// Polls every 5 ms, gives up after 60 s.
-    pub fn new(uri: impl Into<String>) -> Self {
-        Self {
-            uri: uri.into(),
-            poll: Duration::from_millis(5),
-            timeout: Duration::from_secs(60),
-        }
-    }
-}
-
-/// What [`hand_off`] did.
-#[derive(Clone, Debug, Serialize)]
-pub struct HandOff {
-    /// From `stop` to the migration's completion: the guest's downtime as
-    /// the source sees it (the destination's `cont` comes on top).
-    pub stopped: Duration,
-    /// The caller's final pass (inside `stopped`).
-    pub final_pass: Duration,
-    /// The device-state migration, as QEMU reports it.
-    pub migration: MigrationStats,
-}
-
-/// A VM stopped for its hand-over: `x-ignore-shared` set, `stop` done.
-/// [`Paused::migrate`] hands it over; any other end (an error, a drop)
-/// continues it (`cont`): nothing ran on the destination, so the guest goes
-/// on where it was.
-#[derive(Debug)]
-pub struct Paused<'q> {
-    qmp: &'q mut Qmp,
-    since: Instant,
-    /// Still to be continued when dropped.
-    armed: bool,
-}
-
-impl<'q> Paused<'q> {
-    /// Sets `x-ignore-shared` (before the stop, so it adds no downtime)
-    /// and `stop`s the VM.
-    pub fn stop(qmp: &'q mut Qmp) -> Result<Self, QmpError> {
-        set_ignore_shared(qmp)?;
-        if let Err(e) = stop(qmp) {
-            // It may have stopped before the answer was lost.
-            let _ = cont(qmp);
-            return Err(e);
-        }
-        Ok(Self {
-            qmp,
-            since: Instant::now(),
-            armed: true,
-        })
-    }
-
-    /// Since the `stop` returned.
-    pub fn elapsed(&self) -> Duration {
-        self.since.elapsed()
-    }
-
-    /// `migrate`s the device state to `options.uri` and waits for
-    /// completion; the source stays paused (`postmigrate`). If the
-    /// migration does not complete it is cancelled and the VM continued.
-    pub fn migrate(mut self, options: &HandOffOptions) -> Result<HandOff, QmpError> {
-        let final_pass = self.since.elapsed();
-        let migrated = start_migration(self.qmp, &options.uri)
-            .and_then(|()| wait_migration(self.qmp, options.poll, options.timeout));
-        match migrated {
-            Ok(migration) => {
-                self.armed = false;
-                Ok(HandOff {
-                    stopped: self.since.elapsed(),
-                    final_pass,
-                    migration,
-                })
-            }
-            Err(e) => {
-                // Best effort: the first error is the one to report; the
-                // drop continues the VM.
-                let _ = self.qmp.execute("migrate_cancel", None);
-                Err(e)
-            }
-        }
-    }
-
-    /// Continues the VM (no hand-over).
-    pub fn resume(mut self) -> Result<(), QmpError> {
-        self.armed = false;
-        cont(self.qmp)
-    }
-}
-
-impl Drop for Paused<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = cont(self.qmp);
-        }
-    }
-}
-
-/// Hands a VM over to the destination QEMU: [`Paused::stop`] (sets
-/// `x-ignore-shared`, `stop`s the VM), runs `final_pass` (the caller
-/// copies what the guest wrote since its last pass and waits for the
-/// receiver's acknowledgement), then [`Paused::migrate`]: `migrate` to
-/// `options.uri`, waiting for completion. The source stays paused
-/// (`postmigrate`); the destination is continued by its owner.
-///
-/// If `final_pass` fails, or the migration does not complete, the source
-/// VM is continued (`cont`) before the error is returned: nothing ran on
-/// the destination, so the guest goes on where it was. (`send --qmp` runs
-/// the same steps with the dump's stopped pass in between: the stop is
-/// taken where the dump's final pass begins.)
-pub fn hand_off<E>(
-    qmp: &mut Qmp,
-    options: &HandOffOptions,
-    final_pass: impl FnOnce() -> Result<(), E>,
-) -> Result<HandOff, QmpError>
-where
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let paused = Paused::stop(qmp)?;
-    if let Err(e) = final_pass() {
-        paused.resume()?;
-        return Err(QmpError::FinalPass(e.into()));
-    }
-    paused.migrate(options)
-}
+pub use paused::{HandOff, HandOffOptions, Paused, hand_off};
 
 #[cfg(test)]
 mod tests {
@@ -347,83 +300,5 @@ mod tests {
         let none = parse_query_migrate(&json!({}));
         assert_eq!(none.status, "none");
         assert!(!none.is_finished());
-    }
-
-    /// A scripted QMP peer on a unix socket: greets, answers every
-    /// command (`migrate` fails when `migrate_fails`; `query-migrate` says
-    /// `completed`), and returns the commands it got once the client hangs
-    /// up.
-    fn fake_qemu(migrate_fails: bool) -> (Qmp, std::thread::JoinHandle<Vec<String>>) {
-        use std::io::{BufRead, BufReader, Write};
-        let path = std::env::temp_dir().join(format!(
-            "pagescope-fake-qmp-{}-{migrate_fails}.sock",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&path);
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let server = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            let mut out = stream.try_clone().unwrap();
-            writeln!(out, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
-            let mut got = Vec::new();
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                let cmd: Value = serde_json::from_str(&line).unwrap();
-                let (name, id) = (cmd["execute"].as_str().unwrap().to_owned(), &cmd["id"]);
-                let answer = match name.as_str() {
-                    "migrate" if migrate_fails => {
-                        json!({"error": {"class": "GenericError", "desc": "no listener"}, "id": id})
-                    }
-                    "query-migrate" => {
-                        json!({"return": {"status": "completed", "downtime": 2}, "id": id})
-                    }
-                    _ => json!({"return": {}, "id": id}),
-                };
-                writeln!(out, "{answer}").unwrap();
-                got.push(name);
-            }
-            got
-        });
-        let qmp = Qmp::connect(&path, Duration::from_secs(10)).unwrap();
-        let _ = std::fs::remove_file(&path);
-        (qmp, server)
-    }
-
-    const PAUSE: [&str; 3] = ["qmp_capabilities", "migrate-set-capabilities", "stop"];
-
-    #[test]
-    fn a_paused_vm_dropped_is_continued() {
-        let (mut qmp, server) = fake_qemu(false);
-        drop(Paused::stop(&mut qmp).unwrap());
-        drop(qmp);
-        assert_eq!(server.join().unwrap(), [&PAUSE[..], &["cont"]].concat());
-    }
-
-    #[test]
-    fn a_failed_migration_is_cancelled_and_the_vm_continued() {
-        let (mut qmp, server) = fake_qemu(true);
-        let paused = Paused::stop(&mut qmp).unwrap();
-        let e = paused
-            .migrate(&HandOffOptions::new("unix:/nowhere"))
-            .unwrap_err();
-        assert!(matches!(e, QmpError::Command { .. }), "{e:?}");
-        drop(qmp);
-        let want = [&PAUSE[..], &["migrate", "migrate_cancel", "cont"]].concat();
-        assert_eq!(server.join().unwrap(), want);
-    }
-
-    #[test]
-    fn a_completed_hand_off_leaves_the_source_paused() {
-        let (mut qmp, server) = fake_qemu(false);
-        let mut passes = 0;
-        let h = hand_off(&mut qmp, &HandOffOptions::new("unix:/dst"), || {
-            passes += 1;
-            Ok::<_, std::io::Error>(())
-        })
-        .unwrap();
-        assert_eq!((passes, h.migration.downtime_ms), (1, Some(2)));
-        drop(qmp);
-        let want = [&PAUSE[..], &["migrate", "query-migrate"]].concat();
-        assert_eq!(server.join().unwrap(), want);
     }
 }

@@ -7,10 +7,11 @@
 //! * `client.rs`: [`Qmp`], a client over the socket: capabilities
 //!   negotiation, commands with a timeout, events kept for the caller;
 //! * `migrate.rs`: the migration steps (`stop`, `query-status`,
-//!   `migrate-set-capabilities` `x-ignore-shared`, `migrate`,
-//!   `query-migrate` polled to completion), [`Paused`] (a VM stopped for
-//!   its hand-over, continued unless it is migrated) and [`hand_off`], the
-//!   whole stop → final pass → device-state migration sequence;
+//!   `migrate-set-capabilities` `x-ignore-shared`, `migrate`, waits on
+//!   `MIGRATION` events), [`Paused`] (a VM stopped for its hand-over,
+//!   continued unless it is migrated; its migration can be started early
+//!   and held before the device state) and [`hand_off`], the whole stop →
+//!   final pass → device-state migration sequence;
 //! * `send.rs`: [`send_and_migrate`], what `send --qmp SOCKET
 //!   --qemu-migrate URI` runs: `send --object`'s passes with the VM paused
 //!   right before the final one, then the device-state migration;
@@ -37,13 +38,13 @@ pub use client::Qmp;
 pub use message::{Event, Message, command_line, parse_message};
 pub use migrate::{
     HandOff, HandOffOptions, MigrationStats, Paused, VmStatus, cont, hand_off, incoming,
-    parse_query_migrate, query_migrate, query_status, set_ignore_shared, start_migration, stop,
-    wait_migration,
+    parse_query_migrate, query_migrate, query_status, set_ignore_shared,
+    set_pause_before_switchover, start_migration, stop, wait_migration, wait_migration_status,
 };
 pub use postcopy::{
     PostcopyMigrateError, PostcopyMigrateReport, continue_when_migrated, send_and_migrate_postcopy,
 };
-pub use send::{MigrateError, MigrateReport, send_and_migrate};
+pub use send::{MigrateError, MigrateReport, PauseTimeline, send_and_migrate};
 
 use crate::error::ErrorKind;
 

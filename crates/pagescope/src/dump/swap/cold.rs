@@ -78,6 +78,7 @@ fn tally(
         Ok(o) => {
             class.paged_out += o.out;
             class.still_in_ram += o.still;
+            notes.extend(o.notes(&what()));
         }
         Err(e) => {
             class.still_in_ram += cold as u64;
@@ -113,7 +114,7 @@ fn anon(
     Ok(Outcome {
         out,
         still: addrs.len() as u64 - out,
-        swap_cache: 0,
+        ..Outcome::default()
     })
 }
 
