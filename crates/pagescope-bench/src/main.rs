@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         Some("move-floor") => report(move_floor::run(&args[1..])),
         _ => {
             eprintln!(
-                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]\n       pagescope-bench sharers [--gib N] [--reps N]\n       pagescope-bench dump [--gib N] [--incremental-only] [--reps N]\n       pagescope-bench swap [--gib N] [--swapped-gib N]\n       pagescope-bench exporter [--small N] [--large N] [--reps N]\n       pagescope-bench move-floor PID ADDR BYTES OUT [--sums] [--local]"
+                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]\n       pagescope-bench sharers [--gib N] [--reps N]\n       pagescope-bench dump [--gib N] [--incremental-only] [--reps N]\n       pagescope-bench swap [--gib N] [--swapped-gib N]\n       pagescope-bench exporter [--small N] [--large N] [--reps N]\n       pagescope-bench move-floor PID ADDR BYTES OUT [--sums] [--local | --mmap]"
             );
             ExitCode::from(2)
         }

@@ -7,9 +7,12 @@
 //! `fsync`. `--sums` adds what the stream format cannot drop: an xxh3 of
 //! every page on both sides. `--local` is the same without the socket
 //! (`process_vm_readv`, then `pwrite`): the floor under a local dump.
+//! `--mmap` receives into a shared mapping of the file instead of
+//! `read` + `pwrite` (one copy fewer: what a receiver writing straight
+//! into its destination could reach).
 //!
 //! `scripts/bench-move` runs it against its writer (`f` routes):
-//! `pagescope-bench move-floor PID ADDR BYTES OUT [--sums] [--local]`
+//! `pagescope-bench move-floor PID ADDR BYTES OUT [--sums] [--local | --mmap]`
 //! prints one JSON line (`seconds`, `cpu_s`: this process's user+system).
 
 #![allow(unsafe_code)]
@@ -25,22 +28,29 @@ use pagescope::raw::image_format::file_sum;
 const CHUNK: usize = 4 << 20;
 const PAGE: usize = 4096;
 
-/// `move-floor PID ADDR BYTES OUT [--sums] [--local]`.
+/// `move-floor PID ADDR BYTES OUT [--sums] [--local | --mmap]`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let [pid, addr, bytes, out, ..] = args else {
-        bail!("usage: pagescope-bench move-floor PID ADDR BYTES OUT [--sums] [--local]");
+        bail!("usage: pagescope-bench move-floor PID ADDR BYTES OUT [--sums] [--local | --mmap]");
     };
     let pid: libc::pid_t = pid.parse().context("PID")?;
     let addr = parse_addr(addr)?;
     let bytes: usize = bytes.parse().context("BYTES")?;
     let sums = args.iter().any(|a| a == "--sums");
     let local = args.iter().any(|a| a == "--local");
-    let file = std::fs::File::create(out).with_context(|| format!("create {out}"))?;
+    let mmap = args.iter().any(|a| a == "--mmap");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(out)
+        .with_context(|| format!("create {out}"))?;
     let start = Instant::now();
     let checked = if local {
         copy_local(pid, addr, bytes, &file, sums)?
     } else {
-        copy_over_loopback(pid, addr, bytes, &file, sums)?
+        copy_over_loopback(pid, addr, bytes, &file, sums, mmap)?
     };
     file.sync_all().context("fsync")?;
     let seconds = start.elapsed().as_secs_f64();
@@ -54,6 +64,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "bytes": bytes,
             "sums": sums,
             "local": local,
+            "mmap": mmap,
             "checked": checked,
         })
     );
@@ -80,7 +91,7 @@ fn read_target(pid: libc::pid_t, addr: usize, buf: &mut [u8]) -> anyhow::Result<
     // borrowed for the call) and one remote iovec, which the kernel checks
     // against the target's address space.
     let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-    if n < 0 || n as usize != buf.len() {
+    if usize::try_from(n).ok() != Some(buf.len()) {
         bail!(
             "process_vm_readv at {addr:#x}: {}",
             std::io::Error::last_os_error()
@@ -123,46 +134,123 @@ fn copy_over_loopback(
     bytes: usize,
     file: &std::fs::File,
     sums: bool,
+    mmap: bool,
 ) -> anyhow::Result<u64> {
     let listener = TcpListener::bind("127.0.0.1:0").context("listen")?;
     let port = listener.local_addr()?.port();
     std::thread::scope(|s| {
         let receiver = s.spawn(move || -> anyhow::Result<u64> {
             let (mut conn, _) = listener.accept().context("accept")?;
-            let mut buf = vec![0u8; CHUNK];
-            let mut folded = 0;
-            for at in (0..bytes).step_by(CHUNK) {
-                let chunk = &mut buf[..CHUNK.min(bytes - at)];
-                conn.read_exact(chunk).context("read")?;
-                if sums {
-                    folded ^= sum_pages(chunk);
+            let folded = if mmap {
+                receive_mapped(&mut conn, bytes, file, sums)?
+            } else {
+                let mut buf = vec![0u8; CHUNK];
+                let mut folded = 0;
+                for at in (0..bytes).step_by(CHUNK) {
+                    let chunk = &mut buf[..CHUNK.min(bytes - at)];
+                    conn.read_exact(chunk).context("read")?;
+                    if sums {
+                        folded ^= sum_pages(chunk);
+                    }
+                    file.write_all_at(chunk, at as u64).context("pwrite")?;
                 }
-                file.write_all_at(chunk, at as u64).context("pwrite")?;
-            }
+                folded
+            };
             conn.write_all(b"k").context("acknowledge")?;
             Ok(folded)
         });
-        let mut conn = TcpStream::connect(("127.0.0.1", port)).context("connect")?;
-        let mut buf = vec![0u8; CHUNK];
-        let mut folded = 0;
-        for at in (0..bytes).step_by(CHUNK) {
-            let chunk = &mut buf[..CHUNK.min(bytes - at)];
-            read_target(pid, addr + at, chunk)?;
-            if sums {
-                folded ^= sum_pages(chunk);
-            }
-            conn.write_all(chunk).context("send")?;
-        }
-        let mut ack = [0u8; 1];
-        conn.read_exact(&mut ack).context("wait for the receiver")?;
+        let sent = send_all(pid, addr, bytes, port, sums);
         let received = receiver
             .join()
             .map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
+        let folded = sent?;
         if received != folded {
             bail!("the sums differ: {folded:#x} sent, {received:#x} received");
         }
         Ok(folded)
     })
+}
+
+/// The sending end: target → buffer → socket, then the receiver's
+/// acknowledgement.
+fn send_all(
+    pid: libc::pid_t,
+    addr: usize,
+    bytes: usize,
+    port: u16,
+    sums: bool,
+) -> anyhow::Result<u64> {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).context("connect")?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut folded = 0;
+    for at in (0..bytes).step_by(CHUNK) {
+        let chunk = &mut buf[..CHUNK.min(bytes - at)];
+        read_target(pid, addr + at, chunk)?;
+        if sums {
+            folded ^= sum_pages(chunk);
+        }
+        conn.write_all(chunk).context("send")?;
+    }
+    let mut ack = [0u8; 1];
+    conn.read_exact(&mut ack).context("wait for the receiver")?;
+    Ok(folded)
+}
+
+/// The receiving end with `--mmap`: the file mapped shared, each chunk
+/// populated (`MADV_POPULATE_WRITE`) and read from the socket straight
+/// into it: one copy fewer than `read` + `pwrite`.
+fn receive_mapped(
+    conn: &mut TcpStream,
+    bytes: usize,
+    file: &std::fs::File,
+    sums: bool,
+) -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd;
+    file.set_len(bytes as u64).context("size the file")?;
+    // SAFETY: a new shared mapping of `bytes` bytes of `file` (sized just
+    // above), at an address the kernel picks; unmapped below, and no other
+    // reference to it exists meanwhile.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        bail!("mmap: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: the mapping above: `bytes` bytes, readable and writable,
+    // borrowed only through this slice until the munmap.
+    let map = unsafe { std::slice::from_raw_parts_mut(base.cast::<u8>(), bytes) };
+    let mut folded = 0;
+    let mut result = Ok(());
+    for at in (0..bytes).step_by(CHUNK) {
+        let chunk = &mut map[at..at + CHUNK.min(bytes - at)];
+        // SAFETY: advice on a range inside the mapping; it changes no
+        // memory a reference points at (it only faults pages in).
+        unsafe {
+            libc::madvise(
+                chunk.as_mut_ptr().cast(),
+                chunk.len(),
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if let Err(e) = conn.read_exact(chunk) {
+            result = Err(e);
+            break;
+        }
+        if sums {
+            folded ^= sum_pages(chunk);
+        }
+    }
+    // SAFETY: the mapping made above, no longer borrowed.
+    unsafe { libc::munmap(base, bytes) };
+    result.context("read")?;
+    Ok(folded)
 }
 
 /// This process's user + system seconds so far.
