@@ -3,6 +3,11 @@
 //! once a session key is set, each frame's HMAC-SHA256 tag covers its
 //! sequence number (per direction), kind and payload, so a frame cannot be
 //! forged, replayed or reordered.
+//!
+//! Page data is copied by the kernel only: a frame goes out as one
+//! `writev` of its parts (the caller's buffers), and comes in into one
+//! buffer per connection, from which [`FrameReader::next_frame`] lends a
+//! `PAGES` record's data ([`Frame::Pages`]) instead of copying it.
 
 use std::io::{IoSlice, Read, Write};
 
