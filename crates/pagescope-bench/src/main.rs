@@ -10,6 +10,7 @@ mod baseline;
 mod dirty;
 mod dump;
 mod exporter;
+mod move_floor;
 mod objects;
 mod scan;
 mod sharers;
@@ -29,9 +30,10 @@ fn main() -> ExitCode {
         Some("dump") => report(dump::run(&args[1..])),
         Some("swap") => report(swap::run(&args[1..])),
         Some("exporter") => report(exporter::run(&args[1..])),
+        Some("move-floor") => report(move_floor::run(&args[1..])),
         _ => {
             eprintln!(
-                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]\n       pagescope-bench sharers [--gib N] [--reps N]\n       pagescope-bench dump [--gib N] [--incremental-only] [--reps N]\n       pagescope-bench swap [--gib N] [--swapped-gib N]\n       pagescope-bench exporter [--small N] [--large N] [--reps N]"
+                "usage: pagescope-bench scan [--sparse-gib N] [--dense-gib N] [--reps N]\n       pagescope-bench objects [--shmem-gib N] [--sharers N] [--reps N]\n       pagescope-bench dirty [--gib N] [--reps N]\n       pagescope-bench sharers [--gib N] [--reps N]\n       pagescope-bench dump [--gib N] [--incremental-only] [--reps N]\n       pagescope-bench swap [--gib N] [--swapped-gib N]\n       pagescope-bench exporter [--small N] [--large N] [--reps N]\n       pagescope-bench move-floor PID ADDR BYTES OUT [--sums] [--local | --mmap]"
             );
             ExitCode::from(2)
         }

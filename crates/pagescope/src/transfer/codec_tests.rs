@@ -230,3 +230,79 @@ fn forged_replayed_or_unkeyed_frames_fail_their_tag() {
     let e = reader(bytes, Some([6; 32])).next().unwrap_err();
     assert_eq!(e.class, Class::Auth);
 }
+
+#[test]
+fn pages_decode_in_place_as_records_do() {
+    use super::frame::Frame;
+    for key in [None, Some([3u8; 32])] {
+        let recs = records();
+        let mut r = reader(through(&recs, key), key);
+        for want in &recs {
+            let got = r.next_frame().unwrap().unwrap();
+            match (got, want) {
+                (
+                    Frame::Pages(p),
+                    Record::Pages {
+                        store,
+                        first,
+                        sums,
+                        data,
+                    },
+                ) => {
+                    assert_eq!((p.store, p.first), (*store, *first));
+                    assert_eq!((&p.sums, p.data), (sums, &data[..]));
+                }
+                (Frame::Record(got), want) => assert_eq!(&got, want),
+                (got, want) => panic!("{got:?} for {want:?}"),
+            }
+        }
+        assert!(r.next_frame().unwrap().is_none(), "a clean end");
+    }
+}
+
+#[test]
+fn a_smaller_frame_after_a_larger_one_borrows_only_its_own_bytes() {
+    use super::frame::Frame;
+    let big = Record::Pages {
+        store: 0,
+        first: 0,
+        sums: vec![1, 2, 3],
+        data: vec![8; 3 * 4096],
+    };
+    let small = Record::Pages {
+        store: 1,
+        first: 9,
+        sums: vec![4],
+        data: vec![6; 4096],
+    };
+    let mut r = reader(through(&[big, small, Record::EndPass(1)], None), None);
+    assert!(matches!(r.next_frame().unwrap(), Some(Frame::Pages(p)) if p.data.len() == 3 * 4096));
+    match r.next_frame().unwrap() {
+        Some(Frame::Pages(p)) => {
+            assert_eq!((p.store, p.first, p.sums), (1, 9, vec![4]));
+            assert_eq!(p.data, &[6; 4096][..]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        r.next_frame().unwrap(),
+        Some(Frame::Record(Record::EndPass(1)))
+    );
+}
+
+#[test]
+fn in_place_pages_that_do_not_add_up_are_errors() {
+    // Announcing more sums than it carries, read in place.
+    let mut p = 0u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&1000u32.to_le_bytes());
+    let e = reader(frame(kind::PAGES, &p), None)
+        .next_frame()
+        .unwrap_err();
+    assert!(e.what.contains("truncated"), "{}", e.what);
+    assert_eq!(e.class, Class::BadStream);
+    let mut cut = frame(kind::PAGES, &[0; 100]);
+    cut.truncate(50);
+    let e = reader(cut, None).next_frame().unwrap_err();
+    assert!(e.what.contains("mid-record"), "{}", e.what);
+}

@@ -3,13 +3,18 @@
 //! once a session key is set, each frame's HMAC-SHA256 tag covers its
 //! sequence number (per direction), kind and payload, so a frame cannot be
 //! forged, replayed or reordered.
+//!
+//! Page data is copied by the kernel only: a frame goes out as one
+//! `writev` of its parts (the caller's buffers), and comes in into one
+//! buffer per connection, from which [`FrameReader::next_frame`] lends a
+//! `PAGES` record's data ([`Frame::Pages`]) instead of copying it.
 
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::wire::{MAX_FRAME, Record, TAG};
+use super::wire::{MAX_FRAME, PagesRef, Record, TAG, decode_pages, kind};
 use super::{Class, TransferError};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -73,15 +78,20 @@ impl FrameWriter {
             .ok()
             .filter(|&l| l <= MAX_FRAME)
             .ok_or_else(|| std::io::Error::other("frame larger than the stream's bound"))?;
-        self.w.write_all(&len.to_le_bytes())?;
-        self.w.write_all(&[kind])?;
-        for p in parts {
-            self.w.write_all(p)?;
+        let mut head = [0u8; 5];
+        head[..4].copy_from_slice(&len.to_le_bytes());
+        head[4] = kind;
+        let t = self
+            .key
+            .as_ref()
+            .map(|key| tag(key, self.seq, kind, parts).finalize().into_bytes());
+        let mut slices = Vec::with_capacity(parts.len() + 2);
+        slices.push(IoSlice::new(&head));
+        slices.extend(parts.iter().map(|p| IoSlice::new(p)));
+        if let Some(t) = &t {
+            slices.push(IoSlice::new(t));
         }
-        if let Some(key) = &self.key {
-            let t = tag(key, self.seq, kind, parts).finalize().into_bytes();
-            self.w.write_all(&t)?;
-        }
+        write_all_vectored(&mut *self.w, &mut slices)?;
         self.seq += 1;
         self.bytes += 4 + u64::from(len);
         Ok(())
@@ -91,6 +101,15 @@ impl FrameWriter {
     pub fn flush(&mut self) -> std::io::Result<()> {
         self.w.flush()
     }
+}
+
+/// A frame read by [`FrameReader::next_frame`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// Pages, their data still in the reader's buffer.
+    Pages(PagesRef<'a>),
+    /// Any other record.
+    Record(Record),
 }
 
 /// Reads frames (checking tags once a session key is set).
@@ -134,6 +153,34 @@ impl FrameReader {
     /// The next record; `Ok(None)` at a clean end of stream (between
     /// frames).
     pub fn next(&mut self) -> Result<Option<Record>, TransferError> {
+        let Some((kind, len)) = self.read_frame()? else {
+            return Ok(None);
+        };
+        let payload = &self.buf[1..len];
+        Record::decode(kind, payload)
+            .map(Some)
+            .map_err(|m| self.bad(m))
+    }
+
+    /// The next frame, a `PAGES` record's data borrowed from the reader's
+    /// buffer (valid until the next call); `Ok(None)` at a clean end of
+    /// stream.
+    pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, TransferError> {
+        let Some((kind, len)) = self.read_frame()? else {
+            return Ok(None);
+        };
+        let payload = &self.buf[1..len];
+        let frame = if kind == kind::PAGES {
+            decode_pages(payload).map(Frame::Pages)
+        } else {
+            Record::decode(kind, payload).map(Frame::Record)
+        };
+        frame.map(Some).map_err(|m| self.bad(m))
+    }
+
+    /// Reads the next frame into the buffer and checks its tag: its kind
+    /// and where its payload ends (`buf[1..end]`); `None` at a clean end.
+    fn read_frame(&mut self) -> Result<Option<(u8, usize)>, TransferError> {
         let mut len = [0u8; 4];
         match read_full(&mut self.r, &mut len) {
             Ok(0) => return Ok(None),
@@ -156,14 +203,14 @@ impl FrameReader {
         if buf.len() < len as usize {
             buf.resize(len as usize, 0);
         }
-        let record = self.frame(&mut buf[..len as usize], tag_len);
+        let kind = self.frame(&mut buf[..len as usize], tag_len);
         self.buf = buf;
-        record.map(Some)
+        Ok(Some((kind?, len as usize - tag_len)))
     }
 
-    /// Reads the frame of `frame.len()` bytes after its length, checks its
-    /// tag (`tag_len` bytes) and decodes it.
-    fn frame(&mut self, frame: &mut [u8], tag_len: usize) -> Result<Record, TransferError> {
+    /// Reads the frame of `frame.len()` bytes after its length and checks
+    /// its tag (`tag_len` bytes): its kind.
+    fn frame(&mut self, frame: &mut [u8], tag_len: usize) -> Result<u8, TransferError> {
         let len = frame.len();
         match read_full(&mut self.r, frame) {
             Ok(n) if n == len => {}
@@ -187,12 +234,28 @@ impl FrameReader {
             }
         }
         self.seq += 1;
-        Record::decode(kind, payload).map_err(|m| self.bad(m))
+        Ok(kind)
     }
 
     fn bad(&self, what: String) -> TransferError {
         TransferError::new(Class::BadStream, &self.peer, what)
     }
+}
+
+/// Writes every byte of `slices` (one `writev` for a whole frame when the
+/// buffer passes it through: a frame of pages is not copied into the
+/// buffer, nor split into a header write and a data write).
+fn write_all_vectored(w: &mut dyn Write, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Reads until `buf` is full or the end of the stream: the bytes read.

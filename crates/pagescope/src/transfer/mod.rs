@@ -165,6 +165,8 @@ impl Conn {
     /// A TCP connection.
     pub fn tcp(stream: TcpStream, peer: &str) -> std::io::Result<Self> {
         stream.set_nodelay(true)?;
+        // A whole frame of pages fits the send buffer (capped by wmem_max).
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&stream, 16 << 20);
         let reader = stream.try_clone()?;
         let socket = Some(stream.try_clone()?);
         Ok(Self {

@@ -6,7 +6,10 @@
 //! not stored for one reason is one `NOT_STORED` record, and consecutive
 //! small writes of one store are one `PAGES` frame (up to a frame's
 //! pages). A run is held back until a record that does not extend it is
-//! due, so the order of records never changes.
+//! due, so the order of records never changes. A write of at least
+//! [`DIRECT_BYTES`] (the copy's batches of up to 4 MiB) goes out as its
+//! own frame straight from the caller's buffer: holding it would copy
+//! every byte once more into a freshly allocated run.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,6 +18,11 @@ use super::frame::FrameWriter;
 use super::pace::{Meter, Pacer};
 use super::progress::{Counters, PassSent};
 use super::wire::{self, Record, Why, kind};
+
+/// Writes of at least this many bytes are sent as their own frame, never
+/// held back to be merged (merging pays for itself only for small writes:
+/// a shared object's pages one at a time).
+pub(super) const DIRECT_BYTES: usize = 256 << 10;
 
 /// A run of pages not stored, waiting to be sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,7 +144,8 @@ impl Out {
 
     /// Pages `first..` of `store` (`data`, their `sums`), at most
     /// `per_frame` of them: appended to the pages held back if they
-    /// continue them and fit one frame, else sent (a full frame) or held.
+    /// continue them and fit one frame, else sent (a full frame, or a
+    /// write of at least [`DIRECT_BYTES`]) or held.
     pub fn pages(
         &mut self,
         store: u32,
@@ -146,6 +155,7 @@ impl Out {
         per_frame: usize,
     ) -> std::io::Result<()> {
         if let Some(Held::Pages(h)) = &mut self.held
+            && data.len() < DIRECT_BYTES
             && h.store == store
             && h.first + h.sums.len() as u64 == first
             && h.sums.len() + sums.len() <= per_frame
@@ -158,7 +168,7 @@ impl Out {
             return Ok(());
         }
         self.send_held()?;
-        if sums.len() >= per_frame {
+        if sums.len() >= per_frame || data.len() >= DIRECT_BYTES {
             return self.put_pages(store, first, sums, data);
         }
         self.held = Some(Held::Pages(PagesRun {
@@ -305,6 +315,39 @@ mod tests {
             "test",
         );
         std::iter::from_fn(|| r.next().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_large_write_goes_out_at_once_and_small_ones_still_merge() {
+        let buf = Shared::default();
+        let counters = Arc::new(Counters::default());
+        let mut out = Out::new(FrameWriter::new(Box::new(buf.clone())), None, counters);
+        let page = 4096;
+        let per_frame = 2048;
+        out.pages(0, 0, &[1], &vec![1; page], per_frame).unwrap();
+        assert_eq!(out.records, 0, "a small write is held");
+        let big = DIRECT_BYTES / page;
+        let sums = vec![2; big];
+        out.pages(0, 1, &sums, &vec![2; DIRECT_BYTES], per_frame)
+            .unwrap();
+        assert_eq!(
+            out.records, 2,
+            "the held page, then the large write as it came"
+        );
+        out.pages(0, 1 + big as u64, &[3], &vec![3; page], per_frame)
+            .unwrap();
+        out.pages(0, 2 + big as u64, &[4], &vec![4; page], per_frame)
+            .unwrap();
+        out.flush().unwrap();
+        let got = records(&buf.0.lock().unwrap());
+        let firsts: Vec<(u64, usize)> = got
+            .iter()
+            .map(|r| match r {
+                Record::Pages { first, sums, .. } => (*first, sums.len()),
+                r => panic!("{r:?}"),
+            })
+            .collect();
+        assert_eq!(firsts, [(0, 1), (1, big), (1 + big as u64, 2)]);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 
 use std::path::PathBuf;
 
-use super::handshake::{self, CAP_RESUME, Session};
+use super::frame::{Frame, FrameReader};
+use super::handshake::{self, CAP_RESUME};
 use super::output::Output;
 use super::resume::Resuming;
 use super::wire::{Mode, Record, Why};
@@ -88,7 +89,7 @@ pub fn receive(conn: Conn, opts: &ReceiveOptions) -> Result<ReceiveReport, Trans
         passes: 0,
         resume,
     };
-    match r.run(&mut s) {
+    match r.run(&mut s.reader) {
         Ok(committed) => {
             let _ = s.writer.record(&Record::Ack(true, committed.clone()));
             let _ = s.writer.flush();
@@ -155,14 +156,23 @@ pub(super) fn out_of_place(r: Record) -> TransferError {
 
 impl Receiving {
     /// Every record up to the commit: what was committed.
-    fn run(&mut self, s: &mut Session) -> Result<String, TransferError> {
+    fn run(&mut self, reader: &mut FrameReader) -> Result<String, TransferError> {
         loop {
-            let Some(rec) = s.reader.next()? else {
-                return Err(TransferError::new(
-                    Class::Connection,
-                    "",
-                    "the stream ended before its commit: nothing was committed",
-                ));
+            let rec = match reader.next_frame()? {
+                None => {
+                    return Err(TransferError::new(
+                        Class::Connection,
+                        "",
+                        "the stream ended before its commit: nothing was committed",
+                    ));
+                }
+                // Checked and written from the frame's buffer: no copy.
+                Some(Frame::Pages(p)) => {
+                    self.records += 1;
+                    self.pages(p.store, p.first, &p.sums, p.data)?;
+                    continue;
+                }
+                Some(Frame::Record(rec)) => rec,
             };
             if let Record::Commit {
                 meta_len,
@@ -367,4 +377,145 @@ impl Receiving {
 
 fn out(m: String) -> TransferError {
     TransferError::new(Class::Output, "", m)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+    use crate::transfer::frame::FrameWriter;
+
+    const PAGE: usize = 4096;
+
+    /// A stream that gives at most 5 bytes per read: every frame, header
+    /// and payload is split across reads.
+    struct Trickle(std::io::Cursor<Vec<u8>>);
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(5);
+            self.0.read(&mut buf[..n])
+        }
+    }
+
+    /// The frames of `recs`, and a receiver of one object into `path`.
+    fn setup(recs: &[Record], path: &std::path::Path) -> (FrameReader, Receiving) {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        struct W(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                // Partial writes: the frame writer must go on.
+                let n = b.len().min(3);
+                self.0.lock().unwrap().extend_from_slice(&b[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut w = FrameWriter::new(Box::new(W(buf.clone())));
+        for r in recs {
+            w.record(r).unwrap();
+        }
+        let bytes = buf.lock().unwrap().clone();
+        let reader = FrameReader::new(Box::new(Trickle(std::io::Cursor::new(bytes))), "test");
+        let r = Receiving {
+            page: PAGE as u64,
+            output: Output::file(path, PAGE as u32, false),
+            meta: Vec::new(),
+            pages: 0,
+            records: 0,
+            passes: 0,
+            resume: None,
+        };
+        (reader, r)
+    }
+
+    fn pages(first: u64, data: Vec<u8>) -> Record {
+        let sums = data.chunks(PAGE).map(|p| format::page_sum(0, p)).collect();
+        Record::Pages {
+            store: 0,
+            first,
+            sums,
+            data,
+        }
+    }
+
+    fn stream(body: Vec<Record>) -> Vec<Record> {
+        let open = Record::OpenStore {
+            store: 0,
+            object: true,
+            pages: 8,
+            name: "o1-2".into(),
+        };
+        let n = body
+            .iter()
+            .filter(|r| matches!(r, Record::Pages { .. }))
+            .count();
+        let data: u64 = body
+            .iter()
+            .map(|r| match r {
+                Record::Pages { sums, .. } => sums.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        let mut recs = vec![open];
+        recs.extend(body);
+        recs.push(Record::Commit {
+            meta_len: 0,
+            meta_sum: format::file_sum(&[]),
+            pages: data,
+            records: n as u64 + 1,
+        });
+        recs
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("pagescope-receive-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn pages_split_across_reads_land_at_their_offsets() {
+        let path = scratch("offsets");
+        let three: Vec<u8> = (0..3 * PAGE).map(|i| (i / PAGE + 1) as u8).collect();
+        let recs = stream(vec![pages(5, three), pages(1, vec![9; PAGE])]);
+        let (mut reader, mut r) = setup(&recs, &path);
+        r.run(&mut reader).unwrap();
+        let got = std::fs::read(&path).unwrap();
+        assert_eq!(got.len(), 8 * PAGE);
+        let page = |i: usize| &got[i * PAGE..(i + 1) * PAGE];
+        assert!(page(1).iter().all(|&b| b == 9));
+        for (i, want) in [(5, 1), (6, 2), (7, 3)] {
+            assert!(page(i).iter().all(|&b| b == want), "page {i}");
+        }
+        for i in [0, 2, 3, 4] {
+            assert!(page(i).iter().all(|&b| b == 0), "page {i}");
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_corrupted_payload_is_refused_before_the_commit() {
+        let path = scratch("corrupt");
+        let mut bad = pages(2, vec![7; 2 * PAGE]);
+        if let Record::Pages { data, .. } = &mut bad {
+            data[PAGE + 100] ^= 1; // the second page, after its sum
+        }
+        let recs = stream(vec![pages(0, vec![1; PAGE]), bad]);
+        let (mut reader, mut r) = setup(&recs, &path);
+        let e = r.run(&mut reader).unwrap_err();
+        assert_eq!(e.class, Class::BadStream);
+        assert!(
+            e.what.contains("page 3 of store 0 does not match"),
+            "{}",
+            e.what
+        );
+        r.interrupted(e);
+        assert!(!path.exists(), "nothing committed");
+        assert!(
+            !crate::transfer::output::partial(&path).exists(),
+            "nothing left"
+        );
+    }
 }

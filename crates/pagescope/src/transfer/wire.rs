@@ -325,14 +325,12 @@ impl Record {
             },
             kind::GROW_STORE => Self::GrowStore(f.u32()?, f.u64()?),
             kind::PAGES => {
-                let (store, first, count) = (f.u32()?, f.u64()?, f.u32()?);
-                let sums = (0..count).map(|_| f.u64()).collect::<Result<_, _>>()?;
-                let data = f.rest().to_vec();
+                let p = decode_pages_fields(&mut f)?;
                 Self::Pages {
-                    store,
-                    first,
-                    sums,
-                    data,
+                    store: p.store,
+                    first: p.first,
+                    sums: p.sums,
+                    data: p.data.to_vec(),
                 }
             }
             kind::NOT_STORED => decode_not_stored(&mut f)?,
@@ -367,6 +365,43 @@ impl Record {
         f.end()?;
         Ok(r)
     }
+}
+
+/// A `PAGES` record whose data is borrowed from the frame it came in (the
+/// receiver checks and writes it from there: no copy).
+#[derive(Debug, PartialEq, Eq)]
+pub struct PagesRef<'a> {
+    /// The store.
+    pub store: u32,
+    /// The first page.
+    pub first: u64,
+    /// The pages' sums.
+    pub sums: Vec<u64>,
+    /// The pages' bytes, in the frame.
+    pub data: &'a [u8],
+}
+
+/// Decodes a `PAGES` payload in place (checked as [`Record::decode`]
+/// checks it).
+pub fn decode_pages(payload: &[u8]) -> Result<PagesRef<'_>, String> {
+    let mut f = Fields::new(payload, kind::PAGES);
+    let p = decode_pages_fields(&mut f)?;
+    f.end()?;
+    Ok(p)
+}
+
+fn decode_pages_fields<'a>(f: &mut Fields<'a>) -> Result<PagesRef<'a>, String> {
+    let (store, first, count) = (f.u32()?, f.u64()?, f.u32()?);
+    let sums = f.take((count as usize).saturating_mul(8))?;
+    Ok(PagesRef {
+        store,
+        first,
+        sums: sums
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect(),
+        data: f.rest(),
+    })
 }
 
 /// The start of a `PAGES` payload (the data follows).
