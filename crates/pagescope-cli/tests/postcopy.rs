@@ -11,7 +11,8 @@
 //! connection cut twice at random points of post-copy by a proxy: the
 //! destination's reader blocks meanwhile, a new sender is refused while
 //! the receiver waits, the sender reconnects, and every page ends up
-//! equal to the source's, each installed once.
+//! equal to the source's, each installed once; a sender whose receiver
+//! never comes back fails saying the source is left stopped.
 
 mod common;
 
@@ -511,4 +512,43 @@ fn a_connection_cut_twice_during_postcopy_resumes_and_every_page_arrives_once() 
         );
         assert!(got_file[r.clone()] == want[r], "page {p} of FILE, {cuts:?}");
     }
+}
+
+#[test]
+fn a_sender_whose_receiver_never_comes_back_keeps_the_source_stopped_and_says_so() {
+    if !usable() {
+        return;
+    }
+    let pages = 4096;
+    let scratch = Scratch::new("postcopy-gone");
+    let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
+    let origin = source(&src, pages);
+    let mut dest = destination(&dst, pages, &seen);
+    let (mut recv, addr, _recv_err) = receiver(&dst, dest.0.id());
+    writeln!(dest.0.stdin.as_mut().unwrap(), "go").unwrap();
+    let mut send = send_args(origin.0.id(), &addr, &src)
+        .args(["--postcopy-after", "0", "--bandwidth", "4M"])
+        .args(["--reconnect-wait", "1s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut send_err = BufReader::new(send.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("(stopped)") {
+        line.clear();
+        let n = send_err.read_line(&mut line).unwrap();
+        assert!(n > 0, "send ended before its stopped pass");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    recv.kill().unwrap();
+    let _ = recv.wait();
+
+    let rc = wait(&mut send, 30, "send");
+    let mut msg = String::new();
+    send_err.read_to_string(&mut msg).unwrap();
+    assert_eq!(rc, CONNECTION, "{msg}");
+    assert!(msg.contains("no receiver took a new one"), "{msg}");
+    assert!(msg.contains("the source is left stopped"), "{msg}");
+    assert_eq!(state(origin.0.id()), 'T', "the source is left stopped");
 }

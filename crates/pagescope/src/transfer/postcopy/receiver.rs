@@ -136,7 +136,7 @@ fn receive_with(
         return Err(s.refuse(e));
     }
     let rejoin = rejoin.filter(|_| s.peer_caps & CAP_POSTCOPY_RESUME != 0);
-    let id = transfer_id();
+    let id = super::rejoin::transfer_id();
     if rejoin.is_some() {
         let r = Record::Postcopy(PostcopyRecord::Resumable { id });
         if let Err(e) = handshake::send(&mut s, &r) {
@@ -212,7 +212,7 @@ fn receive_with(
             })
         }
         Err(e) => {
-            let what = lost(&state, &sh.dest, &e.what);
+            let what = super::state::lost(&state, &sh.dest, &e.what);
             let target_fd = sh.dest.target_fd();
             sh.dest.abandon();
             let _ = target_fd;
@@ -225,35 +225,6 @@ fn receive_with(
             Err(e)
         }
     }
-}
-
-/// A random id for this transfer (`RESUMABLE`).
-fn transfer_id() -> u64 {
-    let mut b = [0u8; 8];
-    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
-    u64::from_le_bytes(b)
-}
-
-/// The error's line, with the pages that never arrived and what happens
-/// to the destination's threads.
-fn lost(state: &Pages, dest: &Destination, what: &str) -> String {
-    let fd = dest
-        .target_fd()
-        .map_or(String::new(), |fd| format!(" (its fd {fd})"));
-    let which = if state.started() {
-        let m = state.missing();
-        let n: u64 = m.iter().map(|(a, b)| b - a + 1).sum();
-        format!("{n} pages never arrived: {}", show_ranges(&m))
-    } else {
-        format!(
-            "post-copy had not begun: none of the {} pages is final",
-            state.pages()
-        )
-    };
-    format!(
-        "{what}; {which}; process {} keeps the userfaultfd{fd}: its threads that touch those pages block until it is killed",
-        dest.pid()
-    )
 }
 
 /// The fault thread: reads fault messages, resolves or asks.

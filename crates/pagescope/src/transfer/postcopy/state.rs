@@ -348,6 +348,28 @@ impl Pages {
     }
 }
 
+/// The error's line, with the pages that never arrived and what happens
+/// to the destination's threads.
+pub(super) fn lost(state: &Pages, dest: &Destination, what: &str) -> String {
+    let fd = dest
+        .target_fd()
+        .map_or(String::new(), |fd| format!(" (its fd {fd})"));
+    let which = if state.started() {
+        let m = state.missing();
+        let n: u64 = m.iter().map(|(a, b)| b - a + 1).sum();
+        format!("{n} pages never arrived: {}", show_ranges(&m))
+    } else {
+        format!(
+            "post-copy had not begun: none of the {} pages is final",
+            state.pages()
+        )
+    };
+    format!(
+        "{what}; {which}; process {} keeps the userfaultfd{fd}: its threads that touch those pages block until it is killed",
+        dest.pid()
+    )
+}
+
 /// `first-last,…` for a message.
 pub(super) fn show_ranges(r: &[(u64, u64)]) -> String {
     r.iter()
