@@ -12,7 +12,8 @@
 //! destination's reader blocks meanwhile, a new sender is refused while
 //! the receiver waits, the sender reconnects, and every page ends up
 //! equal to the source's, each installed once; a sender whose receiver
-//! never comes back fails saying the source is left stopped.
+//! never comes back fails saying the source is left stopped. A mapping
+//! the destination makes during post-copy is found and served.
 
 mod common;
 
@@ -551,4 +552,92 @@ fn a_sender_whose_receiver_never_comes_back_keeps_the_source_stopped_and_says_so
     assert!(msg.contains("no receiver took a new one"), "{msg}");
     assert!(msg.contains("the source is left stopped"), "{msg}");
     assert_eq!(state(origin.0.id()), 'T', "the source is left stopped");
+}
+
+#[test]
+fn a_mapping_the_destination_makes_later_is_found_and_served() {
+    if !usable() {
+        return;
+    }
+    let pages = 4096;
+    let scratch = Scratch::new("postcopy-remap");
+    let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
+    let origin = source(&src, pages);
+    let (mut dest, line) = start(Command::new("python3").args([
+        &program("postcopy_dest_remap.py"),
+        &dst,
+        &pages.to_string(),
+        &seen,
+        "0.3",
+    ]));
+    assert_eq!(line, "ready");
+    let mut recv = Command::new(exe())
+        .args([
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--into",
+            &dst,
+            "--json",
+        ])
+        .args(["--postcopy", "--pid", &dest.0.id().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut recv_err = BufReader::new(recv.stderr.take().unwrap());
+    let mut line = String::new();
+    recv_err.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("pagescope: listening on ")
+        .unwrap_or_else(|| panic!("receive said {line:?}"))
+        .to_owned();
+    let mut send = send_args(origin.0.id(), &addr, &src)
+        .args(["--postcopy-after", "0", "--bandwidth", "8M"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut send_err = BufReader::new(send.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("(stopped)") {
+        line.clear();
+        let n = send_err.read_line(&mut line).unwrap();
+        assert!(n > 0, "send ended before its stopped pass");
+    }
+    // The new mapping is made during post-copy (the receiver is running).
+    writeln!(dest.0.stdin.as_mut().unwrap(), "go").unwrap();
+    let send_rc = wait(&mut send, 120, "send");
+    let mut send_rest = String::new();
+    send_err.read_to_string(&mut send_rest).unwrap();
+    let recv_rc = wait(&mut recv, 60, "receive");
+    let mut recv_out = String::new();
+    recv.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut recv_out)
+        .unwrap();
+    let recv_err = rest(recv_err);
+    assert_eq!(send_rc, 0, "send: {send_rest}\nreceive: {recv_err}");
+    assert_eq!(recv_rc, 0, "receive: {recv_err}");
+    let r: serde_json::Value = serde_json::from_str(&recv_out).expect("receive's report");
+    assert_eq!(r["mappings_added"], 1, "{r}");
+    assert_eq!(r["pages_already_present"], 0, "{r}");
+
+    let done = format!("{seen}.done");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !std::path::Path::new(&done).exists() {
+        assert!(Instant::now() < until, "the destination read every page");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want = std::fs::read(&src).unwrap();
+    let got_seen = std::fs::read(&seen).unwrap();
+    for p in 0..pages {
+        let r = p * PAGE..(p + 1) * PAGE;
+        assert!(
+            got_seen[r.clone()] == want[r],
+            "page {p} as read through the new mapping"
+        );
+    }
 }

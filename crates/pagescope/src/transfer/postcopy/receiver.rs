@@ -42,6 +42,9 @@ pub struct PostcopyReport {
     pub postcopy_seconds: f64,
     /// Connections the sender made again after a drop.
     pub reconnects: u32,
+    /// Mappings of FILE the destination made after the start, registered
+    /// when found.
+    pub mappings_added: u64,
     /// How the pages got in, and the faults' wait.
     #[serde(flatten)]
     pub stats: PostcopyStats,
@@ -197,6 +200,7 @@ fn receive_with(
     let mut state = sh.state.into_inner().unwrap_or_else(|p| p.into_inner());
     match result {
         Ok(committed) => {
+            let mappings_added = sh.dest.mappings_added();
             sh.dest.finish();
             let _ = writer.record(&Record::Ack(true, committed.clone()));
             let _ = writer.flush();
@@ -207,6 +211,7 @@ fn receive_with(
                 passes: r.passes,
                 pending_at_switch: r.pending,
                 reconnects: r.rejoins,
+                mappings_added,
                 postcopy_seconds: r.switched.map_or(0.0, |t| t.elapsed().as_secs_f64()),
                 stats: state.report(),
             })
@@ -227,15 +232,25 @@ fn receive_with(
     }
 }
 
-/// The fault thread: reads fault messages, resolves or asks.
+/// How often the destination's mappings of `FILE` are read again.
+const RESCAN: Duration = Duration::from_millis(50);
+
+/// The fault thread: reads fault messages, resolves or asks; finds the
+/// destination's new mappings of `FILE` (every [`RESCAN`], and when a
+/// fault is outside the known ones).
 fn serve_faults(sh: &Shared) {
     let mut msgs = Vec::new();
+    let mut scanned = Instant::now();
     let timeout = rustix::event::Timespec {
         tv_sec: 0,
         tv_nsec: 50_000_000,
     };
     let uffd = sh.dest.uffd();
     while !sh.stop.load(Ordering::Relaxed) {
+        if scanned.elapsed() >= RESCAN {
+            rescan(sh);
+            scanned = Instant::now();
+        }
         let mut fds = [rustix::event::PollFd::new(
             &uffd,
             rustix::event::PollFlags::IN,
@@ -251,13 +266,23 @@ fn serve_faults(sh: &Shared) {
             std::thread::sleep(Duration::from_millis(10));
             continue;
         }
-        for m in msgs.iter().filter(|m| m.event == UFFD_EVENT_PAGEFAULT) {
+        let faults = msgs.iter().filter(|m| m.event == UFFD_EVENT_PAGEFAULT);
+        if faults.clone().any(|m| sh.dest.page_of(m.address).is_none()) {
+            rescan(sh);
+        }
+        for m in faults {
             let asked = sh.state().fault(&sh.dest, m.address);
             match asked {
                 Ok(asks) => sh.ask(&asks),
                 Err(e) => sh.fail(e),
             }
         }
+    }
+}
+
+fn rescan(sh: &Shared) {
+    if let Err(e) = sh.dest.rescan() {
+        sh.fail(format!("a new mapping of the file in the destination: {e}"));
     }
 }
 
