@@ -66,6 +66,8 @@ pub struct Destination {
     added: AtomicU64,
     /// The process's memory is gone: every page goes to `FILE`.
     gone: AtomicBool,
+    /// Bytes of pre-copy pages held in memory at most (`spill.rs`).
+    hold: u64,
 }
 
 impl Destination {
@@ -104,6 +106,7 @@ impl Destination {
             id,
             added: AtomicU64::new(0),
             gone: AtomicBool::new(false),
+            hold: u64::MAX,
         };
         if let Err(e) = dest.api().and_then(|()| dest.register(maps)) {
             dest.finish();
@@ -180,6 +183,19 @@ impl Destination {
 
     fn known(&self) -> RwLockReadGuard<'_, Vec<Mapped>> {
         self.maps.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds at most `bytes` of pre-copy pages in memory until the
+    /// switch, the rest in a temporary file next to `FILE` (default: no
+    /// bound).
+    pub fn hold_in_memory(mut self, bytes: u64) -> Self {
+        self.hold = bytes;
+        self
+    }
+
+    /// The bound of [`hold_in_memory`](Self::hold_in_memory).
+    pub(crate) fn hold_bound(&self) -> u64 {
+        self.hold
     }
 
     /// The userfaultfd (for reading faults).

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::dest::Destination;
 pub use super::rejoin::Rejoin;
+use super::spill::HeldPages;
 use super::state::{Ask, Pages, PostcopyStats, show_ranges};
 use super::wire::{CAP_POSTCOPY, CAP_POSTCOPY_RESUME, PostcopyRecord};
 use crate::image::format::{self, MAX_META_BYTES, MAX_STORE_PAGES};
@@ -148,8 +149,9 @@ fn receive_with(
         }
     }
     let writer = std::mem::replace(&mut s.writer, FrameWriter::new(Box::new(std::io::sink())));
+    let held = HeldPages::new(page, dest.hold_bound(), dest.path());
     let sh = Arc::new(Shared {
-        state: Mutex::new(Pages::new(page)),
+        state: Mutex::new(Pages::new(page, held)),
         dest,
         writer: Mutex::new(writer),
         stop: AtomicBool::new(false),
