@@ -28,7 +28,8 @@ pub fn receive(
     side: &str,
 ) -> Result<u8> {
     let page = rustix::param::page_size() as u64;
-    let dest = Destination::attach(file, pid, page).map_err(|m| {
+    let dest = Destination::attach(file, pid, page).map(|d| d.hold_in_memory(args.hold_in_memory));
+    let dest = dest.map_err(|m| {
         let e = TransferError::new(Class::Destination, "", m);
         fail(side, &e)
     })?;

@@ -161,6 +161,11 @@ pub struct ReceiveArgs {
     /// meanwhile); then fail naming the pages that never arrived.
     #[arg(long, default_value = "10s", value_parser = parse_interval, requires = "postcopy")]
     pub reconnect_wait: Duration,
+    /// Post-copy: hold at most this much of the pre-copy pages in memory
+    /// until the switch (suffix K, M, G), the rest in a temporary file
+    /// next to FILE.
+    #[arg(long, default_value = "1G", value_parser = parse_rate, requires = "postcopy")]
+    pub hold_in_memory: u64,
     /// Keep the partial state if the connection drops, and resume from
     /// the one an interrupted `receive --resume` kept.
     #[arg(long)]

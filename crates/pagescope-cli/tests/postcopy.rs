@@ -11,7 +11,10 @@
 //! connection cut twice at random points of post-copy by a proxy: the
 //! destination's reader blocks meanwhile, a new sender is refused while
 //! the receiver waits, the sender reconnects, and every page ends up
-//! equal to the source's, each installed once.
+//! equal to the source's, each installed once; a sender whose receiver
+//! never comes back fails saying the source is left stopped. A mapping
+//! the destination makes during post-copy is found and served. Held
+//! pre-copy pages past `--hold-in-memory` are spilled and still arrive.
 
 mod common;
 
@@ -510,5 +513,205 @@ fn a_connection_cut_twice_during_postcopy_resumes_and_every_page_arrives_once() 
             "page {p} as read, {cuts:?}"
         );
         assert!(got_file[r.clone()] == want[r], "page {p} of FILE, {cuts:?}");
+    }
+}
+
+#[test]
+fn a_sender_whose_receiver_never_comes_back_keeps_the_source_stopped_and_says_so() {
+    if !usable() {
+        return;
+    }
+    let pages = 4096;
+    let scratch = Scratch::new("postcopy-gone");
+    let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
+    let origin = source(&src, pages);
+    let mut dest = destination(&dst, pages, &seen);
+    let (mut recv, addr, _recv_err) = receiver(&dst, dest.0.id());
+    writeln!(dest.0.stdin.as_mut().unwrap(), "go").unwrap();
+    let mut send = send_args(origin.0.id(), &addr, &src)
+        .args(["--postcopy-after", "0", "--bandwidth", "4M"])
+        .args(["--reconnect-wait", "1s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut send_err = BufReader::new(send.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("(stopped)") {
+        line.clear();
+        let n = send_err.read_line(&mut line).unwrap();
+        assert!(n > 0, "send ended before its stopped pass");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    recv.kill().unwrap();
+    let _ = recv.wait();
+
+    let rc = wait(&mut send, 30, "send");
+    let mut msg = String::new();
+    send_err.read_to_string(&mut msg).unwrap();
+    assert_eq!(rc, CONNECTION, "{msg}");
+    assert!(msg.contains("no receiver took a new one"), "{msg}");
+    assert!(msg.contains("the source is left stopped"), "{msg}");
+    assert_eq!(state(origin.0.id()), 'T', "the source is left stopped");
+}
+
+#[test]
+fn a_mapping_the_destination_makes_later_is_found_and_served() {
+    if !usable() {
+        return;
+    }
+    let pages = 4096;
+    let scratch = Scratch::new("postcopy-remap");
+    let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
+    let origin = source(&src, pages);
+    let (mut dest, line) = start(Command::new("python3").args([
+        &program("postcopy_dest_remap.py"),
+        &dst,
+        &pages.to_string(),
+        &seen,
+        "0.3",
+    ]));
+    assert_eq!(line, "ready");
+    let mut recv = Command::new(exe())
+        .args([
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--into",
+            &dst,
+            "--json",
+        ])
+        .args(["--postcopy", "--pid", &dest.0.id().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut recv_err = BufReader::new(recv.stderr.take().unwrap());
+    let mut line = String::new();
+    recv_err.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("pagescope: listening on ")
+        .unwrap_or_else(|| panic!("receive said {line:?}"))
+        .to_owned();
+    let mut send = send_args(origin.0.id(), &addr, &src)
+        .args(["--postcopy-after", "0", "--bandwidth", "8M"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut send_err = BufReader::new(send.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("(stopped)") {
+        line.clear();
+        let n = send_err.read_line(&mut line).unwrap();
+        assert!(n > 0, "send ended before its stopped pass");
+    }
+    // The new mapping is made during post-copy (the receiver is running).
+    writeln!(dest.0.stdin.as_mut().unwrap(), "go").unwrap();
+    let send_rc = wait(&mut send, 120, "send");
+    let mut send_rest = String::new();
+    send_err.read_to_string(&mut send_rest).unwrap();
+    let recv_rc = wait(&mut recv, 60, "receive");
+    let mut recv_out = String::new();
+    recv.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut recv_out)
+        .unwrap();
+    let recv_err = rest(recv_err);
+    assert_eq!(send_rc, 0, "send: {send_rest}\nreceive: {recv_err}");
+    assert_eq!(recv_rc, 0, "receive: {recv_err}");
+    let r: serde_json::Value = serde_json::from_str(&recv_out).expect("receive's report");
+    assert_eq!(r["mappings_added"], 1, "{r}");
+    assert_eq!(r["pages_already_present"], 0, "{r}");
+
+    let done = format!("{seen}.done");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !std::path::Path::new(&done).exists() {
+        assert!(Instant::now() < until, "the destination read every page");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want = std::fs::read(&src).unwrap();
+    let got_seen = std::fs::read(&seen).unwrap();
+    for p in 0..pages {
+        let r = p * PAGE..(p + 1) * PAGE;
+        assert!(
+            got_seen[r.clone()] == want[r],
+            "page {p} as read through the new mapping"
+        );
+    }
+}
+
+#[test]
+fn held_precopy_pages_past_the_bound_are_spilled_and_still_arrive() {
+    if !usable() {
+        return;
+    }
+    let pages = 8192;
+    let scratch = Scratch::new("postcopy-spill");
+    let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
+    let origin = source(&src, pages);
+    let mut dest = destination(&dst, pages, &seen);
+    let mut recv = Command::new(exe())
+        .args([
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--into",
+            &dst,
+            "--json",
+        ])
+        .args(["--postcopy", "--pid", &dest.0.id().to_string()])
+        .args(["--hold-in-memory", "1M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut recv_err = BufReader::new(recv.stderr.take().unwrap());
+    let mut line = String::new();
+    recv_err.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("pagescope: listening on ")
+        .unwrap_or_else(|| panic!("receive said {line:?}"))
+        .to_owned();
+    writeln!(dest.0.stdin.as_mut().unwrap(), "go").unwrap();
+    let send = send_args(origin.0.id(), &addr, &src)
+        .args(["--postcopy-after", "2", "--max-downtime", "10ms"])
+        .output()
+        .unwrap();
+    let recv_rc = wait(&mut recv, 60, "receive");
+    let mut recv_out = String::new();
+    recv.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut recv_out)
+        .unwrap();
+    let recv_err = rest(recv_err);
+    let send_err = String::from_utf8_lossy(&send.stderr);
+    assert_eq!(
+        send.status.code(),
+        Some(0),
+        "send: {send_err}\nreceive: {recv_err}"
+    );
+    assert_eq!(recv_rc, 0, "receive: {recv_err}");
+    let r: serde_json::Value = serde_json::from_str(&recv_out).expect("receive's report");
+    assert!(r["held_peak_bytes"].as_u64().unwrap() <= 1 << 20, "{r}");
+    assert!(r["pages_spilled"].as_u64().unwrap() > 0, "{r}");
+
+    let done = format!("{seen}.done");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !std::path::Path::new(&done).exists() {
+        assert!(Instant::now() < until, "the destination read every page");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want = std::fs::read(&src).unwrap();
+    let got_seen = std::fs::read(&seen).unwrap();
+    let got_file = std::fs::read(&dst).unwrap();
+    for p in 0..pages {
+        let r = p * PAGE..(p + 1) * PAGE;
+        assert!(got_seen[r.clone()] == want[r.clone()], "page {p} as read");
+        assert!(got_file[r.clone()] == want[r], "page {p} of FILE");
     }
 }

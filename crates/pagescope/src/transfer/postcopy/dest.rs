@@ -5,6 +5,10 @@
 //! faults (`UFFDIO_REGISTER_MODE_MISSING`, `UFFD_FEATURE_MISSING_SHMEM`),
 //! and pages installed with `UFFDIO_COPY` (raw calls: `sys/uffd.rs`).
 //!
+//! Mappings of `FILE` the destination makes later (a VMM mapping more, or
+//! again) are found by reading its maps again ([`Destination::rescan`],
+//! every 50 ms and on a fault outside the known ones) and registered then.
+//!
 //! A page that is already present is never overwritten: `EEXIST` wakes the
 //! waiters and counts it. Pages no registered mapping covers are written
 //! into `FILE` with `pwrite`; so are pages whose mapping or process went
@@ -14,7 +18,8 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use rustix::io::Errno;
 
@@ -24,7 +29,7 @@ use crate::proc::maps::DevId;
 use crate::sys::uffd;
 
 /// One registered mapping of `FILE` in the destination.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Mapped {
     start: u64,
     end: u64,
@@ -54,9 +59,15 @@ pub struct Destination {
     file: File,
     path: PathBuf,
     page: u64,
-    maps: Vec<Mapped>,
+    maps: RwLock<Vec<Mapped>>,
+    /// `FILE`'s device and inode, to find its mappings.
+    id: (DevId, u64),
+    /// Mappings registered after the first ones.
+    added: AtomicU64,
     /// The process's memory is gone: every page goes to `FILE`.
     gone: AtomicBool,
+    /// Bytes of pre-copy pages held in memory at most (`spill.rs`).
+    hold: u64,
 }
 
 impl Destination {
@@ -74,7 +85,8 @@ impl Destination {
             .metadata()
             .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
         let target = Target::open(pid).map_err(|e| format!("process {pid}: {e}"))?;
-        let maps = mappings_of(&target, DevId::from_st_dev(meta.dev()), meta.ino())?;
+        let id = (DevId::from_st_dev(meta.dev()), meta.ino());
+        let maps = mappings_of(&target, id.0, id.1)?;
         if maps.is_empty() {
             return Err(format!(
                 "process {pid} has no shared mapping of {}",
@@ -90,10 +102,13 @@ impl Destination {
             file,
             path: path.to_owned(),
             page,
-            maps,
+            maps: RwLock::new(Vec::new()),
+            id,
+            added: AtomicU64::new(0),
             gone: AtomicBool::new(false),
+            hold: u64::MAX,
         };
-        if let Err(e) = dest.register() {
+        if let Err(e) = dest.api().and_then(|()| dest.register(maps)) {
             dest.finish();
             return Err(e);
         }
@@ -109,14 +124,22 @@ impl Destination {
         Ok(dest)
     }
 
-    fn register(&self) -> Result<(), String> {
+    fn api(&self) -> Result<(), String> {
         let pid = self.target.pid();
         let features = uffd::uffdio_api(self.uffd.as_fd(), uffd::UFFD_FEATURE_MISSING_SHMEM)
             .map_err(|e| format!("userfaultfd of process {pid}: missing-page faults of shared memory refused: {e}"))?;
         if features & uffd::UFFD_FEATURE_MISSING_SHMEM == 0 {
             return Err("the kernel has no missing-page faults for shared memory".into());
         }
-        for m in &self.maps {
+        Ok(())
+    }
+
+    /// Registers `maps` (those not registered yet) and makes them the
+    /// known mappings.
+    fn register(&self, maps: Vec<Mapped>) -> Result<(), String> {
+        let pid = self.target.pid();
+        let mut known = self.maps.write().unwrap_or_else(|p| p.into_inner());
+        for m in maps.iter().filter(|m| !known.contains(m)) {
             uffd::uffdio_register(
                 self.uffd.as_fd(),
                 m.start,
@@ -129,8 +152,50 @@ impl Destination {
                     m.start, m.end
                 )
             })?;
+            if !known.is_empty() {
+                self.added.fetch_add(1, Ordering::Relaxed);
+            }
         }
+        *known = maps;
         Ok(())
+    }
+
+    /// Reads the destination's mappings of `FILE` again and registers
+    /// the new ones (a mapping made after the start). A page touched
+    /// through such a mapping before this found it was filled by the
+    /// kernel (zero) and is found present later: counted, not
+    /// overwritten.
+    pub(crate) fn rescan(&self) -> Result<(), String> {
+        if self.gone.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match mappings_of(&self.target, self.id.0, self.id.1) {
+            Ok(maps) if maps == *self.known() => Ok(()),
+            Ok(maps) => self.register(maps),
+            Err(_) => Ok(()), // the process is gone: `install` sees it
+        }
+    }
+
+    /// Mappings registered after the first ones.
+    pub(crate) fn mappings_added(&self) -> u64 {
+        self.added.load(Ordering::Relaxed)
+    }
+
+    fn known(&self) -> RwLockReadGuard<'_, Vec<Mapped>> {
+        self.maps.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds at most `bytes` of pre-copy pages in memory until the
+    /// switch, the rest in a temporary file next to `FILE` (default: no
+    /// bound).
+    pub fn hold_in_memory(mut self, bytes: u64) -> Self {
+        self.hold = bytes;
+        self
+    }
+
+    /// The bound of [`hold_in_memory`](Self::hold_in_memory).
+    pub(crate) fn hold_bound(&self) -> u64 {
+        self.hold
     }
 
     /// The userfaultfd (for reading faults).
@@ -168,7 +233,7 @@ impl Destination {
 
     /// The page of `FILE` a fault address is on.
     pub(crate) fn page_of(&self, addr: u64) -> Option<u64> {
-        self.maps
+        self.known()
             .iter()
             .find(|m| (m.start..m.end).contains(&addr))
             .map(|m| (addr - m.start + m.offset) / self.page)
@@ -177,7 +242,7 @@ impl Destination {
     /// An address of page `page` in the destination (its first mapping).
     fn addr_of(&self, page: u64) -> Option<u64> {
         let off = page * self.page;
-        self.maps
+        self.known()
             .iter()
             .find(|m| off >= m.offset && off - m.offset < m.end - m.start)
             .map(|m| m.start + off - m.offset)
@@ -241,7 +306,7 @@ impl Destination {
     /// Every page is in: unregisters the mappings and closes the
     /// userfaultfd (ours and the destination's copy).
     pub(crate) fn finish(self) {
-        for m in &self.maps {
+        for m in self.known().iter() {
             let _ = uffd::uffdio_unregister(self.uffd.as_fd(), m.start, m.end - m.start);
         }
         if let Some(fd) = self.target_fd {

@@ -11,6 +11,8 @@
 //!   capability bits;
 //! * `dest.rs`: the destination process, its registered mappings of
 //!   `FILE`, installing a page;
+//! * `spill.rs`: the pre-copy pages held until the switch, in memory up
+//!   to a bound, the rest in a temporary file;
 //! * `state.rs`: every page's state and the counts, under one lock;
 //! * `receiver.rs`: [`receive`]: the stream, the fault thread, the filler;
 //! * `sender.rs`: the stopped pass kept and served on request (a layer
@@ -23,6 +25,7 @@ mod receiver;
 mod reconnect;
 mod rejoin;
 mod sender;
+mod spill;
 mod state;
 pub(crate) mod wire;
 

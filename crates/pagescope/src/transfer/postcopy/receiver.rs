@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::dest::Destination;
 pub use super::rejoin::Rejoin;
+use super::spill::HeldPages;
 use super::state::{Ask, Pages, PostcopyStats, show_ranges};
 use super::wire::{CAP_POSTCOPY, CAP_POSTCOPY_RESUME, PostcopyRecord};
 use crate::image::format::{self, MAX_META_BYTES, MAX_STORE_PAGES};
@@ -42,6 +43,9 @@ pub struct PostcopyReport {
     pub postcopy_seconds: f64,
     /// Connections the sender made again after a drop.
     pub reconnects: u32,
+    /// Mappings of FILE the destination made after the start, registered
+    /// when found.
+    pub mappings_added: u64,
     /// How the pages got in, and the faults' wait.
     #[serde(flatten)]
     pub stats: PostcopyStats,
@@ -136,7 +140,7 @@ fn receive_with(
         return Err(s.refuse(e));
     }
     let rejoin = rejoin.filter(|_| s.peer_caps & CAP_POSTCOPY_RESUME != 0);
-    let id = transfer_id();
+    let id = super::rejoin::transfer_id();
     if rejoin.is_some() {
         let r = Record::Postcopy(PostcopyRecord::Resumable { id });
         if let Err(e) = handshake::send(&mut s, &r) {
@@ -145,8 +149,9 @@ fn receive_with(
         }
     }
     let writer = std::mem::replace(&mut s.writer, FrameWriter::new(Box::new(std::io::sink())));
+    let held = HeldPages::new(page, dest.hold_bound(), dest.path());
     let sh = Arc::new(Shared {
-        state: Mutex::new(Pages::new(page)),
+        state: Mutex::new(Pages::new(page, held)),
         dest,
         writer: Mutex::new(writer),
         stop: AtomicBool::new(false),
@@ -197,6 +202,7 @@ fn receive_with(
     let mut state = sh.state.into_inner().unwrap_or_else(|p| p.into_inner());
     match result {
         Ok(committed) => {
+            let mappings_added = sh.dest.mappings_added();
             sh.dest.finish();
             let _ = writer.record(&Record::Ack(true, committed.clone()));
             let _ = writer.flush();
@@ -207,12 +213,13 @@ fn receive_with(
                 passes: r.passes,
                 pending_at_switch: r.pending,
                 reconnects: r.rejoins,
+                mappings_added,
                 postcopy_seconds: r.switched.map_or(0.0, |t| t.elapsed().as_secs_f64()),
                 stats: state.report(),
             })
         }
         Err(e) => {
-            let what = lost(&state, &sh.dest, &e.what);
+            let what = super::state::lost(&state, &sh.dest, &e.what);
             let target_fd = sh.dest.target_fd();
             sh.dest.abandon();
             let _ = target_fd;
@@ -227,44 +234,25 @@ fn receive_with(
     }
 }
 
-/// A random id for this transfer (`RESUMABLE`).
-fn transfer_id() -> u64 {
-    let mut b = [0u8; 8];
-    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
-    u64::from_le_bytes(b)
-}
+/// How often the destination's mappings of `FILE` are read again.
+const RESCAN: Duration = Duration::from_millis(50);
 
-/// The error's line, with the pages that never arrived and what happens
-/// to the destination's threads.
-fn lost(state: &Pages, dest: &Destination, what: &str) -> String {
-    let fd = dest
-        .target_fd()
-        .map_or(String::new(), |fd| format!(" (its fd {fd})"));
-    let which = if state.started() {
-        let m = state.missing();
-        let n: u64 = m.iter().map(|(a, b)| b - a + 1).sum();
-        format!("{n} pages never arrived: {}", show_ranges(&m))
-    } else {
-        format!(
-            "post-copy had not begun: none of the {} pages is final",
-            state.pages()
-        )
-    };
-    format!(
-        "{what}; {which}; process {} keeps the userfaultfd{fd}: its threads that touch those pages block until it is killed",
-        dest.pid()
-    )
-}
-
-/// The fault thread: reads fault messages, resolves or asks.
+/// The fault thread: reads fault messages, resolves or asks; finds the
+/// destination's new mappings of `FILE` (every [`RESCAN`], and when a
+/// fault is outside the known ones).
 fn serve_faults(sh: &Shared) {
     let mut msgs = Vec::new();
+    let mut scanned = Instant::now();
     let timeout = rustix::event::Timespec {
         tv_sec: 0,
         tv_nsec: 50_000_000,
     };
     let uffd = sh.dest.uffd();
     while !sh.stop.load(Ordering::Relaxed) {
+        if scanned.elapsed() >= RESCAN {
+            rescan(sh);
+            scanned = Instant::now();
+        }
         let mut fds = [rustix::event::PollFd::new(
             &uffd,
             rustix::event::PollFlags::IN,
@@ -280,13 +268,23 @@ fn serve_faults(sh: &Shared) {
             std::thread::sleep(Duration::from_millis(10));
             continue;
         }
-        for m in msgs.iter().filter(|m| m.event == UFFD_EVENT_PAGEFAULT) {
+        let faults = msgs.iter().filter(|m| m.event == UFFD_EVENT_PAGEFAULT);
+        if faults.clone().any(|m| sh.dest.page_of(m.address).is_none()) {
+            rescan(sh);
+        }
+        for m in faults {
             let asked = sh.state().fault(&sh.dest, m.address);
             match asked {
                 Ok(asks) => sh.ask(&asks),
                 Err(e) => sh.fail(e),
             }
         }
+    }
+}
+
+fn rescan(sh: &Shared) {
+    if let Err(e) = sh.dest.rescan() {
+        sh.fail(format!("a new mapping of the file in the destination: {e}"));
     }
 }
 

@@ -29,6 +29,13 @@ pub struct Rejoin {
     pub wait: Duration,
 }
 
+/// A random id for this transfer (`RESUMABLE`).
+pub(super) fn transfer_id() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+    u64::from_le_bytes(b)
+}
+
 /// How long one connection may take over its handshake.
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(5);
 

@@ -9,11 +9,7 @@ use std::time::Instant;
 
 use super::dest::{Destination, Installed};
 
-/// A pre-copy page held until it is final.
-enum Held {
-    Data(Box<[u8]>),
-    Zero,
-}
+use super::spill::HeldPages;
 
 /// A set of page indices.
 #[derive(Default)]
@@ -59,6 +55,10 @@ pub struct PostcopyStats {
     /// Pages that arrived again after they were final (dropped, never
     /// installed twice).
     pub pages_duplicate: u64,
+    /// The most bytes of pre-copy pages held in memory at once.
+    pub held_peak_bytes: u64,
+    /// Pre-copy pages held in the spill file instead (past the bound).
+    pub pages_spilled: u64,
     /// Fault messages read.
     pub faults: u64,
     /// Pages the sender was asked for.
@@ -76,7 +76,7 @@ pub(super) type Ask = (u64, u64);
 /// Every page's state.
 pub(super) struct Pages {
     pages: u64,
-    held: HashMap<u64, Held>,
+    pub(super) held: HeldPages,
     pending: Bits,
     started: Option<Instant>,
     installed: Bits,
@@ -96,10 +96,10 @@ const FIRST_CHUNK: u64 = 16;
 const MAX_CHUNK: u64 = 1024;
 
 impl Pages {
-    pub(super) fn new(page: usize) -> Self {
+    pub(super) fn new(page: usize, held: HeldPages) -> Self {
         Self {
             pages: 0,
-            held: HashMap::new(),
+            held,
             pending: Bits::default(),
             started: None,
             installed: Bits::default(),
@@ -138,16 +138,14 @@ impl Pages {
         data: Option<&[u8]>,
     ) -> Result<(), String> {
         if self.started.is_none() {
-            let held = data.map_or(Held::Zero, |d| Held::Data(d.into()));
-            self.held.insert(p, held);
-            return Ok(());
+            return self.held.put(p, data);
         }
         if !self.pending.get(p) || self.installed.get(p) {
             self.stats.pages_duplicate += 1;
             return Ok(()); // final already: never filled twice
         }
         self.pending.set(p, false);
-        self.held.remove(&p);
+        self.held.forget(p);
         self.install(dest, p, data)
     }
 
@@ -200,10 +198,8 @@ impl Pages {
     }
 
     fn install_held(&mut self, dest: &Destination, p: u64) -> Result<(), String> {
-        match self.held.remove(&p) {
-            Some(Held::Data(d)) => self.install(dest, p, Some(&d)),
-            _ => self.install(dest, p, None),
-        }
+        let data = self.held.take(p)?;
+        self.install(dest, p, data.as_deref())
     }
 
     /// A thread faulted at `addr`: resolved at once if its page is final,
@@ -342,10 +338,34 @@ impl Pages {
             self.latencies[rank.clamp(1, n) - 1]
         };
         let mut s = self.stats.clone();
+        s.held_peak_bytes = self.held.peak;
+        s.pages_spilled = self.held.spilled;
         s.fault_latency_p50_us = at(50);
         s.fault_latency_p99_us = at(99);
         s
     }
+}
+
+/// The error's line, with the pages that never arrived and what happens
+/// to the destination's threads.
+pub(super) fn lost(state: &Pages, dest: &Destination, what: &str) -> String {
+    let fd = dest
+        .target_fd()
+        .map_or(String::new(), |fd| format!(" (its fd {fd})"));
+    let which = if state.started() {
+        let m = state.missing();
+        let n: u64 = m.iter().map(|(a, b)| b - a + 1).sum();
+        format!("{n} pages never arrived: {}", show_ranges(&m))
+    } else {
+        format!(
+            "post-copy had not begun: none of the {} pages is final",
+            state.pages()
+        )
+    };
+    format!(
+        "{what}; {which}; process {} keeps the userfaultfd{fd}: its threads that touch those pages block until it is killed",
+        dest.pid()
+    )
 }
 
 /// `first-last,…` for a message.
