@@ -15,7 +15,8 @@ use pagescope::{KernelCaps, Target};
 use crate::exit::{CliError, OK, OTHER};
 use crate::progress::SendOutput;
 use crate::transfer_cmd::{
-    QMP_TIMEOUT, ReceiveArgs, SendArgs, accept_keeping, fail, send_failed, sent_lines, shown,
+    DESTINATION, QMP_TIMEOUT, ReceiveArgs, SendArgs, accept_keeping, fail, send_failed, sent_lines,
+    shown,
 };
 
 /// Registers DEST's mappings of FILE before listening (so the destination
@@ -70,6 +71,19 @@ pub fn receive(
         let mut out = std::io::stdout().lock();
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
+    }
+    if s.pages_already_present > 0 {
+        return Err(CliError::new(
+            DESTINATION,
+            format!(
+                "receive: {} pages of {} were already filled when pagescope came to install them (page offsets {:?}{}): the destination may have read zeros there (a mapping of it not registered yet, or a write to it)",
+                s.pages_already_present,
+                args.into.as_deref().map_or("FILE".into(), |p| p.display().to_string()),
+                s.already_present_pages,
+                if s.pages_already_present as usize > s.already_present_pages.len() { ", …" } else { "" },
+            ),
+        )
+        .into());
     }
     Ok(OK)
 }

@@ -14,7 +14,8 @@
 //! equal to the source's, each installed once; a sender whose receiver
 //! never comes back fails saying the source is left stopped. A mapping
 //! the destination makes during post-copy is found and served. Held
-//! pre-copy pages past `--hold-in-memory` are spilled and still arrive.
+//! pre-copy pages past `--hold-in-memory` are spilled and still arrive. A
+//! page filled behind the receiver's back fails the receive, named.
 
 mod common;
 
@@ -714,4 +715,47 @@ fn held_precopy_pages_past_the_bound_are_spilled_and_still_arrive() {
         assert!(got_seen[r.clone()] == want[r.clone()], "page {p} as read");
         assert!(got_file[r.clone()] == want[r], "page {p} of FILE");
     }
+}
+
+/// A page of FILE that something other than the receiver filled during
+/// post-copy (here a plain write to FILE; in the field a mapping not yet
+/// registered) is never overwritten, and the receive does not pass for a
+/// clean one: it installs every other page, then exits 26 naming it.
+#[test]
+fn a_page_filled_behind_the_receivers_back_fails_the_receive_naming_it() {
+    if !usable() {
+        return;
+    }
+    let pages = 256;
+    let scratch = Scratch::new("postcopy-filled");
+    let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
+    let source = source(&src, pages);
+    let dest = destination(&dst, pages, &seen);
+    let (mut recv, addr, recv_err) = receiver(&dst, dest.0.id());
+    let f = std::fs::OpenOptions::new().write(true).open(&dst).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; PAGE], 5 * PAGE as u64).unwrap();
+    let send_rc = send_args(source.0.id(), &addr, &src)
+        .args(["--postcopy-after", "1", "--max-downtime", "10ms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .code();
+    let recv_rc = wait(&mut recv, 60, "receive");
+    let recv_err = rest(recv_err);
+    assert_eq!(
+        send_rc,
+        Some(0),
+        "the transfer itself completed: {recv_err}"
+    );
+    assert_eq!(recv_rc, 26, "{recv_err}");
+    assert!(
+        recv_err.contains("1 pages of") && recv_err.contains("[5]"),
+        "{recv_err}"
+    );
+    let got = std::fs::read(&dst).unwrap();
+    assert!(
+        got[5 * PAGE..6 * PAGE].iter().all(|&b| b == 0x5a),
+        "never overwritten"
+    );
 }

@@ -41,6 +41,9 @@ struct Waiter {
     since: Instant,
 }
 
+/// How many already-present pages the report lists.
+pub const MAX_LISTED: usize = 32;
+
 /// The report's counts.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct PostcopyStats {
@@ -51,7 +54,12 @@ pub struct PostcopyStats {
     /// Of those, pages written into the file (no registered mapping).
     pub pages_written: u64,
     /// Pages found already present (`EEXIST`): woken, not overwritten.
+    /// Something other than the receiver filled them (a mapping of FILE
+    /// not registered yet, a write to FILE): the destination may have
+    /// read zeros there, so a non-zero count fails the receive.
     pub pages_already_present: u64,
+    /// The first [`MAX_LISTED`] of those pages (page offsets in FILE).
+    pub already_present_pages: Vec<u64>,
     /// Pages that arrived again after they were final (dropped, never
     /// installed twice).
     pub pages_duplicate: u64,
@@ -289,7 +297,12 @@ impl Pages {
         self.installed.set(p, true);
         self.installed_count += 1;
         match how {
-            Installed::Existed => self.stats.pages_already_present += 1,
+            Installed::Existed => {
+                self.stats.pages_already_present += 1;
+                if self.stats.already_present_pages.len() < MAX_LISTED {
+                    self.stats.already_present_pages.push(p);
+                }
+            }
             Installed::Written => self.stats.pages_written += 1,
             Installed::Copied => {}
         }
