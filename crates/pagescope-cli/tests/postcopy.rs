@@ -11,7 +11,9 @@
 //! connection cut twice at random points of post-copy by a proxy: the
 //! destination's reader blocks meanwhile, a new sender is refused while
 //! the receiver waits, the sender reconnects, and every page ends up
-//! equal to the source's, each installed once.
+//! equal to the source's, each installed once. And with the urgent
+//! channel (`--postcopy-preempt`) and the background paced slow, the
+//! pages a reading destination touches overtake the background.
 
 mod common;
 
@@ -510,5 +512,99 @@ fn a_connection_cut_twice_during_postcopy_resumes_and_every_page_arrives_once() 
             "page {p} as read, {cuts:?}"
         );
         assert!(got_file[r.clone()] == want[r], "page {p} of FILE, {cuts:?}");
+    }
+}
+
+#[test]
+fn requested_pages_overtake_a_slow_background_over_the_urgent_channel() {
+    if !usable() {
+        return;
+    }
+    // 8 MiB at 1 MiB/s: the background alone needs 8 s to reach every
+    // page; the destination touches them all in random order.
+    let (pages, rate) = (2048u64, 1u64 << 20);
+    let scratch = Scratch::new("postcopy-preempt");
+    let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
+    let origin = source(&src, pages as usize);
+    let mut dest = destination(&dst, pages as usize, &seen);
+    let mut recv = Command::new(exe())
+        .args(["receive", "--listen", "127.0.0.1:0", "--into", &dst])
+        .args(["--json", "--postcopy", "--pid", &dest.0.id().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut recv_err = BufReader::new(recv.stderr.take().unwrap());
+    let mut line = String::new();
+    recv_err.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("pagescope: listening on ")
+        .unwrap_or_else(|| panic!("receive said {line:?}"))
+        .to_owned();
+    writeln!(dest.0.stdin.as_mut().unwrap(), "go").unwrap();
+    let out = send_args(origin.0.id(), &addr, &src)
+        .args(["--postcopy-after", "0", "--postcopy-preempt", "--json"])
+        .args(["--bandwidth", &rate.to_string()])
+        .output()
+        .unwrap();
+    let send_err = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        let _ = recv.kill();
+    }
+    let recv_rc = wait(&mut recv, 60, "receive");
+    let mut recv_out = String::new();
+    recv.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut recv_out)
+        .unwrap();
+    let recv_err = rest(recv_err);
+    assert!(
+        out.status.success(),
+        "send: {send_err}\nreceive: {recv_err}"
+    );
+    assert_eq!(recv_rc, 0, "receive: {recv_err}");
+
+    let r: serde_json::Value = serde_json::from_str(&recv_out).expect("receive's report");
+    let s: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap())
+            .expect("send's report");
+    let pc = &s["postcopy"];
+    assert_eq!(r["urgent_channel"], true, "{r}");
+    assert_eq!(pc["urgent_channel"], true, "{pc}");
+    let kept = pc["pending_at_switch"].as_u64().unwrap();
+    let asked = pc["pages_requested"].as_u64().unwrap();
+    let background = pc["pages_background"].as_u64().unwrap();
+    assert_eq!(asked + background, kept, "{pc}");
+    assert_eq!(r["pages_urgent"], asked, "{r} {pc}");
+    // Behind the paced stream, a requested page would wait for the
+    // background frames ahead of it, and the stream would carry every
+    // page at the cap: post-copy would last the background's whole time.
+    // Over the urgent channel the destination's reads pull most pages
+    // long before the background reaches them.
+    let background_alone = (kept * PAGE as u64) as f64 / rate as f64;
+    let took = r["postcopy_seconds"].as_f64().unwrap();
+    eprintln!("post-copy {took:.2} s (background alone {background_alone:.1} s): {r} {pc}");
+    assert!(
+        took < background_alone / 3.0,
+        "post-copy took {took:.1} s; the background alone {background_alone:.1} s: {r} {pc}"
+    );
+    assert!(asked > 2 * background, "most pages overtook: {pc}");
+    assert_eq!(r["pages_duplicate"], 0, "{r}");
+    let installed = r["pages_by_fault"].as_u64().unwrap() + r["pages_background"].as_u64().unwrap();
+    assert_eq!(installed, pages, "every page installed once: {r}");
+
+    let done = format!("{seen}.done");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !std::path::Path::new(&done).exists() {
+        assert!(Instant::now() < until, "the destination read every page");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want = std::fs::read(&src).unwrap();
+    let got_seen = std::fs::read(&seen).unwrap();
+    for p in 0..pages as usize {
+        let r = p * PAGE..(p + 1) * PAGE;
+        assert!(got_seen[r.clone()] == want[r], "page {p} as read");
     }
 }
