@@ -161,12 +161,24 @@ impl Stash {
                 Ok(Record::Postcopy(PostcopyRecord::Request { first, count, .. })) => {
                     lock(&self.stats).requests += 1;
                     let run = self.take(first, count, usize::MAX);
+                    // A faulting thread's own page (asked alone) that the
+                    // background took already may still sit in the
+                    // stream's buffers: it goes again, ahead of them (the
+                    // receiver drops whichever copy comes second).
+                    let again = (count == 1 && run.is_empty())
+                        .then(|| lock(&self.pages).get(&first).cloned())
+                        .flatten();
                     sent += run.len() as u64;
                     let mut out = |_: &StoreRef, first: u64, b: &[u8]| {
                         urgent_pages(&mut w, first, b, page).map_err(|e| lost_urgent(&e))
                     };
                     self.send_runs(store, run, true, &mut out)
                         .map_err(|e| e.to_string())?;
+                    if let Some(data) = again {
+                        urgent_pages(&mut w, first, &data, page).map_err(|e| e.to_string())?;
+                        sent += 1;
+                        lock(&self.stats).pages_urgent_again += 1;
+                    }
                 }
                 Ok(Record::Postcopy(PostcopyRecord::Resumable { id })) => {
                     *lock(&self.id) = Some(id);
@@ -198,6 +210,7 @@ fn connect(to: &str, psk: Option<&[u8]>, id: u64) -> Result<FrameWriter, Transfe
     if let Some(sock) = &conn.socket {
         // A peer that never answers (not the receiver) is given up on.
         let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
+        super::urgent::low_delay(sock);
     }
     let offered = CAP_POSTCOPY_RESUME | CAP_POSTCOPY_PREEMPT;
     let mut s = handshake::client(conn, psk, Mode::Object, page, offered, CAP_POSTCOPY)?;

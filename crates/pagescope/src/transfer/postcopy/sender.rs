@@ -58,6 +58,9 @@ pub struct PostcopySendStats {
     /// Whether requested pages went over the urgent channel (a second
     /// connection) rather than the stream.
     pub urgent_channel: bool,
+    /// Pages a faulting thread asked for after the background had taken
+    /// them, sent again over the urgent channel.
+    pub pages_urgent_again: u64,
     /// Why the urgent channel could not be opened, if it was tried.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub urgent_refused: Option<String>,
@@ -214,7 +217,7 @@ impl PageSink for PostcopySink {
 #[derive(Debug, Default)]
 pub(crate) struct Stash {
     active: AtomicBool,
-    pages: Mutex<BTreeMap<u64, Box<[u8]>>>,
+    pub(super) pages: Mutex<BTreeMap<u64, Box<[u8]>>>,
     /// The kept pages still to send on this connection.
     pub(super) unsent: Mutex<BTreeSet<u64>>,
     pub(super) store: Mutex<Option<StoreRef>>,

@@ -29,6 +29,14 @@ use crate::transfer::{Class, Conn, TransferError};
 /// (and a connection for its handshake).
 const ACCEPT_WAIT: Duration = Duration::from_secs(5);
 
+/// Marks `sock`'s packets low-delay (`IP_TOS` `IPTOS_LOWDELAY`, which
+/// also sets the socket's priority to `TC_PRIO_INTERACTIVE`), so a queue
+/// that honours it (a `prio` qdisc, DSCP-aware routers) sends them ahead
+/// of the background stream's. Best effort: IPv4 only.
+pub(super) fn low_delay(sock: &TcpStream) {
+    let _ = rustix::net::sockopt::set_ip_tos(sock, libc::IPTOS_LOWDELAY);
+}
+
 /// What the receiver needs to take the urgent channel: its listener, the
 /// key, the transfer's id, and the stream's socket (shut down when the
 /// channel fails).
@@ -54,6 +62,8 @@ impl Preempt {
         id: u64,
         main: Option<TcpStream>,
     ) -> Option<Self> {
+        // The stream's return path carries the requests: low-delay too.
+        main.iter().for_each(low_delay);
         Some(Self {
             listener: listener.try_clone().ok()?,
             psk: psk.map(<[u8]>::to_vec),
@@ -97,6 +107,7 @@ impl Preempt {
         let io = |e| TransferError::io("set up", &peer, e);
         stream.set_nonblocking(false).map_err(io)?;
         stream.set_read_timeout(Some(ACCEPT_WAIT)).map_err(io)?;
+        low_delay(&stream);
         let timed = stream.try_clone().map_err(io)?;
         let conn = Conn::tcp(stream, &peer).map_err(io)?;
         let caps = CAP_POSTCOPY | CAP_POSTCOPY_RESUME | CAP_POSTCOPY_PREEMPT;
