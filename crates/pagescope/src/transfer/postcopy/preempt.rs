@@ -9,6 +9,7 @@
 //!
 //! No kernel interface of its own (TCP).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Mutex, PoisonError};
@@ -97,13 +98,14 @@ impl Stash {
         let t0 = Instant::now();
         let done = AtomicBool::new(false);
         let failed = AtomicBool::new(false);
+        let nearby = Mutex::new(VecDeque::new());
         let (background, urgent) = std::thread::scope(|sc| {
             let urgent = sc.spawn(|| {
-                let r = self.serve_urgent(store, w, requests, &done);
+                let r = self.serve_urgent(store, w, requests, &done, &nearby);
                 failed.store(r.is_err(), Ordering::Relaxed);
                 r
             });
-            let background = self.background(store, send, &failed);
+            let background = self.background(store, send, &failed, &nearby);
             done.store(true, Ordering::Relaxed);
             let urgent = urgent
                 .join()
@@ -116,16 +118,24 @@ impl Stash {
         Ok(())
     }
 
-    /// Every unsent page in page order, in growing chunks, until none is
-    /// left or `failed`.
+    /// Every unsent page until none is left or `failed`: the
+    /// neighbourhoods asked for (`nearby`) first, then page order in
+    /// growing chunks.
     fn background(
         &self,
         store: &StoreRef,
         send: &mut SendRun<'_>,
         failed: &AtomicBool,
+        nearby: &Mutex<VecDeque<(u64, u64)>>,
     ) -> Result<(), DumpError> {
         let mut chunk = FIRST_CHUNK;
         while !failed.load(Ordering::Relaxed) {
+            let asked = lock(nearby).pop_front();
+            if let Some((first, count)) = asked {
+                let run = self.take(first, count, usize::MAX);
+                self.send_runs(store, run, true, send)?;
+                continue;
+            }
             let run = self.take(0, u64::MAX, chunk);
             if run.is_empty() {
                 break;
@@ -136,14 +146,18 @@ impl Stash {
         Ok(())
     }
 
-    /// The urgent thread: each request's unsent pages over `w`, flushed
-    /// at once; when `done` and no request waits, `URGENT_END`.
+    /// The urgent thread: a faulting thread's own page (a request of one
+    /// page) over `w`, flushed at once; a neighbourhood (a longer request)
+    /// to `nearby`, for the background to send next, so it never delays
+    /// the next fault's page. When `done` and no request waits,
+    /// `URGENT_END`.
     fn serve_urgent(
         &self,
         store: &StoreRef,
         mut w: FrameWriter,
         requests: &Mutex<Receiver<Record>>,
         done: &AtomicBool,
+        nearby: &Mutex<VecDeque<(u64, u64)>>,
     ) -> Result<(), String> {
         let page = rustix::param::page_size();
         let mut sent = 0;
@@ -160,6 +174,10 @@ impl Stash {
             match next {
                 Ok(Record::Postcopy(PostcopyRecord::Request { first, count, .. })) => {
                     lock(&self.stats).requests += 1;
+                    if count > 1 {
+                        lock(nearby).push_back((first, count));
+                        continue;
+                    }
                     let run = self.take(first, count, usize::MAX);
                     // A faulting thread's own page (asked alone) that the
                     // background took already may still sit in the
