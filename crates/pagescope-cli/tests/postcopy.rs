@@ -520,9 +520,9 @@ fn requested_pages_overtake_a_slow_background_over_the_urgent_channel() {
     if !usable() {
         return;
     }
-    // 8 MiB at 1 MiB/s: the background alone needs 8 s to reach every
+    // 8 MiB at 512 KiB/s: the background alone needs 16 s to reach every
     // page; the destination touches them all in random order.
-    let (pages, rate) = (2048u64, 1u64 << 20);
+    let (pages, rate) = (2048u64, 512u64 << 10);
     let scratch = Scratch::new("postcopy-preempt");
     let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
     let origin = source(&src, pages as usize);
@@ -577,21 +577,28 @@ fn requested_pages_overtake_a_slow_background_over_the_urgent_channel() {
     let asked = pc["pages_requested"].as_u64().unwrap();
     let background = pc["pages_background"].as_u64().unwrap();
     assert_eq!(asked + background, kept, "{pc}");
-    assert_eq!(r["pages_urgent"], asked, "{r} {pc}");
+    let again = pc["pages_urgent_again"].as_u64().unwrap();
+    let urgent = r["pages_urgent"].as_u64().unwrap();
+    assert!(urgent > 0 && urgent <= asked + again, "{r} {pc}");
     // Behind the paced stream, a requested page would wait for the
     // background frames ahead of it, and the stream would carry every
     // page at the cap: post-copy would last the background's whole time.
-    // Over the urgent channel the destination's reads pull most pages
-    // long before the background reaches them.
+    // Over the urgent channel each faulting page overtakes the paced
+    // stream, and the destination's reads pull every page long before
+    // the background alone would reach them.
     let background_alone = (kept * PAGE as u64) as f64 / rate as f64;
     let took = r["postcopy_seconds"].as_f64().unwrap();
     eprintln!("post-copy {took:.2} s (background alone {background_alone:.1} s): {r} {pc}");
     assert!(
-        took < background_alone / 3.0,
+        took < background_alone / 4.0,
         "post-copy took {took:.1} s; the background alone {background_alone:.1} s: {r} {pc}"
     );
-    assert!(asked > 2 * background, "most pages overtook: {pc}");
-    assert_eq!(r["pages_duplicate"], 0, "{r}");
+    assert!(asked > 2 * background, "most pages were asked for: {pc}");
+    let duplicate = r["pages_duplicate"].as_u64().unwrap();
+    assert!(
+        duplicate <= again,
+        "only pages sent again arrive twice: {r} {pc}"
+    );
     let installed = r["pages_by_fault"].as_u64().unwrap() + r["pages_background"].as_u64().unwrap();
     assert_eq!(installed, pages, "every page installed once: {r}");
 
