@@ -94,6 +94,10 @@ pub struct SendArgs {
     /// written set stops shrinking. With --qmp: QEMU post-copy.
     #[arg(long, value_name = "N|auto", requires = "object", num_args = 0..=1, default_missing_value = "auto", value_parser = crate::postcopy_cmd::parse_after)]
     pub postcopy_after: Option<u32>,
+    /// Post-copy: send requested pages over a second connection to --to
+    /// (the urgent channel), so they overtake the background pages.
+    #[arg(long, requires = "postcopy_after")]
+    pub postcopy_preempt: bool,
     /// Post-copy: after a dropped connection, keep the source stopped with
     /// its pages and connect again for this long (after each drop).
     #[arg(long, default_value = "10s", value_parser = parse_interval)]
@@ -218,6 +222,7 @@ pub fn send(args: &SendArgs) -> Result<u8> {
         postcopy_reconnect: (args.to != "-").then(|| transfer::postcopy::Reconnect {
             to: args.to.clone(),
             wait: args.reconnect_wait,
+            preempt: args.postcopy_preempt,
         }),
     };
     let conn = if args.to == "-" {

@@ -15,7 +15,9 @@
 //! never comes back fails saying the source is left stopped. A mapping
 //! the destination makes during post-copy is found and served. Held
 //! pre-copy pages past `--hold-in-memory` are spilled and still arrive. A
-//! page filled behind the receiver's back fails the receive, named.
+//! page filled behind the receiver's back fails the receive, named. And
+//! with the urgent channel (`--postcopy-preempt`) and the background paced
+//! slow, the pages a reading destination touches overtake the background.
 
 mod common;
 
@@ -758,4 +760,105 @@ fn a_page_filled_behind_the_receivers_back_fails_the_receive_naming_it() {
         got[5 * PAGE..6 * PAGE].iter().all(|&b| b == 0x5a),
         "never overwritten"
     );
+}
+
+#[test]
+fn requested_pages_overtake_a_slow_background_over_the_urgent_channel() {
+    if !usable() {
+        return;
+    }
+    // 8 MiB at 512 KiB/s: the background alone needs 16 s to reach every
+    // page; the destination touches them all in random order.
+    let (pages, rate) = (2048u64, 512u64 << 10);
+    let scratch = Scratch::new("postcopy-preempt");
+    let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
+    let origin = source(&src, pages as usize);
+    let mut dest = destination(&dst, pages as usize, &seen);
+    let mut recv = Command::new(exe())
+        .args(["receive", "--listen", "127.0.0.1:0", "--into", &dst])
+        .args(["--json", "--postcopy", "--pid", &dest.0.id().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut recv_err = BufReader::new(recv.stderr.take().unwrap());
+    let mut line = String::new();
+    recv_err.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("pagescope: listening on ")
+        .unwrap_or_else(|| panic!("receive said {line:?}"))
+        .to_owned();
+    writeln!(dest.0.stdin.as_mut().unwrap(), "go").unwrap();
+    let out = send_args(origin.0.id(), &addr, &src)
+        .args(["--postcopy-after", "0", "--postcopy-preempt", "--json"])
+        .args(["--bandwidth", &rate.to_string()])
+        .output()
+        .unwrap();
+    let send_err = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        let _ = recv.kill();
+    }
+    let recv_rc = wait(&mut recv, 60, "receive");
+    let mut recv_out = String::new();
+    recv.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut recv_out)
+        .unwrap();
+    let recv_err = rest(recv_err);
+    assert!(
+        out.status.success(),
+        "send: {send_err}\nreceive: {recv_err}"
+    );
+    assert_eq!(recv_rc, 0, "receive: {recv_err}");
+
+    let r: serde_json::Value = serde_json::from_str(&recv_out).expect("receive's report");
+    let s: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap())
+            .expect("send's report");
+    let pc = &s["postcopy"];
+    assert_eq!(r["urgent_channel"], true, "{r}");
+    assert_eq!(pc["urgent_channel"], true, "{pc}");
+    let kept = pc["pending_at_switch"].as_u64().unwrap();
+    let asked = pc["pages_requested"].as_u64().unwrap();
+    let background = pc["pages_background"].as_u64().unwrap();
+    assert_eq!(asked + background, kept, "{pc}");
+    let again = pc["pages_urgent_again"].as_u64().unwrap();
+    let urgent = r["pages_urgent"].as_u64().unwrap();
+    assert!(urgent > 0 && urgent <= asked + again, "{r} {pc}");
+    // Behind the paced stream, a requested page would wait for the
+    // background frames ahead of it, and the stream would carry every
+    // page at the cap: post-copy would last the background's whole time.
+    // Over the urgent channel each faulting page overtakes the paced
+    // stream, and the destination's reads pull every page long before
+    // the background alone would reach them.
+    let background_alone = (kept * PAGE as u64) as f64 / rate as f64;
+    let took = r["postcopy_seconds"].as_f64().unwrap();
+    eprintln!("post-copy {took:.2} s (background alone {background_alone:.1} s): {r} {pc}");
+    assert!(
+        took < background_alone / 4.0,
+        "post-copy took {took:.1} s; the background alone {background_alone:.1} s: {r} {pc}"
+    );
+    assert!(asked > 2 * background, "most pages were asked for: {pc}");
+    let duplicate = r["pages_duplicate"].as_u64().unwrap();
+    assert!(
+        duplicate <= again,
+        "only pages sent again arrive twice: {r} {pc}"
+    );
+    let installed = r["pages_by_fault"].as_u64().unwrap() + r["pages_background"].as_u64().unwrap();
+    assert_eq!(installed, pages, "every page installed once: {r}");
+
+    let done = format!("{seen}.done");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !std::path::Path::new(&done).exists() {
+        assert!(Instant::now() < until, "the destination read every page");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want = std::fs::read(&src).unwrap();
+    let got_seen = std::fs::read(&seen).unwrap();
+    for p in 0..pages as usize {
+        let r = p * PAGE..(p + 1) * PAGE;
+        assert!(got_seen[r.clone()] == want[r], "page {p} as read");
+    }
 }

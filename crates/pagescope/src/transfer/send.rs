@@ -70,9 +70,12 @@ pub(crate) fn send_with<'p>(
         opts.psk.as_deref(),
         mode,
         page,
-        handshake::CAP_RESUME | postcopy::wire::CAP_POSTCOPY_RESUME,
+        handshake::CAP_RESUME
+            | postcopy::wire::CAP_POSTCOPY_RESUME
+            | postcopy::wire::CAP_POSTCOPY_PREEMPT,
         extra,
     )?;
+    stash.iter().for_each(|s| s.peer_caps(session.peer_caps));
     let have = Arc::new(resume::client(&mut session, target, object, opts.resume)?);
     let shared = Arc::new(Shared::default());
     let mut sink = StreamSink::new(session, object, opts.bandwidth, Arc::clone(&shared));

@@ -17,16 +17,23 @@
 //! * `receiver.rs`: [`receive`]: the stream, the fault thread, the filler;
 //! * `sender.rs`: the stopped pass kept and served on request (a layer
 //!   over the stream's page sink);
+//! * `preempt.rs`: the sender's urgent channel (requested pages over a
+//!   second connection);
+//! * `urgent.rs`: the receiver's side of it;
+//! * `faults.rs`: the receiver's fault thread and filler;
 //! * `reconnect.rs`: the sender connecting again after a drop;
 //! * `rejoin.rs`: the receiver waiting for that connection.
 
 mod dest;
+mod faults;
+mod preempt;
 mod receiver;
 mod reconnect;
 mod rejoin;
 mod sender;
 mod spill;
 mod state;
+mod urgent;
 pub(crate) mod wire;
 
 pub use dest::Destination;

@@ -11,15 +11,16 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::dest::Destination;
+use super::faults::{fill, serve_faults};
 pub use super::rejoin::Rejoin;
 use super::spill::HeldPages;
 use super::state::{Ask, Pages, PostcopyStats, show_ranges};
-use super::wire::{CAP_POSTCOPY, CAP_POSTCOPY_RESUME, PostcopyRecord};
+use super::urgent::{Preempt, Urgent};
+use super::wire::{CAP_POSTCOPY, CAP_POSTCOPY_PREEMPT, CAP_POSTCOPY_RESUME, PostcopyRecord};
 use crate::image::format::{self, MAX_META_BYTES, MAX_STORE_PAGES};
-use crate::sys::uffd::{UFFD_EVENT_PAGEFAULT, read_msgs};
 use crate::transfer::frame::FrameWriter;
 use crate::transfer::handshake;
 use crate::transfer::receive::{bad, out_of_place};
@@ -46,32 +47,38 @@ pub struct PostcopyReport {
     /// Mappings of FILE the destination made after the start, registered
     /// when found.
     pub mappings_added: u64,
+    /// Whether the sender's urgent channel (a second connection for
+    /// requested pages) was taken.
+    pub urgent_channel: bool,
+    /// Pages that came over the urgent channel.
+    pub pages_urgent: u64,
     /// How the pages got in, and the faults' wait.
     #[serde(flatten)]
     pub stats: PostcopyStats,
 }
 
-/// What the receiving thread, the fault thread and the filler share.
-struct Shared {
-    state: Mutex<Pages>,
-    dest: Destination,
-    writer: Mutex<FrameWriter>,
-    stop: AtomicBool,
-    failure: Mutex<Option<String>>,
+/// What the receiving thread, the fault thread, the filler and the
+/// urgent channel's reader share.
+pub(super) struct Shared {
+    pub(super) state: Mutex<Pages>,
+    pub(super) dest: Destination,
+    pub(super) writer: Mutex<FrameWriter>,
+    pub(super) stop: AtomicBool,
+    pub(super) failure: Mutex<Option<String>>,
 }
 
 impl Shared {
-    fn state(&self) -> MutexGuard<'_, Pages> {
+    pub(super) fn state(&self) -> MutexGuard<'_, Pages> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn fail(&self, m: String) {
+    pub(super) fn fail(&self, m: String) {
         let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         f.get_or_insert(m);
     }
 
     /// Asks the sender for pages (a failure shows in the receiving loop).
-    fn ask(&self, asks: &[Ask]) {
+    pub(super) fn ask(&self, asks: &[Ask]) {
         if asks.is_empty() {
             return;
         }
@@ -118,10 +125,11 @@ fn receive_with(
     rejoin: Option<Rejoin>,
 ) -> Result<PostcopyReport, TransferError> {
     let offered = if rejoin.is_some() {
-        CAP_POSTCOPY_RESUME
+        CAP_POSTCOPY_RESUME | CAP_POSTCOPY_PREEMPT
     } else {
         0
     };
+    let main = conn.socket.as_ref().and_then(|s| s.try_clone().ok());
     let mut s = match handshake::server(conn, psk, Mode::Object, offered, CAP_POSTCOPY) {
         Ok(s) => s,
         Err(e) => {
@@ -162,6 +170,12 @@ fn receive_with(
         std::thread::spawn(move || serve_faults(&sh))
     };
     let mut r = Receiving::new(page as u64);
+    let both = CAP_POSTCOPY_RESUME | CAP_POSTCOPY_PREEMPT;
+    if s.peer_caps & both == both {
+        r.preempt = rejoin
+            .as_ref()
+            .and_then(|rj| Preempt::new(&rj.listener, psk, id, main));
+    }
     let mut result = r.run(&mut s.reader, &sh);
     while let (Some(rj), Err(e)) = (&rejoin, &result) {
         if !r.broke || r.switched.is_none() {
@@ -189,6 +203,7 @@ fn receive_with(
         }
     }
     sh.stop.store(true, Ordering::Relaxed);
+    r.close_urgent();
     let _ = faults.join();
     if let Some(f) = r.filler.take() {
         let _ = f.join();
@@ -214,6 +229,8 @@ fn receive_with(
                 pending_at_switch: r.pending,
                 reconnects: r.rejoins,
                 mappings_added,
+                urgent_channel: r.urgent_taken,
+                pages_urgent: r.pages_urgent,
                 postcopy_seconds: r.switched.map_or(0.0, |t| t.elapsed().as_secs_f64()),
                 stats: state.report(),
             })
@@ -234,76 +251,6 @@ fn receive_with(
     }
 }
 
-/// How often the destination's mappings of `FILE` are read again.
-const RESCAN: Duration = Duration::from_millis(50);
-
-/// The fault thread: reads fault messages, resolves or asks; finds the
-/// destination's new mappings of `FILE` (every [`RESCAN`], and when a
-/// fault is outside the known ones).
-fn serve_faults(sh: &Shared) {
-    let mut msgs = Vec::new();
-    let mut scanned = Instant::now();
-    let timeout = rustix::event::Timespec {
-        tv_sec: 0,
-        tv_nsec: 50_000_000,
-    };
-    let uffd = sh.dest.uffd();
-    while !sh.stop.load(Ordering::Relaxed) {
-        if scanned.elapsed() >= RESCAN {
-            rescan(sh);
-            scanned = Instant::now();
-        }
-        let mut fds = [rustix::event::PollFd::new(
-            &uffd,
-            rustix::event::PollFlags::IN,
-        )];
-        match rustix::event::poll(&mut fds, Some(&timeout)) {
-            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
-            Ok(_) => {}
-            Err(_) => return,
-        }
-        msgs.clear();
-        if read_msgs(sh.dest.uffd(), &mut msgs).is_err() || msgs.is_empty() {
-            // Readable with nothing to read: DEST's memory is gone.
-            std::thread::sleep(Duration::from_millis(10));
-            continue;
-        }
-        let faults = msgs.iter().filter(|m| m.event == UFFD_EVENT_PAGEFAULT);
-        if faults.clone().any(|m| sh.dest.page_of(m.address).is_none()) {
-            rescan(sh);
-        }
-        for m in faults {
-            let asked = sh.state().fault(&sh.dest, m.address);
-            match asked {
-                Ok(asks) => sh.ask(&asks),
-                Err(e) => sh.fail(e),
-            }
-        }
-    }
-}
-
-fn rescan(sh: &Shared) {
-    if let Err(e) = sh.dest.rescan() {
-        sh.fail(format!("a new mapping of the file in the destination: {e}"));
-    }
-}
-
-/// The filler: every final page nobody asked for, in order, a few at a
-/// time so faults get the lock in between.
-fn fill(sh: &Shared) {
-    let mut next = Some(0);
-    while let Some(from) = next {
-        if sh.stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let r = sh.state().fill(&sh.dest, from, 64);
-        match r {
-            Ok(n) => next = n,
-            Err(e) => return sh.fail(e),
-        }
-    }
-}
-
 /// The receiving loop's counts.
 struct Receiving {
     page: u64,
@@ -320,6 +267,12 @@ struct Receiving {
     rejoins: u32,
     /// The connection failed (not a record in it).
     broke: bool,
+    /// How to take the urgent channel, if both sides can.
+    preempt: Option<Preempt>,
+    /// The urgent channel while it runs.
+    urgent: Option<Urgent>,
+    urgent_taken: bool,
+    pages_urgent: u64,
 }
 
 fn destination(what: String) -> TransferError {
@@ -341,6 +294,18 @@ impl Receiving {
             pages_before: 0,
             rejoins: 0,
             broke: false,
+            preempt: None,
+            urgent: None,
+            urgent_taken: false,
+            pages_urgent: 0,
+        }
+    }
+
+    /// Closes the urgent channel, if one runs (after a drop: the sender
+    /// opens none on a new connection).
+    fn close_urgent(&mut self) {
+        if let Some(u) = self.urgent.take() {
+            self.pages_urgent += u.close();
         }
     }
 
@@ -353,6 +318,7 @@ impl Receiving {
         self.meta.clear();
         self.rejoins += 1;
         self.broke = false;
+        self.close_urgent();
     }
 
     fn run(
@@ -366,7 +332,11 @@ impl Receiving {
             }
             // A failure of the stream itself (closed, cut mid-record,
             // unreadable) may be waited out; a wrong record may not.
-            let next = reader.next().inspect_err(|_| self.broke = true)?;
+            let next = reader.next();
+            if let Some(f) = sh.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return Err(destination(f)); // the urgent channel's, say
+            }
+            let next = next.inspect_err(|_| self.broke = true)?;
             let Some(rec) = next else {
                 self.broke = true;
                 return Err(TransferError::new(
@@ -474,10 +444,20 @@ impl Receiving {
                 let filler = Arc::clone(sh);
                 self.filler = Some(std::thread::spawn(move || fill(&filler)));
             }
+            PostcopyRecord::Preempt => {
+                let Some(p) = self.preempt.take() else {
+                    return Err(bad("an urgent channel the hellos did not agree on"));
+                };
+                // Without it, requested pages come over the stream.
+                self.urgent = p.accept(sh, self.page).ok();
+                self.urgent_taken = self.urgent.is_some();
+            }
             r @ (PostcopyRecord::Request { .. }
             | PostcopyRecord::Resumable { .. }
             | PostcopyRecord::Reconnect { .. }
-            | PostcopyRecord::Lack { .. }) => {
+            | PostcopyRecord::Lack { .. }
+            | PostcopyRecord::Urgent { .. }
+            | PostcopyRecord::UrgentEnd { .. }) => {
                 return Err(bad(format!(
                     "post-copy record of kind {} from the sender in the stream",
                     r.kind()
@@ -562,6 +542,13 @@ impl Receiving {
         }
         if self.switched.is_none() {
             return Err(bad("the sender committed without switching to post-copy"));
+        }
+        if let Some(u) = self.urgent.take() {
+            let n = u.finish().map_err(|m| {
+                self.broke = true;
+                TransferError::new(Class::Connection, "", format!("the urgent channel: {m}"))
+            })?;
+            self.pages_urgent += n;
         }
         if let Some(f) = self.filler.take() {
             let _ = f.join();

@@ -11,10 +11,12 @@
 //! the usual metadata, `COMMIT` and the receiver's `ACK` once every page
 //! is in. Every kept page stays kept until that `ACK`: if the connection
 //! drops after the switch, `reconnect.rs` connects again and sends what
-//! the receiver still lacks.
+//! the receiver still lacks. When both sides can, requested pages go over
+//! a second connection of their own (`preempt.rs`), so they never queue
+//! behind the background pages.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -28,13 +30,13 @@ use crate::transfer::wire::Record;
 use crate::transfer::{Class, SendOptions, TransferError};
 
 /// Sends one run of pages of a store: first page, bytes.
-type SendRun<'a> = dyn FnMut(&StoreRef, u64, &[u8]) -> Result<(), DumpError> + 'a;
+pub(super) type SendRun<'a> = dyn FnMut(&StoreRef, u64, &[u8]) -> Result<(), DumpError> + 'a;
 
 /// Background chunks grow from this many pages ...
-const FIRST_CHUNK: usize = 16;
+pub(super) const FIRST_CHUNK: usize = 16;
 /// ... up to this many (1 MiB of 4 KiB pages: a request waits behind one
 /// such frame at most).
-const MAX_CHUNK: usize = 256;
+pub(super) const MAX_CHUNK: usize = 256;
 
 /// What the post-copy phase of a send did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -53,6 +55,15 @@ pub struct PostcopySendStats {
     pub reconnects: u64,
     /// Pages sent again because the receiver lacked them after a drop.
     pub pages_resent: u64,
+    /// Whether requested pages went over the urgent channel (a second
+    /// connection) rather than the stream.
+    pub urgent_channel: bool,
+    /// Pages a faulting thread asked for after the background had taken
+    /// them, sent again over the urgent channel.
+    pub pages_urgent_again: u64,
+    /// Why the urgent channel could not be opened, if it was tried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub urgent_refused: Option<String>,
 }
 
 /// Where and how long a post-copy sender reconnects after a drop.
@@ -62,6 +73,9 @@ pub struct Reconnect {
     pub to: String,
     /// How long to keep trying after each drop (`--reconnect-wait`).
     pub wait: Duration,
+    /// Requested pages over a second connection to `to`, the urgent
+    /// channel (`--postcopy-preempt`; `preempt.rs`).
+    pub preempt: bool,
 }
 
 /// A send's plan with `--postcopy-after N`: the dump's options (at most
@@ -162,8 +176,17 @@ impl PageSink for PostcopySink {
 
     fn end_pass(&self, pass: PassStart) -> Result<(), DumpError> {
         self.inner.end_pass(pass)?;
-        for r in self.stash.switch(pass.stopped, 0) {
-            self.inner.record(&r)?;
+        let mut records = self.stash.switch(pass.stopped, 0);
+        let start = records.pop();
+        for r in &records {
+            self.inner.record(r)?;
+        }
+        if let Some(start) = start {
+            let inner = &self.inner;
+            let announce = || inner.record(&Record::Postcopy(PostcopyRecord::Preempt));
+            self.stash
+                .open_urgent(&inner.acks, &announce, &|| inner.flush())?;
+            inner.record(&start)?;
         }
         self.inner.flush()
     }
@@ -194,7 +217,7 @@ impl PageSink for PostcopySink {
 #[derive(Debug, Default)]
 pub(crate) struct Stash {
     active: AtomicBool,
-    pages: Mutex<BTreeMap<u64, Box<[u8]>>>,
+    pub(super) pages: Mutex<BTreeMap<u64, Box<[u8]>>>,
     /// The kept pages still to send on this connection.
     pub(super) unsent: Mutex<BTreeSet<u64>>,
     pub(super) store: Mutex<Option<StoreRef>>,
@@ -203,6 +226,10 @@ pub(crate) struct Stash {
     pub(super) id: Mutex<Option<u64>>,
     /// Where to reconnect after a drop.
     pub(super) link: Option<super::reconnect::Link>,
+    /// The capabilities of the receiver's hello.
+    pub(super) peer_caps: AtomicU64,
+    /// The urgent channel, from the switch until it is served.
+    pub(super) urgent: Mutex<Option<crate::transfer::frame::FrameWriter>>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -210,6 +237,11 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Stash {
+    /// The receiver's hello named `caps`.
+    pub(crate) fn peer_caps(&self, caps: u64) {
+        self.peer_caps.store(caps, Ordering::Relaxed);
+    }
+
     /// A pass begins: the stopped one is kept, not sent.
     fn begin_pass(&self, stopped: bool) {
         self.active.store(stopped, Ordering::Relaxed);
@@ -283,6 +315,9 @@ impl Stash {
         let Some(store) = lock(&self.store).clone() else {
             return Ok(());
         };
+        if let Some(w) = lock(&self.urgent).take() {
+            return self.serve_preempted(&store, w, send, requests, lost);
+        }
         let t0 = Instant::now();
         let mut queue = VecDeque::new();
         let mut chunk = FIRST_CHUNK;
@@ -310,7 +345,7 @@ impl Stash {
 
     /// Takes up to `max` unsent pages in `first..first + count`, in
     /// order (a copy: the page stays kept until the `ACK`).
-    fn take(&self, first: u64, count: u64, max: usize) -> Vec<(u64, Box<[u8]>)> {
+    pub(super) fn take(&self, first: u64, count: u64, max: usize) -> Vec<(u64, Box<[u8]>)> {
         let mut unsent = lock(&self.unsent);
         let pages = lock(&self.pages);
         let end = first.saturating_add(count);
@@ -349,7 +384,7 @@ impl Stash {
     /// Sends `pages` as runs of consecutive pages, counted as `asked`
     /// or not as each goes; on a failure the pages not sent are unsent
     /// again.
-    fn send_runs(
+    pub(super) fn send_runs(
         &self,
         store: &StoreRef,
         pages: Vec<(u64, Box<[u8]>)>,
@@ -393,7 +428,7 @@ impl Stash {
 impl Stash {
     /// The receiver's next request, if one is waiting: `(first, count)`
     /// (its `RESUMABLE` is kept on the way).
-    fn next_request(&self, rx: &Receiver<Record>) -> Result<Option<(u64, u64)>, String> {
+    pub(super) fn next_request(&self, rx: &Receiver<Record>) -> Result<Option<(u64, u64)>, String> {
         loop {
             match rx.recv_timeout(Duration::ZERO) {
                 Ok(Record::Postcopy(PostcopyRecord::Request { first, count, .. })) => {

@@ -9,6 +9,11 @@ pub const CAP_POSTCOPY: u64 = 1 << 3;
 /// after a drop (`RESUMABLE`, `RECONNECT`, `LACK`).
 pub const CAP_POSTCOPY_RESUME: u64 = 1 << 4;
 
+/// Capability bit 5: this side carries requested pages over a second
+/// connection, the urgent channel (`PREEMPT`, `URGENT`, `URGENT_END`);
+/// used only when both hellos also carry [`CAP_POSTCOPY_RESUME`].
+pub const CAP_POSTCOPY_PREEMPT: u64 = 1 << 5;
+
 /// Kind: pages of a store that are still to come (sender).
 pub const PENDING: u8 = 30;
 /// Kind: the switch: every page not pending is final (sender).
@@ -25,6 +30,16 @@ pub const RECONNECT: u8 = 34;
 /// (receiver; the last one says so).
 pub const LACK: u8 = 35;
 
+/// Kind: the sender opens the urgent channel now (sender, main stream,
+/// before `START`).
+pub const PREEMPT: u8 = 36;
+/// Kind: the first record of the urgent channel, naming the transfer
+/// (sender, after that connection's handshake).
+pub const URGENT: u8 = 37;
+/// Kind: the urgent channel's last record: the pages it carried (sender,
+/// before `META` on the main stream).
+pub const URGENT_END: u8 = 38;
+
 /// Ranges one `PENDING` record carries at most (16 bytes each, under the
 /// frame bound).
 pub const MAX_RANGES: usize = 1 << 16;
@@ -33,7 +48,7 @@ pub const MAX_RANGES: usize = 1 << 16;
 pub fn owns(kind: u8) -> bool {
     matches!(
         kind,
-        PENDING | START | REQUEST | RESUMABLE | RECONNECT | LACK
+        PENDING | START | REQUEST | RESUMABLE | RECONNECT | LACK | PREEMPT | URGENT | URGENT_END
     )
 }
 
@@ -72,6 +87,18 @@ pub enum PostcopyRecord {
         /// The id the receiver gave.
         id: u64,
     },
+    /// The sender opens the urgent channel now.
+    Preempt,
+    /// The urgent channel of transfer `id`.
+    Urgent {
+        /// The id the receiver gave.
+        id: u64,
+    },
+    /// The urgent channel ends: `pages` pages went over it.
+    UrgentEnd {
+        /// Pages sent over the urgent channel.
+        pages: u64,
+    },
     /// Pages `(first, count)` of the object the receiver still lacks.
     Lack {
         /// Whether this is the last `LACK` record.
@@ -91,6 +118,9 @@ impl PostcopyRecord {
             Self::Resumable { .. } => RESUMABLE,
             Self::Reconnect { .. } => RECONNECT,
             Self::Lack { .. } => LACK,
+            Self::Preempt => PREEMPT,
+            Self::Urgent { .. } => URGENT,
+            Self::UrgentEnd { .. } => URGENT_END,
         }
     }
 
@@ -115,9 +145,11 @@ impl PostcopyRecord {
                 b.extend_from_slice(&first.to_le_bytes());
                 b.extend_from_slice(&count.to_le_bytes());
             }
-            Self::Resumable { id } | Self::Reconnect { id } => {
+            Self::Resumable { id } | Self::Reconnect { id } | Self::Urgent { id } => {
                 b.extend_from_slice(&id.to_le_bytes())
             }
+            Self::UrgentEnd { pages } => b.extend_from_slice(&pages.to_le_bytes()),
+            Self::Preempt => {}
             Self::Lack { last, ranges } => {
                 b.push(u8::from(*last));
                 for (first, count) in ranges {
@@ -168,6 +200,9 @@ impl PostcopyRecord {
             START if p.len() == 8 => Ok(Self::Start { pending: u64_at(0) }),
             RESUMABLE if p.len() == 8 => Ok(Self::Resumable { id: u64_at(0) }),
             RECONNECT if p.len() == 8 => Ok(Self::Reconnect { id: u64_at(0) }),
+            PREEMPT if p.is_empty() => Ok(Self::Preempt),
+            URGENT if p.len() == 8 => Ok(Self::Urgent { id: u64_at(0) }),
+            URGENT_END if p.len() == 8 => Ok(Self::UrgentEnd { pages: u64_at(0) }),
             REQUEST if p.len() == 20 => Ok(Self::Request {
                 store: u32_at(0),
                 first: u64_at(4),
@@ -201,6 +236,8 @@ mod tests {
                 last: true,
                 ranges: vec![(0, 4), (9, 1)],
             },
+            PostcopyRecord::Urgent { id: 9 },
+            PostcopyRecord::UrgentEnd { pages: 3 },
         ];
         for r in recs {
             let b = r.encode();
@@ -210,5 +247,8 @@ mod tests {
         assert!(PostcopyRecord::decode(PENDING, &[0; 3]).is_err());
         assert!(PostcopyRecord::decode(REQUEST, &[0; 21]).is_err());
         assert!(PostcopyRecord::decode(LACK, &[2]).is_err());
+        let p = PostcopyRecord::Preempt;
+        assert_eq!(PostcopyRecord::decode(PREEMPT, &p.encode()), Ok(p));
+        assert!(PostcopyRecord::decode(PREEMPT, &[0]).is_err());
     }
 }
