@@ -58,7 +58,7 @@ pub struct PostcopyStats {
     /// not registered yet, a write to FILE): the destination may have
     /// read zeros there, so a non-zero count fails the receive.
     pub pages_already_present: u64,
-    /// The first [`MAX_LISTED`] of those pages (page offsets in FILE).
+    /// The first 32 of those pages (page offsets in FILE).
     pub already_present_pages: Vec<u64>,
     /// Pages that arrived again after they were final (dropped, never
     /// installed twice).
