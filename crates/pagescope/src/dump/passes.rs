@@ -362,7 +362,13 @@ impl<'t, 'c, 'p> Dump<'t, 'c, 'p> {
         if planner::check_layout(self.procs[i].layout, now, &replaced) == LayoutCheck::Kept {
             return Ok(BTreeSet::new());
         }
-        let maps = self.procs[i].target.maps()?;
+        let mut maps = self.procs[i].target.maps()?;
+        if let Some(id) = self.opts.only_object {
+            // Only the object's mappings are modelled: a change elsewhere
+            // in the layout (a VMM's thread stacks, its heap) rebuilds
+            // nothing.
+            maps.retain(|e| scope::entry_in_scope(e, id));
+        }
         if !planner::needs_rebuild(&maps, &self.procs[i].vmas, &replaced) {
             self.procs[i].layout = Some(now);
             return Ok(BTreeSet::new());

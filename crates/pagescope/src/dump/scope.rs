@@ -11,6 +11,7 @@
 
 use super::model::VmaModel;
 use crate::addr::PageSize;
+use crate::proc::maps::MapsEntry;
 use crate::rangeset::RangeSet;
 use crate::vma::{ObjectId, Vma};
 
@@ -19,6 +20,12 @@ use crate::vma::{ObjectId, Vma};
 /// holds copied-on-write pages of the process's own, not the object's).
 pub(super) fn in_scope(vma: &Vma, only: Option<ObjectId>) -> bool {
     only.is_none_or(|id| vma.is_shared() && vma.object_id() == Some(id))
+}
+
+/// Whether the `/proc/PID/maps` line `e` maps object `id` shared: what
+/// [`in_scope`] decides for a scanned mapping, from the maps text alone.
+pub(super) fn entry_in_scope(e: &MapsEntry, id: ObjectId) -> bool {
+    e.perms.shared && ObjectId::of_entry(e) == id
 }
 
 /// Pages of `written` that fall in the mappings `vmas`.
@@ -55,6 +62,35 @@ mod tests {
             Backing::Shmem,
             VmaKind::Memfd,
         )
+    }
+
+    #[test]
+    fn a_maps_line_is_in_scope_exactly_when_its_scanned_mapping_is() {
+        let ram = guest_ram();
+        let id = ram.object_id().expect("an object");
+        for (line, backing, kind) in [
+            (
+                "55d000000000-55d000100000 rw-p 00000000 00:00 0 [heap]",
+                Backing::Anon,
+                VmaKind::Heap,
+            ),
+            (
+                "7f1000000000-7f1000010000 rw-p 00000000 00:01 77 /memfd:memory-backend-memfd (deleted)",
+                Backing::Shmem,
+                VmaKind::Memfd,
+            ),
+            (
+                "7f2000000000-7f2000010000 rw-s 00000000 00:01 78 /memfd:other (deleted)",
+                Backing::Shmem,
+                VmaKind::Memfd,
+            ),
+        ] {
+            let v = vma(line, backing, kind);
+            assert!(!entry_in_scope(&v.entry, id), "{line}");
+            assert!(!in_scope(&v, Some(id)), "{line}");
+        }
+        assert!(entry_in_scope(&ram.entry, id));
+        assert!(in_scope(&ram, Some(id)));
     }
 
     #[test]
