@@ -59,10 +59,18 @@ fn destination(path: &str, pages: usize, seen: &str) -> Proc {
 
 /// A post-copy receiver into `file` for process `pid`, listening.
 fn receiver(file: &str, pid: u32) -> (Child, String, BufReader<ChildStderr>) {
+    listening(file, &["--postcopy", "--pid", &pid.to_string()])
+}
+
+/// `receive --listen 127.0.0.1:0 --into FILE ARGS…` (its stdout piped
+/// with `--json`): the child, the address it printed, the rest of its
+/// stderr.
+fn listening(file: &str, args: &[&str]) -> (Child, String, BufReader<ChildStderr>) {
+    let json = args.contains(&"--json");
     let mut child = Command::new(exe())
         .args(["receive", "--listen", "127.0.0.1:0", "--into", file])
-        .args(["--postcopy", "--pid", &pid.to_string()])
-        .stdout(Stdio::null())
+        .args(args)
+        .stdout(if json { Stdio::piped() } else { Stdio::null() })
         .stderr(Stdio::piped())
         .spawn()
         .expect("start receive");
@@ -75,6 +83,28 @@ fn receiver(file: &str, pid: u32) -> (Child, String, BufReader<ChildStderr>) {
         .unwrap_or_else(|| panic!("receive said {line:?}"))
         .to_owned();
     (child, addr, stderr)
+}
+
+/// A `--json` receiver's report (its whole stdout), once it exited.
+fn report_of(child: &mut Child) -> String {
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    out
+}
+
+/// Reads `send`'s stderr up to its stopped pass.
+fn until_stopped(send_err: &mut BufReader<ChildStderr>) {
+    let mut line = String::new();
+    while !line.contains("(stopped)") {
+        line.clear();
+        let n = send_err.read_line(&mut line).unwrap();
+        assert!(n > 0, "send ended before its stopped pass");
+    }
 }
 
 /// Waits at most `secs` for `child`; its exit code (killed on timeout).
@@ -215,12 +245,7 @@ fn a_dead_sender_leaves_the_destination_blocked_and_names_the_missing_pages() {
         .spawn()
         .unwrap();
     let mut send_err = BufReader::new(send.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("(stopped)") {
-        line.clear();
-        let n = send_err.read_line(&mut line).unwrap();
-        assert!(n > 0, "send ended before its stopped pass");
-    }
+    until_stopped(&mut send_err);
     std::thread::sleep(Duration::from_millis(500));
     send.kill().unwrap();
     let _ = send.wait();
@@ -262,20 +287,8 @@ fn a_postcopy_sender_and_a_plain_receiver_refuse_each_other() {
     let scratch = Scratch::new("postcopy-plain");
     let (src, dst) = (scratch.p("src"), scratch.p("dst"));
     let source = source(&src, 64);
-    let mut recv = Command::new(exe())
-        .args(["receive", "--listen", "127.0.0.1:0", "--into", &dst])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut recv_err = BufReader::new(recv.stderr.take().unwrap());
-    let mut line = String::new();
-    recv_err.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("pagescope: listening on ")
-        .unwrap();
-    let sent = send_args(source.0.id(), addr, &src)
+    let (mut recv, addr, recv_err) = listening(&dst, &[]);
+    let sent = send_args(source.0.id(), &addr, &src)
         .args(["--postcopy-after", "1"])
         .output()
         .unwrap();
@@ -386,28 +399,8 @@ fn a_connection_cut_twice_during_postcopy_resumes_and_every_page_arrives_once() 
     let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
     let origin = source(&src, pages);
     let mut dest = destination(&dst, pages, &seen);
-    let mut recv = Command::new(exe())
-        .args([
-            "receive",
-            "--listen",
-            "127.0.0.1:0",
-            "--into",
-            &dst,
-            "--json",
-        ])
-        .args(["--postcopy", "--pid", &dest.0.id().to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut recv_err = BufReader::new(recv.stderr.take().unwrap());
-    let mut line = String::new();
-    recv_err.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("pagescope: listening on ")
-        .unwrap_or_else(|| panic!("receive said {line:?}"))
-        .to_owned();
+    let pid = dest.0.id().to_string();
+    let (mut recv, addr, mut recv_err) = listening(&dst, &["--json", "--postcopy", "--pid", &pid]);
     let mut rnd = random();
     // Post-copy sends 32 MiB at 8 MiB/s over the first connection; the
     // later ones are not paced.
@@ -470,12 +463,7 @@ fn a_connection_cut_twice_during_postcopy_resumes_and_every_page_arrives_once() 
         let _ = recv.kill();
     }
     let recv_rc = wait(&mut recv, 60, "receive");
-    let mut recv_out = String::new();
-    recv.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut recv_out)
-        .unwrap();
+    let recv_out = report_of(&mut recv);
     let recv_err = rest(recv_err);
     assert_eq!(send_rc, 0, "{cuts:?} send: {send_err}\nreceive: {recv_err}");
     assert_eq!(recv_rc, 0, "{cuts:?} receive: {recv_err}");
@@ -539,12 +527,7 @@ fn a_sender_whose_receiver_never_comes_back_keeps_the_source_stopped_and_says_so
         .spawn()
         .unwrap();
     let mut send_err = BufReader::new(send.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("(stopped)") {
-        line.clear();
-        let n = send_err.read_line(&mut line).unwrap();
-        assert!(n > 0, "send ended before its stopped pass");
-    }
+    until_stopped(&mut send_err);
     std::thread::sleep(Duration::from_millis(500));
     recv.kill().unwrap();
     let _ = recv.wait();
@@ -575,28 +558,8 @@ fn a_mapping_the_destination_makes_later_is_found_and_served() {
         "0.3",
     ]));
     assert_eq!(line, "ready");
-    let mut recv = Command::new(exe())
-        .args([
-            "receive",
-            "--listen",
-            "127.0.0.1:0",
-            "--into",
-            &dst,
-            "--json",
-        ])
-        .args(["--postcopy", "--pid", &dest.0.id().to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut recv_err = BufReader::new(recv.stderr.take().unwrap());
-    let mut line = String::new();
-    recv_err.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("pagescope: listening on ")
-        .unwrap_or_else(|| panic!("receive said {line:?}"))
-        .to_owned();
+    let pid = dest.0.id().to_string();
+    let (mut recv, addr, recv_err) = listening(&dst, &["--json", "--postcopy", "--pid", &pid]);
     let mut send = send_args(origin.0.id(), &addr, &src)
         .args(["--postcopy-after", "0", "--bandwidth", "8M"])
         .stdout(Stdio::null())
@@ -604,24 +567,14 @@ fn a_mapping_the_destination_makes_later_is_found_and_served() {
         .spawn()
         .unwrap();
     let mut send_err = BufReader::new(send.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("(stopped)") {
-        line.clear();
-        let n = send_err.read_line(&mut line).unwrap();
-        assert!(n > 0, "send ended before its stopped pass");
-    }
+    until_stopped(&mut send_err);
     // The new mapping is made during post-copy (the receiver is running).
     writeln!(dest.0.stdin.as_mut().unwrap(), "go").unwrap();
     let send_rc = wait(&mut send, 120, "send");
     let mut send_rest = String::new();
     send_err.read_to_string(&mut send_rest).unwrap();
     let recv_rc = wait(&mut recv, 60, "receive");
-    let mut recv_out = String::new();
-    recv.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut recv_out)
-        .unwrap();
+    let recv_out = report_of(&mut recv);
     let recv_err = rest(recv_err);
     assert_eq!(send_rc, 0, "send: {send_rest}\nreceive: {recv_err}");
     assert_eq!(recv_rc, 0, "receive: {recv_err}");
@@ -656,41 +609,25 @@ fn held_precopy_pages_past_the_bound_are_spilled_and_still_arrive() {
     let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
     let origin = source(&src, pages);
     let mut dest = destination(&dst, pages, &seen);
-    let mut recv = Command::new(exe())
-        .args([
-            "receive",
-            "--listen",
-            "127.0.0.1:0",
-            "--into",
-            &dst,
+    let pid = dest.0.id().to_string();
+    let (mut recv, addr, recv_err) = listening(
+        &dst,
+        &[
             "--json",
-        ])
-        .args(["--postcopy", "--pid", &dest.0.id().to_string()])
-        .args(["--hold-in-memory", "1M"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut recv_err = BufReader::new(recv.stderr.take().unwrap());
-    let mut line = String::new();
-    recv_err.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("pagescope: listening on ")
-        .unwrap_or_else(|| panic!("receive said {line:?}"))
-        .to_owned();
+            "--postcopy",
+            "--pid",
+            &pid,
+            "--hold-in-memory",
+            "1M",
+        ],
+    );
     writeln!(dest.0.stdin.as_mut().unwrap(), "go").unwrap();
     let send = send_args(origin.0.id(), &addr, &src)
         .args(["--postcopy-after", "2", "--max-downtime", "10ms"])
         .output()
         .unwrap();
     let recv_rc = wait(&mut recv, 60, "receive");
-    let mut recv_out = String::new();
-    recv.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut recv_out)
-        .unwrap();
+    let recv_out = report_of(&mut recv);
     let recv_err = rest(recv_err);
     let send_err = String::from_utf8_lossy(&send.stderr);
     assert_eq!(
@@ -774,21 +711,8 @@ fn requested_pages_overtake_a_slow_background_over_the_urgent_channel() {
     let (src, dst, seen) = (scratch.p("src"), scratch.p("dst"), scratch.p("seen"));
     let origin = source(&src, pages as usize);
     let mut dest = destination(&dst, pages as usize, &seen);
-    let mut recv = Command::new(exe())
-        .args(["receive", "--listen", "127.0.0.1:0", "--into", &dst])
-        .args(["--json", "--postcopy", "--pid", &dest.0.id().to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut recv_err = BufReader::new(recv.stderr.take().unwrap());
-    let mut line = String::new();
-    recv_err.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("pagescope: listening on ")
-        .unwrap_or_else(|| panic!("receive said {line:?}"))
-        .to_owned();
+    let pid = dest.0.id().to_string();
+    let (mut recv, addr, recv_err) = listening(&dst, &["--json", "--postcopy", "--pid", &pid]);
     writeln!(dest.0.stdin.as_mut().unwrap(), "go").unwrap();
     let out = send_args(origin.0.id(), &addr, &src)
         .args(["--postcopy-after", "0", "--postcopy-preempt", "--json"])
@@ -800,12 +724,7 @@ fn requested_pages_overtake_a_slow_background_over_the_urgent_channel() {
         let _ = recv.kill();
     }
     let recv_rc = wait(&mut recv, 60, "receive");
-    let mut recv_out = String::new();
-    recv.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut recv_out)
-        .unwrap();
+    let recv_out = report_of(&mut recv);
     let recv_err = rest(recv_err);
     assert!(
         out.status.success(),
