@@ -97,6 +97,29 @@ fn report_of(child: &mut Child) -> String {
     out
 }
 
+/// Waits (at most 60 s) for the destination to have read every page, then
+/// checks that each page it saw (`seen`), and each page of `file` if
+/// given, equals the source's (`src`), which has `pages` pages.
+fn assert_read_as_source(seen: &str, src: &str, pages: usize, file: Option<&str>) {
+    let done = format!("{seen}.done");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !std::path::Path::new(&done).exists() {
+        assert!(Instant::now() < until, "the destination read every page");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want = std::fs::read(src).unwrap();
+    assert_eq!(want.len(), pages * PAGE);
+    let got_seen = std::fs::read(seen).unwrap();
+    let got_file = file.map(|f| std::fs::read(f).unwrap());
+    for p in 0..pages {
+        let r = p * PAGE..(p + 1) * PAGE;
+        assert!(got_seen[r.clone()] == want[r.clone()], "page {p} as read");
+        if let Some(got) = &got_file {
+            assert!(got[r.clone()] == want[r], "page {p} of FILE");
+        }
+    }
+}
+
 /// Reads `send`'s stderr up to its stopped pass.
 fn until_stopped(send_err: &mut BufReader<ChildStderr>) {
     let mut line = String::new();
@@ -186,21 +209,7 @@ fn postcopy_fills_a_destination_reading_in_random_order() {
     assert!(recv_err.contains(" by fault"), "{recv_err}");
     assert_eq!(state(source.0.id()), 'T', "the source is left stopped");
 
-    let done = format!("{seen}.done");
-    let until = Instant::now() + Duration::from_secs(60);
-    while !std::path::Path::new(&done).exists() {
-        assert!(Instant::now() < until, "the destination read every page");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let want = std::fs::read(&src).unwrap();
-    let got_seen = std::fs::read(&seen).unwrap();
-    let got_file = std::fs::read(&dst).unwrap();
-    assert_eq!(want.len(), pages * PAGE);
-    for p in 0..pages {
-        let r = p * PAGE..(p + 1) * PAGE;
-        assert!(got_seen[r.clone()] == want[r.clone()], "page {p} as read");
-        assert!(got_file[r.clone()] == want[r], "page {p} of FILE");
-    }
+    assert_read_as_source(&seen, &src, pages, Some(&dst));
     let fds = std::fs::read_dir(format!("/proc/{}/fd", dest.0.id())).unwrap();
     let uffds = fds
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
@@ -582,21 +591,7 @@ fn a_mapping_the_destination_makes_later_is_found_and_served() {
     assert_eq!(r["mappings_added"], 1, "{r}");
     assert_eq!(r["pages_already_present"], 0, "{r}");
 
-    let done = format!("{seen}.done");
-    let until = Instant::now() + Duration::from_secs(60);
-    while !std::path::Path::new(&done).exists() {
-        assert!(Instant::now() < until, "the destination read every page");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let want = std::fs::read(&src).unwrap();
-    let got_seen = std::fs::read(&seen).unwrap();
-    for p in 0..pages {
-        let r = p * PAGE..(p + 1) * PAGE;
-        assert!(
-            got_seen[r.clone()] == want[r],
-            "page {p} as read through the new mapping"
-        );
-    }
+    assert_read_as_source(&seen, &src, pages, None);
 }
 
 #[test]
@@ -640,20 +635,7 @@ fn held_precopy_pages_past_the_bound_are_spilled_and_still_arrive() {
     assert!(r["held_peak_bytes"].as_u64().unwrap() <= 1 << 20, "{r}");
     assert!(r["pages_spilled"].as_u64().unwrap() > 0, "{r}");
 
-    let done = format!("{seen}.done");
-    let until = Instant::now() + Duration::from_secs(60);
-    while !std::path::Path::new(&done).exists() {
-        assert!(Instant::now() < until, "the destination read every page");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let want = std::fs::read(&src).unwrap();
-    let got_seen = std::fs::read(&seen).unwrap();
-    let got_file = std::fs::read(&dst).unwrap();
-    for p in 0..pages {
-        let r = p * PAGE..(p + 1) * PAGE;
-        assert!(got_seen[r.clone()] == want[r.clone()], "page {p} as read");
-        assert!(got_file[r.clone()] == want[r], "page {p} of FILE");
-    }
+    assert_read_as_source(&seen, &src, pages, Some(&dst));
 }
 
 /// A page of FILE that something other than the receiver filled during
@@ -768,16 +750,5 @@ fn requested_pages_overtake_a_slow_background_over_the_urgent_channel() {
     let installed = r["pages_by_fault"].as_u64().unwrap() + r["pages_background"].as_u64().unwrap();
     assert_eq!(installed, pages, "every page installed once: {r}");
 
-    let done = format!("{seen}.done");
-    let until = Instant::now() + Duration::from_secs(60);
-    while !std::path::Path::new(&done).exists() {
-        assert!(Instant::now() < until, "the destination read every page");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let want = std::fs::read(&src).unwrap();
-    let got_seen = std::fs::read(&seen).unwrap();
-    for p in 0..pages as usize {
-        let r = p * PAGE..(p + 1) * PAGE;
-        assert!(got_seen[r.clone()] == want[r], "page {p} as read");
-    }
+    assert_read_as_source(&seen, &src, pages as usize, None);
 }

@@ -57,6 +57,17 @@ pub struct ReceiveReport {
     pub note: Option<String>,
 }
 
+/// Checks that pages `first..first + count` fall inside `store`, which
+/// holds `held` pages (a record's range, before anything is written).
+pub(crate) fn in_store(store: u32, held: u64, first: u64, count: u64) -> Result<(), TransferError> {
+    match first.checked_add(count) {
+        Some(end) if end <= held => Ok(()),
+        _ => Err(bad(format!(
+            "pages {first}+{count} outside store {store} of {held} pages"
+        ))),
+    }
+}
+
 /// Receives one stream from `conn` (see the module doc).
 pub fn receive(conn: Conn, opts: &ReceiveOptions) -> Result<ReceiveReport, TransferError> {
     let mode = match opts.into {
@@ -272,13 +283,7 @@ impl Receiving {
 
     /// Checks that pages `first..first + count` are inside `store`.
     fn range(&self, store: u32, first: u64, count: u64) -> Result<(), TransferError> {
-        let held = self.held(store)?;
-        match first.checked_add(count) {
-            Some(end) if end <= held => Ok(()),
-            _ => Err(bad(format!(
-                "pages {first}+{count} outside store {store} of {held} pages"
-            ))),
-        }
+        in_store(store, self.held(store)?, first, count)
     }
 
     fn pages(

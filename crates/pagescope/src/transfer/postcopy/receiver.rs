@@ -23,7 +23,7 @@ use super::wire::{CAP_POSTCOPY, CAP_POSTCOPY_PREEMPT, CAP_POSTCOPY_RESUME, Postc
 use crate::image::format::{self, MAX_META_BYTES, MAX_STORE_PAGES};
 use crate::transfer::frame::FrameWriter;
 use crate::transfer::handshake;
-use crate::transfer::receive::{bad, out_of_place};
+use crate::transfer::receive::{bad, in_store, out_of_place};
 use crate::transfer::wire::{Mode, Record, Why};
 use crate::transfer::{Class, Conn, TransferError};
 
@@ -484,13 +484,7 @@ impl Receiving {
     }
 
     fn range(&self, sh: &Shared, store: u32, first: u64, count: u64) -> Result<(), TransferError> {
-        let held = self.held(sh, store)?;
-        match first.checked_add(count) {
-            Some(end) if end <= held => Ok(()),
-            _ => Err(bad(format!(
-                "pages {first}+{count} outside store {store} of {held} pages"
-            ))),
-        }
+        in_store(store, self.held(sh, store)?, first, count)
     }
 
     fn page_data(
